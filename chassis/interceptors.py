@@ -1,0 +1,238 @@
+"""gRPC interceptors: the server one traces, counts and maps domain errors for every traced RPC;
+the client ones carry the caller's trace context to the next hop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+from grpc import aio
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+
+from chassis.errors import FrescoError
+from chassis.metrics import RpcMetrics
+from chassis.status import status_for
+from chassis.tracing import extract_context, inject_context, is_traced
+
+log = logging.getLogger(__name__)
+
+Behavior = Callable[..., Any]
+
+
+class _Rpc:
+    """What one server call records: its span, its timer and its final code."""
+
+    def __init__(self, method: str, tracer: Tracer, metrics: RpcMetrics, ctx: aio.ServicerContext[Any, Any]) -> None:
+        self.method = method
+        self.metrics = metrics
+        self.context = ctx
+        parent = extract_context(ctx.invocation_metadata())
+        self.span = tracer.start_span(
+            method.lstrip("/"),
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.method": method},
+        )
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        self.start = time.perf_counter()
+        metrics.in_flight.labels(metrics.service, method).inc()
+
+    async def fail(self, exc: BaseException) -> None:
+        """Turn a domain error into its status; let gRPC's own aborts through; report the rest."""
+        if isinstance(exc, FrescoError):
+            await self.context.abort(status_for(exc), str(exc))
+        if isinstance(exc, (aio.AbortError, aio.UsageError, asyncio.CancelledError)) or self.context.code() not in (
+            None,
+            grpc.StatusCode.OK,
+        ):
+            raise exc
+        log.exception("unhandled error in %s", self.method)
+        await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}")
+
+    def finish(self, exc: BaseException | None) -> None:
+        code = self.context.code()
+        if code is None:
+            code = (
+                grpc.StatusCode.UNKNOWN
+                if exc is not None and not isinstance(exc, aio.AbortError)
+                else grpc.StatusCode.OK
+            )
+        name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        self.span.set_attribute("rpc.grpc.status_code", name)
+        if name != "OK":
+            self.span.set_status(Status(StatusCode.ERROR, str(self.context.details() or name)))
+        self.span.end()
+        otel_context.detach(self.token)
+        self.metrics.in_flight.labels(self.metrics.service, self.method).dec()
+        self.metrics.observe(self.method, name, time.perf_counter() - self.start)
+
+
+class ServerInterceptor(aio.ServerInterceptor):
+    """Tracing, metrics and error mapping for every RPC but health and reflection."""
+
+    def __init__(self, tracer: Tracer, metrics: RpcMetrics) -> None:
+        self._tracer = tracer
+        self._metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: Any = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or not is_traced(method):
+            return None if handler is None else cast("grpc.RpcMethodHandler[Any, Any]", handler)
+        tracer, metrics = self._tracer, self._metrics
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary is not None:
+            inner_uu = handler.unary_unary
+
+            async def unary_unary(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+                rpc = _Rpc(method, tracer, metrics, ctx)
+                exc: BaseException | None = None
+                try:
+                    return await inner_uu(request, ctx)
+                except BaseException as err:  # noqa: BLE001 - re-raised or mapped in fail()
+                    exc = err
+                    await rpc.fail(err)
+                finally:
+                    rpc.finish(exc)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+                rpc = _Rpc(method, tracer, metrics, ctx)
+                exc: BaseException | None = None
+                try:
+                    async for item in inner_us(request, ctx):
+                        yield item
+                except BaseException as err:  # noqa: BLE001
+                    exc = err
+                    await rpc.fail(err)
+                finally:
+                    rpc.finish(exc)
+
+            return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
+        if handler.stream_unary is not None:
+            inner_su = handler.stream_unary
+
+            async def stream_unary(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> Any:
+                rpc = _Rpc(method, tracer, metrics, ctx)
+                exc: BaseException | None = None
+                try:
+                    return await inner_su(requests, ctx)
+                except BaseException as err:  # noqa: BLE001
+                    exc = err
+                    await rpc.fail(err)
+                finally:
+                    rpc.finish(exc)
+
+            return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
+        inner_ss = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            rpc = _Rpc(method, tracer, metrics, ctx)
+            exc: BaseException | None = None
+            try:
+                async for item in inner_ss(requests, ctx):
+                    yield item
+            except BaseException as err:  # noqa: BLE001
+                exc = err
+                await rpc.fail(err)
+            finally:
+                rpc.finish(exc)
+
+        return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
+
+
+def _with_trace_context(details: aio.ClientCallDetails, tracer: Tracer) -> tuple[aio.ClientCallDetails, trace.Span]:
+    method = details.method.decode() if isinstance(details.method, bytes) else details.method
+    span = tracer.start_span(
+        method.lstrip("/"),
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.method": method},
+    )
+    token = otel_context.attach(trace.set_span_in_context(span))
+    try:
+        metadata = aio.Metadata(*(tuple(details.metadata) if details.metadata else ()))
+        for key, value in inject_context().items():
+            metadata.add(key, value)
+    finally:
+        otel_context.detach(token)
+    return (
+        aio.ClientCallDetails(
+            method=details.method,
+            timeout=details.timeout,
+            metadata=metadata,
+            credentials=details.credentials,
+            wait_for_ready=details.wait_for_ready,
+        ),
+        span,
+    )
+
+
+def _end(span: trace.Span, code: grpc.StatusCode) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.name)
+    if code != grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end()
+
+
+class ClientUnaryInterceptor(aio.UnaryUnaryClientInterceptor):
+    """A client span per unary call, its context sent as W3C traceparent metadata."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    async def intercept_unary_unary(
+        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        details, span = _with_trace_context(client_call_details, self._tracer)
+        call = await continuation(details, request)
+        try:
+            await call
+        except aio.AioRpcError as err:
+            _end(span, err.code())
+            raise
+        _end(span, grpc.StatusCode.OK)
+        return call
+
+
+class ClientStreamInterceptor(aio.UnaryStreamClientInterceptor, aio.StreamUnaryClientInterceptor):
+    """Trace-context propagation for streaming calls (the span covers call set-up)."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    async def intercept_unary_stream(
+        self, continuation: Any, client_call_details: aio.ClientCallDetails, request: Any
+    ) -> Any:
+        details, span = _with_trace_context(client_call_details, self._tracer)
+        call = await continuation(details, request)
+        _end(span, grpc.StatusCode.OK)
+        return call
+
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: aio.ClientCallDetails, request_iterator: Any
+    ) -> Any:
+        details, span = _with_trace_context(client_call_details, self._tracer)
+        call = await continuation(details, request_iterator)
+        _end(span, grpc.StatusCode.OK)
+        return call
+
+
+def client_interceptors(tracer: Tracer) -> list[aio.ClientInterceptor]:
+    """The interceptors every outgoing channel of a Fresco service uses."""
+    return [ClientUnaryInterceptor(tracer), ClientStreamInterceptor(tracer)]

@@ -1,0 +1,157 @@
+"""The server factory every service uses: grpc.aio with health, reflection, interceptors, metrics,
+tracing and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import Tracer
+from prometheus_client import CollectorRegistry
+
+from chassis.interceptors import ServerInterceptor, client_interceptors
+from chassis.metrics import MetricsEndpoint, RpcMetrics
+from chassis.settings import ServiceSettings
+from chassis.tracing import build_tracer_provider
+
+log = logging.getLogger(__name__)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message-size options for servers and channels alike."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class ServiceApp:
+    """One service's gRPC server with its health, reflection, telemetry and lifecycle.
+
+    Services build one with their servicers, then `start()`, `set_serving(True)` once they can
+    really serve, and `stop()` on shutdown.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        settings: ServiceSettings,
+        service_names: Sequence[str],
+        extra_options: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.service_names = list(service_names)
+        self.tracer_provider = build_tracer_provider(settings, name)
+        self.tracer: Tracer = self.tracer_provider.get_tracer(name)
+        self.registry = CollectorRegistry()
+        self.rpc_metrics = RpcMetrics(self.registry, name)
+        self.health = health.aio.HealthServicer()
+        self.server = aio.server(
+            interceptors=[ServerInterceptor(self.tracer, self.rpc_metrics)],
+            options=[*channel_options(settings.max_message_bytes), *extra_options],
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        if self.port == 0:
+            raise OSError(f"{name}: could not bind {settings.host}:{settings.port}")
+        self.metrics_endpoint: MetricsEndpoint | None = None
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def address(self) -> str:
+        """host:port of the gRPC server."""
+        return f"{self.settings.host}:{self.port}"
+
+    def client_channel(self, target: str) -> aio.Channel:
+        """A channel to another service carrying this service's trace context and limits."""
+        return aio.insecure_channel(
+            target,
+            options=channel_options(self.settings.max_message_bytes),
+            interceptors=client_interceptors(self.tracer),
+        )
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` after the server has drained, e.g. to close channels and sessions."""
+        self._on_stop.append(callback)
+
+    async def start(self) -> None:
+        """Start serving RPCs (health says NOT_SERVING until `set_serving(True)`)."""
+        await self.set_serving(False)
+        await self.server.start()
+        if self.settings.metrics_port >= 0:
+            self.metrics_endpoint = MetricsEndpoint(self.registry, self.settings.host, self.settings.metrics_port)
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip the health status of the server and each of its services."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ["", *self.service_names]:
+            await self.health.set(service, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, let in-flight ones finish within the grace period, then clean up."""
+        await self.set_serving(False)
+        await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        for callback in reversed(self._on_stop):
+            await callback()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
+        self.tracer_provider.shutdown()
+
+    def announce(self) -> None:
+        """Print where the service listens, for people and for `fresco up` (which parses it)."""
+        metrics = (
+            f" metrics=http://{self.settings.host}:{self.metrics_endpoint.port}/metrics"
+            if self.metrics_endpoint
+            else ""
+        )
+        print(f"{self.name} listening on {self.address}{metrics}", flush=True)
+
+
+async def serve(app: ServiceApp, ready: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Run `app` until SIGTERM or SIGINT, then drain and return.
+
+    `ready` runs after the server has started (e.g. loading models); health turns SERVING when it
+    returns. A failure in it is logged and leaves the service NOT_SERVING but alive.
+    """
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await app.start()
+    app.announce()
+
+    async def become_ready() -> None:
+        try:
+            if ready is not None:
+                await ready()
+            await app.set_serving(True)
+            log.info("%s serving on %s", app.name, app.address)
+        except Exception:
+            log.exception("%s failed to become ready; staying NOT_SERVING", app.name)
+
+    readiness = asyncio.create_task(become_ready())
+    await stopping.wait()
+    log.info("%s stopping: draining in-flight calls for up to %.1fs", app.name, app.settings.grace_period_s)
+    readiness.cancel()
+    await app.stop()
+
+
+def run(main: Awaitable[None]) -> None:
+    """Run a service's main coroutine on uvloop; exit 0 after a clean stop."""
+    import uvloop
+
+    uvloop.run(main)  # type: ignore[arg-type]
+    sys.stdout.flush()
+
+
+__all__ = ["ServiceApp", "channel_options", "run", "serve"]

@@ -1,0 +1,28 @@
+"""The one table that maps domain errors to gRPC status codes."""
+
+from __future__ import annotations
+
+import grpc
+
+from chassis import errors
+
+STATUS_FOR_ERROR: dict[type[errors.FrescoError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+def status_for(exc: errors.FrescoError) -> grpc.StatusCode:
+    """The status code of a domain error, by its nearest class in the table."""
+    for cls in type(exc).__mro__:
+        code = STATUS_FOR_ERROR.get(cls)
+        if code is not None:
+            return code
+    return grpc.StatusCode.INTERNAL

@@ -1,0 +1,1 @@
+"""Fresco's gateway: the model-aware front door of the prediction path."""

@@ -1,0 +1,22 @@
+"""`python -m gateway --predictor HOST:PORT --port N`: serve predictions through the front door."""
+
+from __future__ import annotations
+
+import sys
+
+from chassis.logs import configure_logging
+from chassis.server import run, serve
+from chassis.settings import parse_settings
+from gateway.server import build_server
+from gateway.settings import GatewaySettings
+
+
+async def main(settings: GatewaySettings) -> None:
+    gateway = build_server(settings)
+    await serve(gateway.app)
+
+
+if __name__ == "__main__":
+    settings = parse_settings(GatewaySettings, sys.argv[1:])
+    configure_logging("gateway", settings.log_level, settings.log_format)
+    run(main(settings))

@@ -1,0 +1,142 @@
+"""Turning named feature values into the tensors a model's metadata asks for, and model outputs
+back into per-request tensors. Knows nothing of gRPC transport."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from chassis.errors import InvalidArgument
+from chassis.tensors import NUMPY_DTYPE
+from fresco.api.common.v1 import values_pb2
+from fresco.api.inference import grpc_service_pb2 as pb
+
+Scalar = float | int | bool | str | bytes
+FeatureValue = Scalar | list[float] | list[int] | list[str] | None
+Row = Mapping[str, FeatureValue]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model input as its metadata describes it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    feature_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What the gateway needs of a model's metadata to build requests."""
+
+    name: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[str, ...]
+
+    @classmethod
+    def from_metadata(cls, metadata: pb.ModelMetadataResponse) -> ModelSignature:
+        inputs = []
+        for tensor in metadata.inputs:
+            names = tensor.parameters["feature_names"].string_param if "feature_names" in tensor.parameters else ""
+            inputs.append(
+                InputSpec(tensor.name, tensor.datatype, tuple(tensor.shape), tuple(n for n in names.split(",") if n))
+            )
+        return cls(metadata.name, tuple(inputs), tuple(t.name for t in metadata.outputs))
+
+
+def from_proto(value: values_pb2.Value) -> FeatureValue:
+    """A `fresco.common.v1.Value` as a Python value; unset means None (null)."""
+    kind = value.WhichOneof("kind")
+    if kind is None:
+        return None
+    if kind in ("double_list", "int64_list", "string_list"):
+        return list(getattr(value, kind).values)
+    result: FeatureValue = getattr(value, kind)
+    return result
+
+
+def _numeric(value: FeatureValue, datatype: str, what: str) -> FeatureValue:
+    if value is None:
+        raise InvalidArgument(f"{what} is null; the model needs a value")
+    if datatype == "BYTES":
+        if not isinstance(value, (str, bytes)):
+            raise InvalidArgument(f"{what}: expected a string or bytes value, got {type(value).__name__}")
+        return value
+    if isinstance(value, (str, bytes)):
+        raise InvalidArgument(f"{what}: expected a number for a {datatype} input, got {type(value).__name__}")
+    if isinstance(value, list):
+        return value
+    if NUMPY_DTYPE[datatype].kind in "iu" and isinstance(value, float) and not value.is_integer():
+        raise InvalidArgument(f"{what}: expected an integer for a {datatype} input, got {value}")
+    return value
+
+
+def build_inputs(signature: ModelSignature, rows: Sequence[Row], labels: Sequence[str]) -> dict[str, np.ndarray]:
+    """One batched array per model input, row i built from rows[i] (`labels[i]` names it in errors).
+
+    An input whose metadata names its features (`feature_names`) is a feature vector filled in
+    that order; any other input takes the feature of the same name.
+    """
+    arrays: dict[str, np.ndarray] = {}
+    for spec in signature.inputs:
+        if spec.datatype not in NUMPY_DTYPE:
+            raise InvalidArgument(f"model {signature.name!r} input {spec.name!r} has unknown datatype {spec.datatype}")
+        dtype = NUMPY_DTYPE[spec.datatype]
+        if spec.feature_names:
+            table = [
+                [_value(row, feature, spec.datatype, label) for feature in spec.feature_names]
+                for row, label in zip(rows, labels, strict=True)
+            ]
+            array = np.asarray(table, dtype=dtype)
+        else:
+            column = [_value(row, spec.name, spec.datatype, label) for row, label in zip(rows, labels, strict=True)]
+            array = np.asarray(column, dtype=dtype)
+        expected_rank = len(spec.shape)
+        if array.ndim < expected_rank:
+            array = array.reshape(array.shape + (1,) * (expected_rank - array.ndim))
+        if array.ndim != expected_rank or any(
+            want != -1 and got != want for got, want in zip(array.shape, spec.shape, strict=False)
+        ):
+            raise InvalidArgument(
+                f"model {signature.name!r} input {spec.name!r} needs shape {list(spec.shape)}; "
+                f"the features give {list(array.shape)}"
+            )
+        arrays[spec.name] = array
+    return arrays
+
+
+def _value(row: Row, feature: str, datatype: str, label: str) -> FeatureValue:
+    if feature not in row:
+        raise InvalidArgument(f"{label}: missing feature {feature!r}, which the model needs")
+    return _numeric(row[feature], datatype, f"{label}: feature {feature!r}")
+
+
+def to_tensor(array: np.ndarray, datatype: str) -> values_pb2.Tensor:
+    """A numpy array as a `fresco.common.v1.Tensor`."""
+    tensor = values_pb2.Tensor(datatype=datatype, shape=array.shape)
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        tensor.bytes_values.extend(v if isinstance(v, bytes) else str(v).encode() for v in flat)
+    elif datatype == "BOOL":
+        tensor.bool_values.extend(flat.tolist())
+    elif datatype == "UINT64":
+        tensor.uint64_values.extend(flat.tolist())
+    elif flat.dtype.kind in "iu":
+        tensor.int64_values.extend(flat.tolist())
+    else:
+        tensor.double_values.extend(flat.astype(np.float64).tolist())
+    return tensor
+
+
+def split_rows(outputs: Mapping[str, tuple[str, np.ndarray]], batch: int) -> list[dict[str, values_pb2.Tensor]]:
+    """Per-request tensors from batched outputs: row i of each output whose first dimension is the
+    batch; an output without a batch dimension goes whole to every request."""
+    per_row: list[dict[str, values_pb2.Tensor]] = [{} for _ in range(batch)]
+    for name, (datatype, array) in outputs.items():
+        batched = array.ndim > 0 and array.shape[0] == batch
+        for i in range(batch):
+            per_row[i][name] = to_tensor(array[i] if batched else array, datatype)
+    return per_row

@@ -1,0 +1,32 @@
+"""Wiring of the gateway: routes and predictor pool behind the gateway servicer, on the chassis."""
+
+from __future__ import annotations
+
+from chassis.server import ServiceApp
+from fresco.api.gateway.v1 import gateway_pb2 as pb
+from fresco.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from gateway.pipeline import PredictionPipeline
+from gateway.predictors import PredictorPool
+from gateway.routing import RouteTable
+from gateway.service import GatewayServicer
+from gateway.settings import GatewaySettings
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+class Gateway:
+    """A built gateway: its server and prediction pipeline."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.app = ServiceApp("gateway", settings, [SERVICE_NAME])
+        routes = RouteTable.static(settings.predictor, settings.routes_file)
+        self.predictors = PredictorPool(self.app.client_channel, settings.predictor_timeout_s, settings.metadata_ttl_s)
+        self.pipeline = PredictionPipeline(routes, self.predictors)
+        pb_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.pipeline), self.app.server)
+        self.app.on_stop(self.predictors.close)
+
+
+def build_server(settings: GatewaySettings) -> Gateway:
+    """The gateway, bound (port 0 picks a free port) but not started."""
+    return Gateway(settings)

@@ -1,0 +1,22 @@
+"""`python -m predictor --model-repository DIR --port N`: serve models over the inference protocol."""
+
+from __future__ import annotations
+
+import sys
+
+from chassis.logs import configure_logging
+from chassis.server import run, serve
+from chassis.settings import parse_settings
+from predictor.server import build_server
+from predictor.settings import PredictorSettings
+
+
+async def main(settings: PredictorSettings) -> None:
+    predictor = build_server(settings)
+    await serve(predictor.app, ready=predictor.load_models)
+
+
+if __name__ == "__main__":
+    settings = parse_settings(PredictorSettings, sys.argv[1:])
+    configure_logging("predictor", settings.log_level, settings.log_format)
+    run(main(settings))

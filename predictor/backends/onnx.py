@@ -1,0 +1,98 @@
+"""ONNX Runtime backend: one session per model version, graph optimisations on, threads set
+deliberately (small models are fastest on one intra-op thread; concurrency comes from batching
+and from running several sessions at once)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from chassis.errors import InvalidArgument
+from chassis.tensors import ONNX_TYPE
+from predictor.backends.base import TensorSpec
+from predictor.config import ModelConfig, TensorConfig
+
+
+def _dims(shape: Sequence[object]) -> tuple[int, ...]:
+    return tuple(dim if isinstance(dim, int) and dim > 0 else -1 for dim in shape)
+
+
+def _merge(model_side: Sequence[TensorSpec], declared: Sequence[TensorConfig], kind: str) -> list[TensorSpec]:
+    """The tensors to serve: the model's own, refined by what config.yaml declares."""
+    if not declared:
+        return list(model_side)
+    by_name = {spec.name: spec for spec in model_side}
+    merged = []
+    for tensor in declared:
+        actual = by_name.get(tensor.name)
+        if actual is None:
+            raise InvalidArgument(f"config.yaml {kind} {tensor.name!r} is not in the model; it has {sorted(by_name)}")
+        if actual.datatype != tensor.datatype:
+            raise InvalidArgument(
+                f"config.yaml {kind} {tensor.name!r} says {tensor.datatype}, the model says {actual.datatype}"
+            )
+        merged.append(
+            TensorSpec(
+                name=tensor.name,
+                datatype=tensor.datatype,
+                shape=tuple(tensor.shape),
+                features=tuple(tensor.features or ()),
+                allow_nan=tensor.allow_nan,
+            )
+        )
+    if kind == "input" and (missing := sorted(set(by_name) - {t.name for t in declared})):
+        raise InvalidArgument(f"config.yaml leaves out model inputs {missing}")
+    return merged
+
+
+class OnnxSession:
+    """An ONNX Runtime inference session for one model version."""
+
+    platform: str = "onnxruntime_onnx"
+
+    def __init__(self, model_bytes: bytes, config: ModelConfig, intra_op_threads: int) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.log_severity_level = 3
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self._session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+        except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for bad files
+            raise InvalidArgument(f"model file could not be loaded by ONNX Runtime: {err}") from None
+        model_inputs = [
+            TensorSpec(i.name, ONNX_TYPE.get(i.type, i.type), _dims(i.shape)) for i in self._session.get_inputs()
+        ]
+        model_outputs = [
+            TensorSpec(o.name, ONNX_TYPE.get(o.type, o.type), _dims(o.shape)) for o in self._session.get_outputs()
+        ]
+        self.inputs: Sequence[TensorSpec] = _merge(model_inputs, config.inputs, "input")
+        self.outputs: Sequence[TensorSpec] = _merge(model_outputs, config.outputs, "output")
+        self._size = len(model_bytes)
+
+    def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+        names = list(outputs) or [o.name for o in self.outputs]
+        results = self._session.run(names, dict(inputs))
+        return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
+
+    def memory_bytes(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        del self._session
+
+
+class OnnxRuntimeBackend:
+    """Loads ONNX files into ONNX Runtime sessions (CUDA when the runtime has it, else CPU)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, intra_op_threads: int = 1) -> None:
+        self.intra_op_threads = intra_op_threads
+
+    def load(self, model_bytes: bytes, config: ModelConfig) -> OnnxSession:
+        return OnnxSession(model_bytes, config, self.intra_op_threads)

@@ -1,0 +1,101 @@
+"""Decoding ModelInferRequest tensors into numpy arrays checked against the model's inputs, and
+encoding results back. Raw tensors are viewed in place with `np.frombuffer`, never copied."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from chassis.errors import InvalidArgument
+from chassis.tensors import CONTENTS_FIELD, array_from_raw, numpy_dtype, raw_from_array
+from fresco.api.inference import grpc_service_pb2 as pb
+from predictor.backends.base import TensorSpec
+
+
+def _check_shape(shape: Sequence[int], spec: TensorSpec, what: str) -> None:
+    if any(dim < 0 for dim in shape):
+        raise InvalidArgument(f"{what}: shape {list(shape)} has a negative dimension")
+    if len(shape) != len(spec.shape) or any(
+        want != -1 and got != want for got, want in zip(shape, spec.shape, strict=False)
+    ):
+        raise InvalidArgument(f"{what}: shape {list(shape)} does not match the model's {list(spec.shape)}")
+
+
+def _decode_one(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: TensorSpec, what: str
+) -> np.ndarray:
+    if tensor.datatype != spec.datatype:
+        raise InvalidArgument(f"{what}: datatype {tensor.datatype or '(empty)'} but the model expects {spec.datatype}")
+    shape = tuple(tensor.shape)
+    _check_shape(shape, spec, what)
+    count = math.prod(shape)
+    dtype = numpy_dtype(spec.datatype, what)
+    if raw is not None:
+        return array_from_raw(raw, spec.datatype, shape, what)
+    field = CONTENTS_FIELD.get(spec.datatype)
+    if field is None:
+        raise InvalidArgument(f"{what}: {spec.datatype} has no typed contents; send it in raw_input_contents")
+    values = getattr(tensor.contents, field)
+    if len(values) != count:
+        raise InvalidArgument(f"{what}: {field} holds {len(values)} values, shape {list(shape)} needs {count}")
+    if spec.datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:
+        return np.asarray(values, dtype=dtype).reshape(shape)
+    except OverflowError:
+        raise InvalidArgument(f"{what}: a value in {field} does not fit {spec.datatype}") from None
+
+
+def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+    """The request's inputs as arrays, each checked against the model's input of that name."""
+    by_name = {spec.name: spec for spec in specs}
+    raw_count = len(request.raw_input_contents)
+    if raw_count and raw_count != len(request.inputs):
+        raise InvalidArgument(
+            f"raw_input_contents has {raw_count} entries but inputs has {len(request.inputs)}; "
+            "give one per input, or none and use typed contents"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        what = f"input {tensor.name!r}"
+        spec = by_name.get(tensor.name)
+        if spec is None:
+            raise InvalidArgument(f"{what} is not an input of model {request.model_name!r}; it takes {sorted(by_name)}")
+        if tensor.name in arrays:
+            raise InvalidArgument(f"{what} is given twice")
+        array = _decode_one(tensor, request.raw_input_contents[index] if raw_count else None, spec, what)
+        if not spec.allow_nan and array.dtype.kind == "f" and np.isnan(array).any():
+            raise InvalidArgument(f"{what}: contains NaN, which this model's config forbids")
+        arrays[tensor.name] = array
+    if missing := [name for name in by_name if name not in arrays]:
+        raise InvalidArgument(f"model {request.model_name!r} needs inputs {missing}, which the request lacks")
+    return arrays
+
+
+def requested_outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> list[str]:
+    """Names of the outputs asked for (all when none are named), each checked to exist."""
+    known = [spec.name for spec in specs]
+    names = [output.name for output in request.outputs]
+    for name in names:
+        if name not in known:
+            raise InvalidArgument(f"requested output {name!r} is not an output of the model; it has {known}")
+    return names or known
+
+
+def encode_response(
+    request: pb.ModelInferRequest,
+    version: str,
+    results: Mapping[str, np.ndarray],
+    datatypes: Mapping[str, str],
+) -> pb.ModelInferResponse:
+    """The answer with each output in raw_output_contents, in the order asked for."""
+    response = pb.ModelInferResponse(model_name=request.model_name, model_version=version, id=request.id)
+    for name, array in results.items():
+        datatype = datatypes[name]
+        response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+        response.raw_output_contents.append(raw_from_array(array, datatype))
+    return response

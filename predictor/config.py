@@ -1,0 +1,105 @@
+"""A model's `config.yaml`: its tensors, backend and version policy, validated at load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from chassis.errors import InvalidArgument
+from chassis.tensors import DATATYPES
+
+CONFIG_FILE = "config.yaml"
+
+
+class TensorConfig(BaseModel):
+    """One input or output tensor as the config declares it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="Dimensions, -1 for variable ones (the batch dimension included).")
+    features: list[str] | None = Field(
+        default=None,
+        description="For a feature-vector input: the feature name of each position of its last dimension.",
+    )
+    allow_nan: bool = Field(default=True, description="Whether NaN values are accepted in this input.")
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in DATATYPES:
+            raise ValueError(f"unknown datatype {value!r}; expected one of {', '.join(sorted(DATATYPES))}")
+        return value
+
+    @field_validator("shape")
+    @classmethod
+    def _valid_dims(cls, value: list[int]) -> list[int]:
+        if any(dim < -1 or dim == 0 for dim in value):
+            raise ValueError(f"shape {value}: each dimension must be positive or -1")
+        return value
+
+    @model_validator(mode="after")
+    def _features_fit_shape(self) -> TensorConfig:
+        if self.features is not None:
+            if not self.shape:
+                raise ValueError(f"{self.name}: features need a shape with at least one dimension")
+            if self.shape[-1] != -1 and self.shape[-1] != len(self.features):
+                raise ValueError(
+                    f"{self.name}: {len(self.features)} features but the last dimension is {self.shape[-1]}"
+                )
+        return self
+
+
+class VersionPolicy(BaseModel):
+    """Which versions under the model directory are served: the latest N, all, or specific ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    latest: int | None = 1
+    all: bool = False
+    specific: list[int] | None = None
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve among those on disk, ascending."""
+        ordered = sorted(available)
+        if self.all:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in set(self.specific)]
+        return ordered[-(self.latest or 1) :]
+
+
+class ModelConfig(BaseModel):
+    """The whole `config.yaml` of a model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = None
+    backend: Literal["auto", "onnxruntime"] = "auto"
+    inputs: list[TensorConfig] = Field(default_factory=list)
+    outputs: list[TensorConfig] = Field(default_factory=list)
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    default_version: int | None = None
+    parameters: dict[str, str] = Field(default_factory=dict)
+
+
+def read_config(model_dir: Path) -> ModelConfig:
+    """Parse and validate `<model_dir>/config.yaml`; a missing file means all defaults."""
+    path = model_dir / CONFIG_FILE
+    if not path.exists():
+        return ModelConfig()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InvalidArgument(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{path}: expected a mapping at the top level")
+    try:
+        return ModelConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False))
+        raise InvalidArgument(f"{path}: {problems}") from None

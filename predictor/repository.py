@@ -1,0 +1,41 @@
+"""The model repository on disk: `<repo>/<model>/config.yaml` and `<repo>/<model>/<version>/model.onnx`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from chassis.errors import InvalidArgument, NotFound
+
+MODEL_FILE = "model.onnx"
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class ModelRepository:
+    """Reads model directories; knows nothing of loading or serving."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def model_names(self) -> list[str]:
+        """Every model directory in the repository, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and _MODEL_NAME.match(p.name))
+
+    def model_dir(self, name: str) -> Path:
+        """The directory of a model, checked to exist."""
+        if not _MODEL_NAME.match(name):
+            raise InvalidArgument(f"model name {name!r}: expected letters, digits, '_', '.', '-'")
+        path = self.root / name
+        if not path.is_dir():
+            raise NotFound(f"model {name!r} is not in the repository {self.root}")
+        return path
+
+    def versions(self, name: str) -> list[int]:
+        """The numbered version directories of a model, ascending."""
+        return sorted(int(p.name) for p in self.model_dir(name).iterdir() if p.is_dir() and p.name.isdigit())
+
+    def model_file(self, name: str, version: int) -> Path:
+        """The model file of one version."""
+        return self.model_dir(name) / str(version) / MODEL_FILE

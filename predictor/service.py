@@ -1,0 +1,157 @@
+"""The Open Inference Protocol servicer: decode, call the model store, encode."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any, TypeAlias
+
+from grpc import aio
+
+from chassis.errors import FrescoError, InvalidArgument
+from fresco.api.inference import grpc_service_pb2 as pb
+from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
+from predictor.codec import decode_inputs, encode_response, requested_outputs
+from predictor.models import ModelStore, ModelVersion, State
+from predictor.stats import Duration
+
+SERVER_NAME = "fresco-predictor"
+SERVER_VERSION = "0.1.0"
+Context: TypeAlias = aio.ServicerContext[Any, Any]
+
+
+def _duration(source: Duration, target: pb.StatisticDuration) -> None:
+    target.count, target.ns = source.count, source.ns
+
+
+def statistics_message(version: ModelVersion) -> pb.ModelStatistics:
+    """A version's statistics in the protocol's form."""
+    stats = version.stats
+    message = pb.ModelStatistics(
+        name=version.name,
+        version=str(version.version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+    )
+    for phase in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output"):
+        _duration(getattr(stats, phase), getattr(message.inference_stats, phase))
+    for size, figures in sorted(stats.batches.items()):
+        batch = message.batch_stats.add(batch_size=size)
+        for phase in ("compute_input", "compute_infer", "compute_output"):
+            _duration(getattr(figures, phase), getattr(batch, phase))
+    if version.session is not None:
+        message.memory_usage.add(type="CPU", id=0, byte_size=version.session.memory_bytes())
+    return message
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """inference.GRPCInferenceService over a `ModelStore`."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self.store = store
+        self.started = False
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> pb.ServerReadyResponse:
+        ready = self.started and all(m.state is State.READY for m in self.store.models.values())
+        return pb.ServerReadyResponse(ready=ready)
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
+        version = self.store.get(request.name, request.version)
+        return pb.ModelReadyResponse(ready=version.state is State.READY)
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_repository"])
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
+        version = self.store.get(request.name, request.version)
+        model = self.store.model(request.name)
+        response = pb.ModelMetadataResponse(
+            name=request.name,
+            versions=[str(v) for v in sorted(model.versions)],
+            platform=version.session.platform if version.session else "",
+        )
+        for spec in version.inputs:
+            tensor = response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+            if spec.features:
+                tensor.parameters["feature_names"].string_param = ",".join(spec.features)
+        for spec in version.outputs:
+            response.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return response
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        return await self._infer(request)
+
+    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        version = self.store.get(request.model_name, request.model_version)
+        start = time.perf_counter_ns()
+        ok = False
+        try:
+            inputs = decode_inputs(request, version.inputs)
+            outputs = requested_outputs(request, version.outputs)
+            results = await self.store.infer(version, inputs, outputs)
+            datatypes = {spec.name: spec.datatype for spec in version.outputs}
+            response = encode_response(request, str(version.version), results, datatypes)
+            ok = True
+            return response
+        finally:
+            version.stats.record_request(ok, time.perf_counter_ns() - start)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            try:
+                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except FrescoError as err:
+                # A bad request fails alone; the stream goes on, as the protocol asks.
+                yield pb.ModelStreamInferResponse(
+                    error_message=str(err), infer_response=pb.ModelInferResponse(id=request.id)
+                )
+
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
+        if request.name:
+            models = [self.store.model(request.name)]
+        else:
+            models = [self.store.models[name] for name in sorted(self.store.models)]
+        response = pb.ModelStatisticsResponse()
+        for model in models:
+            versions = (
+                [model.get(request.version)] if request.version else [model.versions[v] for v in sorted(model.versions)]
+            )
+            for version in versions:
+                response.model_stats.append(statistics_message(version))
+        return response
+
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for name in sorted(set(self.store.repository.model_names()) | set(self.store.models)):
+            model = self.store.models.get(name)
+            if model is None:
+                if not request.ready:
+                    response.models.add(name=name, state="UNAVAILABLE", reason="not loaded")
+                continue
+            if not model.versions and not request.ready:
+                response.models.add(name=name, state=model.state.value, reason=model.reason)
+            for number, version in sorted(model.versions.items()):
+                if request.ready and version.state is not State.READY:
+                    continue
+                response.models.add(name=name, version=str(number), state=version.state.value, reason=version.reason)
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Context
+    ) -> pb.RepositoryModelLoadResponse:
+        model = await self.store.load(request.model_name)
+        if model.state is not State.READY:
+            raise InvalidArgument(f"model {request.model_name!r} failed to load: {model.reason}")
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Context
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.store.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()

@@ -1,0 +1,55 @@
+"""Cumulative inference statistics per model version, as ModelStatistics reports them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    """A count and the total nanoseconds spent."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class BatchFigures:
+    """Figures for executions of one batch size."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class VersionStats:
+    """Everything ModelStatistics says of one version."""
+
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    inference_count: int = 0
+    execution_count: int = 0
+    last_inference_ms: int = 0
+    batches: dict[int, BatchFigures] = field(default_factory=dict)
+
+    def record_execution(self, batch_size: int, infer_ns: int) -> None:
+        """One model execution of `batch_size` rows."""
+        self.execution_count += 1
+        self.inference_count += batch_size
+        self.compute_infer.add(infer_ns)
+        self.batches.setdefault(batch_size, BatchFigures()).compute_infer.add(infer_ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_request(self, ok: bool, total_ns: int) -> None:
+        """One request finished, successfully or not."""
+        (self.success if ok else self.fail).add(total_ns)
