@@ -1,0 +1,160 @@
+"""Running Fresco services as real processes on loopback: start one, learn its port, wait until
+its health check says SERVING, and stop it cleanly. `fresco up`, the demo and the integration tests
+all start services through here, the way a user would."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+_LISTENING = re.compile(r"^(?P<name>\S+) listening on (?P<address>\S+?)(?: metrics=(?P<metrics>\S+))?$")
+
+
+class ServiceFailed(RuntimeError):
+    """A service process exited or did not become healthy in time."""
+
+
+@dataclass
+class ServiceProcess:
+    """One service started as `python -m <module> <args>`, its output captured line by line."""
+
+    module: str
+    args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    address: str = ""
+    metrics_url: str = ""
+    process: subprocess.Popen[str] | None = None
+    lines: list[str] = field(default_factory=list)
+    _announced: threading.Event = field(default_factory=threading.Event)
+
+    def start(self, timeout_s: float = 60.0) -> ServiceProcess:
+        """Start the process and wait for it to print where it listens."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        threading.Thread(target=self._pump, name=f"{self.module}-output", daemon=True).start()
+        if not self._announced.wait(timeout_s) or not self.address:
+            self.stop()
+            raise ServiceFailed(f"{self.module} did not announce its port within {timeout_s}s:\n{self.output()}")
+        return self
+
+    def _pump(self) -> None:
+        if self.process is None or self.process.stdout is None:
+            return
+        log = self.log_path.open("a") if self.log_path else None
+        try:
+            for line in self.process.stdout:
+                self.lines.append(line)
+                if log:
+                    log.write(line)
+                    log.flush()
+                match = _LISTENING.match(line.strip())
+                if match and not self._announced.is_set():
+                    self.address = match["address"]
+                    self.metrics_url = match["metrics"] or ""
+                    self._announced.set()
+        finally:
+            self._announced.set()
+            if log:
+                log.close()
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        return "".join(self.lines)
+
+    def wait_healthy(self, timeout_s: float = 60.0, service: str = "") -> None:
+        """Block until the gRPC health check answers SERVING."""
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process is not None and self.process.poll() is not None:
+                    raise ServiceFailed(f"{self.module} exited with {self.process.returncode}:\n{self.output()}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ServiceFailed(f"{self.module} not SERVING after {timeout_s}s:\n{self.output()}")
+                time.sleep(0.05)
+
+    def stop(self, grace_s: float = 15.0) -> int | None:
+        """SIGTERM, wait for a clean exit, SIGKILL past the grace period; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+@dataclass
+class Suite:
+    """The services of one local Fresco, started in dependency order and stopped in reverse."""
+
+    services: list[ServiceProcess] = field(default_factory=list)
+
+    def start(self, service: ServiceProcess, timeout_s: float = 120.0) -> ServiceProcess:
+        """Start a service and wait until it is healthy; on failure stop everything started."""
+        self.services.append(service)
+        try:
+            service.start(timeout_s)
+            service.wait_healthy(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return service
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop every service, newest first; their exit codes by module."""
+        codes = {}
+        for service in reversed(self.services):
+            codes[service.module] = service.stop()
+        self.services.clear()
+        return codes
+
+
+def start_suite(model_repository: Path, env: Mapping[str, str] | None = None, log_dir: Path | None = None) -> Suite:
+    """Predictor and gateway on free loopback ports, healthy, gateway routed to the predictor."""
+    suite = Suite()
+    extra = dict(env or {})
+    predictor = suite.start(
+        ServiceProcess(
+            "predictor",
+            ["--model-repository", str(model_repository), "--port", "0"],
+            env=extra,
+            log_path=log_dir / "predictor.log" if log_dir else None,
+        )
+    )
+    suite.start(
+        ServiceProcess(
+            "gateway",
+            ["--predictor", predictor.address, "--port", "0"],
+            env=extra,
+            log_path=log_dir / "gateway.log" if log_dir else None,
+        )
+    )
+    return suite
