@@ -66,7 +66,10 @@ class _Rpc:
         name = code.name if isinstance(code, grpc.StatusCode) else str(code)
         self.span.set_attribute("rpc.grpc.status_code", name)
         if name != "OK":
-            self.span.set_status(Status(StatusCode.ERROR, str(self.context.details() or name)))
+            details = str(self.context.details() or name)
+            self.span.set_status(Status(StatusCode.ERROR, details))
+            # Logged inside the span, so the line carries the trace id that ties it to the request.
+            log.info("%s failed: %s %s", self.method, name, details, extra={"rpc_method": self.method, "code": name})
         self.span.end()
         otel_context.detach(self.token)
         self.metrics.in_flight.labels(self.metrics.service, self.method).dec()

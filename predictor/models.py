@@ -16,7 +16,7 @@ import numpy as np
 
 from chassis.errors import FrescoError, InvalidArgument, NotFound, Unavailable
 from predictor.backends import backend_for
-from predictor.backends.base import Session, TensorSpec
+from predictor.backends.base import BackendOptions, Session, TensorSpec
 from predictor.config import ModelConfig, read_config
 from predictor.repository import ModelRepository
 from predictor.stats import VersionStats
@@ -120,9 +120,10 @@ class Model:
 class ModelStore:
     """Every model the predictor knows of, with loading, unloading and inference."""
 
-    def __init__(self, repository: ModelRepository, executor: Executor) -> None:
+    def __init__(self, repository: ModelRepository, executor: Executor, options: BackendOptions | None = None) -> None:
         self.repository = repository
         self.executor = executor
+        self.options = options or BackendOptions()
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -195,7 +196,8 @@ class ModelStore:
             start = time.perf_counter()
             # Read and build off the loop: a slow disk or a big model must not stall other models.
             model_bytes = await loop.run_in_executor(self.executor, path.read_bytes)
-            session = await loop.run_in_executor(self.executor, backend_for(config).load, model_bytes, config)
+            backend = backend_for(config, self.options)
+            session = await loop.run_in_executor(self.executor, backend.load, model_bytes, config)
             version.load_seconds = time.perf_counter() - start
             start = time.perf_counter()
             warm = synthetic_inputs(session.inputs, batch_size=1)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from chassis.server import ServiceApp
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
+from predictor.backends.base import BackendOptions
 from predictor.models import ModelStore
 from predictor.repository import ModelRepository
 from predictor.service import InferenceServicer
@@ -24,7 +25,11 @@ class Predictor:
         self.settings = settings
         self.app = ServiceApp("predictor", settings, [SERVICE_NAME])
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="infer")
-        self.store = ModelStore(ModelRepository(settings.model_repository), self.executor)
+        self.store = ModelStore(
+            ModelRepository(settings.model_repository),
+            self.executor,
+            BackendOptions(onnx_intra_op_threads=settings.onnx_intra_op_threads),
+        )
         self.servicer = InferenceServicer(self.store)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.app.server)
         self.app.on_stop(self._close)

@@ -22,6 +22,13 @@ class TensorSpec:
     allow_nan: bool = True
 
 
+@dataclass(frozen=True)
+class BackendOptions:
+    """Server-wide knobs backends read when they build sessions."""
+
+    onnx_intra_op_threads: int = 1
+
+
 class Session(Protocol):
     """A loaded model version, ready to run."""
 
