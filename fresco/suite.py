@@ -38,6 +38,7 @@ class ServiceProcess:
     process: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
     _announced: threading.Event = field(default_factory=threading.Event)
+    _reader: threading.Thread | None = None
 
     def start(self, timeout_s: float = 60.0) -> ServiceProcess:
         """Start the process and wait for it to print where it listens."""
@@ -48,8 +49,12 @@ class ServiceProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env=env,
+            # Its own session, so a terminal's Ctrl-C reaches only the parent, which then stops the
+            # services in reverse dependency order.
+            start_new_session=True,
         )
-        threading.Thread(target=self._pump, name=f"{self.module}-output", daemon=True).start()
+        self._reader = threading.Thread(target=self._pump, name=f"{self.module}-output", daemon=True)
+        self._reader.start()
         if not self._announced.wait(timeout_s) or not self.address:
             self.stop()
             raise ServiceFailed(f"{self.module} did not announce its port within {timeout_s}s:\n{self.output()}")
@@ -108,6 +113,10 @@ class ServiceProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self._reader is not None:
+            self._reader.join(5.0)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         return self.process.returncode
 
 
@@ -141,20 +150,24 @@ def start_suite(model_repository: Path, env: Mapping[str, str] | None = None, lo
     """Predictor and gateway on free loopback ports, healthy, gateway routed to the predictor."""
     suite = Suite()
     extra = dict(env or {})
-    predictor = suite.start(
-        ServiceProcess(
-            "predictor",
-            ["--model-repository", str(model_repository), "--port", "0"],
-            env=extra,
-            log_path=log_dir / "predictor.log" if log_dir else None,
+    try:
+        predictor = suite.start(
+            ServiceProcess(
+                "predictor",
+                ["--model-repository", str(model_repository), "--port", "0"],
+                env=extra,
+                log_path=log_dir / "predictor.log" if log_dir else None,
+            )
         )
-    )
-    suite.start(
-        ServiceProcess(
-            "gateway",
-            ["--predictor", predictor.address, "--port", "0"],
-            env=extra,
-            log_path=log_dir / "gateway.log" if log_dir else None,
+        suite.start(
+            ServiceProcess(
+                "gateway",
+                ["--predictor", predictor.address, "--port", "0"],
+                env=extra,
+                log_path=log_dir / "gateway.log" if log_dir else None,
+            )
         )
-    )
+    except BaseException:
+        suite.stop()
+        raise
     return suite

@@ -1,0 +1,230 @@
+"""`fresco`: run a local Fresco (`fresco up`) or see one serve real traffic (`fresco demo`)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fresco import demo as traffic_demo
+from fresco.suite import ServiceFailed, ServiceProcess, Suite, start_suite
+from fresco.training import ExportedModel, train_classifier
+
+app = typer.Typer(
+    help="Fresco: an open ML serving platform on your machine.", no_args_is_help=True, add_completion=False
+)
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_NO_MODELS = 2
+EXIT_INTERRUPTED = 130
+# Enough of a dead service's output to show why it died without flooding the terminal.
+OUTPUT_TAIL_LINES = 40
+
+
+def models_in(repository: Path) -> list[str]:
+    """Models of a repository that have at least one version with a model file, as the predictor lays them out."""
+    if not repository.is_dir():
+        return []
+    return sorted(
+        model.name
+        for model in repository.iterdir()
+        if model.is_dir() and any(v.name.isdigit() and (v / "model.onnx").is_file() for v in model.iterdir())
+    )
+
+
+def endpoints_table(suite: Suite) -> Table:
+    """Where each running service listens."""
+    table = Table(title="Fresco services")
+    for column in ("service", "gRPC", "metrics", "pid"):
+        table.add_column(column, no_wrap=True)
+    for service in suite.services:
+        pid = str(service.process.pid) if service.process else "-"
+        table.add_row(service.module, service.address, service.metrics_url or "-", pid)
+    return table
+
+
+def report_exit_codes(codes: dict[str, int | None]) -> bool:
+    """Print each service's exit code; whether they all exited 0."""
+    for module, code in codes.items():
+        style = "green" if code == 0 else "red"
+        console.print(f"{module} exited with code [{style}]{code}[/{style}]")
+    return all(code == 0 for code in codes.values())
+
+
+def say(text: str) -> None:
+    """Print text as it is: no markup, no highlighting (paths, service output, numbers)."""
+    console.print(text, markup=False, highlight=False)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def _hold_signals() -> None:
+    # Stopping is bounded (SIGTERM, grace, SIGKILL); a second Ctrl-C must not cut it short and orphan services.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _watch(suite: Suite, stop: threading.Event) -> ServiceProcess | None:
+    """Block until `stop` is set (None) or a service exits on its own (that service)."""
+    while not stop.wait(0.2):
+        for service in suite.services:
+            if service.process is not None and service.process.poll() is not None:
+                return service
+    return None
+
+
+@app.command()
+def up(
+    model_repository: Annotated[
+        Path, typer.Option(help="Model repository: <dir>/<model>/config.yaml and <dir>/<model>/<version>/model.onnx.")
+    ] = Path("models"),
+    log_dir: Annotated[Path | None, typer.Option(help="Write each service's output to <dir>/<service>.log.")] = None,
+) -> None:
+    """Start the predictor and the gateway on loopback and serve until Ctrl-C."""
+    models = models_in(model_repository)
+    if not models:
+        state = "holds no models" if model_repository.is_dir() else "does not exist"
+        errors.print(f"[red]Model repository {escape(str(model_repository.absolute()))} {state}.[/red]")
+        errors.print("Fresco serves models laid out as <repository>/<model>/<version>/model.onnx.", highlight=False)
+        errors.print("Get one:   fresco demo --workdir DIR   (trains a model into DIR/models)", highlight=False)
+        errors.print("Serve it:  fresco up --model-repository DIR/models", highlight=False)
+        raise typer.Exit(EXIT_NO_MODELS)
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    say(f"starting predictor and gateway for {', '.join(models)} from {model_repository} …")
+    # Until the suite is up, SIGTERM interrupts like Ctrl-C so the suite's own cleanup runs.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    suite: Suite | None = None
+    try:
+        suite = start_suite(model_repository.resolve(), log_dir=log_dir)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, frame: stop.set())
+        console.print(endpoints_table(suite))
+        console.print(f"gateway ready at {suite.services[-1].address} (Ctrl-C stops everything)")
+        dead = _watch(suite, stop)
+    except ServiceFailed as err:
+        errors.print(f"[red]Fresco did not start:[/red] {escape(str(err))}")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        errors.print("interrupted while starting; services stopped")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        _hold_signals()
+        codes = suite.stop() if suite is not None else {}
+    if dead is not None:
+        code = dead.process.returncode if dead.process else None
+        errors.print(f"[red]{dead.module} died unexpectedly with code {code}[/red]; its last output:")
+        errors.print("".join(dead.lines[-OUTPUT_TAIL_LINES:]), markup=False, highlight=False, end="")
+    else:
+        console.print("stopped")
+    clean = report_exit_codes(codes)
+    if dead is not None or not clean:
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    requests: Annotated[int, typer.Option(min=1, help="Predict requests to send.")] = 2000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Where the model and logs go (kept); default: a temporary directory.")
+    ] = None,
+    check: Annotated[int, typer.Option(min=0, help="Answers to check against onnxruntime in process.")] = 200,
+) -> None:
+    """Train a small model, serve it, send it traffic, check the answers, report latency; then stop."""
+    root = Path(tempfile.mkdtemp(prefix="fresco-demo-")) if workdir is None else workdir
+    root.mkdir(parents=True, exist_ok=True)
+    model = train_classifier(root / "models")
+    console.print(
+        f"trained {model.name} v{model.version}, an MLP classifier: {len(model.feature_names)} features "
+        f"({', '.join(model.feature_names)}) into ONNX input {model.input_name!r}"
+    )
+    say(f"model file: {model.path}")
+    problems: list[str] = []
+    console.print("starting predictor and gateway …")
+    suite: Suite | None = None
+    try:
+        suite = start_suite(root / "models", log_dir=root)
+        console.print(endpoints_table(suite))
+        problems += _run_traffic(suite.services[-1].address, model, requests, concurrency, check)
+    except ServiceFailed as err:
+        problems.append(f"Fresco did not start: {err}")
+    except KeyboardInterrupt:
+        problems.append("interrupted")
+    finally:
+        _hold_signals()
+        codes = suite.stop() if suite is not None else {}
+    if not report_exit_codes(codes):
+        problems.append("a service did not stop cleanly")
+    if problems:
+        for problem in problems:
+            errors.print(f"[red]FAILED:[/red] {escape(problem)}", highlight=False)
+        errors.print(f"model and service logs kept in {root}", markup=False, highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED if "interrupted" in problems else 1)
+    console.print("[green]demo passed[/green]: every request answered, every checked answer matches")
+    if workdir is None:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _run_traffic(address: str, model: ExportedModel, requests: int, concurrency: int, check: int) -> list[str]:
+    """Send the demo's traffic, print what came back; the problems found."""
+    rows = traffic_demo.request_rows(model.sample, requests)
+    columns = (TextColumn("Predict"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("Predict", total=requests)
+        traffic = asyncio.run(
+            traffic_demo.send_traffic(
+                address, model.name, model.feature_names, rows, concurrency, lambda _: progress.advance(task)
+            )
+        )
+    answered, failed = traffic.answered, traffic.failed
+    console.print(
+        f"{requests} requests at concurrency {concurrency} in {traffic.elapsed_s:.2f} s: "
+        f"{len(answered)} answered, {len(failed)} failed"
+    )
+    console.print(f"throughput: {traffic.throughput:.1f} requests/s")
+    percentiles = traffic_demo.latency_percentiles_ms([o.latency_s for o in answered])
+    if percentiles:
+        shown = "  ".join(f"p{p} {ms:.2f} ms" for p, ms in percentiles.items())
+        console.print(f"latency (client-side, per request): {shown}")
+    problems = [f"{len(failed)} of {requests} requests failed, e.g. {failed[0].error}"] if failed else []
+
+    report = traffic_demo.check_answers(traffic, rows, model.path, model.input_name, check)
+    checked = f"checked {report.checked} answers against onnxruntime in process"
+    if report.mismatches:
+        console.print(f"{checked}: {len(report.mismatches)} differ")
+        for mismatch in report.mismatches[:10]:
+            say(f"  {mismatch}")
+        problems.append(f"{len(report.mismatches)} checked answers differ from onnxruntime in process")
+    else:
+        console.print(f"{checked}: all match")
+
+    example = next(((o.index, o.response) for o in answered if o.response is not None), None)
+    if example is not None:
+        index, response = example
+        features = traffic_demo.row_features(model.feature_names, rows[index])
+        console.print("example answer:")
+        say("  features in:  " + ", ".join(f"{k}={v:.4f}" for k, v in features.items()))
+        say(f"  outputs:      {traffic_demo.format_outputs(response)}")
+        say(f"  model:        {response.model} version {response.model_version}")
+        say(f"  trace id:     {response.trace_id}")
+    return problems
+
+
+if __name__ == "__main__":
+    app()
