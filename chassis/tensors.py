@@ -147,4 +147,5 @@ def raw_from_array(array: np.ndarray, datatype: str) -> bytes:
     """The raw wire bytes of an array."""
     if datatype == "BYTES":
         return encode_bytes_tensor(array)
-    return np.ascontiguousarray(array).tobytes()
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)  # the wire is little-endian
+    return np.ascontiguousarray(little).tobytes()

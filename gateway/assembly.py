@@ -68,9 +68,16 @@ def _numeric(value: FeatureValue, datatype: str, what: str) -> FeatureValue:
     if isinstance(value, (str, bytes)):
         raise InvalidArgument(f"{what}: expected a number for a {datatype} input, got {type(value).__name__}")
     if isinstance(value, list):
+        for item in value:
+            _numeric(item, datatype, what)
         return value
-    if NUMPY_DTYPE[datatype].kind in "iu" and isinstance(value, float) and not value.is_integer():
+    dtype = NUMPY_DTYPE[datatype]
+    if dtype.kind in "iu" and isinstance(value, float) and not value.is_integer():
         raise InvalidArgument(f"{what}: expected an integer for a {datatype} input, got {value}")
+    if dtype.kind in "iu" and not isinstance(value, bool):
+        info = np.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            raise InvalidArgument(f"{what}: {value} does not fit a {datatype} input")
     return value
 
 
@@ -87,7 +94,7 @@ def build_inputs(signature: ModelSignature, rows: Sequence[Row], labels: Sequenc
         dtype = NUMPY_DTYPE[spec.datatype]
         if spec.feature_names:
             table = [
-                [_value(row, feature, spec.datatype, label) for feature in spec.feature_names]
+                [_value(row, feature, spec.datatype, label, scalar=True) for feature in spec.feature_names]
                 for row, label in zip(rows, labels, strict=True)
             ]
             array = np.asarray(table, dtype=dtype)
@@ -108,10 +115,13 @@ def build_inputs(signature: ModelSignature, rows: Sequence[Row], labels: Sequenc
     return arrays
 
 
-def _value(row: Row, feature: str, datatype: str, label: str) -> FeatureValue:
+def _value(row: Row, feature: str, datatype: str, label: str, scalar: bool = False) -> FeatureValue:
     if feature not in row:
         raise InvalidArgument(f"{label}: missing feature {feature!r}, which the model needs")
-    return _numeric(row[feature], datatype, f"{label}: feature {feature!r}")
+    value = _numeric(row[feature], datatype, f"{label}: feature {feature!r}")
+    if scalar and isinstance(value, list):
+        raise InvalidArgument(f"{label}: feature {feature!r}: expected one value, got a list of {len(value)}")
+    return value
 
 
 def to_tensor(array: np.ndarray, datatype: str) -> values_pb2.Tensor:
@@ -122,6 +132,8 @@ def to_tensor(array: np.ndarray, datatype: str) -> values_pb2.Tensor:
         tensor.bytes_values.extend(v if isinstance(v, bytes) else str(v).encode() for v in flat)
     elif datatype == "BOOL":
         tensor.bool_values.extend(flat.tolist())
+    elif datatype == "BF16":  # raw bfloat16 words are the high half of a float32
+        tensor.double_values.extend((flat.astype(np.uint32) << 16).view(np.float32).astype(np.float64).tolist())
     elif datatype == "UINT64":
         tensor.uint64_values.extend(flat.tolist())
     elif flat.dtype.kind in "iu":

@@ -32,6 +32,8 @@ def _decode_one(
     _check_shape(shape, spec, what)
     count = math.prod(shape)
     dtype = numpy_dtype(spec.datatype, what)
+    if math.prod(dim for dim in shape if dim) * dtype.itemsize > np.iinfo(np.intp).max:
+        raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
     if raw is not None:
         return array_from_raw(raw, spec.datatype, shape, what)
     field = CONTENTS_FIELD.get(spec.datatype)
@@ -44,10 +46,14 @@ def _decode_one(
         array = np.empty(count, dtype=np.object_)
         array[:] = list(values)
         return array.reshape(shape)
-    try:
-        return np.asarray(values, dtype=dtype).reshape(shape)
-    except OverflowError:
-        raise InvalidArgument(f"{what}: a value in {field} does not fit {spec.datatype}") from None
+    if dtype.kind in "iu":
+        # int_contents and uint_contents carry 8- and 16-bit types too: check the range, numpy would wrap.
+        wide = np.asarray(values, dtype=np.uint64 if spec.datatype == "UINT64" else np.int64)
+        info = np.iinfo(dtype)
+        if wide.size and (wide.min() < info.min or wide.max() > info.max):
+            raise InvalidArgument(f"{what}: a value in {field} does not fit {spec.datatype}")
+        return wide.astype(dtype).reshape(shape)
+    return np.asarray(values, dtype=dtype).reshape(shape)
 
 
 def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:

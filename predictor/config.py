@@ -59,7 +59,7 @@ class VersionPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    latest: int | None = 1
+    latest: int | None = Field(default=1, ge=1)
     all: bool = False
     specific: list[int] | None = None
 

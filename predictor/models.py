@@ -109,7 +109,7 @@ class Model:
         """A version by its string number; empty means the default."""
         if not version:
             return self.default_version()
-        if not version.isdigit():
+        if not (version.isascii() and version.isdigit() and len(version) <= 18):
             raise InvalidArgument(f"model_version {version!r}: expected a version number")
         found = self.versions.get(int(version))
         if found is None:
@@ -165,6 +165,11 @@ class ModelStore:
                 model.reason = "; ".join(f"version {v.version}: {v.reason}" for v in failed)
             except FrescoError as err:
                 model.state, model.reason = State.UNAVAILABLE, str(err)
+            if model.state is not State.READY and previous is not None and previous.state is State.READY:
+                # A failed reload keeps the versions that work serving, as Triton does.
+                previous.reason = f"reload failed, previous versions still serving: {model.reason}"
+                log.warning("model %s: %s", name, previous.reason)
+                return model
             self.models[name] = model
             if previous is not None and previous is not model:
                 await self._retire(previous)

@@ -34,7 +34,11 @@ class ModelRepository:
 
     def versions(self, name: str) -> list[int]:
         """The numbered version directories of a model, ascending."""
-        return sorted(int(p.name) for p in self.model_dir(name).iterdir() if p.is_dir() and p.name.isdigit())
+        return sorted(
+            int(p.name)
+            for p in self.model_dir(name).iterdir()
+            if p.is_dir() and p.name.isascii() and p.name.isdigit() and len(p.name) <= 18
+        )
 
     def model_file(self, name: str, version: int) -> Path:
         """The model file of one version."""

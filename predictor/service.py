@@ -8,7 +8,7 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
-from chassis.errors import FrescoError, InvalidArgument
+from chassis.errors import FrescoError, InvalidArgument, Unavailable
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.codec import decode_inputs, encode_response, requested_outputs
@@ -60,7 +60,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
-        version = self.store.get(request.name, request.version)
+        try:
+            version = self.store.get(request.name, request.version)
+        except Unavailable:
+            return pb.ModelReadyResponse(ready=False)  # known, but loading or failed
         return pb.ModelReadyResponse(ready=version.state is State.READY)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
@@ -86,6 +89,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return await self._infer(request)
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+        if not request.model_name:
+            raise InvalidArgument("model_name: expected a model name, got an empty string")
         version = self.store.get(request.model_name, request.model_version)
         start = time.perf_counter_ns()
         ok = False

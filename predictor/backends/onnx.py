@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtInvalidArgument
 
 from chassis.errors import InvalidArgument
 from chassis.tensors import ONNX_TYPE
@@ -47,6 +48,17 @@ def _merge(model_side: Sequence[TensorSpec], declared: Sequence[TensorConfig], k
     return merged
 
 
+def _as_text(name: str, array: np.ndarray) -> np.ndarray:
+    """ONNX Runtime takes string tensors as str objects (it would str() a bytes object)."""
+    try:
+        items = [v.decode() if isinstance(v, bytes) else v for v in array.reshape(-1)]
+    except UnicodeDecodeError as err:
+        raise InvalidArgument(f"input {name!r}: a BYTES element is not UTF-8 text: {err}") from None
+    text = np.empty(len(items), dtype=np.object_)
+    text[:] = items
+    return text.reshape(array.shape)
+
+
 class OnnxSession:
     """An ONNX Runtime inference session for one model version."""
 
@@ -76,7 +88,11 @@ class OnnxSession:
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         names = list(outputs) or [o.name for o in self.outputs]
-        results = self._session.run(names, dict(inputs))
+        feed = {name: _as_text(name, array) if array.dtype == np.object_ else array for name, array in inputs.items()}
+        try:
+            results = self._session.run(names, feed)
+        except OrtInvalidArgument as err:
+            raise InvalidArgument(f"the model rejected its inputs: {err}") from None
         return {name: np.asarray(value) for name, value in zip(names, results, strict=True)}
 
     def memory_bytes(self) -> int:
