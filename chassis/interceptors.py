@@ -22,8 +22,6 @@ from chassis.tracing import extract_context, inject_context, is_traced
 
 log = logging.getLogger(__name__)
 
-Behavior = Callable[..., Any]
-
 
 class _Rpc:
     """What one server call records: its span, its timer and its final code."""
@@ -54,6 +52,16 @@ class _Rpc:
             raise exc
         log.exception("unhandled error in %s", self.method)
         await self.context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}")
+
+    async def __aenter__(self) -> _Rpc:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if exc is not None:
+                await self.fail(exc)
+        finally:
+            self.finish(exc)
 
     def finish(self, exc: BaseException | None) -> None:
         code = self.context.code()
@@ -101,61 +109,33 @@ class ServerInterceptor(aio.ServerInterceptor):
             inner_uu = handler.unary_unary
 
             async def unary_unary(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-                rpc = _Rpc(method, tracer, metrics, ctx)
-                exc: BaseException | None = None
-                try:
+                async with _Rpc(method, tracer, metrics, ctx):
                     return await inner_uu(request, ctx)
-                except BaseException as err:  # noqa: BLE001 - re-raised or mapped in fail()
-                    exc = err
-                    await rpc.fail(err)
-                finally:
-                    rpc.finish(exc)
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
         if handler.unary_stream is not None:
             inner_us = handler.unary_stream
 
             async def unary_stream(request: Any, ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                rpc = _Rpc(method, tracer, metrics, ctx)
-                exc: BaseException | None = None
-                try:
+                async with _Rpc(method, tracer, metrics, ctx):
                     async for item in inner_us(request, ctx):
                         yield item
-                except BaseException as err:  # noqa: BLE001
-                    exc = err
-                    await rpc.fail(err)
-                finally:
-                    rpc.finish(exc)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
         if handler.stream_unary is not None:
             inner_su = handler.stream_unary
 
             async def stream_unary(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> Any:
-                rpc = _Rpc(method, tracer, metrics, ctx)
-                exc: BaseException | None = None
-                try:
+                async with _Rpc(method, tracer, metrics, ctx):
                     return await inner_su(requests, ctx)
-                except BaseException as err:  # noqa: BLE001
-                    exc = err
-                    await rpc.fail(err)
-                finally:
-                    rpc.finish(exc)
 
             return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
         inner_ss = handler.stream_stream
 
         async def stream_stream(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            rpc = _Rpc(method, tracer, metrics, ctx)
-            exc: BaseException | None = None
-            try:
+            async with _Rpc(method, tracer, metrics, ctx):
                 async for item in inner_ss(requests, ctx):
                     yield item
-            except BaseException as err:  # noqa: BLE001
-                exc = err
-                await rpc.fail(err)
-            finally:
-                rpc.finish(exc)
 
         return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
 
