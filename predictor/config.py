@@ -73,17 +73,67 @@ class VersionPolicy(BaseModel):
         return ordered[-(self.latest or 1) :]
 
 
+class BatchingConfig(BaseModel):
+    """The dynamic batcher of a model (on by default for models with a variable batch dimension)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_batch_size: int = Field(default=64, ge=1, description="Most rows one execution runs.")
+    max_queue_delay_us: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Longest a request waits for others to share its execution, counted from its arrival. "
+            "0 batches only what queued while the model was busy, so an idle model never waits."
+        ),
+    )
+    preferred_batch_sizes: list[int] = Field(
+        default_factory=list, description="Sizes dispatched as soon as they are reached."
+    )
+    max_queue_size: int = Field(default=1024, ge=1, description="Queued requests beyond which RESOURCE_EXHAUSTED.")
+
+    @model_validator(mode="after")
+    def _preferred_fit(self) -> BatchingConfig:
+        if any(size < 1 or size > self.max_batch_size for size in self.preferred_batch_sizes):
+            raise ValueError(
+                f"preferred_batch_sizes {self.preferred_batch_sizes} must lie in "
+                f"1..max_batch_size ({self.max_batch_size})"
+            )
+        return self
+
+
+class WarmupConfig(BaseModel):
+    """Synthetic runs before a version turns READY."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: int = Field(default=5, ge=1, description="Runs at each batch size; their p99 is checked against the budget.")
+    batch_sizes: list[int] = Field(
+        default_factory=list, description="Batch sizes to warm; default 1 plus the preferred batch sizes."
+    )
+
+
 class ModelConfig(BaseModel):
     """The whole `config.yaml` of a model."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str | None = None
-    backend: Literal["auto", "onnxruntime"] = "auto"
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = "auto"
     inputs: list[TensorConfig] = Field(default_factory=list)
     outputs: list[TensorConfig] = Field(default_factory=list)
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     default_version: int | None = None
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    instance_count: int = Field(default=1, ge=1, description="Executions of one version that may run at once.")
+    warmup: WarmupConfig = Field(default_factory=WarmupConfig)
+    latency_budget_ms: float | None = Field(
+        default=None, gt=0, description="A version whose warm p99 exceeds this fails to become READY."
+    )
+    tensorrt: dict[str, str | int | bool] = Field(
+        default_factory=dict, description="TensorRT build options (fp16, int8, workspace_mb, opt_batch_size)."
+    )
     parameters: dict[str, str] = Field(default_factory=dict)
 
 

@@ -11,16 +11,21 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from chassis.errors import FrescoError, InvalidArgument, NotFound, Unavailable
 from predictor.backends import backend_for
 from predictor.backends.base import BackendOptions, Session, TensorSpec
+from predictor.batcher import BatchPolicy, DynamicBatcher, Execution, Request, rows_of
 from predictor.config import ModelConfig, read_config
+from predictor.metrics import PredictorMetrics, VersionMetrics
 from predictor.repository import ModelRepository
 from predictor.stats import VersionStats
-from predictor.warmup import synthetic_inputs
+from predictor.warmup import warm
 
 log = logging.getLogger(__name__)
 
@@ -36,17 +41,22 @@ class State(enum.Enum):
 
 @dataclass
 class ModelVersion:
-    """One version of a model: its session once loaded, and the requests using it now."""
+    """One version of a model: its session once loaded, its batcher, and the requests using it."""
 
     name: str
     version: int
     state: State = State.LOADING
     reason: str = ""
     session: Session | None = None
+    batcher: DynamicBatcher | None = None
+    max_batch_size: int = 0
     load_seconds: float = 0.0
     warm_seconds: float = 0.0
+    warm_p99_ms: float = 0.0
     in_flight: int = 0
     stats: VersionStats = field(default_factory=VersionStats)
+    metrics: VersionMetrics | None = None
+    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
@@ -59,6 +69,10 @@ class ModelVersion:
     @property
     def outputs(self) -> Sequence[TensorSpec]:
         return self._ready_session().outputs
+
+    @property
+    def output_datatypes(self) -> dict[str, str]:
+        return {spec.name: spec.datatype for spec in self._ready_session().outputs}
 
     def _ready_session(self) -> Session:
         if self.session is None:
@@ -78,6 +92,26 @@ class ModelVersion:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    def record_request(self, ok: bool, elapsed_ns: int) -> None:
+        """One request for this version finished, successfully or not."""
+        self.stats.record_request(ok, elapsed_ns)
+        if self.metrics is not None:
+            (self.metrics.success if ok else self.metrics.failure).inc()
+            self.metrics.request_seconds.observe(elapsed_ns / 1e9)
+
+    def record_execution(self, execution: Execution) -> None:
+        """One batch ran: statistics and metrics for it and for each request's queue time."""
+        self.stats.record_execution(execution.rows, execution.compute_ns)
+        for request in execution.requests:
+            self.stats.queue.add(request.dispatched_ns - request.arrived_ns)
+        if self.metrics is not None:
+            self.metrics.executions.inc()
+            self.metrics.inferences.inc(execution.rows)
+            self.metrics.batch_size.observe(execution.rows)
+            self.metrics.compute_seconds.observe(execution.compute_ns / 1e9)
+            for request in execution.requests:
+                self.metrics.queue_seconds.observe((request.dispatched_ns - request.arrived_ns) / 1e9)
 
     async def drained(self) -> None:
         """Wait until no request uses this version."""
@@ -120,19 +154,25 @@ class Model:
 class ModelStore:
     """Every model the predictor knows of, with loading, unloading and inference."""
 
-    def __init__(self, repository: ModelRepository, executor: Executor, options: BackendOptions | None = None) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        executor: Executor,
+        options: BackendOptions | None = None,
+        metrics: PredictorMetrics | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
         self.repository = repository
         self.executor = executor
         self.options = options or BackendOptions()
+        self.metrics = metrics
+        self.tracer = tracer
         self.models: dict[str, Model] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """A servable model version; NOT_FOUND for unknown names, UNAVAILABLE while not ready."""
-        model = self.models.get(name)
-        if model is None:
-            raise NotFound(f"model {name!r} is not loaded; loaded models: {sorted(self.models)}")
-        return model.get(version)
+        return self.model(name).get(version)
 
     def model(self, name: str) -> Model:
         """A known model, whatever its state."""
@@ -169,6 +209,7 @@ class ModelStore:
                 # A failed reload keeps the versions that work serving, as Triton does.
                 previous.reason = f"reload failed, previous versions still serving: {model.reason}"
                 log.warning("model %s: %s", name, previous.reason)
+                await self._retire(model)
                 return model
             self.models[name] = model
             if previous is not None and previous is not model:
@@ -189,12 +230,19 @@ class ModelStore:
             version.state = State.UNLOADING
         for version in model.versions.values():
             await version.drained()
+            if version.batcher is not None:
+                await version.batcher.close()
             if version.session is not None:
                 version.session.close()
                 version.session = None
+            if version.metrics is not None:
+                version.metrics.loaded.set(0)
+                version.metrics.memory_bytes.set(0)
 
     async def _load_version(self, name: str, number: int, config: ModelConfig) -> ModelVersion:
-        version = ModelVersion(name, number)
+        version = ModelVersion(name, number, slots=asyncio.Semaphore(config.instance_count))
+        if self.metrics is not None:
+            version.metrics = self.metrics.bind(name, str(number))
         loop = asyncio.get_running_loop()
         try:
             path = self.repository.model_file(name, number)
@@ -203,35 +251,92 @@ class ModelStore:
             model_bytes = await loop.run_in_executor(self.executor, path.read_bytes)
             backend = backend_for(config, self.options)
             session = await loop.run_in_executor(self.executor, backend.load, model_bytes, config)
-            version.load_seconds = time.perf_counter() - start
-            start = time.perf_counter()
-            warm = synthetic_inputs(session.inputs, batch_size=1)
-            await loop.run_in_executor(self.executor, session.run, warm, [])
-            version.warm_seconds = time.perf_counter() - start
             version.session = session
+            version.max_batch_size = batch_capacity(session.inputs, config)
+            report = await loop.run_in_executor(self.executor, warm, session, config, version.max_batch_size)
+            version.load_seconds = time.perf_counter() - start
+            version.warm_seconds, version.warm_p99_ms = report.seconds, report.p99_ms
+            if version.max_batch_size and config.batching.enabled:
+                version.batcher = DynamicBatcher(
+                    partial(session.run, outputs=()),
+                    self.executor,
+                    BatchPolicy(
+                        max_batch_size=version.max_batch_size,
+                        max_queue_delay_s=config.batching.max_queue_delay_us / 1e6,
+                        preferred_batch_sizes=tuple(config.batching.preferred_batch_sizes),
+                        max_queue_size=config.batching.max_queue_size,
+                        instances=config.instance_count,
+                    ),
+                    observer=version.record_execution,
+                )
             version.state = State.READY
+            if version.metrics is not None:
+                version.metrics.loaded.set(1)
+                version.metrics.memory_bytes.set(session.memory_bytes())
+                version.metrics.load_seconds.set(version.load_seconds)
+                version.metrics.warm_p99_seconds.set(report.p99_ms / 1000)
         except FileNotFoundError as err:
             version.state, version.reason = State.UNAVAILABLE, f"model file missing: {err.filename}"
         except FrescoError as err:
             version.state, version.reason = State.UNAVAILABLE, str(err)
-        except Exception as err:  # a backend failing on a corrupt model must not take the server down
+        except Exception as err:
             log.exception("loading %s version %s failed", name, number)
             version.state, version.reason = State.UNAVAILABLE, f"{type(err).__name__}: {err}"
+        if version.state is not State.READY and version.session is not None:
+            version.session.close()
+            version.session = None
         return version
 
     async def infer(
-        self, version: ModelVersion, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]
+        self,
+        version: ModelVersion,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """Run one request on a version, off the event loop."""
+        """Run one request on a version, through its batcher when it batches, off the event loop."""
         async with version.use() as session:
-            loop = asyncio.get_running_loop()
-            start = time.perf_counter_ns()
-            results = await loop.run_in_executor(self.executor, session.run, inputs, outputs)
-            rows = next(iter(inputs.values())).shape[0] if inputs and next(iter(inputs.values())).ndim else 1
-            version.stats.record_execution(rows, time.perf_counter_ns() - start)
-            return results
+            if version.batcher is not None:
+                request = await version.batcher.submit(inputs, deadline)
+                self._trace(request)
+                results = request.result
+            else:
+                results = await self._run_alone(version, session, inputs)
+        return {name: results[name] for name in outputs} if outputs else results
+
+    async def _run_alone(
+        self, version: ModelVersion, session: Session, inputs: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        arrived = time.perf_counter_ns()
+        async with version.slots:
+            request = Request(inputs, 1, (), loop.create_future(), arrived, None)
+            request.dispatched_ns = time.perf_counter_ns()
+            results = await loop.run_in_executor(self.executor, session.run, inputs, ())
+            request.finished_ns = time.perf_counter_ns()
+        rows = rows_of(inputs) if all(a.ndim for a in inputs.values()) else 1
+        version.record_execution(Execution(rows, [request], request.finished_ns - request.dispatched_ns, False))
+        self._trace(request)
+        return results
+
+    def _trace(self, request: Request) -> None:
+        """Queue and compute spans under the current request's span, from the batcher's clock."""
+        if self.tracer is None or not trace.get_current_span().is_recording():
+            return
+        offset = time.time_ns() - time.perf_counter_ns()
+        queue = self.tracer.start_span("queue", start_time=request.arrived_ns + offset)
+        queue.end(end_time=request.dispatched_ns + offset)
+        compute = self.tracer.start_span("compute", start_time=request.dispatched_ns + offset)
+        compute.end(end_time=request.finished_ns + offset)
 
     async def close(self) -> None:
         """Unload everything."""
         for name in list(self.models):
             await self.unload(name)
+
+
+def batch_capacity(inputs: Sequence[TensorSpec], config: ModelConfig) -> int:
+    """The largest batch a version takes: 0 when its inputs have no variable leading dimension."""
+    if not inputs or any(not spec.shape or spec.shape[0] != -1 for spec in inputs):
+        return 0
+    return config.batching.max_batch_size

@@ -9,6 +9,7 @@ from chassis.server import ServiceApp
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.backends.base import BackendOptions
+from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore
 from predictor.repository import ModelRepository
 from predictor.service import InferenceServicer
@@ -29,6 +30,8 @@ class Predictor:
             ModelRepository(settings.model_repository),
             self.executor,
             BackendOptions(onnx_intra_op_threads=settings.onnx_intra_op_threads),
+            metrics=PredictorMetrics(self.app.registry),
+            tracer=self.app.tracer,
         )
         self.servicer = InferenceServicer(self.store)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.app.server)

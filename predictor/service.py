@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any, TypeAlias
@@ -14,6 +15,7 @@ from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.codec import decode_inputs, encode_response, requested_outputs
 from predictor.models import ModelStore, ModelVersion, State
 from predictor.stats import Duration
+from predictor.triton import triton_config
 
 SERVER_NAME = "fresco-predictor"
 SERVER_VERSION = "0.1.0"
@@ -86,9 +88,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return response
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
-        return await self._infer(request)
+        return await self._infer(request, context.time_remaining())
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
         if not request.model_name:
             raise InvalidArgument("model_name: expected a model name, got an empty string")
         version = self.store.get(request.model_name, request.model_version)
@@ -97,25 +99,42 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             inputs = decode_inputs(request, version.inputs)
             outputs = requested_outputs(request, version.outputs)
-            results = await self.store.infer(version, inputs, outputs)
-            datatypes = {spec.name: spec.datatype for spec in version.outputs}
-            response = encode_response(request, str(version.version), results, datatypes)
+            deadline = None if time_remaining is None else asyncio.get_running_loop().time() + time_remaining
+            results = await self.store.infer(version, inputs, outputs, deadline)
+            response = encode_response(request, str(version.version), results, version.output_datatypes)
             ok = True
             return response
         finally:
-            version.stats.record_request(ok, time.perf_counter_ns() - start)
+            version.record_request(ok, time.perf_counter_ns() - start)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in request_iterator:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request, context.time_remaining()))
             except FrescoError as err:
                 # A bad request fails alone; the stream goes on, as the protocol asks.
                 yield pb.ModelStreamInferResponse(
                     error_message=str(err), infer_response=pb.ModelInferResponse(id=request.id)
                 )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
+        version = self.store.get(request.name, request.version)
+        model = self.store.model(request.name)
+        session = version.session
+        if model.config is None or session is None:
+            raise Unavailable(f"model {request.name!r} is not ready")
+        config = triton_config(
+            request.name,
+            model.config,
+            session.platform,
+            session.platform.split("_")[0],
+            version.inputs,
+            version.outputs,
+            version.max_batch_size,
+        )
+        return pb.ModelConfigResponse(config=config)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Context) -> pb.ModelStatisticsResponse:
         if request.name:

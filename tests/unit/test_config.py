@@ -107,7 +107,7 @@ def test_features_must_fit_the_last_dimension(tmp_path: Path) -> None:
 
 def test_every_problem_is_reported(tmp_path: Path) -> None:
     message = _error(
-        _write(tmp_path, "backend: tensorrt\ninputs:\n  - {name: X, datatype: F, shape: [-1]}\ndefault_version: x\n")
+        _write(tmp_path, "backend: tflite\ninputs:\n  - {name: X, datatype: F, shape: [-1]}\ndefault_version: x\n")
     )
     for field in ("backend", "inputs.0.datatype", "default_version"):
         assert field in message

@@ -1,0 +1,1 @@
+"""Benchmarks of Fresco's services against their peers, run on this machine."""

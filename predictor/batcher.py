@@ -1,0 +1,288 @@
+"""Dynamic batching: requests for one model version queue here and run together.
+
+Two promises, against the two known complaints about Python batchers:
+- a batch never waits longer than `max_queue_delay` counted from the arrival of its oldest request
+  (the clock starts when the request arrives, not when the batcher looks at it);
+- an idle model never makes a request wait: the batcher only waits for companions it can expect,
+  judged by how many requests were outstanding at once recently. At concurrency 1 that is one,
+  so a lone request is dispatched at once, and batching costs it nothing.
+
+With `max_queue_delay` 0 (the default) batches form only from what queued while every execution
+slot was busy, which is also what keeps a loaded server efficient.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from chassis.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+
+Arrays = dict[str, np.ndarray]
+Runner = Callable[[Mapping[str, np.ndarray]], Arrays]
+
+# How long a burst of concurrency is remembered when deciding whether to wait for companions.
+PEAK_WINDOW_S = 0.5
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How one model version batches."""
+
+    max_batch_size: int
+    max_queue_delay_s: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 1024
+    instances: int = 1
+
+
+@dataclass
+class Request:
+    """One queued request and, once it ran, when it left the queue and when its batch finished."""
+
+    inputs: Mapping[str, np.ndarray]
+    rows: int
+    trailing: tuple[tuple[int, ...], ...]
+    future: asyncio.Future[Arrays]
+    arrived_ns: int
+    deadline: float | None
+    dispatched_ns: int = 0
+    finished_ns: int = 0
+    result: Arrays = field(default_factory=dict)
+
+
+@dataclass
+class Execution:
+    """What an observer learns of one batch."""
+
+    rows: int
+    requests: Sequence[Request]
+    compute_ns: int
+    failed: bool
+
+
+@dataclass
+class _Peak:
+    """The most requests outstanding at once over the last two windows."""
+
+    current: int = 0
+    previous: int = 0
+    window_start: float = field(default_factory=time.monotonic)
+
+    def observe(self, outstanding: int, now: float) -> None:
+        if now - self.window_start > PEAK_WINDOW_S:
+            self.previous = self.current if now - self.window_start < 2 * PEAK_WINDOW_S else 0
+            self.current = 0
+            self.window_start = now
+        self.current = max(self.current, outstanding)
+
+    @property
+    def value(self) -> int:
+        return max(self.current, self.previous)
+
+
+def rows_of(inputs: Mapping[str, np.ndarray]) -> int:
+    """The batch size of a request: the shared leading dimension of its inputs."""
+    sizes = {array.shape[0] if array.ndim else -1 for array in inputs.values()}
+    if len(sizes) != 1 or -1 in sizes:
+        raise InvalidArgument(
+            f"inputs must share their first (batch) dimension to be batched; got first dimensions {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+class DynamicBatcher:
+    """Queues requests of one model version and runs them in batches on an executor."""
+
+    def __init__(
+        self,
+        run: Runner,
+        executor: Executor,
+        policy: BatchPolicy,
+        observer: Callable[[Execution], None] | None = None,
+    ) -> None:
+        self._run = run
+        self._executor = executor
+        self.policy = policy
+        self._observer = observer
+        self._queue: deque[Request] = deque()
+        self._queued_rows = 0
+        self._arrived = asyncio.Event()
+        self._slot_freed = asyncio.Event()
+        self._free_slots = policy.instances
+        self._outstanding = 0
+        self._executing = 0
+        self._peak = _Peak()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting now."""
+        return len(self._queue)
+
+    async def submit(self, inputs: Mapping[str, np.ndarray], deadline: float | None = None) -> Request:
+        """Run `inputs` in some batch; the returned request holds its rows of every output in
+        `result`, and when it was queued, dispatched and finished.
+
+        `deadline` is on the event loop's clock; a request still queued past it is dropped
+        before inference with DEADLINE_EXCEEDED.
+        """
+        if self._closed:
+            raise Unavailable("the model version is unloading")
+        rows = rows_of(inputs)  # a request larger than max_batch_size runs alone, in one execution
+        if len(self._queue) >= self.policy.max_queue_size:
+            raise ResourceExhausted(
+                f"the model's queue is full ({self.policy.max_queue_size} requests waiting); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        request = Request(
+            inputs=inputs,
+            rows=rows,
+            trailing=tuple(array.shape[1:] for array in inputs.values()),
+            future=loop.create_future(),
+            arrived_ns=time.perf_counter_ns(),
+            deadline=deadline,
+        )
+        self._queue.append(request)
+        self._queued_rows += rows
+        self._outstanding += 1
+        self._peak.observe(self._outstanding, loop.time())
+        self._arrived.set()
+        if self._task is None:
+            self._task = loop.create_task(self._schedule(), name="batcher")
+        try:
+            request.result = await request.future
+            return request
+        finally:
+            self._outstanding -= 1
+
+    async def close(self) -> None:
+        """Stop scheduling; anything still queued fails as UNAVAILABLE."""
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+        while self._queue:
+            request = self._queue.popleft()
+            if not request.future.done():
+                request.future.set_exception(Unavailable("the model version was unloaded before this request ran"))
+
+    async def _schedule(self) -> None:
+        while True:
+            while not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+            while self._free_slots == 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            if self.policy.max_queue_delay_s > 0:
+                await self._gather_companions()
+            batch = self._take()
+            if batch:
+                self._free_slots -= 1
+                asyncio.get_running_loop().create_task(self._execute(batch))
+
+    async def _gather_companions(self) -> None:
+        """Wait, within the delay of the oldest request, for the companions recent load promises."""
+        oldest = self._queue[0].arrived_ns
+        deadline_ns = oldest + int(self.policy.max_queue_delay_s * 1e9)
+        while True:
+            expected = min(self.policy.max_batch_size, self._peak.value - self._executing)
+            if self._queued_rows >= expected or self._preferred_reached():
+                return
+            remaining = (deadline_ns - time.perf_counter_ns()) / 1e9
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                return
+            if not self._queue:  # everything waiting was cancelled
+                return
+
+    def _preferred_reached(self) -> bool:
+        sizes = self.policy.preferred_batch_sizes
+        return bool(sizes) and (self._queued_rows in sizes or self._queued_rows >= max(sizes))
+
+    def _take(self) -> list[Request]:
+        """Pop the next batch: FIFO, same trailing shapes, within the size limit; drop the dead."""
+        limit = self.policy.max_batch_size
+        if self.policy.preferred_batch_sizes:
+            fitting = [size for size in self.policy.preferred_batch_sizes if size <= self._queued_rows]
+            if fitting:
+                limit = max(fitting)
+        now = asyncio.get_running_loop().time()
+        batch: list[Request] = []
+        rows = 0
+        while self._queue:
+            request = self._queue[0]
+            if request.future.done():  # the caller went away
+                self._pop()
+                continue
+            if request.deadline is not None and now >= request.deadline:
+                self._pop()
+                waited_ms = (time.perf_counter_ns() - request.arrived_ns) / 1e6
+                request.future.set_exception(
+                    DeadlineExceeded(f"the request's deadline passed after {waited_ms:.1f} ms in the queue")
+                )
+                continue
+            if batch and (rows + request.rows > limit or request.trailing != batch[0].trailing):
+                break
+            self._pop()
+            batch.append(request)
+            rows += request.rows
+        return batch
+
+    def _pop(self) -> Request:
+        request = self._queue.popleft()
+        self._queued_rows -= request.rows
+        return request
+
+    async def _execute(self, batch: list[Request]) -> None:
+        loop = asyncio.get_running_loop()
+        total = sum(request.rows for request in batch)
+        if len(batch) == 1:
+            inputs: Mapping[str, np.ndarray] = batch[0].inputs
+        else:
+            inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+        start = time.perf_counter_ns()
+        for request in batch:
+            request.dispatched_ns = start
+        self._executing += len(batch)
+        failed = False
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+        except Exception as err:  # noqa: BLE001 - every waiter gets the batch's failure
+            failed = True
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(err)
+        else:
+            offset = 0
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_result(
+                        {
+                            name: array[offset : offset + request.rows]
+                            if array.ndim and array.shape[0] == total
+                            else array
+                            for name, array in outputs.items()
+                        }
+                    )
+                offset += request.rows
+        finally:
+            finished = time.perf_counter_ns()
+            for request in batch:
+                request.finished_ns = finished
+            self._executing -= len(batch)
+            self._free_slots += 1
+            self._slot_freed.set()
+        if self._observer is not None:
+            self._observer(Execution(total, batch, finished - start, failed))
