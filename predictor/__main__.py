@@ -19,4 +19,8 @@ async def main(settings: PredictorSettings) -> None:
 if __name__ == "__main__":
     settings = parse_settings(PredictorSettings, sys.argv[1:])
     configure_logging("predictor", settings.log_level, settings.log_format)
+    if settings.workers > 1 and settings.worker_index is None:
+        from predictor.workers import supervise
+
+        sys.exit(supervise(settings, sys.argv[1:]))
     run(main(settings))

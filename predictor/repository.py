@@ -43,3 +43,16 @@ class ModelRepository:
     def model_file(self, name: str, version: int) -> Path:
         """The model file of one version."""
         return self.model_dir(name) / str(version) / MODEL_FILE
+
+    def fingerprint(self, name: str) -> tuple[tuple[str, int, int], ...]:
+        """Size and modification time of every file of a model, to notice changes when polling."""
+        model_dir = self.root / name
+        entries = []
+        for path in sorted(model_dir.rglob("*")):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed while we looked
+                continue
+            if path.is_file():
+                entries.append((str(path.relative_to(model_dir)), stat.st_size, stat.st_mtime_ns))
+        return tuple(entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +12,8 @@ from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.backends.base import BackendOptions
 from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore
+from predictor.peers import Peers, socket_path
+from predictor.poller import RepositoryPoller
 from predictor.repository import ModelRepository
 from predictor.service import InferenceServicer
 from predictor.settings import PredictorSettings
@@ -33,20 +36,38 @@ class Predictor:
             metrics=PredictorMetrics(self.app.registry),
             tracer=self.app.tracer,
         )
-        self.servicer = InferenceServicer(self.store)
+        self.peers: Peers | None = None
+        if settings.peers_dir is not None and settings.worker_index is not None:
+            # A worker of --workers N: siblings reach it on its own unix socket.
+            self.app.server.add_insecure_port(f"unix:{socket_path(settings.peers_dir, settings.worker_index)}")
+            self.peers = Peers(settings.peers_dir, settings.worker_index, self.app.client_channel)
+        self.servicer = InferenceServicer(self.store, self.peers)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.app.server)
+        self._poller: asyncio.Task[None] | None = None
         self.app.on_stop(self._close)
 
     async def load_models(self) -> None:
-        """Load the repository; the predictor turns SERVING once every model is warm or has failed
+        """Load the start-up models; the predictor turns SERVING once each is warm or has failed
         (failed ones stay UNAVAILABLE with their reason, and ServerReady stays false)."""
-        await self.store.load_all()
+        settings = self.settings
+        if settings.model_control_mode == "explicit" and "*" not in settings.load_model:
+            await asyncio.gather(*(self.store.load(name) for name in settings.load_model))
+        else:
+            await self.store.load_all()
         self.servicer.started = True
         for model in self.store.models.values():
             if model.reason:
                 log.warning("model %s is UNAVAILABLE: %s", model.name, model.reason)
+        if settings.model_control_mode == "poll":
+            poller = RepositoryPoller(self.store, settings.repository_poll_s)
+            poller.remember()
+            self._poller = asyncio.get_running_loop().create_task(poller.run(), name="repository-poller")
 
     async def _close(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+        if self.peers is not None:
+            await self.peers.close()
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
 

@@ -14,6 +14,7 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.codec import decode_inputs, encode_response, requested_outputs
 from predictor.models import ModelStore, ModelVersion, State
+from predictor.peers import Peers, forwarded
 from predictor.stats import Duration
 from predictor.triton import triton_config
 
@@ -50,8 +51,9 @@ def statistics_message(version: ModelVersion) -> pb.ModelStatistics:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over a `ModelStore`."""
 
-    def __init__(self, store: ModelStore) -> None:
+    def __init__(self, store: ModelStore, peers: Peers | None = None) -> None:
         self.store = store
+        self.peers = peers
         self.started = False
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -169,7 +171,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        model = await self.store.load(request.model_name)
+        local = self.store.load(request.model_name)
+        if peers := self._siblings(context):
+            model, _ = await asyncio.gather(local, peers.broadcast("RepositoryModelLoad", request))
+        else:
+            model = await local
         if model.state is not State.READY:
             raise InvalidArgument(f"model {request.model_name!r} failed to load: {model.reason}")
         return pb.RepositoryModelLoadResponse()
@@ -177,5 +183,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.store.unload(request.model_name)
+        local = self.store.unload(request.model_name)
+        if peers := self._siblings(context):
+            await asyncio.gather(local, peers.broadcast("RepositoryModelUnload", request))
+        else:
+            await local
         return pb.RepositoryModelUnloadResponse()
+
+    def _siblings(self, context: Context) -> Peers | None:
+        """The sibling workers this call must also reach: none when a sibling sent it."""
+        return None if forwarded(context.invocation_metadata()) else self.peers

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from chassis.settings import ServiceSettings
@@ -20,3 +22,16 @@ class PredictorSettings(ServiceSettings):
     """Threads running inference and model loads off the event loop."""
     onnx_intra_op_threads: int = 1
     """ONNX Runtime intra-op threads per session (1 is fastest for small models)."""
+    model_control_mode: Literal["none", "explicit", "poll"] = "none"
+    """none: load every model at start; explicit: load only --load-model ones, the rest through
+    RepositoryModelLoad; poll: load every model at start and follow the directory's changes."""
+    load_model: list[str] = Field(default_factory=list)
+    """In explicit mode, models to load at start (repeat the flag; '*' means all)."""
+    repository_poll_s: float = 5.0
+    """In poll mode, seconds between scans of the model repository."""
+    workers: int = Field(default=1, ge=1)
+    """Server processes sharing the port (SO_REUSEPORT); repository calls reach every one of them."""
+    worker_index: int | None = None
+    """Internal, set by the supervisor of --workers: this worker's index."""
+    peers_dir: Path | None = None
+    """Internal, set by the supervisor of --workers: where workers find each other's sockets."""

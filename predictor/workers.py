@@ -1,0 +1,148 @@
+"""`--workers N`: N predictor processes sharing one port through SO_REUSEPORT, so inference uses
+every core. A supervisor starts them, serves their merged Prometheus metrics, restarts a worker
+that dies, and on SIGTERM stops them all and waits for their drain."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+from predictor.peers import socket_path
+from predictor.settings import PredictorSettings
+
+_LISTENING = re.compile(r"^predictor listening on \S+")
+RESTART_BACKOFF_S = 1.0
+
+
+def reserve_port(host: str, port: int) -> tuple[int, socket.socket]:
+    """A port for the workers to share; the returned socket holds it until they have bound it."""
+    holder = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, port))
+    return holder.getsockname()[1], holder
+
+
+class Worker:
+    """One worker process and the thread copying its output to ours."""
+
+    def __init__(self, index: int, command: list[str], env: dict[str, str]) -> None:
+        self.index = index
+        self.command = command
+        self.env = env
+        self.announced = threading.Event()
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        self.announced.clear()
+        process = subprocess.Popen(
+            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
+        )
+        threading.Thread(target=self._pump, args=(process,), daemon=True, name=f"worker-{self.index}").start()
+        return process
+
+    def _pump(self, process: subprocess.Popen[str]) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if _LISTENING.match(line):
+                self.announced.set()  # the supervisor announces the shared port once, for all
+                continue
+            sys.stdout.write(line)
+            sys.stdout.flush()
+        process.stdout.close()
+
+    def restart(self) -> None:
+        self.process = self._spawn()
+
+
+def worker_command(argv: list[str], index: int, port: int, peers_dir: Path) -> list[str]:
+    """The command line of one worker: the supervisor's own flags, then the worker's overrides."""
+    return [
+        sys.executable,
+        "-m",
+        "predictor",
+        *argv,
+        "--port",
+        str(port),
+        "--metrics-port",
+        "-1",
+        "--worker-index",
+        str(index),
+        "--peers-dir",
+        str(peers_dir),
+    ]
+
+
+def supervise(settings: PredictorSettings, argv: list[str]) -> int:
+    """Run `settings.workers` workers until SIGTERM or SIGINT; exit 0 when they all stopped cleanly."""
+    port, holder = reserve_port(settings.host, settings.port)
+    peers_dir = Path(tempfile.mkdtemp(prefix="fresco-predictor-"))
+    metrics_dir = peers_dir / "metrics"
+    metrics_dir.mkdir()
+    # Prometheus' multiprocess mode: each worker writes its samples to files the supervisor merges.
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONUNBUFFERED": "1"}
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    workers = [Worker(i, worker_command(argv, i, port, peers_dir), env) for i in range(settings.workers)]
+    try:
+        for worker in workers:
+            while not worker.announced.wait(0.1):
+                if stopping.is_set() or worker.process.poll() is not None:
+                    return _shutdown(workers, settings.grace_period_s, failed=True)
+        holder.close()
+        metrics = _serve_metrics(settings, metrics_dir)
+        suffix = f" metrics=http://{settings.host}:{metrics}/metrics" if metrics else ""
+        print(f"predictor listening on {settings.host}:{port}{suffix} workers={settings.workers}", flush=True)
+        while not stopping.wait(0.2):
+            for worker in workers:
+                if worker.process.poll() is not None and not stopping.is_set():
+                    print(f"predictor worker {worker.index} exited with {worker.process.returncode}; restarting")
+                    time.sleep(RESTART_BACKOFF_S)
+                    socket_path(peers_dir, worker.index).unlink(missing_ok=True)
+                    worker.restart()
+        return _shutdown(workers, settings.grace_period_s, failed=False)
+    finally:
+        holder.close()
+        shutil.rmtree(peers_dir, ignore_errors=True)
+
+
+def _serve_metrics(settings: PredictorSettings, metrics_dir: Path) -> int:
+    if settings.metrics_port < 0:
+        return 0
+    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+    server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
+    return int(server.server_port)
+
+
+def _shutdown(workers: list[Worker], grace_s: float, failed: bool) -> int:
+    """SIGTERM every worker, wait for their drain, SIGKILL stragglers; 0 only if all exited 0."""
+    for worker in workers:
+        if worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s + 5
+    codes = []
+    for worker in workers:
+        try:
+            codes.append(worker.process.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            worker.process.kill()
+            codes.append(worker.process.wait())
+    return 1 if failed or any(codes) else 0
