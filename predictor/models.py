@@ -249,7 +249,7 @@ class ModelStore:
             start = time.perf_counter()
             # Read and build off the loop: a slow disk or a big model must not stall other models.
             model_bytes = await loop.run_in_executor(self.executor, path.read_bytes)
-            backend = backend_for(config, self.options)
+            backend = backend_for(config, self.options, model_bytes)
             session = await loop.run_in_executor(self.executor, backend.load, model_bytes, config)
             version.session = session
             version.max_batch_size = batch_capacity(session.inputs, config)

@@ -32,7 +32,10 @@ class Predictor:
         self.store = ModelStore(
             ModelRepository(settings.model_repository),
             self.executor,
-            BackendOptions(onnx_intra_op_threads=settings.onnx_intra_op_threads),
+            BackendOptions(
+                onnx_intra_op_threads=settings.onnx_intra_op_threads,
+                engine_cache_dir=settings.trt_engine_cache_dir,
+            ),
             metrics=PredictorMetrics(self.app.registry),
             tracer=self.app.tracer,
         )

@@ -44,7 +44,8 @@ def statistics_message(version: ModelVersion) -> pb.ModelStatistics:
         for phase in ("compute_input", "compute_infer", "compute_output"):
             _duration(getattr(figures, phase), getattr(batch, phase))
     if version.session is not None:
-        message.memory_usage.add(type="CPU", id=0, byte_size=version.session.memory_bytes())
+        gpu = version.session.platform == "tensorrt_plan"
+        message.memory_usage.add(type="GPU" if gpu else "CPU", id=0, byte_size=version.session.memory_bytes())
     return message
 
 
@@ -131,7 +132,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             request.name,
             model.config,
             session.platform,
-            session.platform.split("_")[0],
+            "tensorrt" if session.platform == "tensorrt_plan" else "onnxruntime",
             version.inputs,
             version.outputs,
             version.max_batch_size,

@@ -29,6 +29,8 @@ class PredictorSettings(ServiceSettings):
     """In explicit mode, models to load at start (repeat the flag; '*' means all)."""
     repository_poll_s: float = 5.0
     """In poll mode, seconds between scans of the model repository."""
+    trt_engine_cache_dir: Path | None = None
+    """Where serialized TensorRT engines are cached (default ~/.cache/fresco/trt-engines)."""
     workers: int = Field(default=1, ge=1)
     """Server processes sharing the port (SO_REUSEPORT); repository calls reach every one of them."""
     worker_index: int | None = None

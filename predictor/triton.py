@@ -61,7 +61,8 @@ def triton_config(
         message.input.add(name=spec.name, data_type=_DATA_TYPE[spec.datatype], dims=_dims(spec, batched))
     for spec in outputs:
         message.output.add(name=spec.name, data_type=_DATA_TYPE[spec.datatype], dims=_dims(spec, batched))
-    message.instance_group.add(name=f"{name}_0", count=config.instance_count, kind=mc.ModelInstanceGroup.KIND_CPU)
+    kind = mc.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else mc.ModelInstanceGroup.KIND_CPU
+    message.instance_group.add(name=f"{name}_0", count=config.instance_count, kind=kind)
     if batched:
         batching = config.batching
         message.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)

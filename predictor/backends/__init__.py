@@ -6,8 +6,15 @@ from predictor.backends.base import Backend, BackendOptions
 from predictor.config import ModelConfig
 
 
-def backend_for(config: ModelConfig, options: BackendOptions) -> Backend:
-    """The backend a model version runs on."""
+def backend_for(config: ModelConfig, options: BackendOptions, model_bytes: bytes) -> Backend:
+    """The backend a model version runs on: TensorRT when asked, or when `auto` finds a GPU with
+    TensorRT and the model has nothing TensorRT cannot run (e.g. ai.onnx.ml operators); else ONNX Runtime."""
+    from predictor.backends import tensorrt
+
+    if config.backend == "tensorrt" or (
+        config.backend == "auto" and tensorrt.available() and not tensorrt.inspect_onnx(model_bytes).unsupported
+    ):
+        return tensorrt.TensorRTBackend(options, options.engine_cache_dir)
     from predictor.backends.onnx import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(options.onnx_intra_op_threads)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from predictor.config import ModelConfig
+from chassis.errors import InvalidArgument
+from predictor.config import ModelConfig, TensorConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,7 @@ class BackendOptions:
     """Server-wide knobs backends read when they build sessions."""
 
     onnx_intra_op_threads: int = 1
+    engine_cache_dir: Path | None = None  # TensorRT engines; None means ~/.cache/fresco/trt-engines
 
 
 class Session(Protocol):
@@ -57,3 +60,31 @@ class Backend(Protocol):
     def load(self, model_bytes: bytes, config: ModelConfig) -> Session:
         """Build a session from the model file's bytes and the model's config."""
         ...
+
+
+def merge_specs(model_side: Sequence[TensorSpec], declared: Sequence[TensorConfig], kind: str) -> list[TensorSpec]:
+    """The tensors to serve: the model's own, refined by what config.yaml declares (`kind` is input or output)."""
+    if not declared:
+        return list(model_side)
+    by_name = {spec.name: spec for spec in model_side}
+    merged = []
+    for tensor in declared:
+        actual = by_name.get(tensor.name)
+        if actual is None:
+            raise InvalidArgument(f"config.yaml {kind} {tensor.name!r} is not in the model; it has {sorted(by_name)}")
+        if actual.datatype != tensor.datatype:
+            raise InvalidArgument(
+                f"config.yaml {kind} {tensor.name!r} says {tensor.datatype}, the model says {actual.datatype}"
+            )
+        merged.append(
+            TensorSpec(
+                name=tensor.name,
+                datatype=tensor.datatype,
+                shape=tuple(tensor.shape),
+                features=tuple(tensor.features or ()),
+                allow_nan=tensor.allow_nan,
+            )
+        )
+    if kind == "input" and (missing := sorted(set(by_name) - {t.name for t in declared})):
+        raise InvalidArgument(f"config.yaml leaves out model inputs {missing}")
+    return merged

@@ -12,40 +12,12 @@ from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument as OrtIn
 
 from chassis.errors import InvalidArgument
 from chassis.tensors import ONNX_TYPE
-from predictor.backends.base import TensorSpec
-from predictor.config import ModelConfig, TensorConfig
+from predictor.backends.base import TensorSpec, merge_specs
+from predictor.config import ModelConfig
 
 
 def _dims(shape: Sequence[object]) -> tuple[int, ...]:
     return tuple(dim if isinstance(dim, int) and dim > 0 else -1 for dim in shape)
-
-
-def _merge(model_side: Sequence[TensorSpec], declared: Sequence[TensorConfig], kind: str) -> list[TensorSpec]:
-    """The tensors to serve: the model's own, refined by what config.yaml declares."""
-    if not declared:
-        return list(model_side)
-    by_name = {spec.name: spec for spec in model_side}
-    merged = []
-    for tensor in declared:
-        actual = by_name.get(tensor.name)
-        if actual is None:
-            raise InvalidArgument(f"config.yaml {kind} {tensor.name!r} is not in the model; it has {sorted(by_name)}")
-        if actual.datatype != tensor.datatype:
-            raise InvalidArgument(
-                f"config.yaml {kind} {tensor.name!r} says {tensor.datatype}, the model says {actual.datatype}"
-            )
-        merged.append(
-            TensorSpec(
-                name=tensor.name,
-                datatype=tensor.datatype,
-                shape=tuple(tensor.shape),
-                features=tuple(tensor.features or ()),
-                allow_nan=tensor.allow_nan,
-            )
-        )
-    if kind == "input" and (missing := sorted(set(by_name) - {t.name for t in declared})):
-        raise InvalidArgument(f"config.yaml leaves out model inputs {missing}")
-    return merged
 
 
 def _as_text(name: str, array: np.ndarray) -> np.ndarray:
@@ -82,8 +54,8 @@ class OnnxSession:
         model_outputs = [
             TensorSpec(o.name, ONNX_TYPE.get(o.type, o.type), _dims(o.shape)) for o in self._session.get_outputs()
         ]
-        self.inputs: Sequence[TensorSpec] = _merge(model_inputs, config.inputs, "input")
-        self.outputs: Sequence[TensorSpec] = _merge(model_outputs, config.outputs, "output")
+        self.inputs: Sequence[TensorSpec] = merge_specs(model_inputs, config.inputs, "input")
+        self.outputs: Sequence[TensorSpec] = merge_specs(model_outputs, config.outputs, "output")
         self._size = len(model_bytes)
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
