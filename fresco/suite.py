@@ -18,7 +18,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-_LISTENING = re.compile(r"^(?P<name>\S+) listening on (?P<address>\S+?)(?: metrics=(?P<metrics>\S+))?$")
+_LISTENING = re.compile(
+    r"^(?P<name>\S+) listening on (?P<address>\S+?)(?: metrics=(?P<metrics>\S+?))?(?: workers=(?P<workers>\d+))?$"
+)
 
 
 class ServiceFailed(RuntimeError):

@@ -48,7 +48,7 @@ class Request:
 
     inputs: Mapping[str, np.ndarray]
     rows: int
-    trailing: tuple[tuple[int, ...], ...]
+    trailing: tuple[tuple[str, str, tuple[int, ...]], ...]
     future: asyncio.Future[Arrays]
     arrived_ns: int
     deadline: float | None
@@ -145,7 +145,7 @@ class DynamicBatcher:
         request = Request(
             inputs=inputs,
             rows=rows,
-            trailing=tuple(array.shape[1:] for array in inputs.values()),
+            trailing=tuple(sorted((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())),
             future=loop.create_future(),
             arrived_ns=time.perf_counter_ns(),
             deadline=deadline,
@@ -248,16 +248,16 @@ class DynamicBatcher:
     async def _execute(self, batch: list[Request]) -> None:
         loop = asyncio.get_running_loop()
         total = sum(request.rows for request in batch)
-        if len(batch) == 1:
-            inputs: Mapping[str, np.ndarray] = batch[0].inputs
-        else:
-            inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
         start = time.perf_counter_ns()
         for request in batch:
             request.dispatched_ns = start
         self._executing += len(batch)
         failed = False
         try:
+            if len(batch) == 1:
+                inputs: Mapping[str, np.ndarray] = batch[0].inputs
+            else:
+                inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
             outputs = await loop.run_in_executor(self._executor, self._run, inputs)
         except Exception as err:  # noqa: BLE001 - every waiter gets the batch's failure
             failed = True

@@ -68,6 +68,16 @@ class Peers:
             raise InvalidArgument(f"{method} failed on worker {path.stem}: {details}")
         return answers
 
+    async def ready_models(self) -> list[str] | None:
+        """The models the first answering sibling serves; None when none answers."""
+        for path in self._others():
+            try:
+                index = await self._stub(path).RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10)
+            except aio.AioRpcError:
+                continue
+            return sorted({model.name for model in index.models})
+        return None
+
     async def close(self) -> None:
         """Close the sibling channels."""
         for channel in self._channels:

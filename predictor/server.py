@@ -6,6 +6,7 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
+from chassis.errors import FrescoError
 from chassis.server import ServiceApp
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
@@ -53,8 +54,11 @@ class Predictor:
         """Load the start-up models; the predictor turns SERVING once each is warm or has failed
         (failed ones stay UNAVAILABLE with their reason, and ServerReady stays false)."""
         settings = self.settings
-        if settings.model_control_mode == "explicit" and "*" not in settings.load_model:
-            await asyncio.gather(*(self.store.load(name) for name in settings.load_model))
+        serving = await self.peers.ready_models() if settings.sync_from_peers and self.peers else None
+        if serving is not None:
+            await asyncio.gather(*(self._load_named(name) for name in serving))
+        elif settings.model_control_mode == "explicit" and "*" not in settings.load_model:
+            await asyncio.gather(*(self._load_named(name) for name in settings.load_model))
         else:
             await self.store.load_all()
         self.servicer.started = True
@@ -65,6 +69,12 @@ class Predictor:
             poller = RepositoryPoller(self.store, settings.repository_poll_s)
             poller.remember()
             self._poller = asyncio.get_running_loop().create_task(poller.run(), name="repository-poller")
+
+    async def _load_named(self, name: str) -> None:
+        try:
+            await self.store.load(name)
+        except FrescoError as err:  # a name that is not in the repository must not keep the rest from serving
+            log.error("model %s cannot be loaded: %s", name, err)
 
     async def _close(self) -> None:
         if self._poller is not None:

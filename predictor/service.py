@@ -14,7 +14,7 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.codec import decode_inputs, encode_response, requested_outputs
 from predictor.models import ModelStore, ModelVersion, State
-from predictor.peers import Peers, forwarded
+from predictor.peers import Peers, forwarded, merge_statistics
 from predictor.stats import Duration
 from predictor.triton import triton_config
 
@@ -151,6 +151,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             for version in versions:
                 response.model_stats.append(statistics_message(version))
+        if peers := self._siblings(context):
+            response = merge_statistics([response, *await peers.broadcast("ModelStatistics", request)])
         return response
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Context) -> pb.RepositoryIndexResponse:

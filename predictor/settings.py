@@ -37,3 +37,5 @@ class PredictorSettings(ServiceSettings):
     """Internal, set by the supervisor of --workers: this worker's index."""
     peers_dir: Path | None = None
     """Internal, set by the supervisor of --workers: where workers find each other's sockets."""
+    sync_from_peers: bool = False
+    """Internal, set by the supervisor of --workers on a restart: load the models a sibling serves."""

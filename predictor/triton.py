@@ -63,7 +63,7 @@ def triton_config(
         message.output.add(name=spec.name, data_type=_DATA_TYPE[spec.datatype], dims=_dims(spec, batched))
     kind = mc.ModelInstanceGroup.KIND_GPU if platform == "tensorrt_plan" else mc.ModelInstanceGroup.KIND_CPU
     message.instance_group.add(name=f"{name}_0", count=config.instance_count, kind=kind)
-    if batched:
+    if batched and config.batching.enabled:
         batching = config.batching
         message.dynamic_batching.preferred_batch_size.extend(batching.preferred_batch_sizes)
         message.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us

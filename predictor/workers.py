@@ -42,10 +42,10 @@ class Worker:
         self.announced = threading.Event()
         self.process = self._spawn()
 
-    def _spawn(self) -> subprocess.Popen[str]:
+    def _spawn(self, *extra: str) -> subprocess.Popen[str]:
         self.announced.clear()
         process = subprocess.Popen(
-            self.command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
+            [*self.command, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
         )
         threading.Thread(target=self._pump, args=(process,), daemon=True, name=f"worker-{self.index}").start()
         return process
@@ -61,7 +61,8 @@ class Worker:
         process.stdout.close()
 
     def restart(self) -> None:
-        self.process = self._spawn()
+        # Its siblings serve what the repository API left loaded: load that, not the start-up set.
+        self.process = self._spawn("--sync-from-peers")
 
 
 def worker_command(argv: list[str], index: int, port: int, peers_dir: Path) -> list[str]:
@@ -102,6 +103,8 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
         for worker in workers:
             while not worker.announced.wait(0.1):
                 if stopping.is_set() or worker.process.poll() is not None:
+                    if not stopping.is_set():
+                        print(f"predictor worker {worker.index} exited with {worker.process.returncode} before serving")
                     return _shutdown(workers, settings.grace_period_s, failed=True)
         holder.close()
         metrics = _serve_metrics(settings, metrics_dir)
@@ -111,6 +114,8 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
             for worker in workers:
                 if worker.process.poll() is not None and not stopping.is_set():
                     print(f"predictor worker {worker.index} exited with {worker.process.returncode}; restarting")
+                    for stale in metrics_dir.glob(f"gauge_*_{worker.process.pid}.db"):
+                        stale.unlink(missing_ok=True)  # a dead worker's gauges (loaded, in flight) no longer hold
                     time.sleep(RESTART_BACKOFF_S)
                     socket_path(peers_dir, worker.index).unlink(missing_ok=True)
                     worker.restart()
