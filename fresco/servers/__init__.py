@@ -1,0 +1,7 @@
+"""Real Redis and Cassandra servers as child processes, for tests, benchmarks and local runs."""
+
+from fresco.servers._process import ServerError
+from fresco.servers.cassandra import CassandraNode
+from fresco.servers.redis import RedisServer
+
+__all__ = ["CassandraNode", "RedisServer", "ServerError"]

@@ -1,0 +1,47 @@
+"""Session-scoped `redis_server` and `cassandra_server` fixtures, started once and stopped at the end.
+
+Enable with `-p fresco.servers.pytest_plugin`, `pytest_plugins` in the rootdir's conftest, or by importing the two
+fixtures into a conftest. A server that cannot run fails its tests (CI installs them); FRESCO_SKIP_CASSANDRA=1
+skips the Cassandra ones on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from fresco.servers import CassandraNode, RedisServer, ServerError
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One redis-server for the whole session, appendonly off; tests that kill a server start their own."""
+    server = RedisServer(data_dir=tmp_path_factory.mktemp("redis"))
+    try:
+        server.start()
+    except ServerError as exc:
+        pytest.fail(f"cannot start Redis for the tests: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def cassandra_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CassandraNode]:
+    """One Cassandra node for the whole session (about 10 s to start); its logs stay in pytest's tmp dir."""
+    if os.environ.get("FRESCO_SKIP_CASSANDRA") == "1":
+        pytest.skip("FRESCO_SKIP_CASSANDRA=1: Cassandra tests skipped on request")
+    node = CassandraNode(base_dir=tmp_path_factory.mktemp("cassandra"))
+    try:
+        node.start()
+    except ServerError as exc:
+        pytest.fail(f"cannot start Cassandra for the tests: {exc}", pytrace=False)
+    try:
+        yield node
+    finally:
+        # Its data is thrown away: SIGKILL spares the ~5 s a drain takes.
+        node.kill()
+        node.close()
