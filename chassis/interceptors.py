@@ -16,7 +16,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
 from chassis.errors import FrescoError
-from chassis.metrics import RpcMetrics
+from chassis.metrics import MethodMetrics, RpcMetrics
 from chassis.status import status_for
 from chassis.tracing import extract_context, inject_context, is_traced
 
@@ -26,7 +26,9 @@ log = logging.getLogger(__name__)
 class _Rpc:
     """What one server call records: its span, its timer and its final code."""
 
-    def __init__(self, method: str, tracer: Tracer, metrics: RpcMetrics, ctx: aio.ServicerContext[Any, Any]) -> None:
+    __slots__ = ("context", "method", "metrics", "span", "start", "token")
+
+    def __init__(self, method: str, tracer: Tracer, metrics: MethodMetrics, ctx: aio.ServicerContext[Any, Any]) -> None:
         self.method = method
         self.metrics = metrics
         self.context = ctx
@@ -39,7 +41,7 @@ class _Rpc:
         )
         self.token = otel_context.attach(trace.set_span_in_context(self.span))
         self.start = time.perf_counter()
-        metrics.in_flight.labels(metrics.service, method).inc()
+        metrics.in_flight.inc()
 
     async def fail(self, exc: BaseException) -> None:
         """Turn a domain error into its status; let gRPC's own aborts through; report the rest."""
@@ -80,8 +82,8 @@ class _Rpc:
             log.info("%s failed: %s %s", self.method, name, details, extra={"rpc_method": self.method, "code": name})
         self.span.end()
         otel_context.detach(self.token)
-        self.metrics.in_flight.labels(self.metrics.service, self.method).dec()
-        self.metrics.observe(self.method, name, time.perf_counter() - self.start)
+        self.metrics.in_flight.dec()
+        self.metrics.observe(name, time.perf_counter() - self.start)
 
 
 class ServerInterceptor(aio.ServerInterceptor):
@@ -90,6 +92,8 @@ class ServerInterceptor(aio.ServerInterceptor):
     def __init__(self, tracer: Tracer, metrics: RpcMetrics) -> None:
         self._tracer = tracer
         self._metrics = metrics
+        # grpc asks on every call; the wrapped handler of a method is built once.
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -100,7 +104,15 @@ class ServerInterceptor(aio.ServerInterceptor):
         method: str = handler_call_details.method
         if handler is None or not is_traced(method):
             return None if handler is None else cast("grpc.RpcMethodHandler[Any, Any]", handler)
-        tracer, metrics = self._tracer, self._metrics
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Any, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        tracer, metrics = self._tracer, self._metrics.for_method(method)
         codec = {
             "request_deserializer": handler.request_deserializer,
             "response_serializer": handler.response_serializer,

@@ -38,11 +38,37 @@ class RpcMetrics:
             registry=registry,
         )
         self.service = service
+        self._methods: dict[str, MethodMetrics] = {}
 
     def observe(self, method: str, code: str, seconds: float) -> None:
         """Record one finished RPC."""
-        self.requests.labels(self.service, method, code).inc()
-        self.latency.labels(self.service, method).observe(seconds)
+        self.for_method(method).observe(code, seconds)
+
+    def for_method(self, method: str) -> MethodMetrics:
+        """One method's metric children, bound once (label lookups cost more than the updates)."""
+        bound = self._methods.get(method)
+        if bound is None:
+            bound = self._methods[method] = MethodMetrics(self, method)
+        return bound
+
+
+class MethodMetrics:
+    """The children of one RPC method."""
+
+    def __init__(self, metrics: RpcMetrics, method: str) -> None:
+        self._metrics = metrics
+        self.method = method
+        self.in_flight = metrics.in_flight.labels(metrics.service, method)
+        self.latency = metrics.latency.labels(metrics.service, method)
+        self._codes: dict[str, Counter] = {}
+
+    def observe(self, code: str, seconds: float) -> None:
+        """Record one finished call."""
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = self._metrics.requests.labels(self._metrics.service, self.method, code)
+        counter.inc()
+        self.latency.observe(seconds)
 
 
 class MetricsEndpoint:

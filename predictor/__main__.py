@@ -12,6 +12,7 @@ from predictor.settings import PredictorSettings
 
 
 async def main(settings: PredictorSettings) -> None:
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     predictor = build_server(settings)
     await serve(predictor.app, ready=predictor.load_models)
 

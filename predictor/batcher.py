@@ -150,10 +150,10 @@ class DynamicBatcher:
             arrived_ns=time.perf_counter_ns(),
             deadline=deadline,
         )
-        self._queue.append(request)
-        self._queued_rows += rows
         self._outstanding += 1
         self._peak.observe(self._outstanding, loop.time())
+        self._queue.append(request)
+        self._queued_rows += rows
         self._arrived.set()
         if self._task is None:
             self._task = loop.create_task(self._schedule(), name="batcher")

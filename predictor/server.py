@@ -38,7 +38,8 @@ class Predictor:
                 engine_cache_dir=settings.trt_engine_cache_dir,
             ),
             metrics=PredictorMetrics(self.app.registry),
-            tracer=self.app.tracer,
+            # Queue and compute spans only when spans go somewhere: they cost as much as the model here.
+            tracer=self.app.tracer if settings.tracing_exporter != "none" else None,
         )
         self.peers: Peers | None = None
         if settings.peers_dir is not None and settings.worker_index is not None:

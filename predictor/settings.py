@@ -20,6 +20,9 @@ class PredictorSettings(ServiceSettings):
     """Directory of models: <repo>/<model>/config.yaml and <repo>/<model>/<version>/model.onnx."""
     inference_threads: int = 2
     """Threads running inference and model loads off the event loop."""
+    gil_switch_interval_us: int = 500
+    """How soon an inference thread that finished gets the GIL back from a busy event loop
+    (Python's default, 5000, can hold a finished result up to 5 ms)."""
     onnx_intra_op_threads: int = 1
     """ONNX Runtime intra-op threads per session (1 is fastest for small models)."""
     model_control_mode: Literal["none", "explicit", "poll"] = "none"
