@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint proto install install-dev up clean
+.PHONY: demo test lint proto install install-dev up clean bench-predictor
 
 # The runtime install: enough for `fresco demo` and `fresco up`.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -35,6 +35,10 @@ lint: install-dev
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy .
 	$(BIN)/buf lint
+
+# Fresco's predictor against MLServer and a do-nothing gRPC floor, loaded by perf_analyzer (ARGS=--quick).
+bench-predictor: install
+	$(BIN)/python -m bench.predictor $(ARGS)
 
 proto: install-dev
 	$(BIN)/python scripts/gen_protos.py

@@ -17,12 +17,8 @@ import onnx
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-MODEL_NAME = "mlp"
-BIG_MODEL_NAME = "mlp_big"
-INPUT_NAME = "input"
-OUTPUT_NAME = "variable"
-MLSERVER_OUTPUT_NAME = "predict"  # the only regression output MLServer's SKLearnModel answers with
-FEATURES = 32
+from bench.predictor.spec import BIG_MODEL_NAME, FEATURES, INPUT_NAME, MLSERVER_OUTPUT_NAME, MODEL_NAME, OUTPUT_NAME
+
 HIDDEN = (256, 256)
 BIG_HIDDEN = (1152, 1152, 1152)  # 32·1152 + 2·1152² + 1152 ≈ 2.69M FP32 weights ≈ 10.8 MB
 TRAIN_ROWS = 4000
