@@ -29,6 +29,8 @@ Runner = Callable[[Mapping[str, np.ndarray]], Arrays]
 
 # How long a burst of concurrency is remembered when deciding whether to wait for companions.
 PEAK_WINDOW_S = 0.5
+# Batch sizes whose compute time is tracked for running small batches inline.
+MAX_TRACKED_SIZES = 1024
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,9 @@ class BatchPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_size: int = 1024
     instances: int = 1
+    # Batches whose recent compute time is below this run on the event loop: handing them to a
+    # thread and back costs more than running them (0 keeps every batch off the loop).
+    inline_below_ns: int = 0
 
 
 @dataclass
@@ -121,6 +126,7 @@ class DynamicBatcher:
         self._peak = _Peak()
         self._task: asyncio.Task[None] | None = None
         self._closed = False
+        self._compute_ns: dict[int, float] = {}
 
     @property
     def queue_depth(self) -> int:
@@ -150,6 +156,8 @@ class DynamicBatcher:
             arrived_ns=time.perf_counter_ns(),
             deadline=deadline,
         )
+        if self.policy.max_queue_delay_s == 0 and not self._queue and self._free_slots and self._runs_inline(rows):
+            return self._run_now(request, loop.time())
         self._outstanding += 1
         self._peak.observe(self._outstanding, loop.time())
         self._queue.append(request)
@@ -245,6 +253,38 @@ class DynamicBatcher:
         self._queued_rows -= request.rows
         return request
 
+    def _run_now(self, request: Request, now: float) -> Request:
+        """Greedy batching with nothing queued, a free slot and a batch cheaper than a thread
+        hand-off: run in the caller's coroutine, skipping queue, scheduler and future."""
+        if request.deadline is not None and now >= request.deadline:
+            raise DeadlineExceeded("the request's deadline passed before it could run")
+        request.dispatched_ns = time.perf_counter_ns()
+        request.result, compute_ns = self._timed_run(request.inputs)
+        request.finished_ns = time.perf_counter_ns()
+        self._learn(request.rows, compute_ns)
+        if self._observer is not None:
+            self._observer(Execution(request.rows, [request], compute_ns, False))
+        return request
+
+    def _timed_run(self, inputs: Mapping[str, np.ndarray]) -> tuple[Arrays, int]:
+        # Timed where it runs: the hand-off to a thread must not count as compute.
+        start = time.perf_counter_ns()
+        outputs = self._run(inputs)
+        return outputs, time.perf_counter_ns() - start
+
+    def _runs_inline(self, rows: int) -> bool:
+        recent = self._compute_ns.get(rows)
+        return recent is not None and recent < self.policy.inline_below_ns
+
+    def _learn(self, rows: int, ns: int) -> None:
+        """Keep a moving average of the compute time of each batch size seen."""
+        if self.policy.inline_below_ns <= 0:
+            return
+        recent = self._compute_ns.get(rows)
+        if recent is None and len(self._compute_ns) >= MAX_TRACKED_SIZES:
+            return
+        self._compute_ns[rows] = ns if recent is None else 0.8 * recent + 0.2 * ns
+
     async def _execute(self, batch: list[Request]) -> None:
         loop = asyncio.get_running_loop()
         total = sum(request.rows for request in batch)
@@ -258,7 +298,11 @@ class DynamicBatcher:
                 inputs: Mapping[str, np.ndarray] = batch[0].inputs
             else:
                 inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
-            outputs = await loop.run_in_executor(self._executor, self._run, inputs)
+            if self._runs_inline(total):
+                outputs, compute_ns = self._timed_run(inputs)
+            else:
+                outputs, compute_ns = await loop.run_in_executor(self._executor, self._timed_run, inputs)
+            self._learn(total, compute_ns)
         except Exception as err:  # noqa: BLE001 - every waiter gets the batch's failure
             failed = True
             for request in batch:

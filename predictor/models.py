@@ -79,19 +79,28 @@ class ModelVersion:
             raise Unavailable(f"model {self.name!r} version {self.version} is {self.state.value}")
         return self.session
 
-    @asynccontextmanager
-    async def use(self) -> AsyncIterator[Session]:
-        """Hold the version while a request runs on it, so unloading waits for the request."""
+    def acquire(self) -> Session:
+        """Hold the version for one request, so unloading waits for it; pair with `release()`."""
         if self.state is not State.READY or self.session is None:
             raise Unavailable(f"model {self.name!r} version {self.version} is {self.state.value}, not READY")
         self.in_flight += 1
         self._idle.clear()
+        return self.session
+
+    def release(self) -> None:
+        """A request that held the version finished."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    @asynccontextmanager
+    async def use(self) -> AsyncIterator[Session]:
+        """`acquire()` and `release()` around a block."""
+        session = self.acquire()
         try:
-            yield self.session
+            yield session
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self.release()
 
     def record_request(self, ok: bool, elapsed_ns: int) -> None:
         """One request for this version finished, successfully or not."""
@@ -266,6 +275,7 @@ class ModelStore:
                         preferred_batch_sizes=tuple(config.batching.preferred_batch_sizes),
                         max_queue_size=config.batching.max_queue_size,
                         instances=config.instance_count,
+                        inline_below_ns=self.options.inline_below_us * 1000,
                     ),
                     observer=version.record_execution,
                 )
@@ -295,13 +305,16 @@ class ModelStore:
         deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
         """Run one request on a version, through its batcher when it batches, off the event loop."""
-        async with version.use() as session:
+        session = version.acquire()  # not `use()`: an async context manager costs a model run here
+        try:
             if version.batcher is not None:
                 request = await version.batcher.submit(inputs, deadline)
                 self._trace(request)
                 results = request.result
             else:
                 results = await self._run_alone(version, session, inputs)
+        finally:
+            version.release()
         return {name: results[name] for name in outputs} if outputs else results
 
     async def _run_alone(

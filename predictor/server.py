@@ -36,6 +36,7 @@ class Predictor:
             BackendOptions(
                 onnx_intra_op_threads=settings.onnx_intra_op_threads,
                 engine_cache_dir=settings.trt_engine_cache_dir,
+                inline_below_us=settings.inline_below_us,
             ),
             metrics=PredictorMetrics(self.app.registry),
             # Queue and compute spans only when spans go somewhere: they cost as much as the model here.

@@ -20,6 +20,10 @@ class PredictorSettings(ServiceSettings):
     """Directory of models: <repo>/<model>/config.yaml and <repo>/<model>/<version>/model.onnx."""
     inference_threads: int = 2
     """Threads running inference and model loads off the event loop."""
+    inline_below_us: int = 100
+    """Batches whose measured compute time is below this many microseconds run on the event loop:
+    handing them to a thread and back costs more (100-200 us on a 2-core VM) than running them.
+    Each batch size runs off the loop until measured; 0 keeps all inference off the loop."""
     gil_switch_interval_us: int = 500
     """How soon an inference thread that finished gets the GIL back from a busy event loop
     (Python's default, 5000, can hold a finished result up to 5 ms)."""

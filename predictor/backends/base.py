@@ -29,6 +29,7 @@ class BackendOptions:
     """Server-wide knobs backends read when they build sessions."""
 
     onnx_intra_op_threads: int = 1
+    inline_below_us: int = 0  # batches faster than this run on the event loop (see DynamicBatcher)
     engine_cache_dir: Path | None = None  # TensorRT engines; None means ~/.cache/fresco/trt-engines
 
 
