@@ -18,12 +18,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fresco import demo as traffic_demo
+from fresco.cli_features import app as features_app
 from fresco.suite import ServiceFailed, ServiceProcess, Suite, start_suite
 from fresco.training import ExportedModel, train_classifier
 
 app = typer.Typer(
     help="Fresco: an open ML serving platform on your machine.", no_args_is_help=True, add_completion=False
 )
+app.add_typer(features_app, name="features")
 console = Console()
 errors = Console(stderr=True)
 
@@ -93,8 +95,12 @@ def up(
         Path, typer.Option(help="Model repository: <dir>/<model>/config.yaml and <dir>/<model>/<version>/model.onnx.")
     ] = Path("models"),
     log_dir: Annotated[Path | None, typer.Option(help="Write each service's output to <dir>/<service>.log.")] = None,
+    feature_definitions: Annotated[
+        Path | None, typer.Option(help="Feature definitions YAML: also start the feature service (embedded SQLite).")
+    ] = None,
+    feature_db: Annotated[Path | None, typer.Option(help="The feature service's SQLite file.")] = None,
 ) -> None:
-    """Start the predictor and the gateway on loopback and serve until Ctrl-C."""
+    """Start the predictor, the gateway (and the feature service) on loopback; serve until Ctrl-C."""
     models = models_in(model_repository)
     if not models:
         state = "holds no models" if model_repository.is_dir() else "does not exist"
@@ -110,7 +116,12 @@ def up(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     suite: Suite | None = None
     try:
-        suite = start_suite(model_repository.resolve(), log_dir=log_dir)
+        suite = start_suite(
+            model_repository.resolve(),
+            log_dir=log_dir,
+            feature_definitions=feature_definitions.resolve() if feature_definitions else None,
+            feature_db=feature_db,
+        )
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: stop.set())

@@ -148,11 +148,30 @@ class Suite:
         return codes
 
 
-def start_suite(model_repository: Path, env: Mapping[str, str] | None = None, log_dir: Path | None = None) -> Suite:
-    """Predictor and gateway on free loopback ports, healthy, gateway routed to the predictor."""
+def start_suite(
+    model_repository: Path,
+    env: Mapping[str, str] | None = None,
+    log_dir: Path | None = None,
+    feature_definitions: Path | None = None,
+    feature_db: Path | None = None,
+) -> Suite:
+    """Predictor (and, given feature definitions, the feature service on its embedded SQLite
+    store) and the gateway on free loopback ports, healthy, the gateway routed to them."""
     suite = Suite()
     extra = dict(env or {})
+    gateway_args: list[str] = []
     try:
+        if feature_definitions is not None:
+            db = feature_db or (log_dir or model_repository.parent) / "fresco-features.db"
+            features = suite.start(
+                ServiceProcess(
+                    "feature_service",
+                    ["--definitions", str(feature_definitions), "--sqlite-path", str(db), "--port", "0"],
+                    env=extra,
+                    log_path=log_dir / "feature_service.log" if log_dir else None,
+                )
+            )
+            gateway_args = ["--feature-service", features.address]
         predictor = suite.start(
             ServiceProcess(
                 "predictor",
@@ -164,7 +183,7 @@ def start_suite(model_repository: Path, env: Mapping[str, str] | None = None, lo
         suite.start(
             ServiceProcess(
                 "gateway",
-                ["--predictor", predictor.address, "--port", "0"],
+                ["--predictor", predictor.address, "--port", "0", *gateway_args],
                 env=extra,
                 log_path=log_dir / "gateway.log" if log_dir else None,
             )

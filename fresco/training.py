@@ -30,6 +30,7 @@ def train_classifier(
     n_features: int = 8,
     hidden: tuple[int, ...] = (32,),
     seed: int = 7,
+    feature_names: list[str] | None = None,
 ) -> ExportedModel:
     """Train an MLP classifier on synthetic data and write `<repository>/<name>/<version>/model.onnx`
     plus a config.yaml naming its features."""
@@ -51,7 +52,7 @@ def train_classifier(
     version_dir.mkdir(parents=True, exist_ok=True)
     (version_dir / "model.onnx").write_bytes(onnx_model.SerializeToString())
     input_name = onnx_model.graph.input[0].name
-    feature_names = [f"f{i}" for i in range(n_features)]
+    feature_names = feature_names or [f"f{i}" for i in range(n_features)]
     config = {
         "inputs": [{"name": input_name, "datatype": "FP32", "shape": [-1, n_features], "features": feature_names}],
     }

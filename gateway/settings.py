@@ -16,6 +16,10 @@ class GatewaySettings(ServiceSettings):
 
     predictor: str | None = None
     """host:port of the predictor serving every model without a route of its own."""
+    feature_service: str | None = None
+    """host:port of the feature service, for predictions that name entity keys instead of features."""
+    feature_timeout_s: float = 2.0
+    """Deadline of a call to the feature service when the caller set none."""
     routes_file: Path | None = None
     """YAML file of static routes: a list of {model, predictors: [host:port, ...]}."""
     predictor_timeout_s: float = 5.0

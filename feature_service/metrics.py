@@ -1,0 +1,97 @@
+"""Online health of features in the service's Prometheus registry: how often values are served null,
+imputed or missing, how often pushes are out of range, how the store tiers answer, degraded reads."""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from chassis.metrics import LATENCY_BUCKETS
+
+# FeatureStatus wire values → label values.
+STATUS_LABELS = {1: "present", 2: "imputed", 3: "null", 4: "expired", 5: "not_found", 6: "rejected", 7: "unavailable"}
+
+
+class FeatureMetrics:
+    """Feature-level counters and tier histograms; null rate is served{status!="present"} / served."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.values_served = Counter(
+            "fresco_feature_values_served",
+            "Feature values served by GetFeatures, by view, feature and status (present, imputed, null, ...).",
+            ["view", "feature", "status"],
+            registry=registry,
+        )
+        self.values_pushed = Counter(
+            "fresco_feature_values_pushed",
+            "Non-null feature values received by PushFeatures, by view and feature.",
+            ["view", "feature"],
+            registry=registry,
+        )
+        self.values_out_of_range = Counter(
+            "fresco_feature_values_out_of_range",
+            "Pushed values outside their feature's range or category set, by view and feature.",
+            ["view", "feature"],
+            registry=registry,
+        )
+        self.rows = Counter(
+            "fresco_feature_rows",
+            "Rows received, by view, source (push, materialize) and outcome (accepted, rejected).",
+            ["view", "source", "outcome"],
+            registry=registry,
+        )
+        self.degraded_responses = Counter(
+            "fresco_feature_degraded_responses",
+            "GetFeatures answers served while a store tier was failing.",
+            registry=registry,
+        )
+        self.tier_requests = Counter(
+            "fresco_feature_tier_requests",
+            "Store tier operations, by tier, operation and outcome (hit, miss, error, ok).",
+            ["tier", "operation", "outcome"],
+            registry=registry,
+        )
+        self.tier_keys = Counter(
+            "fresco_feature_tier_keys",
+            "Keys looked up in a store tier, by tier and result (hit, miss); hit rate is hit / (hit + miss).",
+            ["tier", "result"],
+            registry=registry,
+        )
+        self.tier_latency = Histogram(
+            "fresco_feature_tier_latency_seconds",
+            "Time of one store tier operation, by tier and operation.",
+            ["tier", "operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._served: dict[tuple[str, str, int], Any] = {}
+
+    def served(self, view: str, feature: str, statuses: Iterable[int]) -> None:
+        """Count one column's statuses."""
+        for status, count in Tally(statuses).items():
+            key = (view, feature, status)
+            child = self._served.get(key)
+            if child is None:
+                child = self._served[key] = self.values_served.labels(view, feature, STATUS_LABELS.get(status, "?"))
+            child.inc(count)
+
+    def observe_tier(self, tier: str, hits: int, misses: int, seconds: float) -> None:
+        """The store's observer hook: one tier consulted for a read, how many keys it held, how long it took."""
+        self.tier_latency.labels(tier, "read").observe(seconds)
+        self.tier_requests.labels(tier, "read", "ok").inc()
+        if hits:
+            self.tier_keys.labels(tier, "hit").inc(hits)
+        if misses:
+            self.tier_keys.labels(tier, "miss").inc(misses)
+
+    def read_failures(self, tiers: Iterable[str]) -> None:
+        """Tiers that failed during one read, and the degraded answer that made."""
+        failed = False
+        for tier in tiers:
+            self.tier_requests.labels(tier, "read", "error").inc()
+            failed = True
+        if failed:
+            self.degraded_responses.inc()

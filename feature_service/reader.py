@@ -1,0 +1,347 @@
+"""GetFeatures: many entities × many "view:feature" refs in one store read, resolved by the same null
+policy training uses, answered column by column. Also the catalog of views and their statistics."""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from chassis.errors import InvalidArgument, NotFound
+from feature_service import convert
+from feature_service.metrics import FeatureMetrics
+from feature_service.records import DurableTier, Record, entity_key
+from feature_service.store import BLOOM, ReadResult
+from fresco.api.common.v1 import values_pb2 as vpb
+from fresco.api.features.v1 import feature_service_pb2 as fpb
+from fresco.api.features.v1 import statistics_pb2 as spb
+from fresco.features.definitions import Definitions, Feature, FeatureView, JoinKey
+from fresco.features.policy import Baseline, Status, impute
+
+log = logging.getLogger(__name__)
+
+
+class Served(enum.IntEnum):
+    """The status of one served value (the wire values of fresco.features.v1.FeatureStatus)."""
+
+    PRESENT = fpb.FEATURE_STATUS_PRESENT
+    IMPUTED = fpb.FEATURE_STATUS_IMPUTED
+    NULL = fpb.FEATURE_STATUS_NULL
+    EXPIRED = fpb.FEATURE_STATUS_EXPIRED
+    NOT_FOUND = fpb.FEATURE_STATUS_NOT_FOUND
+    REJECTED = fpb.FEATURE_STATUS_REJECTED
+    UNAVAILABLE = fpb.FEATURE_STATUS_UNAVAILABLE
+
+
+_FROM_POLICY = {Status.PRESENT: Served.PRESENT, Status.IMPUTED: Served.IMPUTED, Status.NULL: Served.NULL}
+_FROM_POLICY[Status.REJECTED] = Served.REJECTED
+
+
+class Store(Protocol):
+    """The tiered store, as the reader, writer and materializer use it."""
+
+    async def read(self, keys_by_view: Mapping[str, Sequence[str]]) -> ReadResult: ...
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None: ...
+
+
+# --- the catalog ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ViewEntry:
+    """One feature view with what serving it needs: its join keys, features and latest statistics."""
+
+    view: FeatureView
+    join_keys: tuple[JoinKey, ...]
+    features: dict[str, Feature]
+    statistics: spb.FeatureViewStatistics | None = None
+    baselines: dict[str, Baseline] = field(default_factory=dict)
+    stored: bytes | None = None  # the statistics as stored, to notice another process replacing them
+
+
+class Catalog:
+    """The feature views of the definitions file and the latest statistics of each."""
+
+    def __init__(self, definitions: Definitions, updated_at: float | None = None) -> None:
+        self.definitions = definitions
+        self.updated_at = updated_at
+        self.views = {
+            view.name: ViewEntry(view, definitions.join_keys(view), {f.name: f for f in view.features})
+            for view in definitions.feature_views
+        }
+
+    def entry(self, name: str, field_name: str = "feature_view") -> ViewEntry:
+        """A view by name, or NotFound naming it and the known ones."""
+        entry = self.views.get(name)
+        if entry is None:
+            known = ", ".join(sorted(self.views)) or "none"
+            raise NotFound(f"{field_name}: unknown feature view {name!r} (known: {known})")
+        return entry
+
+    def set_statistics(self, name: str, stored: bytes) -> None:
+        """Adopt a view's statistics as stored by materialisation."""
+        entry = self.views[name]
+        entry.statistics, entry.baselines = convert.decode_statistics(stored)
+        entry.stored = stored
+
+    async def refresh(self, durable: DurableTier) -> list[str]:
+        """Load every view's stored statistics; the names of views whose statistics changed."""
+        changed = []
+        for name, entry in self.views.items():
+            stored = await durable.load_statistics(name)
+            if stored is not None and stored != entry.stored:
+                try:
+                    self.set_statistics(name, stored)
+                except Exception:  # a corrupt blob must not keep the other views from loading
+                    log.exception("statistics of view %s cannot be decoded; keeping the previous ones", name)
+                    continue
+                changed.append(name)
+        return changed
+
+
+# --- the request --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One requested column."""
+
+    ref: str
+    view: ViewEntry
+    feature: Feature
+
+
+@dataclass(frozen=True)
+class FeatureQuery:
+    """A validated GetFeatures request: columns, the storage keys of each entity per view, options."""
+
+    refs: list[Ref]
+    keys_by_view: dict[str, list[str]]
+    entity_count: int
+    include_event_timestamps: bool = False
+    max_staleness_s: float | None = None
+    impute: bool = True
+
+    @staticmethod
+    def from_proto(request: fpb.GetFeaturesRequest, catalog: Catalog, max_values: int) -> FeatureQuery:
+        """Validate a request; errors name the field and what was expected."""
+        if not request.feature_refs:
+            raise InvalidArgument('feature_refs: expected at least one "view:feature" ref')
+        refs = []
+        for i, text in enumerate(request.feature_refs):
+            view_name, sep, feature_name = text.partition(":")
+            if not sep or not view_name or not feature_name or ":" in feature_name:
+                raise InvalidArgument(f'feature_refs[{i}]: expected "view:feature", got {text!r}')
+            entry = catalog.entry(view_name, f"feature_refs[{i}]")
+            feature = entry.features.get(feature_name)
+            if feature is None:
+                known = ", ".join(entry.features)
+                raise NotFound(f"feature_refs[{i}]: view {view_name!r} has no feature {feature_name!r} (has: {known})")
+            refs.append(Ref(text, entry, feature))
+        entities = request.entity_keys
+        if len(entities) * len(refs) > max_values:
+            raise InvalidArgument(
+                f"entity_keys × feature_refs: {len(entities)} × {len(refs)} values, expected at most {max_values}"
+            )
+        keys_by_view: dict[str, list[str]] = {}
+        by_join_keys: dict[tuple[JoinKey, ...], list[str]] = {}  # views of the same entities share their keys
+        for entry in {r.view.view.name: r.view for r in refs}.values():
+            keys = by_join_keys.get(entry.join_keys)
+            if keys is None:
+                keys = by_join_keys[entry.join_keys] = _storage_keys(entry, entities)
+            keys_by_view[entry.view.name] = keys
+        staleness = None
+        if request.HasField("max_staleness"):
+            ms = request.max_staleness
+            if ms.seconds < 0 or ms.nanos < 0 or ms.nanos >= 1_000_000_000:
+                raise InvalidArgument(
+                    f"max_staleness: expected a non-negative duration, got {ms.seconds}s {ms.nanos}ns"
+                )
+            # Like a view's ttl_seconds, zero means values never expire.
+            staleness = (ms.seconds + ms.nanos / 1e9) or None
+        return FeatureQuery(
+            refs,
+            keys_by_view,
+            len(entities),
+            request.include_event_timestamps,
+            staleness,
+            not request.disable_imputation,
+        )
+
+
+def _storage_keys(entry: ViewEntry, entities: Sequence[vpb.EntityKey]) -> list[str]:
+    keys = []
+    for i, entity in enumerate(entities):
+        values = convert.entity_values(entry.join_keys, entity)
+        if isinstance(values, convert.KeyProblem):
+            what = "missing" if values.missing else "of the wrong type"
+            raise InvalidArgument(
+                f"entity_keys[{i}].join_keys[{values.key}]: {what}; view {entry.view.name} expects "
+                f"{values.expected}, got {values.actual}"
+            )
+        keys.append(entity_key(values))
+    return keys
+
+
+# --- the answer ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Column:
+    """The served values of one ref for every entity, in request order."""
+
+    ref: str
+    value_type: str
+    values: list[Any]
+    statuses: list[int]
+    event_ts: list[float | None] | None
+    served_tier: str
+
+
+@dataclass
+class FeatureAnswer:
+    """Every column of a GetFeatures call and how the store served them."""
+
+    columns: list[Column]
+    degraded: bool = False
+    served_tiers: list[str] = field(default_factory=list)
+    failed_tiers: list[str] = field(default_factory=list)
+
+
+# Per-entity state of a view's record, before any feature is looked at.
+_LIVE, _NOT_FOUND, _EXPIRED, _UNAVAILABLE = range(4)
+
+
+class FeatureReader:
+    """Reads a query's records in one store call and resolves every value by its feature's policy."""
+
+    def __init__(self, store: Store, metrics: FeatureMetrics | None = None) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    async def read(self, query: FeatureQuery) -> FeatureAnswer:
+        """The columns of a query, with a status per value."""
+        unique = {view: list(dict.fromkeys(keys)) for view, keys in query.keys_by_view.items()}
+        result = await self.store.read(unique)
+        now = time.time()
+        per_view = {}
+        for name, entry in {r.view.view.name: r.view for r in query.refs}.items():
+            ttl = query.max_staleness_s if query.max_staleness_s is not None else entry.view.ttl_seconds or None
+            by_key = dict(zip(unique[name], result.records[name], strict=True))
+            per_view[name] = _entity_states([by_key[k] for k in query.keys_by_view[name]], ttl, now)
+        tiers = {view: served_tier(result, view) for view in per_view}
+        columns = []
+        for ref in query.refs:
+            view = ref.view.view.name
+            rows, states, event_ts = per_view[view]
+            baseline = ref.view.baselines.get(ref.feature.name)
+            values, statuses = _resolve_column(ref.feature, rows, states, baseline, query.impute)
+            stamps = event_ts if query.include_event_timestamps else None
+            columns.append(Column(ref.ref, ref.feature.type, values, statuses, stamps, tiers[view]))
+            if self.metrics is not None:
+                self.metrics.served(view, ref.feature.name, statuses)
+        if self.metrics is not None:
+            self.metrics.read_failures(result.failed_tiers)
+        return FeatureAnswer(columns, result.degraded, list(result.served_tiers), list(result.failed_tiers))
+
+
+def served_tier(result: ReadResult, view: str) -> str:
+    """The tier a view's columns are attributed to: the deepest one that looked up any of its keys (where
+    the slowest and oldest answers come from), "bloom" if the filter alone answered, "" if no tier did."""
+    sources = set(result.sources.get(view, ()))
+    depth = {tier: i for i, tier in enumerate(result.served_tiers) if tier != BLOOM}
+    served = [tier for tier in sources if tier in depth]
+    if served:
+        return max(served, key=depth.__getitem__)
+    return BLOOM if BLOOM in sources else ""
+
+
+def _entity_states(
+    records: Sequence[object], ttl: float | None, now: float
+) -> tuple[list[Mapping[str, Any] | None], list[int], list[float | None]]:
+    rows: list[Mapping[str, Any] | None] = []
+    states = []
+    event_ts: list[float | None] = []
+    for record in records:
+        if isinstance(record, Record):
+            rows.append(record.features)
+            event_ts.append(record.event_ts)
+            states.append(_EXPIRED if ttl is not None and now - record.event_ts > ttl else _LIVE)
+        else:
+            rows.append(None)
+            event_ts.append(None)
+            states.append(_NOT_FOUND if record is None else _UNAVAILABLE)
+    return rows, states, event_ts
+
+
+def _resolve_column(
+    feature: Feature,
+    rows: Sequence[Mapping[str, Any] | None],
+    states: Sequence[int],
+    baseline: Baseline | None,
+    imputing: bool,
+) -> tuple[list[Any], list[int]]:
+    """Values and statuses of one feature, by fresco.features.policy: what training's resolve_rows does."""
+    unavailable = (None, int(Served.UNAVAILABLE))
+    if imputing:
+        fill, policy_status = impute(feature, baseline)
+        on_null = (fill, int(_FROM_POLICY[policy_status]))
+        # A missing or expired record imputes like a null; when the policy keeps nulls, the status says why.
+        keeps_null = policy_status == Status.NULL
+        on_missing = (None, int(Served.NOT_FOUND)) if keeps_null else on_null
+        on_expired = (None, int(Served.EXPIRED)) if keeps_null else on_null
+    else:
+        on_null, on_missing, on_expired = (
+            (None, int(Served.NULL)),
+            (None, int(Served.NOT_FOUND)),
+            (None, int(Served.EXPIRED)),
+        )
+    outcome = {_NOT_FOUND: on_missing, _EXPIRED: on_expired, _UNAVAILABLE: unavailable}
+    name = feature.name
+    present = int(Served.PRESENT)
+    values: list[Any] = []
+    statuses: list[int] = []
+    for row, state in zip(rows, states, strict=True):
+        if state == _LIVE and row is not None:
+            value = row.get(name)
+            if value is not None:
+                values.append(value)
+                statuses.append(present)
+                continue
+            value, status = on_null
+        else:
+            value, status = outcome[state]
+        values.append(value)
+        statuses.append(status)
+    return values, statuses
+
+
+def answer_to_proto(answer: FeatureAnswer) -> fpb.GetFeaturesResponse:
+    """The GetFeaturesResponse of an answer, columns encoded by convert's fast path."""
+    metadata = fpb.GetFeaturesMetadata(
+        feature_refs=[c.ref for c in answer.columns],
+        degraded=answer.degraded,
+        served_tiers=answer.served_tiers,
+        failed_tiers=answer.failed_tiers,
+    )
+    timestamps: dict[int, bytes] = {}  # columns of one view share their timestamps: encode them once
+    encoded = []
+    for column in answer.columns:
+        stamps = b""
+        if column.event_ts is not None:
+            stamps = timestamps.get(id(column.event_ts), b"")
+            if not stamps and column.event_ts:
+                stamps = timestamps[id(column.event_ts)] = convert.encode_timestamps(column.event_ts)
+        encoded.append(
+            convert.encode_column(
+                column.ref,
+                convert.encode_values(column.value_type, column.values),
+                column.statuses,
+                stamps,
+                column.served_tier,
+            )
+        )
+    return convert.build_response(metadata, encoded)

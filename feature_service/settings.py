@@ -1,0 +1,52 @@
+"""Feature service settings: flags of `python -m feature_service`, or `FRESCO_FEATURE_SERVICE_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from chassis.settings import ServiceSettings
+
+
+class FeatureServiceSettings(ServiceSettings):
+    """Settings of the feature service."""
+
+    model_config = SettingsConfigDict(env_prefix="FRESCO_FEATURE_SERVICE_", cli_prog_name="python -m feature_service")
+
+    definitions: Path = Path("features.yaml")
+    """YAML file of entities and feature views (see examples/features/definitions.yaml)."""
+    backend: Literal["sqlite", "redis+cassandra"] = "sqlite"
+    """Online store: sqlite (one embedded file, no servers needed) or redis+cassandra; both behind an
+    in-process memory tier."""
+    sqlite_path: Path = Path("fresco-features.db")
+    """With backend sqlite, the database file (created if missing; WAL mode, fsync at every commit)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """With backend redis+cassandra, the Redis cache in front of Cassandra."""
+    cassandra_contact_points: list[str] = Field(default=["127.0.0.1"])
+    """With backend redis+cassandra, Cassandra hosts to connect to (repeat the flag)."""
+    cassandra_port: int = 9042
+    """With backend redis+cassandra, Cassandra's CQL port."""
+    cassandra_keyspace: str = "fresco_features"
+    """With backend redis+cassandra, the keyspace holding records and statistics (created if missing)."""
+    memory_max_entries: int = Field(default=100_000, ge=1)
+    """Records the in-process memory tier keeps (least recently used go first)."""
+    memory_ttl_s: float = Field(default=30.0, gt=0)
+    """How long the memory tier may serve a record before reading it again from the tier behind it."""
+    connect_retry_s: float = Field(default=2.0, gt=0)
+    """At start, seconds between attempts to reach the durable tier (health stays NOT_SERVING meanwhile)."""
+    statistics_poll_s: float = Field(default=5.0, gt=0)
+    """Seconds between checks for statistics written by another process (`fresco features materialize`
+    run in process); a change reloads the view's baselines, bloom filter and memory tier."""
+    max_future_s: float = Field(default=300.0, ge=0)
+    """Pushed rows whose event timestamp is further ahead of the server clock than this are rejected."""
+    require_event_timestamp: bool = False
+    """Reject pushed rows without an event timestamp (by default they get the server receive time)."""
+    max_rejections_reported: int = Field(default=100, ge=0)
+    """Rejected rows described in a push or materialize answer (their count is always exact)."""
+    materialize_chunk_rows: int = Field(default=5000, ge=1)
+    """Materialisation writes entity rows to the store in batches of this many."""
+    materialize_source_dirs: list[Path] = Field(default=[])
+    """If given, the Materialize RPC reads only files under these directories (repeat the flag)."""

@@ -1,0 +1,184 @@
+"""The embedded tier of record: one SQLite file in WAL mode, so Fresco serves features with neither
+Redis nor Cassandra. Every blocking sqlite3 call runs on a thread of its own, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+from chassis.errors import Unavailable
+from feature_service.records import Record
+
+T = TypeVar("T")
+
+# Under SQLite's smallest default limit of bound variables (999), leaving room for the view name.
+READ_BATCH = 900
+KEYS_PAGE = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    view TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (view, entity)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS statistics (
+    view TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
+"""
+
+
+class SQLiteTier:
+    """DurableTier over one SQLite file: a write returns once its transaction is fsynced to the WAL.
+    Errors surface as chassis Unavailable("sqlite: ..."), as the other tiers report theirs."""
+
+    name = "sqlite"
+
+    def __init__(self, path: Path, busy_timeout_s: float = 10.0) -> None:
+        self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        # One writer thread serialises transactions; a separate reader thread keeps reads flowing during
+        # long writes (WAL lets readers and one writer work at once). Each thread owns its connection.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
+        self._local = threading.local()
+        self._closed = False
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL fsyncs the WAL at every commit: an acknowledged write survives a crash or power loss.
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+        return conn
+
+    async def _run(self, pool: ThreadPoolExecutor, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise Unavailable(f"sqlite: {self.path} is closed")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, lambda: work(self._connection()))
+        except sqlite3.Error as err:  # disk full, file locked past the busy timeout, I/O errors
+            raise Unavailable(f"sqlite: {self.path}: {err}") from err
+
+    async def connect(self) -> None:
+        """Open the file (creating it and its tables if needed)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise Unavailable(f"sqlite: cannot create the directory of {self.path}: {err.strerror}") from err
+        await self._run(self._writer, lambda conn: conn.executescript(_SCHEMA))
+
+    async def read(self, keys_by_view: Mapping[str, Sequence[str]]) -> dict[str, list[Record | None]]:
+        """For each view, the records of its keys in order; None for keys never written."""
+        return await self._run(self._reader, lambda conn: _read(conn, keys_by_view))
+
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
+        """Store rows in one transaction; durable when this returns."""
+        if not rows:
+            return
+        data = [(view, key, record.encode()) for key, record in rows]
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(
+                    "INSERT INTO records (view, entity, record) VALUES (?, ?, ?) "
+                    "ON CONFLICT (view, entity) DO UPDATE SET record = excluded.record",
+                    data,
+                )
+
+        await self._run(self._writer, work)
+
+    async def keys(self, view: str) -> AsyncIterator[str]:
+        """Every key stored for a view, page by page."""
+
+        def page_after(after: str) -> Callable[[sqlite3.Connection], list[str]]:
+            query = "SELECT entity FROM records WHERE view = ? AND entity > ? ORDER BY entity LIMIT ?"
+            return lambda conn: [row[0] for row in conn.execute(query, (view, after, KEYS_PAGE))]
+
+        after = ""
+        while True:
+            page = await self._run(self._reader, page_after(after))
+            for key in page:
+                yield key
+            if len(page) < KEYS_PAGE:
+                return
+            after = page[-1]
+
+    async def save_statistics(self, view: str, data: bytes) -> None:
+        """Store a view's latest materialisation statistics."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.execute(
+                    "INSERT INTO statistics (view, data) VALUES (?, ?) "
+                    "ON CONFLICT (view) DO UPDATE SET data = excluded.data",
+                    (view, data),
+                )
+
+        await self._run(self._writer, work)
+
+    async def load_statistics(self, view: str) -> bytes | None:
+        """A view's latest materialisation statistics, if any."""
+
+        def work(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT data FROM statistics WHERE view = ?", (view,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(self._reader, work)
+
+    async def close(self) -> None:
+        """Close every connection (each on its own thread) and stop the threads."""
+        if self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        for pool in (self._writer, self._reader):
+            await loop.run_in_executor(pool, self._close_own_connection)
+        self._closed = True
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    def _close_own_connection(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (the connection runs in autocommit mode)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def _read(conn: sqlite3.Connection, keys_by_view: Mapping[str, Sequence[str]]) -> dict[str, list[Record | None]]:
+    result: dict[str, list[Record | None]] = {}
+    # One read transaction, so every view of a request sees the same snapshot.
+    conn.execute("BEGIN")
+    try:
+        for view, keys in keys_by_view.items():
+            found: dict[str, bytes] = {}
+            unique = list(dict.fromkeys(keys))
+            for start in range(0, len(unique), READ_BATCH):
+                chunk = unique[start : start + READ_BATCH]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT entity, record FROM records WHERE view = ? AND entity IN ({marks})"
+                found.update(conn.execute(query, (view, *chunk)).fetchall())
+            result[view] = [None if (data := found.get(key)) is None else Record.decode(data) for key in keys]
+    finally:
+        conn.execute("COMMIT")
+    return result
