@@ -68,8 +68,10 @@ class Execution:
 
     rows: int
     requests: Sequence[Request]
-    compute_ns: int
+    compute_ns: int  # from dispatch to answers set: input preparation, the model, output slicing
     failed: bool
+    infer_ns: int = 0  # the model run alone
+    input_ns: int = 0  # joining the requests' inputs
 
 
 @dataclass
@@ -263,7 +265,7 @@ class DynamicBatcher:
         request.finished_ns = time.perf_counter_ns()
         self._learn(request.rows, compute_ns)
         if self._observer is not None:
-            self._observer(Execution(request.rows, [request], compute_ns, False))
+            self._observer(Execution(request.rows, [request], compute_ns, False, compute_ns))
         return request
 
     def _timed_run(self, inputs: Mapping[str, np.ndarray]) -> tuple[Arrays, int]:
@@ -293,16 +295,19 @@ class DynamicBatcher:
             request.dispatched_ns = start
         self._executing += len(batch)
         failed = False
+        infer_ns = input_ns = 0
         try:
             if len(batch) == 1:
                 inputs: Mapping[str, np.ndarray] = batch[0].inputs
             else:
                 inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
+            input_ns = time.perf_counter_ns() - start
             if self._runs_inline(total):
                 outputs, compute_ns = self._timed_run(inputs)
             else:
                 outputs, compute_ns = await loop.run_in_executor(self._executor, self._timed_run, inputs)
             self._learn(total, compute_ns)
+            infer_ns = compute_ns
         except Exception as err:  # noqa: BLE001 - every waiter gets the batch's failure
             failed = True
             for request in batch:
@@ -329,4 +334,4 @@ class DynamicBatcher:
             self._free_slots += 1
             self._slot_freed.set()
         if self._observer is not None:
-            self._observer(Execution(total, batch, finished - start, failed))
+            self._observer(Execution(total, batch, finished - start, failed, infer_ns, input_ns))

@@ -111,7 +111,7 @@ class ModelVersion:
 
     def record_execution(self, execution: Execution) -> None:
         """One batch ran: statistics and metrics for it and for each request's queue time."""
-        self.stats.record_execution(execution.rows, execution.compute_ns)
+        self.stats.record_execution(execution)
         for request in execution.requests:
             self.stats.queue.add(request.dispatched_ns - request.arrived_ns)
         if self.metrics is not None:
@@ -328,7 +328,8 @@ class ModelStore:
             results = await loop.run_in_executor(self.executor, session.run, inputs, ())
             request.finished_ns = time.perf_counter_ns()
         rows = rows_of(inputs) if all(a.ndim for a in inputs.values()) else 1
-        version.record_execution(Execution(rows, [request], request.finished_ns - request.dispatched_ns, False))
+        elapsed = request.finished_ns - request.dispatched_ns
+        version.record_execution(Execution(rows, [request], elapsed, False, elapsed))
         self._trace(request)
         return results
 

@@ -20,6 +20,8 @@ from predictor.triton import triton_config
 
 SERVER_NAME = "fresco-predictor"
 SERVER_VERSION = "0.1.0"
+# perf_analyzer reads server-side statistics only from servers announcing "statistics".
+EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
@@ -72,7 +74,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=version.state is State.READY)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=["model_repository"])
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME,
+            version=SERVER_VERSION,
+            extensions=["model_repository", "model_configuration", "statistics"],
+        )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
         version = self.store.get(request.name, request.version)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from predictor.batcher import Execution
 
 
 @dataclass
@@ -42,12 +46,17 @@ class VersionStats:
     last_inference_ms: int = 0
     batches: dict[int, BatchFigures] = field(default_factory=dict)
 
-    def record_execution(self, batch_size: int, infer_ns: int) -> None:
-        """One model execution of `batch_size` rows."""
+    def record_execution(self, execution: Execution) -> None:
+        """One model execution: its input preparation, model run and output extraction."""
         self.execution_count += 1
-        self.inference_count += batch_size
-        self.compute_infer.add(infer_ns)
-        self.batches.setdefault(batch_size, BatchFigures()).compute_infer.add(infer_ns)
+        self.inference_count += execution.rows
+        input_ns, infer_ns = execution.input_ns, execution.infer_ns
+        output_ns = max(0, execution.compute_ns - input_ns - infer_ns)
+        figures = self.batches.setdefault(execution.rows, BatchFigures())
+        for target in (self, figures):
+            target.compute_input.add(input_ns)
+            target.compute_infer.add(infer_ns)
+            target.compute_output.add(output_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
 
     def record_request(self, ok: bool, total_ns: int) -> None:
