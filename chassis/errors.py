@@ -5,6 +5,11 @@ Messages name the field and what was expected, because callers read them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class FrescoError(Exception):
     """Base of every error a Fresco service reports to its callers."""
@@ -44,3 +49,11 @@ class Unauthenticated(FrescoError):
 
 class PermissionDenied(FrescoError):
     """Valid credentials that do not allow this request."""
+
+
+def invalid_config(source: str, err: ValidationError) -> InvalidArgument:
+    """A configuration file's validation errors as one message naming the file and each field."""
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors(include_url=False)
+    )
+    return InvalidArgument(f"{source}: {problems}")

@@ -37,6 +37,7 @@ class ServiceProcess:
     log_path: Path | None = None
     address: str = ""
     metrics_url: str = ""
+    workers: int = 1
     process: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
     _announced: threading.Event = field(default_factory=threading.Event)
@@ -76,6 +77,7 @@ class ServiceProcess:
                 if match and not self._announced.is_set():
                     self.address = match["address"]
                     self.metrics_url = match["metrics"] or ""
+                    self.workers = int(match["workers"] or 1)
                     self._announced.set()
         finally:
             self._announced.set()

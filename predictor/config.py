@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chassis.errors import InvalidArgument
+from chassis.errors import InvalidArgument, invalid_config
 from chassis.tensors import DATATYPES
 
 CONFIG_FILE = "config.yaml"
@@ -151,5 +151,4 @@ def read_config(model_dir: Path) -> ModelConfig:
     try:
         return ModelConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors(include_url=False))
-        raise InvalidArgument(f"{path}: {problems}") from None
+        raise invalid_config(str(path), err) from None

@@ -10,7 +10,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from chassis.errors import InvalidArgument
+from chassis.errors import InvalidArgument, invalid_config
 
 ValueType = Literal[
     "double", "float", "int64", "int32", "string", "bool", "bytes",
@@ -160,10 +160,7 @@ def parse_definitions(text: str, source: str = "definitions") -> Definitions:
     try:
         return Definitions.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors(include_url=False)
-        )
-        raise InvalidArgument(f"{source}: {problems}") from None
+        raise invalid_config(source, err) from None
 
 
 def load_definitions(path: Path) -> Definitions:

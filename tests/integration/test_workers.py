@@ -40,34 +40,10 @@ pytestmark = pytest.mark.integration
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 # Independent connections: with two workers, the chance that all of them land on one is 2**-15.
 CONNECTIONS = 16
-_ANNOUNCE = re.compile(r"^predictor listening on (?P<address>\S+) metrics=(?P<metrics>\S+) workers=(?P<workers>\d+)$")
 
 
 class Supervisor(ServiceProcess):
-    """`python -m predictor --workers N`, whose announce line ends in ` workers=N`, which
-    ServiceProcess does not recognise (see test_the_suite_starts_a_predictor_with_workers)."""
-
-    workers = 0
-
-    def _pump(self) -> None:
-        if self.process is None or self.process.stdout is None:
-            return
-        log = self.log_path.open("a") if self.log_path else None
-        try:
-            for line in self.process.stdout:
-                self.lines.append(line)
-                if log:
-                    log.write(line)
-                    log.flush()
-                match = _ANNOUNCE.match(line.strip())
-                if match and not self._announced.is_set():
-                    self.address, self.metrics_url = match["address"], match["metrics"]
-                    self.workers = int(match["workers"])
-                    self._announced.set()
-        finally:
-            self._announced.set()
-            if log:
-                log.close()
+    """`python -m predictor --workers N`, started like any service (its announce line carries N)."""
 
 
 def workers_args(root: Path, *extra: str) -> list[str]:
