@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint proto install install-dev up clean bench-predictor
+.PHONY: demo test lint proto install install-dev up clean bench-predictor bench-features
 
 # The runtime install: enough for `fresco demo` and `fresco up`.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -39,6 +39,10 @@ lint: install-dev
 # Fresco's predictor against MLServer and a do-nothing gRPC floor, loaded by perf_analyzer (ARGS=--quick).
 bench-predictor: install
 	$(BIN)/python -m bench.predictor $(ARGS)
+
+# Fresco's feature service against Feast 0.67 on the same Redis, 100k entities × 40 features.
+bench-features: install
+	$(BIN)/python -m bench.features $(ARGS)
 
 proto: install-dev
 	$(BIN)/python scripts/gen_protos.py
