@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: demo test lint proto install install-dev up clean bench-predictor bench-features
+.PHONY: demo test test-deps lint proto install install-dev up clean bench-predictor bench-features
 
 # The runtime install: enough for `fresco demo` and `fresco up`.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -27,7 +27,12 @@ demo: install
 up: install
 	$(BIN)/fresco up
 
-test: install-dev
+# Real Redis, Java 17 + Maven for a real Cassandra node, libb64: installed when missing (as root, apt-get),
+# otherwise one line says what is missing and how to install it.
+test-deps: install
+	scripts/ensure-test-deps
+
+test: install-dev test-deps
 	$(BIN)/pytest
 
 lint: install-dev
