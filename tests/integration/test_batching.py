@@ -1,9 +1,14 @@
 """Dynamic batching through the real server: under 64 concurrent clients, requests are batched
-together and still each get exactly the answers ONNX Runtime gives for their own rows."""
+together and still each get exactly the answers ONNX Runtime gives for their own rows.
+
+The predictor here runs every batch on its inference thread (`--inline-below-us 0`). With the
+default, a model as fast as the demo one runs on the event loop and may honestly finish each
+request before the next is read, so whether two requests ever share a batch would be chance."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -13,6 +18,7 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from fresco.suite import ServiceProcess
 from tests.integration import CLIENT_OPTIONS, Reference, assert_matches_reference, decode_outputs, infer_request
+from tests.integration.conftest import Repository
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +37,18 @@ def batch_sizes(after: pb.ModelStatistics, before: pb.ModelStatistics) -> dict[i
     earlier = {b.batch_size: b.compute_infer.count for b in before.batch_stats}
     grown = {b.batch_size: b.compute_infer.count - earlier.get(b.batch_size, 0) for b in after.batch_stats}
     return {size: count for size, count in grown.items() if count}
+
+
+@pytest.fixture(scope="module")
+def predictor(repository: Repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    args = ["--model-repository", str(repository.root), "--port", "0", "--inline-below-us", "0"]
+    log = tmp_path_factory.mktemp("batching") / "predictor.log"
+    service = ServiceProcess("predictor", args, log_path=log).start()
+    try:
+        service.wait_healthy()
+        yield service
+    finally:
+        service.stop()
 
 
 async def test_concurrent_clients_each_get_their_own_rows(

@@ -22,7 +22,14 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from fresco.api.inference import model_config_pb2 as mc
 from fresco.suite import ServiceProcess
-from tests.integration import CLIENT_OPTIONS, Reference, assert_matches_reference, decode_outputs, infer_request
+from tests.integration import (
+    CLIENT_OPTIONS,
+    Reference,
+    assert_matches_reference,
+    decode_outputs,
+    infer_request,
+    write_slow_model,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -323,28 +330,36 @@ def model_samples(url: str, model: str) -> dict[str, float]:
     return found
 
 
-async def demo_statistics(stub: pb_grpc.GRPCInferenceServiceAsyncStub) -> pb.ModelStatistics:
-    response = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="demo", version="1"))
+async def model_statistics(stub: pb_grpc.GRPCInferenceServiceAsyncStub, name: str) -> pb.ModelStatistics:
+    response = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=name, version="1"))
     (stats,) = response.model_stats
     return stats
 
 
-async def test_concurrent_traffic_forms_batches_in_statistics_and_metrics(
-    predictor: ServiceProcess, predictor_aio, sample: np.ndarray
-) -> None:
-    """256 one-row requests from 32 concurrent clients: fewer executions than inferences, and the
-    metrics count the same batches and every request's queue time."""
-    before = await demo_statistics(predictor_aio)
-    metrics_before = await asyncio.to_thread(model_samples, predictor.metrics_url, "demo")
+async def test_concurrent_traffic_forms_batches_in_statistics_and_metrics(tmp_path: Path) -> None:
+    """256 one-row requests from 32 concurrent clients to a model that computes for milliseconds:
+    fewer executions than inferences, and the metrics count the same batches and every request's
+    queue time. A model that answers in microseconds may honestly never batch (each request is
+    done before the next one is read), so this one is slow enough for requests to queue."""
+    write_slow_model(tmp_path / "models", width=256, depth=16)
+    predictor = start_predictor(tmp_path / "models", tmp_path / "predictor.log")
+    rows = np.random.default_rng(7).normal(size=(256, 256)).astype(np.float32)
+    try:
+        async with aio.insecure_channel(predictor.address, options=CLIENT_OPTIONS) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            before = await model_statistics(stub, "slow")
+            metrics_before = await asyncio.to_thread(model_samples, predictor.metrics_url, "slow")
 
-    async def client(index: int) -> None:
-        for turn in range(8):
-            row = (index * 8 + turn) % len(sample)
-            await predictor_aio.ModelInfer(infer_request(sample[row : row + 1]), timeout=30)
+            async def client(index: int) -> None:
+                for turn in range(8):
+                    row = index * 8 + turn
+                    await stub.ModelInfer(infer_request(rows[row : row + 1], model="slow"), timeout=60)
 
-    await asyncio.gather(*(client(i) for i in range(32)))
-    after = await demo_statistics(predictor_aio)
-    metrics_after = await asyncio.to_thread(model_samples, predictor.metrics_url, "demo")
+            await asyncio.gather(*(client(i) for i in range(32)))
+            after = await model_statistics(stub, "slow")
+            metrics_after = await asyncio.to_thread(model_samples, predictor.metrics_url, "slow")
+    finally:
+        assert predictor.stop() == 0
 
     inferences = after.inference_count - before.inference_count
     executions = after.execution_count - before.execution_count
