@@ -40,7 +40,7 @@ async def test_redis_outage(make_store, view: str, prefix: str, tmp_path: Path) 
         assert during.sources[view] == ["cassandra", "cassandra"]
         assert (during.degraded, during.failed_tiers) == (True, ["redis"])
         await store.write(view, [(key, new)])  # durable: acknowledged without Redis
-        assert time.monotonic() - began < 2.0
+        assert time.monotonic() - began < 10.0  # no wait on Redis's timeouts or retries
         assert (await store.read({view: [key]})).records[view] == [new]
 
         server.start()
@@ -77,7 +77,7 @@ async def test_cassandra_outage(make_store, view: str, cassandra_server: Cassand
         began = time.monotonic()
         with pytest.raises(Unavailable, match=r"^cassandra: "):
             await store.write(view, rows(1, "during"))
-        assert time.monotonic() - began < 3.0
+        assert time.monotonic() - began < 10.0  # refused, not retried until a timeout
     finally:
         # On this thread: the node dies with the thread that started it.
         cassandra_server.start()

@@ -82,7 +82,7 @@ async def test_nothing_listening_is_unavailable_quickly() -> None:
     began = time.monotonic()
     with pytest.raises(Unavailable, match=r"^cassandra: "):
         await CassandraTier.open(["127.0.0.1"], free_port(), KEYSPACE, connect_timeout_s=1.0)
-    assert time.monotonic() - began < 5.0
+    assert time.monotonic() - began < 15.0  # not the driver's default waits
 
 
 async def test_bad_settings_are_refused() -> None:
