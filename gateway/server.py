@@ -6,6 +6,8 @@ from chassis.server import ServiceApp
 from fresco.api.gateway.v1 import gateway_pb2 as pb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.features import FeatureClient
+from gateway.limits import Limits
+from gateway.offload import Offload
 from gateway.pipeline import PredictionPipeline
 from gateway.predictors import PredictorPool
 from gateway.routing import RouteTable
@@ -23,14 +25,17 @@ class Gateway:
         self.app = ServiceApp("gateway", settings, [SERVICE_NAME])
         routes = RouteTable.static(settings.predictor, settings.routes_file)
         self.predictors = PredictorPool(self.app.client_channel, settings.predictor_timeout_s, settings.metadata_ttl_s)
+        self.offload = Offload(settings.offload_above_bytes)
         self.features = (
             FeatureClient(self.app.client_channel, settings.feature_service, settings.feature_timeout_s)
             if settings.feature_service
             else None
         )
-        self.pipeline = PredictionPipeline(routes, self.predictors, self.features)
+        limits = Limits(settings.max_batch_requests, settings.max_bytes_elements)
+        self.pipeline = PredictionPipeline(routes, self.predictors, self.features, limits, self.offload)
         pb_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.pipeline), self.app.server)
         self.app.on_stop(self.predictors.close)
+        self.app.on_stop(self.offload.close)
         if self.features is not None:
             self.app.on_stop(self.features.close)
 

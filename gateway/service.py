@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
 from grpc import aio
@@ -10,7 +11,8 @@ from opentelemetry import trace
 from chassis.tracing import trace_id_of
 from fresco.api.gateway.v1 import gateway_pb2 as pb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from gateway.pipeline import Prediction, PredictionPipeline, Query
+from gateway.budget import Budget
+from gateway.pipeline import Prediction, PredictionPipeline, decode_queries
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
@@ -24,23 +26,40 @@ def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -
         trace_id=trace_id,
         fallback=prediction.fallback,
         request_id=request.request_id,
+        imputed_features=prediction.imputed_features,
+        degraded=prediction.degraded,
+    )
+
+
+def _encode_batch(
+    predictions: Sequence[Prediction], requests: Sequence[pb.PredictRequest], trace_id: str
+) -> pb.PredictBatchResponse:
+    return pb.PredictBatchResponse(
+        responses=[_encode(p, r, trace_id) for p, r in zip(predictions, requests, strict=True)]
     )
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
-    """fresco.gateway.v1.GatewayService over a `PredictionPipeline`."""
+    """fresco.gateway.v1.GatewayService over a `PredictionPipeline`; decoding and encoding of large
+    calls run off the event loop."""
 
     def __init__(self, pipeline: PredictionPipeline) -> None:
         self.pipeline = pipeline
 
     async def Predict(self, request: pb.PredictRequest, context: Context) -> pb.PredictResponse:
-        (prediction,) = await self.pipeline.predict([Query.from_proto(request, "request")], context.time_remaining())
+        budget = Budget(context.time_remaining())  # first: decoding spends the caller's budget too
+        offload, limits = self.pipeline.offload, self.pipeline.limits
+        queries = await offload.run(request.ByteSize(), decode_queries, [request], ["request"], limits)
+        (prediction,) = await self.pipeline.predict(queries, budget)
         return _encode(prediction, request, trace_id_of(trace.get_current_span()))
 
     async def PredictBatch(self, request: pb.PredictBatchRequest, context: Context) -> pb.PredictBatchResponse:
-        queries = [Query.from_proto(r, f"requests[{i}]") for i, r in enumerate(request.requests)]
-        predictions = await self.pipeline.predict(queries, context.time_remaining())
+        budget = Budget(context.time_remaining())
+        offload, limits = self.pipeline.offload, self.pipeline.limits
+        limits.check_batch(len(request.requests))
+        weight = request.ByteSize()
+        labels = [f"requests[{i}]" for i in range(len(request.requests))]
+        queries = await offload.run(weight, decode_queries, request.requests, labels, limits)
+        predictions = await self.pipeline.predict(queries, budget)
         trace_id = trace_id_of(trace.get_current_span())
-        return pb.PredictBatchResponse(
-            responses=[_encode(p, r, trace_id) for p, r in zip(predictions, request.requests, strict=True)]
-        )
+        return await offload.run(weight, _encode_batch, predictions, request.requests, trace_id)
