@@ -163,5 +163,6 @@ def split_rows(outputs: Mapping[str, tuple[str, np.ndarray]], batch: int) -> lis
     for name, (datatype, array) in outputs.items():
         batched = array.ndim > 0 and array.shape[0] == batch
         for i in range(batch):
-            per_row[i][name] = to_tensor(array[i] if batched else array, datatype)
+            # A slice, not array[i]: an element of an object (BYTES) array is not an array.
+            per_row[i][name] = to_tensor(array[i : i + 1].reshape(array.shape[1:]) if batched else array, datatype)
     return per_row

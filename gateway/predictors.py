@@ -49,18 +49,21 @@ def version_of(metadata: pb.ModelMetadataResponse, requested: str) -> str:
 
 class PredictorPool:
     """Channels to predictor endpoints, created on first use and closed together, and the pinned
-    signature of each (endpoint, model, requested version), cached for `metadata_ttl_s`."""
+    signature of each (endpoint, model, requested version): cached for `metadata_ttl_s` when the
+    caller named the version, for `default_version_ttl_s` when the predictor's default answers."""
 
     def __init__(
         self,
         channel_factory: Callable[[str], aio.Channel],
         timeout_s: float,
         metadata_ttl_s: float,
+        default_version_ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._channel_factory = channel_factory
         self._timeout_s = timeout_s
         self._metadata_ttl_s = metadata_ttl_s
+        self._default_version_ttl_s = default_version_ttl_s
         self._clock = clock
         self._stubs: dict[str, pb_grpc.GRPCInferenceServiceAsyncStub] = {}
         self._channels: list[aio.Channel] = []
@@ -80,7 +83,8 @@ class PredictorPool:
         key = (endpoint, model, version)
         cached = self._pinned.get(key)
         now = self._clock()
-        if cached is not None and now - cached[0] < self._metadata_ttl_s:
+        ttl = self._metadata_ttl_s if version else self._default_version_ttl_s
+        if cached is not None and now - cached[0] < ttl:
             return cached[1]
         what = f"predictor {endpoint}"
         try:

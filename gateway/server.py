@@ -24,7 +24,12 @@ class Gateway:
         self.settings = settings
         self.app = ServiceApp("gateway", settings, [SERVICE_NAME])
         routes = RouteTable.static(settings.predictor, settings.routes_file)
-        self.predictors = PredictorPool(self.app.client_channel, settings.predictor_timeout_s, settings.metadata_ttl_s)
+        self.predictors = PredictorPool(
+            self.app.client_channel,
+            settings.predictor_timeout_s,
+            settings.metadata_ttl_s,
+            settings.default_version_ttl_s,
+        )
         self.offload = Offload(settings.offload_above_bytes)
         self.features = (
             FeatureClient(self.app.client_channel, settings.feature_service, settings.feature_timeout_s)

@@ -26,7 +26,10 @@ class GatewaySettings(ServiceSettings):
     predictor_timeout_s: float = 5.0
     """Deadline of a call to a predictor when the caller set none (with one, each call gets what remains)."""
     metadata_ttl_s: float = 30.0
-    """How long the version a predictor serves by default, and each version's signature, are cached."""
+    """How long the signature (tensor names, shapes, feature order) of a version a caller names is cached."""
+    default_version_ttl_s: float = 1.0
+    """How long the version a predictor serves by default (and its signature) is cached: after a reload
+    that changes it, calls without a version may still go to the previous default, pinned, this long."""
     max_batch_requests: int = Field(default=10_000, ge=1)
     """Most predictions one PredictBatch may ask for; more is INVALID_ARGUMENT."""
     max_bytes_elements: int = Field(default=100_000, ge=1)
