@@ -12,7 +12,7 @@ from chassis.errors import InvalidArgument
 class Limits:
     """Per-call bounds, from the gateway's settings."""
 
-    max_batch_requests: int = 10_000
+    max_batch_requests: int = 50_000
     max_bytes_elements: int = 100_000
 
     def check_batch(self, count: int) -> None:

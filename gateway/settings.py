@@ -30,7 +30,7 @@ class GatewaySettings(ServiceSettings):
     default_version_ttl_s: float = 1.0
     """How long the version a predictor serves by default (and its signature) is cached: after a reload
     that changes it, calls without a version may still go to the previous default, pinned, this long."""
-    max_batch_requests: int = Field(default=10_000, ge=1)
+    max_batch_requests: int = Field(default=50_000, ge=1)
     """Most predictions one PredictBatch may ask for; more is INVALID_ARGUMENT."""
     max_bytes_elements: int = Field(default=100_000, ge=1)
     """Most string elements in one string-list feature or one BYTES tensor built; more is INVALID_ARGUMENT."""
