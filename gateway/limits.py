@@ -23,10 +23,11 @@ class Limits:
                 "are taken (gateway setting max_batch_requests); split the batch"
             )
 
-    def check_strings(self, what: str, count: int) -> None:
-        """A string list, or a BYTES tensor built from strings, holds at most `max_bytes_elements`."""
+    def check_strings(self, what: str, count: int, at_least: bool = False) -> None:
+        """A string list, or a BYTES tensor built from strings, holds at most `max_bytes_elements`
+        (`at_least`: counting stopped at `count`)."""
         if count > self.max_bytes_elements:
             raise InvalidArgument(
-                f"{what}: {count} string elements, at most {self.max_bytes_elements} are taken "
-                "(gateway setting max_bytes_elements)"
+                f"{what}: {'more than ' if at_least else ''}{count - at_least} string elements, "
+                f"at most {self.max_bytes_elements} are taken (gateway setting max_bytes_elements)"
             )
