@@ -7,7 +7,9 @@ import grpc
 import pytest
 from grpc import aio
 
+from chassis import errors
 from chassis.errors import DeadlineExceeded
+from chassis.status import peer_error
 from fresco.api.common.v1 import values_pb2
 from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
@@ -81,3 +83,25 @@ async def test_predictor_resource_exhausted_reaches_the_caller() -> None:
             await world.stub.Predict(request, timeout=10)
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "scripted failure" in (caught.value.details() or "")
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+        (grpc.StatusCode.NOT_FOUND, errors.NotFound),
+        (grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, errors.DeadlineExceeded),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
+        (grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
+        (grpc.StatusCode.INTERNAL, errors.Unavailable),
+        (grpc.StatusCode.UNKNOWN, errors.Unavailable),
+    ],
+    ids=lambda value: getattr(value, "name", getattr(value, "__name__", "")),
+)
+def test_peer_status_reaches_the_caller_through_one_table(
+    code: grpc.StatusCode, error: type[errors.FrescoError]
+) -> None:
+    translated = peer_error(code, "queue full", "predictor 127.0.0.1:1")
+    assert type(translated) is error
+    assert str(translated) == "predictor 127.0.0.1:1: queue full"
