@@ -56,23 +56,34 @@ async def test_zero_budget_calls_no_peer() -> None:
         assert (world.predictor.metadata_calls, world.predictor.infer_calls) == ([], [])
 
 
-async def test_predictor_gets_what_the_feature_service_left() -> None:
-    """The feature service takes 0.5 s of a 5 s budget: the predictor's deadline is at most 4.5 s
-    away, never the caller's whole 5 s again."""
+async def test_predictor_gets_what_the_feature_service_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The feature service takes 1.5 s of a 5 s budget: the predictor is given at most the 3.5 s
+    left, never the caller's whole 5 s again."""
+    given: list[tuple[str, float]] = []
+    for_hop = Budget.for_hop
+
+    def recording(self: Budget, hop: str, default_s: float) -> float:
+        timeout = for_hop(self, hop, default_s)
+        given.append((hop.rsplit(" ", 1)[-1], timeout))
+        return timeout
+
+    monkeypatch.setattr(Budget, "for_hop", recording)
     predictor = ScriptedPredictor(versions={"1": Version(("v:a", "v:b"))})
     features = ScriptedFeatures(
-        answers={"v:a": (1.0, fpb.FEATURE_STATUS_PRESENT), "v:b": (2.0, fpb.FEATURE_STATUS_PRESENT)}, delay_s=0.5
+        answers={"v:a": (1.0, fpb.FEATURE_STATUS_PRESENT), "v:b": (2.0, fpb.FEATURE_STATUS_PRESENT)}, delay_s=1.5
     )
     key = values_pb2.EntityKey(join_keys={"user_id": values_pb2.Value(int64_value=1)})
     async with running(predictor, features) as world:
         response = await world.stub.Predict(gpb.PredictRequest(model="m", entity_keys=[key]), timeout=5.0)
     assert response.outputs["y"].double_values[0] == 1.0 + 10 * 2.0
-    (_, features_left), *_ = features.calls
+    assert [hop for hop, _ in given] == ["ModelMetadata", "GetFeatures", "ModelInfer"]
+    timeouts = dict(given)  # gRPC rounds the caller's 5 s up a little on the wire: compare hops
+    assert timeouts["GetFeatures"] <= timeouts["ModelMetadata"]
+    assert timeouts["ModelInfer"] <= timeouts["GetFeatures"] - 1.5
+    # What the predictor saw, allowing for gRPC's rounding of the timeout it sends on the wire.
     (_, infer_left), *_ = predictor.infer_calls
-    assert features_left is not None
-    assert features_left <= 5.0
     assert infer_left is not None
-    assert infer_left <= 5.0 - 0.5
+    assert infer_left < 4.0
 
 
 async def test_predictor_resource_exhausted_reaches_the_caller() -> None:
