@@ -99,3 +99,40 @@ def test_reload_with_reordered_features_is_fed_in_the_new_order(world: World) ->
     assert_matches_reference(outputs, expected)
     wrong = second.predict(rows)
     assert not np.allclose(expected["probabilities"], wrong["probabilities"]), "the orders must give different answers"
+
+
+def test_configured_default_version_is_the_one_pinned(tmp_path: Path) -> None:
+    """Versions 1 and 2 served side by side, the config naming 1 the default: requests without a
+    version go to version 1 by number (not to the highest one), fed and answered as version 1."""
+    models = tmp_path / "models"
+    first = Reference(train_classifier(models, "dual", 1, seed=7, feature_names=NAMES))
+    train_classifier(models, "dual", 2, seed=11, feature_names=NAMES)
+    config = models / "dual" / "config.yaml"
+    config.write_text(config.read_text() + "version_policy: {all: true}\ndefault_version: 1\n")
+    suite = Suite()
+    try:
+        predictor = suite.start(
+            ServiceProcess("predictor", ["--model-repository", str(models), "--port", "0", "--metrics-port", "-1"])
+        )
+        gateway = suite.start(
+            ServiceProcess("gateway", ["--predictor", predictor.address, "--port", "0", "--metrics-port", "-1"])
+        )
+        with grpc.insecure_channel(predictor.address) as channel:
+            metadata = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
+                pb.ModelMetadataRequest(name="dual"), timeout=10
+            )
+        assert list(metadata.versions) == ["1", "2"]
+        assert metadata.parameters["version"].string_param == "1"
+        rows = first.model.sample[:8]
+        with grpc.insecure_channel(gateway.address, options=CLIENT_OPTIONS) as channel:
+            batch = gpb_grpc.GatewayServiceStub(channel).PredictBatch(
+                gpb.PredictBatchRequest(
+                    requests=[gpb.PredictRequest(model="dual", features=features_of(r)) for r in rows]
+                ),
+                timeout=10,
+            )
+    finally:
+        suite.stop()
+    assert [answer.model_version for answer in batch.responses] == ["1"] * len(rows)
+    probabilities = np.array([list(answer.outputs["probabilities"].double_values) for answer in batch.responses])
+    np.testing.assert_allclose(probabilities, first.predict(rows)["probabilities"], rtol=1e-5, atol=1e-6)
