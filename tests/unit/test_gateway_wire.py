@@ -44,7 +44,7 @@ def test_batch_parses_as_protobuf_does(requests: list[pb.PredictRequest]) -> Non
         assert parse_request(request.SerializeToString(), LIMITS) == request
 
 
-def test_repeated_map_key_keeps_the_last_entry_as_protobuf_does() -> None:
+def test_over_long_list_is_refused_even_when_a_later_map_entry_replaces_it() -> None:
     first = pb.PredictRequest(model="m")
     first.features["x"].string_list.values.extend(["a"] * 2000)  # over the limit, but replaced below
     second = pb.PredictRequest()
