@@ -26,3 +26,20 @@ def status_for(exc: errors.FrescoError) -> grpc.StatusCode:
         if code is not None:
             return code
     return grpc.StatusCode.INTERNAL
+
+
+# A peer's status as this service's caller sees it: the caller's own mistakes, missing things,
+# deadlines and backpressure keep their code; anything else is the peer being unavailable.
+ERROR_FOR_PEER_STATUS: dict[grpc.StatusCode, type[errors.FrescoError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DeadlineExceeded,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+}
+
+
+def peer_error(code: grpc.StatusCode, details: str, peer: str) -> errors.FrescoError:
+    """The domain error to raise when a call to `peer` (e.g. "predictor host:port") failed with `code`."""
+    kind = ERROR_FOR_PEER_STATUS.get(code, errors.Unavailable)
+    return kind(f"{peer}: {details}")

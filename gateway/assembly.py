@@ -12,6 +12,7 @@ from chassis.errors import InvalidArgument
 from chassis.tensors import NUMPY_DTYPE
 from fresco.api.common.v1 import values_pb2
 from fresco.api.inference import grpc_service_pb2 as pb
+from gateway.limits import Limits
 
 Scalar = float | int | bool | str | bytes
 FeatureValue = Scalar | list[float] | list[int] | list[str] | None
@@ -81,17 +82,23 @@ def _numeric(value: FeatureValue, datatype: str, what: str) -> FeatureValue:
     return value
 
 
-def build_inputs(signature: ModelSignature, rows: Sequence[Row], labels: Sequence[str]) -> dict[str, np.ndarray]:
+def build_inputs(
+    signature: ModelSignature, rows: Sequence[Row], labels: Sequence[str], limits: Limits | None = None
+) -> dict[str, np.ndarray]:
     """One batched array per model input, row i built from rows[i] (`labels[i]` names it in errors).
 
     An input whose metadata names its features (`feature_names`) is a feature vector filled in
-    that order; any other input takes the feature of the same name.
+    that order; any other input takes the feature of the same name. A BYTES input holds at most
+    `limits.max_bytes_elements` elements, counted before any is converted.
     """
+    limits = limits or Limits()
     arrays: dict[str, np.ndarray] = {}
     for spec in signature.inputs:
         if spec.datatype not in NUMPY_DTYPE:
             raise InvalidArgument(f"model {signature.name!r} input {spec.name!r} has unknown datatype {spec.datatype}")
         dtype = NUMPY_DTYPE[spec.datatype]
+        if spec.datatype == "BYTES":
+            limits.check_strings(f"model {signature.name!r} input {spec.name!r}", _element_count(spec, rows))
         if spec.feature_names:
             table = [
                 [_value(row, feature, spec.datatype, label, scalar=True) for feature in spec.feature_names]
@@ -113,6 +120,12 @@ def build_inputs(signature: ModelSignature, rows: Sequence[Row], labels: Sequenc
             )
         arrays[spec.name] = array
     return arrays
+
+
+def _element_count(spec: InputSpec, rows: Sequence[Row]) -> int:
+    if spec.feature_names:
+        return len(rows) * len(spec.feature_names)
+    return sum(len(value) if isinstance(value, list) else 1 for value in (row.get(spec.name) for row in rows))
 
 
 def _value(row: Row, feature: str, datatype: str, label: str, scalar: bool = False) -> FeatureValue:
@@ -150,5 +163,6 @@ def split_rows(outputs: Mapping[str, tuple[str, np.ndarray]], batch: int) -> lis
     for name, (datatype, array) in outputs.items():
         batched = array.ndim > 0 and array.shape[0] == batch
         for i in range(batch):
-            per_row[i][name] = to_tensor(array[i] if batched else array, datatype)
+            # A slice, not array[i]: an element of an object (BYTES) array is not an array.
+            per_row[i][name] = to_tensor(array[i : i + 1].reshape(array.shape[1:]) if batched else array, datatype)
     return per_row

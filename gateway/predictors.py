@@ -1,44 +1,73 @@
-"""Calls to predictors over the inference protocol: one channel per endpoint, model signatures
-cached, tensors sent raw."""
+"""Calls to predictors over the inference protocol: one channel per endpoint, each request pinned
+to the model version whose signature built its tensors, tensors sent raw."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-from grpc import StatusCode, aio
+from grpc import aio
 
-from chassis.errors import DeadlineExceeded, FrescoError, InvalidArgument, NotFound, Unavailable
+from chassis.errors import FrescoError, InvalidArgument, NotFound, Unavailable
+from chassis.status import peer_error
 from chassis.tensors import array_from_raw, datatype_of, raw_from_array
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.assembly import ModelSignature
+from gateway.budget import Budget
 
-# How a predictor's status maps to the gateway's: its callers' mistakes stay theirs, the rest is
-# the predictor being unavailable to them.
-_PASS_THROUGH: dict[StatusCode, type[FrescoError]] = {
-    StatusCode.INVALID_ARGUMENT: InvalidArgument,
-    StatusCode.NOT_FOUND: NotFound,
-    StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
-}
+# Errors after which a cached signature may be the cause: the version is gone or loading, or the
+# tensors no longer fit it. The gateway then re-reads the metadata before it blames the caller.
+STALE_SUSPECTS = (NotFound, Unavailable, InvalidArgument)
 
 
-def _translate(err: aio.AioRpcError, endpoint: str) -> FrescoError:
-    kind = _PASS_THROUGH.get(err.code(), Unavailable)
-    return kind(f"predictor {endpoint}: {err.details()}")
+@dataclass(frozen=True)
+class Pinned:
+    """The version a request goes to and the signature its tensors are built from."""
+
+    version: str
+    signature: ModelSignature
+
+
+def version_of(metadata: pb.ModelMetadataResponse, requested: str) -> str:
+    """The version a ModelMetadata answer describes.
+
+    Fresco's predictor names it in the "version" parameter (for an empty request, its default
+    version). Another server of the protocol is taken to serve its highest version by default, as
+    Triton does."""
+    if "version" in metadata.parameters:
+        return metadata.parameters["version"].string_param
+    if requested:
+        return requested
+    numbers = [int(v) for v in metadata.versions if v.isascii() and v.isdigit()]
+    if not numbers:
+        raise Unavailable(f"model {metadata.name!r}: the predictor lists no version to pin ({list(metadata.versions)})")
+    return str(max(numbers))
 
 
 class PredictorPool:
-    """Channels to predictor endpoints, created on first use and closed together."""
+    """Channels to predictor endpoints, created on first use and closed together, and the pinned
+    signature of each (endpoint, model, requested version): cached for `metadata_ttl_s` when the
+    caller named the version, for `default_version_ttl_s` when the predictor's default answers."""
 
-    def __init__(self, channel_factory: Callable[[str], aio.Channel], timeout_s: float, metadata_ttl_s: float) -> None:
+    def __init__(
+        self,
+        channel_factory: Callable[[str], aio.Channel],
+        timeout_s: float,
+        metadata_ttl_s: float,
+        default_version_ttl_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._channel_factory = channel_factory
         self._timeout_s = timeout_s
         self._metadata_ttl_s = metadata_ttl_s
+        self._default_version_ttl_s = default_version_ttl_s
+        self._clock = clock
         self._stubs: dict[str, pb_grpc.GRPCInferenceServiceAsyncStub] = {}
         self._channels: list[aio.Channel] = []
-        self._signatures: dict[tuple[str, str, str], tuple[float, ModelSignature]] = {}
+        self._pinned: dict[tuple[str, str, str], tuple[float, Pinned]] = {}
 
     def _stub(self, endpoint: str) -> pb_grpc.GRPCInferenceServiceAsyncStub:
         stub = self._stubs.get(endpoint)
@@ -48,56 +77,83 @@ class PredictorPool:
             stub = self._stubs[endpoint] = pb_grpc.GRPCInferenceServiceStub(channel)
         return stub
 
-    async def signature(self, endpoint: str, model: str, version: str) -> ModelSignature:
-        """The model's input/output signature, from cache or from ModelMetadata."""
+    async def pin(self, endpoint: str, model: str, version: str, budget: Budget) -> Pinned:
+        """The version that will answer a request for `version` ("" for the default) and its
+        signature, from cache or from one ModelMetadata answer (so the two always agree)."""
         key = (endpoint, model, version)
-        cached = self._signatures.get(key)
-        now = time.monotonic()
-        if cached is not None and now - cached[0] < self._metadata_ttl_s:
+        cached = self._pinned.get(key)
+        now = self._clock()
+        ttl = self._metadata_ttl_s if version else self._default_version_ttl_s
+        if cached is not None and now - cached[0] < ttl:
             return cached[1]
+        what = f"predictor {endpoint}"
         try:
             metadata = await self._stub(endpoint).ModelMetadata(
-                pb.ModelMetadataRequest(name=model, version=version), timeout=self._timeout_s
+                pb.ModelMetadataRequest(name=model, version=version),
+                timeout=budget.for_hop(f"{what} ModelMetadata", self._timeout_s),
             )
         except aio.AioRpcError as err:
-            raise _translate(err, endpoint) from None
-        signature = ModelSignature.from_metadata(metadata)
-        self._signatures[key] = (now, signature)
-        return signature
+            raise peer_error(err.code(), err.details() or "", what) from None
+        pinned = Pinned(version_of(metadata, version), ModelSignature.from_metadata(metadata))
+        self._pinned[key] = (now, pinned)
+        return pinned
+
+    async def repin(self, endpoint: str, model: str, version: str, budget: Budget) -> Pinned:
+        """`pin` from fresh metadata, the cached answer dropped."""
+        self._pinned.pop((endpoint, model, version), None)
+        return await self.pin(endpoint, model, version, budget)
 
     async def infer(
         self,
         endpoint: str,
-        model: str,
-        version: str,
+        pinned: Pinned,
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str],
-        timeout_s: float | None,
-    ) -> tuple[str, dict[str, tuple[str, np.ndarray]]]:
-        """Run inference; returns the version that answered and each output's datatype and array."""
-        request = pb.ModelInferRequest(model_name=model, model_version=version)
+        budget: Budget,
+    ) -> pb.ModelInferResponse:
+        """Run inference on exactly the pinned version; an answer from any other version is refused."""
+        model = pinned.signature.name
+        request = pb.ModelInferRequest(model_name=model, model_version=pinned.version)
+        feature_names = {spec.name: spec.feature_names for spec in pinned.signature.inputs}
         for name, array in inputs.items():
             datatype = datatype_of(array)
-            request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+            if feature_names.get(name):
+                # The order the tensor was built in, for a predictor that checks it against its own.
+                tensor.parameters["feature_names"].string_param = ",".join(feature_names[name])
             request.raw_input_contents.append(raw_from_array(array, datatype))
         for name in outputs:
             request.outputs.add(name=name)
+        what = f"predictor {endpoint}"
         try:
-            response = await self._stub(endpoint).ModelInfer(request, timeout=timeout_s or self._timeout_s)
-        except aio.AioRpcError as err:
-            raise _translate(err, endpoint) from None
-        results: dict[str, tuple[str, np.ndarray]] = {}
-        for index, tensor in enumerate(response.outputs):
-            what = f"predictor {endpoint} output {tensor.name!r}"
-            if index >= len(response.raw_output_contents):
-                raise Unavailable(f"{what}: answer carries no raw contents")
-            results[tensor.name] = (
-                tensor.datatype,
-                array_from_raw(response.raw_output_contents[index], tensor.datatype, tuple(tensor.shape), what),
+            response: pb.ModelInferResponse = await self._stub(endpoint).ModelInfer(
+                request, timeout=budget.for_hop(f"{what} ModelInfer", self._timeout_s)
             )
-        return response.model_version, results
+        except aio.AioRpcError as err:
+            raise peer_error(err.code(), err.details() or "", what) from None
+        if response.model_version != pinned.version:
+            raise Unavailable(
+                f"{what} answered model {model!r} with version {response.model_version!r}, "
+                f"not the version {pinned.version!r} the request was built for; the answer is discarded"
+            )
+        return response
 
     async def close(self) -> None:
         """Close every channel."""
         for channel in self._channels:
             await channel.close()
+
+
+def decode_outputs(response: pb.ModelInferResponse, endpoint: str) -> dict[str, tuple[str, np.ndarray]]:
+    """Each output of an inference answer: its datatype and array."""
+    results: dict[str, tuple[str, np.ndarray]] = {}
+    for index, tensor in enumerate(response.outputs):
+        what = f"predictor {endpoint} output {tensor.name!r}"
+        if index >= len(response.raw_output_contents):
+            raise Unavailable(f"{what}: answer carries no raw contents")
+        try:
+            array = array_from_raw(response.raw_output_contents[index], tensor.datatype, tuple(tensor.shape), what)
+        except FrescoError as err:  # a malformed answer is the predictor's fault, not the caller's
+            raise Unavailable(str(err)) from None
+        results[tensor.name] = (tensor.datatype, array)
+    return results

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from chassis.server import ServiceApp
-from fresco.api.gateway.v1 import gateway_pb2 as pb
-from fresco.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from gateway.features import FeatureClient
+from gateway.limits import Limits
+from gateway.offload import Offload
 from gateway.pipeline import PredictionPipeline
 from gateway.predictors import PredictorPool
 from gateway.routing import RouteTable
-from gateway.service import GatewayServicer
+from gateway.service import SERVICE_NAME, GatewayServicer
 from gateway.settings import GatewaySettings
-
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
 class Gateway:
@@ -22,15 +20,23 @@ class Gateway:
         self.settings = settings
         self.app = ServiceApp("gateway", settings, [SERVICE_NAME])
         routes = RouteTable.static(settings.predictor, settings.routes_file)
-        self.predictors = PredictorPool(self.app.client_channel, settings.predictor_timeout_s, settings.metadata_ttl_s)
+        self.predictors = PredictorPool(
+            self.app.client_channel,
+            settings.predictor_timeout_s,
+            settings.metadata_ttl_s,
+            settings.default_version_ttl_s,
+        )
+        self.offload = Offload(settings.offload_above_bytes)
         self.features = (
             FeatureClient(self.app.client_channel, settings.feature_service, settings.feature_timeout_s)
             if settings.feature_service
             else None
         )
-        self.pipeline = PredictionPipeline(routes, self.predictors, self.features)
-        pb_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(self.pipeline), self.app.server)
+        limits = Limits(settings.max_batch_requests, settings.max_bytes_elements)
+        self.pipeline = PredictionPipeline(routes, self.predictors, self.features, limits, self.offload)
+        self.app.server.add_generic_rpc_handlers((GatewayServicer(self.pipeline).handlers(),))
         self.app.on_stop(self.predictors.close)
+        self.app.on_stop(self.offload.close)
         if self.features is not None:
             self.app.on_stop(self.features.close)
 

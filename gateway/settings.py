@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from chassis.settings import ServiceSettings
@@ -19,10 +20,19 @@ class GatewaySettings(ServiceSettings):
     feature_service: str | None = None
     """host:port of the feature service, for predictions that name entity keys instead of features."""
     feature_timeout_s: float = 2.0
-    """Deadline of a call to the feature service when the caller set none."""
+    """Deadline of a call to the feature service when the caller set none (with one, each call gets what remains)."""
     routes_file: Path | None = None
     """YAML file of static routes: a list of {model, predictors: [host:port, ...]}."""
     predictor_timeout_s: float = 5.0
-    """Deadline of a call to a predictor when the caller set none."""
+    """Deadline of a call to a predictor when the caller set none (with one, each call gets what remains)."""
     metadata_ttl_s: float = 30.0
-    """How long a model's metadata (tensor names, shapes, feature order) is cached."""
+    """How long the signature (tensor names, shapes, feature order) of a version a caller names is cached."""
+    default_version_ttl_s: float = 1.0
+    """How long the version a predictor serves by default (and its signature) is cached: after a reload
+    that changes it, calls without a version may still go to the previous default, pinned, this long."""
+    max_batch_requests: int = Field(default=50_000, ge=1)
+    """Most predictions one PredictBatch may ask for; more is INVALID_ARGUMENT."""
+    max_bytes_elements: int = Field(default=100_000, ge=1)
+    """Most string elements in one string-list feature or one BYTES tensor built; more is INVALID_ARGUMENT."""
+    offload_above_bytes: int = Field(default=256 * 1024, ge=0)
+    """Calls whose decoding, tensors or answers weigh more than this many bytes do that work in a worker thread."""

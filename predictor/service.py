@@ -88,6 +88,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             versions=[str(v) for v in sorted(model.versions)],
             platform=version.session.platform if version.session else "",
         )
+        # The version these tensors belong to (the default one when none was asked for), so a
+        # gateway can pin its requests to the version whose signature it builds them from.
+        response.parameters["version"].string_param = str(version.version)
         for spec in version.inputs:
             tensor = response.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
             if spec.features:

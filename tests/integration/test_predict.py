@@ -59,6 +59,7 @@ async def test_gateway_predict_matches_onnxruntime(gateway_aio, sample: np.ndarr
         assert response.request_id == f"req-{i}"
         assert response.fallback is False
         assert response.experiment_arm == ""
+        assert (list(response.imputed_features), response.degraded) == ([], False), "named features are not imputed"
         trace_ids.add(response.trace_id)
     assert len(trace_ids) == len(rows), "every request is its own trace"
 

@@ -8,7 +8,8 @@ import pytest
 from chassis.errors import InvalidArgument
 from fresco.api.common.v1 import values_pb2
 from fresco.api.inference import grpc_service_pb2 as pb
-from gateway.assembly import InputSpec, ModelSignature, build_inputs, from_proto, split_rows, to_tensor
+from gateway.assembly import InputSpec, ModelSignature, Row, build_inputs, from_proto, split_rows, to_tensor
+from gateway.limits import Limits
 
 VECTOR = ModelSignature(
     "risk", (InputSpec("X", "FP32", (-1, 3), ("income", "age", "tenure")),), ("label", "probabilities")
@@ -198,3 +199,23 @@ def test_to_tensor_puts_each_datatype_in_its_field(
     assert list(getattr(tensor, field)) == values
     others = {"double_values", "int64_values", "uint64_values", "bool_values", "bytes_values"} - {field}
     assert all(len(getattr(tensor, other)) == 0 for other in others)
+
+
+def test_split_rows_of_a_batched_bytes_output() -> None:
+    """Row i of a BYTES output is a one-element string tensor, as for any other datatype."""
+    outputs = {"echo": ("BYTES", np.array([b"a", b"", "c"], dtype=object))}
+    rows = split_rows(outputs, 3)
+    assert [list(r["echo"].bytes_values) for r in rows] == [[b"a"], [b""], [b"c"]]
+    assert [list(r["echo"].shape) for r in rows] == [[], [], []]
+
+
+def test_bytes_input_over_the_element_limit_is_refused_before_it_is_built() -> None:
+    limits = Limits(max_bytes_elements=4)
+    rows: list[Row] = [{"age": 1, "city": "x", "score": 0.5}] * 4
+    arrays = build_inputs(NAMED, rows, [f"r{i}" for i in range(4)], limits)
+    assert arrays["city"].tolist() == ["x"] * 4
+    with pytest.raises(InvalidArgument, match=r"input 'city': 5 string elements, at most 4"):
+        build_inputs(NAMED, [*rows, *rows[:1]], [f"r{i}" for i in range(5)], limits)
+    listed: list[Row] = [{"age": 1, "city": ["a", "b", "c"], "score": 0.5}] * 2
+    with pytest.raises(InvalidArgument, match=r"input 'city': 6 string elements"):
+        build_inputs(NAMED, listed, ["r0", "r1"], limits)

@@ -56,7 +56,7 @@ class PredictRequest(_message.Message):
     model: _builtins.str
     """model is the name of the model to predict with."""
     version: _builtins.str
-    """version pins a model version; empty lets routing and experiments choose."""
+    """version pins a model version; empty lets routing and experiments choose (the predictor's default version)."""
     unit_id: _builtins.str
     """unit_id identifies the experiment unit (a user, a session) for sticky assignment."""
     request_id: _builtins.str
@@ -126,6 +126,8 @@ class PredictResponse(_message.Message):
     TRACE_ID_FIELD_NUMBER: _builtins.int
     FALLBACK_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    IMPUTED_FEATURES_FIELD_NUMBER: _builtins.int
+    DEGRADED_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model that answered."""
     model_version: _builtins.str
@@ -138,9 +140,15 @@ class PredictResponse(_message.Message):
     """fallback is true when the answer came from the model's fallback instead of the model."""
     request_id: _builtins.str
     """request_id echoes the request's request_id."""
+    degraded: _builtins.bool
+    """degraded is true when a feature was imputed or the feature service answered from a fallback tier."""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _values_pb2.Tensor]:
         """outputs maps each model output name to its value for this request."""
+
+    @_builtins.property
+    def imputed_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """imputed_features are the feature refs whose value the feature service imputed by the feature's null policy."""
 
     def __init__(
         self,
@@ -152,10 +160,12 @@ class PredictResponse(_message.Message):
         trace_id: _builtins.str = ...,
         fallback: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        imputed_features: _abc.Iterable[_builtins.str] | None = ...,
+        degraded: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_arm", b"experiment_arm", "fallback", b"fallback", "model", b"model", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "experiment_arm", b"experiment_arm", "fallback", b"fallback", "imputed_features", b"imputed_features", "model", b"model", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -170,7 +180,7 @@ class PredictBatchRequest(_message.Message):
     REQUESTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def requests(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictRequest]:
-        """requests are the predictions asked for, answered in the same order."""
+        """requests are the predictions asked for, answered in the same order; the gateway's max_batch_requests bounds them."""
 
     def __init__(
         self,
