@@ -1,12 +1,16 @@
 """L2: Redis as a cache of encoded records, one pipelined round trip per batch, failing fast when down.
 
 Every error becomes chassis Unavailable("redis: ...") within about the socket timeout, so the store can
-go around it; the pool reconnects by itself when Redis comes back."""
+go around it; the pool reconnects by itself when Redis comes back.
+
+Writes and fills go through one server-side script that keeps, per key, the record written last by event time
+(ties by arrival), so an older event, a replay or a late fill never replaces a newer value."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -18,14 +22,55 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from chassis.errors import Unavailable
-from feature_service.records import Record
+from feature_service.records import FORMAT, HEAD_BYTES, Record
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "fresco:features:"
+WRITE, FILL = b"write", b"fill"
+SCRIPT_KEYS = 500  # keys per script call: each call holds Redis for its duration
+
+# Per key (KEYS[i], payload ARGV[2 + i]): keep the greatest encoding, compared as bytes, which orders records
+# by event time then arrival (see feature_service.records). A "floor" is the head of an encoding alone (event
+# and arrival, no values): it says the durable tier holds something at least that recent, which Redis does
+# not know, so reads of it miss. A write (mode "write") only lands as a record where Redis held the key's
+# record, which is then the durable tier's; elsewhere it raises the floor, since the durable tier may hold a
+# later record than the one written. A fill (mode "fill", a record read from the durable tier) lands unless
+# something at least as recent is held. Values of an earlier format (not starting with \x01) count as absent.
+# Returns per key 1 if Redis now holds exactly the payload as a record, else 0.
+_ORDERED_SET = """
+local mode, ttl = ARGV[1], tonumber(ARGV[2])
+local head_len = 17
+local function at_least(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a >= #b
+end
+local out = {}
+for i, key in ipairs(KEYS) do
+  local new = ARGV[2 + i]
+  local cur = redis.call('GET', key)
+  if cur and string.byte(cur, 1) ~= 1 then cur = false end
+  local keep = cur
+  if mode == 'fill' or (cur and #cur > head_len) then
+    if not cur or not at_least(cur, new) then keep = new end
+  else
+    local floor = string.sub(new, 1, head_len)
+    if not cur or not at_least(cur, floor) then keep = floor end
+  end
+  if keep ~= cur then redis.call('SET', key, keep, 'PX', ttl) end
+  out[i] = (keep == new and #new > head_len) and 1 or 0
+end
+return out
+"""
+# EVALSHA: only the digest travels.
+_ORDERED_SET_SHA = hashlib.sha1(_ORDERED_SET.encode(), usedforsecurity=False).hexdigest()
 
 
 class RedisTier:
@@ -90,22 +135,44 @@ class RedisTier:
             out[view] = [None if value is None else _decode(value) for value in values]
         return out
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """SET every row with the TTL, in one round trip."""
-        await self._set(view, rows, only_new=False)
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> list[bool]:
+        """After a durable write of rows: per row, whether Redis now holds that very record. Where Redis held the
+        key's current record, it keeps the later one; elsewhere it keeps a floor (see the module docstring)."""
+        return await self._apply(view, [(key, record.encode()) for key, record in rows], WRITE)
+
+    async def mark(self, view: str, heads: Sequence[tuple[str, bytes]]) -> None:
+        """Raise floors: (key, head) pairs of writes Redis missed or whose outcome is unknown. A record older
+        than the head is replaced by the floor, so it is read from the durable tier again."""
+        await self._apply(view, heads, WRITE)
 
     async def fill(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Like write, but only where the key is not set (SET NX): a fill never overwrites a newer write."""
-        await self._set(view, rows, only_new=True)
+        """Cache records read from the durable tier, where nothing newer (record or floor) is held."""
+        await self._apply(view, [(key, record.encode()) for key, record in rows], FILL)
 
-    async def _set(self, view: str, rows: Sequence[tuple[str, Record]], only_new: bool) -> None:
-        if not rows:
-            return
+    async def _apply(self, view: str, items: Sequence[tuple[str, bytes]], mode: bytes) -> list[bool]:
+        if not items:
+            return []
         prefix = self._prefix(view)
-        pipe = self._client.pipeline(transaction=False)
-        for key, record in rows:
-            pipe.set(prefix + key, record.encode(), px=self.ttl_ms, nx=only_new)
-        await self._execute(pipe)
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(items), SCRIPT_KEYS):
+                chunk = items[start : start + SCRIPT_KEYS]
+                keys = [prefix + key for key, _ in chunk]
+                pipe.evalsha(_ORDERED_SET_SHA, len(keys), *keys, mode, self.ttl_ms, *[p for _, p in chunk])
+            try:
+                replies = await self._execute(pipe)
+                break
+            except Unavailable as exc:
+                if attempt or not isinstance(exc.__cause__, NoScriptError):
+                    raise
+                await self._load_script()  # Redis restarted, or flushed its scripts
+        return [bool(flag) for reply in replies for flag in reply]
+
+    async def _load_script(self) -> None:
+        try:
+            await self._client.script_load(_ORDERED_SET)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
     async def delete(self, view: str, keys: Sequence[str]) -> None:
         """Remove keys (UNLINK: freed off Redis's main thread)."""
@@ -145,7 +212,7 @@ class RedisTier:
 
 class CacheGuard:
     """Whether a RedisTier may be used now: not while it is down (so no request waits for its timeout), nor
-    while it may hold values older than a write it missed, until a repair has deleted them."""
+    while it may hold values older than a write it missed, until a repair has raised their floors."""
 
     def __init__(self, tier: RedisTier, *, retry_s: float = 0.5, max_dirty_keys: int = 100_000) -> None:
         self.tier = tier
@@ -154,7 +221,8 @@ class CacheGuard:
         self.epoch = 0  # bumped by each repair, so fills read before it can be dropped
         self._down_until = 0.0
         self._clean = True
-        self._dirty: set[tuple[str, str]] = set()  # (view, key) written while Redis missed the write
+        # (view, key) → head of the latest write Redis missed, raised as a floor by the repair.
+        self._dirty: dict[tuple[str, str], bytes] = {}
         self._overflow = False  # too many to list: the whole prefix must be flushed
         self._repair: asyncio.Task[None] | None = None
 
@@ -171,20 +239,32 @@ class CacheGuard:
             self.failed(exc)
             raise
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Write through if Redis is usable; otherwise remember the keys for the repair. Never raises."""
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> list[bool] | None:
+        """After a durable write: RedisTier.write if Redis is usable, else None and the keys are remembered
+        for the repair. Never raises."""
         if self.usable():
             try:
-                await self.tier.write(view, rows)
-                return
+                return await self.tier.write(view, rows)
             except Unavailable as exc:
                 self.failed(exc)
-        self.missed(view, [key for key, _ in rows])
+        self.missed(view, [(key, record.head()) for key, record in rows])
+        return None
+
+    async def mark(self, view: str, heads: Sequence[tuple[str, bytes]]) -> bool:
+        """RedisTier.mark, or remember the keys for the repair; whether Redis took the floors now. Never raises."""
+        if self.usable():
+            try:
+                await self.tier.mark(view, heads)
+                return True
+            except Unavailable as exc:
+                self.failed(exc)
+        self.missed(view, heads)
+        return False
 
     async def fill(self, view: str, rows: Sequence[tuple[str, Record]], epoch: int) -> None:
-        """Fill with values read from the durable tier while `epoch` was current (SET NX). Never raises."""
+        """Fill with values read from the durable tier while `epoch` was current. Never raises."""
         if epoch != self.epoch or not self.usable():
-            return  # read before a repair: the value may be one the repair just deleted
+            return  # read before a repair: the value may be older than a write Redis missed
         try:
             await self.tier.fill(view, rows)
         except Unavailable as exc:
@@ -197,11 +277,16 @@ class CacheGuard:
         self._down_until = time.monotonic() + self.retry_s
         self._start_repair()
 
-    def missed(self, view: str, keys: Sequence[str]) -> None:
-        """A write reached the durable tier but not Redis: Redis may serve those keys stale until repaired."""
+    def missed(self, view: str, heads: Sequence[tuple[str, bytes]]) -> None:
+        """A write reached the durable tier but not Redis ((key, head) pairs): Redis may serve those keys stale
+        until repaired."""
         self._clean = False
+        self.epoch += 1
         if not self._overflow:
-            self._dirty.update((view, key) for key in keys)
+            for key, head in heads:
+                held = self._dirty.get((view, key))
+                if held is None or head > held:
+                    self._dirty[(view, key)] = head
             if len(self._dirty) > self.max_dirty_keys:
                 self._dirty.clear()
                 self._overflow = True
@@ -233,14 +318,16 @@ class CacheGuard:
                     raise
                 log.info("redis flushed after missing too many writes: %d keys removed", removed)
             while self._dirty and not self._overflow:
-                batch = set(self._dirty)
+                batch = dict(self._dirty)
                 self.epoch += 1
-                by_view: dict[str, list[str]] = {}
-                for view, key in batch:
-                    by_view.setdefault(view, []).append(key)
-                for view, keys in by_view.items():
-                    await self.tier.delete(view, keys)
-                self._dirty -= batch
+                by_view: dict[str, list[tuple[str, bytes]]] = {}
+                for (view, key), head in batch.items():
+                    by_view.setdefault(view, []).append((key, head))
+                for view, heads in by_view.items():
+                    await self.tier.mark(view, heads)
+                for item, head in batch.items():
+                    if self._dirty.get(item) == head:
+                        del self._dirty[item]
         except Unavailable:
             return False
         if self._dirty or self._overflow:
@@ -259,6 +346,8 @@ class CacheGuard:
 
 
 def _decode(value: bytes) -> Record | None:
+    if value[:1] == FORMAT and len(value) <= HEAD_BYTES:
+        return None  # a floor: the record must come from the durable tier
     try:
         return Record.decode(value)
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:

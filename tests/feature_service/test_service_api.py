@@ -81,6 +81,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def service(workdir: Path) -> Iterator[ServiceProcess]:
     args = ["--definitions", str(workdir / "features.yaml"), "--sqlite-path", str(workdir / "f.db"), "--port", "0"]
+    args += ["--materialize-source-dirs", str(workdir)]
     service = ServiceProcess("feature_service", [*args, "--statistics-poll-s", "0.2"]).start()
     try:
         service.wait_healthy(60)
@@ -162,8 +163,8 @@ def test_materialize_then_statistics_and_imputation(stub, workdir: Path) -> None
         (pb.MaterializeRequest(feature_view="nope", source_uri="/x.parquet"), grpc.StatusCode.NOT_FOUND, "nope"),
         (
             pb.MaterializeRequest(feature_view="profile", source_uri="/no/such.parquet"),
-            grpc.StatusCode.NOT_FOUND,
-            "source_uri",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "materialize_source_dirs",
         ),
         (
             pb.MaterializeRequest(feature_view="profile", source_uri="http://x/y.csv"),

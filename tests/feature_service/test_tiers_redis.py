@@ -32,8 +32,8 @@ async def test_write_then_read_many_views(redis_server: RedisServer, prefix: str
     tier = RedisTier(redis_server.url, key_prefix=prefix)
     try:
         first, second = rows(20, "a"), rows(5, "b")
-        await tier.write("v1", first)
-        await tier.write("v2", second)
+        await tier.fill("v1", first)
+        await tier.fill("v2", second)
         unknown = entity_key(["nobody"])
         keys1 = [*[key for key, _ in first][::-1], unknown]
         got = await tier.read({"v1": keys1, "v2": [key for key, _ in second], "v3": [], "v4": [unknown]})
@@ -49,7 +49,7 @@ async def test_a_read_of_many_views_is_one_round_trip(redis_server: RedisServer,
     tier = RedisTier(redis_server.url, key_prefix=prefix)
     try:
         for view in ("a", "b", "c"):
-            await tier.write(view, rows(50, view))
+            await tier.fill(view, rows(50, view))
         trips, mgets = tier.round_trips, command_calls(redis_server, "mget")
         got = await tier.read({view: [key for key, _ in rows(50, view)] for view in ("a", "b", "c")})
         assert all(record is not None for records in got.values() for record in records)
@@ -65,9 +65,9 @@ async def test_values_expire_with_the_ttl(redis_server: RedisServer, prefix: str
     client = redis.Redis(port=redis_server.port)
     try:
         [(key, record)] = rows(1)
-        await tier.write("v", [(key, record)])
+        await tier.fill("v", [(key, record)])
         assert 59_000 < client.pttl(f"{prefix}v:{key}") <= 60_000
-        await short.write("w", [(key, record)])
+        await short.fill("w", [(key, record)])
         assert (await short.read({"w": [key]}))["w"] == [record]
         await asyncio.sleep(0.35)
         assert (await short.read({"w": [key]}))["w"] == [None]
@@ -77,16 +77,45 @@ async def test_values_expire_with_the_ttl(redis_server: RedisServer, prefix: str
         await short.close()
 
 
-async def test_fill_never_overwrites_a_write(redis_server: RedisServer, prefix: str) -> None:
+async def test_writes_and_fills_keep_the_last_event(redis_server: RedisServer, prefix: str) -> None:
     tier = RedisTier(redis_server.url, key_prefix=prefix)
     try:
-        new, old = Record({"x": 2}, 2.0, 2.0), Record({"x": 1}, 1.0, 1.0)
-        await tier.write("v", [("k", new)])
-        await tier.fill("v", [("k", old), ("j", old)])
-        assert (await tier.read({"v": ["k", "j"]}))["v"] == [new, old]
+        old, new, newer = Record({"x": 1}, 1.0, 1.0), Record({"x": 2}, 2.0, 2.0), Record({"x": 3}, 3.0, 1.5)
+        await tier.fill("v", [("k", new)])  # Redis holds the durable tier's record...
+        assert await tier.write("v", [("k", old)]) == [False]  # ...so an older event leaves it
+        assert await tier.write("v", [("k", newer)]) == [True]  # ...and a later one replaces it
+        await tier.fill("v", [("k", new), ("j", old)])  # a fill never replaces a later event either
+        assert (await tier.read({"v": ["k", "j"]}))["v"] == [newer, old]
+        # Same event time: the later arrival wins, in whatever order they come.
+        early, late = Record({"x": 4}, 9.0, 5.0), Record({"x": 5}, 9.0, 6.0)
+        assert await tier.write("v", [("k", late)]) == [True]
+        assert await tier.write("v", [("k", early)]) == [False]
+        assert (await tier.read({"v": ["k"]}))["v"] == [late]
+        # A write where Redis held nothing cannot know the durable tier's latest: it leaves a floor, read as a
+        # miss, which a fill older than the write cannot pass and the durable tier's value can.
+        assert await tier.write("v", [("fresh", new)]) == [False]
+        await tier.fill("v", [("fresh", old)])
+        assert (await tier.read({"v": ["fresh"]}))["v"] == [None]
+        await tier.fill("v", [("fresh", newer)])
+        assert (await tier.read({"v": ["fresh"]}))["v"] == [newer]
+        await tier.mark("v", [("fresh", Record({}, 10.0, 10.0).head())])  # a write Redis missed, by head
+        assert (await tier.read({"v": ["fresh"]}))["v"] == [None]
         await tier.delete("v", ["k", "j"])
         assert (await tier.read({"v": ["k", "j"]}))["v"] == [None, None]
     finally:
+        await tier.close()
+
+
+async def test_the_script_is_loaded_again_after_redis_forgets_it(redis_server: RedisServer, prefix: str) -> None:
+    tier = RedisTier(redis_server.url, key_prefix=prefix)
+    client = redis.Redis(port=redis_server.port)
+    try:
+        await tier.fill("v", rows(1))
+        client.script_flush()
+        await tier.fill("v", rows(2))
+        assert (await tier.read({"v": [key for key, _ in rows(2)]}))["v"] == [r for _, r in rows(2)]
+    finally:
+        client.close()
         await tier.close()
 
 
@@ -119,7 +148,7 @@ async def test_down_fails_fast_and_comes_back_by_itself(tmp_path: Path) -> None:
     with RedisServer(data_dir=tmp_path) as server:
         tier = RedisTier(server.url, timeout_s=0.3)
         try:
-            await tier.write("v", rows(3))
+            await tier.fill("v", rows(3))
             server.kill()
             for _ in range(3):
                 began = time.monotonic()
@@ -130,20 +159,20 @@ async def test_down_fails_fast_and_comes_back_by_itself(tmp_path: Path) -> None:
                 assert time.monotonic() - began < 1.0
             server.start()
             # The same tier, with no reconnect call: the pool replaces the dead connections.
-            await tier.write("v", rows(1))
+            await tier.fill("v", rows(1))
             assert (await tier.read({"v": [rows(1)[0][0]]}))["v"] == [rows(1)[0][1]]
         finally:
             await tier.close()
 
 
-async def test_guard_deletes_what_redis_missed_before_trusting_it_again(tmp_path: Path) -> None:
+async def test_guard_floors_what_redis_missed_before_trusting_it_again(tmp_path: Path) -> None:
     # appendonly: the restarted Redis still holds the values from before the outage, stale ones included.
     with RedisServer(data_dir=tmp_path, appendonly=True) as server:
         tier = RedisTier(server.url, timeout_s=0.3)
         guard = CacheGuard(tier, retry_s=0.1, max_dirty_keys=10)
         try:
             old, new = Record({"x": 1}, 1.0, 1.0), Record({"x": 2}, 2.0, 2.0)
-            await guard.write("v", [("k", old), ("kept", old)])
+            await tier.fill("v", [("k", old), ("kept", old)])
             server.kill()
             await guard.write("v", [("k", new)])  # reached the durable tier, not Redis
             assert not guard.usable()

@@ -80,6 +80,8 @@ class FeatureServiceServicer:
 
     def PushFeatures(self, request_iterator, context):
         """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+        Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+        (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

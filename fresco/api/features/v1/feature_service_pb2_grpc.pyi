@@ -36,7 +36,10 @@ class FeatureServiceStub:
     GetFeatures: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeaturesRequest, _feature_service_pb2.GetFeaturesResponse]
     """GetFeatures reads many feature refs for many entities in one call and answers column by column."""
     PushFeatures: _grpc.StreamUnaryMultiCallable[_feature_service_pb2.PushFeaturesRequest, _feature_service_pb2.PushFeaturesResponse]
-    """PushFeatures streams rows into the online store and answers once, after the client closes the stream."""
+    """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+    Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+    (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
+    """
     Materialize: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.MaterializeRequest, _feature_service_pb2.MaterializeResponse]
     """Materialize loads an offline file into the online store, keeping the latest row per entity."""
     ListFeatureViews: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.ListFeatureViewsRequest, _feature_service_pb2.ListFeatureViewsResponse]
@@ -54,7 +57,10 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     GetFeatures: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeaturesRequest, _feature_service_pb2.GetFeaturesResponse]  # type: ignore[assignment]
     """GetFeatures reads many feature refs for many entities in one call and answers column by column."""
     PushFeatures: _aio.StreamUnaryMultiCallable[_feature_service_pb2.PushFeaturesRequest, _feature_service_pb2.PushFeaturesResponse]  # type: ignore[assignment]
-    """PushFeatures streams rows into the online store and answers once, after the client closes the stream."""
+    """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+    Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+    (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
+    """
     Materialize: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.MaterializeRequest, _feature_service_pb2.MaterializeResponse]  # type: ignore[assignment]
     """Materialize loads an offline file into the online store, keeping the latest row per entity."""
     ListFeatureViews: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.ListFeatureViewsRequest, _feature_service_pb2.ListFeatureViewsResponse]  # type: ignore[assignment]
@@ -81,7 +87,10 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_feature_service_pb2.PushFeaturesRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_feature_service_pb2.PushFeaturesResponse, _abc.Awaitable[_feature_service_pb2.PushFeaturesResponse]]:
-        """PushFeatures streams rows into the online store and answers once, after the client closes the stream."""
+        """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+        Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+        (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
+        """
 
     @_abc_1.abstractmethod
     def Materialize(
