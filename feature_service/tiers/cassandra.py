@@ -250,15 +250,17 @@ class CassandraTier:
         size = size or self._keys_per_request
         return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Durable (at the configured consistency) when this returns; Unavailable if any row may have failed."""
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> Mapping[str, Record] | None:
+        """Durable (at the configured consistency) when this returns; Unavailable if any row may have failed.
+        None: which record won for each key is not known without reading it back."""
         latest = records_latest(rows)
         if not latest:
-            return
+            return None
         # The key index first: a key listed without a record only costs a bloom false positive, while a record
         # whose key is not listed would be hidden by a bloom filter rebuilt from the index.
         await self._run([(batch, None) for batch in self._key_batches(view, list(latest))])
         await self._run([(batch, None) for batch in self._record_batches(view, latest)])
+        return None
 
     def _key_batches(self, view: str, keys: Sequence[str]) -> list[BatchStatement]:
         """Index rows as unlogged batches within one partition each: one mutation per batch."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 
@@ -55,11 +55,15 @@ async def served(store: TieredStore, view: str, key: str) -> Record | None:
     return record
 
 
+def idle(store: TieredStore) -> Callable[[], bool]:
+    return lambda: not store._tasks
+
+
 async def cached_everywhere(a: TieredStore, b: TieredStore, view: str, key: str, record: Record) -> None:
     """Both replicas serve `record` from memory, and Redis holds it."""
     for store in (a, b):
         await store.read({view: [key]})
-        await wait_for(lambda s=store: not s._tasks, what="background fills")
+        await wait_for(idle(store), what="background fills")
         assert store.memory.get_many(view, [key]) == [record]
     assert a.guard is not None
     assert (await a.guard.tier.read({view: [key]}))[view] == [record]
