@@ -25,7 +25,7 @@ from chassis.errors import FailedPrecondition, InvalidArgument, NotFound, Permis
 from feature_service import convert
 from feature_service.metrics import FeatureMetrics
 from feature_service.reader import Catalog, Store, ViewEntry
-from feature_service.records import DurableTier, Record, entity_key
+from feature_service.records import DurableTier, Record, arrival_time, entity_key
 from feature_service.writer import Problem, Rejection, Rejections, Violation, check_event_time, check_features
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.features.policy import INT32_RANGE
@@ -112,7 +112,7 @@ class Materializer:
             frame = await asyncio.to_thread(_load, entry, spec, path)
             report(MaterializeProgress("read", 1, 1))
             in_range = frame.in_range(spec.start_s, spec.end_s)
-            checked, now = _Checked(Rejections(self.max_rejections)), time.time()
+            checked, now = _Checked(Rejections(self.max_rejections)), arrival_time()
             for start in range(0, len(in_range), self.chunk_rows):  # in chunks, so progress shows and the loop breathes
                 chunk = in_range[start : start + self.chunk_rows]
                 await asyncio.to_thread(self._check_rows, entry, frame, chunk, now, checked)
@@ -120,7 +120,7 @@ class Materializer:
             rows = [(key, frame.record(entry, i, now)) for key, i in checked.latest.items()]
             written = 0
             for start in range(0, 0 if spec.dry_run else len(rows), self.chunk_rows):
-                await self.store.write(spec.view, rows[start : start + self.chunk_rows])
+                await self.store.write(spec.view, rows[start : start + self.chunk_rows], warm=False)
                 written = min(start + self.chunk_rows, len(rows))
                 report(MaterializeProgress("write", written, len(rows)))
             report(MaterializeProgress("statistics", 0, 1))

@@ -2,11 +2,13 @@
 
 Reads answer whatever they can: a failed tier makes the answer degraded, and keys no tier could answer
 are marked UNAVAILABLE rather than failing the whole read. Writes are acknowledged only once durable.
-Every tier keeps the last event per key (see records). After a durable write the cache work always runs to
-its end, whatever the caller does; Redis is never trusted again after missing a write until the keys it may
-hold stale are floored, and the miss is logged durably so other replicas floor them too (see redis_misses).
-A write whose outcome is unknown (a timeout) drops the keys from every cache tier before the error is
-answered. Bloom filters are rebuilt from the durable tier every `bloom_refresh_s`."""
+Every tier keeps the last event per key (see records). A write first raises the keys' floors in Redis (see
+tiers.redis), so from then on Redis serves none of their older records whatever happens to the writer; then
+writes durably; then puts the records in the caches where it can tell they are the latest. That cache work
+runs to its end whatever the caller does. A write Redis cannot take is logged durably first, so every replica
+floors the keys too (see redis_misses), and Redis is not trusted here until repaired. A write whose outcome is
+unknown (a timeout) drops the keys from every memory tier before the error is answered. Bloom filters are
+rebuilt from the durable tier every `bloom_refresh_s`."""
 
 from __future__ import annotations
 
@@ -298,14 +300,15 @@ class TieredStore:
 
     # --- writes ---------------------------------------------------------------------------------------
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]], *, warm: bool = True) -> None:
         """Store rows durably (Unavailable if the durable tier cannot), then update caches, blooms, replicas.
 
         The work runs in a task of its own that the caller's cancellation or deadline does not stop: a write
-        that may have reached the durable tier always finishes its cache work (close() waits for it)."""
+        that may have reached the durable tier always finishes its cache work (close() waits for it). warm=False
+        (bulk loads) leaves keys whose latest record is not known out of the caches instead of reading them back."""
         if not rows:
             return
-        task = asyncio.create_task(self._write(view, rows), name=f"write {view}")
+        task = asyncio.create_task(self._write(view, rows, warm), name=f"write {view}")
         self._writes.add(task)
         task.add_done_callback(_settled)
         task.add_done_callback(self._writes.discard)
@@ -316,32 +319,36 @@ class TieredStore:
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)
 
-    async def _write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
+    async def _write(self, view: str, rows: Sequence[tuple[str, Record]], warm: bool) -> None:
         items = list(latest(rows).items())
         keys = [key for key, _ in items]
+        floored: list[int] | None = None
+        if self.guard is not None:
+            # Floors first: whatever happens from here (a crash, a timeout that applied), Redis serves none of
+            # these keys' older records, nor takes them back from a fill.
+            floored = await self.guard.floor(view, [(key, record.head()) for key, record in items])
+            if floored is None:
+                await self._log_miss(view, items)  # before the durable write: no write goes unlogged
         try:
             current = await self.durable.write(view, items)
         except Unavailable:
-            # A timeout may have applied the write: the keys' cached values can no longer be trusted anywhere.
-            await self._outcome_unknown(view, items)
+            # A timeout may have applied the write: this replica's memory and the others' cannot be trusted.
+            await self._forget(view, keys)
             raise
         if self.blooms is not None:
             self.blooms.add(view, keys)
         if current is not None:  # the durable tier said what it holds now (SQLite): exact
             self.memory.put_many(view, current.items())
         unsure = [] if current is not None else keys
-        if self.guard is not None:
-            held = await self.guard.write(view, items)
-            if held is None:
-                await self._log_miss(view, items)
-            elif current is None:
-                # Where Redis held the key's record, it took the later one: that is the durable tier's.
-                self.memory.put_many(view, [item for item, ok in zip(items, held, strict=True) if ok])
-                unsure = [key for (key, _), ok in zip(items, held, strict=True) if not ok]
+        if self.guard is not None and floored is not None and current is None:
+            held = await self.guard.commit(view, items, floored)
+            self.memory.put_many(view, [item for item, ok in zip(items, held, strict=True) if ok])
+            unsure = [key for (key, _), ok in zip(items, held, strict=True) if not ok]
         if unsure:
-            # Elsewhere the durable tier may hold a later event than this write: read back what it holds.
+            # The durable tier may hold a later event than this write: read back what it holds, as a read would.
             self.memory.invalidate(view, unsure)
-            await self._read_back(view, unsure)
+            if warm:
+                await self._read_back(view, unsure)
         if self.invalidator is not None:
             await self.invalidator.publish(view, keys)
 
@@ -359,28 +366,24 @@ class TieredStore:
         if fills and self.guard is not None:
             await self.guard.fill(view, fills, epoch)
 
-    async def _outcome_unknown(self, view: str, items: Sequence[tuple[str, Record]]) -> None:
-        keys = [key for key, _ in items]
+    async def _forget(self, view: str, keys: Sequence[str]) -> None:
+        """Keys whose write may or may not have applied: out of memory here, announced to the other replicas
+        (Redis has their floors already), and in the blooms, since they may exist now."""
         self.memory.invalidate(view, keys)
         if self.blooms is not None:
             self.blooms.add(view, keys)
-        if self.guard is not None and not await self.guard.mark(view, [(key, r.head()) for key, r in items]):
-            with contextlib.suppress(Unavailable):  # the durable tier just failed: likely to fail again
-                await self._log_miss(view, items)
         if self.invalidator is not None:
             await self.invalidator.publish(view, keys)
 
     async def _log_miss(self, view: str, items: Sequence[tuple[str, Record]]) -> None:
-        """Redis missed a durable write: log it durably for every replica (see redis_misses) before the write is
-        acknowledged; Unavailable if that fails, so the caller retries rather than trusting the bound."""
+        """Redis cannot be floored for a write: log it durably for every replica (see redis_misses) before the
+        durable write; Unavailable if that fails, so nothing is written that other replicas could miss."""
         if self.misses is None:
             return
         try:
             await self.misses.log.log_redis_misses(view, [(key, r.head()) for key, r in items], time.time())
         except Unavailable as exc:
-            raise Unavailable(
-                f"written, but other replicas may serve the previous values until Redis expires them: {exc}"
-            ) from exc
+            raise Unavailable(f"not written: Redis is unreachable and the miss could not be logged: {exc}") from exc
 
     async def _apply_miss(self, view: str, heads: Sequence[tuple[str, bytes]]) -> None:
         """Another replica (or this one) logged a write Redis missed: see redis_misses."""
@@ -389,7 +392,7 @@ class TieredStore:
         if self.blooms is not None:
             self.blooms.add(view, keys)
         if self.guard is not None:
-            await self.guard.mark(view, heads)
+            await self.guard.floor(view, heads)
 
     # --- invalidation callbacks ------------------------------------------------------------------------
 

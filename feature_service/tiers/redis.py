@@ -30,17 +30,21 @@ from feature_service.records import FORMAT, HEAD_BYTES, Record
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "fresco:features:"
-WRITE, FILL = b"write", b"fill"
+FLOOR, COMMIT, FILL = b"floor", b"commit", b"fill"
 SCRIPT_KEYS = 500  # keys per script call: each call holds Redis for its duration
 
-# Per key (KEYS[i], payload ARGV[2 + i]): keep the greatest encoding, compared as bytes, which orders records
-# by event time then arrival (see feature_service.records). A "floor" is the head of an encoding alone (event
-# and arrival, no values): it says the durable tier holds something at least that recent, which Redis does
-# not know, so reads of it miss. A write (mode "write") only lands as a record where Redis held the key's
-# record, which is then the durable tier's; elsewhere it raises the floor, since the durable tier may hold a
-# later record than the one written. A fill (mode "fill", a record read from the durable tier) lands unless
-# something at least as recent is held. Values of an earlier format (not starting with \x01) count as absent.
-# Returns per key 1 if Redis now holds exactly the payload as a record, else 0.
+# Per key (KEYS[i], payload ARGV[1 + 2i], flag ARGV[2 + 2i]) Redis keeps the greatest encoding, compared as
+# bytes, which orders records by event time then arrival (see feature_service.records). A "floor" is the head of
+# an encoding alone (event and arrival, no values): the durable tier holds something at least that recent that
+# Redis does not know, so a read of it misses, and only a fill at least that recent replaces it.
+# - floor (before a durable write, or for a write Redis missed): a record older than the head becomes the floor
+#   (returns 1: Redis knew the durable tier's record until now); a record at least as recent stays (returns 2);
+#   elsewhere the floor is raised to the head (returns 0).
+# - commit (after the durable write, flag 1 where the floor returned 1): where the floor this write left is still
+#   there, no later write has begun, so the record written is the durable tier's: it replaces the floor (returns
+#   1). Anything else stays (returns 0): the writer reads the key back from the durable tier, as a read would.
+# - fill (a record read from the durable tier): lands unless something at least as recent is held (returns 0).
+# Values of an earlier format (not starting with \x01) count as absent.
 _ORDERED_SET = """
 local mode, ttl = ARGV[1], tonumber(ARGV[2])
 local head_len = 17
@@ -54,18 +58,26 @@ local function at_least(a, b)
 end
 local out = {}
 for i, key in ipairs(KEYS) do
-  local new = ARGV[2 + i]
+  local new, flag = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
   local cur = redis.call('GET', key)
   if cur and string.byte(cur, 1) ~= 1 then cur = false end
-  local keep = cur
-  if mode == 'fill' or (cur and #cur > head_len) then
-    if not cur or not at_least(cur, new) then keep = new end
-  else
+  local is_record = cur and #cur > head_len
+  local result = 0
+  if mode == 'fill' then
+    if not cur or not at_least(cur, new) then redis.call('SET', key, new, 'PX', ttl) end
+  elseif mode == 'floor' then
     local floor = string.sub(new, 1, head_len)
-    if not cur or not at_least(cur, floor) then keep = floor end
+    if is_record and at_least(cur, floor) then
+      result = 2
+    else
+      if is_record then result = 1 end
+      if not cur or not at_least(cur, floor) then redis.call('SET', key, floor, 'PX', ttl) end
+    end
+  elseif flag == '1' and cur and not is_record and cur == string.sub(new, 1, head_len) then
+    redis.call('SET', key, new, 'PX', ttl)
+    result = 1
   end
-  if keep ~= cur then redis.call('SET', key, keep, 'PX', ttl) end
-  out[i] = (keep == new and #new > head_len) and 1 or 0
+  out[i] = result
 end
 return out
 """
@@ -135,21 +147,24 @@ class RedisTier:
             out[view] = [None if value is None else _decode(value) for value in values]
         return out
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> list[bool]:
-        """After a durable write of rows: per row, whether Redis now holds that very record. Where Redis held the
-        key's current record, it keeps the later one; elsewhere it keeps a floor (see the module docstring)."""
-        return await self._apply(view, [(key, record.encode()) for key, record in rows], WRITE)
+    async def floor(self, view: str, heads: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Before a durable write, or for writes Redis missed or whose outcome is unknown: raise the keys' floors
+        to these heads ((key, head) pairs). Per key 1 where Redis held an older record, 2 where it held one at
+        least as recent, else 0 (see _ORDERED_SET)."""
+        return await self._apply(view, [(key, head, b"0") for key, head in heads], FLOOR)
 
-    async def mark(self, view: str, heads: Sequence[tuple[str, bytes]]) -> None:
-        """Raise floors: (key, head) pairs of writes Redis missed or whose outcome is unknown. A record older
-        than the head is replaced by the floor, so it is read from the durable tier again."""
-        await self._apply(view, heads, WRITE)
+    async def commit(self, view: str, rows: Sequence[tuple[str, Record]], floored: Sequence[int]) -> list[bool]:
+        """After the durable write of rows whose floor() answered `floored`: per row, whether Redis now holds it."""
+        items = [
+            (key, record.encode(), b"1" if f == 1 else b"0") for (key, record), f in zip(rows, floored, strict=True)
+        ]
+        return [bool(flag) for flag in await self._apply(view, items, COMMIT)]
 
     async def fill(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Cache records read from the durable tier, where nothing newer (record or floor) is held."""
-        await self._apply(view, [(key, record.encode()) for key, record in rows], FILL)
+        """Cache records read from the durable tier, where nothing at least as recent (record or floor) is held."""
+        await self._apply(view, [(key, record.encode(), b"0") for key, record in rows], FILL)
 
-    async def _apply(self, view: str, items: Sequence[tuple[str, bytes]], mode: bytes) -> list[bool]:
+    async def _apply(self, view: str, items: Sequence[tuple[str, bytes, bytes]], mode: bytes) -> list[int]:
         if not items:
             return []
         prefix = self._prefix(view)
@@ -157,8 +172,9 @@ class RedisTier:
             pipe = self._client.pipeline(transaction=False)
             for start in range(0, len(items), SCRIPT_KEYS):
                 chunk = items[start : start + SCRIPT_KEYS]
-                keys = [prefix + key for key, _ in chunk]
-                pipe.evalsha(_ORDERED_SET_SHA, len(keys), *keys, mode, self.ttl_ms, *[p for _, p in chunk])
+                keys = [prefix + key for key, _, _ in chunk]
+                args = [arg for _, payload, flag in chunk for arg in (payload, flag)]
+                pipe.evalsha(_ORDERED_SET_SHA, len(keys), *keys, mode, self.ttl_ms, *args)
             try:
                 replies = await self._execute(pipe)
                 break
@@ -166,7 +182,7 @@ class RedisTier:
                 if attempt or not isinstance(exc.__cause__, NoScriptError):
                     raise
                 await self._load_script()  # Redis restarted, or flushed its scripts
-        return [bool(flag) for reply in replies for flag in reply]
+        return [int(flag) for reply in replies for flag in reply]
 
     async def _load_script(self) -> None:
         try:
@@ -239,27 +255,25 @@ class CacheGuard:
             self.failed(exc)
             raise
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> list[bool] | None:
-        """After a durable write: RedisTier.write if Redis is usable, else None and the keys are remembered
-        for the repair. Never raises."""
+    async def floor(self, view: str, heads: Sequence[tuple[str, bytes]]) -> list[int] | None:
+        """RedisTier.floor if Redis is usable; else None, and the keys are remembered for the repair (the
+        caller must make sure other replicas hear of it: see feature_service.redis_misses). Never raises."""
         if self.usable():
             try:
-                return await self.tier.write(view, rows)
-            except Unavailable as exc:
-                self.failed(exc)
-        self.missed(view, [(key, record.head()) for key, record in rows])
-        return None
-
-    async def mark(self, view: str, heads: Sequence[tuple[str, bytes]]) -> bool:
-        """RedisTier.mark, or remember the keys for the repair; whether Redis took the floors now. Never raises."""
-        if self.usable():
-            try:
-                await self.tier.mark(view, heads)
-                return True
+                return await self.tier.floor(view, heads)
             except Unavailable as exc:
                 self.failed(exc)
         self.missed(view, heads)
-        return False
+        return None
+
+    async def commit(self, view: str, rows: Sequence[tuple[str, Record]], floored: Sequence[int]) -> list[bool]:
+        """RedisTier.commit, or nothing committed if Redis fails now (the floors stay: nothing stale). Never raises."""
+        if self.usable():
+            try:
+                return await self.tier.commit(view, rows, floored)
+            except Unavailable as exc:
+                self.failed(exc)
+        return [False] * len(rows)
 
     async def fill(self, view: str, rows: Sequence[tuple[str, Record]], epoch: int) -> None:
         """Fill with values read from the durable tier while `epoch` was current. Never raises."""
@@ -324,7 +338,7 @@ class CacheGuard:
                 for (view, key), head in batch.items():
                     by_view.setdefault(view, []).append((key, head))
                 for view, heads in by_view.items():
-                    await self.tier.mark(view, heads)
+                    await self.tier.floor(view, heads)
                 for item, head in batch.items():
                     if self._dirty.get(item) == head:
                         del self._dirty[item]

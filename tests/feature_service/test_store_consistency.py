@@ -92,6 +92,29 @@ async def test_a_push_cancelled_after_the_durable_write_still_updates_every_cach
     assert await served(b, view, key) == V2
 
 
+async def test_a_writer_that_dies_after_the_durable_write_leaves_redis_serving_nothing_stale(
+    make_store, view: str
+) -> None:
+    a = await make_store([view], durable_class=PausingCassandra)
+    b = await make_store([view])
+    assert isinstance(a.durable, PausingCassandra)
+    key = entity_key(["crashed"])
+    await a.write(view, [(key, V1)])
+    await cached_everywhere(a, b, view, key, V1)
+    written = a.durable.written = asyncio.Event()
+    push = asyncio.create_task(a.write(view, [(key, V2)]))
+    await written.wait()
+    for task in list(a._writes):
+        task.cancel()  # the process dies here: no cache work, no notice
+    with pytest.raises(asyncio.CancelledError):
+        await push
+    # b's memory may serve V1 until its memory TTL (it never heard of the write); Redis never does.
+    b.memory.clear()
+    assert await served(b, view, key) == V2
+    c = await make_store([view])
+    assert await served(c, view, key) == V2
+
+
 async def test_close_waits_for_cache_work_under_way(make_store, view: str) -> None:
     a = await make_store([view], durable_class=PausingCassandra)
     b = await make_store([view])

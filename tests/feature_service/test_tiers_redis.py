@@ -81,25 +81,43 @@ async def test_writes_and_fills_keep_the_last_event(redis_server: RedisServer, p
     tier = RedisTier(redis_server.url, key_prefix=prefix)
     try:
         old, new, newer = Record({"x": 1}, 1.0, 1.0), Record({"x": 2}, 2.0, 2.0), Record({"x": 3}, 3.0, 1.5)
+
+        async def write(key: str, record: Record) -> bool:
+            """As the store writes: floor, (the durable write), commit."""
+            floored = await tier.floor("v", [(key, record.head())])
+            return (await tier.commit("v", [(key, record)], floored))[0]
+
         await tier.fill("v", [("k", new)])  # Redis holds the durable tier's record...
-        assert await tier.write("v", [("k", old)]) == [False]  # ...so an older event leaves it
-        assert await tier.write("v", [("k", newer)]) == [True]  # ...and a later one replaces it
+        assert await write("k", old) is False  # ...so an older event leaves it
+        assert (await tier.read({"v": ["k"]}))["v"] == [new]
+        assert await write("k", newer) is True  # ...and a later one replaces it
         await tier.fill("v", [("k", new), ("j", old)])  # a fill never replaces a later event either
         assert (await tier.read({"v": ["k", "j"]}))["v"] == [newer, old]
         # Same event time: the later arrival wins, in whatever order they come.
         early, late = Record({"x": 4}, 9.0, 5.0), Record({"x": 5}, 9.0, 6.0)
-        assert await tier.write("v", [("k", late)]) == [True]
-        assert await tier.write("v", [("k", early)]) == [False]
+        assert await write("k", late) is True
+        assert await write("k", early) is False
         assert (await tier.read({"v": ["k"]}))["v"] == [late]
-        # A write where Redis held nothing cannot know the durable tier's latest: it leaves a floor, read as a
+        # Where Redis held nothing it cannot know the durable tier's latest: the write leaves a floor, read as a
         # miss, which a fill older than the write cannot pass and the durable tier's value can.
-        assert await tier.write("v", [("fresh", new)]) == [False]
+        assert await write("fresh", new) is False
         await tier.fill("v", [("fresh", old)])
         assert (await tier.read({"v": ["fresh"]}))["v"] == [None]
         await tier.fill("v", [("fresh", newer)])
         assert (await tier.read({"v": ["fresh"]}))["v"] == [newer]
-        await tier.mark("v", [("fresh", Record({}, 10.0, 10.0).head())])  # a write Redis missed, by head
+        # A writer that floored then died (or whose durable write timed out): older records are gone for good.
+        assert await tier.floor("v", [("fresh", Record({}, 10.0, 10.0).head())]) == [1]
         assert (await tier.read({"v": ["fresh"]}))["v"] == [None]
+        await tier.fill("v", [("fresh", newer)])
+        assert (await tier.read({"v": ["fresh"]}))["v"] == [None]
+        # Two writers: the later event floors over the earlier one, whose commit then leaves the floor alone.
+        await tier.fill("v", [("raced", old)])
+        first = await tier.floor("v", [("raced", new.head())])
+        second = await tier.floor("v", [("raced", newer.head())])
+        assert (first, second) == ([1], [0])
+        assert await tier.commit("v", [("raced", new)], first) == [False]
+        assert await tier.commit("v", [("raced", newer)], second) == [False]  # Redis did not hold its record
+        assert (await tier.read({"v": ["raced"]}))["v"] == [None]
         await tier.delete("v", ["k", "j"])
         assert (await tier.read({"v": ["k", "j"]}))["v"] == [None, None]
     finally:
@@ -123,8 +141,8 @@ async def test_flush_removes_only_its_prefix(redis_server: RedisServer, prefix: 
     mine = RedisTier(redis_server.url, key_prefix=prefix)
     other = RedisTier(redis_server.url, key_prefix=prefix + "other*[x]:")
     try:
-        await mine.write("v", rows(2500))
-        await other.write("v", rows(3))
+        await mine.fill("v", rows(2500))
+        await other.fill("v", rows(3))
         assert await other.flush() == 3  # the glob characters in that prefix are matched literally
         assert await mine.flush(batch=500) == 2500
         assert (await mine.read({"v": [key for key, _ in rows(3)]}))["v"] == [None, None, None]
@@ -155,7 +173,7 @@ async def test_down_fails_fast_and_comes_back_by_itself(tmp_path: Path) -> None:
                 with pytest.raises(Unavailable, match=r"^redis: "):
                     await tier.read({"v": ["k"]})
                 with pytest.raises(Unavailable, match=r"^redis: "):
-                    await tier.write("v", rows(1))
+                    await tier.fill("v", rows(1))
                 assert time.monotonic() - began < 1.0
             server.start()
             # The same tier, with no reconnect call: the pool replaces the dead connections.
@@ -174,7 +192,7 @@ async def test_guard_floors_what_redis_missed_before_trusting_it_again(tmp_path:
             old, new = Record({"x": 1}, 1.0, 1.0), Record({"x": 2}, 2.0, 2.0)
             await tier.fill("v", [("k", old), ("kept", old)])
             server.kill()
-            await guard.write("v", [("k", new)])  # reached the durable tier, not Redis
+            assert await guard.floor("v", [("k", new.head())]) is None  # the write reaches the durable tier only
             assert not guard.usable()
             with pytest.raises(Unavailable):
                 await guard.read({"v": ["k"]})
@@ -187,7 +205,7 @@ async def test_guard_floors_what_redis_missed_before_trusting_it_again(tmp_path:
             assert (await guard.read({"v": ["k", "kept"]}))["v"] == [None, old]
             # Too many missed keys to list: everything under the prefix goes.
             server.kill()
-            await guard.write("v", rows(11))
+            assert await guard.floor("v", [(key, record.head()) for key, record in rows(11)]) is None
             server.start()
             await wait_for(guard.usable)
             assert (await tier.read({"v": ["kept"]}))["v"] == [None]
