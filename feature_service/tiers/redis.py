@@ -360,8 +360,10 @@ class CacheGuard:
 
 
 def _decode(value: bytes) -> Record | None:
-    if value[:1] == FORMAT and len(value) <= HEAD_BYTES:
-        return None  # a floor: the record must come from the durable tier
+    if value[:1] != FORMAT or len(value) <= HEAD_BYTES:
+        # A floor: the record must come from the durable tier. Or a value cached by an earlier version, which
+        # cannot be ordered against new writes (they go to another Cassandra table): a miss too.
+        return None
     try:
         return Record.decode(value)
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:
