@@ -40,13 +40,13 @@ class MissFollower:
 
     def __init__(
         self,
-        log_: MissLog,
+        source: MissLog,
         apply: Callable[[str, Heads], Coroutine[Any, Any, None]],
         *,
         poll_s: float = 1.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.log = log_
+        self.source = source
         self.apply = apply
         self.poll_s = poll_s
         self.clock = clock
@@ -64,7 +64,7 @@ class MissFollower:
         be read: nothing is marked seen then)."""
         now_minute = int(self.clock() // 60)
         minutes = list(range(now_minute - WINDOW_MINUTES + 1, now_minute + 2))
-        entries = await self.log.redis_misses(minutes)
+        entries = await self.source.redis_misses(minutes)
         applied = 0
         for ident, view, heads in entries:
             if ident in self._seen:

@@ -381,7 +381,7 @@ class TieredStore:
         if self.misses is None:
             return
         try:
-            await self.misses.log.log_redis_misses(view, [(key, r.head()) for key, r in items], time.time())
+            await self.misses.source.log_redis_misses(view, [(key, r.head()) for key, r in items], time.time())
         except Unavailable as exc:
             raise Unavailable(f"not written: Redis is unreachable and the miss could not be logged: {exc}") from exc
 

@@ -20,6 +20,7 @@ T = TypeVar("T")
 # Under SQLite's smallest default limit of bound variables (999), leaving room for the view name.
 READ_BATCH = 900
 KEYS_PAGE = 10_000
+SCHEMA_VERSION = 1  # 1: records encoded so that bytes order writes (see feature_service.records)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -173,11 +174,15 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def _upgrade_records(conn: sqlite3.Connection) -> None:
-    """Re-encode records of the format before writes were ordered by event time, so they compare with new ones."""
+    """Re-encode records of the format before writes were ordered by event time, so they compare with new ones
+    (once per file: its user_version says it is done)."""
     with _transaction(conn):
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
         old = conn.execute("SELECT view, entity, record FROM records WHERE substr(record, 1, 1) != ?", (FORMAT,))
         upgraded = [(Record.decode(data).encode(), view, entity) for view, entity, data in old.fetchall()]
         conn.executemany("UPDATE records SET record = ? WHERE view = ? AND entity = ?", upgraded)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 def _read(
