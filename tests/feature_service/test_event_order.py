@@ -211,3 +211,51 @@ async def test_two_writers_racing_on_one_key(make_store, view: str) -> None:
     await wait_for(lambda: b.memory.get_many(view, [key]) in ([None], [winner]), what="b's memory settling")
     await wait_for(lambda: a.memory.get_many(view, [key]) in ([None], [winner]), what="a's memory settling")
     assert await everywhere([a, b], view, [key]) == [[winner]] * 4
+
+
+async def test_two_sqlite_writers_racing_on_one_file(tmp_path: Path) -> None:
+    """Two processes' tiers on one file (the service and `fresco features materialize` in process)."""
+    first, second = SQLiteTier(tmp_path / "f.db"), SQLiteTier(tmp_path / "f.db")
+    await first.connect()
+    await second.connect()
+    rng = random.Random(11)
+    versions = [Record({"x": i}, T + rng.randrange(1000) / 10, T + i / 1000) for i in range(60)]
+    winner = max(versions, key=lambda r: (r.rank(), r.encode()))
+    rng.shuffle(versions)
+
+    async def writer(tier: SQLiteTier, mine: list[Record]) -> None:
+        for record in mine:
+            await tier.write("v", [("k", record)])
+
+    try:
+        await asyncio.gather(writer(first, versions[0::2]), writer(second, versions[1::2]))
+        assert (await first.read({"v": ["k"]}))["v"] == (await second.read({"v": ["k"]}))["v"] == [winner]
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_materialising_older_data_after_newer_pushes_on_sqlite(tmp_path: Path) -> None:
+    catalog = Catalog(parse_definitions(DEFINITIONS))
+    tier = SQLiteTier(tmp_path / "f.db")
+    await tier.connect()
+    store = TieredStore(MemoryCache(), None, tier, None)
+    try:
+
+        async def stream() -> AsyncIterator[pb.PushFeaturesRequest]:
+            key = vpb.EntityKey(join_keys={"user_id": vpb.Value(int64_value=1)})
+            row = pb.FeatureRow(entity_key=key, features={"score": vpb.Value(double_value=1.0)})
+            yield pb.PushFeaturesRequest(feature_view="scores", rows=[row])
+
+        assert (await FeatureWriter(catalog, store).push(stream())).accepted == 1
+        source = scores_file(tmp_path / "old.parquet", [1, 2], 0.0, time.time() - 3600)
+        materializer = Materializer(catalog, store, tier, source_dirs=[tmp_path])
+        assert (await materializer.run(MaterializeSpec("scores", str(source)))).rows_written == 2
+        keys = [entity_key([1]), entity_key([2])]
+        for records in (
+            (await store.read({"scores": keys})).records["scores"],
+            (await tier.read({"scores": keys}))["scores"],
+        ):
+            assert [r.features["score"] if isinstance(r, Record) else r for r in records] == [1.0, 0.0]
+    finally:
+        await store.close()
