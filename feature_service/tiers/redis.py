@@ -234,7 +234,7 @@ class CacheGuard:
         self.tier = tier
         self.retry_s = retry_s
         self.max_dirty_keys = max_dirty_keys
-        self.epoch = 0  # bumped by each repair, so fills read before it can be dropped
+        self.epoch = 0  # bumped by each miss and repair, so fills read before them are dropped
         self._down_until = 0.0
         self._clean = True
         # (view, key) → head of the latest write Redis missed, raised as a floor by the repair.
@@ -292,8 +292,8 @@ class CacheGuard:
         self._start_repair()
 
     def missed(self, view: str, heads: Sequence[tuple[str, bytes]]) -> None:
-        """A write reached the durable tier but not Redis ((key, head) pairs): Redis may serve those keys stale
-        until repaired."""
+        """Redis could not be floored for a write ((key, head) pairs): it may serve those keys stale until the
+        repair has raised their floors; until then it is not used."""
         self._clean = False
         self.epoch += 1
         if not self._overflow:
@@ -316,7 +316,7 @@ class CacheGuard:
             await asyncio.sleep(self.retry_s)
 
     async def _repair_once(self) -> bool:
-        """Wait out the pause, then delete what Redis may hold stale (or flush the prefix); True once clean."""
+        """Wait out the pause, then floor what Redis may hold stale (or flush the prefix); True once clean."""
         await asyncio.sleep(max(0.0, self._down_until - time.monotonic()))
         try:
             await self.tier.ping()
