@@ -132,9 +132,9 @@ async def everywhere(stores: Sequence[TieredStore], view: str, keys: list[str]) 
     out: list[list[object]] = []
     for store in stores:
         out.append(list((await store.read({view: keys})).records[view]))
+    await wait_for(lambda: not any(store._tasks for store in stores), what="background fills")
     store = stores[0]
     assert store.guard is not None
-    await wait_for(lambda: not store._tasks, what="background fills")
     cached = (await store.guard.tier.read({view: keys}))[view]
     out.append([record for record in cached if record is not None])  # floors read as misses
     out.append(list((await store.durable.read({view: keys}))[view]))
