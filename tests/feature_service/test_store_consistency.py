@@ -60,7 +60,11 @@ def idle(store: TieredStore) -> Callable[[], bool]:
 
 
 async def cached_everywhere(a: TieredStore, b: TieredStore, view: str, key: str, record: Record) -> None:
-    """Both replicas serve `record` from memory, and Redis holds it."""
+    """a writes `record`; once b has heard of it, both replicas serve it from memory, and Redis holds it."""
+    assert b.invalidator is not None
+    heard = b.invalidator.received
+    await a.write(view, [(key, record)])
+    await wait_for(lambda: b.invalidator is not None and b.invalidator.received > heard, what="b hearing of it")
     for store in (a, b):
         await store.read({view: [key]})
         await wait_for(idle(store), what="background fills")
@@ -75,7 +79,6 @@ async def test_a_push_cancelled_after_the_durable_write_still_updates_every_cach
     assert isinstance(a.durable, PausingCassandra)
     assert b.invalidator is not None
     key = entity_key(["cancelled"])
-    await a.write(view, [(key, V1)])
     await cached_everywhere(a, b, view, key, V1)
 
     written = a.durable.written = asyncio.Event()
@@ -99,7 +102,6 @@ async def test_a_writer_that_dies_after_the_durable_write_leaves_redis_serving_n
     b = await make_store([view])
     assert isinstance(a.durable, PausingCassandra)
     key = entity_key(["crashed"])
-    await a.write(view, [(key, V1)])
     await cached_everywhere(a, b, view, key, V1)
     written = a.durable.written = asyncio.Event()
     push = asyncio.create_task(a.write(view, [(key, V2)]))
@@ -120,7 +122,6 @@ async def test_close_waits_for_cache_work_under_way(make_store, view: str) -> No
     b = await make_store([view])
     assert isinstance(a.durable, PausingCassandra)
     key = entity_key(["closing"])
-    await a.write(view, [(key, V1)])
     await cached_everywhere(a, b, view, key, V1)
     written = a.durable.written = asyncio.Event()
     push = asyncio.create_task(a.write(view, [(key, V2)]))
@@ -142,7 +143,6 @@ async def test_a_write_timeout_invalidates_every_cache_tier_before_the_error(
     assert isinstance(a.durable, TimingOutCassandra)
     assert b.invalidator is not None
     key = entity_key(["timed out"])
-    await a.write(view, [(key, V1)])
     await cached_everywhere(a, b, view, key, V1)
 
     a.durable.timeout, a.durable.apply = True, (None if applied else 0)
