@@ -588,7 +588,9 @@ class MaterializeRequest(_message.Message):
     feature_view: _builtins.str
     """feature_view is the view to load."""
     source_uri: _builtins.str
-    """source_uri is a local path or URI of the file to read."""
+    """source_uri is a local path or file:// URI of the file to read, under one of the service's
+    materialize_source_dirs once symlinks and ".." are resolved (none configured: FAILED_PRECONDITION).
+    """
     format: Global___FileFormat.ValueType
     """format is the file format; unspecified infers it from the extension."""
     event_timestamp_column: _builtins.str

@@ -72,7 +72,8 @@ class FeatureServiceServicer:
     """
 
     def GetFeatures(self, request, context):
-        """GetFeatures reads many feature refs for many entities in one call and answers column by column.
+        """GetFeatures reads many feature refs for many entities in one call and answers column by column; at most
+        the service's max_values_per_get values (entities × refs) per call, else INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -88,7 +89,8 @@ class FeatureServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Materialize(self, request, context):
-        """Materialize loads an offline file into the online store, keeping the latest row per entity.
+        """Materialize loads an offline file into the online store, keeping the latest row per entity (and, per
+        entity, the latest event across materialisations and pushes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
