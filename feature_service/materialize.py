@@ -21,11 +21,11 @@ import pyarrow.csv as pa_csv  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pyarrow.types as pat  # type: ignore[import-untyped]
 
-from chassis.errors import InvalidArgument, NotFound, PermissionDenied
+from chassis.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from feature_service import convert
 from feature_service.metrics import FeatureMetrics
 from feature_service.reader import Catalog, Store, ViewEntry
-from feature_service.records import DurableTier, Record, entity_key
+from feature_service.records import DurableTier, Record, arrival_time, entity_key
 from feature_service.writer import Problem, Rejection, Rejections, Violation, check_event_time, check_features
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.features.policy import INT32_RANGE
@@ -88,8 +88,10 @@ class Materializer:
         chunk_rows: int = 5000,
         max_rejections: int = 100,
         max_future_s: float = 300.0,
-        source_dirs: Sequence[Path] = (),
+        source_dirs: Sequence[Path] | None = (),
     ) -> None:
+        """source_dirs: the directories files may be read from; none refuses every file; None reads any file
+        the process can (only for `fresco features materialize` run in process, as the invoking user)."""
         self.catalog = catalog
         self.store = store
         self.durable = durable
@@ -97,7 +99,7 @@ class Materializer:
         self.chunk_rows = chunk_rows
         self.max_rejections = max_rejections
         self.max_future_s = max_future_s
-        self.source_dirs = [d.resolve() for d in source_dirs]
+        self.source_dirs = None if source_dirs is None else [d.resolve() for d in source_dirs]
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def run(self, spec: MaterializeSpec, progress: Progress | None = None) -> MaterializeOutcome:
@@ -110,7 +112,7 @@ class Materializer:
             frame = await asyncio.to_thread(_load, entry, spec, path)
             report(MaterializeProgress("read", 1, 1))
             in_range = frame.in_range(spec.start_s, spec.end_s)
-            checked, now = _Checked(Rejections(self.max_rejections)), time.time()
+            checked, now = _Checked(Rejections(self.max_rejections)), arrival_time()
             for start in range(0, len(in_range), self.chunk_rows):  # in chunks, so progress shows and the loop breathes
                 chunk = in_range[start : start + self.chunk_rows]
                 await asyncio.to_thread(self._check_rows, entry, frame, chunk, now, checked)
@@ -118,7 +120,7 @@ class Materializer:
             rows = [(key, frame.record(entry, i, now)) for key, i in checked.latest.items()]
             written = 0
             for start in range(0, 0 if spec.dry_run else len(rows), self.chunk_rows):
-                await self.store.write(spec.view, rows[start : start + self.chunk_rows])
+                await self.store.write(spec.view, rows[start : start + self.chunk_rows], warm=False)
                 written = min(start + self.chunk_rows, len(rows))
                 report(MaterializeProgress("write", written, len(rows)))
             report(MaterializeProgress("statistics", 0, 1))
@@ -147,10 +149,17 @@ class Materializer:
             raise InvalidArgument(f"source_uri: expected a file path or file:// URI, got scheme {parsed.scheme!r}")
         else:
             path = Path(source)
-        resolved = path.resolve()
-        if self.source_dirs and not any(resolved.is_relative_to(d) for d in self.source_dirs):
-            allowed = ", ".join(str(d) for d in self.source_dirs)
-            raise PermissionDenied(f"source_uri: {source} is outside the directories materialisation reads ({allowed})")
+        if self.source_dirs is not None and not self.source_dirs:
+            raise FailedPrecondition(
+                "source_uri: this feature service reads no files: start it with --materialize-source-dirs DIR "
+                "(FRESCO_FEATURE_SERVICE_MATERIALIZE_SOURCE_DIRS) naming the directories Materialize may read"
+            )
+        resolved = path.resolve()  # symlinks and .. first: the check is on the file that will be opened
+        if self.source_dirs is not None and not any(resolved.is_relative_to(d) for d in self.source_dirs):
+            raise PermissionDenied(
+                f"source_uri: {source} is outside the directories this service materialises from "
+                "(its materialize_source_dirs setting)"
+            )
         if not resolved.is_file():
             raise NotFound(f"source_uri: no file at {source}")
         return resolved
@@ -268,7 +277,8 @@ def _read_table(path: Path, fmt: Format, needed: list[str], textual: set[str]) -
             with pa_csv.open_csv(path) as reader:
                 names = reader.schema.names
         if missing := [c for c in needed if c not in names]:
-            raise InvalidArgument(f"source_uri: {path.name} has no column(s) {missing}; it has {names}")
+            # The columns asked for, never the file's own header: errors quote nothing from the file.
+            raise InvalidArgument(f"source_uri: {path.name} has no column(s) {missing}")
         if fmt == "parquet":
             return pq.read_table(path, columns=needed)
         options = pa_csv.ConvertOptions(
@@ -280,7 +290,11 @@ def _read_table(path: Path, fmt: Format, needed: list[str], textual: set[str]) -
         )
         return pa_csv.read_csv(path, convert_options=options)
     except (pa.ArrowException, OSError) as err:
-        raise InvalidArgument(f"source_uri: cannot read {path.name} as {fmt}: {err}") from None
+        # Arrow's message quotes the offending lines: only its kind is told, never the file's contents.
+        raise InvalidArgument(
+            f"source_uri: cannot read {path.name} as {fmt} ({type(err).__name__}): not a valid {fmt} file "
+            "with a header row, or one row has a different number of fields"
+        ) from None
 
 
 def _convert(column: pa.ChunkedArray, value_type: str, name: str, problems: dict[int, list[Problem]]) -> list[Any]:
@@ -300,11 +314,16 @@ def _convert(column: pa.ChunkedArray, value_type: str, name: str, problems: dict
         try:
             out.append(parse(cell))
         except (ValueError, TypeError, OverflowError):
-            text = repr(cell)
-            actual = f"{type(cell).__name__} {text[:40]}{'...' if len(text) > 40 else ''}"
-            problems.setdefault(i, []).append(Problem(name, Violation.UNPARSEABLE, value_type, actual))
+            problems.setdefault(i, []).append(Problem(name, Violation.UNPARSEABLE, value_type, _described(cell)))
             out.append(None)
     return out
+
+
+def _described(cell: Any) -> str:
+    """A cell that did not parse, described without quoting it: rejections never echo the file's contents."""
+    if isinstance(cell, str | bytes):
+        return f"{type(cell).__name__} of length {len(cell)}"
+    return type(cell).__name__
 
 
 def _float(cell: Any) -> float:
@@ -398,7 +417,7 @@ def _timestamps(column: pa.ChunkedArray, name: str, problems: dict[int, list[Pro
                 raise TypeError(type(cell).__name__)
         except (ValueError, TypeError, OverflowError):
             problems.setdefault(i, []).append(
-                Problem(name, Violation.UNPARSEABLE, "a timestamp, ISO-8601 text or epoch seconds", repr(cell)[:40])
+                Problem(name, Violation.UNPARSEABLE, "a timestamp, ISO-8601 text or epoch seconds", _described(cell))
             )
         out.append(value)
     return out

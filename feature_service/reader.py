@@ -44,7 +44,7 @@ class Store(Protocol):
     """The tiered store, as the reader, writer and materializer use it."""
 
     async def read(self, keys_by_view: Mapping[str, Sequence[str]]) -> ReadResult: ...
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None: ...
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]], *, warm: bool = True) -> None: ...
 
 
 # --- the catalog ------------------------------------------------------------------------------------
@@ -144,7 +144,9 @@ class FeatureQuery:
         entities = request.entity_keys
         if len(entities) * len(refs) > max_values:
             raise InvalidArgument(
-                f"entity_keys × feature_refs: {len(entities)} × {len(refs)} values, expected at most {max_values}"
+                f"entity_keys × feature_refs: {len(entities)} × {len(refs)} = {len(entities) * len(refs)} values, "
+                f"expected at most {max_values} per call (the feature service's max_values_per_get setting, "
+                "--max-values-per-get or FRESCO_FEATURE_SERVICE_MAX_VALUES_PER_GET); split the call"
             )
         keys_by_view: dict[str, list[str]] = {}
         by_join_keys: dict[tuple[JoinKey, ...], list[str]] = {}  # views of the same entities share their keys

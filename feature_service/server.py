@@ -27,8 +27,6 @@ from fresco.features.definitions import load_definitions
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
-# GetFeatures answers at most this many values (entities × refs); past it, callers should split the call.
-MAX_VALUES_PER_CALL = 2_000_000
 
 
 def load_catalog(settings: FeatureServiceSettings) -> Catalog:
@@ -57,17 +55,27 @@ def build_store(
     memory = MemoryCache(settings.memory_max_entries, settings.memory_ttl_s)
     if settings.backend == "sqlite":
         # One process owns the file's writes; another one (the CLI) is noticed through the statistics poll.
-        return TieredStore(memory, None, durable, BloomFilters() if blooms else None, None, observer=observer)
+        return TieredStore(
+            memory,
+            None,
+            durable,
+            BloomFilters() if blooms else None,
+            None,
+            observer=observer,
+            bloom_refresh_s=settings.bloom_refresh_s,
+        )
     from feature_service.invalidation import Invalidator
     from feature_service.tiers.redis import RedisTier
 
     return TieredStore(
         memory,
-        RedisTier(settings.redis_url),
+        RedisTier(settings.redis_url, ttl_s=settings.redis_ttl_s),
         durable,
         BloomFilters() if blooms else None,
         Invalidator(settings.redis_url),
         observer=observer,
+        bloom_refresh_s=settings.bloom_refresh_s,
+        miss_poll_s=settings.redis_miss_poll_s,
     )
 
 
@@ -113,7 +121,7 @@ class FeatureService:
                 max_future_s=settings.max_future_s,
                 source_dirs=settings.materialize_source_dirs,
             ),
-            max_values=MAX_VALUES_PER_CALL,
+            max_values=settings.max_values_per_get,
         )
         self._poller = asyncio.create_task(self._follow_statistics(catalog, store, durable), name="statistics poll")
         log.info("feature service ready: %d views on %s", len(catalog.views), settings.backend)
@@ -176,6 +184,9 @@ async def materialize_in_process(
             chunk_rows=settings.materialize_chunk_rows,
             max_rejections=settings.max_rejections_reported,
             max_future_s=settings.max_future_s,
+            # The invoking user reads a file of their own choosing, with their own rights: unless directories
+            # are configured, any file they can read (the RPC, serving others, reads only configured ones).
+            source_dirs=settings.materialize_source_dirs or None,
         )
 
         def progress(step: MaterializeProgress) -> None:

@@ -96,6 +96,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
             accepted_count=outcome.accepted,
             rejected_count=outcome.rejections.count,
             rejected_rows=[rejection_to_proto(r) for r in outcome.rejections.rows],
+            omitted_features=[
+                pb.OmittedFeature(feature_view=view, feature=feature, row_count=count)
+                for (view, feature), count in sorted(outcome.omitted.items())
+            ],
         )
 
     async def Materialize(self, request: pb.MaterializeRequest, context: Context) -> pb.MaterializeResponse:

@@ -50,4 +50,16 @@ class FeatureServiceSettings(ServiceSettings):
     """Materialisation writes entity rows to the store in batches of this many (5000-row batches
     timed out against a fresh single Cassandra node on 2 cores)."""
     materialize_source_dirs: list[Path] = Field(default=[])
-    """If given, the Materialize RPC reads only files under these directories (repeat the flag)."""
+    """The Materialize RPC reads only files under these directories (repeat the flag; symlinks and `..` are
+    resolved first). None given: the RPC refuses every file (FAILED_PRECONDITION)."""
+    max_values_per_get: int = Field(default=2_000_000, ge=1)
+    """GetFeatures answers at most this many values (entity keys × feature refs) per call; larger calls get
+    INVALID_ARGUMENT naming this setting."""
+    redis_ttl_s: float = Field(default=3600.0, gt=0)
+    """With backend redis+cassandra, how long Redis keeps a cached record (or a floor, see the README)."""
+    redis_miss_poll_s: float = Field(default=1.0, gt=0)
+    """With backend redis+cassandra, seconds between reads of the durable log of writes a replica could not
+    send to Redis: the bound on how long another replica may serve a value such a write replaced."""
+    bloom_refresh_s: float = Field(default=300.0, gt=0)
+    """Seconds between rebuilds of the bloom filters from the durable tier: the bound on how long a key that
+    is durable may be reported NOT_FOUND by a replica that missed its write (lost notice, crashed writer)."""

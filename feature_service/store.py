@@ -1,9 +1,14 @@
 """The tiered read and write path: memory (L1) → bloom filters → Redis (L2) → the durable tier (L3).
 
 Reads answer whatever they can: a failed tier makes the answer degraded, and keys no tier could answer
-are marked UNAVAILABLE rather than failing the whole read. Writes are acknowledged only once durable;
-the caches after that are best effort, and Redis is never trusted again after missing a write until the
-keys it may hold stale are deleted."""
+are marked UNAVAILABLE rather than failing the whole read. Writes are acknowledged only once durable.
+Every tier keeps the last event per key (see records). A write first raises the keys' floors in Redis (see
+tiers.redis), so from then on Redis serves none of their older records whatever happens to the writer; then
+writes durably; then puts the records in the caches where it can tell they are the latest. That cache work
+runs to its end whatever the caller does. A write Redis cannot take is logged durably first, so every replica
+floors the keys too (see redis_misses), and Redis is not trusted here until repaired. A write whose outcome is
+unknown (a timeout) drops the keys from every memory tier before the error is answered. Bloom filters are
+rebuilt from the durable tier every `bloom_refresh_s`."""
 
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from typing import Any, Final
 from chassis.errors import Unavailable
 from feature_service.bloom import BloomFilters
 from feature_service.invalidation import Invalidator
-from feature_service.records import DurableTier, Record
+from feature_service.records import DurableTier, Record, latest
+from feature_service.redis_misses import MissFollower, MissLog
 from feature_service.tiers.memory import ABSENT, MemoryCache
 from feature_service.tiers.redis import CacheGuard, RedisTier
 
@@ -84,6 +90,8 @@ class TieredStore:
         cache_retry_s: float = 0.5,
         max_dirty_keys: int = 100_000,
         max_background: int = 1000,
+        bloom_refresh_s: float | None = 300.0,
+        miss_poll_s: float = 1.0,
     ) -> None:
         self.memory, self.durable = memory, durable
         self.blooms = blooms
@@ -93,9 +101,15 @@ class TieredStore:
         self.max_background = max_background
         self._views: list[str] = []
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
         self._rebuild: asyncio.Task[None] | None = None
+        self._refresh: asyncio.Task[None] | None = None
+        self.bloom_refresh_s = bloom_refresh_s
         self._first_pass = asyncio.Event()  # set once a rebuild went over every view (or could not start)
         self.guard = None if cache is None else CacheGuard(cache, retry_s=cache_retry_s, max_dirty_keys=max_dirty_keys)
+        self.misses: MissFollower | None = None
+        if self.guard is not None and isinstance(durable, MissLog):
+            self.misses = MissFollower(durable, self._apply_miss, poll_s=miss_poll_s)
 
     # --- lifecycle -------------------------------------------------------------------------------------
 
@@ -105,6 +119,10 @@ class TieredStore:
         Returns after one pass over the views; views the durable tier could not list are retried in the
         background (their filters stay untrusted, so reads still go to the tiers meanwhile)."""
         self._views = list(dict.fromkeys(views))
+        if self.misses is not None:
+            self.misses.start()
+        if self.blooms is not None and self.bloom_refresh_s is not None and self._refresh is None:
+            self._refresh = asyncio.create_task(self._refresh_blooms(self.bloom_refresh_s), name="bloom refresh")
         if self.invalidator is not None:
             self.invalidator.attach(self._remote_write, self._invalidation_lost, self._invalidation_back)
             # Once subscribed, _invalidation_back starts the rebuild; until then no filter could be trusted.
@@ -141,9 +159,28 @@ class TieredStore:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    async def _refresh_blooms(self, every_s: float) -> None:
+        """Rebuild every filter from the durable tier every `every_s`: a key durable in the store is found within
+        that (plus one rebuild) even if its write was never announced here (a lost notice, a writer that crashed
+        after its durable write, a write whose outcome was unknown)."""
+        while True:
+            await asyncio.sleep(every_s)
+            await self.refresh_blooms()
+
+    async def refresh_blooms(self) -> None:
+        """Rebuild every view's filter now (a view the durable tier cannot list keeps its filter)."""
+        for view in list(self._views):
+            try:
+                await self.rebuild_blooms([view])
+            except Unavailable as exc:
+                log.warning("bloom filter of %s not refreshed: %s", view, exc)
+
     async def close(self) -> None:
-        """Stop background work and close the invalidator and every tier."""
-        tasks = [*self._tasks, *([self._rebuild] if self._rebuild is not None else [])]
+        """Finish the writes under way, stop background work, close the invalidator and every tier."""
+        await self.drain()
+        if self.misses is not None:
+            await self.misses.close()
+        tasks = [*self._tasks, *(t for t in (self._rebuild, self._refresh) if t is not None)]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -261,21 +298,101 @@ class TieredStore:
             _set_or_drop(missing, view, left)
         return hits
 
-    # --- writes ----------------------------------------------------------------------------------------
+    # --- writes ---------------------------------------------------------------------------------------
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Store rows durably (Unavailable if the durable tier cannot), then update caches, blooms, replicas."""
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]], *, warm: bool = True) -> None:
+        """Store rows durably (Unavailable if the durable tier cannot), then update caches, blooms, replicas.
+
+        The work runs in a task of its own that the caller's cancellation or deadline does not stop: a write
+        that may have reached the durable tier always finishes its cache work (close() waits for it). warm=False
+        (bulk loads) leaves keys whose latest record is not known out of the caches instead of reading them back."""
         if not rows:
             return
-        await self.durable.write(view, rows)
-        keys = [key for key, _ in rows]
-        self.memory.put_many(view, rows)
+        task = asyncio.create_task(self._write(view, rows, warm), name=f"write {view}")
+        self._writes.add(task)
+        task.add_done_callback(_settled)
+        task.add_done_callback(self._writes.discard)
+        await asyncio.shield(task)
+
+    async def drain(self) -> None:
+        """Wait for every write under way, including those whose callers went away."""
+        while self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def _write(self, view: str, rows: Sequence[tuple[str, Record]], warm: bool) -> None:
+        items = list(latest(rows).items())
+        keys = [key for key, _ in items]
+        floored: list[int] | None = None
+        if self.guard is not None:
+            # Floors first: whatever happens from here (a crash, a timeout that applied), Redis serves none of
+            # these keys' older records, nor takes them back from a fill.
+            floored = await self.guard.floor(view, [(key, record.head()) for key, record in items])
+            if floored is None:
+                await self._log_miss(view, items)  # before the durable write: no write goes unlogged
+        try:
+            current = await self.durable.write(view, items)
+        except Unavailable:
+            # A timeout may have applied the write: this replica's memory and the others' cannot be trusted.
+            await self._forget(view, keys)
+            raise
+        if self.blooms is not None:
+            self.blooms.add(view, keys)
+        if current is not None:  # the durable tier said what it holds now (SQLite): exact
+            self.memory.put_many(view, current.items())
+        unsure = [] if current is not None else keys
+        if self.guard is not None and floored is not None and current is None:
+            held = await self.guard.commit(view, items, floored)
+            self.memory.put_many(view, [item for item, ok in zip(items, held, strict=True) if ok])
+            unsure = [key for (key, _), ok in zip(items, held, strict=True) if not ok]
+        if unsure:
+            # The durable tier may hold a later event than this write: read back what it holds, as a read would.
+            self.memory.invalidate(view, unsure)
+            if warm:
+                await self._read_back(view, unsure)
+        if self.invalidator is not None:
+            await self.invalidator.publish(view, keys)
+
+    async def _read_back(self, view: str, keys: Sequence[str]) -> None:
+        """Fill memory and Redis with what the durable tier holds for keys just written, as a read would."""
+        token = self.memory.fill_token()
+        epoch = self.guard.epoch if self.guard is not None else 0
+        try:
+            found = (await self.durable.read({view: keys}))[view]
+        except Unavailable as exc:
+            log.warning("written keys not read back, left out of the caches: %s", exc)
+            return
+        fills = [(key, record) for key, record in zip(keys, found, strict=True) if record is not None]
+        self.memory.put_many(view, fills, since=token)
+        if fills and self.guard is not None:
+            await self.guard.fill(view, fills, epoch)
+
+    async def _forget(self, view: str, keys: Sequence[str]) -> None:
+        """Keys whose write may or may not have applied: out of memory here, announced to the other replicas
+        (Redis has their floors already), and in the blooms, since they may exist now."""
+        self.memory.invalidate(view, keys)
+        if self.blooms is not None:
+            self.blooms.add(view, keys)
+        if self.invalidator is not None:
+            await self.invalidator.publish(view, keys)
+
+    async def _log_miss(self, view: str, items: Sequence[tuple[str, Record]]) -> None:
+        """Redis cannot be floored for a write: log it durably for every replica (see redis_misses) before the
+        durable write; Unavailable if that fails, so nothing is written that other replicas could miss."""
+        if self.misses is None:
+            return
+        try:
+            await self.misses.source.log_redis_misses(view, [(key, r.head()) for key, r in items], time.time())
+        except Unavailable as exc:
+            raise Unavailable(f"not written: Redis is unreachable and the miss could not be logged: {exc}") from exc
+
+    async def _apply_miss(self, view: str, heads: Sequence[tuple[str, bytes]]) -> None:
+        """Another replica (or this one) logged a write Redis missed: see redis_misses."""
+        keys = [key for key, _ in heads]
+        self.memory.invalidate(view, keys)
         if self.blooms is not None:
             self.blooms.add(view, keys)
         if self.guard is not None:
-            await self.guard.write(view, rows)
-        if self.invalidator is not None:
-            await self.invalidator.publish(view, keys)
+            await self.guard.floor(view, heads)
 
     # --- invalidation callbacks ------------------------------------------------------------------------
 
@@ -340,6 +457,12 @@ class TieredStore:
         stats.seconds += seconds
         if self.observer is not None:
             self.observer(tier, hits, misses, seconds)
+
+
+def _settled(task: asyncio.Task[None]) -> None:
+    """Retrieve a write's outcome: its caller may have gone away, and the error was answered or logged."""
+    if not task.cancelled() and (exc := task.exception()) is not None and not isinstance(exc, Unavailable):
+        log.error("write failed", exc_info=exc)
 
 
 def _count(missing: Mapping[str, Sequence[int]]) -> int:

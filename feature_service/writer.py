@@ -4,7 +4,6 @@ checks training data gets), accepted rows written durably before the answer, rej
 from __future__ import annotations
 
 import enum
-import time
 from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from feature_service import convert
 from feature_service.metrics import FeatureMetrics
 from feature_service.reader import Catalog, Store, ViewEntry
-from feature_service.records import Record, entity_key
+from feature_service.records import Record, arrival_time, entity_key
 from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.features.policy import Code as PolicyCode
 from fresco.features.policy import check_row
@@ -121,6 +120,7 @@ class PushOutcome:
 
     accepted: int
     rejections: Rejections
+    omitted: dict[tuple[str, str], int] = field(default_factory=dict)  # (view, feature) → rows stored with it null
 
 
 class FeatureWriter:
@@ -148,7 +148,7 @@ class FeatureWriter:
         outcome = PushOutcome(0, Rejections(self.max_rejections))
         index = 0
         async for message in messages:
-            rows = self.validate(message, index, outcome.rejections)
+            rows = self.validate(message, index, outcome.rejections, outcome.omitted)
             index += len(message.rows)
             if rows:
                 # Written before the next message is read and before the answer: an acknowledged row is durable.
@@ -159,9 +159,14 @@ class FeatureWriter:
         return outcome
 
     def validate(
-        self, message: fpb.PushFeaturesRequest, first_index: int, rejections: Rejections
+        self,
+        message: fpb.PushFeaturesRequest,
+        first_index: int,
+        rejections: Rejections,
+        omitted: dict[tuple[str, str], int] | None = None,
     ) -> list[tuple[str, Record]]:
-        """The accepted rows of one message as store rows (one per entity, the latest); rejections recorded."""
+        """The accepted rows of one message as store rows (one per entity, the latest); rejections recorded, and
+        features the accepted rows left out (stored as null) counted in `omitted`."""
         view_name = message.feature_view
         entry = self.catalog.views.get(view_name)
         if entry is None:
@@ -171,7 +176,7 @@ class FeatureWriter:
                 rejections.add(Rejection(first_index + offset, view_name, [problem]))
             self._count_rejected("(unknown)", len(message.rows))  # never a caller's string as a metric label
             return []
-        now = time.time()
+        now = arrival_time()  # the rows' arrival: it orders writes of equal event times
         latest: dict[str, tuple[str, Record]] = {}
         rejected = 0
         for offset, row in enumerate(message.rows):
@@ -180,8 +185,12 @@ class FeatureWriter:
                 rejections.add(Rejection(first_index + offset, view_name, problems))
                 rejected += 1
                 continue
+            if omitted is not None:
+                for name in entry.features:
+                    if name not in row.features:
+                        omitted[(view_name, name)] = omitted.get((view_name, name), 0) + 1
             kept = latest.get(accepted[0])
-            if kept is None or kept[1].event_ts <= accepted[1].event_ts:
+            if kept is None or kept[1].event_ts <= accepted[1].event_ts:  # equal: the later row in the message
                 latest[accepted[0]] = accepted
         self._count_rejected(view_name, rejected)
         return list(latest.values())

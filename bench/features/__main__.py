@@ -328,7 +328,9 @@ class Bench:
             "--cassandra-keyspace", KEYSPACE,
             "--materialize-chunk-rows", str(fresco_side.CHUNK_ROWS),
         ]  # fmt: skip
-        loader = self._start_service("loader", backend, [], "fresco-loader.log")
+        # Materialize reads only files under the directories the service is given.
+        source_dirs = ["--materialize-source-dirs", str((WORK / "data").resolve())]
+        loader = self._start_service("loader", backend, source_dirs, "fresco-loader.log")
         began = time.perf_counter()
         setup["fresco_materialize"] = self.loop.run(fresco_side.materialize(loader.process.address, dataset))
         setup["fresco_materialize_s"] = time.perf_counter() - began

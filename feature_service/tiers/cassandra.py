@@ -27,6 +27,7 @@ from cassandra.query import BatchStatement, BatchType, BoundStatement, tuple_fac
 
 from chassis.errors import Unavailable
 from feature_service.records import Record
+from feature_service.records import latest as records_latest
 
 # The view_keys partition of a view is split in this many buckets, so no partition grows with the whole view.
 # Part of the stored format: changing it hides keys written before.
@@ -35,6 +36,8 @@ KEY_BUCKETS = 16
 KEYS_PER_BATCH = 50  # index rows of one partition, about 3 KiB
 PARTITIONS_PER_BATCH = 10
 BATCH_BYTES = 4096
+MISS_LOG_TTL_S = 86_400  # a replica that polls the log less often than this would miss entries
+MISS_LOG_CHUNK = 500  # keys per log row
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
 
 
@@ -94,8 +97,9 @@ def _unavailable(exc: BaseException) -> Unavailable:
 
 
 class CassandraTier:
-    """features((view_name, entity)) → payload; view_keys((view_name, bucket), entity) lists a view's keys;
-    statistics(view_name) → payload. ("view" is a reserved word in CQL.)"""
+    """records((view_name, entity)) → payload; view_keys((view_name, bucket), entity) lists a view's keys;
+    statistics(view_name) → payload; redis_misses(minute, id) logs writes Redis missed. ("view" is a reserved
+    word in CQL.)"""
 
     name = "cassandra"
 
@@ -107,10 +111,18 @@ class CassandraTier:
         self._max_in_flight, self._page_size, self._keys_per_request = limits
         self.requests = 0  # statements sent, for metrics and tests
         ks = keyspace
-        self._select_in = self._prepare(
-            f"SELECT entity, payload FROM {ks}.features WHERE view_name = ? AND entity IN ?"
+        self._select_in = self._prepare(f"SELECT entity, payload FROM {ks}.records WHERE view_name = ? AND entity IN ?")
+        # The write timestamp is the event time (see feature_service.records): Cassandra keeps the latest event
+        # whatever the order writes arrive in, and on equal timestamps the greater payload, i.e. the later arrival.
+        self._insert = self._prepare(
+            f"INSERT INTO {ks}.records (view_name, entity, payload) VALUES (?, ?, ?) USING TIMESTAMP ?"
         )
-        self._insert = self._prepare(f"INSERT INTO {ks}.features (view_name, entity, payload) VALUES (?, ?, ?)")
+        self._log_miss = self._prepare(
+            f"INSERT INTO {ks}.redis_misses (minute, id, view_name, entities, heads) VALUES (?, now(), ?, ?, ?)"
+        )
+        self._read_misses = self._prepare(
+            f"SELECT id, view_name, entities, heads FROM {ks}.redis_misses WHERE minute = ?"
+        )
         self._insert_key = self._prepare(f"INSERT INTO {ks}.view_keys (view_name, bucket, entity) VALUES (?, ?, ?)")
         self._select_keys = self._prepare(f"SELECT entity FROM {ks}.view_keys WHERE view_name = ? AND bucket = ?")
         self._save_stats = self._prepare(f"INSERT INTO {ks}.statistics (view_name, payload) VALUES (?, ?)")
@@ -238,15 +250,17 @@ class CassandraTier:
         size = size or self._keys_per_request
         return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Durable (at the configured consistency) when this returns; Unavailable if any row may have failed."""
-        latest = dict(rows)  # one batch shares one timestamp: a key twice in it would not resolve to the last
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> Mapping[str, Record] | None:
+        """Durable (at the configured consistency) when this returns; Unavailable if any row may have failed.
+        None: which record won for each key is not known without reading it back."""
+        latest = records_latest(rows)
         if not latest:
-            return
+            return None
         # The key index first: a key listed without a record only costs a bloom false positive, while a record
         # whose key is not listed would be hidden by a bloom filter rebuilt from the index.
         await self._run([(batch, None) for batch in self._key_batches(view, list(latest))])
         await self._run([(batch, None) for batch in self._record_batches(view, latest)])
+        return None
 
     def _key_batches(self, view: str, keys: Sequence[str]) -> list[BatchStatement]:
         """Index rows as unlogged batches within one partition each: one mutation per batch."""
@@ -265,14 +279,15 @@ class CassandraTier:
         driver and the node about four times as much."""
         batches = []
         for group in self._replica_groups(view, list(records), size=len(records)):
-            pending: list[tuple[Any, tuple[str, str, bytes]]] = []
+            pending: list[tuple[Any, tuple[str, str, bytes, int]]] = []
             size = 0
             for key in group:
-                payload = records[key].encode()
+                record = records[key]
+                payload = record.encode()
                 if pending and (len(pending) == PARTITIONS_PER_BATCH or size + len(payload) > BATCH_BYTES):
                     batches.append(_batch(pending))
                     pending, size = [], 0
-                pending.append((self._insert, (view, key, payload)))
+                pending.append((self._insert, (view, key, payload, record.event_us)))
                 size += len(payload)
             batches.append(_batch(pending))
         return batches
@@ -314,6 +329,25 @@ class CassandraTier:
         (rows,) = await self._run([(self._load_stats, (view,))])
         return bytes(rows[0][0]) if rows else None
 
+    async def log_redis_misses(self, view: str, heads: Sequence[tuple[str, bytes]], now: float) -> None:
+        """Record durably that Redis missed these writes ((key, head) pairs), for every replica to raise the
+        floors in Redis (see feature_service.redis_misses). Kept for MISS_LOG_TTL_S."""
+        minute = int(now // 60)
+        requests = [
+            (self._log_miss, (minute, view, [key for key, _ in chunk], [head for _, head in chunk]))
+            for chunk in (heads[i : i + MISS_LOG_CHUNK] for i in range(0, len(heads), MISS_LOG_CHUNK))
+        ]
+        await self._run(requests)
+
+    async def redis_misses(self, minutes: Sequence[int]) -> list[tuple[Any, str, list[tuple[str, bytes]]]]:
+        """The misses logged in these minutes (by the loggers' clocks): (id, view, (key, head) pairs)."""
+        out: list[tuple[Any, str, list[tuple[str, bytes]]]] = []
+        for minute in minutes:
+            async for page in self._pages(self._read_misses, (minute,), self._page_size):
+                for ident, view, entities, heads in page:
+                    out.append((ident, view, list(zip(entities or [], heads or [], strict=True))))
+        return out
+
     async def close(self) -> None:
         """Shut the cluster connection down (it blocks, so in a thread)."""
         await asyncio.to_thread(self._cluster.shutdown)
@@ -340,8 +374,13 @@ def _bucket(key: str) -> int:
 def _schema(keyspace: str, replication_cql: str) -> list[str]:
     return [
         f"CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {{{replication_cql}}}",
-        f"CREATE TABLE IF NOT EXISTS {keyspace}.features (view_name text, entity text, payload blob, "
+        # "records", not the "features" of earlier versions, whose write timestamps were arrival times: mixed
+        # with event-time timestamps they would be ordered wrongly, so they are left behind (materialise again).
+        f"CREATE TABLE IF NOT EXISTS {keyspace}.records (view_name text, entity text, payload blob, "
         "PRIMARY KEY ((view_name, entity)))",
+        f"CREATE TABLE IF NOT EXISTS {keyspace}.redis_misses (minute bigint, id timeuuid, view_name text, "
+        f"entities list<text>, heads list<blob>, PRIMARY KEY (minute, id)) "
+        f"WITH default_time_to_live = {MISS_LOG_TTL_S}",
         f"CREATE TABLE IF NOT EXISTS {keyspace}.view_keys (view_name text, bucket int, entity text, "
         "PRIMARY KEY ((view_name, bucket), entity))",
         f"CREATE TABLE IF NOT EXISTS {keyspace}.statistics (view_name text PRIMARY KEY, payload blob)",

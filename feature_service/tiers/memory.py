@@ -1,5 +1,6 @@
 """L1: an in-process LRU of decoded records with a TTL per entry, and short-lived negative entries.
 
+A record never replaces a held record it does not supersede (an older event time, see feature_service.records).
 Fills from lower tiers carry a token taken before the lower tier was read: a key written or invalidated
 since then is not filled, so a slow read never puts back a value older than one a write just stored."""
 
@@ -149,6 +150,7 @@ class MemoryCache:
         self._floor = self._generation
 
     def _put(self, view: str, items: Iterable[tuple[str, Record | Absent]], expires: float, since: int | None) -> None:
+        now = self._clock()
         if self.max_entries == 0 or (since is not None and since < self._floor):
             return
         if since is None:
@@ -164,7 +166,16 @@ class MemoryCache:
                 changed_at = changed.get(ck)
                 if changed_at is not None and changed_at > since:
                     continue
-            old = entries.pop(ck, None)
+            old = entries.get(ck)
+            if (
+                old is not None
+                and isinstance(value, Record)
+                and isinstance(old[1], Record)
+                and old[0] > now
+                and not value.supersedes(old[1])
+            ):
+                continue  # an older event never replaces a newer one
+            entries.pop(ck, None)
             if sized:
                 size = approximate_size(value)
                 self._bytes += size - (old[2] if old is not None else 0)

@@ -1,12 +1,16 @@
 """L2: Redis as a cache of encoded records, one pipelined round trip per batch, failing fast when down.
 
 Every error becomes chassis Unavailable("redis: ...") within about the socket timeout, so the store can
-go around it; the pool reconnects by itself when Redis comes back."""
+go around it; the pool reconnects by itself when Redis comes back.
+
+Writes and fills go through one server-side script that keeps, per key, the record written last by event time
+(ties by arrival), so an older event, a replay or a late fill never replaces a newer value."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -18,14 +22,67 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from chassis.errors import Unavailable
-from feature_service.records import Record
+from feature_service.records import FORMAT, HEAD_BYTES, Record
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "fresco:features:"
+FLOOR, COMMIT, FILL = b"floor", b"commit", b"fill"
+SCRIPT_KEYS = 500  # keys per script call: each call holds Redis for its duration
+
+# Per key (KEYS[i], payload ARGV[1 + 2i], flag ARGV[2 + 2i]) Redis keeps the greatest encoding, compared as
+# bytes, which orders records by event time then arrival (see feature_service.records). A "floor" is the head of
+# an encoding alone (event and arrival, no values): the durable tier holds something at least that recent that
+# Redis does not know, so a read of it misses, and only a fill at least that recent replaces it.
+# - floor (before a durable write, or for a write Redis missed): a record older than the head becomes the floor
+#   (returns 1: Redis knew the durable tier's record until now); a record at least as recent stays (returns 2);
+#   elsewhere the floor is raised to the head (returns 0).
+# - commit (after the durable write, flag 1 where the floor returned 1): where the floor this write left is still
+#   there, no later write has begun, so the record written is the durable tier's: it replaces the floor (returns
+#   1). Anything else stays (returns 0): the writer reads the key back from the durable tier, as a read would.
+# - fill (a record read from the durable tier): lands unless something at least as recent is held (returns 0).
+# Values of an earlier format (not starting with \x01) count as absent.
+_ORDERED_SET = """
+local mode, ttl = ARGV[1], tonumber(ARGV[2])
+local head_len = 17
+local function at_least(a, b)
+  local n = math.min(#a, #b)
+  for i = 1, n do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return #a >= #b
+end
+local out = {}
+for i, key in ipairs(KEYS) do
+  local new, flag = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
+  local cur = redis.call('GET', key)
+  if cur and string.byte(cur, 1) ~= 1 then cur = false end
+  local is_record = cur and #cur > head_len
+  local result = 0
+  if mode == 'fill' then
+    if not cur or not at_least(cur, new) then redis.call('SET', key, new, 'PX', ttl) end
+  elseif mode == 'floor' then
+    local floor = string.sub(new, 1, head_len)
+    if is_record and at_least(cur, floor) then
+      result = 2
+    else
+      if is_record then result = 1 end
+      if not cur or not at_least(cur, floor) then redis.call('SET', key, floor, 'PX', ttl) end
+    end
+  elseif flag == '1' and cur and not is_record and cur == string.sub(new, 1, head_len) then
+    redis.call('SET', key, new, 'PX', ttl)
+    result = 1
+  end
+  out[i] = result
+end
+return out
+"""
+# EVALSHA: only the digest travels.
+_ORDERED_SET_SHA = hashlib.sha1(_ORDERED_SET.encode(), usedforsecurity=False).hexdigest()
 
 
 class RedisTier:
@@ -90,22 +147,48 @@ class RedisTier:
             out[view] = [None if value is None else _decode(value) for value in values]
         return out
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """SET every row with the TTL, in one round trip."""
-        await self._set(view, rows, only_new=False)
+    async def floor(self, view: str, heads: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Before a durable write, or for writes Redis missed or whose outcome is unknown: raise the keys' floors
+        to these heads ((key, head) pairs). Per key 1 where Redis held an older record, 2 where it held one at
+        least as recent, else 0 (see _ORDERED_SET)."""
+        return await self._apply(view, [(key, head, b"0") for key, head in heads], FLOOR)
+
+    async def commit(self, view: str, rows: Sequence[tuple[str, Record]], floored: Sequence[int]) -> list[bool]:
+        """After the durable write of rows whose floor() answered `floored`: per row, whether Redis now holds it."""
+        items = [
+            (key, record.encode(), b"1" if f == 1 else b"0") for (key, record), f in zip(rows, floored, strict=True)
+        ]
+        return [bool(flag) for flag in await self._apply(view, items, COMMIT)]
 
     async def fill(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Like write, but only where the key is not set (SET NX): a fill never overwrites a newer write."""
-        await self._set(view, rows, only_new=True)
+        """Cache records read from the durable tier, where nothing at least as recent (record or floor) is held."""
+        await self._apply(view, [(key, record.encode(), b"0") for key, record in rows], FILL)
 
-    async def _set(self, view: str, rows: Sequence[tuple[str, Record]], only_new: bool) -> None:
-        if not rows:
-            return
+    async def _apply(self, view: str, items: Sequence[tuple[str, bytes, bytes]], mode: bytes) -> list[int]:
+        if not items:
+            return []
         prefix = self._prefix(view)
-        pipe = self._client.pipeline(transaction=False)
-        for key, record in rows:
-            pipe.set(prefix + key, record.encode(), px=self.ttl_ms, nx=only_new)
-        await self._execute(pipe)
+        for attempt in range(2):
+            pipe = self._client.pipeline(transaction=False)
+            for start in range(0, len(items), SCRIPT_KEYS):
+                chunk = items[start : start + SCRIPT_KEYS]
+                keys = [prefix + key for key, _, _ in chunk]
+                args = [arg for _, payload, flag in chunk for arg in (payload, flag)]
+                pipe.evalsha(_ORDERED_SET_SHA, len(keys), *keys, mode, self.ttl_ms, *args)
+            try:
+                replies = await self._execute(pipe)
+                break
+            except Unavailable as exc:
+                if attempt or not isinstance(exc.__cause__, NoScriptError):
+                    raise
+                await self._load_script()  # Redis restarted, or flushed its scripts
+        return [int(flag) for reply in replies for flag in reply]
+
+    async def _load_script(self) -> None:
+        try:
+            await self._client.script_load(_ORDERED_SET)
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc
 
     async def delete(self, view: str, keys: Sequence[str]) -> None:
         """Remove keys (UNLINK: freed off Redis's main thread)."""
@@ -145,16 +228,17 @@ class RedisTier:
 
 class CacheGuard:
     """Whether a RedisTier may be used now: not while it is down (so no request waits for its timeout), nor
-    while it may hold values older than a write it missed, until a repair has deleted them."""
+    while it may hold values older than a write it missed, until a repair has raised their floors."""
 
     def __init__(self, tier: RedisTier, *, retry_s: float = 0.5, max_dirty_keys: int = 100_000) -> None:
         self.tier = tier
         self.retry_s = retry_s
         self.max_dirty_keys = max_dirty_keys
-        self.epoch = 0  # bumped by each repair, so fills read before it can be dropped
+        self.epoch = 0  # bumped by each miss and repair, so fills read before them are dropped
         self._down_until = 0.0
         self._clean = True
-        self._dirty: set[tuple[str, str]] = set()  # (view, key) written while Redis missed the write
+        # (view, key) → head of the latest write Redis missed, raised as a floor by the repair.
+        self._dirty: dict[tuple[str, str], bytes] = {}
         self._overflow = False  # too many to list: the whole prefix must be flushed
         self._repair: asyncio.Task[None] | None = None
 
@@ -171,20 +255,30 @@ class CacheGuard:
             self.failed(exc)
             raise
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Write through if Redis is usable; otherwise remember the keys for the repair. Never raises."""
+    async def floor(self, view: str, heads: Sequence[tuple[str, bytes]]) -> list[int] | None:
+        """RedisTier.floor if Redis is usable; else None, and the keys are remembered for the repair (the
+        caller must make sure other replicas hear of it: see feature_service.redis_misses). Never raises."""
         if self.usable():
             try:
-                await self.tier.write(view, rows)
-                return
+                return await self.tier.floor(view, heads)
             except Unavailable as exc:
                 self.failed(exc)
-        self.missed(view, [key for key, _ in rows])
+        self.missed(view, heads)
+        return None
+
+    async def commit(self, view: str, rows: Sequence[tuple[str, Record]], floored: Sequence[int]) -> list[bool]:
+        """RedisTier.commit, or nothing committed if Redis fails now (the floors stay: nothing stale). Never raises."""
+        if self.usable():
+            try:
+                return await self.tier.commit(view, rows, floored)
+            except Unavailable as exc:
+                self.failed(exc)
+        return [False] * len(rows)
 
     async def fill(self, view: str, rows: Sequence[tuple[str, Record]], epoch: int) -> None:
-        """Fill with values read from the durable tier while `epoch` was current (SET NX). Never raises."""
+        """Fill with values read from the durable tier while `epoch` was current. Never raises."""
         if epoch != self.epoch or not self.usable():
-            return  # read before a repair: the value may be one the repair just deleted
+            return  # read before a repair: the value may be older than a write Redis missed
         try:
             await self.tier.fill(view, rows)
         except Unavailable as exc:
@@ -197,11 +291,16 @@ class CacheGuard:
         self._down_until = time.monotonic() + self.retry_s
         self._start_repair()
 
-    def missed(self, view: str, keys: Sequence[str]) -> None:
-        """A write reached the durable tier but not Redis: Redis may serve those keys stale until repaired."""
+    def missed(self, view: str, heads: Sequence[tuple[str, bytes]]) -> None:
+        """Redis could not be floored for a write ((key, head) pairs): it may serve those keys stale until the
+        repair has raised their floors; until then it is not used."""
         self._clean = False
+        self.epoch += 1
         if not self._overflow:
-            self._dirty.update((view, key) for key in keys)
+            for key, head in heads:
+                held = self._dirty.get((view, key))
+                if held is None or head > held:
+                    self._dirty[(view, key)] = head
             if len(self._dirty) > self.max_dirty_keys:
                 self._dirty.clear()
                 self._overflow = True
@@ -217,7 +316,7 @@ class CacheGuard:
             await asyncio.sleep(self.retry_s)
 
     async def _repair_once(self) -> bool:
-        """Wait out the pause, then delete what Redis may hold stale (or flush the prefix); True once clean."""
+        """Wait out the pause, then floor what Redis may hold stale (or flush the prefix); True once clean."""
         await asyncio.sleep(max(0.0, self._down_until - time.monotonic()))
         try:
             await self.tier.ping()
@@ -233,14 +332,16 @@ class CacheGuard:
                     raise
                 log.info("redis flushed after missing too many writes: %d keys removed", removed)
             while self._dirty and not self._overflow:
-                batch = set(self._dirty)
+                batch = dict(self._dirty)
                 self.epoch += 1
-                by_view: dict[str, list[str]] = {}
-                for view, key in batch:
-                    by_view.setdefault(view, []).append(key)
-                for view, keys in by_view.items():
-                    await self.tier.delete(view, keys)
-                self._dirty -= batch
+                by_view: dict[str, list[tuple[str, bytes]]] = {}
+                for (view, key), head in batch.items():
+                    by_view.setdefault(view, []).append((key, head))
+                for view, heads in by_view.items():
+                    await self.tier.floor(view, heads)
+                for item, head in batch.items():
+                    if self._dirty.get(item) == head:
+                        del self._dirty[item]
         except Unavailable:
             return False
         if self._dirty or self._overflow:
@@ -259,6 +360,10 @@ class CacheGuard:
 
 
 def _decode(value: bytes) -> Record | None:
+    if value[:1] != FORMAT or len(value) <= HEAD_BYTES:
+        # A floor: the record must come from the durable tier. Or a value cached by an earlier version, which
+        # cannot be ordered against new writes (they go to another Cassandra table): a miss too.
+        return None
     try:
         return Record.decode(value)
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as exc:

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TypeVar
 
 from chassis.errors import Unavailable
-from feature_service.records import Record
+from feature_service.records import FORMAT, Record, latest
 
 T = TypeVar("T")
 
 # Under SQLite's smallest default limit of bound variables (999), leaving room for the view name.
 READ_BATCH = 900
 KEYS_PAGE = 10_000
+SCHEMA_VERSION = 1  # 1: records encoded so that bytes order writes (see feature_service.records)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
@@ -76,26 +77,33 @@ class SQLiteTier:
         except OSError as err:
             raise Unavailable(f"sqlite: cannot create the directory of {self.path}: {err.strerror}") from err
         await self._run(self._writer, lambda conn: conn.executescript(_SCHEMA))
+        await self._run(self._writer, _upgrade_records)
 
     async def read(self, keys_by_view: Mapping[str, Sequence[str]]) -> dict[str, list[Record | None]]:
         """For each view, the records of its keys in order; None for keys never written."""
         return await self._run(self._reader, lambda conn: _read(conn, keys_by_view))
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
-        """Store rows in one transaction; durable when this returns."""
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> dict[str, Record]:
+        """Store rows in one transaction, each only where it supersedes the stored record (a conditional
+        upsert: encodings compare as bytes in the order of writes, see feature_service.records); durable when
+        this returns. The records stored for the rows' keys afterwards: the caches take these."""
         if not rows:
-            return
-        data = [(view, key, record.encode()) for key, record in rows]
+            return {}
+        data = [(view, key, record.encode()) for key, record in latest(rows).items()]
+        keys = [key for _, key, _ in data]
 
-        def work(conn: sqlite3.Connection) -> None:
+        def work(conn: sqlite3.Connection) -> dict[str, Record]:
             with _transaction(conn):
                 conn.executemany(
                     "INSERT INTO records (view, entity, record) VALUES (?, ?, ?) "
-                    "ON CONFLICT (view, entity) DO UPDATE SET record = excluded.record",
+                    "ON CONFLICT (view, entity) DO UPDATE SET record = excluded.record "
+                    "WHERE excluded.record > records.record",
                     data,
                 )
+                found = _read(conn, {view: keys}, transaction=False)[view]
+            return {key: record for key, record in zip(keys, found, strict=True) if record is not None}
 
-        await self._run(self._writer, work)
+        return await self._run(self._writer, work)
 
     async def keys(self, view: str) -> AsyncIterator[str]:
         """Every key stored for a view, page by page."""
@@ -165,10 +173,25 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("COMMIT")
 
 
-def _read(conn: sqlite3.Connection, keys_by_view: Mapping[str, Sequence[str]]) -> dict[str, list[Record | None]]:
+def _upgrade_records(conn: sqlite3.Connection) -> None:
+    """Re-encode records of the format before writes were ordered by event time, so they compare with new ones
+    (once per file: its user_version says it is done)."""
+    with _transaction(conn):
+        if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        old = conn.execute("SELECT view, entity, record FROM records WHERE substr(record, 1, 1) != ?", (FORMAT,))
+        upgraded = [(Record.decode(data).encode(), view, entity) for view, entity, data in old.fetchall()]
+        conn.executemany("UPDATE records SET record = ? WHERE view = ? AND entity = ?", upgraded)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _read(
+    conn: sqlite3.Connection, keys_by_view: Mapping[str, Sequence[str]], transaction: bool = True
+) -> dict[str, list[Record | None]]:
     result: dict[str, list[Record | None]] = {}
     # One read transaction, so every view of a request sees the same snapshot.
-    conn.execute("BEGIN")
+    if transaction:
+        conn.execute("BEGIN")
     try:
         for view, keys in keys_by_view.items():
             found: dict[str, bytes] = {}
@@ -180,5 +203,6 @@ def _read(conn: sqlite3.Connection, keys_by_view: Mapping[str, Sequence[str]]) -
                 found.update(conn.execute(query, (view, *chunk)).fetchall())
             result[view] = [None if (data := found.get(key)) is None else Record.decode(data) for key in keys]
     finally:
-        conn.execute("COMMIT")
+        if transaction:
+            conn.execute("COMMIT")
     return result

@@ -49,7 +49,9 @@ async def make_store(
     cassandra_server: CassandraNode, redis_server: RedisServer, prefix: str
 ) -> AsyncIterator[StoreFactory]:
     """Builds replicas of a tiered store: each its own memory, blooms and connections, all sharing this test's
-    Redis prefix, invalidation channel and the session's keyspace. Closed at the end of the test."""
+    Redis prefix, invalidation channel and the session's keyspace. Closed at the end of the test. Bloom filters
+    are not refreshed and the Redis miss log is read hourly unless asked: tests call refresh_blooms() and
+    misses.poll() where they need them."""
     stores: list[TieredStore] = []
 
     async def make(
@@ -59,10 +61,13 @@ async def make_store(
         blooms: bool = True,
         invalidation: bool = True,
         memory: MemoryCache | None = None,
+        durable_class: type[CassandraTier] = CassandraTier,
+        bloom_refresh_s: float | None = None,
+        miss_poll_s: float = 3600.0,
     ) -> TieredStore:
         url = redis_url or redis_server.url
         channel = prefix + "writes"
-        durable = await CassandraTier.open([cassandra_server.contact_point], cassandra_server.port, KEYSPACE)
+        durable = await durable_class.open([cassandra_server.contact_point], cassandra_server.port, KEYSPACE)
         store = TieredStore(
             memory or MemoryCache(),
             RedisTier(url, key_prefix=prefix, timeout_s=0.3),
@@ -70,6 +75,8 @@ async def make_store(
             BloomFilters(capacity=10_000) if blooms else None,
             Invalidator(url, channel=channel, heartbeat_s=0.3, backoff_s=(0.05, 0.3)) if invalidation else None,
             cache_retry_s=0.1,
+            bloom_refresh_s=bloom_refresh_s,
+            miss_poll_s=miss_poll_s,
         )
         stores.append(store)
         await store.start(views)

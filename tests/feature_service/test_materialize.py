@@ -13,7 +13,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 
-from chassis.errors import InvalidArgument, NotFound, PermissionDenied
+from chassis.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from feature_service import convert
 from feature_service.materialize import MaterializeProgress, Materializer, MaterializeSpec
 from feature_service.reader import Catalog
@@ -48,9 +48,9 @@ class CountingTier(SQLiteTier):
         super().__init__(path)
         self.batches: list[int] = []
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> dict[str, Record]:
         self.batches.append(len(rows))
-        await super().write(view, rows)
+        return await super().write(view, rows)
 
 
 @pytest.fixture
@@ -67,9 +67,9 @@ async def tier(tmp_path: Path) -> CountingTier:
 
 
 @pytest.fixture
-async def materializer(catalog: Catalog, tier: CountingTier) -> AsyncIterator[Materializer]:
+async def materializer(catalog: Catalog, tier: CountingTier, tmp_path: Path) -> AsyncIterator[Materializer]:
     store = TieredStore(MemoryCache(), None, tier, None)
-    yield Materializer(catalog, store, tier, chunk_rows=2, max_rejections=10)
+    yield Materializer(catalog, store, tier, chunk_rows=2, max_rejections=10, source_dirs=[tmp_path])
     await store.close()
 
 
@@ -220,7 +220,7 @@ async def test_future_event_times_are_rejected(materializer, tmp_path: Path) -> 
         (MaterializeSpec("trips", ""), InvalidArgument, ["source_uri"]),
         (MaterializeSpec("trips", "s3://bucket/x.parquet"), InvalidArgument, ["source_uri", "s3"]),
         (MaterializeSpec("trips", "file://host/x.parquet"), InvalidArgument, ["source_uri", "host"]),
-        (MaterializeSpec("trips", "/no/such/file.parquet"), NotFound, ["source_uri", "/no/such/file.parquet"]),
+        (MaterializeSpec("trips", "{data}/missing.parquet"), NotFound, ["source_uri", "missing.parquet"]),
         (MaterializeSpec("trips", "{data}/t.txt"), InvalidArgument, ["format", ".parquet"]),
         (MaterializeSpec("trips", "{data}/t.parquet", event_timestamp_column="when"), InvalidArgument, ["when"]),
         (
@@ -252,3 +252,58 @@ async def test_sources_outside_the_allowed_directories_are_refused(catalog, tier
     outcome = await materializer.run(MaterializeSpec("trips", str(trips(allowed / "t.parquet"))))
     assert outcome.rows_written == 5
     await store.close()
+
+
+async def test_no_source_directories_configured_refuses_every_file(catalog, tier, tmp_path: Path) -> None:
+    store = TieredStore(MemoryCache(), None, tier, None)
+    materializer = Materializer(catalog, store, tier)  # the service's default: no directories
+    with pytest.raises(FailedPrecondition, match="--materialize-source-dirs") as caught:
+        await materializer.run(MaterializeSpec("trips", str(trips(tmp_path / "t.parquet"))))
+    assert "MATERIALIZE_SOURCE_DIRS" in str(caught.value)
+    assert tier.batches == []
+    await store.close()
+
+
+async def test_symlinks_and_dot_dot_are_resolved_before_the_check(catalog, tier, tmp_path: Path) -> None:
+    allowed, outside = tmp_path / "allowed", tmp_path / "outside"
+    allowed.mkdir()
+    outside.mkdir()
+    secret = trips(outside / "secret.parquet")
+    (allowed / "link.parquet").symlink_to(secret)
+    (allowed / "dir").symlink_to(outside, target_is_directory=True)
+    store = TieredStore(MemoryCache(), None, tier, None)
+    materializer = Materializer(catalog, store, tier, source_dirs=[allowed])
+    for source in (
+        allowed / "link.parquet",
+        allowed / "dir" / "secret.parquet",
+        f"{allowed}/../outside/secret.parquet",
+        (allowed / "link.parquet").as_uri(),
+    ):
+        with pytest.raises(PermissionDenied, match="materialize_source_dirs"):
+            await materializer.run(MaterializeSpec("trips", str(source)))
+    assert tier.batches == []
+    await store.close()
+
+
+async def test_errors_never_echo_the_file(materializer, tmp_path: Path) -> None:
+    secret = "root:x:0:0:TOPSECRET"
+    header = "driver_id,fare,vehicle,rating,premium,path,event_timestamp\n"
+    # A line with another number of fields (Arrow quotes it in its error), and a header without the columns.
+    (tmp_path / "passwd.csv").write_text(f"{header}{secret},1,2,3\n")
+    (tmp_path / "other.csv").write_text(f"{secret}\n1\n")
+    for name, words in (("passwd.csv", "not a valid csv"), ("other.csv", "has no column(s)")):
+        with pytest.raises(InvalidArgument) as caught:
+            await materializer.run(MaterializeSpec("trips", str(tmp_path / name)))
+        assert "TOPSECRET" not in str(caught.value)
+        assert name in str(caught.value)
+        assert words in str(caught.value)
+    # Cells that do not parse are described, not quoted, in the rejections.
+    (tmp_path / "cells.csv").write_text(
+        f"{header}1,{secret},car,4,true,,2026-01-01T00:00:00Z\n2,1.5,car,4,true,,{secret}\n"
+    )
+    outcome = await materializer.run(MaterializeSpec("trips", str(tmp_path / "cells.csv")))
+    assert outcome.rejections.count == 2
+    for rejection in outcome.rejections.rows:
+        for problem in rejection.problems:
+            assert "TOPSECRET" not in problem.actual
+            assert problem.code == Violation.UNPARSEABLE

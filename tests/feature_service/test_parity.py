@@ -77,7 +77,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
     (root / "features.yaml").write_text(DEFINITIONS)
     service = ServiceProcess(
         "feature_service",
-        ["--definitions", str(root / "features.yaml"), "--sqlite-path", str(root / "f.db"), "--port", "0"],
+        [
+            *["--definitions", str(root / "features.yaml"), "--sqlite-path", str(root / "f.db"), "--port", "0"],
+            *["--materialize-source-dirs", str(tmp_path_factory.getbasetemp())],
+        ],
     ).start()
     try:
         service.wait_healthy(60)

@@ -81,6 +81,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def service(workdir: Path) -> Iterator[ServiceProcess]:
     args = ["--definitions", str(workdir / "features.yaml"), "--sqlite-path", str(workdir / "f.db"), "--port", "0"]
+    args += ["--materialize-source-dirs", str(workdir)]
     service = ServiceProcess("feature_service", [*args, "--statistics-poll-s", "0.2"]).start()
     try:
         service.wait_healthy(60)
@@ -162,8 +163,8 @@ def test_materialize_then_statistics_and_imputation(stub, workdir: Path) -> None
         (pb.MaterializeRequest(feature_view="nope", source_uri="/x.parquet"), grpc.StatusCode.NOT_FOUND, "nope"),
         (
             pb.MaterializeRequest(feature_view="profile", source_uri="/no/such.parquet"),
-            grpc.StatusCode.NOT_FOUND,
-            "source_uri",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "materialize_source_dirs",
         ),
         (
             pb.MaterializeRequest(feature_view="profile", source_uri="http://x/y.csv"),
@@ -290,5 +291,68 @@ def test_not_serving_until_the_durable_tier_is_reachable(tmp_path: Path) -> None
             (tmp_path / "blocker").unlink()
             service.wait_healthy(30)
         assert "durable tier not reachable" in service.output()
+    finally:
+        assert service.stop() == 0
+
+
+def at(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def test_push_reports_features_left_out_and_the_last_event_wins(stub) -> None:
+    now = time.time()
+    key = users(9001)[0]
+
+    def push(event: float, **features: vpb.Value) -> pb.PushFeaturesResponse:
+        message = pb.PushFeaturesRequest(
+            feature_view="profile",
+            rows=[pb.FeatureRow(entity_key=key, features=features, event_timestamp=at(event))],
+        )
+        response: pb.PushFeaturesResponse = stub.PushFeatures(iter([message]), timeout=30)
+        return response
+
+    def served() -> tuple[list[int], list[int]]:
+        answer = stub.GetFeatures(
+            pb.GetFeaturesRequest(entity_keys=[key], feature_refs=["profile:age", "profile:plan"]), timeout=10
+        )
+        return [answer.columns[0].values[0].int64_value], list(answer.columns[1].statuses)
+
+    full = push(now - 60, age=vpb.Value(int64_value=30), plan=vpb.Value(string_value="pro"))
+    assert (full.accepted_count, list(full.omitted_features)) == (1, [])
+    # A row is a snapshot: plan, left out, is stored as null, and the answer says so.
+    partial = push(now - 30, age=vpb.Value(int64_value=31))
+    assert [(o.feature_view, o.feature, o.row_count) for o in partial.omitted_features] == [("profile", "plan", 1)]
+    assert served() == ([31], [pb.FEATURE_STATUS_IMPUTED])  # null, filled by the view's default_value policy
+    # A late event (a replay, a backfill) is accepted but never replaces a later one.
+    late = push(now - 3600, age=vpb.Value(int64_value=99), plan=vpb.Value(string_value="free"))
+    assert late.accepted_count == 1
+    assert served() == ([31], [pb.FEATURE_STATUS_IMPUTED])
+
+
+def test_settings_bound_get_features_and_materialize(tmp_path: Path) -> None:
+    """The values limit of GetFeatures is a setting named in its error; without source directories Materialize
+    refuses every file, naming the setting."""
+    (tmp_path / "features.yaml").write_text(DEFINITIONS)
+    source = profiles(tmp_path / "profiles.parquet", range(3))
+    args = ["--definitions", str(tmp_path / "features.yaml"), "--sqlite-path", str(tmp_path / "f.db")]
+    service = ServiceProcess("feature_service", [*args, "--port", "0", "--max-values-per-get", "3"]).start()
+    try:
+        service.wait_healthy(60)
+        with grpc.insecure_channel(service.address) as channel:
+            stub = pb_grpc.FeatureServiceStub(channel)
+            request = pb.GetFeaturesRequest(entity_keys=users(1, 2), feature_refs=["profile:age", "profile:plan"])
+            code, details = error(stub.GetFeatures, request)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert "at most 3" in details
+            assert "max_values_per_get" in details
+            small = pb.GetFeaturesRequest(entity_keys=users(1), feature_refs=["profile:age", "profile:plan"])
+            assert len(stub.GetFeatures(small, timeout=10).columns) == 2
+            code, details = error(
+                stub.Materialize, pb.MaterializeRequest(feature_view="profile", source_uri=str(source))
+            )
+            assert code == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--materialize-source-dirs" in details
     finally:
         assert service.stop() == 0

@@ -4,6 +4,7 @@ invalidation bus, and the data still there after a restart."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -56,6 +57,7 @@ def backend(redis_server: RedisServer, cassandra_server: CassandraNode, tmp_path
         "FRESCO_FEATURE_SERVICE_CASSANDRA_CONTACT_POINTS": f'["{cassandra_server.contact_point}"]',
         "FRESCO_FEATURE_SERVICE_CASSANDRA_PORT": str(cassandra_server.port),
         "FRESCO_FEATURE_SERVICE_CASSANDRA_KEYSPACE": f"fs_{uuid.uuid4().hex[:10]}",
+        "FRESCO_FEATURE_SERVICE_MATERIALIZE_SOURCE_DIRS": json.dumps([str(tmp_path)]),
     }
 
 

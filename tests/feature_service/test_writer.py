@@ -74,11 +74,11 @@ class CountingTier(SQLiteTier):
         self.batches: list[int] = []
         self.down = False
 
-    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> None:
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> dict[str, Record]:
         if self.down:
             raise Unavailable("sqlite: down for the test")
         self.batches.append(len(rows))
-        await super().write(view, rows)
+        return await super().write(view, rows)
 
 
 @pytest.fixture

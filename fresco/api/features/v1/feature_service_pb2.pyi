@@ -336,7 +336,7 @@ Global___PushFeaturesRequest: _TypeAlias = PushFeaturesRequest  # noqa: Y015
 
 @_typing.final
 class FeatureRow(_message.Message):
-    """FeatureRow is the latest values of one entity in one view."""
+    """FeatureRow is the values of every feature of one entity in one view, as observed at event_timestamp."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -370,7 +370,10 @@ class FeatureRow(_message.Message):
 
     @_builtins.property
     def features(self) -> _containers.MessageMap[_builtins.str, _values_pb2.Value]:
-        """features maps feature name to value; features left out are written as null."""
+        """features maps feature name to value. A row is a snapshot of the whole view: a feature left out is stored
+        as null (it does not keep an earlier value), and PushFeaturesResponse.omitted_features counts such rows.
+        Send every feature, or split features that change apart into views of their own.
+        """
 
     @_builtins.property
     def event_timestamp(self) -> _timestamp_pb2.Timestamp:
@@ -400,13 +403,20 @@ class PushFeaturesResponse(_message.Message):
     ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
     REJECTED_COUNT_FIELD_NUMBER: _builtins.int
     REJECTED_ROWS_FIELD_NUMBER: _builtins.int
+    OMITTED_FEATURES_FIELD_NUMBER: _builtins.int
     accepted_count: _builtins.int
-    """accepted_count is the number of rows written."""
+    """accepted_count is the number of rows written; a row older (by event time) than the stored one for its
+    entity is written too but changes nothing: the latest event is kept.
+    """
     rejected_count: _builtins.int
     """rejected_count is the number of rows not written; it is exact even if rejected_rows is capped."""
     @_builtins.property
     def rejected_rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RowRejection]:
         """rejected_rows describe rejected rows, possibly capped to a server limit."""
+
+    @_builtins.property
+    def omitted_features(self) -> _containers.RepeatedCompositeFieldContainer[Global___OmittedFeature]:
+        """omitted_features counts, per view and feature, accepted rows that left the feature out: it was stored as null."""
 
     def __init__(
         self,
@@ -414,14 +424,45 @@ class PushFeaturesResponse(_message.Message):
         accepted_count: _builtins.int = ...,
         rejected_count: _builtins.int = ...,
         rejected_rows: _abc.Iterable[Global___RowRejection] | None = ...,
+        omitted_features: _abc.Iterable[Global___OmittedFeature] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "rejected_count", b"rejected_count", "rejected_rows", b"rejected_rows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "omitted_features", b"omitted_features", "rejected_count", b"rejected_count", "rejected_rows", b"rejected_rows"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PushFeaturesResponse: _TypeAlias = PushFeaturesResponse  # noqa: Y015
+
+@_typing.final
+class OmittedFeature(_message.Message):
+    """OmittedFeature counts accepted rows that left one feature out, so it was stored as null."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_VIEW_FIELD_NUMBER: _builtins.int
+    FEATURE_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    feature_view: _builtins.str
+    """feature_view is the view of the rows."""
+    feature: _builtins.str
+    """feature is the feature left out."""
+    row_count: _builtins.int
+    """row_count is the number of accepted rows without the feature."""
+    def __init__(
+        self,
+        *,
+        feature_view: _builtins.str = ...,
+        feature: _builtins.str = ...,
+        row_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature", b"feature", "feature_view", b"feature_view", "row_count", b"row_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OmittedFeature: _TypeAlias = OmittedFeature  # noqa: Y015
 
 @_typing.final
 class RowRejection(_message.Message):
@@ -547,7 +588,9 @@ class MaterializeRequest(_message.Message):
     feature_view: _builtins.str
     """feature_view is the view to load."""
     source_uri: _builtins.str
-    """source_uri is a local path or URI of the file to read."""
+    """source_uri is a local path or file:// URI of the file to read, under one of the service's
+    materialize_source_dirs once symlinks and ".." are resolved (none configured: FAILED_PRECONDITION).
+    """
     format: Global___FileFormat.ValueType
     """format is the file format; unspecified infers it from the extension."""
     event_timestamp_column: _builtins.str

@@ -72,7 +72,8 @@ class FeatureServiceServicer:
     """
 
     def GetFeatures(self, request, context):
-        """GetFeatures reads many feature refs for many entities in one call and answers column by column.
+        """GetFeatures reads many feature refs for many entities in one call and answers column by column; at most
+        the service's max_values_per_get values (entities × refs) per call, else INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,13 +81,16 @@ class FeatureServiceServicer:
 
     def PushFeatures(self, request_iterator, context):
         """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+        Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+        (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Materialize(self, request, context):
-        """Materialize loads an offline file into the online store, keeping the latest row per entity.
+        """Materialize loads an offline file into the online store, keeping the latest row per entity (and, per
+        entity, the latest event across materialisations and pushes).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -34,11 +34,18 @@ class FeatureServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> FeatureServiceAsyncStub: ...
     GetFeatures: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeaturesRequest, _feature_service_pb2.GetFeaturesResponse]
-    """GetFeatures reads many feature refs for many entities in one call and answers column by column."""
+    """GetFeatures reads many feature refs for many entities in one call and answers column by column; at most
+    the service's max_values_per_get values (entities × refs) per call, else INVALID_ARGUMENT.
+    """
     PushFeatures: _grpc.StreamUnaryMultiCallable[_feature_service_pb2.PushFeaturesRequest, _feature_service_pb2.PushFeaturesResponse]
-    """PushFeatures streams rows into the online store and answers once, after the client closes the stream."""
+    """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+    Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+    (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
+    """
     Materialize: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.MaterializeRequest, _feature_service_pb2.MaterializeResponse]
-    """Materialize loads an offline file into the online store, keeping the latest row per entity."""
+    """Materialize loads an offline file into the online store, keeping the latest row per entity (and, per
+    entity, the latest event across materialisations and pushes).
+    """
     ListFeatureViews: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.ListFeatureViewsRequest, _feature_service_pb2.ListFeatureViewsResponse]
     """ListFeatureViews lists feature view definitions."""
     GetFeatureView: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureViewRequest, _feature_service_pb2.GetFeatureViewResponse]
@@ -52,11 +59,18 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetFeatures: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeaturesRequest, _feature_service_pb2.GetFeaturesResponse]  # type: ignore[assignment]
-    """GetFeatures reads many feature refs for many entities in one call and answers column by column."""
+    """GetFeatures reads many feature refs for many entities in one call and answers column by column; at most
+    the service's max_values_per_get values (entities × refs) per call, else INVALID_ARGUMENT.
+    """
     PushFeatures: _aio.StreamUnaryMultiCallable[_feature_service_pb2.PushFeaturesRequest, _feature_service_pb2.PushFeaturesResponse]  # type: ignore[assignment]
-    """PushFeatures streams rows into the online store and answers once, after the client closes the stream."""
+    """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+    Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+    (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
+    """
     Materialize: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.MaterializeRequest, _feature_service_pb2.MaterializeResponse]  # type: ignore[assignment]
-    """Materialize loads an offline file into the online store, keeping the latest row per entity."""
+    """Materialize loads an offline file into the online store, keeping the latest row per entity (and, per
+    entity, the latest event across materialisations and pushes).
+    """
     ListFeatureViews: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.ListFeatureViewsRequest, _feature_service_pb2.ListFeatureViewsResponse]  # type: ignore[assignment]
     """ListFeatureViews lists feature view definitions."""
     GetFeatureView: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureViewRequest, _feature_service_pb2.GetFeatureViewResponse]  # type: ignore[assignment]
@@ -73,7 +87,9 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _feature_service_pb2.GetFeaturesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feature_service_pb2.GetFeaturesResponse, _abc.Awaitable[_feature_service_pb2.GetFeaturesResponse]]:
-        """GetFeatures reads many feature refs for many entities in one call and answers column by column."""
+        """GetFeatures reads many feature refs for many entities in one call and answers column by column; at most
+        the service's max_values_per_get values (entities × refs) per call, else INVALID_ARGUMENT.
+        """
 
     @_abc_1.abstractmethod
     def PushFeatures(
@@ -81,7 +97,10 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_feature_service_pb2.PushFeaturesRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_feature_service_pb2.PushFeaturesResponse, _abc.Awaitable[_feature_service_pb2.PushFeaturesResponse]]:
-        """PushFeatures streams rows into the online store and answers once, after the client closes the stream."""
+        """PushFeatures streams rows into the online store and answers once, after the client closes the stream.
+        Per entity the row with the latest event_timestamp wins, in every tier, whatever order rows arrive in
+        (ties go to the later arrival); a row replaces the entity's whole row in the view (see FeatureRow).
+        """
 
     @_abc_1.abstractmethod
     def Materialize(
@@ -89,7 +108,9 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _feature_service_pb2.MaterializeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_feature_service_pb2.MaterializeResponse, _abc.Awaitable[_feature_service_pb2.MaterializeResponse]]:
-        """Materialize loads an offline file into the online store, keeping the latest row per entity."""
+        """Materialize loads an offline file into the online store, keeping the latest row per entity (and, per
+        entity, the latest event across materialisations and pushes).
+        """
 
     @_abc_1.abstractmethod
     def ListFeatureViews(
