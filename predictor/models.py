@@ -63,8 +63,9 @@ class ModelStore:
         self.tracer = tracer
         self.models: dict[str, Model] = {}
         self.locks = NamedLocks()
-        # Where files sent with RepositoryModelLoad are written, one private directory per load.
-        self.override_root = Path(tempfile.mkdtemp(prefix="fresco-overrides-"))
+        # Where files sent with RepositoryModelLoad are written, one private directory per load
+        # (made on first use, removed on close).
+        self.override_root: Path | None = None
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """A servable model version; NOT_FOUND for unknown names, UNAVAILABLE while not ready."""
@@ -96,6 +97,8 @@ class ModelStore:
         check_model_name(name)
         if override is not None and override.files:
             assert override.config is not None  # parse_load_parameters insists on it
+            if self.override_root is None:
+                self.override_root = Path(tempfile.mkdtemp(prefix="fresco-overrides-"))
             model_dir = await asyncio.get_running_loop().run_in_executor(
                 self.executor, write_files, self.override_root, name, override.files
             )
@@ -281,7 +284,8 @@ class ModelStore:
         """Unload everything."""
         for name in list(self.models):
             await self.unload(name)
-        shutil.rmtree(self.override_root, ignore_errors=True)
+        if self.override_root is not None:
+            shutil.rmtree(self.override_root, ignore_errors=True)
 
 
 def _mark_loaded(model: Model) -> None:

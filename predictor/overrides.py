@@ -69,8 +69,8 @@ def parse_load_parameters(name: str, parameters: Mapping[str, pb.ModelRepository
 
 
 def write_files(root: Path, name: str, files: Mapping[str, bytes]) -> Path:
-    """A fresh private directory under `root` holding `files`; the caller removes it."""
-    root.mkdir(parents=True, exist_ok=True)
+    """A fresh private directory under `root` (an existing private directory) holding `files`;
+    the caller removes it."""
     target = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=root))
     try:
         base = target.resolve()

@@ -162,7 +162,9 @@ async def test_load_with_files_serves_a_model_the_repository_lacks(
         model = await store.load("inline", override)
         assert model.state is State.READY, model.reason
         assert model.override_dir is not None
-        assert model.override_dir.parent == store.override_root
+        root = store.override_root
+        assert root is not None
+        assert model.override_dir.parent == root
         rows = np.zeros((3, 8), np.float32)
         assert (await store.infer(store.get("inline"), {"X": rows}, ["label"]))["label"].shape == (3,)
         written = model.override_dir
@@ -174,8 +176,8 @@ async def test_load_with_files_serves_a_model_the_repository_lacks(
         failed = await store.load("junk", broken)
         assert failed.state is State.UNAVAILABLE
         assert "junk" not in store.models
-        assert list(store.override_root.iterdir()) == []
+        assert list(root.iterdir()) == []
         assert len(store.locks) == 0
     finally:
         await store.close()
-    assert not store.override_root.exists()
+    assert not root.exists()
