@@ -107,6 +107,8 @@ class ModelStore:
             model_dir = self.repository.model_dir(name)  # NOT_FOUND before anything is registered
             model = Model(name)
         prepared = Prepared(model, self.models.get(name), self.repository.has_model(name))
+        if prepared.previous is None:
+            self.models[name] = model  # LOADING in the index meanwhile
         try:
             model.config = override.config if override is not None and override.config else read_config(model_dir)
             wanted = model.config.version_policy.select(version_numbers(model_dir))
@@ -120,9 +122,15 @@ class ModelStore:
         except FrescoError as err:
             model.state, model.reason = State.UNAVAILABLE, str(err)
         except BaseException:
+            self._forget(model)
             await self._retire(model)
             raise
         return prepared
+
+    def _forget(self, model: Model) -> None:
+        """Drop a model registered only to show it LOADING."""
+        if self.models.get(model.name) is model:
+            del self.models[model.name]
 
     async def commit(self, prepared: Prepared) -> Model:
         """Serve a prepared model, retiring the versions it replaces."""
@@ -155,6 +163,8 @@ class ModelStore:
             self.models[model.name] = record
             if previous is not None:
                 await self._retire(previous)
+        else:
+            self._forget(model)
         log.info("model %s UNAVAILABLE %s", model.name, reason)
         return record
 
