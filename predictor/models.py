@@ -165,6 +165,9 @@ class ModelStore:
                 await self._retire(previous)
         else:
             self._forget(model)
+            if self.metrics is not None:
+                for number in model.versions:
+                    self.metrics.forget(model.name, str(number))
         log.info("model %s UNAVAILABLE %s", model.name, reason)
         return record
 

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 
 from chassis.errors import InvalidArgument
 from fresco.api.inference import grpc_service_pb2 as pb
+from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore, State
 from predictor.overrides import parse_load_parameters, write_files
 from predictor.repository import ModelRepository
@@ -152,7 +154,8 @@ async def test_load_with_a_config_overrides_the_repository(repository: Path, exe
 async def test_load_with_files_serves_a_model_the_repository_lacks(
     repository: Path, executor: ThreadPoolExecutor
 ) -> None:
-    store = ModelStore(ModelRepository(repository), executor)
+    registry = CollectorRegistry()
+    store = ModelStore(ModelRepository(repository), executor, metrics=PredictorMetrics(registry))
     onnx = (repository / "demo" / "1" / "model.onnx").read_bytes()
     config = json.dumps({"max_batch_size": 8, "dynamic_batching": {}})
     try:
@@ -178,6 +181,9 @@ async def test_load_with_files_serves_a_model_the_repository_lacks(
         assert "junk" not in store.models
         assert list(root.iterdir()) == []
         assert len(store.locks) == 0
+        labelled = {s.labels.get("model") for family in registry.collect() for s in family.samples}
+        assert "junk" not in labelled
+        assert "inline" in labelled
     finally:
         await store.close()
     assert not root.exists()
