@@ -8,9 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.inference import grpc_service_pb2 as pb
@@ -19,6 +19,7 @@ from predictor.overrides import INTERNAL_PREFIX, parse_load_parameters
 from predictor.peers import PEER_TIMEOUT_S, Peers, forwarded, routed
 
 log = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 PHASE = f"{INTERNAL_PREFIX}phase"
 LOAD_ID = f"{INTERNAL_PREFIX}load"
@@ -59,13 +60,14 @@ class Coordinator:
             return
         override = parse_load_parameters(request.model_name, request.parameters)
         if self.peers is None:
-            _raise_unless_ready(request.model_name, await self.store.load(request.model_name, override))
+            model = await _finish(self.store.load(request.model_name, override))
+            _raise_unless_ready(request.model_name, model)
             return
         leader = self.peers.leader()
         if leader is not None and not routed(metadata):
             await self.peers.route(leader, "RepositoryModelLoad", request)
             return
-        await self._coordinate(self.peers, request)
+        await _finish(self._coordinate(self.peers, request))
 
     async def unload(self, request: pb.RepositoryModelUnloadRequest, metadata: Any) -> None:
         """RepositoryModelUnload on this worker and every sibling."""
@@ -139,6 +141,19 @@ class Coordinator:
                 await self.store.abort(pending.prepared, "the coordinating worker never decided the load")
             finally:
                 self.store.locks.release(name)
+
+
+async def _finish(work: Coroutine[Any, Any, Result]) -> Result:
+    """Run a load to its end even when the caller goes away: stopping half-way would leave versions
+    loaded but never served, or siblings holding a prepared load until it expires."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_log_orphaned_failure)
+    return await asyncio.shield(task)
+
+
+def _log_orphaned_failure(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.info("load finished with: %s", error)  # also raised to the caller, when it is still there
 
 
 def _details(error: BaseException) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import time
 import urllib.request
@@ -153,6 +154,28 @@ async def test_a_failed_load_names_the_reason(explicit_stub, explicit: ServicePr
     ((version, state, reason),) = await index_entry(explicit_stub, "corrupt")
     assert (version, state) == ("1", "UNAVAILABLE")
     assert reason in details
+
+
+async def test_a_load_whose_caller_gives_up_still_finishes(explicit_stub, explicit: ServiceProcess, repository) -> None:
+    """The model file is a named pipe, so the load waits until the test writes the model into it;
+    the caller's deadline passes first. The load must still finish (it used to stop half-way, leaving
+    the model LOADING for good)."""
+    root = Path(explicit.args[explicit.args.index("--model-repository") + 1])
+    (root / "patient" / "1").mkdir(parents=True)
+    fifo = root / "patient" / "1" / "model.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(aio.AioRpcError) as failure:
+        await explicit_stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="patient"), timeout=0.5)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await index_entry(explicit_stub, "patient") == [("", "LOADING", "")]
+    await asyncio.to_thread(fifo.write_bytes, repository.demo.path.read_bytes())  # the load is reading it
+
+    async def ready() -> bool:
+        return bool((await explicit_stub.ModelReady(pb.ModelReadyRequest(name="patient"))).ready)
+
+    await eventually(ready, what="the abandoned load finished")
+    assert await index_entry(explicit_stub, "patient") == [("1", "READY", "")]
+    await explicit_stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="patient"))
 
 
 def load_parameters(**values: str | bytes) -> dict[str, pb.ModelRepositoryParameter]:
