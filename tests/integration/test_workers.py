@@ -8,6 +8,7 @@ arguments so that it opens its own TCP connection."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -217,6 +218,24 @@ async def test_load_and_unload_reach_every_worker(
             await stub.ModelInfer(infer_request(sample[:2], model="fresh"), timeout=30)
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     assert [await model_ready(stub, "demo") for stub in stubs] == [True] * len(stubs)
+
+
+async def test_a_load_with_config_and_files_reaches_every_worker(
+    stubs, repository, sample: np.ndarray, reference: Reference
+) -> None:
+    """Every worker writes the files sent with the load and serves the model with the config sent."""
+    config = json.dumps({"max_batch_size": 8, "dynamic_batching": {"preferred_batch_size": [4]}})
+    request = pb.RepositoryModelLoadRequest(model_name="sent")
+    request.parameters["config"].string_param = config
+    request.parameters["file:1/model.onnx"].bytes_param = repository.demo.path.read_bytes()
+    await stubs[2].RepositoryModelLoad(request, timeout=60)
+    for stub in stubs:
+        served = (await stub.ModelConfig(pb.ModelConfigRequest(name="sent"), timeout=10)).config
+        assert (served.max_batch_size, list(served.dynamic_batching.preferred_batch_size)) == (8, [4])
+        response = await stub.ModelInfer(infer_request(sample[:3], model="sent"), timeout=30)
+        assert_matches_reference(decode_outputs(response), reference.predict(sample[:3]))
+    await stubs[4].RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="sent"), timeout=60)
+    assert [await model_ready(stub, "sent") for stub in stubs] == [False] * len(stubs)
 
 
 class OneGoodRead:
