@@ -36,8 +36,10 @@ SERVER_VERSION = "0.1.0"
 # perf_analyzer reads server-side statistics only from servers announcing "statistics";
 # "model_repository" covers RepositoryModelLoad's `config` and `file:` parameters.
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
-# Requests of one ModelStreamInfer stream in flight at once, so that they batch.
+# Requests of one ModelStreamInfer stream in flight at once, so that they batch, and the bytes they
+# may hold: no further request is read while those in flight hold more.
 STREAM_WINDOW = 32
+STREAM_BYTES = 64 * 1024 * 1024
 # Requests whose decoding (or answers whose encoding) walks more than this many bytes or elements
 # one by one go to a thread, so that the event loop keeps serving small calls meanwhile.
 OFFLOAD_ABOVE = 64 * 1024
@@ -173,7 +175,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
             )
 
-        async for response in in_order(request_iterator, answer, STREAM_WINDOW):
+        def size(request: pb.ModelInferRequest) -> int:
+            return int(request.ByteSize())
+
+        async for response in in_order(request_iterator, answer, STREAM_WINDOW, size, STREAM_BYTES):
             yield response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:

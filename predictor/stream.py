@@ -14,29 +14,38 @@ Result = TypeVar("Result")
 
 
 async def in_order(
-    items: AsyncIterator[Item], handle: Callable[[Item], Awaitable[Result]], window: int
+    items: AsyncIterator[Item],
+    handle: Callable[[Item], Awaitable[Result]],
+    window: int,
+    weight: Callable[[Item], int] = lambda item: 0,
+    budget: int = 0,
 ) -> AsyncIterator[Result]:
-    """`handle` each item, up to `window` at once, yielding results in the items' order.
+    """`handle` each item, up to `window` at once, yielding results in the items' order. With a
+    `budget`, no further item is read while the items in flight weigh that much or more.
 
     `handle` should turn its failures into results: one that raises ends the stream. Leaving the
     iteration early (the caller went away) cancels the work still in flight.
     """
-    pending: deque[asyncio.Future[Result]] = deque()
+    pending: deque[tuple[asyncio.Future[Result], int]] = deque()
+    held = 0
     next_item: asyncio.Future[Item] | None = None
     exhausted = False
     try:
         while True:
-            while pending and pending[0].done():
-                yield pending.popleft().result()
+            while pending and pending[0][0].done():
+                done, weighed = pending.popleft()
+                held -= weighed
+                yield done.result()
             if exhausted and not pending:
                 return
             waits: set[asyncio.Future[Any]] = set()
-            if not exhausted and len(pending) < window:
+            room = len(pending) < window and (not budget or not pending or held < budget)
+            if not exhausted and room:
                 if next_item is None:
                     next_item = asyncio.ensure_future(anext(items))
                 waits.add(next_item)
             if pending:
-                waits.add(pending[0])
+                waits.add(pending[0][0])
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
             if next_item is not None and next_item.done():
                 try:
@@ -44,10 +53,12 @@ async def in_order(
                 except StopAsyncIteration:
                     exhausted = True
                 else:
-                    pending.append(asyncio.ensure_future(handle(item)))
+                    weighed = weight(item)
+                    held += weighed
+                    pending.append((asyncio.ensure_future(handle(item)), weighed))
                 next_item = None
     finally:
-        leftover: list[asyncio.Future[Any]] = [*pending]
+        leftover: list[asyncio.Future[Any]] = [future for future, _ in pending]
         if next_item is not None:
             leftover.append(next_item)
         for future in leftover:

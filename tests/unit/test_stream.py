@@ -104,3 +104,30 @@ async def test_a_failing_source_ends_the_stream_with_its_error() -> None:
     async with asyncio.timeout(10):
         with pytest.raises(ConnectionError):
             [item async for item in in_order(broken(), handle, window=2)]
+
+
+async def test_a_budget_bounds_the_weight_in_flight_but_one_item_always_goes() -> None:
+    """Items weigh their value; with a budget of 10, items 6 and 5 may be in flight together, and a
+    heavier one (20) goes alone."""
+    started: list[int] = []
+    release = asyncio.Event()
+
+    async def heavy_items() -> AsyncIterator[int]:
+        for item in (6, 5, 20, 1):
+            yield item
+
+    async def handle(item: int) -> int:
+        started.append(item)
+        await release.wait()
+        return item
+
+    stream = in_order(heavy_items(), handle, window=8, weight=lambda item: item, budget=10)
+    async with asyncio.timeout(10):
+        first = asyncio.ensure_future(anext(stream))
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert started == [6, 5]  # 11 >= 10: nothing more is read
+        release.set()
+        assert await first == 6
+        assert [item async for item in stream] == [5, 20, 1]
+    assert started == [6, 5, 20, 1]
