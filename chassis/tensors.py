@@ -112,8 +112,11 @@ def decode_bytes_tensor(raw: bytes, count: int, what: str) -> np.ndarray:
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length
+        if len(items) > count:  # stop at once: the shape bounds the work, not the sender's bytes
+            break
     if len(items) != count:
-        raise InvalidArgument(f"{what}: holds {len(items)} BYTES elements, its shape needs {count}")
+        held = f"at least {len(items)}" if len(items) > count else str(len(items))
+        raise InvalidArgument(f"{what}: holds {held} BYTES elements, its shape needs {count}")
     array = np.empty(count, dtype=np.object_)
     array[:] = items
     return array

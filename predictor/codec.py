@@ -13,6 +13,9 @@ from chassis.tensors import CONTENTS_FIELD, array_from_raw, numpy_dtype, raw_fro
 from fresco.api.inference import grpc_service_pb2 as pb
 from predictor.backends.base import TensorSpec
 
+# BYTES elements one tensor may hold: each costs ~50 bytes of Python objects once decoded.
+DEFAULT_MAX_BYTES_ELEMENTS = 1 << 20
+
 
 def _check_shape(shape: Sequence[int], spec: TensorSpec, what: str) -> None:
     if any(dim < 0 for dim in shape):
@@ -24,13 +27,22 @@ def _check_shape(shape: Sequence[int], spec: TensorSpec, what: str) -> None:
 
 
 def _decode_one(
-    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: TensorSpec, what: str
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    spec: TensorSpec,
+    what: str,
+    max_bytes_elements: int,
 ) -> np.ndarray:
     if tensor.datatype != spec.datatype:
         raise InvalidArgument(f"{what}: datatype {tensor.datatype or '(empty)'} but the model expects {spec.datatype}")
     shape = tuple(tensor.shape)
     _check_shape(shape, spec, what)
     count = math.prod(shape)
+    if spec.datatype == "BYTES" and count > max_bytes_elements:
+        raise InvalidArgument(
+            f"{what}: {count} BYTES elements exceed the limit of {max_bytes_elements} per tensor "
+            "(setting max_bytes_elements, FRESCO_PREDICTOR_MAX_BYTES_ELEMENTS)"
+        )
     dtype = numpy_dtype(spec.datatype, what)
     if math.prod(dim for dim in shape if dim) * dtype.itemsize > np.iinfo(np.intp).max:
         raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
@@ -56,7 +68,21 @@ def _decode_one(
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
-def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) -> dict[str, np.ndarray]:
+def decode_cost(request: pb.ModelInferRequest) -> int:
+    """About how many bytes decoding walks element by element in Python: BYTES raw contents and
+    typed contents (numeric raw contents are viewed in place, at no cost)."""
+    cost = 0
+    for index, tensor in enumerate(request.inputs):
+        if tensor.datatype == "BYTES" and index < len(request.raw_input_contents):
+            cost += len(request.raw_input_contents[index])
+        for _, values in tensor.contents.ListFields():
+            cost += 8 * len(values)
+    return cost
+
+
+def decode_inputs(
+    request: pb.ModelInferRequest, specs: Sequence[TensorSpec], max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS
+) -> dict[str, np.ndarray]:
     """The request's inputs as arrays, each checked against the model's input of that name."""
     by_name = {spec.name: spec for spec in specs}
     raw_count = len(request.raw_input_contents)
@@ -73,7 +99,14 @@ def decode_inputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]) ->
             raise InvalidArgument(f"{what} is not an input of model {request.model_name!r}; it takes {sorted(by_name)}")
         if tensor.name in arrays:
             raise InvalidArgument(f"{what} is given twice")
-        array = _decode_one(tensor, request.raw_input_contents[index] if raw_count else None, spec, what)
+        if raw_count and tensor.HasField("contents"):
+            # Triton's wording, which its clients match on.
+            raise InvalidArgument(
+                f"contents field must not be specified when using raw_input_contents for '{tensor.name}' "
+                f"for model '{request.model_name}'; send each input either typed or raw"
+            )
+        raw = request.raw_input_contents[index] if raw_count else None
+        array = _decode_one(tensor, raw, spec, what, max_bytes_elements)
         if not spec.allow_nan and array.dtype.kind == "f" and np.isnan(array).any():
             raise InvalidArgument(f"{what}: contains NaN, which this model's config forbids")
         arrays[tensor.name] = array
@@ -90,6 +123,11 @@ def requested_outputs(request: pb.ModelInferRequest, specs: Sequence[TensorSpec]
         if name not in known:
             raise InvalidArgument(f"requested output {name!r} is not an output of the model; it has {known}")
     return names or known
+
+
+def encode_cost(results: Mapping[str, np.ndarray]) -> int:
+    """How many elements encoding walks one by one in Python: those of BYTES outputs."""
+    return sum(array.size for array in results.values() if array.dtype == np.object_)
 
 
 def encode_response(

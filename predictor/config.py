@@ -103,14 +103,65 @@ class BatchingConfig(BaseModel):
         return self
 
 
-class WarmupConfig(BaseModel):
-    """Synthetic runs before a version turns READY."""
+class WarmupInput(BaseModel):
+    """One input of a warm-up sample: zeros, seeded random values, explicit values, or a file."""
 
     model_config = ConfigDict(extra="forbid")
 
-    runs: int = Field(default=5, ge=1, description="Runs at each batch size; their p99 is checked against the budget.")
+    dims: list[int] | None = Field(
+        default=None,
+        description=(
+            "Dimensions after the batch dimension (all of them for a model that does not batch); "
+            "default the model's, variable ones as 1."
+        ),
+    )
+    zero_data: bool = False
+    random_data: bool = False
+    data: list[float | int | bool | str] | None = Field(
+        default=None, description="Explicit values of one row, repeated for each row of the batch."
+    )
+    input_data_file: str | None = Field(
+        default=None,
+        description="A file under <model>/warmup/ holding one row in the raw wire form (BYTES length-prefixed).",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WarmupInput:
+        given = [self.zero_data, self.random_data, self.data is not None, self.input_data_file is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of zero_data, random_data, data, input_data_file")
+        if self.dims is not None and any(dim < 1 for dim in self.dims):
+            raise ValueError(f"dims {self.dims}: each dimension must be positive")
+        return self
+
+
+class WarmupSample(BaseModel):
+    """A warm-up request (Triton's `model_warmup`): a name, a batch size and each input's data."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    batch_size: int = Field(default=1, ge=1)
+    inputs: dict[str, WarmupInput]
+
+
+class WarmupConfig(BaseModel):
+    """Runs before a version turns READY: the configured samples, else synthetic inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    runs: int = Field(default=5, ge=1, description="Warm runs of each sample or synthetic batch size.")
     batch_sizes: list[int] = Field(
-        default_factory=list, description="Batch sizes to warm; default 1 plus the preferred batch sizes."
+        default_factory=list, description="Synthetic batch sizes to warm; default 1 plus the preferred batch sizes."
+    )
+    samples: list[WarmupSample] = Field(
+        default_factory=list, description="Warm-up requests to run instead of synthetic inputs."
+    )
+    latency_runs: int = Field(
+        default=200, ge=1, description="Timed runs the p99 held to the latency budget is taken over."
+    )
+    latency_attempts: int = Field(
+        default=3, ge=1, description="Measurements over the budget before the version is declared UNAVAILABLE."
     )
 
 
@@ -129,7 +180,9 @@ class ModelConfig(BaseModel):
     instance_count: int = Field(default=1, ge=1, description="Executions of one version that may run at once.")
     warmup: WarmupConfig = Field(default_factory=WarmupConfig)
     latency_budget_ms: float | None = Field(
-        default=None, gt=0, description="A version whose warm p99 exceeds this fails to become READY."
+        default=None,
+        gt=0,
+        description="A version whose warm p99 exceeds this on every attempt fails to become READY.",
     )
     tensorrt: dict[str, str | int | bool] = Field(
         default_factory=dict, description="TensorRT build options (fp16, int8, workspace_mb, opt_batch_size)."

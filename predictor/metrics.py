@@ -3,6 +3,7 @@ request path pays for no label lookups."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -49,6 +50,18 @@ class PredictorMetrics:
         self.warm_p99_seconds = Gauge(
             "fresco_model_warm_p99_seconds", "p99 latency of the warm-up runs.", labels, registry=registry
         )
+
+    def forget(self, model: str, version: str) -> None:
+        """Drop one version's series: a model that never served (e.g. files sent under a new name
+        that failed to load) must leave no label values behind."""
+        for family in (self.inferences, self.executions, self.request_seconds, self.queue_seconds,
+                       self.compute_seconds, self.batch_size, self.loaded, self.memory_bytes, self.load_seconds,
+                       self.warm_p99_seconds):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                family.remove(model, version)
+        for outcome in ("success", "failure"):
+            with contextlib.suppress(KeyError):
+                self.requests.remove(model, version, outcome)
 
     def bind(self, model: str, version: str) -> VersionMetrics:
         """Children bound to one version."""

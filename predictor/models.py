@@ -1,163 +1,48 @@
-"""Loaded models: their versions, states and in-flight work. Loading runs off the event loop so it
-never blocks serving other models; unloading drains in-flight requests first."""
+"""Loaded models: loading, unloading and inference. Loading runs off the event loop so it never
+blocks serving other models, in two steps (prepare, then commit or abort) so that the workers of
+`--workers N` can agree before any of them switches; unloading drains in-flight requests first."""
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
+import shutil
+import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from chassis.errors import FrescoError, InvalidArgument, NotFound, Unavailable
+from chassis.errors import FrescoError, InvalidArgument
 from predictor.backends import backend_for
 from predictor.backends.base import BackendOptions, Session, TensorSpec
 from predictor.batcher import BatchPolicy, DynamicBatcher, Execution, Request, rows_of
 from predictor.config import ModelConfig, read_config
-from predictor.metrics import PredictorMetrics, VersionMetrics
-from predictor.repository import ModelRepository
-from predictor.stats import VersionStats
+from predictor.locks import NamedLocks
+from predictor.metrics import PredictorMetrics
+from predictor.overrides import LoadOverride, write_files
+from predictor.repository import MODEL_FILE, ModelRepository, check_model_name, version_numbers
+from predictor.versions import Model, ModelVersion, State, unknown_model
 from predictor.warmup import warm
+
+__all__ = ["Model", "ModelStore", "ModelVersion", "Prepared", "State"]
 
 log = logging.getLogger(__name__)
 
 
-class State(enum.Enum):
-    """A model version's state, as RepositoryIndex reports it."""
-
-    LOADING = "LOADING"
-    READY = "READY"
-    UNLOADING = "UNLOADING"
-    UNAVAILABLE = "UNAVAILABLE"
-
-
 @dataclass
-class ModelVersion:
-    """One version of a model: its session once loaded, its batcher, and the requests using it."""
+class Prepared:
+    """A model loaded and warmed but not yet served, and the one it would replace."""
 
-    name: str
-    version: int
-    state: State = State.LOADING
-    reason: str = ""
-    session: Session | None = None
-    batcher: DynamicBatcher | None = None
-    max_batch_size: int = 0
-    load_seconds: float = 0.0
-    warm_seconds: float = 0.0
-    warm_p99_ms: float = 0.0
-    in_flight: int = 0
-    stats: VersionStats = field(default_factory=VersionStats)
-    metrics: VersionMetrics | None = None
-    slots: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
-    _idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self._idle.set()
-
-    @property
-    def inputs(self) -> Sequence[TensorSpec]:
-        return self._ready_session().inputs
-
-    @property
-    def outputs(self) -> Sequence[TensorSpec]:
-        return self._ready_session().outputs
-
-    @property
-    def output_datatypes(self) -> dict[str, str]:
-        return {spec.name: spec.datatype for spec in self._ready_session().outputs}
-
-    def _ready_session(self) -> Session:
-        if self.session is None:
-            raise Unavailable(f"model {self.name!r} version {self.version} is {self.state.value}")
-        return self.session
-
-    def acquire(self) -> Session:
-        """Hold the version for one request, so unloading waits for it; pair with `release()`."""
-        if self.state is not State.READY or self.session is None:
-            raise Unavailable(f"model {self.name!r} version {self.version} is {self.state.value}, not READY")
-        self.in_flight += 1
-        self._idle.clear()
-        return self.session
-
-    def release(self) -> None:
-        """A request that held the version finished."""
-        self.in_flight -= 1
-        if self.in_flight == 0:
-            self._idle.set()
-
-    @asynccontextmanager
-    async def use(self) -> AsyncIterator[Session]:
-        """`acquire()` and `release()` around a block."""
-        session = self.acquire()
-        try:
-            yield session
-        finally:
-            self.release()
-
-    def record_request(self, ok: bool, elapsed_ns: int) -> None:
-        """One request for this version finished, successfully or not."""
-        self.stats.record_request(ok, elapsed_ns)
-        if self.metrics is not None:
-            (self.metrics.success if ok else self.metrics.failure).inc()
-            self.metrics.request_seconds.observe(elapsed_ns / 1e9)
-
-    def record_execution(self, execution: Execution) -> None:
-        """One batch ran: statistics and metrics for it and for each request's queue time."""
-        self.stats.record_execution(execution)
-        for request in execution.requests:
-            self.stats.queue.add(request.dispatched_ns - request.arrived_ns)
-        if self.metrics is not None:
-            self.metrics.executions.inc()
-            self.metrics.inferences.inc(execution.rows)
-            self.metrics.batch_size.observe(execution.rows)
-            self.metrics.compute_seconds.observe(execution.compute_ns / 1e9)
-            for request in execution.requests:
-                self.metrics.queue_seconds.observe((request.dispatched_ns - request.arrived_ns) / 1e9)
-
-    async def drained(self) -> None:
-        """Wait until no request uses this version."""
-        await self._idle.wait()
-
-
-@dataclass
-class Model:
-    """A model directory's loaded state: its config and the versions served."""
-
-    name: str
-    config: ModelConfig | None = None
-    versions: dict[int, ModelVersion] = field(default_factory=dict)
-    state: State = State.LOADING
-    reason: str = ""
-
-    def default_version(self) -> ModelVersion:
-        """The version a request without a version gets: the configured one, else the newest ready."""
-        if self.config is not None and self.config.default_version is not None:
-            return self.get(str(self.config.default_version))
-        ready = [v for v in self.versions.values() if v.state is State.READY]
-        if not ready:
-            raise Unavailable(
-                f"model {self.name!r} has no READY version ({self.state.value}: {self.reason or 'loading'})"
-            )
-        return max(ready, key=lambda v: v.version)
-
-    def get(self, version: str) -> ModelVersion:
-        """A version by its string number; empty means the default."""
-        if not version:
-            return self.default_version()
-        if not (version.isascii() and version.isdigit() and len(version) <= 18):
-            raise InvalidArgument(f"model_version {version!r}: expected a version number")
-        found = self.versions.get(int(version))
-        if found is None:
-            raise NotFound(f"model {self.name!r} has no version {version}; it serves {sorted(self.versions)}")
-        return found
+    model: Model
+    previous: Model | None
+    in_repository: bool
 
 
 class ModelStore:
@@ -177,7 +62,10 @@ class ModelStore:
         self.metrics = metrics
         self.tracer = tracer
         self.models: dict[str, Model] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self.locks = NamedLocks()
+        # Where files sent with RepositoryModelLoad are written, one private directory per load
+        # (made on first use, removed on close).
+        self.override_root: Path | None = None
 
     def get(self, name: str, version: str = "") -> ModelVersion:
         """A servable model version; NOT_FOUND for unknown names, UNAVAILABLE while not ready."""
@@ -187,51 +75,110 @@ class ModelStore:
         """A known model, whatever its state."""
         model = self.models.get(name)
         if model is None:
-            raise NotFound(f"model {name!r} is not loaded; loaded models: {sorted(self.models)}")
+            raise unknown_model(name, f"model {name!r} is not loaded; loaded models: {sorted(self.models)}")
         return model
 
     async def load_all(self) -> None:
         """Load every model of the repository concurrently; failures leave models UNAVAILABLE."""
         await asyncio.gather(*(self.load(name) for name in self.repository.model_names()))
 
-    async def load(self, name: str) -> Model:
-        """Load (or reload) a model's versions; the old versions serve until the new ones are warm."""
-        model_dir = self.repository.model_dir(name)  # NOT_FOUND before anything is registered
-        async with self._locks.setdefault(name, asyncio.Lock()):
-            previous = self.models.get(name)
+    async def load(self, name: str, override: LoadOverride | None = None) -> Model:
+        """Load (or reload) a model's versions; the old versions serve until the new ones are warm,
+        and keep serving when the new ones fail, as in Triton."""
+        async with self.locks.hold(name):
+            prepared = await self.prepare(name, override)
+            if prepared.model.state is State.READY:
+                return await self.commit(prepared)
+            return await self.abort(prepared, prepared.model.reason, keep_partial=True)
+
+    async def prepare(self, name: str, override: LoadOverride | None = None) -> Prepared:
+        """Load and warm a model's versions without serving them yet; hold `locks` for `name`
+        from here until `commit()` or `abort()`."""
+        check_model_name(name)
+        if override is not None and override.files:
+            assert override.config is not None  # parse_load_parameters insists on it
+            if self.override_root is None:
+                self.override_root = Path(tempfile.mkdtemp(prefix="fresco-overrides-"))
+            model_dir = await asyncio.get_running_loop().run_in_executor(
+                self.executor, write_files, self.override_root, name, override.files
+            )
+            model = Model(name, override_dir=model_dir)
+        else:
+            model_dir = self.repository.model_dir(name)  # NOT_FOUND before anything is registered
             model = Model(name)
-            if previous is None:
-                self.models[name] = model
-            try:
-                model.config = read_config(model_dir)
-                wanted = model.config.version_policy.select(self.repository.versions(name))
-                if not wanted:
-                    raise InvalidArgument(f"model {name!r}: no version directory matches its version policy")
-                loaded = await asyncio.gather(*(self._load_version(name, v, model.config) for v in wanted))
-                model.versions = {v.version: v for v in loaded}
-                failed = [v for v in loaded if v.state is not State.READY]
-                model.state = State.UNAVAILABLE if failed else State.READY
-                model.reason = "; ".join(f"version {v.version}: {v.reason}" for v in failed)
-            except FrescoError as err:
-                model.state, model.reason = State.UNAVAILABLE, str(err)
-            if model.state is not State.READY and previous is not None and previous.state is State.READY:
-                # A failed reload keeps the versions that work serving, as Triton does.
-                previous.reason = f"reload failed, previous versions still serving: {model.reason}"
-                log.warning("model %s: %s", name, previous.reason)
-                await self._retire(model)
-                return model
-            self.models[name] = model
-            if previous is not None and previous is not model:
-                await self._retire(previous)
-            log.info("model %s %s %s", name, model.state.value, model.reason)
+        prepared = Prepared(model, self.models.get(name), self.repository.has_model(name))
+        if prepared.previous is None:
+            self.models[name] = model  # LOADING in the index meanwhile
+        try:
+            model.config = override.config if override is not None and override.config else read_config(model_dir)
+            wanted = model.config.version_policy.select(version_numbers(model_dir))
+            if not wanted:
+                raise InvalidArgument(f"model {name!r}: no version directory matches its version policy")
+            loaded = await asyncio.gather(*(self._load_version(name, v, model.config, model_dir) for v in wanted))
+            model.versions = {v.version: v for v in loaded}
+            failed = [v for v in loaded if v.state is not State.READY]
+            model.state = State.UNAVAILABLE if failed else State.READY
+            model.reason = "; ".join(f"version {v.version}: {v.reason}" for v in failed)
+        except FrescoError as err:
+            model.state, model.reason = State.UNAVAILABLE, str(err)
+        except BaseException:
+            self._forget(model)
+            await self._retire(model)
+            raise
+        return prepared
+
+    def _forget(self, model: Model) -> None:
+        """Drop a model registered only to show it LOADING."""
+        if self.models.get(model.name) is model:
+            del self.models[model.name]
+
+    async def commit(self, prepared: Prepared) -> Model:
+        """Serve a prepared model, retiring the versions it replaces."""
+        model = prepared.model
+        self.models[model.name] = model
+        if prepared.previous is not None and prepared.previous is not model:
+            await self._retire(prepared.previous)
+            _mark_loaded(model)  # the same version's gauges were just zeroed with the old session
+        log.info("model %s %s %s", model.name, model.state.value, model.reason)
+        return model
+
+    async def abort(self, prepared: Prepared, reason: str, keep_partial: bool = False) -> Model:
+        """Drop a prepared model. A READY previous model keeps serving; otherwise the model is
+        recorded UNAVAILABLE with `reason` (with the versions that did load when `keep_partial`),
+        unless the repository does not hold it, so made-up names leave nothing behind."""
+        model, previous = prepared.model, prepared.previous
+        model.state, model.reason = State.UNAVAILABLE, reason
+        if previous is not None and previous.state is State.READY:
+            previous.reason = f"reload failed, previous versions still serving: {reason}"
+            log.warning("model %s: %s", model.name, previous.reason)
+            await self._retire(model)
+            _mark_loaded(previous)
             return model
+        if keep_partial and prepared.in_repository:
+            record = model
+        else:
+            record = Model(model.name, config=model.config, state=State.UNAVAILABLE, reason=reason)
+            await self._retire(model)
+        if prepared.in_repository or previous is not None:
+            self.models[model.name] = record
+            if previous is not None:
+                await self._retire(previous)
+        else:
+            self._forget(model)
+            if self.metrics is not None:
+                for number in model.versions:
+                    self.metrics.forget(model.name, str(number))
+        log.info("model %s UNAVAILABLE %s", model.name, reason)
+        return record
 
     async def unload(self, name: str) -> None:
         """Stop routing to a model, wait for its in-flight requests, then free it."""
-        async with self._locks.setdefault(name, asyncio.Lock()):
+        if name not in self.models:  # no lock for a name that was never loaded
+            raise unknown_model(name, f"model {name!r} is not loaded")
+        async with self.locks.hold(name):
             model = self.models.pop(name, None)
             if model is None:
-                raise NotFound(f"model {name!r} is not loaded")
+                raise unknown_model(name, f"model {name!r} is not loaded")
             await self._retire(model)
 
     async def _retire(self, model: Model) -> None:
@@ -247,14 +194,17 @@ class ModelStore:
             if version.metrics is not None:
                 version.metrics.loaded.set(0)
                 version.metrics.memory_bytes.set(0)
+        if model.override_dir is not None:
+            shutil.rmtree(model.override_dir, ignore_errors=True)
+            model.override_dir = None
 
-    async def _load_version(self, name: str, number: int, config: ModelConfig) -> ModelVersion:
+    async def _load_version(self, name: str, number: int, config: ModelConfig, model_dir: Path) -> ModelVersion:
         version = ModelVersion(name, number, slots=asyncio.Semaphore(config.instance_count))
         if self.metrics is not None:
             version.metrics = self.metrics.bind(name, str(number))
         loop = asyncio.get_running_loop()
         try:
-            path = self.repository.model_file(name, number)
+            path = model_dir / str(number) / MODEL_FILE
             start = time.perf_counter()
             # Read and build off the loop: a slow disk or a big model must not stall other models.
             model_bytes = await loop.run_in_executor(self.executor, path.read_bytes)
@@ -262,7 +212,7 @@ class ModelStore:
             session = await loop.run_in_executor(self.executor, backend.load, model_bytes, config)
             version.session = session
             version.max_batch_size = batch_capacity(session.inputs, config)
-            report = await loop.run_in_executor(self.executor, warm, session, config, version.max_batch_size)
+            report = await loop.run_in_executor(self.executor, warm, session, config, version.max_batch_size, model_dir)
             version.load_seconds = time.perf_counter() - start
             version.warm_seconds, version.warm_p99_ms = report.seconds, report.p99_ms
             if version.max_batch_size and config.batching.enabled:
@@ -347,6 +297,15 @@ class ModelStore:
         """Unload everything."""
         for name in list(self.models):
             await self.unload(name)
+        if self.override_root is not None:
+            shutil.rmtree(self.override_root, ignore_errors=True)
+
+
+def _mark_loaded(model: Model) -> None:
+    for version in model.versions.values():
+        if version.metrics is not None and version.session is not None:
+            version.metrics.loaded.set(1)
+            version.metrics.memory_bytes.set(version.session.memory_bytes())
 
 
 def batch_capacity(inputs: Sequence[TensorSpec], config: ModelConfig) -> int:

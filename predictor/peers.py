@@ -10,13 +10,17 @@ from typing import Any
 
 from grpc import aio
 
-from chassis.errors import InvalidArgument
+from chassis.errors import FrescoError, InvalidArgument, Unavailable
+from chassis.status import STATUS_FOR_ERROR
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 
 # Metadata marking a call one worker forwards to the others, so it is not forwarded again.
 FORWARDED = "x-fresco-forwarded-by"
+# Metadata marking a repository call routed to the leading worker, which coordinates it.
+ROUTED = "x-fresco-routed-by"
 PEER_TIMEOUT_S = 300.0
+_ERROR_FOR_STATUS: dict[Any, type[FrescoError]] = {code: error for error, code in STATUS_FOR_ERROR.items()}
 
 
 def socket_path(peers_dir: Path, index: int) -> Path:
@@ -27,6 +31,15 @@ def socket_path(peers_dir: Path, index: int) -> Path:
 def forwarded(metadata: Any) -> bool:
     """Whether a call came from a sibling worker."""
     return any(key == FORWARDED for key, _ in metadata or ())
+
+
+def routed(metadata: Any) -> bool:
+    """Whether a sibling routed this call here for this worker to coordinate."""
+    return any(key == ROUTED for key, _ in metadata or ())
+
+
+def _index(path: Path) -> int:
+    return int(path.stem.removeprefix("worker-"))
 
 
 class Peers:
@@ -41,7 +54,33 @@ class Peers:
 
     def _others(self) -> list[Path]:
         mine = socket_path(self.peers_dir, self.index)
-        return sorted(p for p in self.peers_dir.glob("worker-*.sock") if p != mine)
+        return sorted((p for p in self.peers_dir.glob("worker-*.sock") if p != mine), key=_index)
+
+    def leader(self) -> Path | None:
+        """The socket of the lowest-numbered worker serving, or None when that is this one."""
+        others = self._others()
+        return others[0] if others and _index(others[0]) < self.index else None
+
+    async def route(self, leader: Path, method: str, request: Any) -> Any:
+        """Hand a repository call to the leading worker, which coordinates it for every worker."""
+        try:
+            return await getattr(self._stub(leader), method)(
+                request, metadata=((ROUTED, str(self.index)),), timeout=PEER_TIMEOUT_S
+            )
+        except aio.AioRpcError as err:
+            # The leader's answer, with its code, is the caller's answer.
+            error = _ERROR_FOR_STATUS.get(err.code(), Unavailable)
+            raise error(err.details() or f"the leading worker answered {err.code().name}") from None
+
+    async def outcomes(self, method: str, request: Any) -> list[tuple[str, Any]]:
+        """Call `method` on every other worker: each worker's name and its answer or its error."""
+        paths = self._others()
+        metadata = ((FORWARDED, str(self.index)),)
+        calls = [
+            getattr(self._stub(path), method)(request, metadata=metadata, timeout=PEER_TIMEOUT_S) for path in paths
+        ]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        return [(path.stem, answer) for path, answer in zip(paths, answers, strict=True)]
 
     def _stub(self, path: Path) -> pb_grpc.GRPCInferenceServiceAsyncStub:
         stub = self._stubs.get(path)

@@ -11,6 +11,21 @@ MODEL_FILE = "model.onnx"
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
+def check_model_name(name: str) -> None:
+    """INVALID_ARGUMENT unless `name` can name a model directory."""
+    if not _MODEL_NAME.match(name):
+        raise InvalidArgument(f"model name {name!r}: expected letters, digits, '_', '.', '-'")
+
+
+def version_numbers(model_dir: Path) -> list[int]:
+    """The numbered version directories of a model directory, ascending."""
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isascii() and p.name.isdigit() and len(p.name) <= 18
+    )
+
+
 class ModelRepository:
     """Reads model directories; knows nothing of loading or serving."""
 
@@ -25,8 +40,7 @@ class ModelRepository:
 
     def model_dir(self, name: str) -> Path:
         """The directory of a model, checked to exist."""
-        if not _MODEL_NAME.match(name):
-            raise InvalidArgument(f"model name {name!r}: expected letters, digits, '_', '.', '-'")
+        check_model_name(name)
         path = self.root / name
         if not path.is_dir():
             raise NotFound(f"model {name!r} is not in the repository {self.root}")
@@ -34,11 +48,11 @@ class ModelRepository:
 
     def versions(self, name: str) -> list[int]:
         """The numbered version directories of a model, ascending."""
-        return sorted(
-            int(p.name)
-            for p in self.model_dir(name).iterdir()
-            if p.is_dir() and p.name.isascii() and p.name.isdigit() and len(p.name) <= 18
-        )
+        return version_numbers(self.model_dir(name))
+
+    def has_model(self, name: str) -> bool:
+        """Whether the repository holds a directory for `name`."""
+        return bool(_MODEL_NAME.match(name)) and (self.root / name).is_dir()
 
     def model_file(self, name: str, version: int) -> Path:
         """The model file of one version."""

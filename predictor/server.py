@@ -47,7 +47,15 @@ class Predictor:
             # A worker of --workers N: siblings reach it on its own unix socket.
             self.app.server.add_insecure_port(f"unix:{socket_path(settings.peers_dir, settings.worker_index)}")
             self.peers = Peers(settings.peers_dir, settings.worker_index, self.app.client_channel)
-        self.servicer = InferenceServicer(self.store, self.peers)
+        # One thread decodes large requests, so they neither stall the event loop nor take inference threads.
+        self.codec_executor = ThreadPoolExecutor(1, thread_name_prefix="codec")
+        self.servicer = InferenceServicer(
+            self.store,
+            self.peers,
+            control_mode=settings.model_control_mode,
+            max_bytes_elements=settings.max_bytes_elements,
+            codec_executor=self.codec_executor,
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.app.server)
         self._poller: asyncio.Task[None] | None = None
         self.app.on_stop(self._close)
@@ -85,6 +93,7 @@ class Predictor:
             await self.peers.close()
         await self.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.codec_executor.shutdown(wait=False, cancel_futures=True)
 
 
 def build_server(settings: PredictorSettings) -> Predictor:

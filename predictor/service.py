@@ -3,25 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Executor
 from typing import Any, TypeAlias
 
 from grpc import aio
 
-from chassis.errors import FrescoError, InvalidArgument, Unavailable
+from chassis.errors import FailedPrecondition, FrescoError, InvalidArgument, NotFound, Unavailable
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
-from predictor.codec import decode_inputs, encode_response, requested_outputs
+from predictor.codec import (
+    DEFAULT_MAX_BYTES_ELEMENTS,
+    decode_cost,
+    decode_inputs,
+    encode_cost,
+    encode_response,
+    requested_outputs,
+)
+from predictor.coordinator import Coordinator
 from predictor.models import ModelStore, ModelVersion, State
 from predictor.peers import Peers, forwarded, merge_statistics
 from predictor.stats import Duration
+from predictor.stream import in_order
 from predictor.triton import triton_config
+
+log = logging.getLogger(__name__)
 
 SERVER_NAME = "fresco-predictor"
 SERVER_VERSION = "0.1.0"
-# perf_analyzer reads server-side statistics only from servers announcing "statistics".
+# perf_analyzer reads server-side statistics only from servers announcing "statistics";
+# "model_repository" covers RepositoryModelLoad's `config` and `file:` parameters.
 EXTENSIONS = ["model_repository", "model_configuration", "statistics"]
+# Requests of one ModelStreamInfer stream in flight at once, so that they batch, and the bytes they
+# may hold: no further request is read while those in flight hold more.
+STREAM_WINDOW = 32
+STREAM_BYTES = 64 * 1024 * 1024
+# Requests whose decoding (or answers whose encoding) walks more than this many bytes or elements
+# one by one go to a thread, so that the event loop keeps serving small calls meanwhile.
+OFFLOAD_ABOVE = 64 * 1024
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
 
@@ -54,9 +75,21 @@ def statistics_message(version: ModelVersion) -> pb.ModelStatistics:
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """inference.GRPCInferenceService over a `ModelStore`."""
 
-    def __init__(self, store: ModelStore, peers: Peers | None = None) -> None:
+    def __init__(
+        self,
+        store: ModelStore,
+        peers: Peers | None = None,
+        *,
+        control_mode: str = "explicit",
+        max_bytes_elements: int = DEFAULT_MAX_BYTES_ELEMENTS,
+        codec_executor: Executor | None = None,
+    ) -> None:
         self.store = store
         self.peers = peers
+        self.coordinator = Coordinator(store, peers)
+        self.control_mode = control_mode
+        self.max_bytes_elements = max_bytes_elements
+        self.codec_executor = codec_executor or store.executor
         self.started = False
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Context) -> pb.ServerLiveResponse:
@@ -69,15 +102,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> pb.ModelReadyResponse:
         try:
             version = self.store.get(request.name, request.version)
-        except Unavailable:
-            return pb.ModelReadyResponse(ready=False)  # known, but loading or failed
+        except (Unavailable, NotFound):
+            return pb.ModelReadyResponse(ready=False)  # as Triton: unknown, unloaded, loading or failed
         return pb.ModelReadyResponse(ready=version.state is State.READY)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Context) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name=SERVER_NAME,
             version=SERVER_VERSION,
-            extensions=["model_repository", "model_configuration", "statistics"],
+            extensions=EXTENSIONS,
         )
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Context) -> pb.ModelMetadataResponse:
@@ -108,12 +141,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version = self.store.get(request.model_name, request.model_version)
         start = time.perf_counter_ns()
         ok = False
+        loop = asyncio.get_running_loop()
         try:
-            inputs = decode_inputs(request, version.inputs)
+            if decode_cost(request) > OFFLOAD_ABOVE:
+                inputs = await loop.run_in_executor(
+                    self.codec_executor, decode_inputs, request, version.inputs, self.max_bytes_elements
+                )
+            else:
+                inputs = decode_inputs(request, version.inputs, self.max_bytes_elements)
             outputs = requested_outputs(request, version.outputs)
-            deadline = None if time_remaining is None else asyncio.get_running_loop().time() + time_remaining
+            deadline = None if time_remaining is None else loop.time() + time_remaining
             results = await self.store.infer(version, inputs, outputs, deadline)
-            response = encode_response(request, str(version.version), results, version.output_datatypes)
+            encode = (request, str(version.version), results, version.output_datatypes)
+            if encode_cost(results) > OFFLOAD_ABOVE // 8:
+                response = await loop.run_in_executor(self.codec_executor, encode_response, *encode)
+            else:
+                response = encode_response(*encode)
             ok = True
             return response
         finally:
@@ -122,14 +165,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in request_iterator:
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request, context.time_remaining()))
+                return pb.ModelStreamInferResponse(infer_response=await self._infer(request, context.time_remaining()))
             except FrescoError as err:
-                # A bad request fails alone; the stream goes on, as the protocol asks.
-                yield pb.ModelStreamInferResponse(
-                    error_message=str(err), infer_response=pb.ModelInferResponse(id=request.id)
-                )
+                message = str(err)
+            except Exception:
+                log.exception("stream request %r failed", request.id)
+                message = "internal error; see the predictor's log"
+            # A failed request fails alone; the stream goes on, as in Triton.
+            return pb.ModelStreamInferResponse(
+                error_message=message, infer_response=pb.ModelInferResponse(id=request.id)
+            )
+
+        def size(request: pb.ModelInferRequest) -> int:
+            return int(request.ByteSize())
+
+        async for response in in_order(request_iterator, answer, STREAM_WINDOW, size, STREAM_BYTES):
+            yield response
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Context) -> pb.ModelConfigResponse:
         version = self.store.get(request.name, request.version)
@@ -183,24 +236,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
-        local = self.store.load(request.model_name)
-        if peers := self._siblings(context):
-            model, _ = await asyncio.gather(local, peers.broadcast("RepositoryModelLoad", request))
-        else:
-            model = await local
-        if model.state is not State.READY:
-            raise InvalidArgument(f"model {request.model_name!r} failed to load: {model.reason}")
+        self._check_control_mode()
+        await self.coordinator.load(request, context.invocation_metadata())
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Context
     ) -> pb.RepositoryModelUnloadResponse:
-        local = self.store.unload(request.model_name)
-        if peers := self._siblings(context):
-            await asyncio.gather(local, peers.broadcast("RepositoryModelUnload", request))
-        else:
-            await local
+        self._check_control_mode()
+        await self.coordinator.unload(request, context.invocation_metadata())
         return pb.RepositoryModelUnloadResponse()
+
+    def _check_control_mode(self) -> None:
+        if self.control_mode != "explicit":
+            # Triton's wording, which its clients match on, then what to do.
+            raise FailedPrecondition(
+                "explicit model load / unload is not allowed if polling is enabled: this predictor runs with "
+                f"--model-control-mode {self.control_mode}; start it with --model-control-mode explicit "
+                "to load and unload models through the repository API"
+            )
 
     def _siblings(self, context: Context) -> Peers | None:
         """The sibling workers this call must also reach: none when a sibling sent it."""

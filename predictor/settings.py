@@ -31,11 +31,14 @@ class PredictorSettings(ServiceSettings):
     """ONNX Runtime intra-op threads per session (1 is fastest for small models)."""
     model_control_mode: Literal["none", "explicit", "poll"] = "none"
     """none: load every model at start; explicit: load only --load-model ones, the rest through
-    RepositoryModelLoad; poll: load every model at start and follow the directory's changes."""
+    RepositoryModelLoad; poll: load every model at start and follow the directory's changes.
+    As in Triton, RepositoryModelLoad and RepositoryModelUnload are refused unless explicit."""
     load_model: list[str] = Field(default_factory=list)
     """In explicit mode, models to load at start (repeat the flag; '*' means all)."""
     repository_poll_s: float = 5.0
     """In poll mode, seconds between scans of the model repository."""
+    max_bytes_elements: int = Field(default=1 << 20, ge=1)
+    """BYTES elements one input tensor may hold; more is INVALID_ARGUMENT naming this setting."""
     trt_engine_cache_dir: Path | None = None
     """Where serialized TensorRT engines are cached (default ~/.cache/fresco/trt-engines)."""
     workers: int = Field(default=1, ge=1)

@@ -47,16 +47,22 @@ class VersionStats:
     batches: dict[int, BatchFigures] = field(default_factory=dict)
 
     def record_execution(self, execution: Execution) -> None:
-        """One model execution: its input preparation, model run and output extraction."""
+        """One model execution: its input preparation, model run and output extraction. As in
+        Triton, every request of the batch is charged the batch's whole durations (so the inference
+        figures are per request, and their averages are what perf_analyzer shows per request), while
+        the batch figures count the execution once."""
         self.execution_count += 1
         self.inference_count += execution.rows
         input_ns, infer_ns = execution.input_ns, execution.infer_ns
         output_ns = max(0, execution.compute_ns - input_ns - infer_ns)
+        requests = max(1, len(execution.requests))
+        self.compute_input.add(input_ns * requests, requests)
+        self.compute_infer.add(infer_ns * requests, requests)
+        self.compute_output.add(output_ns * requests, requests)
         figures = self.batches.setdefault(execution.rows, BatchFigures())
-        for target in (self, figures):
-            target.compute_input.add(input_ns)
-            target.compute_infer.add(infer_ns)
-            target.compute_output.add(output_ns)
+        figures.compute_input.add(input_ns)
+        figures.compute_infer.add(infer_ns)
+        figures.compute_output.add(output_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
 
     def record_request(self, ok: bool, total_ns: int) -> None:

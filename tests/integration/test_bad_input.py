@@ -4,8 +4,10 @@ internally; and after all of it the services still answer good requests."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import struct
+import urllib.request
 from collections import Counter
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from fresco.api.common.v1 import values_pb2
 from fresco.api.gateway.v1 import gateway_pb2
@@ -431,3 +434,84 @@ def test_predictor_still_serves_after_bad_input(
 async def test_gateway_still_serves_after_bad_input(gateway_aio, sample: np.ndarray, reference: Reference) -> None:
     response = await gateway_aio.Predict(gateway_pb2.PredictRequest(model="demo", features=features_of(sample[9])))
     assert list(response.outputs["label"].int64_values) == [reference.predict(sample[9:10])["label"][0]]
+
+
+# --- Triton's wording, and bounded work per call ----------------------------------------------
+
+
+async def test_predictor_errors_carry_tritons_wording_first(predictor_aio, sample: np.ndarray) -> None:
+    """Triton's clients match on these words; the field-level detail follows them."""
+    err = await predictor_error(predictor_aio, infer_request(sample[:2], model="no-such-model"))
+    assert err.details.startswith("Request for unknown model: 'no-such-model' is not found; "), err.details
+    err = await predictor_error(predictor_aio, infer_request(sample[:2], version="latest"))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details.startswith("failed to get model version from specified version string 'latest'"), err.details
+
+
+async def test_typed_contents_beside_raw_contents_are_invalid_argument(predictor_aio, sample: np.ndarray) -> None:
+    """They used to be ignored: the raw bytes answered whatever the typed values said."""
+    request = infer_request(sample[:2])
+    request.inputs[0].contents.fp32_contents.extend(np.ones(16).tolist())
+    err = await predictor_error(predictor_aio, request)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details.startswith(
+        "contents field must not be specified when using raw_input_contents for 'X' for model 'demo'"
+    ), err.details
+
+
+async def test_bytes_elements_per_tensor_are_limited(predictor_aio) -> None:
+    err = await predictor_error(predictor_aio, echo_request([(1 << 20) + 1], bytes_raw([b""])))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "1048577 BYTES elements exceed the limit of 1048576 per tensor" in err.details
+    assert "max_bytes_elements" in err.details
+
+
+def in_flight(metrics_url: str, method: str) -> float:
+    with urllib.request.urlopen(metrics_url, timeout=5) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "fresco_rpc_in_flight" and sample.labels.get("method") == method
+    )
+
+
+async def test_decoding_a_large_request_does_not_stall_small_ones(
+    repository, tmp_path, sample: np.ndarray, reference: Reference
+) -> None:
+    """3 million empty strings (12 MiB) take the predictor a few seconds to split. Small calls sent
+    once the large one is in the server complete before it does: the splitting no longer holds the
+    event loop. The large call asks for an output the model lacks, so its whole time in the server
+    is decoding (checked after it)."""
+    count = 3_000_000
+    service = ServiceProcess(
+        "predictor",
+        ["--model-repository", str(repository.root), "--port", "0", "--max-bytes-elements", str(count)],
+        log_path=tmp_path / "predictor.log",
+    ).start()
+    try:
+        service.wait_healthy()
+        async with aio.insecure_channel(service.address, options=CLIENT_OPTIONS) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            large = echo_request([count], b"\0\0\0\0" * count)
+            large.outputs.add(name="no-such-output")
+            call = asyncio.ensure_future(stub.ModelInfer(large, timeout=120))
+            while not await asyncio.to_thread(
+                in_flight, service.metrics_url, "/inference.GRPCInferenceService/ModelInfer"
+            ):
+                assert not call.done(), "the large call finished before it was seen in flight"
+                await asyncio.sleep(0.01)
+            completed_meanwhile = 0
+            while not call.done():
+                response = await stub.ModelInfer(infer_request(sample[:1]), timeout=60)
+                assert_matches_reference(decode_outputs(response), reference.predict(sample[:1]))
+                if not call.done():
+                    completed_meanwhile += 1
+            with pytest.raises(aio.AioRpcError) as failure:
+                await call
+            assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "requested output 'no-such-output'" in (failure.value.details() or "")
+            assert completed_meanwhile >= 1
+    finally:
+        service.stop()

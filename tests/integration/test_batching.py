@@ -17,7 +17,14 @@ from grpc import aio
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from fresco.suite import ServiceProcess
-from tests.integration import CLIENT_OPTIONS, Reference, assert_matches_reference, decode_outputs, infer_request
+from tests.integration import (
+    CLIENT_OPTIONS,
+    Reference,
+    assert_matches_reference,
+    decode_outputs,
+    infer_request,
+    write_slow_model,
+)
 from tests.integration.conftest import Repository
 
 pytestmark = pytest.mark.integration
@@ -94,3 +101,61 @@ async def test_concurrent_clients_each_get_their_own_rows(
     grown = batch_sizes(after, before)
     assert sum(grown.values()) == executions
     assert max(grown) > 3, f"no batch held more than one request's rows: {grown}"
+
+
+async def test_one_stream_keeps_a_window_in_flight_so_its_requests_batch(tmp_path) -> None:
+    """32 requests of 8 rows on one ModelStreamInfer stream to a model that computes for a while
+    (tens of ms a request, far longer than sending the next): they share executions (the stream
+    used to run one request at a time, so every batch held one request), the answers come back in
+    the order sent with their ids, and a malformed request among them fails alone in
+    `error_message` while the stream goes on."""
+    root = tmp_path / "models"
+    write_slow_model(root, depth=32)
+    service = ServiceProcess(
+        "predictor",
+        ["--model-repository", str(root), "--port", "0", "--inline-below-us", "0"],
+        log_path=tmp_path / "predictor.log",
+    ).start()
+    requests_sent, rows_each = 32, 8
+    rows = np.random.default_rng(32).normal(size=(requests_sent, rows_each, 1024)).astype(np.float32)
+    try:
+        service.wait_healthy()
+        async with aio.insecure_channel(service.address, options=CLIENT_OPTIONS) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+            def request(index: int, width: int = 1024) -> pb.ModelInferRequest:
+                message = pb.ModelInferRequest(model_name="slow", id=f"r-{index}")
+                message.inputs.add(name="X", datatype="FP32", shape=[rows_each, width])
+                message.raw_input_contents.append(rows[index % requests_sent, :, :width].astype("<f4").tobytes())
+                return message
+
+            async def requests():
+                for index in range(requests_sent):
+                    yield request(index)
+                    if index == 10:
+                        yield request(99, width=3)  # the wrong shape: fails alone
+
+            responses = [response async for response in stub.ModelStreamInfer(requests(), timeout=120)]
+            statistics = await stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow"))
+    finally:
+        service.stop()
+    assert len(responses) == requests_sent + 1
+    ids = [r.infer_response.id for r in responses]
+    assert ids == [f"r-{i}" for i in range(11)] + ["r-99"] + [f"r-{i}" for i in range(11, 32)]
+    bad = responses[11]
+    assert "shape [8, 3]" in bad.error_message
+    for index, response in enumerate(r for r in responses if r is not bad):
+        assert response.error_message == ""
+        means = decode_outputs(response.infer_response)["mean"]
+        np.testing.assert_allclose(means, rows[index].mean(axis=1), rtol=1e-4, atol=1e-5)
+    (stats,) = statistics.model_stats
+    assert stats.inference_count == requests_sent * rows_each
+    assert stats.execution_count < requests_sent, "no two requests of the stream shared an execution"
+    assert max(b.batch_size for b in stats.batch_stats) > rows_each
+    # As Triton: every request of a batch is charged the batch's compute, so the request-level
+    # figures count requests (what perf_analyzer divides by), and the batch figures executions.
+    for phase in ("compute_input", "compute_infer", "compute_output"):
+        assert getattr(stats.inference_stats, phase).count == requests_sent, phase
+        assert sum(getattr(b, phase).count for b in stats.batch_stats) == stats.execution_count, phase
+    charged = sum(b.compute_infer.ns * (b.batch_size // rows_each) for b in stats.batch_stats)
+    assert stats.inference_stats.compute_infer.ns == charged  # requests per batch = rows / 8

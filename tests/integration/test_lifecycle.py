@@ -5,6 +5,8 @@ rpc, and the statistics and metrics that show batches being formed."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import time
 import urllib.request
@@ -115,7 +117,8 @@ async def test_explicit_mode_loads_only_what_it_is_told(
     assert await ready_models(stub) == [("demo", "1"), ("third", "1")]
     assert await index_entry(stub, "second") == [("", "UNAVAILABLE", "not loaded")]
     assert await failure_code(stub.ModelInfer(infer_request(sample[:2], model="second"))) == grpc.StatusCode.NOT_FOUND
-    assert await failure_code(stub.ModelReady(pb.ModelReadyRequest(name="second"))) == grpc.StatusCode.NOT_FOUND
+    # As Triton: a model that is not loaded is not ready, rather than an error.
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="second"))).ready is False
 
     await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="second"))
     assert await ready_models(stub) == [("demo", "1"), ("second", "1"), ("third", "1")]
@@ -126,7 +129,7 @@ async def test_explicit_mode_loads_only_what_it_is_told(
 
     await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="second"))
     assert await failure_code(stub.ModelInfer(infer_request(sample[:2], model="second"))) == grpc.StatusCode.NOT_FOUND
-    assert await failure_code(stub.ModelReady(pb.ModelReadyRequest(name="second"))) == grpc.StatusCode.NOT_FOUND
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="second"))).ready is False
     assert await ready_models(stub) == [("demo", "1"), ("third", "1")]
     response = await stub.ModelInfer(infer_request(sample[:3]))
     assert_matches_reference(decode_outputs(response), reference.predict(sample[:3]))
@@ -143,6 +146,101 @@ async def test_model_config_of_a_model_that_does_not_batch(explicit_stub) -> Non
         assert not config.HasField("dynamic_batching"), config.dynamic_batching
     finally:
         await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="unbatched"))
+
+
+async def test_a_failed_load_names_the_reason(explicit_stub, explicit: ServiceProcess) -> None:
+    root = Path(explicit.args[explicit.args.index("--model-repository") + 1])
+    corrupt = root / "corrupt"
+    shutil.copytree(root / "demo", corrupt)
+    (corrupt / "1" / "model.onnx").write_bytes(np.random.default_rng(5).bytes(4096))
+    with pytest.raises(aio.AioRpcError) as failure:
+        await explicit_stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="corrupt"))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = failure.value.details() or ""
+    assert "'corrupt' failed to load" in details
+    ((version, state, reason),) = await index_entry(explicit_stub, "corrupt")
+    assert (version, state) == ("1", "UNAVAILABLE")
+    assert reason in details
+
+
+async def test_a_load_whose_caller_gives_up_still_finishes(explicit_stub, explicit: ServiceProcess, repository) -> None:
+    """The model file is a named pipe, so the load waits until the test writes the model into it;
+    the caller's deadline passes first. The load must still finish (it used to stop half-way, leaving
+    the model LOADING for good)."""
+    root = Path(explicit.args[explicit.args.index("--model-repository") + 1])
+    (root / "patient" / "1").mkdir(parents=True)
+    fifo = root / "patient" / "1" / "model.onnx"
+    os.mkfifo(fifo)
+    with pytest.raises(aio.AioRpcError) as failure:
+        await explicit_stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="patient"), timeout=0.5)
+    assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await index_entry(explicit_stub, "patient") == [("", "LOADING", "")]
+    await asyncio.to_thread(fifo.write_bytes, repository.demo.path.read_bytes())  # the load is reading it
+
+    async def ready() -> bool:
+        return bool((await explicit_stub.ModelReady(pb.ModelReadyRequest(name="patient"))).ready)
+
+    await eventually(ready, what="the abandoned load finished")
+    assert await index_entry(explicit_stub, "patient") == [("1", "READY", "")]
+    await explicit_stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="patient"))
+
+
+def load_parameters(**values: str | bytes) -> dict[str, pb.ModelRepositoryParameter]:
+    """Parameters as tritonclient's load_model sends them: `config` a string, `file:` keys bytes."""
+    return {
+        key.replace("__", ":").replace("_slash_", "/").replace("_onnx", ".onnx"): (
+            pb.ModelRepositoryParameter(bytes_param=value)
+            if isinstance(value, bytes)
+            else pb.ModelRepositoryParameter(string_param=value)
+        )
+        for key, value in values.items()
+    }
+
+
+async def test_load_honours_a_config_and_inline_files(
+    explicit_stub, repository, sample: np.ndarray, reference: Reference
+) -> None:
+    """RepositoryModelLoad's `config` overrides the repository's configuration, and `file:` sends a
+    model the repository does not hold; both used to be ignored."""
+    stub = explicit_stub
+    config = {
+        "max_batch_size": 4,
+        "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [8]}],
+        "dynamic_batching": {"preferred_batch_size": [2]},
+        "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+    }
+    await stub.RepositoryModelLoad(
+        pb.RepositoryModelLoadRequest(model_name="third", parameters=load_parameters(config=json.dumps(config)))
+    )
+    served = (await stub.ModelConfig(pb.ModelConfigRequest(name="third"))).config
+    assert (served.max_batch_size, list(served.dynamic_batching.preferred_batch_size)) == (4, [2])
+    assert [g.count for g in served.instance_group] == [2]
+
+    onnx = repository.demo.path.read_bytes()
+    inline = load_parameters(config=json.dumps({"max_batch_size": 8}), file__1_slash_model_onnx=onnx)
+    await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="sent-inline", parameters=inline))
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="sent-inline"))).ready is True
+    response = await stub.ModelInfer(infer_request(sample[:3], model="sent-inline"))
+    assert_matches_reference(decode_outputs(response), reference.predict(sample[:3]))
+    await stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="sent-inline"))
+    assert (await stub.ModelReady(pb.ModelReadyRequest(name="sent-inline"))).ready is False
+
+    escaping = load_parameters(config="{}", file__1_slash_model_onnx=onnx)
+    escaping["file:../../escaped.onnx"] = pb.ModelRepositoryParameter(bytes_param=b"x")
+    with pytest.raises(aio.AioRpcError) as failure:
+        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="sneaky", parameters=escaping))
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "without '..'" in (failure.value.details() or "")
+    with pytest.raises(aio.AioRpcError) as failure:
+        await stub.RepositoryModelLoad(
+            pb.RepositoryModelLoadRequest(
+                model_name="third", parameters=load_parameters(config='{"ensemble_scheduling": {}}')
+            )
+        )
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unsupported fields ['ensemble_scheduling']" in (failure.value.details() or "")
+    # A refused load changes nothing.
+    assert (await stub.ModelConfig(pb.ModelConfigRequest(name="third"))).config.max_batch_size == 4
 
 
 # -- loading and unloading under traffic -------------------------------------------------------
@@ -198,7 +296,7 @@ async def test_load_unload_and_reload_under_traffic_fail_no_request(
             await asyncio.sleep(0.3)
             stop.set()
             await asyncio.gather(*clients)
-            assert await failure_code(stub.ModelReady(pb.ModelReadyRequest(name="beta"))) == grpc.StatusCode.NOT_FOUND
+            assert (await stub.ModelReady(pb.ModelReadyRequest(name="beta"))).ready is False
             assert await ready_models(stub) == [("alpha", "2")]
         assert failures == []
         assert cycles >= 3
@@ -253,14 +351,25 @@ async def test_a_corrupt_model_is_unavailable_with_its_reason_and_the_others_ser
     response = await stub.ModelInfer(infer_request(sample[:4]))
     assert_matches_reference(decode_outputs(response), reference.predict(sample[:4]))
 
-    with pytest.raises(aio.AioRpcError) as failure:
-        await stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="corrupt"))
-    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    details = failure.value.details() or ""
-    assert "'corrupt' failed to load" in details
-    assert reason in details
     response = await stub.ModelInfer(infer_request(sample[:4]))
     assert_matches_reference(decode_outputs(response), reference.predict(sample[:4]))
+
+
+async def test_load_and_unload_are_refused_unless_explicit(polling_stub, predictor_aio) -> None:
+    """As Triton: with the repository followed (poll) or fixed at start (none), the repository API
+    must not load or unload; it used to, behind the poller's back."""
+    for stub, mode in ((polling_stub, "poll"), (predictor_aio, "none")):
+        for call in (
+            stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="demo")),
+            stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="demo")),
+        ):
+            with pytest.raises(aio.AioRpcError) as failure:
+                await call
+            assert failure.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            details = failure.value.details() or ""
+            assert details.startswith("explicit model load / unload is not allowed if polling is enabled"), details
+            assert f"--model-control-mode {mode}" in details
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name="demo"))).ready is True
 
 
 async def test_poll_mode_follows_the_repository(
@@ -276,11 +385,8 @@ async def test_poll_mode_follows_the_repository(
             return False
 
     async def gone() -> bool:
-        try:
-            await stub.ModelReady(pb.ModelReadyRequest(name="polled"))
-        except aio.AioRpcError as err:
-            return err.code() == grpc.StatusCode.NOT_FOUND
-        return False
+        index = await stub.RepositoryIndex(pb.RepositoryIndexRequest())
+        return "polled" not in {m.name for m in index.models}
 
     assert await gone()
     copy_model(repository, root, "polled")

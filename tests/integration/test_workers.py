@@ -8,10 +8,12 @@ arguments so that it opens its own TCP connection."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import shutil
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -48,6 +50,10 @@ class Supervisor(ServiceProcess):
 
 def workers_args(root: Path, *extra: str) -> list[str]:
     return ["--model-repository", str(root), "--port", "0", "--workers", "2", "--log-format", "text", *extra]
+
+
+# The repository API loads and unloads only in explicit mode; '*' loads every model at start.
+EXPLICIT = ("--model-control-mode", "explicit", "--load-model", "*")
 
 
 def channels(address: str, count: int = CONNECTIONS) -> list[aio.Channel]:
@@ -103,7 +109,7 @@ def pids_of(samples: list[tuple[str, dict[str, str], float]], name: str, **wante
 def supervisor(repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Supervisor, Path]]:
     root = tmp_path_factory.mktemp("workers") / "models"
     shutil.copytree(repository.root / "demo", root / "demo")
-    service = Supervisor("predictor", workers_args(root), log_path=root.parent / "predictor.log")
+    service = Supervisor("predictor", workers_args(root, *EXPLICIT), log_path=root.parent / "predictor.log")
     try:
         service.start()
         service.wait_healthy()
@@ -194,7 +200,7 @@ async def test_load_and_unload_reach_every_worker(
     supervisor, stubs, repository, sample: np.ndarray, reference: Reference
 ) -> None:
     _, root = supervisor
-    assert set(await asyncio.gather(*(model_ready(stub, "fresh") for stub in stubs))) == {grpc.StatusCode.NOT_FOUND}
+    assert set(await asyncio.gather(*(model_ready(stub, "fresh") for stub in stubs))) == {False}
     with pytest.raises(aio.AioRpcError) as failure:
         await stubs[0].RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="fresh"), timeout=60)
     assert failure.value.code() == grpc.StatusCode.NOT_FOUND  # not written yet
@@ -206,12 +212,117 @@ async def test_load_and_unload_reach_every_worker(
         assert_matches_reference(decode_outputs(response), reference.predict(sample[:2]))
 
     await stubs[5].RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="fresh"), timeout=60)
-    assert [await model_ready(stub, "fresh") for stub in stubs] == [grpc.StatusCode.NOT_FOUND] * len(stubs)
+    assert [await model_ready(stub, "fresh") for stub in stubs] == [False] * len(stubs)
     for stub in stubs:
         with pytest.raises(aio.AioRpcError) as failure:
             await stub.ModelInfer(infer_request(sample[:2], model="fresh"), timeout=30)
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
     assert [await model_ready(stub, "demo") for stub in stubs] == [True] * len(stubs)
+
+
+async def test_a_load_with_config_and_files_reaches_every_worker(
+    stubs, repository, sample: np.ndarray, reference: Reference
+) -> None:
+    """Every worker writes the files sent with the load and serves the model with the config sent."""
+    config = json.dumps({"max_batch_size": 8, "dynamic_batching": {"preferred_batch_size": [4]}})
+    request = pb.RepositoryModelLoadRequest(model_name="sent")
+    request.parameters["config"].string_param = config
+    request.parameters["file:1/model.onnx"].bytes_param = repository.demo.path.read_bytes()
+    await stubs[2].RepositoryModelLoad(request, timeout=60)
+    for stub in stubs:
+        served = (await stub.ModelConfig(pb.ModelConfigRequest(name="sent"), timeout=10)).config
+        assert (served.max_batch_size, list(served.dynamic_batching.preferred_batch_size)) == (8, [4])
+        response = await stub.ModelInfer(infer_request(sample[:3], model="sent"), timeout=30)
+        assert_matches_reference(decode_outputs(response), reference.predict(sample[:3]))
+    await stubs[4].RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="sent"), timeout=60)
+    assert [await model_ready(stub, "sent") for stub in stubs] == [False] * len(stubs)
+
+
+class OneGoodRead:
+    """A model file that is a named pipe: the first worker to read it gets the model, the next gets
+    bytes no runtime loads, as when a repository is rewritten while the workers read it."""
+
+    def __init__(self, path: Path, model: bytes) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self.payloads = [model, b"not an onnx model"]
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+        self.thread.start()
+
+    def _feed(self) -> None:
+        for payload in self.payloads:
+            with self.path.open("wb") as pipe:  # blocks until a worker opens the file
+                pipe.write(payload)
+            self._wait_until_closed()
+
+    def _wait_until_closed(self) -> None:
+        """Until no process holds the pipe open (/proc shows open files, not opens still waiting
+        for a writer): the next worker to open it is then a different reader than the first."""
+        target = str(self.path)
+        while any(target == link for link in _open_files()):
+            time.sleep(0.005)
+
+    def consumed(self) -> bool:
+        self.thread.join(timeout=60)
+        return not self.thread.is_alive()
+
+
+def _open_files() -> Iterator[str]:
+    """What every file descriptor of every process points to."""
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            yield os.readlink(fd)
+        except OSError:  # the process or descriptor went away meanwhile
+            continue
+
+
+async def states(stubs: list[pb_grpc.GRPCInferenceServiceAsyncStub], name: str) -> set[tuple[str, str]]:
+    """The (version, state) entries of `name` every connection's worker reports."""
+    found = set()
+    for stub in stubs:
+        index = await stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
+        found |= {(m.version, m.state) for m in index.models if m.name == name}
+    return found
+
+
+async def test_a_load_that_fails_on_one_worker_changes_no_worker(
+    supervisor, stubs, repository, sample: np.ndarray, reference: Reference
+) -> None:
+    """Version 2 of a served model reaches one worker intact and the other corrupt: every worker
+    keeps serving version 1 (it used to switch the one that loaded it), and the load's error names
+    the worker that failed. A new model that fails the same way is UNAVAILABLE on every worker."""
+    _, root = supervisor
+    shutil.copytree(repository.root / "demo", root / "steady")
+    await stubs[0].RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="steady"), timeout=60)
+    assert await states(stubs, "steady") == {("1", "READY")}
+
+    (root / "steady" / "2").mkdir()
+    pipe = OneGoodRead(root / "steady" / "2" / "model.onnx", repository.demo.path.read_bytes())
+    with pytest.raises(aio.AioRpcError) as failure:
+        await stubs[3].RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="steady"), timeout=60)
+    assert pipe.consumed(), "both workers should have read version 2"
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = failure.value.details() or ""
+    assert "'steady' failed to load" in details
+    assert re.search(r"worker-\d: .*version 2: model file could not be loaded by ONNX Runtime", details), details
+    assert await states(stubs, "steady") == {("1", "READY")}
+    for stub in stubs:
+        response = await stub.ModelInfer(infer_request(sample[:2], model="steady"), timeout=30)
+        assert response.model_version == "1"
+        assert_matches_reference(decode_outputs(response), reference.predict(sample[:2]))
+
+    (root / "torn" / "1").mkdir(parents=True)
+    pipe = OneGoodRead(root / "torn" / "1" / "model.onnx", repository.demo.path.read_bytes())
+    with pytest.raises(aio.AioRpcError) as failure:
+        await stubs[5].RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="torn"), timeout=60)
+    assert pipe.consumed()
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [await model_ready(stub, "torn") for stub in stubs] == [False] * len(stubs)
+    assert await states(stubs, "torn") == {("", "UNAVAILABLE")}
+    for stub in stubs:
+        with pytest.raises(aio.AioRpcError) as refused:
+            await stub.ModelInfer(infer_request(sample[:2], model="torn"), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def slow_request(rows: np.ndarray, request_id: str) -> pb.ModelInferRequest:
@@ -275,7 +386,7 @@ async def restarted(repository, tmp_path_factory: pytest.TempPathFactory) -> Asy
     root = tmp_path_factory.mktemp("restart") / "models"
     shutil.copytree(repository.root / "demo", root / "demo")
     shutil.copytree(repository.root / "demo", root / "spare")
-    service = Supervisor("predictor", workers_args(root), log_path=root.parent / "predictor.log")
+    service = Supervisor("predictor", workers_args(root, *EXPLICIT), log_path=root.parent / "predictor.log")
     opened: list[aio.Channel] = []
     try:
         service.start()
@@ -324,4 +435,8 @@ async def test_a_restarted_worker_keeps_what_the_repository_api_unloaded(restart
     """spare was unloaded from every worker before the crash; the restarted worker must not serve it
     again on the connections that reach it."""
     answers = [await model_ready(stub, "spare") for stub in restarted["stubs"]]
-    assert answers == [grpc.StatusCode.NOT_FOUND] * len(answers)
+    assert answers == [False] * len(answers)
+    for stub in restarted["stubs"]:
+        with pytest.raises(aio.AioRpcError) as failure:
+            await stub.ModelMetadata(pb.ModelMetadataRequest(name="spare"), timeout=10)
+        assert failure.value.code() == grpc.StatusCode.NOT_FOUND

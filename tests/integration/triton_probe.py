@@ -3,7 +3,8 @@ one JSON object.
 
 Run as `python triton_probe.py HOST:PORT [EXPLICIT_HOST:PORT] < plan.json`, the plan being
 {"rows": a list of lists of 8 floats, "stream": the row count of each request sent on one stream,
-"stream_bad_after": the index of the request a malformed one follows}. The first predictor serves
+"stream_bad_after": the index of the request a malformed one follows, "model_path": the demo
+model's ONNX file, sent inline with load_model's `files`}. The first predictor serves
 `demo` and `echo`; the optional second one runs in explicit model-control mode with `demo` loaded
 and `second` (a copy of demo) on disk but not loaded, for the load and unload calls. The probe runs
 in its own process because tritonclient registers the `inference` protobuf package in the default
@@ -129,11 +130,16 @@ def shared(client: triton.InferenceServerClient, plan: dict[str, Any]) -> dict[s
         lambda: client.infer("no-such-model", [], client_timeout=30).get_response().id
     )
     report["infer_bytes"] = attempt(lambda: infer_echo(client, [b"hello", b"", b"a b"]))
+    report["load_refused"] = attempt(lambda: client.load_model("demo", client_timeout=60))
+    report["unload_refused"] = attempt(lambda: client.unload_model("demo", client_timeout=60))
     return report
 
 
-def lifecycle(client: triton.InferenceServerClient, rows: np.ndarray) -> dict[str, Any]:
-    """Load and unload `second` on the explicit-mode predictor, looking around after each step."""
+def lifecycle(client: triton.InferenceServerClient, rows: np.ndarray, model: bytes) -> dict[str, Any]:
+    """Load and unload `second` on the explicit-mode predictor, looking around after each step; then
+    load with a config, and with files sent inline."""
+    overriding = json.dumps({"max_batch_size": 4, "dynamic_batching": {"preferred_batch_size": [2]}})
+    inline = json.dumps({"max_batch_size": 8, "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [8]}]})
 
     def index() -> dict[str, Any]:
         found: dict[str, Any] = client.get_model_repository_index(as_json=True)
@@ -157,6 +163,16 @@ def lifecycle(client: triton.InferenceServerClient, rows: np.ndarray) -> dict[st
         ("load_unknown", lambda: client.load_model("no-such-model", client_timeout=60)),
         ("reload", lambda: client.load_model("second", client_timeout=60)),
         ("ready_reloaded", lambda: client.is_model_ready("second")),
+        ("load_config", lambda: client.load_model("second", config=overriding, client_timeout=60)),
+        ("config_overridden", lambda: client.get_model_config("second", as_json=True)),
+        (
+            "load_files",
+            lambda: client.load_model("inline", config=inline, files={"file:1/model.onnx": model}, client_timeout=60),
+        ),
+        ("ready_inline", lambda: client.is_model_ready("inline")),
+        ("infer_inline", lambda: infer_demo(client, rows, "inline", None, model="inline")),
+        ("files_without_config", lambda: client.load_model("bare", files={"file:1/model.onnx": model})),
+        ("files_escaping", lambda: client.load_model("bare", config="{}", files={"file:../../x.onnx": b"x"})),
     ]
     return {name: attempt(call) for name, call in steps}
 
@@ -172,7 +188,9 @@ def main() -> None:
     if len(sys.argv) > 2:
         explicit = triton.InferenceServerClient(sys.argv[2])
         try:
-            report["lifecycle"] = lifecycle(explicit, np.asarray(plan["rows"], dtype=np.float32))
+            with open(plan["model_path"], "rb") as model:
+                model_bytes = model.read()
+            report["lifecycle"] = lifecycle(explicit, np.asarray(plan["rows"], dtype=np.float32), model_bytes)
         finally:
             explicit.close()
     json.dump(report, sys.stdout)

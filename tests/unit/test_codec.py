@@ -11,7 +11,7 @@ from chassis.errors import InvalidArgument
 from chassis.tensors import array_from_raw, encode_bytes_tensor
 from fresco.api.inference import grpc_service_pb2 as pb
 from predictor.backends.base import TensorSpec
-from predictor.codec import decode_inputs, encode_response, requested_outputs
+from predictor.codec import decode_cost, decode_inputs, encode_response, requested_outputs
 
 X = TensorSpec("X", "FP32", (-1, 4))
 IDS = TensorSpec("ids", "INT64", (-1,))
@@ -279,3 +279,41 @@ def test_encode_response_round_trip() -> None:
     for output, raw, original in zip(wire.outputs, wire.raw_output_contents, originals, strict=True):
         back = array_from_raw(raw, output.datatype, tuple(output.shape), output.name)
         assert back.tolist() == original.tolist()
+
+
+def test_typed_contents_beside_raw_contents_are_refused_in_tritons_words() -> None:
+    """They used to be ignored silently: the raw bytes answered, whatever the typed values said."""
+    request = _raw_request()
+    request.inputs[1].contents.int64_contents.extend([1, 2])
+    assert _error(request) == (
+        "contents field must not be specified when using raw_input_contents for 'ids' for model 'demo'; "
+        "send each input either typed or raw"
+    )
+
+
+def test_bytes_elements_per_tensor_are_limited_naming_the_setting() -> None:
+    request = _raw_request()
+    assert list(decode_inputs(request, SPECS, max_bytes_elements=2)["text"]) == TEXT_VALUES
+    with pytest.raises(InvalidArgument) as caught:
+        decode_inputs(request, SPECS, max_bytes_elements=1)
+    assert str(caught.value) == (
+        "input 'text': 2 BYTES elements exceed the limit of 1 per tensor "
+        "(setting max_bytes_elements, FRESCO_PREDICTOR_MAX_BYTES_ELEMENTS)"
+    )
+    typed = _typed_request()
+    with pytest.raises(InvalidArgument, match="2 BYTES elements exceed the limit of 1 per tensor"):
+        decode_inputs(typed, SPECS, max_bytes_elements=1)
+
+
+def test_a_raw_bytes_tensor_holding_more_than_its_shape_stops_early() -> None:
+    """Splitting stops one element past the shape, so a small shape bounds the work whatever the
+    sender packed behind it."""
+    request = _raw_request()
+    request.raw_input_contents[2] = encode_bytes_tensor(np.array([b""] * 100_000, dtype=object))
+    assert _error(request) == "input 'text': holds at least 3 BYTES elements, its shape needs 2"
+
+
+def test_decode_cost_counts_what_is_walked_element_by_element() -> None:
+    raw = _raw_request()
+    assert decode_cost(raw) == len(raw.raw_input_contents[2])  # numeric raw contents cost nothing
+    assert decode_cost(_typed_request()) == 8 * (8 + 2 + 2)

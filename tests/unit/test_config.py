@@ -128,3 +128,43 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
 )
 def test_version_policy_select(policy: VersionPolicy, available: list[int], served: list[int]) -> None:
     assert policy.select(available) == served
+
+
+def test_warm_up_samples(tmp_path: Path) -> None:
+    config = read_config(
+        _write(
+            tmp_path,
+            """
+warmup:
+  samples:
+    - name: typical
+      batch_size: 4
+      inputs:
+        X: {data: [1, 2, 3]}
+        text: {input_data_file: text.bin, dims: [2]}
+  latency_runs: 50
+  latency_attempts: 2
+""",
+        )
+    )
+    (sample,) = config.warmup.samples
+    assert (sample.name, sample.batch_size) == ("typical", 4)
+    assert sample.inputs["X"].data == [1, 2, 3]
+    assert (sample.inputs["text"].input_data_file, sample.inputs["text"].dims) == ("text.bin", [2])
+    assert (config.warmup.latency_runs, config.warmup.latency_attempts) == (50, 2)
+    assert (ModelConfig().warmup.latency_runs, ModelConfig().warmup.latency_attempts) == (200, 3)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "problem"),
+    [
+        ("{X: {zero_data: true, random_data: true}}", "give exactly one of zero_data, random_data, data"),
+        ("{X: {}}", "give exactly one of zero_data, random_data, data"),
+        ("{X: {zero_data: true, dims: [0]}}", "dims [0]: each dimension must be positive"),
+        ("{X: {zero_data: true, colour: red}}", "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_warm_up_samples_name_the_field(tmp_path: Path, inputs: str, problem: str) -> None:
+    message = _error(_write(tmp_path, f"warmup: {{samples: [{{name: s, inputs: {inputs}}}]}}"))
+    assert "warmup.samples.0.inputs.X" in message
+    assert problem in message

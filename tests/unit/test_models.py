@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,7 +67,9 @@ async def test_two_versions_side_by_side(repository: Path, executor: ThreadPoolE
     assert store.get("demo").version == 2  # the newest is the default
     assert store.get("demo", "1").version == 1
     assert store.get("demo", "2").version == 2
-    with pytest.raises(NotFound, match=r"model 'demo' has no version 3; it serves \[1, 2\]"):
+    with pytest.raises(
+        NotFound, match=r"^Request for unknown model: 'demo' version 3 is not found; .* it serves \[1, 2\]"
+    ):
         store.get("demo", "3")
     await store.close()
 
@@ -104,7 +107,8 @@ async def test_malformed_version_is_invalid_argument(
     store = _store(repository, executor)
     await store.load("demo")
     try:
-        with pytest.raises(InvalidArgument, match="model_version"):
+        expected = f"failed to get model version from specified version string '{re.escape(version)}'"
+        with pytest.raises(InvalidArgument, match=f"^{expected}: model_version must be an integral value > 0"):
             store.get("demo", version)
     finally:
         await store.close()
@@ -114,9 +118,13 @@ async def test_unknown_model(repository: Path, executor: ThreadPoolExecutor) -> 
     store = _store(repository, executor)
     with pytest.raises(NotFound, match="model 'nope' is not in the repository"):
         await store.load("nope")
-    with pytest.raises(NotFound, match=r"model 'nope' is not loaded; loaded models: \[\]"):
+    # Triton's wording first, which its clients match on, then the detail.
+    with pytest.raises(
+        NotFound,
+        match=r"^Request for unknown model: 'nope' is not found; model 'nope' is not loaded; loaded models: \[\]",
+    ):
         store.get("nope")
-    with pytest.raises(NotFound, match="model 'nope' is not loaded"):
+    with pytest.raises(NotFound, match=r"^Request for unknown model: 'nope' is not found; model 'nope' is not loaded"):
         await store.unload("nope")
     with pytest.raises(InvalidArgument, match=r"model name '\.\./demo'"):
         await store.load("../demo")
@@ -248,3 +256,28 @@ async def test_infer_equals_onnxruntime_run_directly(
     assert version.stats.inference_count == 35
     assert version.in_flight == 0
     await store.close()
+
+
+async def test_repository_calls_for_made_up_names_leave_nothing_behind(
+    repository: Path, executor: ThreadPoolExecutor
+) -> None:
+    """Unloading or loading names that were never models leaves no lock, model or version behind
+    (each used to leave a lock in a dict that only grew)."""
+    store = _store(repository, executor)
+    try:
+        await store.load("demo")
+        for i in range(200):
+            with pytest.raises(NotFound):
+                await store.unload(f"made-up-{i}")
+            with pytest.raises(NotFound):
+                await store.load(f"made-up-{i}")
+        with pytest.raises(InvalidArgument):
+            await store.load("../escape")
+        assert len(store.locks) == 0
+        assert sorted(store.models) == ["demo"]
+        # A real model's lock goes too once its calls are done.
+        await store.unload("demo")
+        assert len(store.locks) == 0
+        assert store.models == {}
+    finally:
+        await store.close()
