@@ -68,6 +68,20 @@ def _decode_one(
     return np.asarray(values, dtype=dtype).reshape(shape)
 
 
+def _check_feature_order(tensor: pb.ModelInferRequest.InferInputTensor, spec: TensorSpec, what: str) -> None:
+    """A tensor built from named features (the gateway says in which order, in `feature_names`) must
+    be in the order this version reads them: a reload may have reordered them under the same shape,
+    and same-shaped columns in the wrong order give silently wrong answers."""
+    if not spec.features or "feature_names" not in tensor.parameters:
+        return
+    sent = tensor.parameters["feature_names"].string_param
+    if sent != ",".join(spec.features):
+        raise InvalidArgument(
+            f"{what}: parameters['feature_names'] says its columns are [{sent}], but this version of the "
+            f"model reads [{','.join(spec.features)}]; build the tensor again from the model's metadata"
+        )
+
+
 def decode_cost(request: pb.ModelInferRequest) -> int:
     """About how many bytes decoding walks element by element in Python: BYTES raw contents and
     typed contents (numeric raw contents are viewed in place, at no cost)."""
@@ -99,6 +113,7 @@ def decode_inputs(
             raise InvalidArgument(f"{what} is not an input of model {request.model_name!r}; it takes {sorted(by_name)}")
         if tensor.name in arrays:
             raise InvalidArgument(f"{what} is given twice")
+        _check_feature_order(tensor, spec, what)
         if raw_count and tensor.HasField("contents"):
             # Triton's wording, which its clients match on.
             raise InvalidArgument(

@@ -136,3 +136,66 @@ def test_configured_default_version_is_the_one_pinned(tmp_path: Path) -> None:
     assert [answer.model_version for answer in batch.responses] == ["1"] * len(rows)
     probabilities = np.array([list(answer.outputs["probabilities"].double_values) for answer in batch.responses])
     np.testing.assert_allclose(probabilities, first.predict(rows)["probabilities"], rtol=1e-5, atol=1e-6)
+
+
+def test_features_reordered_in_place_under_the_same_version_are_followed(tmp_path: Path) -> None:
+    """Version 1 itself is replaced by one reading its features in the opposite order, and reloaded
+    under the same number, while the gateway caches version 1's signature for an hour. The
+    predictor refuses the tensor built in the old order (the gateway names the order it used), the
+    gateway reads the metadata again and redoes the call: every answer is the new model's, fed in
+    its order."""
+    models = tmp_path / "models"
+    first = Reference(train_classifier(models, "inplace", 1, seed=7, feature_names=NAMES))
+    suite = Suite()
+    try:
+        predictor = suite.start(
+            ServiceProcess(
+                "predictor",
+                [
+                    *("--model-repository", str(models), "--port", "0", "--metrics-port", "-1"),
+                    *("--model-control-mode", "explicit", "--load-model", "*"),
+                ],
+            )
+        )
+        gateway = suite.start(
+            ServiceProcess(
+                "gateway",
+                ["--predictor", predictor.address, "--port", "0", "--metrics-port", "-1"],
+                env={"FRESCO_GATEWAY_METADATA_TTL_S": "3600", "FRESCO_GATEWAY_DEFAULT_VERSION_TTL_S": "3600"},
+            )
+        )
+        rows = first.model.sample[:16]
+        with grpc.insecure_channel(gateway.address, options=CLIENT_OPTIONS) as channel:
+            stub = gpb_grpc.GatewayServiceStub(channel)
+            batch = stub.PredictBatch(
+                gpb.PredictBatchRequest(
+                    requests=[gpb.PredictRequest(model="inplace", features=features_of(r)) for r in rows]
+                ),
+                timeout=10,
+            )
+            assert_matches_reference(_outputs(batch), first.predict(rows))
+
+            replaced = Reference(train_classifier(models, "inplace", 1, seed=11, feature_names=NAMES[::-1]))
+            with grpc.insecure_channel(predictor.address) as predictor_channel:
+                pb_grpc.GRPCInferenceServiceStub(predictor_channel).RepositoryModelLoad(
+                    pb.RepositoryModelLoadRequest(model_name="inplace"), timeout=60
+                )
+            batch = stub.PredictBatch(
+                gpb.PredictBatchRequest(
+                    requests=[gpb.PredictRequest(model="inplace", features=features_of(r)) for r in rows]
+                ),
+                timeout=10,
+            )
+    finally:
+        suite.stop()
+    assert [answer.model_version for answer in batch.responses] == ["1"] * len(rows)
+    expected = replaced.predict(rows[:, ::-1])
+    assert_matches_reference(_outputs(batch), expected)
+    assert not np.allclose(expected["probabilities"], replaced.predict(rows)["probabilities"])
+
+
+def _outputs(batch: gpb.PredictBatchResponse) -> dict[str, np.ndarray]:
+    return {
+        "label": np.array([answer.outputs["label"].int64_values[0] for answer in batch.responses]),
+        "probabilities": np.array([list(answer.outputs["probabilities"].double_values) for answer in batch.responses]),
+    }

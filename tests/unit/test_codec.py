@@ -317,3 +317,19 @@ def test_decode_cost_counts_what_is_walked_element_by_element() -> None:
     raw = _raw_request()
     assert decode_cost(raw) == len(raw.raw_input_contents[2])  # numeric raw contents cost nothing
     assert decode_cost(_typed_request()) == 8 * (8 + 2 + 2)
+
+
+def test_a_tensor_built_in_another_feature_order_is_refused() -> None:
+    """The gateway names the order it built a feature tensor in; after a reload that reordered the
+    features under the same shape, that tensor would be read column by column in the wrong order."""
+    named = (TensorSpec("X", "FP32", (-1, 4), features=("a", "b", "c", "d")), IDS, TEXT)
+    request = _raw_request()
+    assert decode_inputs(request, named)["X"].shape == (2, 4)  # no order named: taken as sent
+    request.inputs[0].parameters["feature_names"].string_param = "a,b,c,d"
+    np.testing.assert_array_equal(decode_inputs(request, named)["X"], X_VALUES)
+    request.inputs[0].parameters["feature_names"].string_param = "d,c,b,a"
+    assert _error(request, named) == (
+        "input 'X': parameters['feature_names'] says its columns are [d,c,b,a], but this version of the model "
+        "reads [a,b,c,d]; build the tensor again from the model's metadata"
+    )
+    assert decode_inputs(request, SPECS)["X"].shape == (2, 4)  # a model without named features: nothing to check
