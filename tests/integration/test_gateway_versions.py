@@ -25,6 +25,36 @@ pytestmark = pytest.mark.integration
 NAMES = [f"f{i}" for i in range(8)]
 
 
+HOUR_CACHE = {"FRESCO_GATEWAY_METADATA_TTL_S": "3600", "FRESCO_GATEWAY_DEFAULT_VERSION_TTL_S": "3600"}
+
+
+def start_pair(models: Path, *predictor_args: str, gateway_env: dict[str, str] | None = None) -> Suite:
+    """A predictor on `models` and a gateway routed to it, both healthy (stop the suite after)."""
+    suite = Suite()
+    try:
+        predictor = suite.start(
+            ServiceProcess(
+                "predictor",
+                ["--model-repository", str(models), "--port", "0", "--metrics-port", "-1", *predictor_args],
+            )
+        )
+        suite.start(
+            ServiceProcess(
+                "gateway",
+                ["--predictor", predictor.address, "--port", "0", "--metrics-port", "-1"],
+                env=gateway_env or {},
+            )
+        )
+    except BaseException:
+        suite.stop()
+        raise
+    return suite
+
+
+def service(suite: Suite, module: str) -> ServiceProcess:
+    return next(s for s in suite.services if s.module == module)
+
+
 @dataclass
 class World:
     """A predictor with model "pin" (version 1, features f0..f7) and a gateway caching for an hour."""
@@ -34,39 +64,26 @@ class World:
     first: Reference
 
     def service(self, module: str) -> ServiceProcess:
-        return next(s for s in self.suite.services if s.module == module)
+        return service(self.suite, module)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     models = tmp_path_factory.mktemp("pinning") / "models"
     first = Reference(train_classifier(models, "pin", 1, seed=7, feature_names=NAMES))
-    suite = Suite()
+    suite = start_pair(models, "--model-control-mode", "explicit", "--load-model", "*", gateway_env=HOUR_CACHE)
     try:
-        predictor = suite.start(
-            ServiceProcess(
-                "predictor",
-                [
-                    *("--model-repository", str(models), "--port", "0", "--metrics-port", "-1"),
-                    *("--model-control-mode", "explicit", "--load-model", "*"),
-                ],
-            )
-        )
-        suite.start(
-            ServiceProcess(
-                "gateway",
-                ["--predictor", predictor.address, "--port", "0", "--metrics-port", "-1"],
-                env={"FRESCO_GATEWAY_METADATA_TTL_S": "3600", "FRESCO_GATEWAY_DEFAULT_VERSION_TTL_S": "3600"},
-            )
-        )
         yield World(models, suite, first)
     finally:
         suite.stop()
 
 
-def _predict(gateway: gpb_grpc.GatewayServiceStub, rows: np.ndarray) -> tuple[list[str], dict[str, np.ndarray]]:
+def _predict(
+    gateway: gpb_grpc.GatewayServiceStub, rows: np.ndarray, model: str = "pin"
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """One PredictBatch of `rows`: the versions that answered, and the outputs as arrays."""
     batch = gateway.PredictBatch(
-        gpb.PredictBatchRequest(requests=[gpb.PredictRequest(model="pin", features=features_of(r)) for r in rows]),
+        gpb.PredictBatchRequest(requests=[gpb.PredictRequest(model=model, features=features_of(r)) for r in rows]),
         timeout=10,
     )
     versions = [answer.model_version for answer in batch.responses]
@@ -109,33 +126,21 @@ def test_configured_default_version_is_the_one_pinned(tmp_path: Path) -> None:
     train_classifier(models, "dual", 2, seed=11, feature_names=NAMES)
     config = models / "dual" / "config.yaml"
     config.write_text(config.read_text() + "version_policy: {all: true}\ndefault_version: 1\n")
-    suite = Suite()
+    suite = start_pair(models)
     try:
-        predictor = suite.start(
-            ServiceProcess("predictor", ["--model-repository", str(models), "--port", "0", "--metrics-port", "-1"])
-        )
-        gateway = suite.start(
-            ServiceProcess("gateway", ["--predictor", predictor.address, "--port", "0", "--metrics-port", "-1"])
-        )
-        with grpc.insecure_channel(predictor.address) as channel:
+        with grpc.insecure_channel(service(suite, "predictor").address) as channel:
             metadata = pb_grpc.GRPCInferenceServiceStub(channel).ModelMetadata(
                 pb.ModelMetadataRequest(name="dual"), timeout=10
             )
         assert list(metadata.versions) == ["1", "2"]
         assert metadata.parameters["version"].string_param == "1"
         rows = first.model.sample[:8]
-        with grpc.insecure_channel(gateway.address, options=CLIENT_OPTIONS) as channel:
-            batch = gpb_grpc.GatewayServiceStub(channel).PredictBatch(
-                gpb.PredictBatchRequest(
-                    requests=[gpb.PredictRequest(model="dual", features=features_of(r)) for r in rows]
-                ),
-                timeout=10,
-            )
+        with grpc.insecure_channel(service(suite, "gateway").address, options=CLIENT_OPTIONS) as channel:
+            versions, outputs = _predict(gpb_grpc.GatewayServiceStub(channel), rows, "dual")
     finally:
         suite.stop()
-    assert [answer.model_version for answer in batch.responses] == ["1"] * len(rows)
-    probabilities = np.array([list(answer.outputs["probabilities"].double_values) for answer in batch.responses])
-    np.testing.assert_allclose(probabilities, first.predict(rows)["probabilities"], rtol=1e-5, atol=1e-6)
+    assert versions == ["1"] * len(rows)
+    np.testing.assert_allclose(outputs["probabilities"], first.predict(rows)["probabilities"], rtol=1e-5, atol=1e-6)
 
 
 def test_features_reordered_in_place_under_the_same_version_are_followed(tmp_path: Path) -> None:
@@ -146,56 +151,22 @@ def test_features_reordered_in_place_under_the_same_version_are_followed(tmp_pat
     its order."""
     models = tmp_path / "models"
     first = Reference(train_classifier(models, "inplace", 1, seed=7, feature_names=NAMES))
-    suite = Suite()
+    suite = start_pair(models, "--model-control-mode", "explicit", "--load-model", "*", gateway_env=HOUR_CACHE)
+    rows = first.model.sample[:16]
     try:
-        predictor = suite.start(
-            ServiceProcess(
-                "predictor",
-                [
-                    *("--model-repository", str(models), "--port", "0", "--metrics-port", "-1"),
-                    *("--model-control-mode", "explicit", "--load-model", "*"),
-                ],
-            )
-        )
-        gateway = suite.start(
-            ServiceProcess(
-                "gateway",
-                ["--predictor", predictor.address, "--port", "0", "--metrics-port", "-1"],
-                env={"FRESCO_GATEWAY_METADATA_TTL_S": "3600", "FRESCO_GATEWAY_DEFAULT_VERSION_TTL_S": "3600"},
-            )
-        )
-        rows = first.model.sample[:16]
-        with grpc.insecure_channel(gateway.address, options=CLIENT_OPTIONS) as channel:
-            stub = gpb_grpc.GatewayServiceStub(channel)
-            batch = stub.PredictBatch(
-                gpb.PredictBatchRequest(
-                    requests=[gpb.PredictRequest(model="inplace", features=features_of(r)) for r in rows]
-                ),
-                timeout=10,
-            )
-            assert_matches_reference(_outputs(batch), first.predict(rows))
+        with grpc.insecure_channel(service(suite, "gateway").address, options=CLIENT_OPTIONS) as channel:
+            gateway = gpb_grpc.GatewayServiceStub(channel)
+            assert_matches_reference(_predict(gateway, rows, "inplace")[1], first.predict(rows))
 
             replaced = Reference(train_classifier(models, "inplace", 1, seed=11, feature_names=NAMES[::-1]))
-            with grpc.insecure_channel(predictor.address) as predictor_channel:
+            with grpc.insecure_channel(service(suite, "predictor").address) as predictor_channel:
                 pb_grpc.GRPCInferenceServiceStub(predictor_channel).RepositoryModelLoad(
                     pb.RepositoryModelLoadRequest(model_name="inplace"), timeout=60
                 )
-            batch = stub.PredictBatch(
-                gpb.PredictBatchRequest(
-                    requests=[gpb.PredictRequest(model="inplace", features=features_of(r)) for r in rows]
-                ),
-                timeout=10,
-            )
+            versions, outputs = _predict(gateway, rows, "inplace")
     finally:
         suite.stop()
-    assert [answer.model_version for answer in batch.responses] == ["1"] * len(rows)
+    assert versions == ["1"] * len(rows)
     expected = replaced.predict(rows[:, ::-1])
-    assert_matches_reference(_outputs(batch), expected)
+    assert_matches_reference(outputs, expected)
     assert not np.allclose(expected["probabilities"], replaced.predict(rows)["probabilities"])
-
-
-def _outputs(batch: gpb.PredictBatchResponse) -> dict[str, np.ndarray]:
-    return {
-        "label": np.array([answer.outputs["label"].int64_values[0] for answer in batch.responses]),
-        "probabilities": np.array([list(answer.outputs["probabilities"].double_values) for answer in batch.responses]),
-    }
