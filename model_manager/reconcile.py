@@ -45,17 +45,15 @@ def apply(current: Rollout | None, spec: RolloutSpec, generation: int, clock: Cl
     if generation < current.generation:
         raise RolloutError(f"generation: {generation} is older than the rollout's generation {current.generation}")
     if spec == current.spec:
-        if current.state in (State.ROLLING_BACK, State.ROLLED_BACK):
-            word = "rolled back"
+        if current.state is State.ROLLED_BACK:
+            said = current.message  # already "rolled back at generation N: why"
+        elif current.state is State.ROLLING_BACK:
+            said = f"rolling back at generation {current.generation}: {current.message}"
         elif current.state is State.FAILED:
-            word = "failed"
+            said = f"failed at generation {current.generation}: {current.message}"
         else:
             return Applied(Outcome.UNCHANGED, current, f"unchanged at generation {current.generation}")
-        return Applied(
-            Outcome.HELD,
-            current,
-            f"{word} at generation {current.generation}: {current.message}; retry starts it again",
-        )
+        return Applied(Outcome.HELD, current, f"{said}; retry starts it again")
     keep = spec.version if spec.version in current.loaded else None
     superseded = None
     if current.state in ACTIVE | {State.ROLLING_BACK}:

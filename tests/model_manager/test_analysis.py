@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import special, stats  # type: ignore[import-untyped]
 
@@ -55,6 +55,7 @@ def metrics(
 # -- the sequential test --------------------------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(st.integers(1, 3000), st.floats(0.001, 0.5), st.data())
 def test_a_rejection_is_never_less_significant_than_the_fixed_sample_binomial_test(n, p0, data):
     # Every alternative has p > p0, so the evidence grows with x and rejects a tail {x >= x*}; Markov's inequality
@@ -119,6 +120,7 @@ def test_client_errors_never_count_against_a_version():
     assert (d.measured, d.samples) == (0.0, 500)
 
 
+@settings(deadline=None)
 @given(st.integers(0, 99), st.integers(0, 99), st.booleans())
 def test_too_few_samples_is_inconclusive_never_failed_or_passed(ok, errors, with_baseline):
     if ok + errors >= 100:
@@ -173,6 +175,7 @@ def test_error_ratio_is_skipped_without_a_baseline_and_waits_for_baseline_sample
     assert "baseline 20/100" in thin.detail
 
 
+@settings(deadline=None)
 @given(st.integers(0, 40), st.integers(100, 2000), st.integers(0, 40), st.integers(100, 20000))
 def test_error_ratio_rejection_agrees_with_scipys_conditional_binomial_tail(x_c, n_c, x_b, n_b):
     spec = AnalysisSpec(min_samples=100, max_error_ratio=1.0)

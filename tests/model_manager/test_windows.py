@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from model_manager.windows import (
@@ -92,6 +92,7 @@ def test_quantile_in_the_overflow_bucket_is_infinite_and_empty_is_nan():
     assert math.isnan(Histogram.empty((10.0,)).quantile(0.5))
 
 
+@settings(deadline=None)
 @given(
     st.lists(st.floats(min_value=0.0, max_value=4999.0, allow_nan=False), min_size=1, max_size=300),
     st.sampled_from([0.5, 0.9, 0.99]),
@@ -104,6 +105,7 @@ def test_quantile_lies_in_the_bucket_of_the_exact_quantile(values, q):
     assert lo <= h.quantile(q) <= LATENCY_BOUNDS_MS[bucket]
 
 
+@settings(deadline=None)
 @given(st.lists(st.floats(min_value=0.0, max_value=100.0, allow_nan=False), max_size=200), st.floats(0.0, 100.0))
 def test_count_above_never_counts_a_value_at_or_below_the_threshold(values, threshold):
     bounds = (1.0, 5.0, 10.0, 50.0)
@@ -205,6 +207,7 @@ def test_empty_merge_has_no_span():
     assert (m.requests, m.windows, m.start, m.end) == (0, 0, None, None)
 
 
+@settings(deadline=None)
 @given(
     st.lists(
         st.tuples(
