@@ -35,7 +35,7 @@ class Pause(enum.Enum):
     STEP_GATE = "step_gate"
     HOLD_LIMIT = "hold_limit"
     ANALYSIS_ERROR = "analysis_error"
-    FAILED_NO_BASELINE = "failed_no_baseline"
+    FAILED_HELD = "failed_held"
     ACK_TIMEOUT = "ack_timeout"
     LOAD_FAILED = "load_failed"
 

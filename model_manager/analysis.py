@@ -16,7 +16,8 @@ that it ever reaches 1/alpha, however often it is looked at, is at most alpha. T
 - p99 latency: p99 ≤ T exactly when at most 1% of requests are slower than T, so the requests certainly
   slower than T (the buckets wholly above it) are tested against 1%;
 - the shadow disagreement rate against its limit.
-Score drift is the PSI of the served scores against the training histogram's bins, with a sample guard.
+Score drift is the PSI of the served scores against the training histogram's bins; it fails only above
+the limit plus the noise a sample of that size shows (see `psi_critical`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import enum
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
+from statistics import NormalDist
 from typing import Any
 
 from model_manager.windows import Histogram, VersionMetrics
@@ -209,6 +211,18 @@ def psi(observed: Histogram, expected: Histogram) -> float:
     return total
 
 
+def psi_critical(limit: float, n: int, buckets: int, alpha: float) -> float:
+    """The PSI above which a sample of n shows drift beyond `limit` at level alpha.
+
+    n·PSI behaves like a chi-square with buckets-1 degrees of freedom, noncentral by n·limit when the
+    true PSI is the limit; the bar is that distribution's mean plus z(1-alpha) standard deviations.
+    Without it a small sample of an undrifted version would often show a PSI above 0.1 by noise alone.
+    """
+    k, lam = buckets - 1, n * limit
+    z = NormalDist().inv_cdf(1.0 - alpha)
+    return (k + lam + z * math.sqrt(2.0 * (k + 2.0 * lam))) / n
+
+
 class _Judge:
     """Builds the decisions of one analysis round."""
 
@@ -385,13 +399,14 @@ class _Judge:
         value = psi(hist, self.reference)
         base_hist = self.base.scores.get(name) if self.base is not None else None
         base_value = psi(base_hist, self.reference) if base_hist is not None and base_hist.total else None
-        verdict = Verdict.FAILED if value > limit else Verdict.PASSED
+        bar = psi_critical(limit, n, len(hist.counts), self.spec.alpha)
+        verdict = Verdict.FAILED if value > bar else Verdict.PASSED if value <= limit else Verdict.INCONCLUSIVE
         shown_base = "" if base_value is None else f" (baseline {base_value:.3f})"
         return self.decide(
             Check.SCORE_PSI,
             verdict,
             n,
-            f"{label} {value:.3f} vs limit {limit:g}{shown_base} (n={n})",
+            f"{label} {value:.3f} vs limit {limit:g}{shown_base} (n={n}, fails above {bar:.3f})",
             measured=value,
             threshold=limit,
             baseline=base_value,

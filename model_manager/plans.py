@@ -45,6 +45,7 @@ class RolloutSpec:
     analysis_interval: float = 60.0
     inconclusive_limit: float = 1800.0
     failure_limit: int = 1
+    auto_rollback: bool = True
     ack_timeout: float = 30.0
 
     def __post_init__(self) -> None:

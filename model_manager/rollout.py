@@ -277,7 +277,9 @@ class Rollout:
             d.loaded.append(version)
         if version != self.spec.version:
             return
-        if d.state is State.PENDING:
+        if d.state in (State.ROLLED_BACK, State.FAILED, State.ABORTED) and version not in d.to_unload:
+            d.to_unload.append(version)  # a load that finished after the rollout ended
+        elif d.state is State.PENDING:
             self._set(State.PROGRESSING)
             self._event("loaded", f"version {version} loaded and warm")
         elif d.state is State.PAUSED and d.paused_from is State.PENDING:
@@ -342,7 +344,9 @@ class Rollout:
             self._event("analysis_failed", analysis.reason, decisions=analysis.decisions)
             if d.failures >= self.spec.failure_limit:
                 if self.spec.baseline is None:
-                    self._pause(Pause.FAILED_NO_BASELINE, f"no baseline to roll back to: {analysis.reason}")
+                    self._pause(Pause.FAILED_HELD, f"no baseline to roll back to: {analysis.reason}")
+                elif not self.spec.auto_rollback:
+                    self._pause(Pause.FAILED_HELD, f"automatic rollback is off: {analysis.reason}")
                 else:
                     self._rollback(analysis.reason, "", analysis.decisions)
             return True

@@ -275,6 +275,7 @@ class WindowLedger:
     def __init__(self, latency_bounds: Iterable[float] = LATENCY_BOUNDS_MS) -> None:
         self.latency_bounds = tuple(float(b) for b in latency_bounds)
         self._windows: dict[str, MetricWindow] = {}
+        self._by_version: dict[tuple[str, int, bool], dict[str, MetricWindow]] = {}
         self._score_bounds: dict[tuple[str, int, str], tuple[float, ...]] = {}
         self._horizon = -math.inf
 
@@ -302,13 +303,15 @@ class WindowLedger:
         for name, hist in window.scores.items():
             self._score_bounds[(window.model, window.version, name)] = hist.bounds
         self._windows[window.window_id] = window
+        self._by_version.setdefault((window.model, window.version, window.mirrored), {})[window.window_id] = window
         return Admission.ACCEPTED
 
     def prune(self, before: float) -> int:
         """Forgets windows that ended at or before `before`; later reports of such windows are STALE."""
         old = [k for k, w in self._windows.items() if w.end <= before]
         for k in old:
-            del self._windows[k]
+            w = self._windows.pop(k)
+            del self._by_version[(w.model, w.version, w.mirrored)][k]
         self._horizon = max(self._horizon, before)
         return len(old)
 
@@ -325,13 +328,8 @@ class WindowLedger:
         """Merges the windows of a version that lie wholly in [since, until] under route revision ≥ min_revision."""
         chosen = [
             w
-            for w in self._windows.values()
-            if w.model == model
-            and w.version == version
-            and w.mirrored == mirrored
-            and w.route_revision >= min_revision
-            and w.start >= since
-            and w.end <= until
+            for w in self._by_version.get((model, version, mirrored), {}).values()
+            if w.route_revision >= min_revision and w.start >= since and w.end <= until
         ]
         return merge_windows(model, version, chosen, self.latency_bounds)
 

@@ -20,6 +20,7 @@ from model_manager.analysis import (
     combine,
     log_evidence,
     psi,
+    psi_critical,
 )
 from model_manager.windows import LATENCY_BOUNDS_MS, Histogram, ShadowComparison, VersionMetrics
 
@@ -262,6 +263,35 @@ def test_psi_noise_without_drift_is_about_bins_minus_one_over_n():
     n = 2000
     values = [n * psi(Histogram.of(bins, rng.beta(2, 5, n)), train) for _ in range(200)]
     assert float(np.mean(values)) == pytest.approx(len(bins), rel=0.25)
+
+
+def test_psi_fails_an_undrifted_small_sample_rarely_where_a_bare_threshold_would_often():
+    rng = np.random.default_rng(5)
+    bins = tuple(np.linspace(0.1, 0.9, 9))
+    train = Histogram.of(bins, rng.beta(2, 5, 200_000))
+    n, limit = 100, 0.1
+    values = [psi(Histogram.of(bins, rng.beta(2, 5, n)), train) for _ in range(400)]
+    bar = psi_critical(limit, n, len(bins) + 1, ALPHA)
+    assert sum(v > bar for v in values) / len(values) <= ALPHA
+    assert sum(v > limit for v in values) / len(values) > 2 * ALPHA
+
+
+def test_psi_bar_tends_to_the_limit_with_more_samples():
+    bars = [psi_critical(0.1, n, 10, ALPHA) for n in (100, 1_000, 100_000)]
+    assert bars == sorted(bars, reverse=True)
+    assert 0.1 < bars[-1] < 0.105
+
+
+def test_a_psi_just_above_the_limit_on_few_samples_is_inconclusive():
+    bins = (0.25, 0.5, 0.75)
+    train = Histogram(bins, (250, 250, 250, 250))
+    spec = AnalysisSpec(min_samples=100, max_score_psi=0.1, score_output="p")
+    cand = metrics(ok=100, scores={"p": Histogram(bins, (10, 25, 25, 40))})
+    d = analyse(cand, None, spec, now=1.0, reference=train).decision(Check.SCORE_PSI)
+    assert d is not None
+    assert d.measured is not None
+    assert 0.1 < d.measured < psi_critical(0.1, 100, 4, ALPHA)
+    assert d.verdict is Verdict.INCONCLUSIVE
 
 
 def test_score_psi_against_the_training_histogram():

@@ -231,6 +231,27 @@ def test_a_first_deployment_without_baseline_pauses_instead_of_rolling_back_to_n
         c.rollout.undo("ops", "")
 
 
+def test_with_automatic_rollback_off_a_failure_pauses_for_a_person():
+    clock = FakeClock()
+    c = started(canary(auto_rollback=False), clock)
+    c.verdict = Verdict.FAILED
+    assert c.run().do is Do.PAUSED
+    assert c.rollout.message.startswith("automatic rollback is off: FAILED: error rate")
+    assert c.rollout.route().weights == {2: 10.0, 1: 90.0}
+
+
+def test_a_load_finishing_after_an_abort_is_unloaded():
+    clock = FakeClock()
+    c = started(canary(), clock)
+    assert c.rollout.poll().do is Do.LOAD
+    c.rollout.abort("ops", "changed my mind")
+    c.run()
+    assert state(c.rollout) is State.ROLLED_BACK
+    c.rollout.loaded_version(2)  # the load that was in flight
+    a = c.rollout.poll()
+    assert (a.do, a.version) == (Do.UNLOAD, 2)
+
+
 def test_shadow_mirrors_judges_the_mirrored_windows_then_stops_mirroring_and_unloads_the_candidate():
     clock = FakeClock()
     spec = RolloutSpec(
