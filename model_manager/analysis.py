@@ -12,7 +12,8 @@ that it ever reaches 1/alpha, however often it is looked at, is at most alpha. T
 - the error rate (server errors of the requests judged) against an absolute limit;
 - the error ratio against the baseline, conditioned on the errors both versions made: under "the
   candidate's rate is at most ratio × the baseline's", each error is the candidate's with odds at most
-  ratio × n_candidate / n_baseline, whatever the traffic's error rate does over time;
+  ratio × n_candidate / n_baseline, whatever the traffic's error rate does over time (exact while the
+  split holds still, as it does within a step);
 - p99 latency: p99 ≤ T exactly when at most 1% of requests are slower than T, so the requests certainly
   slower than T (the buckets wholly above it) are tested against 1%;
 - the shadow disagreement rate against its limit.

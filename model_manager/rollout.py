@@ -117,8 +117,8 @@ class Rollout:
 
     def route(self) -> Route:
         """The route this rollout wants the gateways to apply now."""
-        if self._d.state in (State.ROLLING_BACK, State.ROLLED_BACK):
-            return rollback_route(self.spec)
+        if self._d.state in (State.ROLLING_BACK, State.ROLLED_BACK, State.FAILED, State.ABORTED):
+            return rollback_route(self.spec)  # an aborted rollout's successor owns the route
         if self._d.state is State.SUCCEEDED:
             return self.phases[-1].route(self.spec)
         return self.phases[self._d.phase].route(self.spec)

@@ -349,6 +349,7 @@ def test_a_load_failure_before_traffic_fails_and_retry_loads_again():
     r = c.rollout
     assert state(r) is State.FAILED
     assert r.message == "version 2 failed to load: out of memory"
+    assert r.route().weights == {1: 100.0}
     assert r.poll().do is Do.NOTHING
     r.retry("ops", "bigger nodes")
     assert state(r) is State.PENDING
