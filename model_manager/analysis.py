@@ -475,7 +475,12 @@ def analyse(
     if spec.max_shadow_disagreement is not None:
         decisions.append(judge.shadow(spec.max_shadow_disagreement))
     kept = tuple(d for d in decisions if d is not None)
-    return Analysis(combine(d.verdict for d in kept), kept, now)
+    verdict = combine(d.verdict for d in kept)
+    if verdict is Verdict.FAILED and kept[0].verdict is not Verdict.PASSED:
+        # Never fail a version on too little live traffic, even when a check with its own count (scores per
+        # row, mirrored comparisons) looks bad: the failing decision stays visible, the step holds.
+        verdict = Verdict.INCONCLUSIVE
+    return Analysis(verdict, kept, now)
 
 
 def combine(verdicts: Iterable[Verdict]) -> Verdict:

@@ -138,6 +138,43 @@ def test_too_few_samples_is_inconclusive_never_failed_or_passed(ok, errors, with
     assert guard.detail == f"{ok + errors}/100 samples"
 
 
+@settings(deadline=None, max_examples=300)
+@given(
+    st.integers(0, 300),
+    st.integers(0, 300),
+    st.integers(0, 600),
+    st.integers(0, 600),
+    st.lists(st.integers(0, 400), min_size=4, max_size=4),
+)
+def test_a_failed_verdict_always_rests_on_enough_live_samples(ok, errors, compared, disagreed, score_counts):
+    bins = (0.25, 0.5, 0.75)
+    spec = AnalysisSpec(
+        min_samples=200, max_error_rate=0.01, max_latency_p99_ms=3.0, max_score_psi=0.1,
+        max_shadow_disagreement=0.01, score_output="p",
+    )  # fmt: skip
+    cand = metrics(
+        ok=ok, errors=errors, latency_ms=40.0, scores={"p": Histogram(bins, tuple(score_counts))},
+        shadow=ShadowComparison(compared, min(disagreed, compared)),
+    )  # fmt: skip
+    a = analyse(cand, None, spec, now=1.0, reference=Histogram(bins, (100, 100, 100, 100)))
+    guard = a.decision(Check.SAMPLES)
+    assert guard is not None
+    if a.verdict is Verdict.FAILED:
+        assert guard.verdict is Verdict.PASSED
+    if ok + errors < 200:
+        assert a.verdict in (Verdict.INCONCLUSIVE, Verdict.ERROR)
+
+
+def test_a_bad_shadow_on_thin_live_traffic_holds_and_shows_the_failing_decision():
+    spec = AnalysisSpec(min_samples=100, max_shadow_disagreement=0.01)
+    a = analyse(metrics(ok=10, shadow=ShadowComparison(1000, 500)), None, spec, now=1.0)
+    assert a.verdict is Verdict.INCONCLUSIVE
+    d = a.decision(Check.SHADOW_DISAGREEMENT)
+    assert d is not None
+    assert d.verdict is Verdict.FAILED
+    assert a.reason == "INCONCLUSIVE: 10/100 samples"
+
+
 def test_no_data_at_all_is_inconclusive():
     spec = AnalysisSpec(min_samples=500, max_error_rate=0.01, max_latency_p99_ms=100.0)
     a = analyse(metrics(), metrics(1), spec, now=1.0)
