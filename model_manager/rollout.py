@@ -11,10 +11,10 @@ that revision or later. The whole state is a JSON-ready dict, so it can be store
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
-from model_manager.actions import ACTIVE, FINISHED, Action, Do, Event, Pause, State
+from model_manager.actions import ACTIVE, FINISHED, Action, Do, Event, Pause, RolloutRecord, State
 from model_manager.analysis import Analysis, Check, Decision, Verdict
 from model_manager.plans import Phase, RolloutSpec, Route, Strategy, plan, rollback_route
 
@@ -25,37 +25,6 @@ class RolloutError(Exception):
     """A verb that does not apply to the rollout in its current state."""
 
 
-@dataclass
-class _Data:
-    """Everything a rollout persists."""
-
-    rollout_id: str
-    spec: RolloutSpec
-    generation: int
-    state: State
-    created_at: float
-    attempt: int = 1
-    phase: int = 0
-    loaded: list[int] = field(default_factory=list)
-    to_unload: list[int] = field(default_factory=list)
-    serial: int = 1
-    revision: int | None = None
-    published_at: float | None = None
-    applied_at: float | None = None
-    applied_revision: int | None = None
-    ever_applied: bool = False
-    next_analysis_at: float | None = None
-    hold_from: float | None = None
-    failures: int = 0
-    last_analysis: Analysis | None = None
-    pause: Pause | None = None
-    paused_from: State | None = None
-    message: str = ""
-    updated_at: float = 0.0
-    finished_at: float | None = None
-    events: list[Event] = field(default_factory=list)
-
-
 def _fmt_minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} m" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -63,7 +32,7 @@ def _fmt_minutes(seconds: float) -> str:
 class Rollout:
     """One rollout of one model version; every method reads the time from the injected clock."""
 
-    def __init__(self, data: _Data, clock: Clock) -> None:
+    def __init__(self, data: RolloutRecord, clock: Clock) -> None:
         self._d = data
         self._clock = clock
         self.phases: tuple[Phase, ...] = plan(data.spec)
@@ -73,7 +42,7 @@ class Rollout:
         """A new rollout, waiting for its version to be loaded and warmed."""
         now = clock()
         loaded = [spec.baseline] if spec.baseline is not None else []
-        r = cls(_Data(rollout_id, spec, generation, State.PENDING, now, loaded=loaded, updated_at=now), clock)
+        r = cls(RolloutRecord(rollout_id, spec, generation, State.PENDING, now, loaded=loaded, updated_at=now), clock)
         r._event("created", f"{spec.strategy.value} of {spec.model} version {spec.version} at generation {generation}")
         return r
 
@@ -148,31 +117,12 @@ class Rollout:
 
     def to_dict(self) -> dict[str, Any]:
         """The whole state, JSON-ready, for durable storage."""
-        d = self._d
-        out = {k: getattr(d, k) for k in d.__dataclass_fields__}
-        out["spec"] = d.spec.to_dict()
-        out["state"] = d.state.value
-        out["loaded"] = list(d.loaded)
-        out["to_unload"] = list(d.to_unload)
-        out["last_analysis"] = None if d.last_analysis is None else d.last_analysis.to_dict()
-        out["pause"] = None if d.pause is None else d.pause.value
-        out["paused_from"] = None if d.paused_from is None else d.paused_from.value
-        out["events"] = [e.to_dict() for e in d.events]
-        return out
+        return self._d.to_dict()
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], clock: Clock) -> Rollout:
         """Resumes a rollout stored with `to_dict`."""
-        args = dict(raw)
-        args["spec"] = RolloutSpec.from_dict(raw["spec"])
-        args["state"] = State(raw["state"])
-        args["loaded"] = list(raw["loaded"])
-        args["to_unload"] = list(raw["to_unload"])
-        args["last_analysis"] = None if raw["last_analysis"] is None else Analysis.from_dict(raw["last_analysis"])
-        args["pause"] = None if raw["pause"] is None else Pause(raw["pause"])
-        args["paused_from"] = None if raw["paused_from"] is None else State(raw["paused_from"])
-        args["events"] = [Event.from_dict(e) for e in raw["events"]]
-        return cls(_Data(**args), clock)
+        return cls(RolloutRecord.from_dict(raw), clock)
 
     # -- the loop --------------------------------------------------------------------------------------------------
 
@@ -227,7 +177,8 @@ class Rollout:
             return None
         hold_end = max(dwell_end, d.hold_from or dwell_end) + spec.inconclusive_limit
         if now >= hold_end:
-            self._pause(Pause.HOLD_LIMIT, self._hold_message(now))
+            held = last.decisions if last is not None else ()
+            self._pause(Pause.HOLD_LIMIT, self._hold_message(now), decisions=held)
             return Action(Do.PAUSED, reason=d.message)
         due = d.next_analysis_at if d.next_analysis_at is not None else now
         if now >= due:
@@ -344,15 +295,22 @@ class Rollout:
             self._event("analysis_failed", analysis.reason, decisions=analysis.decisions)
             if d.failures >= self.spec.failure_limit:
                 if self.spec.baseline is None:
-                    self._pause(Pause.FAILED_HELD, f"no baseline to roll back to: {analysis.reason}")
+                    self._pause(
+                        Pause.FAILED_HELD,
+                        f"no baseline to roll back to: {analysis.reason}",
+                        decisions=analysis.decisions,
+                    )
                 elif not self.spec.auto_rollback:
-                    self._pause(Pause.FAILED_HELD, f"automatic rollback is off: {analysis.reason}")
+                    self._pause(
+                        Pause.FAILED_HELD,
+                        f"automatic rollback is off: {analysis.reason}",
+                        decisions=analysis.decisions,
+                    )
                 else:
                     self._rollback(analysis.reason, "", analysis.decisions)
             return True
         if verdict is Verdict.ERROR:
-            self._event("analysis_error", analysis.reason, decisions=analysis.decisions)
-            self._pause(Pause.ANALYSIS_ERROR, analysis.reason)
+            self._pause(Pause.ANALYSIS_ERROR, analysis.reason, decisions=analysis.decisions)
             return True
         if verdict is Verdict.PASSED:
             d.failures = 0
@@ -483,13 +441,13 @@ class Rollout:
         d.message = reason
         self._event("rollback_started", reason, actor=actor, decisions=decisions)
 
-    def _pause(self, kind: Pause, message: str, actor: str = "") -> None:
+    def _pause(self, kind: Pause, message: str, actor: str = "", decisions: tuple[Decision, ...] = ()) -> None:
         d = self._d
         d.paused_from = d.state if d.state is not State.PAUSED else d.paused_from
         d.pause = kind
         self._set(State.PAUSED)
         d.message = message
-        self._event("paused", message, actor=actor)
+        self._event("paused", message, actor=actor, decisions=decisions)
 
     def _finish(self, state: State, kind: str, message: str) -> None:
         d = self._d

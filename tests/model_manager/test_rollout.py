@@ -117,6 +117,9 @@ def test_an_inconclusive_step_holds_then_pauses_with_the_counts_and_never_rolls_
     assert a.do is Do.PAUSED
     assert state(r) is State.PAUSED
     assert r.message == "canary 10%: INCONCLUSIVE, 37/100 samples after 35 m"
+    paused = r.events[-1]
+    assert (paused.kind, paused.actor) == ("paused", "")
+    assert [(d.check.value, d.samples, d.min_samples) for d in paused.decisions] == [("samples", 37, 100)]
     assert r.route().weights == {2: 10.0, 1: 90.0}
     assert not [e for e in r.events if e.kind == "rollback_started"]
     # Resuming holds again for a full limit, analysing all the while.
