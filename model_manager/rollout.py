@@ -2,7 +2,7 @@
 
 A controller loops on `poll()`, which applies what the clock says is due and returns the one next
 action (load, publish a route, wait for its acknowledgement, analyse, wait, unload, or a pause that
-needs a person), and feeds back what happened: `loaded`, `load_failed`, `published`, `acknowledged`,
+needs a person), and feeds back what happened: `loaded_version`, `load_failed`, `published`, `acknowledged`,
 `observe` (an analysis), `unloaded`. A phase counts as applied only once the gateways have
 acknowledged the route revision that carries it, and its analysis reads only windows reported under
 that revision or later. The whole state is a JSON-ready dict, so it can be stored and resumed.
