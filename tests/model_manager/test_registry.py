@@ -10,6 +10,7 @@ from typing import TypeVar
 import pytest
 
 from chassis.errors import AlreadyExists, FrescoError, InvalidArgument, NotFound
+from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager.lifecycle import Stage
 from model_manager.records import Lineage
@@ -45,7 +46,7 @@ def test_created_model_reads_back_with_its_creator(registry: Registry) -> None:
 
 def test_a_taken_model_name_is_already_exists(registry: Registry) -> None:
     registry.create_model(model_spec("churn"), identity="alice")
-    with pytest.raises(AlreadyExists, match="model.name: a model named 'churn' exists already"):
+    with pytest.raises(AlreadyExists, match=r"model.name: a model named 'churn' exists already"):
         registry.create_model(model_spec("churn", owner="someone else"), identity="bob")
     assert registry.get_model("churn").owner == "risk-team"
 
@@ -62,14 +63,14 @@ def test_a_taken_model_name_is_already_exists(registry: Registry) -> None:
         ({"signature": rpb.ModelSignature(feature_input="nope")}, "model.signature.feature_input"),
     ],
 )
-def test_an_invalid_model_is_refused_naming_the_field(registry: Registry, spec_overrides: dict, field: str) -> None:
+def test_an_invalid_model_is_refused_naming_the_field(registry: Registry, spec_overrides: dict[str, object], field: str) -> None:
     with pytest.raises(InvalidArgument, match=field):
         registry.create_model(model_spec(**spec_overrides), identity="alice")
     assert registry.list_models().items == []
 
 
 def test_an_unknown_model_is_not_found(registry: Registry) -> None:
-    with pytest.raises(NotFound, match="no model named 'ghost'"):
+    with pytest.raises(NotFound, match=r"no model named 'ghost'"):
         registry.get_model("ghost")
 
 
@@ -99,15 +100,15 @@ def test_models_page_by_name_with_owner_and_label_filters(registry: Registry) ->
 
 @pytest.mark.parametrize("token", ["garbage", "dj0x", "bTo="])
 def test_a_foreign_page_token_is_invalid_argument(registry: Registry, token: str) -> None:
-    with pytest.raises(InvalidArgument, match="page_token"):
+    with pytest.raises(InvalidArgument, match=r"page_token"):
         registry.list_models(page_token=token)
     registry.create_model(model_spec("churn"), identity="alice")
-    with pytest.raises(InvalidArgument, match="page_token"):
+    with pytest.raises(InvalidArgument, match=r"page_token"):
         registry.list_versions("churn", page_token=token)
 
 
 def test_a_negative_page_size_is_invalid_argument(registry: Registry) -> None:
-    with pytest.raises(InvalidArgument, match="page_size: expected 0"):
+    with pytest.raises(InvalidArgument, match=r"page_size: expected 0"):
         registry.list_models(page_size=-1)
 
 
@@ -148,7 +149,7 @@ def test_versions_list_newest_first_in_pages_and_by_stage(registry: Registry) ->
     assert seen == [5, 4, 3, 2, 1]
     assert [v.version for v in registry.list_versions("churn", stages=[Stage.REJECTED]).items] == [2]
     assert registry.get_version("churn", stage=Stage.REJECTED).version == 2
-    with pytest.raises(NotFound, match="no version in stage production"):
+    with pytest.raises(NotFound, match=r"no version in stage production"):
         registry.get_version("churn", stage=Stage.PRODUCTION)
 
 
@@ -156,20 +157,20 @@ def test_a_taken_version_number_is_already_exists_and_a_missing_parent_invalid(r
     registry.create_model(model_spec("churn"), identity="alice")
     registry.register_version(version_spec("churn", b"a", version=3), artifact(b"a"), identity="ci")
     assert registry.get_model("churn").latest_version == 3
-    with pytest.raises(AlreadyExists, match="metadata.version: version 3 of churn exists already"):
+    with pytest.raises(AlreadyExists, match=r"metadata.version: version 3 of churn exists already"):
         registry.check_can_register(version_spec("churn", b"b", version=3))
-    with pytest.raises(AlreadyExists, match="version 3 of churn exists already"):
+    with pytest.raises(AlreadyExists, match=r"version 3 of churn exists already"):
         registry.register_version(version_spec("churn", b"b", version=3), artifact(b"b"), identity="ci")
-    with pytest.raises(InvalidArgument, match="metadata.lineage.parent_version: churn has no version 2"):
+    with pytest.raises(InvalidArgument, match=r"metadata.lineage.parent_version: churn has no version 2"):
         registry.check_can_register(version_spec("churn", b"b", lineage=Lineage(parent_version=2)))
     assert registry.register_version(version_spec("churn", b"c"), artifact(b"c"), identity="ci").version == 4
-    with pytest.raises(NotFound, match="metadata.model_name: no model named 'ghost'"):
+    with pytest.raises(NotFound, match=r"metadata.model_name: no model named 'ghost'"):
         registry.check_can_register(version_spec("ghost", b"c"))
 
 
 def test_the_artifact_must_be_the_one_declared(registry: Registry) -> None:
     registry.create_model(model_spec("churn"), identity="alice")
-    with pytest.raises(InvalidArgument, match="metadata.expected_sha256"):
+    with pytest.raises(InvalidArgument, match=r"metadata.expected_sha256"):
         registry.register_version(version_spec("churn", b"declared"), artifact(b"other"), identity="ci")
     assert registry.list_versions("churn").items == []
 
@@ -268,8 +269,8 @@ def test_invalid_version_metadata_is_refused_naming_the_field(registry: Registry
     assert registry.list_versions("churn").items == []
 
 
-def replace_stats_null_rate(stats: object, rate: float):
-    copy = type(stats)()  # type: ignore[operator]
+def replace_stats_null_rate(stats: spb.FeatureStatistics, rate: float) -> spb.FeatureStatistics:
+    copy = spb.FeatureStatistics()
     copy.CopyFrom(stats)
     copy.null_rate = rate
     return copy

@@ -60,12 +60,12 @@ def test_the_gate_path_leads_to_production_and_archives_the_previous(registry: R
 def test_a_move_the_machine_forbids_is_refused_and_changes_nothing(registry: Registry) -> None:
     _with_versions(registry, 1)
     before = registry.get_version("churn", 1)
-    with pytest.raises(FailedPrecondition, match="from registered it can move to validating or rejected or archived"):
+    with pytest.raises(FailedPrecondition, match=r"from registered it can move to validating or rejected or archived"):
         registry.set_stage("churn", 1, Stage.PRODUCTION, identity="mallory")
     assert registry.get_version("churn", 1) == before
     assert registry.get_model("churn").production_version == 0
     assert [e.action for e in registry.list_audit("churn").items] == ["version.register", "model.create"]
-    with pytest.raises(NotFound, match="churn has no version 9"):
+    with pytest.raises(NotFound, match=r"churn has no version 9"):
         registry.set_stage("churn", 9, Stage.VALIDATING, identity="ops")
 
 
@@ -82,23 +82,23 @@ def test_aliases_point_move_resolve_and_go(registry: Registry) -> None:
     assert registry.get_version("churn", 1).aliases == ()
     model, previous = registry.delete_alias("churn", "champion", identity="carol")
     assert (dict(model.aliases), previous) == ({"challenger": 2}, 2)
-    with pytest.raises(NotFound, match="alias: churn has no alias 'champion'"):
+    with pytest.raises(NotFound, match=r"alias: churn has no alias 'champion'"):
         registry.get_version("churn", alias="champion")
-    with pytest.raises(NotFound, match="alias: churn has no alias 'champion'"):
+    with pytest.raises(NotFound, match=r"alias: churn has no alias 'champion'"):
         registry.delete_alias("churn", "champion", identity="carol")
 
 
 def test_an_alias_refuses_bad_names_unknown_and_rejected_versions(registry: Registry) -> None:
     _with_versions(registry, 1)
     for bad in ("", "Champion", "1st", "a b", "x" * 64):
-        with pytest.raises(InvalidArgument, match="alias: expected an alias"):
+        with pytest.raises(InvalidArgument, match=r"alias: expected an alias"):
             registry.set_alias("churn", bad, 1, identity="alice")
-    with pytest.raises(NotFound, match="version: churn has no version 5"):
+    with pytest.raises(NotFound, match=r"version: churn has no version 5"):
         registry.set_alias("churn", "champion", 5, identity="alice")
-    with pytest.raises(InvalidArgument, match="version: expected a version number 1 or more"):
+    with pytest.raises(InvalidArgument, match=r"version: expected a version number 1 or more"):
         registry.set_alias("churn", "champion", 0, identity="alice")
     registry.set_stage("churn", 1, Stage.REJECTED, identity="gate")
-    with pytest.raises(FailedPrecondition, match="rejected by its gates"):
+    with pytest.raises(FailedPrecondition, match=r"rejected by its gates"):
         registry.set_alias("churn", "champion", 1, identity="alice")
     assert dict(registry.get_model("churn").aliases) == {}
 
