@@ -63,7 +63,9 @@ def test_a_taken_model_name_is_already_exists(registry: Registry) -> None:
         ({"signature": rpb.ModelSignature(feature_input="nope")}, "model.signature.feature_input"),
     ],
 )
-def test_an_invalid_model_is_refused_naming_the_field(registry: Registry, spec_overrides: dict[str, object], field: str) -> None:
+def test_an_invalid_model_is_refused_naming_the_field(
+    registry: Registry, spec_overrides: dict[str, object], field: str
+) -> None:
     with pytest.raises(InvalidArgument, match=field):
         registry.create_model(model_spec(**spec_overrides), identity="alice")
     assert registry.list_models().items == []
