@@ -183,6 +183,8 @@ class Registry:
         model = self._model_row(conn, spec.model_name, "metadata.model_name")
         self._check_numbers(conn, model, spec)
         number = spec.version or model.latest_version + 1
+        if number > schema.MAX_VERSION:
+            raise FailedPrecondition(f"metadata.version: {spec.model_name} has used every version number")
         at = self._clock()
         statistics = spb.FeatureViewStatistics(features=spec.training_statistics)
         try:

@@ -28,6 +28,8 @@ MAX_SHORT = 256
 MAX_LABELS = 64
 MAX_FEATURES = 10_000
 MAX_PAGE_SIZE = 1000
+# Version numbers stay exact in JSON (and in every client's doubles).
+MAX_VERSION = 2**53 - 1
 
 
 def _text(field: str, value: str, limit: int = MAX_SHORT) -> None:
@@ -57,9 +59,9 @@ def alias(field: str, name: str) -> None:
 
 def version_number(field: str, version: int, *, zero_ok: bool = False) -> None:
     """A version number: 1 or more (or 0 where it means 'none' or 'next')."""
-    if version < (0 if zero_ok else 1):
+    if not (0 if zero_ok else 1) <= version <= MAX_VERSION:
         expected = "0 or more" if zero_ok else "1 or more"
-        raise InvalidArgument(f"{field}: expected a version number {expected}, got {version}")
+        raise InvalidArgument(f"{field}: expected a version number {expected}, at most {MAX_VERSION}, got {version}")
 
 
 def sha256(field: str, value: str, *, required: bool) -> str:

@@ -15,7 +15,7 @@ from grpc import aio
 from chassis.errors import InvalidArgument, Unavailable
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
-from model_manager import messages
+from model_manager import messages, schema
 from model_manager.registry import Registry
 from model_manager.uploads import VersionUploads
 
@@ -98,8 +98,8 @@ class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
         registry = self._domain().registry
         selector = request.WhichOneof("selector")
         stage = messages.stage_of("stage", request.stage) if selector == "stage" else None
-        if selector == "version" and request.version < 1:
-            raise InvalidArgument(f"version: expected a version number 1 or more, got {request.version}")
+        if selector == "version":
+            schema.version_number("version", request.version)  # 0 would mean "the latest" to the registry
         if selector == "alias" and not request.alias:
             raise InvalidArgument("alias: expected an alias name, got an empty one")
         record = await asyncio.to_thread(
