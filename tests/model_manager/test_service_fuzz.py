@@ -131,9 +131,11 @@ def outcome(call) -> grpc.StatusCode:
     try:
         call()
     except grpc.RpcError as err:
-        assert err.details(), f"{err.code()} without a message"
-        return err.code()
-    return grpc.StatusCode.OK
+        code, details = err.code(), err.details()
+    else:
+        return grpc.StatusCode.OK
+    assert details, f"{code} without a message"
+    return code
 
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
