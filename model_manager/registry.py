@@ -7,13 +7,14 @@ transaction as the change. Blocking (SQLAlchemy): the servicer calls it from a w
 from __future__ import annotations
 
 import base64
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from fresco.api.features.v1 import statistics_pb2 as spb
@@ -33,6 +34,8 @@ from model_manager.records import (
 from model_manager.tables import aliases, audit, models, open_engine, versions
 
 DEFAULT_PAGE_SIZE = 100
+P = ParamSpec("P")
+R = TypeVar("R")
 # Concurrent registrations that take "the next version" retry on a lost race; a few rounds settle any real contention.
 NEXT_VERSION_ATTEMPTS = 8
 
@@ -59,6 +62,19 @@ def decode_token(field: str, kind: str, token: str) -> str:
     return key
 
 
+def database_errors(method: Callable[P, R]) -> Callable[P, R]:
+    """A database that is down, restarting or locked is UNAVAILABLE (retry later), not an internal error."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (OperationalError, InterfaceError) as err:
+            raise Unavailable(f"registry database unavailable: {str(err.orig or err).strip()[:300]}") from err
+
+    return wrapper
+
+
 class Registry:
     """Models, versions, aliases, stages and audit over one SQLAlchemy engine (SQLite or PostgreSQL)."""
 
@@ -80,6 +96,7 @@ class Registry:
 
     # --- models -------------------------------------------------------------------------------------------
 
+    @database_errors
     def create_model(self, spec: ModelSpec, identity: str, reason: str = "") -> ModelRecord:
         """Create a model with no versions; ALREADY_EXISTS if the name is taken."""
         schema.model_spec(spec)
@@ -105,12 +122,14 @@ class Registry:
             raise AlreadyExists(f"model.name: a model named {spec.name!r} exists already") from err
         return self.get_model(spec.name)
 
+    @database_errors
     def get_model(self, name: str) -> ModelRecord:
         """One model with its aliases; NOT_FOUND if there is none of that name."""
         schema.model_name("name", name)
         with self.engine.connect() as conn:
             return self._model(conn, self._model_row(conn, name))
 
+    @database_errors
     def list_models(
         self, page_size: int = 0, page_token: str = "", owner: str = "", labels: Mapping[str, str] | None = None
     ) -> Page[ModelRecord]:
@@ -140,6 +159,7 @@ class Registry:
 
     # --- versions -----------------------------------------------------------------------------------------
 
+    @database_errors
     def check_can_register(self, spec: VersionSpec) -> None:
         """Refuse, before any byte is uploaded, a version whose model, number or parent rules it out."""
         with self.engine.connect() as conn:
@@ -155,6 +175,7 @@ class Registry:
                 f"metadata.lineage.parent_version: {spec.model_name} has no version {parent} to derive from"
             )
 
+    @database_errors
     def register_version(
         self, spec: VersionSpec, artifact: StoredArtifact, identity: str, reason: str = ""
     ) -> VersionRecord:
@@ -231,6 +252,7 @@ class Registry:
         self._audit(conn, identity, "version.register", spec.model_name, number, reason, details)
         return self._version(conn, model, self._version_row(conn, model, number))
 
+    @database_errors
     def get_version(
         self, model_name: str, version: int = 0, stage: Stage | None = None, alias: str = ""
     ) -> VersionRecord:
@@ -258,6 +280,7 @@ class Registry:
                 raise NotFound(f"model_name: {model_name} has no version{where}")
             return self._version(conn, model, row)
 
+    @database_errors
     def list_versions(
         self, model_name: str, stages: Sequence[Stage] = (), page_size: int = 0, page_token: str = ""
     ) -> Page[VersionRecord]:
@@ -277,6 +300,7 @@ class Registry:
         token = encode_token("v", str(items[-1].version)) if len(rows) > size else ""
         return Page(items, token)
 
+    @database_errors
     def references(self, sha256: str) -> int:
         """How many versions (of any model) use the artifact with this digest."""
         with self.engine.connect() as conn:
@@ -285,6 +309,7 @@ class Registry:
 
     # --- stages -------------------------------------------------------------------------------------------
 
+    @database_errors
     def set_stage(self, model_name: str, version: int, target: Stage, identity: str, reason: str = "") -> VersionRecord:
         """Move a version along the gate state machine; entering production archives the previous production one."""
         schema.model_name("model_name", model_name)
@@ -328,6 +353,7 @@ class Registry:
 
     # --- aliases ------------------------------------------------------------------------------------------
 
+    @database_errors
     def set_alias(
         self, model_name: str, alias: str, version: int, identity: str, reason: str = ""
     ) -> tuple[ModelRecord, int]:
@@ -362,6 +388,7 @@ class Registry:
                     raise
         raise AssertionError("unreachable")
 
+    @database_errors
     def delete_alias(self, model_name: str, alias: str, identity: str, reason: str = "") -> tuple[ModelRecord, int]:
         """Remove an alias; returns the model and the version it pointed at."""
         schema.model_name("model_name", model_name)
@@ -378,6 +405,7 @@ class Registry:
 
     # --- audit --------------------------------------------------------------------------------------------
 
+    @database_errors
     def list_audit(self, model_name: str = "", page_size: int = 0, page_token: str = "") -> Page[AuditEntry]:
         """Audit entries, newest first, optionally about one model only."""
         if model_name:

@@ -9,9 +9,11 @@ from typing import TypeVar
 
 import pytest
 
-from chassis.errors import AlreadyExists, FrescoError, InvalidArgument, NotFound
+from chassis.errors import AlreadyExists, FrescoError, InvalidArgument, NotFound, Unavailable
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.servers import PostgresServer
+from fresco.servers._process import free_port
 from model_manager.lifecycle import Stage
 from model_manager.records import Lineage
 from model_manager.registry import Registry
@@ -276,3 +278,23 @@ def replace_stats_null_rate(stats: spb.FeatureStatistics, rate: float) -> spb.Fe
     copy.CopyFrom(stats)
     copy.null_rate = rate
     return copy
+
+
+def test_a_database_that_goes_away_is_unavailable_then_comes_back() -> None:
+    server = PostgresServer().start()
+    try:
+        registry = Registry.open(server.create_database("comes_back"))
+        registry.create_model(model_spec("churn"), identity="alice")
+        server.stop()
+        with pytest.raises(Unavailable, match="registry database unavailable"):
+            registry.get_model("churn")
+        server.start()  # same port, same cluster
+        assert registry.get_model("churn").created_by == "alice"
+        registry.close()
+    finally:
+        server.close()
+
+
+def test_an_unreachable_database_is_unavailable_at_open() -> None:
+    with pytest.raises(Unavailable, match="registry database not reachable"):
+        Registry.open(f"postgresql+psycopg://fresco@127.0.0.1:{free_port()}/none?connect_timeout=2")
