@@ -12,8 +12,9 @@ import os
 import uuid
 from typing import Any
 
-import fsspec  # type: ignore[import-untyped]
+import fsspec
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from chassis.errors import InvalidArgument
 from model_manager.records import StoredArtifact
@@ -62,6 +63,16 @@ class ArtifactStore:
             with contextlib.suppress(FileNotFoundError):
                 self.fs.rm_file(path)
         return len(leftovers)
+
+    def sync_directory(self, path: str) -> None:
+        """On a local disk, make a rename into `path` durable before the registry records it (no-op elsewhere)."""
+        if not isinstance(self.fs, LocalFileSystem):
+            return
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
     def begin(self, expected_size_bytes: int = 0) -> Upload:
         """Start an upload into a temporary file of its own."""
@@ -118,6 +129,7 @@ class Upload:
                 # A rename on the same filesystem is atomic: readers see no artifact or the whole one. Two uploads
                 # of the same bytes racing here both rename identical content into place, which is harmless.
                 store.fs.mv(self.temp_path, target)
+                store.sync_directory(target.rsplit("/", 1)[0])
             else:
                 store.fs.rm_file(self.temp_path)
             return StoredArtifact(digest, self.size_bytes, store.uri(digest), created)
