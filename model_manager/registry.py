@@ -6,20 +6,19 @@ transaction as the change. Blocking (SQLAlchemy): the servicer calls it from a w
 
 from __future__ import annotations
 
-import base64
 import functools
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, Row
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError
 
 from chassis.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
-from model_manager import schema
+from model_manager import pages, schema
 from model_manager.lifecycle import Stage, check_transition
 from model_manager.records import (
     AuditEntry,
@@ -45,23 +44,6 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def encode_token(kind: str, key: str) -> str:
-    """An opaque page token carrying the last key of a page."""
-    return base64.urlsafe_b64encode(f"{kind}:{key}".encode()).decode().rstrip("=")
-
-
-def decode_token(field: str, kind: str, token: str) -> str:
-    """The last key a page token carries; INVALID_ARGUMENT if it is not a token of this listing."""
-    try:
-        text = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-    except (ValueError, UnicodeDecodeError):
-        text = ""
-    prefix, _, key = text.partition(":")
-    if prefix != kind or not key:
-        raise InvalidArgument(f"{field}: expected the next_page_token of a previous call, got {token[:80]!r}")
-    return key
-
-
 def database_errors(method: Callable[P, R]) -> Callable[P, R]:
     """A database that is down, restarting or locked is UNAVAILABLE (retry later), not an internal error."""
 
@@ -71,6 +53,8 @@ def database_errors(method: Callable[P, R]) -> Callable[P, R]:
             return method(*args, **kwargs)
         except (OperationalError, InterfaceError) as err:
             raise Unavailable(f"registry database unavailable: {str(err.orig or err).strip()[:300]}") from err
+        except DataError as err:  # a value the checks let through and the database refuses is still the caller's
+            raise InvalidArgument(f"a value is not storable: {str(err.orig or err).strip()[:300]}") from err
 
     return wrapper
 
@@ -135,7 +119,8 @@ class Registry:
     ) -> Page[ModelRecord]:
         """Models by name, filtered by owner and labels, a page at a time."""
         size = schema.page_size("page_size", page_size, DEFAULT_PAGE_SIZE)
-        after = decode_token("page_token", "m", page_token) if page_token else ""
+        schema.text("owner", owner)
+        after = pages.last_key("page_token", "m", page_token) if page_token else ""
         wanted = dict(labels or {})
         found: list[ModelRecord] = []
         with self.engine.connect() as conn:
@@ -154,7 +139,7 @@ class Registry:
                 if len(rows) <= size:
                     break
         if len(found) > size:
-            return Page(found[:size], encode_token("m", found[size - 1].name))
+            return Page(found[:size], pages.token("m", found[size - 1].name))
         return Page(found)
 
     # --- versions -----------------------------------------------------------------------------------------
@@ -287,7 +272,7 @@ class Registry:
         """Versions of a model, newest first, optionally only those in some stages."""
         schema.model_name("model_name", model_name)
         size = schema.page_size("page_size", page_size, DEFAULT_PAGE_SIZE)
-        before = _int_key("page_token", decode_token("page_token", "v", page_token)) if page_token else None
+        before = pages.last_number("page_token", "v", page_token) if page_token else None
         with self.engine.connect() as conn:
             model = self._model_row(conn, model_name, "model_name")
             query = versions.select().where(versions.c.model_id == model.id)
@@ -297,7 +282,7 @@ class Registry:
                 query = query.where(versions.c.stage.in_([s.value for s in stages]))
             rows = conn.execute(query.order_by(versions.c.version.desc()).limit(size + 1)).all()
             items = [self._version(conn, model, row) for row in rows[:size]]
-        token = encode_token("v", str(items[-1].version)) if len(rows) > size else ""
+        token = pages.token("v", str(items[-1].version)) if len(rows) > size else ""
         return Page(items, token)
 
     @database_errors
@@ -411,7 +396,7 @@ class Registry:
         if model_name:
             schema.model_name("model_name", model_name)
         size = schema.page_size("page_size", page_size, DEFAULT_PAGE_SIZE)
-        before = _int_key("page_token", decode_token("page_token", "a", page_token)) if page_token else None
+        before = pages.last_number("page_token", "a", page_token) if page_token else None
         query = audit.select()
         if model_name:
             query = query.where(audit.c.model_name == model_name)
@@ -432,7 +417,7 @@ class Registry:
             )
             for row in rows[:size]
         ]
-        return Page(items, encode_token("a", str(items[-1].id)) if len(rows) > size else "")
+        return Page(items, pages.token("a", str(items[-1].id)) if len(rows) > size else "")
 
     def _audit(
         self,
@@ -444,6 +429,7 @@ class Registry:
         reason: str,
         details: Mapping[str, str],
     ) -> None:
+        schema.text("reason", reason, schema.MAX_TEXT)  # raised inside the transaction: the change rolls back
         conn.execute(
             audit.insert().values(
                 at_us=self._clock(),
@@ -524,20 +510,3 @@ class Registry:
 
 class _LostRace(Exception):
     """Another registration took the number this one read as next: roll back and read again."""
-
-
-def _int_key(field: str, key: str) -> int:
-    if not key.isdigit():
-        raise InvalidArgument(f"{field}: expected the next_page_token of a previous call")
-    return int(key)
-
-
-def stages_of(values: Iterable[str]) -> list[Stage]:
-    """Stage names as stages; INVALID_ARGUMENT naming the unknown one."""
-    known = {stage.value: stage for stage in Stage}
-    out = []
-    for value in values:
-        if value not in known:
-            raise InvalidArgument(f"stages: expected stages among {', '.join(known)}, got {value!r}")
-        out.append(known[value])
-    return out

@@ -32,7 +32,8 @@ MAX_PAGE_SIZE = 1000
 MAX_VERSION = 2**53 - 1
 
 
-def _text(field: str, value: str, limit: int = MAX_SHORT) -> None:
+def text(field: str, value: str, limit: int = MAX_SHORT) -> None:
+    """Text of at most `limit` characters, without NUL (which PostgreSQL cannot store)."""
     if len(value) > limit:
         raise InvalidArgument(f"{field}: expected at most {limit} characters, got {len(value)}")
     if "\x00" in value:
@@ -83,7 +84,7 @@ def labels(field: str, values: Mapping[str, str]) -> None:
             raise InvalidArgument(
                 f"{field}: expected keys of letters, digits, '_', '.', '/' or '-' (at most 63), got {key[:80]!r}"
             )
-        _text(f"{field}[{key}]", value)
+        text(f"{field}[{key}]", value)
 
 
 def page_size(field: str, size: int, default: int) -> int:
@@ -102,7 +103,7 @@ def _metrics(field: str, values: Mapping[str, float]) -> None:
     for name, value in values.items():
         if not name:
             raise InvalidArgument(f"{field}: expected non-empty metric names")
-        _text(f"{field} key", name)
+        text(f"{field} key", name)
         _finite(f"{field}[{name}]", value)
 
 
@@ -114,7 +115,7 @@ def signature(field: str, value: rpb.ModelSignature) -> None:
             where = f"{field}.{group}[{i}]"
             if not spec.name or spec.name in seen:
                 raise InvalidArgument(f"{where}.name: expected a non-empty name unique among {group}")
-            _text(f"{where}.name", spec.name)
+            text(f"{where}.name", spec.name)
             seen.add(spec.name)
             if spec.datatype not in DATATYPES:
                 raise InvalidArgument(
@@ -126,7 +127,7 @@ def signature(field: str, value: rpb.ModelSignature) -> None:
     if len(set(refs)) != len(refs) or any(not ref for ref in refs):
         raise InvalidArgument(f"{field}.feature_refs: expected distinct non-empty 'view:feature' refs")
     for ref in refs:
-        _text(f"{field}.feature_refs", ref)
+        text(f"{field}.feature_refs", ref)
     if value.feature_input and value.feature_input not in {spec.name for spec in value.inputs}:
         raise InvalidArgument(
             f"{field}.feature_input: expected the name of one of the inputs, got {value.feature_input!r}"
@@ -157,7 +158,7 @@ def training_statistics(field: str, features: Iterable[spb.FeatureStatistics]) -
             raise InvalidArgument(f"{field}: expected at most {MAX_FEATURES} features")
         if not stats.feature_name or stats.feature_name in seen:
             raise InvalidArgument(f"{where}.feature_name: expected a non-empty name unique among the features")
-        _text(f"{where}.feature_name", stats.feature_name)
+        text(f"{where}.feature_name", stats.feature_name)
         seen.add(stats.feature_name)
         if stats.count < 0 or not 0 <= stats.null_count <= stats.count:
             raise InvalidArgument(f"{where}.null_count: expected 0 <= null_count <= count, got {stats.null_count}")
@@ -188,7 +189,7 @@ def training_statistics(field: str, features: Iterable[spb.FeatureStatistics]) -
             if categorical.distinct_count < 0:
                 raise InvalidArgument(f"{where}.categorical.distinct_count: expected 0 or more")
             for category in categorical.top_categories:
-                _text(f"{where}.categorical.top_categories.value", category.value)
+                text(f"{where}.categorical.top_categories.value", category.value)
                 if category.count < 0 or not 0.0 <= category.fraction <= 1.0:
                     raise InvalidArgument(
                         f"{where}.categorical.top_categories: expected counts of 0 or more and fractions in [0, 1]"
@@ -199,11 +200,11 @@ def report(field: str, value: rpb.TrainingReport) -> None:
     """An evaluation report: finite metrics and importances, calibration bins inside [0, 1], named slices."""
     _metrics(f"{field}.metrics", value.metrics)
     _metrics(f"{field}.feature_importance", value.feature_importance)
-    for key, text in value.parameters.items():
-        _text(f"{field}.parameters key", key)
-        _text(f"{field}.parameters[{key[:40]}]", text, MAX_TEXT)
-    _text(f"{field}.training_data_uri", value.training_data_uri, MAX_TEXT)
-    _text(f"{field}.evaluation_dataset_uri", value.evaluation_dataset_uri, MAX_TEXT)
+    for key, parameter in value.parameters.items():
+        text(f"{field}.parameters key", key)
+        text(f"{field}.parameters[{key[:40]}]", parameter, MAX_TEXT)
+    text(f"{field}.training_data_uri", value.training_data_uri, MAX_TEXT)
+    text(f"{field}.evaluation_dataset_uri", value.evaluation_dataset_uri, MAX_TEXT)
     sha256(f"{field}.evaluation_dataset_sha256", value.evaluation_dataset_sha256, required=False)
     calibration = value.calibration
     for name in ("expected_calibration_error", "brier_score"):
@@ -218,7 +219,7 @@ def report(field: str, value: rpb.TrainingReport) -> None:
         where = f"{field}.slices[{i}]"
         if not slice_.slice:
             raise InvalidArgument(f"{where}.slice: expected the slice's name, e.g. 'country=FR'")
-        _text(f"{where}.slice", slice_.slice)
+        text(f"{where}.slice", slice_.slice)
         if slice_.count < 0:
             raise InvalidArgument(f"{where}.count: expected 0 or more, got {slice_.count}")
         _metrics(f"{where}.metrics", slice_.metrics)
@@ -230,15 +231,15 @@ def backend_hints(field: str, value: rpb.BackendHints) -> None:
         raise InvalidArgument(f"{field}.expected_memory_bytes: expected 0 or more, got {value.expected_memory_bytes}")
     if value.max_batch_size < 0:
         raise InvalidArgument(f"{field}.max_batch_size: expected 0 or more, got {value.max_batch_size}")
-    _text(f"{field}.preferred_backend", value.preferred_backend)
+    text(f"{field}.preferred_backend", value.preferred_backend)
     labels(f"{field}.options", value.options)
 
 
 def model_spec(spec: ModelSpec, field: str = "model") -> None:
     """Refuse a model to create that is not valid."""
     model_name(f"{field}.name", spec.name)
-    _text(f"{field}.owner", spec.owner)
-    _text(f"{field}.description", spec.description, MAX_TEXT)
+    text(f"{field}.owner", spec.owner)
+    text(f"{field}.description", spec.description, MAX_TEXT)
     labels(f"{field}.labels", spec.labels)
     signature(f"{field}.signature", spec.signature)
 
@@ -252,13 +253,13 @@ def version_spec(spec: VersionSpec, field: str = "metadata") -> VersionSpec:
     if spec.expected_size_bytes < 0:
         raise InvalidArgument(f"{field}.expected_size_bytes: expected 0 (not checked) or more")
     version_number(f"{field}.version", spec.version, zero_ok=True)
-    _text(f"{field}.framework", spec.framework)
-    _text(f"{field}.description", spec.description, MAX_TEXT)
-    _text(f"{field}.source_run", spec.source_run)
+    text(f"{field}.framework", spec.framework)
+    text(f"{field}.description", spec.description, MAX_TEXT)
+    text(f"{field}.source_run", spec.source_run)
     labels(f"{field}.labels", spec.labels)
     lineage = spec.lineage
-    _text(f"{field}.lineage.code_commit", lineage.code_commit, 128)
-    _text(f"{field}.lineage.training_dataset_uri", lineage.dataset_uri, MAX_TEXT)
+    text(f"{field}.lineage.code_commit", lineage.code_commit, 128)
+    text(f"{field}.lineage.training_dataset_uri", lineage.dataset_uri, MAX_TEXT)
     dataset = sha256(f"{field}.lineage.training_dataset_sha256", lineage.dataset_sha256, required=False)
     version_number(f"{field}.lineage.parent_version", lineage.parent_version, zero_ok=True)
     if spec.version and lineage.parent_version >= spec.version:

@@ -28,6 +28,7 @@ class VersionUploads:
     ) -> VersionRecord:
         """Store the streamed artifact under its sha256 and register the version; refusals keep nothing."""
         spec = schema.version_spec(spec)
+        schema.text("metadata.reason", reason, schema.MAX_TEXT)
         # Before any byte: an unknown model, a taken number or a missing parent is refused at once.
         await asyncio.to_thread(self.registry.check_can_register, spec)
         upload = await asyncio.to_thread(self.store.begin, spec.expected_size_bytes)

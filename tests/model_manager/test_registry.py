@@ -14,6 +14,7 @@ from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.servers import PostgresServer
 from fresco.servers._process import free_port
+from model_manager import pages
 from model_manager.lifecycle import Stage
 from model_manager.records import Lineage
 from model_manager.registry import Registry
@@ -298,3 +299,15 @@ def test_a_database_that_goes_away_is_unavailable_then_comes_back() -> None:
 def test_an_unreachable_database_is_unavailable_at_open() -> None:
     with pytest.raises(Unavailable, match="registry database not reachable"):
         Registry.open(f"postgresql+psycopg://fresco@127.0.0.1:{free_port()}/none?connect_timeout=2")
+
+
+def test_text_postgresql_cannot_store_is_refused_on_both(registry: Registry) -> None:
+    with pytest.raises(InvalidArgument, match="reason: expected text without NUL"):
+        registry.create_model(model_spec("churn"), identity="alice", reason="a\x00b")
+    assert registry.list_models().items == []
+    with pytest.raises(InvalidArgument, match="owner: expected text without NUL"):
+        registry.list_models(owner="\x00")
+    with pytest.raises(InvalidArgument, match="page_token"):
+        registry.list_models(page_token=pages.token("m", "a\x00"))
+    with pytest.raises(InvalidArgument, match="page_token"):
+        registry.list_audit(page_token=pages.token("a", str(2**63)))

@@ -4,6 +4,7 @@ message, never INTERNAL or UNKNOWN, and the service stays healthy."""
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +18,11 @@ from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.servers import PostgresServer
+from fresco.servers.pytest_plugin import postgres_server
 from fresco.suite import ServiceProcess
 
+__all__ = ["postgres_server"]
 pytestmark = pytest.mark.integration
 
 CALLER_ERRORS = {
@@ -101,6 +105,7 @@ metadatas = st.builds(
         rpb.Lineage(),
         st.builds(rpb.Lineage, code_commit=texts, training_dataset_sha256=hexes, parent_version=often(1, int64)),
     ),
+    reason=texts,
     backend_hints=often(
         rpb.BackendHints(), st.builds(rpb.BackendHints, expected_memory_bytes=int64, max_batch_size=int32)
     ),
@@ -108,10 +113,14 @@ metadatas = st.builds(
 )
 
 
-@pytest.fixture(scope="module")
-def channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def channel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
+    """A model manager on SQLite, then one on PostgreSQL (which refuses more than SQLite does, e.g. NUL in text)."""
     root: Path = tmp_path_factory.mktemp("fuzz")
     args = ["--data-dir", str(root), "--port", "0", "--metrics-port", "-1", "--max-artifact-bytes", "4096"]
+    if request.param == "postgresql":
+        server: PostgresServer = request.getfixturevalue("postgres_server")
+        args += ["--database-url", server.create_database(f"fuzz_{uuid.uuid4().hex[:12]}")]
     service = ServiceProcess("model_manager", args).start()
     try:
         service.wait_healthy(60)
