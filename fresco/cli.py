@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fresco import demo as traffic_demo
 from fresco.cli_features import app as features_app
+from fresco.cli_models import app as models_app
 from fresco.suite import ServiceFailed, ServiceProcess, Suite, start_suite
 from fresco.training import ExportedModel, train_classifier
 
@@ -26,6 +27,7 @@ app = typer.Typer(
     help="Fresco: an open ML serving platform on your machine.", no_args_is_help=True, add_completion=False
 )
 app.add_typer(features_app, name="features")
+app.add_typer(models_app, name="models")
 console = Console()
 errors = Console(stderr=True)
 

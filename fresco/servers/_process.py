@@ -81,6 +81,10 @@ class ServerProcess:
     def _prepare(self) -> None:
         """Find binaries and write config files; called by every start()."""
 
+    def _user(self) -> tuple[int, int] | None:
+        """The (uid, gid) to run the server as, for servers that refuse to run as root; None keeps this user."""
+        return None
+
     def _wait_ready(self, deadline: float) -> None:
         raise NotImplementedError
 
@@ -101,6 +105,7 @@ class ServerProcess:
             raise ServerError(f"{self.name} is already running (pid {self.pid})")
         self._prepare()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        user = self._user()
         with self.log_path.open("ab") as log:
             # Its own session: a terminal's Ctrl-C reaches only the parent, which then stops it cleanly.
             self._process = subprocess.Popen(
@@ -109,7 +114,11 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # The user switch happens before preexec_fn, which matters: a uid change clears the death signal.
                 preexec_fn=_die_with_parent,
+                user=None if user is None else user[0],
+                group=None if user is None else user[1],
+                extra_groups=None if user is None else [],
             )
         try:
             self._wait_ready(time.monotonic() + (self.start_timeout_s if timeout is None else timeout))

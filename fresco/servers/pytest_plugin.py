@@ -1,6 +1,7 @@
-"""Session-scoped `redis_server` and `cassandra_server` fixtures, started once and stopped at the end.
+"""Session-scoped `redis_server`, `cassandra_server` and `postgres_server` fixtures, started once and stopped at the
+end.
 
-Enable with `-p fresco.servers.pytest_plugin`, `pytest_plugins` in the rootdir's conftest, or by importing the two
+Enable with `-p fresco.servers.pytest_plugin`, `pytest_plugins` in the rootdir's conftest, or by importing the
 fixtures into a conftest. A server that cannot run fails its tests (CI installs them); FRESCO_SKIP_CASSANDRA=1
 skips the Cassandra ones on purpose.
 """
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fresco.servers import CassandraNode, RedisServer, ServerError
+from fresco.servers import CassandraNode, PostgresServer, RedisServer, ServerError
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +46,18 @@ def cassandra_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cassa
         # Its data is thrown away: SIGKILL spares the ~5 s a drain takes.
         node.kill()
         node.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the whole session (under a second to start); tests create their own databases."""
+    server = PostgresServer()
+    try:
+        server.start()
+    except ServerError as exc:
+        server.close()
+        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.close()

@@ -29,18 +29,22 @@ class CreateModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     MODEL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """reason is why the model is created, kept in the audit trail."""
     @_builtins.property
     def model(self) -> _registry_pb2.Model:
-        """model is the model to create; server-set fields (versions, timestamps) are ignored."""
+        """model is the model to create; server-set fields (versions, timestamps, aliases) are ignored."""
 
     def __init__(
         self,
         *,
         model: _registry_pb2.Model | None = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -267,6 +271,10 @@ class UploadModelVersionMetadata(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     EXPECTED_SHA256_FIELD_NUMBER: _builtins.int
     EXPECTED_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    BACKEND_HINTS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the existing model the version belongs to."""
     format: _registry_pb2.ModelFormat.ValueType
@@ -278,9 +286,15 @@ class UploadModelVersionMetadata(_message.Message):
     source_run: _builtins.str
     """source_run identifies the training run for lineage."""
     expected_sha256: _builtins.str
-    """expected_sha256 is the hex SHA-256 of the whole artifact; on mismatch the upload fails with DATA_LOSS."""
+    """expected_sha256 is the hex SHA-256 of the whole artifact (required); on mismatch the upload fails with
+    INVALID_ARGUMENT and nothing is stored.
+    """
     expected_size_bytes: _builtins.int
     """expected_size_bytes is the total artifact size; 0 means not checked."""
+    version: _builtins.int
+    """version asks for this exact version number; 0 takes the next one. A number taken already is ALREADY_EXISTS."""
+    reason: _builtins.str
+    """reason is why the version is registered, kept in the audit trail."""
     @_builtins.property
     def signature(self) -> _registry_pb2.ModelSignature:
         """signature describes the inputs, outputs and features of the model."""
@@ -297,6 +311,14 @@ class UploadModelVersionMetadata(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """labels are free-form key/value tags."""
 
+    @_builtins.property
+    def lineage(self) -> _registry_pb2.Lineage:
+        """lineage is where the version comes from."""
+
+    @_builtins.property
+    def backend_hints(self) -> _registry_pb2.BackendHints:
+        """backend_hints tell predictors how to serve the version."""
+
     def __init__(
         self,
         *,
@@ -311,10 +333,14 @@ class UploadModelVersionMetadata(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         expected_sha256: _builtins.str = ...,
         expected_size_bytes: _builtins.int = ...,
+        lineage: _registry_pb2.Lineage | None = ...,
+        backend_hints: _registry_pb2.BackendHints | None = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["report", b"report", "signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "lineage", b"lineage", "report", b"report", "signature", b"signature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "expected_sha256", b"expected_sha256", "expected_size_bytes", b"expected_size_bytes", "format", b"format", "framework", b"framework", "labels", b"labels", "model_name", b"model_name", "report", b"report", "signature", b"signature", "source_run", b"source_run", "training_statistics", b"training_statistics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "description", b"description", "expected_sha256", b"expected_sha256", "expected_size_bytes", b"expected_size_bytes", "format", b"format", "framework", b"framework", "labels", b"labels", "lineage", b"lineage", "model_name", b"model_name", "reason", b"reason", "report", b"report", "signature", b"signature", "source_run", b"source_run", "training_statistics", b"training_statistics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -357,24 +383,28 @@ class GetModelVersionRequest(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     STAGE_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the model name."""
     version: _builtins.int
     """version is an exact version number."""
     stage: _registry_pb2.ModelStage.ValueType
     """stage picks the latest version in this stage."""
+    alias: _builtins.str
+    """alias picks the version an alias of the model points at."""
     def __init__(
         self,
         *,
         model_name: _builtins.str = ...,
         version: _builtins.int = ...,
         stage: _registry_pb2.ModelStage.ValueType = ...,
+        alias: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector", "stage", b"stage", "version", b"version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "selector", b"selector", "stage", b"stage", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "selector", b"selector", "stage", b"stage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model_name", b"model_name", "selector", b"selector", "stage", b"stage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["version", "stage"]  # noqa: Y015
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["version", "stage", "alias"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
 
@@ -467,6 +497,184 @@ class ListModelVersionsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListModelVersionsResponse: _TypeAlias = ListModelVersionsResponse  # noqa: Y015
+
+@_typing.final
+class SetModelAliasRequest(_message.Message):
+    """SetModelAliasRequest points an alias at a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model name."""
+    alias: _builtins.str
+    """alias is the alias: lower-case letters, digits, '-' and '_', starting with a letter, at most 63 characters."""
+    version: _builtins.int
+    """version is the version the alias points at."""
+    reason: _builtins.str
+    """reason is why the alias moves, kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model_name", b"model_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelAliasRequest: _TypeAlias = SetModelAliasRequest  # noqa: Y015
+
+@_typing.final
+class SetModelAliasResponse(_message.Message):
+    """SetModelAliasResponse holds the model with its aliases after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    previous_version: _builtins.int
+    """previous_version is the version the alias pointed at before; 0 when it is new."""
+    @_builtins.property
+    def model(self) -> _registry_pb2.Model:
+        """model is the model after the change."""
+
+    def __init__(
+        self,
+        *,
+        model: _registry_pb2.Model | None = ...,
+        previous_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "previous_version", b"previous_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetModelAliasResponse: _TypeAlias = SetModelAliasResponse  # noqa: Y015
+
+@_typing.final
+class DeleteModelAliasRequest(_message.Message):
+    """DeleteModelAliasRequest removes an alias."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    ALIAS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model name."""
+    alias: _builtins.str
+    """alias is the alias to remove."""
+    reason: _builtins.str
+    """reason is why the alias is removed, kept in the audit trail."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        alias: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "model_name", b"model_name", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelAliasRequest: _TypeAlias = DeleteModelAliasRequest  # noqa: Y015
+
+@_typing.final
+class DeleteModelAliasResponse(_message.Message):
+    """DeleteModelAliasResponse holds the model after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    previous_version: _builtins.int
+    """previous_version is the version the alias pointed at."""
+    @_builtins.property
+    def model(self) -> _registry_pb2.Model:
+        """model is the model after the change."""
+
+    def __init__(
+        self,
+        *,
+        model: _registry_pb2.Model | None = ...,
+        previous_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "previous_version", b"previous_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteModelAliasResponse: _TypeAlias = DeleteModelAliasResponse  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsRequest(_message.Message):
+    """ListAuditRecordsRequest asks for a page of audit records, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name keeps only records about this model; empty means all."""
+    page_size: _builtins.int
+    """page_size is the maximum number of records to return; 0 means a server default."""
+    page_token: _builtins.str
+    """page_token is the next_page_token of a previous call; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsRequest: _TypeAlias = ListAuditRecordsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditRecordsResponse(_message.Message):
+    """ListAuditRecordsResponse is a page of audit records."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """next_page_token fetches the next page; empty when there are no more."""
+    @_builtins.property
+    def records(self) -> _containers.RepeatedCompositeFieldContainer[_registry_pb2.AuditRecord]:
+        """records are the records of this page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[_registry_pb2.AuditRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRecordsResponse: _TypeAlias = ListAuditRecordsResponse  # noqa: Y015
 
 @_typing.final
 class PromoteModelVersionRequest(_message.Message):

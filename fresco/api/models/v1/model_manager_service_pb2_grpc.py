@@ -65,6 +65,21 @@ class ModelManagerServiceStub:
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelVersionsRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelVersionsResponse.FromString,
                 _registered_method=True)
+        self.SetModelAlias = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/SetModelAlias',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.SetModelAliasRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.SetModelAliasResponse.FromString,
+                _registered_method=True)
+        self.DeleteModelAlias = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/DeleteModelAlias',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeleteModelAliasRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeleteModelAliasResponse.FromString,
+                _registered_method=True)
+        self.ListAuditRecords = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/ListAuditRecords',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListAuditRecordsRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListAuditRecordsResponse.FromString,
+                _registered_method=True)
         self.PromoteModelVersion = channel.unary_unary(
                 '/fresco.models.v1.ModelManagerService/PromoteModelVersion',
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteModelVersionRequest.SerializeToString,
@@ -153,6 +168,27 @@ class ModelManagerServiceServicer:
 
     def ListModelVersions(self, request, context):
         """ListModelVersions lists the versions of a model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetModelAlias(self, request, context):
+        """SetModelAlias points an alias of a model (e.g. "champion") at one of its versions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModelAlias(self, request, context):
+        """DeleteModelAlias removes an alias of a model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditRecords(self, request, context):
+        """ListAuditRecords lists registry changes, newest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -253,6 +289,21 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     servicer.ListModelVersions,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelVersionsRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelVersionsResponse.SerializeToString,
+            ),
+            'SetModelAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetModelAlias,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.SetModelAliasRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.SetModelAliasResponse.SerializeToString,
+            ),
+            'DeleteModelAlias': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModelAlias,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeleteModelAliasRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeleteModelAliasResponse.SerializeToString,
+            ),
+            'ListAuditRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditRecords,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListAuditRecordsRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListAuditRecordsResponse.SerializeToString,
             ),
             'PromoteModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.PromoteModelVersion,
@@ -463,6 +514,87 @@ class ModelManagerService:
             '/fresco.models.v1.ModelManagerService/ListModelVersions',
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelVersionsRequest.SerializeToString,
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetModelAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/SetModelAlias',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.SetModelAliasRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.SetModelAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModelAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/DeleteModelAlias',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeleteModelAliasRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeleteModelAliasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/ListAuditRecords',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListAuditRecordsRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListAuditRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

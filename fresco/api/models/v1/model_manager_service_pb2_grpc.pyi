@@ -45,6 +45,12 @@ class ModelManagerServiceStub:
     """GetModelVersion returns one model version."""
     ListModelVersions: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListModelVersionsRequest, _model_manager_service_pb2.ListModelVersionsResponse]
     """ListModelVersions lists the versions of a model."""
+    SetModelAlias: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.SetModelAliasRequest, _model_manager_service_pb2.SetModelAliasResponse]
+    """SetModelAlias points an alias of a model (e.g. "champion") at one of its versions."""
+    DeleteModelAlias: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.DeleteModelAliasRequest, _model_manager_service_pb2.DeleteModelAliasResponse]
+    """DeleteModelAlias removes an alias of a model."""
+    ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListAuditRecordsRequest, _model_manager_service_pb2.ListAuditRecordsResponse]
+    """ListAuditRecords lists registry changes, newest first."""
     PromoteModelVersion: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.PromoteModelVersionRequest, _model_manager_service_pb2.PromoteModelVersionResponse]
     """PromoteModelVersion runs promotion gates and moves a version to a new stage if they pass."""
     DeployModelVersion: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.DeployModelVersionRequest, _model_manager_service_pb2.DeployModelVersionResponse]
@@ -81,6 +87,12 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     """GetModelVersion returns one model version."""
     ListModelVersions: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListModelVersionsRequest, _model_manager_service_pb2.ListModelVersionsResponse]  # type: ignore[assignment]
     """ListModelVersions lists the versions of a model."""
+    SetModelAlias: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.SetModelAliasRequest, _model_manager_service_pb2.SetModelAliasResponse]  # type: ignore[assignment]
+    """SetModelAlias points an alias of a model (e.g. "champion") at one of its versions."""
+    DeleteModelAlias: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.DeleteModelAliasRequest, _model_manager_service_pb2.DeleteModelAliasResponse]  # type: ignore[assignment]
+    """DeleteModelAlias removes an alias of a model."""
+    ListAuditRecords: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListAuditRecordsRequest, _model_manager_service_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
+    """ListAuditRecords lists registry changes, newest first."""
     PromoteModelVersion: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.PromoteModelVersionRequest, _model_manager_service_pb2.PromoteModelVersionResponse]  # type: ignore[assignment]
     """PromoteModelVersion runs promotion gates and moves a version to a new stage if they pass."""
     DeployModelVersion: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.DeployModelVersionRequest, _model_manager_service_pb2.DeployModelVersionResponse]  # type: ignore[assignment]
@@ -150,6 +162,30 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_manager_service_pb2.ListModelVersionsResponse, _abc.Awaitable[_model_manager_service_pb2.ListModelVersionsResponse]]:
         """ListModelVersions lists the versions of a model."""
+
+    @_abc_1.abstractmethod
+    def SetModelAlias(
+        self,
+        request: _model_manager_service_pb2.SetModelAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.SetModelAliasResponse, _abc.Awaitable[_model_manager_service_pb2.SetModelAliasResponse]]:
+        """SetModelAlias points an alias of a model (e.g. "champion") at one of its versions."""
+
+    @_abc_1.abstractmethod
+    def DeleteModelAlias(
+        self,
+        request: _model_manager_service_pb2.DeleteModelAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.DeleteModelAliasResponse, _abc.Awaitable[_model_manager_service_pb2.DeleteModelAliasResponse]]:
+        """DeleteModelAlias removes an alias of a model."""
+
+    @_abc_1.abstractmethod
+    def ListAuditRecords(
+        self,
+        request: _model_manager_service_pb2.ListAuditRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.ListAuditRecordsResponse, _abc.Awaitable[_model_manager_service_pb2.ListAuditRecordsResponse]]:
+        """ListAuditRecords lists registry changes, newest first."""
 
     @_abc_1.abstractmethod
     def PromoteModelVersion(

@@ -152,6 +152,26 @@ class Model(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class AliasesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
@@ -162,6 +182,8 @@ class Model(_message.Message):
     LATEST_VERSION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name is the unique model name."""
     description: _builtins.str
@@ -190,6 +212,14 @@ class Model(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """updated_at is when the model record last changed."""
 
+    @_builtins.property
+    def signature(self) -> Global___ModelSignature:
+        """signature is the input/output signature every version of the model is expected to serve."""
+
+    @_builtins.property
+    def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """aliases maps each alias of the model (e.g. "champion") to the version it points at."""
+
     def __init__(
         self,
         *,
@@ -203,10 +233,12 @@ class Model(_message.Message):
         latest_version: _builtins.int = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        signature: Global___ModelSignature | None = ...,
+        aliases: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "static_fallback", b"static_fallback", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "signature", b"signature", "static_fallback", b"static_fallback", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "description", b"description", "fallback_version", b"fallback_version", "labels", b"labels", "latest_version", b"latest_version", "name", b"name", "owner", b"owner", "production_version", b"production_version", "static_fallback", b"static_fallback", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "created_at", b"created_at", "description", b"description", "fallback_version", b"fallback_version", "labels", b"labels", "latest_version", b"latest_version", "name", b"name", "owner", b"owner", "production_version", b"production_version", "signature", b"signature", "static_fallback", b"static_fallback", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -300,6 +332,10 @@ class ModelVersion(_message.Message):
     GATE_RESULTS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     STAGE_UPDATED_AT_FIELD_NUMBER: _builtins.int
+    LINEAGE_FIELD_NUMBER: _builtins.int
+    BACKEND_HINTS_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the model this version belongs to."""
     version: _builtins.int
@@ -320,6 +356,8 @@ class ModelVersion(_message.Message):
     """description is free text for humans."""
     source_run: _builtins.str
     """source_run identifies the training run (e.g. an MLflow run id) for lineage."""
+    created_by: _builtins.str
+    """created_by is the authenticated identity that registered the version."""
     @_builtins.property
     def signature(self) -> Global___ModelSignature:
         """signature describes the inputs, outputs and features of the model."""
@@ -348,6 +386,18 @@ class ModelVersion(_message.Message):
     def stage_updated_at(self) -> _timestamp_pb2.Timestamp:
         """stage_updated_at is when the stage last changed."""
 
+    @_builtins.property
+    def lineage(self) -> Global___Lineage:
+        """lineage is where the version comes from: code, training data and parent version."""
+
+    @_builtins.property
+    def backend_hints(self) -> Global___BackendHints:
+        """backend_hints tell predictors how to serve the version."""
+
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """aliases are the model aliases that point at this version."""
+
     def __init__(
         self,
         *,
@@ -368,14 +418,230 @@ class ModelVersion(_message.Message):
         gate_results: _abc.Iterable[Global___GateResult] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         stage_updated_at: _timestamp_pb2.Timestamp | None = ...,
+        lineage: Global___Lineage | None = ...,
+        backend_hints: Global___BackendHints | None = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        created_by: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "report", b"report", "signature", b"signature", "stage_updated_at", b"stage_updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "created_at", b"created_at", "lineage", b"lineage", "report", b"report", "signature", b"signature", "stage_updated_at", b"stage_updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_uri", b"artifact_uri", "created_at", b"created_at", "description", b"description", "format", b"format", "framework", b"framework", "gate_results", b"gate_results", "labels", b"labels", "model_name", b"model_name", "report", b"report", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "source_run", b"source_run", "stage", b"stage", "stage_updated_at", b"stage_updated_at", "training_statistics", b"training_statistics", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "artifact_uri", b"artifact_uri", "backend_hints", b"backend_hints", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "format", b"format", "framework", b"framework", "gate_results", b"gate_results", "labels", b"labels", "lineage", b"lineage", "model_name", b"model_name", "report", b"report", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "source_run", b"source_run", "stage", b"stage", "stage_updated_at", b"stage_updated_at", "training_statistics", b"training_statistics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelVersion: _TypeAlias = ModelVersion  # noqa: Y015
+
+@_typing.final
+class Lineage(_message.Message):
+    """Lineage records what a version was built from, so it can be rebuilt and audited."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_COMMIT_FIELD_NUMBER: _builtins.int
+    TRAINING_DATASET_URI_FIELD_NUMBER: _builtins.int
+    TRAINING_DATASET_SHA256_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
+    code_commit: _builtins.str
+    """code_commit is the commit of the training code, e.g. a git SHA."""
+    training_dataset_uri: _builtins.str
+    """training_dataset_uri is where the training data set is stored."""
+    training_dataset_sha256: _builtins.str
+    """training_dataset_sha256 is the hex SHA-256 of the training data set."""
+    parent_version: _builtins.int
+    """parent_version is the version of the same model this one was derived from; 0 when none."""
+    def __init__(
+        self,
+        *,
+        code_commit: _builtins.str = ...,
+        training_dataset_uri: _builtins.str = ...,
+        training_dataset_sha256: _builtins.str = ...,
+        parent_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code_commit", b"code_commit", "parent_version", b"parent_version", "training_dataset_sha256", b"training_dataset_sha256", "training_dataset_uri", b"training_dataset_uri"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lineage: _TypeAlias = Lineage  # noqa: Y015
+
+@_typing.final
+class BackendHints(_message.Message):
+    """BackendHints describe how a predictor should serve a version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PREFERRED_BACKEND_FIELD_NUMBER: _builtins.int
+    EXPECTED_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    OPTIONS_FIELD_NUMBER: _builtins.int
+    preferred_backend: _builtins.str
+    """preferred_backend names the runtime, e.g. "onnxruntime" or "tensorrt"; empty lets the predictor choose."""
+    expected_memory_bytes: _builtins.int
+    """expected_memory_bytes is the memory one loaded copy is expected to take; 0 when unknown."""
+    max_batch_size: _builtins.int
+    """max_batch_size is the largest batch the version accepts; 0 when unbounded."""
+    @_builtins.property
+    def options(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """options are backend-specific settings as text."""
+
+    def __init__(
+        self,
+        *,
+        preferred_backend: _builtins.str = ...,
+        expected_memory_bytes: _builtins.int = ...,
+        max_batch_size: _builtins.int = ...,
+        options: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_memory_bytes", b"expected_memory_bytes", "max_batch_size", b"max_batch_size", "options", b"options", "preferred_backend", b"preferred_backend"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BackendHints: _TypeAlias = BackendHints  # noqa: Y015
+
+@_typing.final
+class Calibration(_message.Message):
+    """Calibration compares predicted probabilities with observed outcome rates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BINS_FIELD_NUMBER: _builtins.int
+    EXPECTED_CALIBRATION_ERROR_FIELD_NUMBER: _builtins.int
+    BRIER_SCORE_FIELD_NUMBER: _builtins.int
+    expected_calibration_error: _builtins.float
+    """expected_calibration_error is the count-weighted mean gap between predicted and observed."""
+    brier_score: _builtins.float
+    """brier_score is the mean squared error of the predicted probabilities."""
+    @_builtins.property
+    def bins(self) -> _containers.RepeatedCompositeFieldContainer[Global___CalibrationBin]:
+        """bins are the reliability-diagram bins, by ascending predicted probability."""
+
+    def __init__(
+        self,
+        *,
+        bins: _abc.Iterable[Global___CalibrationBin] | None = ...,
+        expected_calibration_error: _builtins.float = ...,
+        brier_score: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bins", b"bins", "brier_score", b"brier_score", "expected_calibration_error", b"expected_calibration_error"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Calibration: _TypeAlias = Calibration  # noqa: Y015
+
+@_typing.final
+class CalibrationBin(_message.Message):
+    """CalibrationBin is one bin of a reliability diagram."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOWER_FIELD_NUMBER: _builtins.int
+    UPPER_FIELD_NUMBER: _builtins.int
+    MEAN_PREDICTED_FIELD_NUMBER: _builtins.int
+    OBSERVED_RATE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    lower: _builtins.float
+    """lower is the smallest predicted probability in the bin."""
+    upper: _builtins.float
+    """upper is the largest predicted probability in the bin."""
+    mean_predicted: _builtins.float
+    """mean_predicted is the mean predicted probability of the bin's rows."""
+    observed_rate: _builtins.float
+    """observed_rate is the share of the bin's rows with a positive outcome."""
+    count: _builtins.int
+    """count is the number of rows in the bin."""
+    def __init__(
+        self,
+        *,
+        lower: _builtins.float = ...,
+        upper: _builtins.float = ...,
+        mean_predicted: _builtins.float = ...,
+        observed_rate: _builtins.float = ...,
+        count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "lower", b"lower", "mean_predicted", b"mean_predicted", "observed_rate", b"observed_rate", "upper", b"upper"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CalibrationBin: _TypeAlias = CalibrationBin  # noqa: Y015
+
+@_typing.final
+class SliceMetrics(_message.Message):
+    """SliceMetrics are evaluation metrics on one slice of the evaluation set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SLICE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    slice: _builtins.str
+    """slice names the slice, e.g. "country=FR"."""
+    count: _builtins.int
+    """count is the number of rows in the slice."""
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """metrics maps metric name to value on the slice."""
+
+    def __init__(
+        self,
+        *,
+        slice: _builtins.str = ...,
+        count: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "metrics", b"metrics", "slice", b"slice"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SliceMetrics: _TypeAlias = SliceMetrics  # noqa: Y015
 
 @_typing.final
 class ModelSignature(_message.Message):
@@ -520,8 +786,16 @@ class TrainingReport(_message.Message):
     PARAMETERS_FIELD_NUMBER: _builtins.int
     TRAINING_DATA_URI_FIELD_NUMBER: _builtins.int
     TRAINED_AT_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    SLICES_FIELD_NUMBER: _builtins.int
+    EVALUATION_DATASET_URI_FIELD_NUMBER: _builtins.int
+    EVALUATION_DATASET_SHA256_FIELD_NUMBER: _builtins.int
     training_data_uri: _builtins.str
     """training_data_uri is where the training data set is stored."""
+    evaluation_dataset_uri: _builtins.str
+    """evaluation_dataset_uri is where the evaluation data set is stored."""
+    evaluation_dataset_sha256: _builtins.str
+    """evaluation_dataset_sha256 is the hex SHA-256 of the evaluation data set."""
     @_builtins.property
     def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
         """metrics maps metric name to value on the evaluation set, e.g. {"auc": 0.91}."""
@@ -538,6 +812,14 @@ class TrainingReport(_message.Message):
     def trained_at(self) -> _timestamp_pb2.Timestamp:
         """trained_at is when training finished."""
 
+    @_builtins.property
+    def calibration(self) -> Global___Calibration:
+        """calibration is the calibration of predicted probabilities on the evaluation set; unset when not computed."""
+
+    @_builtins.property
+    def slices(self) -> _containers.RepeatedCompositeFieldContainer[Global___SliceMetrics]:
+        """slices are the metrics per slice of the evaluation set."""
+
     def __init__(
         self,
         *,
@@ -546,14 +828,92 @@ class TrainingReport(_message.Message):
         parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         training_data_uri: _builtins.str = ...,
         trained_at: _timestamp_pb2.Timestamp | None = ...,
+        calibration: Global___Calibration | None = ...,
+        slices: _abc.Iterable[Global___SliceMetrics] | None = ...,
+        evaluation_dataset_uri: _builtins.str = ...,
+        evaluation_dataset_sha256: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["trained_at", b"trained_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "trained_at", b"trained_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_importance", b"feature_importance", "metrics", b"metrics", "parameters", b"parameters", "trained_at", b"trained_at", "training_data_uri", b"training_data_uri"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration", "evaluation_dataset_sha256", b"evaluation_dataset_sha256", "evaluation_dataset_uri", b"evaluation_dataset_uri", "feature_importance", b"feature_importance", "metrics", b"metrics", "parameters", b"parameters", "slices", b"slices", "trained_at", b"trained_at", "training_data_uri", b"training_data_uri"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TrainingReport: _TypeAlias = TrainingReport  # noqa: Y015
+
+@_typing.final
+class AuditRecord(_message.Message):
+    """AuditRecord is one change to the registry: who made it, when, what and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class DetailsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    ID_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """id is the record's position in the audit log, increasing."""
+    identity: _builtins.str
+    """identity is the authenticated identity that made the change ("anonymous" without authentication)."""
+    action: _builtins.str
+    """action names the change, e.g. "model.create", "version.register", "version.stage", "alias.set"."""
+    model_name: _builtins.str
+    """model_name is the model changed."""
+    version: _builtins.int
+    """version is the version changed; 0 when the change is not about one version."""
+    reason: _builtins.str
+    """reason is why the change was made, as the caller said."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """at is when the change was made."""
+
+    @_builtins.property
+    def details(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """details describe the change, e.g. {"from": "registered", "to": "validating"}."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        identity: _builtins.str = ...,
+        action: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        details: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "details", b"details", "id", b"id", "identity", b"identity", "model_name", b"model_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditRecord: _TypeAlias = AuditRecord  # noqa: Y015
 
 @_typing.final
 class PromotionGates(_message.Message):

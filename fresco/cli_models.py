@@ -1,0 +1,291 @@
+"""`fresco models`: register model versions in the model manager, list and show them, move aliases."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal, TypeVar
+
+import grpc
+import typer
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from chassis.server import channel_options
+from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
+from fresco.api.features.v1 import statistics_pb2 as spb
+from fresco.api.models.v1 import model_manager_service_pb2 as pb
+from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
+from fresco.api.models.v1 import registry_pb2 as rpb
+
+app = typer.Typer(help="The model registry: register versions, list and show them, move aliases.", no_args_is_help=True)
+console = Console()
+errors = Console(stderr=True)
+
+CHUNK_BYTES = 1024 * 1024
+TIMEOUT_S = 60.0
+Format = Literal["onnx", "torchscript", "tensorflow_saved_model", "xgboost", "lightgbm"]
+ServiceOption = Annotated[
+    str, typer.Option(envvar="FRESCO_MODEL_MANAGER", help="host:port of the model manager.", show_default=False)
+]
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+
+@app.callback()
+def models() -> None:
+    """The model registry: register versions, list and show them, move aliases."""
+
+
+def _stub(address: str) -> tuple[grpc.Channel, pb_grpc.ModelManagerServiceStub]:
+    channel = grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES))
+    return channel, pb_grpc.ModelManagerServiceStub(channel)
+
+
+def _call(what: str, address: str, call: Callable[[pb_grpc.ModelManagerServiceStub], T]) -> T:
+    """Run one call against the service; a gRPC error becomes one red line and exit code 1."""
+    channel, stub = _stub(address)
+    try:
+        return call(stub)
+    except grpc.RpcError as err:
+        errors.print(f"[red]{what} failed:[/red] {err.code().name}: {escape(str(err.details()))}")
+        raise typer.Exit(1) from None
+    finally:
+        channel.close()
+
+
+def _pairs(option: str, items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        out[key] = value
+    return out
+
+
+def _json(option: str, path: Path | None, message: M) -> M:
+    """A protobuf message from a JSON file (the message's proto3 JSON form), or the empty message."""
+    if path is None:
+        return message
+    try:
+        return json_format.Parse(path.read_text(), message)
+    except (OSError, json_format.ParseError) as err:
+        raise typer.BadParameter(str(err), param_hint=option) from None
+
+
+def sha256_of(path: Path) -> tuple[str, int]:
+    """The hex SHA-256 and size of a file, read in chunks."""
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def upload_requests(metadata: pb.UploadModelVersionMetadata, path: Path) -> Iterator[pb.UploadModelVersionRequest]:
+    """The upload stream: the metadata, then the file in 1 MiB chunks."""
+    yield pb.UploadModelVersionRequest(metadata=metadata)
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            yield pb.UploadModelVersionRequest(chunk=chunk)
+
+
+@app.command()
+def register(
+    name: Annotated[str, typer.Option(help="Model name; the model is created if it does not exist.")],
+    version_file: Annotated[
+        Path, typer.Option(exists=True, dir_okay=False, readable=True, help="The artifact to upload, e.g. model.onnx.")
+    ],
+    service: ServiceOption,
+    model_format: Annotated[Format, typer.Option("--format", help="Artifact format.")] = "onnx",
+    version: Annotated[int, typer.Option(min=0, help="Exact version number to take; 0 takes the next.")] = 0,
+    owner: Annotated[str, typer.Option(help="Owner of a model created by this call.")] = "",
+    description: Annotated[str, typer.Option(help="Description of the version.")] = "",
+    framework: Annotated[str, typer.Option(help='Training framework, e.g. "sklearn 1.5".')] = "",
+    code_commit: Annotated[str, typer.Option(help="Commit of the training code.")] = "",
+    dataset_uri: Annotated[str, typer.Option(help="Where the training data set is.")] = "",
+    dataset_sha256: Annotated[str, typer.Option(help="SHA-256 of the training data set.")] = "",
+    parent_version: Annotated[int, typer.Option(min=0, help="Version this one derives from; 0 for none.")] = 0,
+    label: Annotated[list[str] | None, typer.Option(help="KEY=VALUE tag of the version; repeat.")] = None,
+    metric: Annotated[list[str] | None, typer.Option(help="NAME=VALUE evaluation metric; repeat.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Evaluation report as TrainingReport JSON.")] = None,
+    training_statistics: Annotated[
+        Path | None, typer.Option(help="Training statistics as FeatureViewStatistics JSON (its features are used).")
+    ] = None,
+    signature: Annotated[Path | None, typer.Option(help="Input/output signature as ModelSignature JSON.")] = None,
+    backend: Annotated[str, typer.Option(help='Preferred backend, e.g. "onnxruntime".')] = "",
+    expected_memory_bytes: Annotated[int, typer.Option(min=0, help="Memory one loaded copy takes; 0 if unknown.")] = 0,
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+) -> None:
+    """Upload an artifact as a new version (its sha256 checked by the registry) and print the version."""
+    evaluation = _json("--report", report, rpb.TrainingReport())
+    try:
+        for key, value in _pairs("--metric", metric).items():
+            evaluation.metrics[key] = float(value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--metric") from None
+    statistics = _json("--training-statistics", training_statistics, spb.FeatureViewStatistics())
+    model_signature = _json("--signature", signature, rpb.ModelSignature())
+    digest, size = sha256_of(version_file)
+    metadata = pb.UploadModelVersionMetadata(
+        model_name=name,
+        format=rpb.ModelFormat.Value(f"MODEL_FORMAT_{model_format.upper()}"),
+        framework=framework,
+        signature=model_signature,
+        training_statistics=statistics.features,
+        report=evaluation,
+        description=description,
+        labels=_pairs("--label", label),
+        expected_sha256=digest,
+        expected_size_bytes=size,
+        lineage=rpb.Lineage(
+            code_commit=code_commit,
+            training_dataset_uri=dataset_uri,
+            training_dataset_sha256=dataset_sha256,
+            parent_version=parent_version,
+        ),
+        backend_hints=rpb.BackendHints(preferred_backend=backend, expected_memory_bytes=expected_memory_bytes),
+        version=version,
+        reason=reason,
+    )
+
+    def run(stub: pb_grpc.ModelManagerServiceStub) -> rpb.ModelVersion:
+        try:
+            stub.GetModel(pb.GetModelRequest(name=name), timeout=TIMEOUT_S)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            model = rpb.Model(name=name, owner=owner, signature=model_signature)
+            stub.CreateModel(pb.CreateModelRequest(model=model, reason=reason), timeout=TIMEOUT_S)
+            console.print(f"created model [bold]{escape(name)}[/bold]")
+        reply = stub.UploadModelVersion(upload_requests(metadata, version_file), timeout=TIMEOUT_S)
+        return reply.model_version
+
+    registered = _call("register", service, run)
+    console.print(
+        f"registered [bold]{escape(name)}[/bold] version {registered.version} "
+        f"({registered.size_bytes} bytes, sha256 {registered.sha256}) stage {_stage(registered.stage)}"
+    )
+
+
+def _stage(value: int) -> str:
+    return rpb.ModelStage.Name(value).removeprefix("MODEL_STAGE_").lower()  # type: ignore[arg-type]
+
+
+def _when(stamp: object) -> str:
+    seconds = getattr(stamp, "seconds", 0)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
+
+
+@app.command("list")
+def list_models(
+    service: ServiceOption,
+    owner: Annotated[str, typer.Option(help="Only models of this owner.")] = "",
+) -> None:
+    """All models: owner, latest and production versions, aliases."""
+
+    def run(stub: pb_grpc.ModelManagerServiceStub) -> list[rpb.Model]:
+        found: list[rpb.Model] = []
+        token = ""
+        while True:
+            page = stub.ListModels(pb.ListModelsRequest(owner=owner, page_token=token), timeout=TIMEOUT_S)
+            found.extend(page.models)
+            token = page.next_page_token
+            if not token:
+                return found
+
+    table = Table(title="Models")
+    for column in ("name", "owner", "latest", "production", "aliases", "updated"):
+        table.add_column(column)
+    for model in _call("list", service, run):
+        aliases = ", ".join(f"{a}→{v}" for a, v in sorted(model.aliases.items()))
+        table.add_row(
+            escape(model.name),
+            escape(model.owner),
+            str(model.latest_version or "-"),
+            str(model.production_version or "-"),
+            escape(aliases),
+            _when(model.updated_at),
+        )
+    console.print(table)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    service: ServiceOption,
+    version: Annotated[int, typer.Option(min=0, help="Show this version in full.")] = 0,
+    alias: Annotated[str, typer.Option(help="Show the version this alias points at in full.")] = "",
+) -> None:
+    """A model and its versions, or one version in full (lineage, metrics, statistics, hints)."""
+    if version or alias:
+        request = pb.GetModelVersionRequest(model_name=name)
+        if alias:
+            request.alias = alias
+        else:
+            request.version = version
+        found = _call("show", service, lambda stub: stub.GetModelVersion(request, timeout=TIMEOUT_S)).model_version
+        console.print_json(json_format.MessageToJson(found, preserving_proto_field_name=True))
+        return
+
+    def run(stub: pb_grpc.ModelManagerServiceStub) -> tuple[rpb.Model, list[rpb.ModelVersion]]:
+        model = stub.GetModel(pb.GetModelRequest(name=name), timeout=TIMEOUT_S).model
+        found: list[rpb.ModelVersion] = []
+        token = ""
+        while True:
+            page = stub.ListModelVersions(
+                pb.ListModelVersionsRequest(model_name=name, page_token=token), timeout=TIMEOUT_S
+            )
+            found.extend(page.model_versions)
+            token = page.next_page_token
+            if not token:
+                return model, found
+
+    model, versions = _call("show", service, run)
+    console.print(f"[bold]{escape(model.name)}[/bold] owner {escape(model.owner or '-')}: {escape(model.description)}")
+    table = Table(title=f"Versions of {escape(model.name)}")
+    for column in ("version", "stage", "aliases", "sha256", "bytes", "code commit", "created by", "created"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(
+            str(v.version),
+            _stage(v.stage),
+            escape(", ".join(v.aliases)),
+            v.sha256[:12],
+            str(v.size_bytes),
+            escape(v.lineage.code_commit or "-"),
+            escape(v.created_by),
+            _when(v.created_at),
+        )
+    console.print(table)
+
+
+@app.command()
+def alias(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help='Alias, e.g. "champion".')],
+    service: ServiceOption,
+    version: Annotated[int | None, typer.Argument(help="Version the alias points at (not with --delete).")] = None,
+    delete: Annotated[bool, typer.Option("--delete", help="Remove the alias.")] = False,
+    reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+) -> None:
+    """Point an alias at a version, or remove it."""
+    if delete == (version is not None):
+        raise typer.BadParameter("give a VERSION, or --delete without one")
+    if delete:
+        request = pb.DeleteModelAliasRequest(model_name=name, alias=alias_name, reason=reason)
+        removed = _call("alias", service, lambda stub: stub.DeleteModelAlias(request, timeout=TIMEOUT_S))
+        console.print(f"removed alias {escape(alias_name)} of {escape(name)} (was version {removed.previous_version})")
+        return
+    assert version is not None
+    set_request = pb.SetModelAliasRequest(model_name=name, alias=alias_name, version=version, reason=reason)
+    moved = _call("alias", service, lambda stub: stub.SetModelAlias(set_request, timeout=TIMEOUT_S))
+    was = f" (was version {moved.previous_version})" if moved.previous_version else ""
+    console.print(f"alias {escape(alias_name)} of {escape(name)} → version {version}{was}")

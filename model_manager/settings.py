@@ -1,0 +1,37 @@
+"""Model manager settings: flags of `python -m model_manager`, or `FRESCO_MODEL_MANAGER_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from chassis.settings import ServiceSettings
+from model_manager.tables import sqlite_url
+
+
+class ModelManagerSettings(ServiceSettings):
+    """Settings of the model manager."""
+
+    model_config = SettingsConfigDict(env_prefix="FRESCO_MODEL_MANAGER_", cli_prog_name="python -m model_manager")
+
+    data_dir: Path = Path("fresco-models")
+    """Directory of the embedded registry database (registry.db) and the default artifact store (artifacts/)."""
+    database_url: str = ""
+    """SQLAlchemy URL of the registry database; empty means SQLite at <data-dir>/registry.db. For production:
+    postgresql+psycopg://user:password@host:5432/dbname."""
+    artifact_store_url: str = ""
+    """fsspec URL of the content-addressed artifact store; empty means the directory <data-dir>/artifacts."""
+    max_artifact_bytes: int = Field(default=4 * 1024**3, ge=1)
+    """Largest artifact an upload may carry; a larger one is refused (INVALID_ARGUMENT) and nothing is kept."""
+    connect_retry_s: float = Field(default=2.0, gt=0)
+    """At start, seconds between attempts to reach the database (health stays NOT_SERVING meanwhile)."""
+
+    def registry_url(self) -> str:
+        """The database URL to use."""
+        return self.database_url or sqlite_url(self.data_dir / "registry.db")
+
+    def artifacts_url(self) -> str:
+        """The artifact store URL to use."""
+        return self.artifact_store_url or str(self.data_dir / "artifacts")
