@@ -5,6 +5,11 @@ reads stay open; the CLI materialises through the service with a token file."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +31,9 @@ from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from fresco.cli_features import app as features_cli
+from fresco.credentials import ClientSecurity
 from fresco.suite import ServiceProcess, Suite
+from fresco.training import train_classifier
 from tests.integration import CLIENT_OPTIONS, Reference, decode_outputs, infer_request
 
 pytestmark = pytest.mark.integration
@@ -196,3 +203,43 @@ def test_cli_materializes_through_the_service_with_a_token_file(secured: Secured
     assert "wrote 2 entities" in done.output
     with grpc.insecure_channel(secured.features.address) as channel:
         assert _clicks(fpb_grpc.FeatureServiceStub(channel), 8) == 80
+
+
+def test_fresco_up_runs_with_auth_on_and_hands_out_an_admin_token(tmp_path: Path) -> None:
+    train_classifier(tmp_path / "models")
+    (tmp_path / "features.yaml").write_text(DEFINITIONS)
+    state = tmp_path / "state"
+    command = [sys.executable, "-m", "fresco.cli", "up", "--model-repository", str(tmp_path / "models")]
+    command += ["--feature-definitions", str(tmp_path / "features.yaml"), "--state-dir", str(state)]
+    env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    assert process.stdout is not None
+    seen: list[str] = []
+    try:
+        for line in process.stdout:  # `fresco up` prints "gateway ready" once every service is healthy
+            seen.append(line)
+            if "gateway ready at" in line or len(seen) > 200:
+                break
+        startup = "".join(seen)
+        assert "gateway ready at" in startup, startup
+        assert f"admin token: {state / 'admin.token'}" in startup
+        match = re.search(r"feature_service\W+(127\.0\.0\.1:\d+)", startup)
+        assert match is not None, startup
+        assert (state / "tokens").stat().st_mode & 0o077 == 0
+        admin = ClientSecurity.from_env(state / "admin.token")
+        with grpc.insecure_channel(match[1]) as channel:
+            stub = fpb_grpc.FeatureServiceStub(channel)
+            assert _code(stub.PushFeatures, _push(3, 30))[0] is grpc.StatusCode.UNAUTHENTICATED
+            pushed = stub.PushFeatures(_push(3, 30), metadata=admin.metadata(), timeout=10)
+            assert pushed.accepted_count == 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        rest = process.stdout.read()
+        process.stdout.close()
+    assert process.returncode == 0, rest
+    assert "feature_service exited with code 0" in rest
