@@ -17,7 +17,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from chassis.auth import AccessPolicy, Authenticator, bearer_token, enter_call, leave_call
+from chassis.auth import OPEN_PREFIXES, AccessPolicy, Authenticator, bearer_token, enter_call, leave_call
 from chassis.errors import FrescoError, PermissionDenied, Unauthenticated
 from chassis.metrics import MethodMetrics, RpcMetrics
 from chassis.status import status_for
@@ -163,8 +163,8 @@ def wrap_handler(
 
 
 class AuthInterceptor(aio.ServerInterceptor):
-    """Verifies the bearer token of every call, refuses calls whose method needs a role the caller
-    lacks, and makes the caller's identity current (`chassis.auth.current_identity`) for the rest."""
+    """Verifies the bearer token of every call but health checks, refuses calls whose method needs a
+    role the caller lacks, and makes the caller's identity current (`chassis.auth.current_identity`)."""
 
     def __init__(self, authenticator: Authenticator, policy: AccessPolicy) -> None:
         self._authenticator = authenticator
@@ -177,9 +177,9 @@ class AuthInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler: Any = await continuation(handler_call_details)
-        if handler is None:
-            return None
         method: str = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]

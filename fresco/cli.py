@@ -164,9 +164,10 @@ def up(
 
 
 def _print_auth(auth: LocalAuth) -> None:
-    say(f"auth on: bearer tokens of this run in {auth.tokens_file} (sha256 only)")
-    say(f"admin token: {auth.admin_token_file}, e.g. fresco features materialize --service ADDRESS ")
-    say(f"  --token-file {auth.admin_token_file} …, or FRESCO_TOKEN_FILE={auth.admin_token_file}")
+    say(f"auth on: the services verify the tokens of this run against {auth.tokens_file} (sha256 only)")
+    say(f"admin token: {auth.admin_token_file}")
+    say(f"  e.g. fresco features materialize --service ADDRESS --token-file {auth.admin_token_file} …")
+    say(f"  or export FRESCO_TOKEN_FILE={auth.admin_token_file}")
 
 
 @app.command()

@@ -355,8 +355,11 @@ async def test_reads_need_a_viewer_when_required_but_health_stays_open(tmp_path:
         async with aio.insecure_channel(app.address) as channel:
             assert await _call(channel, READ) is grpc.StatusCode.UNAUTHENTICATED
             assert await _call(channel, READ, _bearer("vic")) == b"vic:viewer"
-            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            for metadata in ((), (("authorization", "Bearer wrong"),)):
+                health = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), metadata=metadata, timeout=10
+                )
+                assert health.status == health_pb2.HealthCheckResponse.SERVING
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
             request = reflection_pb2.ServerReflectionRequest(list_services="")
             with pytest.raises(aio.AioRpcError) as caught:
