@@ -1,7 +1,7 @@
-"""TLS and mTLS between real service processes, with certificates the test makes: the predictor and
-the feature service require client certificates (and a viewer token, even on reads), the gateway
-serves TLS and reaches both over mTLS with its own token. Clients without a certificate, or without
-TLS, are refused."""
+"""TLS and mTLS between real service processes, with certificates the test makes: the predictor (two
+workers) and the feature service require client certificates (and a viewer token, even on reads),
+the gateway serves TLS and reaches both over mTLS with its own token. Clients without a certificate,
+or without TLS, are refused."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
         predictor = suite.start(
             ServiceProcess(
                 "predictor",
-                ["--model-repository", str(root / "models"), "--port", "0", *mtls],
+                ["--model-repository", str(root / "models"), "--port", "0", "--workers", "2", *mtls],
                 security=health,
                 log_path=root / "predictor.log",
             )
