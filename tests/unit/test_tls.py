@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from chassis.auth import Role, current_identity, new_token, token_line
+from chassis.errors import InvalidArgument
 from chassis.server import ServiceApp
 from chassis.settings import ServiceSettings
 from fresco.credentials import ClientSecurity
@@ -151,3 +152,30 @@ def test_client_security_reads_token_and_tls_files_from_the_environment(
     token_file.write_text("\n")
     with pytest.raises(ValueError, match="expected a bearer token, the file is empty"):
         ClientSecurity.from_env()
+
+
+async def test_a_certificate_rotated_on_disk_is_served_to_new_connections(tmp_path: Path) -> None:
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.write_bytes(old.server.cert.read_bytes())
+    key.write_bytes(old.server.key.read_bytes())
+    app = await _serve(_settings(tls_cert_file=cert, tls_key_file=key))
+    try:
+        async with ClientSecurity(ca_file=old.ca).aio_channel(app.address) as channel:
+            assert await _call(channel) == b"anonymous"
+        # Half-way through a rotation (the new certificate, the old key) the old pair keeps serving.
+        cert.write_bytes(new.server.cert.read_bytes())
+        async with ClientSecurity(ca_file=old.ca).aio_channel(app.address) as channel:
+            assert await _call(channel) == b"anonymous"
+        key.write_bytes(new.server.key.read_bytes())
+        async with ClientSecurity(ca_file=new.ca).aio_channel(app.address) as channel:
+            assert await _call(channel) == b"anonymous"
+        async with ClientSecurity(ca_file=old.ca).aio_channel(app.address) as channel:
+            assert await _call(channel) is grpc.StatusCode.UNAVAILABLE
+    finally:
+        await app.stop(grace=1)
+
+
+def test_a_key_that_does_not_match_its_certificate_is_refused_at_start(pki: Pki) -> None:
+    with pytest.raises(InvalidArgument, match="is not the key of tls_cert_file"):
+        ServiceApp("secure", _settings(tls_cert_file=pki.server.cert, tls_key_file=pki.client.key), [SERVICE])
