@@ -7,8 +7,10 @@ import contextvars
 import enum
 import hashlib
 import hmac
+import logging
 import secrets
-from collections.abc import Collection, Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from chassis.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from chassis.settings import ServiceSettings
 
+log = logging.getLogger(__name__)
 AUTHORIZATION = "authorization"
 # Health is what load balancers and orchestrators probe, without credentials; it reveals nothing else.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
@@ -163,6 +166,44 @@ class StaticTokens:
         return None if found is None else Identity(found.name, found.role, "token-file")
 
 
+class TokenFile:
+    """A token file followed as it changes, so a token is added or revoked without a restart: its
+    stat is checked at most every `check_s`; a file that cannot be read or parsed (an edit half-way)
+    keeps the tokens last loaded."""
+
+    def __init__(self, path: Path, check_s: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._check_s = check_s
+        self._clock = clock
+        self._stamp = self._stat()
+        self._tokens = StaticTokens.load(path)
+        self._next_check = clock() + check_s
+
+    def _stat(self) -> tuple[int, int, int]:
+        stat = self.path.stat()
+        return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+    def verify(self, token: str) -> Identity | None:
+        """As `StaticTokens.verify`, against the file as it is now."""
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self._check_s
+            self._reload()
+        return self._tokens.verify(token)
+
+    def _reload(self) -> None:
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return
+            tokens = StaticTokens.load(self.path)
+        except (OSError, InvalidArgument) as err:
+            log.warning("token file %s cannot be used; keeping the tokens loaded before: %s", self.path, err)
+            return
+        self._stamp, self._tokens = stamp, tokens
+        log.info("token file %s reloaded", self.path)
+
+
 def _algorithms_for(public_key: Any) -> list[str]:
     if isinstance(public_key, rsa.RSAPublicKey):
         return ["RS256", "RS384", "RS512"]
@@ -259,7 +300,7 @@ class JwtVerifier:
 class Authenticator:
     """Turns a bearer token into an identity, trying the static token file, then JWTs."""
 
-    def __init__(self, static: StaticTokens | None = None, jwts: JwtVerifier | None = None) -> None:
+    def __init__(self, static: StaticTokens | TokenFile | None = None, jwts: JwtVerifier | None = None) -> None:
         self._static = static
         self._jwts = jwts
 
@@ -268,7 +309,7 @@ class Authenticator:
         """The token sources the settings configure; None when there are none (auth off)."""
         if not settings.auth_enabled:
             return None
-        static = StaticTokens.load(settings.auth_tokens_file) if settings.auth_tokens_file else None
+        static = TokenFile(settings.auth_tokens_file) if settings.auth_tokens_file else None
         jwts = None
         secret_file, public_key_file = settings.auth_jwt_secret_file, settings.auth_jwt_public_key_file
         if secret_file is not None or public_key_file is not None:

@@ -30,6 +30,7 @@ from chassis.auth import (
     JwtVerifier,
     Role,
     StaticTokens,
+    TokenFile,
     bearer_token,
     current_identity,
     method_roles,
@@ -110,6 +111,23 @@ def test_malformed_token_file_names_file_and_line(tmp_path: Path, line: str, exp
         StaticTokens.load(path)
     assert str(caught.value).startswith(f"{path}:2: ")
     assert expected in str(caught.value)
+
+
+def test_token_file_follows_its_changes_and_keeps_the_last_good_tokens(tmp_path: Path) -> None:
+    path = _token_file(tmp_path)
+    now = [0.0]
+    tokens = TokenFile(path, check_s=1.0, clock=lambda: now[0])
+    assert tokens.verify("vic-token") == Identity("vic", Role.VIEWER, "token-file")
+    # vic revoked, eve added.
+    path.write_text(f"{token_line('ana', Role.ADMIN, 'ana-admin-token')}\n{token_line('eve', Role.DEPLOYER, 'eve')}\n")
+    assert tokens.verify("vic-token") is not None  # not looked at again before check_s has passed
+    now[0] = 1.0
+    assert tokens.verify("vic-token") is None
+    assert tokens.verify("eve") == Identity("eve", Role.DEPLOYER, "token-file")
+    # An edit half-way (a malformed line) keeps the tokens loaded before.
+    path.write_text("eve:deploy")
+    now[0] = 2.0
+    assert tokens.verify("eve") == Identity("eve", Role.DEPLOYER, "token-file")
 
 
 def test_unknown_static_token_is_unauthenticated_without_echoing_it(tmp_path: Path) -> None:
