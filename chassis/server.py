@@ -64,6 +64,8 @@ class ServiceApp:
             policy = AccessPolicy(method_roles or {}, settings.auth_require_for_reads)
             interceptors.append(AuthInterceptor(self.authenticator, policy))
         self.peer_security = peer_security(settings)
+        # Read (and checked) before the server exists, so wrong files fail with nothing to clean up.
+        credentials = server_credentials(settings)
         self.server = aio.server(
             interceptors=interceptors,
             options=[*channel_options(settings.max_message_bytes), *extra_options],
@@ -72,7 +74,6 @@ class ServiceApp:
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        credentials = server_credentials(settings)
         address = f"{settings.host}:{settings.port}"
         self.tls = credentials is not None
         self.port = (

@@ -176,6 +176,6 @@ async def test_a_certificate_rotated_on_disk_is_served_to_new_connections(tmp_pa
         await app.stop(grace=1)
 
 
-def test_a_key_that_does_not_match_its_certificate_is_refused_at_start(pki: Pki) -> None:
+async def test_a_key_that_does_not_match_its_certificate_is_refused_at_start(pki: Pki) -> None:
     with pytest.raises(InvalidArgument, match="is not the key of tls_cert_file"):
         ServiceApp("secure", _settings(tls_cert_file=pki.server.cert, tls_key_file=pki.client.key), [SERVICE])
