@@ -48,6 +48,7 @@ SERVICE = "fresco.unittest.v1.Guarded"
 WRITE = f"/{SERVICE}/Write"
 READ = f"/{SERVICE}/Read"
 WATCH = f"/{SERVICE}/Watch"
+CHAT = f"/{SERVICE}/Chat"
 TOKENS = {"ana": ("admin", "ana-admin-token"), "dev": ("deployer", "dev-token"), "vic": ("viewer", "vic-token")}
 
 
@@ -303,9 +304,15 @@ class Guarded:
         for _ in range(2):
             yield self._who()
 
+    async def chat(
+        self, requests: AsyncIterator[bytes], context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            yield request + b":" + self._who()
+
 
 async def _start(tmp_path: Path, **overrides: Any) -> ServiceApp:
-    table: dict[str, Role | None] = {WRITE: Role.DEPLOYER, READ: None, WATCH: Role.VIEWER}
+    table: dict[str, Role | None] = {WRITE: Role.DEPLOYER, READ: None, WATCH: Role.VIEWER, CHAT: Role.ADMIN}
     app = ServiceApp(
         "guarded", _settings(auth_tokens_file=_token_file(tmp_path), **overrides), [SERVICE], method_roles=table
     )
@@ -318,6 +325,7 @@ async def _start(tmp_path: Path, **overrides: Any) -> ServiceApp:
                     "Write": grpc.unary_unary_rpc_method_handler(guarded.write),
                     "Read": grpc.unary_unary_rpc_method_handler(guarded.read),
                     "Watch": grpc.unary_stream_rpc_method_handler(guarded.watch),
+                    "Chat": grpc.stream_stream_rpc_method_handler(guarded.chat),
                 },
             ),
         )
@@ -361,6 +369,12 @@ async def test_interceptor_enforces_roles_and_exposes_the_identity(tmp_path: Pat
             with pytest.raises(aio.AioRpcError) as caught:
                 [item async for item in refused]
             assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            chat = channel.stream_stream(CHAT)(iter([b"a", b"b"]), metadata=_bearer("ana"), timeout=10)
+            assert [item async for item in chat] == [b"a:ana:admin", b"b:ana:admin"]
+            denied = channel.stream_stream(CHAT)(iter([b"a"]), metadata=_bearer("dev"), timeout=10)
+            with pytest.raises(aio.AioRpcError) as caught:
+                [item async for item in denied]
+            assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
         labels = {"service": "guarded", "method": WRITE, "code": "UNAUTHENTICATED"}
         assert app.registry.get_sample_value("fresco_rpc_requests_total", labels) == 1
     finally:
