@@ -1,12 +1,14 @@
-"""gRPC interceptors: the server one traces, counts and maps domain errors for every traced RPC;
-the client ones carry the caller's trace context to the next hop."""
+"""gRPC interceptors: the server ones trace, count and map domain errors for every traced RPC, and
+check bearer tokens and roles; the client ones carry the caller's trace context to the next hop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
 import grpc
@@ -15,7 +17,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
 
-from chassis.errors import FrescoError
+from chassis.auth import OPEN_PREFIXES, AccessPolicy, Authenticator, bearer_token, enter_call, leave_call
+from chassis.errors import FrescoError, PermissionDenied, Unauthenticated
 from chassis.metrics import MethodMetrics, RpcMetrics
 from chassis.status import status_for
 from chassis.tracing import extract_context, inject_context, is_traced
@@ -113,43 +116,93 @@ class ServerInterceptor(aio.ServerInterceptor):
 
     def _wrap(self, handler: Any, method: str) -> grpc.RpcMethodHandler[Any, Any]:
         tracer, metrics = self._tracer, self._metrics.for_method(method)
-        codec = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
+        return wrap_handler(handler, lambda ctx: _Rpc(method, tracer, metrics, ctx))
 
-            async def unary_unary(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
-                async with _Rpc(method, tracer, metrics, ctx):
-                    return await inner_uu(request, ctx)
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
+def wrap_handler(
+    handler: Any, around: Callable[[aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[Any]]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` with each call (of any of the four kinds) run inside `around(context)`."""
+    codec = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary is not None:
+        inner_uu = handler.unary_unary
 
-            async def unary_stream(request: Any, ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-                async with _Rpc(method, tracer, metrics, ctx):
-                    async for item in inner_us(request, ctx):
-                        yield item
+        async def unary_unary(request: Any, ctx: aio.ServicerContext[Any, Any]) -> Any:
+            async with around(ctx):
+                return await inner_uu(request, ctx)
 
-            return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
+        return grpc.unary_unary_rpc_method_handler(unary_unary, **codec)
+    if handler.unary_stream is not None:
+        inner_us = handler.unary_stream
 
-            async def stream_unary(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> Any:
-                async with _Rpc(method, tracer, metrics, ctx):
-                    return await inner_su(requests, ctx)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
-        inner_ss = handler.stream_stream
-
-        async def stream_stream(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            async with _Rpc(method, tracer, metrics, ctx):
-                async for item in inner_ss(requests, ctx):
+        async def unary_stream(request: Any, ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            async with around(ctx):
+                async for item in inner_us(request, ctx):
                     yield item
 
-        return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
+        return grpc.unary_stream_rpc_method_handler(unary_stream, **codec)
+    if handler.stream_unary is not None:
+        inner_su = handler.stream_unary
+
+        async def stream_unary(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> Any:
+            async with around(ctx):
+                return await inner_su(requests, ctx)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, **codec)
+    inner_ss = handler.stream_stream
+
+    async def stream_stream(requests: AsyncIterator[Any], ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+        async with around(ctx):
+            async for item in inner_ss(requests, ctx):
+                yield item
+
+    return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Verifies the bearer token of every call but health checks, refuses calls whose method needs a
+    role the caller lacks, and makes the caller's identity current (`chassis.auth.current_identity`)."""
+
+    def __init__(self, authenticator: Authenticator, policy: AccessPolicy) -> None:
+        self._authenticator = authenticator
+        self._policy = policy
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: Any = await continuation(handler_call_details)
+        method: str = handler_call_details.method
+        if handler is None or method.startswith(OPEN_PREFIXES):
+            return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap_handler(handler, lambda ctx: self._guard(method, ctx))
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    @contextlib.asynccontextmanager
+    async def _guard(self, method: str, ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+        try:
+            token = bearer_token(ctx.invocation_metadata())
+            identity = self._authenticator.authenticate(token) if token is not None else None
+            self._policy.check(method, identity)
+        except (Unauthenticated, PermissionDenied) as err:
+            # Aborted here, not raised: health and reflection calls have no tracing wrapper to map errors.
+            await ctx.abort(status_for(err), str(err))
+        entered = enter_call(identity, token)
+        try:
+            yield
+        finally:
+            # A stream closed from another context (garbage collection) cannot reset; nothing reads it there.
+            with contextlib.suppress(ValueError):
+                leave_call(entered)
 
 
 def _with_trace_context(details: aio.ClientCallDetails, tracer: Tracer) -> tuple[aio.ClientCallDetails, trace.Span]:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,9 +15,11 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
-from chassis.interceptors import ServerInterceptor, client_interceptors
+from chassis.auth import AccessPolicy, Authenticator, Role
+from chassis.interceptors import AuthInterceptor, ServerInterceptor, client_interceptors
 from chassis.metrics import MetricsEndpoint, RpcMetrics
 from chassis.settings import ServiceSettings
+from chassis.tls import peer_security, server_credentials
 from chassis.tracing import build_tracer_provider
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ class ServiceApp:
     """One service's gRPC server with its health, reflection, telemetry and lifecycle.
 
     Services build one with their servicers, then `start()`, `set_serving(True)` once they can
-    really serve, and `stop()` on shutdown.
+    really serve, and `stop()` on shutdown. `method_roles` is the service's table of the role each
+    method needs (`chassis.auth.method_roles`), enforced when the settings configure a token source.
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class ServiceApp:
         settings: ServiceSettings,
         service_names: Sequence[str],
         extra_options: Sequence[tuple[str, int]] = (),
+        method_roles: Mapping[str, Role | None] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
@@ -53,15 +57,30 @@ class ServiceApp:
         self.registry = CollectorRegistry()
         self.rpc_metrics = RpcMetrics(self.registry, name)
         self.health = health.aio.HealthServicer()
+        interceptors: list[aio.ServerInterceptor] = [ServerInterceptor(self.tracer, self.rpc_metrics)]
+        self.authenticator = Authenticator.from_settings(settings)
+        if self.authenticator is not None:
+            # After tracing, so refused calls are traced and counted with their codes.
+            policy = AccessPolicy(method_roles or {}, settings.auth_require_for_reads)
+            interceptors.append(AuthInterceptor(self.authenticator, policy))
+        self.peer_security = peer_security(settings)
+        # Read (and checked) before the server exists, so wrong files fail with nothing to clean up.
+        credentials = server_credentials(settings)
         self.server = aio.server(
-            interceptors=[ServerInterceptor(self.tracer, self.rpc_metrics)],
+            interceptors=interceptors,
             options=[*channel_options(settings.max_message_bytes), *extra_options],
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
         )
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        address = f"{settings.host}:{settings.port}"
+        self.tls = credentials is not None
+        self.port = (
+            self.server.add_secure_port(address, credentials)
+            if credentials is not None
+            else self.server.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"{name}: could not bind {settings.host}:{settings.port}")
         self.metrics_endpoint: MetricsEndpoint | None = None
@@ -73,11 +92,13 @@ class ServiceApp:
         return f"{self.settings.host}:{self.port}"
 
     def client_channel(self, target: str) -> aio.Channel:
-        """A channel to another service carrying this service's trace context and limits."""
-        return aio.insecure_channel(
+        """A channel to another service carrying this service's trace context, limits, peer TLS and
+        peer token (a unix socket, reachable only on this machine, stays plaintext)."""
+        return self.peer_security.aio_channel(
             target,
             options=channel_options(self.settings.max_message_bytes),
             interceptors=client_interceptors(self.tracer),
+            tls=not target.startswith("unix:"),
         )
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:

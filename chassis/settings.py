@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, TypeVar
+from typing import Literal, Self, TypeVar
 
+from pydantic import FilePath, model_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -39,6 +40,66 @@ class ServiceSettings(BaseSettings):
     """Log level (DEBUG, INFO, WARNING, ERROR)."""
     log_format: Literal["json", "text"] = "json"
     """Log line format: one JSON object per line, or plain text."""
+
+    auth_tokens_file: FilePath | None = None
+    """File of static bearer tokens, one `name:role:sha256hex` a line (roles viewer, deployer, admin).
+    With this or a JWT key set, protected methods need a token; with neither, auth is off."""
+    auth_jwt_secret_file: FilePath | None = None
+    """File holding the shared secret (32 bytes or more) of HS256-signed JWT bearer tokens."""
+    auth_jwt_public_key_file: FilePath | None = None
+    """PEM public key of RS256/ES256-signed JWT bearer tokens (RSA, EC P-256/384/521 or Ed25519)."""
+    auth_jwt_audience: str | None = None
+    """The `aud` a JWT must carry; required when a JWT key is set."""
+    auth_jwt_issuer: str | None = None
+    """The `iss` a JWT must carry, if set."""
+    auth_jwt_roles_claim: str = "roles"
+    """JWT claim naming the caller's role (a string or a list; the highest known role counts)."""
+    auth_jwt_leeway_s: float = 30.0
+    """Clock skew tolerated on a JWT's exp and nbf, in seconds."""
+    auth_require_for_reads: bool = False
+    """Also require a token (role viewer or higher) on reads: predictions, features, metadata, reflection."""
+    peer_token_file: FilePath | None = None
+    """File holding the bearer token this service presents on its calls to other services."""
+
+    tls_cert_file: FilePath | None = None
+    """PEM certificate chain of the gRPC server; with tls_key_file the server speaks only TLS."""
+    tls_key_file: FilePath | None = None
+    """PEM private key of tls_cert_file."""
+    tls_client_ca_file: FilePath | None = None
+    """PEM CA bundle: the server then requires client certificates signed by it (mTLS)."""
+    peer_tls_ca_file: FilePath | None = None
+    """PEM CA bundle to verify other services' certificates: calls to them then use TLS."""
+    peer_tls_cert_file: FilePath | None = None
+    """PEM client certificate presented to other services (for their mTLS)."""
+    peer_tls_key_file: FilePath | None = None
+    """PEM private key of peer_tls_cert_file."""
+    peer_tls_server_name: str | None = None
+    """Name expected in peers' certificates when it differs from the host dialled."""
+
+    @model_validator(mode="after")
+    def _security_settings_agree(self) -> Self:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_client_ca_file (mTLS) needs tls_cert_file and tls_key_file")
+        if (self.peer_tls_cert_file is None) != (self.peer_tls_key_file is None):
+            raise ValueError("peer_tls_cert_file and peer_tls_key_file go together: set both or neither")
+        if self.peer_tls_cert_file is not None and self.peer_tls_ca_file is None:
+            raise ValueError("peer_tls_cert_file needs peer_tls_ca_file (the CA that signed the peers)")
+        jwt_key = self.auth_jwt_secret_file is not None or self.auth_jwt_public_key_file is not None
+        if jwt_key and not self.auth_jwt_audience:
+            raise ValueError(
+                "auth_jwt_audience is required with a JWT key: without it, tokens minted for other services pass"
+            )
+        return self
+
+    @property
+    def auth_enabled(self) -> bool:
+        """Whether a token source is configured (otherwise every method is open, as on a laptop)."""
+        return any(
+            path is not None
+            for path in (self.auth_tokens_file, self.auth_jwt_secret_file, self.auth_jwt_public_key_file)
+        )
 
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)

@@ -15,7 +15,7 @@ from feature_service.materialize import MaterializeProgress, Materializer
 from feature_service.metrics import FeatureMetrics
 from feature_service.reader import Catalog, FeatureReader
 from feature_service.records import DurableTier
-from feature_service.service import Domain, FeatureServicer, materialize_response, spec_from_proto
+from feature_service.service import METHOD_ROLES, Domain, FeatureServicer, materialize_response, spec_from_proto
 from feature_service.settings import FeatureServiceSettings
 from feature_service.store import Observer, TieredStore
 from feature_service.tiers.memory import MemoryCache
@@ -84,7 +84,7 @@ class FeatureService:
 
     def __init__(self, settings: FeatureServiceSettings) -> None:
         self.settings = settings
-        self.app = ServiceApp("feature_service", settings, [SERVICE_NAME])
+        self.app = ServiceApp("feature_service", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         self.metrics = FeatureMetrics(self.app.registry)
         self.servicer = FeatureServicer()
         pb_grpc.add_FeatureServiceServicer_to_server(self.servicer, self.app.server)

@@ -8,6 +8,7 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
+from chassis.auth import Role, method_roles
 from chassis.errors import InvalidArgument, NotFound, Unavailable
 from feature_service import convert
 from feature_service.materialize import Format, MaterializeOutcome, Materializer, MaterializeSpec
@@ -70,6 +71,14 @@ def materialize_response(outcome: MaterializeOutcome) -> pb.MaterializeResponse:
         rejected_rows=[rejection_to_proto(r) for r in outcome.rejections.rows],
         statistics=outcome.statistics,
     )
+
+
+# The role each method needs once auth is on: writes to the online store need deployer.
+METHOD_ROLES = method_roles(
+    pb.DESCRIPTOR.services_by_name["FeatureService"],
+    writes={"PushFeatures": Role.DEPLOYER, "Materialize": Role.DEPLOYER},
+    reads=["GetFeatures", "ListFeatureViews", "GetFeatureView", "GetFeatureViewStatistics"],
+)
 
 
 class FeatureServicer(pb_grpc.FeatureServiceServicer):

@@ -11,6 +11,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
+import grpc
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -18,9 +19,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fresco import demo as traffic_demo
+from fresco.api.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from fresco.cli_features import app as features_app
 from fresco.cli_models import app as models_app
-from fresco.suite import ServiceFailed, ServiceProcess, Suite, start_suite
+from fresco.credentials import ClientSecurity
+from fresco.suite import LocalAuth, ServiceFailed, ServiceProcess, Suite, issue_local_tokens, start_suite
 from fresco.training import ExportedModel, train_classifier
 
 app = typer.Typer(
@@ -101,8 +104,13 @@ def up(
         Path | None, typer.Option(help="Feature definitions YAML: also start the feature service (embedded SQLite).")
     ] = None,
     feature_db: Annotated[Path | None, typer.Option(help="The feature service's SQLite file.")] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where this run's bearer tokens go (default: --log-dir, else a temporary directory)."),
+    ] = None,
 ) -> None:
-    """Start the predictor, the gateway (and the feature service) on loopback; serve until Ctrl-C."""
+    """Start the predictor, the gateway (and the feature service) on loopback; serve until Ctrl-C.
+    Auth is on: the services verify bearer tokens issued for this run, and the admin token is printed."""
     models = models_in(model_repository)
     if not models:
         state = "holds no models" if model_repository.is_dir() else "does not exist"
@@ -113,6 +121,9 @@ def up(
         raise typer.Exit(EXIT_NO_MODELS)
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
+    temporary = state_dir is None and log_dir is None
+    tokens_dir = state_dir or log_dir or Path(tempfile.mkdtemp(prefix="fresco-up-"))
+    auth = issue_local_tokens(tokens_dir)
     say(f"starting predictor and gateway for {', '.join(models)} from {model_repository} …")
     # Until the suite is up, SIGTERM interrupts like Ctrl-C so the suite's own cleanup runs.
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -123,11 +134,13 @@ def up(
             log_dir=log_dir,
             feature_definitions=feature_definitions.resolve() if feature_definitions else None,
             feature_db=feature_db,
+            auth=auth,
         )
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda signum, frame: stop.set())
         console.print(endpoints_table(suite))
+        _print_auth(auth)
         console.print(f"gateway ready at {suite.services[-1].address} (Ctrl-C stops everything)")
         dead = _watch(suite, stop)
     except ServiceFailed as err:
@@ -139,6 +152,8 @@ def up(
     finally:
         _hold_signals()
         codes = suite.stop() if suite is not None else {}
+        if temporary:
+            shutil.rmtree(tokens_dir, ignore_errors=True)
     if dead is not None:
         code = dead.process.returncode if dead.process else None
         errors.print(f"[red]{dead.module} died unexpectedly with code {code}[/red]; its last output:")
@@ -148,6 +163,13 @@ def up(
     clean = report_exit_codes(codes)
     if dead is not None or not clean:
         raise typer.Exit(1)
+
+
+def _print_auth(auth: LocalAuth) -> None:
+    say(f"auth on: the services verify the tokens of this run against {auth.tokens_file} (sha256 only)")
+    say(f"admin token: {auth.admin_token_file}")
+    say(f"  e.g. fresco features materialize --service ADDRESS --token-file {auth.admin_token_file} …")
+    say(f"  or export FRESCO_TOKEN_FILE={auth.admin_token_file}")
 
 
 @app.command()
@@ -172,9 +194,11 @@ def demo(
     console.print("starting predictor and gateway …")
     suite: Suite | None = None
     try:
-        suite = start_suite(root / "models", log_dir=root)
+        auth = issue_local_tokens(root / "auth")
+        suite = start_suite(root / "models", log_dir=root, auth=auth)
         console.print(endpoints_table(suite))
         problems += _run_traffic(suite.services[-1].address, model, requests, concurrency, check)
+        problems += _check_auth(suite.services[0].address, model.name, auth)
     except ServiceFailed as err:
         problems.append(f"Fresco did not start: {err}")
     except KeyboardInterrupt:
@@ -236,6 +260,29 @@ def _run_traffic(address: str, model: ExportedModel, requests: int, concurrency:
         say(f"  outputs:      {traffic_demo.format_outputs(response)}")
         say(f"  model:        {response.model} version {response.model_version}")
         say(f"  trace id:     {response.trace_id}")
+    return problems
+
+
+def _check_auth(predictor: str, model: str, auth: LocalAuth) -> list[str]:
+    """Show that the predictor's repository calls need a deployer: refused without a token, and with
+    the gateway's viewer token; the problems found."""
+    viewer = ClientSecurity(token=auth.gateway_token_file.read_text().strip())
+    request = grpc_service_pb2.RepositoryModelUnloadRequest(model_name=model)
+    problems = []
+    with grpc.insecure_channel(predictor) as channel:
+        unload = grpc_service_pb2_grpc.GRPCInferenceServiceStub(channel).RepositoryModelUnload
+        for who, metadata, expected in (
+            ("without a token", (), grpc.StatusCode.UNAUTHENTICATED),
+            ("with a viewer token", viewer.metadata(), grpc.StatusCode.PERMISSION_DENIED),
+        ):
+            try:
+                unload(request, metadata=metadata, timeout=10)
+                code, details = grpc.StatusCode.OK, "unloaded"
+            except grpc.RpcError as err:
+                code, details = err.code(), err.details() or ""
+            say(f"auth: RepositoryModelUnload {who}: {code.name} ({details})")
+            if code != expected:
+                problems.append(f"RepositoryModelUnload {who} answered {code.name}, expected {expected.name}")
     return problems
 
 

@@ -20,6 +20,7 @@ from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
 from fresco.api.features.v1 import feature_service_pb2 as pb
 from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
 from fresco.api.features.v1 import statistics_pb2 as spb
+from fresco.credentials import ClientSecurity
 
 app = typer.Typer(help="The feature store: materialise offline data, inspect statistics.", no_args_is_help=True)
 console = Console()
@@ -91,6 +92,15 @@ def materialize(
         list[str] | None, typer.Option(help="In process: a Cassandra host; repeat.")
     ] = None,
     timeout_s: Annotated[float, typer.Option(help="With --service: deadline of the Materialize call.")] = 3600.0,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="FRESCO_TOKEN_FILE",
+            help="With --service: file holding a bearer token with role deployer or admin (`fresco up` prints one). "
+            "FRESCO_TOKEN may hold the token itself; FRESCO_TLS_CA_FILE, FRESCO_TLS_CERT_FILE and "
+            "FRESCO_TLS_KEY_FILE turn on TLS and mTLS.",
+        ),
+    ] = None,
 ) -> None:
     """Load a file into the online store (the latest valid row per entity) and record its statistics."""
     request = pb.MaterializeRequest(
@@ -106,7 +116,11 @@ def materialize(
     )
     try:
         if service is not None:
-            response = _through_service(service, request, timeout_s)
+            try:
+                security = ClientSecurity.from_env(token_file)
+            except (OSError, ValueError) as err:
+                raise typer.BadParameter(str(err), param_hint="--token-file") from None
+            response = _through_service(service, request, timeout_s, security)
         else:
             overrides: dict[str, Any] = {
                 "definitions": definitions,
@@ -125,14 +139,18 @@ def materialize(
     print_outcome(response, dry_run)
 
 
-def _through_service(address: str, request: pb.MaterializeRequest, timeout_s: float) -> pb.MaterializeResponse:
+def _through_service(
+    address: str, request: pb.MaterializeRequest, timeout_s: float, security: ClientSecurity
+) -> pb.MaterializeResponse:
     """Call a running service's Materialize RPC, with a spinner (the RPC reports no progress)."""
     with (
-        grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel,
+        security.channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel,
         Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress,
     ):
         progress.add_task(f"materialising {request.feature_view} through {address}", total=None)
-        response: pb.MaterializeResponse = pb_grpc.FeatureServiceStub(channel).Materialize(request, timeout=timeout_s)
+        response: pb.MaterializeResponse = pb_grpc.FeatureServiceStub(channel).Materialize(
+            request, timeout=timeout_s, metadata=security.metadata()
+        )
         return response
 
 

@@ -14,6 +14,7 @@ from grpc import aio
 from fresco.api.common.v1 import values_pb2
 from fresco.api.gateway.v1 import gateway_pb2 as pb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from fresco.credentials import ClientSecurity
 
 Scalar = float | int | bool | str | bytes | np.generic
 FeatureInput = Scalar | Sequence[float] | Sequence[int] | Sequence[str] | np.ndarray | None
@@ -87,16 +88,22 @@ def outputs(response: pb.PredictResponse) -> dict[str, np.ndarray]:
 
 
 class GatewayClient:
-    """Blocking calls to a gateway at `address` (host:port)."""
+    """Blocking calls to a gateway at `address` (host:port), over TLS and with a bearer token when
+    `security` says so (e.g. `ClientSecurity.from_env()`)."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, security: ClientSecurity | None = None
+    ) -> None:
         self.timeout_s = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._security = security or ClientSecurity()
+        self._channel: grpc.Channel = self._security.channel(address)
         self._stub = pb_grpc.GatewayServiceStub(self._channel)
 
     def predict(self, model: str, features: Mapping[str, FeatureInput], version: str = "") -> pb.PredictResponse:
         """One prediction from named features."""
-        return self._stub.Predict(predict_request(model, features, version), timeout=self.timeout_s)
+        return self._stub.Predict(
+            predict_request(model, features, version), timeout=self.timeout_s, metadata=self._security.metadata()
+        )
 
     def close(self) -> None:
         """Close the channel."""
@@ -110,11 +117,14 @@ class GatewayClient:
 
 
 class AsyncGatewayClient:
-    """grpc.aio calls to a gateway at `address` (host:port); use inside a running event loop."""
+    """grpc.aio calls to a gateway at `address` (host:port); use inside a running event loop. TLS and
+    the bearer token as `security` says."""
 
-    def __init__(self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(
+        self, address: str, timeout_s: float = DEFAULT_TIMEOUT_S, security: ClientSecurity | None = None
+    ) -> None:
         self.timeout_s = timeout_s
-        self._channel = aio.insecure_channel(address)
+        self._channel: aio.Channel = (security or ClientSecurity()).aio_channel(address)
         self._stub = pb_grpc.GatewayServiceStub(self._channel)
 
     async def predict(

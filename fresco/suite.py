@@ -18,6 +18,9 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chassis.auth import Role, new_token, token_line
+from fresco.credentials import ClientSecurity
+
 _LISTENING = re.compile(
     r"^(?P<name>\S+) listening on (?P<address>\S+?)(?: metrics=(?P<metrics>\S+?))?(?: workers=(?P<workers>\d+))?$"
 )
@@ -38,6 +41,7 @@ class ServiceProcess:
     address: str = ""
     metrics_url: str = ""
     workers: int = 1
+    security: ClientSecurity = field(default_factory=ClientSecurity)
     process: subprocess.Popen[str] | None = None
     lines: list[str] = field(default_factory=list)
     _announced: threading.Event = field(default_factory=threading.Event)
@@ -91,7 +95,7 @@ class ServiceProcess:
     def wait_healthy(self, timeout_s: float = 60.0, service: str = "") -> None:
         """Block until the gRPC health check answers SERVING."""
         deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.address) as channel:
+        with self.security.channel(self.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.process is not None and self.process.poll() is not None:
@@ -122,6 +126,47 @@ class ServiceProcess:
         if self.process.stdout is not None:
             self.process.stdout.close()
         return self.process.returncode
+
+
+@dataclass(frozen=True)
+class LocalAuth:
+    """Static tokens issued for one local Fresco: the hashed file the services verify against, the
+    admin token for the person running it, and a viewer token the gateway presents to its peers."""
+
+    tokens_file: Path
+    admin_token_file: Path
+    gateway_token_file: Path
+
+    @property
+    def admin(self) -> ClientSecurity:
+        """Client security carrying the admin token."""
+        return ClientSecurity(token=self.admin_token_file.read_text().strip())
+
+    def service_args(self) -> list[str]:
+        """Flags turning auth on in a service."""
+        return ["--auth-tokens-file", str(self.tokens_file)]
+
+
+def issue_local_tokens(directory: Path) -> LocalAuth:
+    """Fresh random tokens written into `directory` (files readable by their owner only): the
+    services' hashed token file, and the admin and gateway tokens themselves."""
+    directory.mkdir(parents=True, exist_ok=True)
+    admin, gateway = new_token(), new_token()
+    auth = LocalAuth(directory / "tokens", directory / "admin.token", directory / "gateway.token")
+    lines = [
+        "# name:role:sha256 of the token; written by fresco for this local run",
+        token_line("admin", Role.ADMIN, admin),
+        token_line("gateway", Role.VIEWER, gateway),
+    ]
+    for path, text in (
+        (auth.tokens_file, "\n".join(lines)),
+        (auth.admin_token_file, admin),
+        (auth.gateway_token_file, gateway),
+    ):
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(text + "\n")
+    return auth
 
 
 @dataclass
@@ -156,28 +201,31 @@ def start_suite(
     log_dir: Path | None = None,
     feature_definitions: Path | None = None,
     feature_db: Path | None = None,
+    auth: LocalAuth | None = None,
 ) -> Suite:
     """Predictor (and, given feature definitions, the feature service on its embedded SQLite
-    store) and the gateway on free loopback ports, healthy, the gateway routed to them."""
+    store) and the gateway on free loopback ports, healthy, the gateway routed to them; with `auth`,
+    every service verifies bearer tokens and the gateway presents its own to its peers."""
     suite = Suite()
     extra = dict(env or {})
-    gateway_args: list[str] = []
+    auth_args = auth.service_args() if auth else []
+    gateway_args: list[str] = ["--peer-token-file", str(auth.gateway_token_file)] if auth else []
     try:
         if feature_definitions is not None:
             db = feature_db or (log_dir or model_repository.parent) / "fresco-features.db"
             features = suite.start(
                 ServiceProcess(
                     "feature_service",
-                    ["--definitions", str(feature_definitions), "--sqlite-path", str(db), "--port", "0"],
+                    ["--definitions", str(feature_definitions), "--sqlite-path", str(db), "--port", "0", *auth_args],
                     env=extra,
                     log_path=log_dir / "feature_service.log" if log_dir else None,
                 )
             )
-            gateway_args = ["--feature-service", features.address]
+            gateway_args += ["--feature-service", features.address]
         predictor = suite.start(
             ServiceProcess(
                 "predictor",
-                ["--model-repository", str(model_repository), "--port", "0"],
+                ["--model-repository", str(model_repository), "--port", "0", *auth_args],
                 env=extra,
                 log_path=log_dir / "predictor.log" if log_dir else None,
             )
@@ -185,7 +233,7 @@ def start_suite(
         suite.start(
             ServiceProcess(
                 "gateway",
-                ["--predictor", predictor.address, "--port", "0", *gateway_args],
+                ["--predictor", predictor.address, "--port", "0", *gateway_args, *auth_args],
                 env=extra,
                 log_path=log_dir / "gateway.log" if log_dir else None,
             )

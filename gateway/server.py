@@ -9,7 +9,7 @@ from gateway.offload import Offload
 from gateway.pipeline import PredictionPipeline
 from gateway.predictors import PredictorPool
 from gateway.routing import RouteTable
-from gateway.service import SERVICE_NAME, GatewayServicer
+from gateway.service import METHOD_ROLES, SERVICE_NAME, GatewayServicer
 from gateway.settings import GatewaySettings
 
 
@@ -18,7 +18,7 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.app = ServiceApp("gateway", settings, [SERVICE_NAME])
+        self.app = ServiceApp("gateway", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         routes = RouteTable.static(settings.predictor, settings.routes_file)
         self.predictors = PredictorPool(
             self.app.client_channel,

@@ -13,6 +13,7 @@ import grpc
 from grpc import aio
 from opentelemetry import trace
 
+from chassis.auth import method_roles
 from chassis.tracing import trace_id_of
 from fresco.api.gateway.v1 import gateway_pb2 as pb
 from gateway.budget import Budget
@@ -22,6 +23,10 @@ from gateway.wire import parse_batch, parse_request
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+# Predictions are reads: open, or viewer when reads require auth.
+METHOD_ROLES = method_roles(
+    pb.DESCRIPTOR.services_by_name["GatewayService"], writes={}, reads=["Predict", "PredictBatch"]
+)
 
 
 def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -> pb.PredictResponse:

@@ -1,5 +1,6 @@
 """The sibling workers of a multi-process predictor, reached over unix sockets, so that repository
-calls (load, unload) reach every worker and statistics cover all of them."""
+calls (load, unload) reach every worker and statistics cover all of them. A call made on a caller's
+behalf carries the caller's own bearer token, which each sibling verifies again."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from grpc import aio
 
+from chassis.auth import forwarded_metadata
 from chassis.errors import FrescoError, InvalidArgument, Unavailable
 from chassis.status import STATUS_FOR_ERROR
 from fresco.api.inference import grpc_service_pb2 as pb
@@ -65,7 +67,7 @@ class Peers:
         """Hand a repository call to the leading worker, which coordinates it for every worker."""
         try:
             return await getattr(self._stub(leader), method)(
-                request, metadata=((ROUTED, str(self.index)),), timeout=PEER_TIMEOUT_S
+                request, metadata=((ROUTED, str(self.index)), *forwarded_metadata()), timeout=PEER_TIMEOUT_S
             )
         except aio.AioRpcError as err:
             # The leader's answer, with its code, is the caller's answer.
@@ -75,7 +77,7 @@ class Peers:
     async def outcomes(self, method: str, request: Any) -> list[tuple[str, Any]]:
         """Call `method` on every other worker: each worker's name and its answer or its error."""
         paths = self._others()
-        metadata = ((FORWARDED, str(self.index)),)
+        metadata = ((FORWARDED, str(self.index)), *forwarded_metadata())
         calls = [
             getattr(self._stub(path), method)(request, metadata=metadata, timeout=PEER_TIMEOUT_S) for path in paths
         ]
@@ -93,7 +95,7 @@ class Peers:
     async def broadcast(self, method: str, request: Any) -> list[Any]:
         """Call `method` on every other worker; their answers, or a domain error naming the worker."""
         paths = self._others()
-        metadata = ((FORWARDED, str(self.index)),)
+        metadata = ((FORWARDED, str(self.index)), *forwarded_metadata())
         calls = [
             getattr(self._stub(path), method)(request, metadata=metadata, timeout=PEER_TIMEOUT_S) for path in paths
         ]

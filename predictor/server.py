@@ -16,7 +16,7 @@ from predictor.models import ModelStore
 from predictor.peers import Peers, socket_path
 from predictor.poller import RepositoryPoller
 from predictor.repository import ModelRepository
-from predictor.service import InferenceServicer
+from predictor.service import METHOD_ROLES, InferenceServicer
 from predictor.settings import PredictorSettings
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Predictor:
 
     def __init__(self, settings: PredictorSettings) -> None:
         self.settings = settings
-        self.app = ServiceApp("predictor", settings, [SERVICE_NAME])
+        self.app = ServiceApp("predictor", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         self.executor = ThreadPoolExecutor(settings.inference_threads, thread_name_prefix="infer")
         self.store = ModelStore(
             ModelRepository(settings.model_repository),

@@ -11,6 +11,7 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
+from chassis.auth import Role, method_roles
 from chassis.errors import FailedPrecondition, FrescoError, InvalidArgument, NotFound, Unavailable
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
@@ -44,6 +45,17 @@ STREAM_BYTES = 64 * 1024 * 1024
 # one by one go to a thread, so that the event loop keeps serving small calls meanwhile.
 OFFLOAD_ABOVE = 64 * 1024
 Context: TypeAlias = aio.ServicerContext[Any, Any]
+# The role each method needs once auth is on. Loading and unloading change what is served: deployer,
+# the role a model manager or CI holds (admin includes it). Liveness and readiness are probes: open.
+METHOD_ROLES = method_roles(
+    pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],
+    writes={"RepositoryModelLoad": Role.DEPLOYER, "RepositoryModelUnload": Role.DEPLOYER},
+    reads=[
+        "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer", "ModelStreamInfer",
+        "ModelConfig", "ModelStatistics", "RepositoryIndex",
+    ],
+    open_methods=["ServerLive", "ServerReady"],
+)  # fmt: skip
 
 
 def _duration(source: Duration, target: pb.StatisticDuration) -> None:
