@@ -11,7 +11,7 @@ from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from model_manager.artifacts import ArtifactStore
 from model_manager.registry import Registry
-from model_manager.service import Domain, ModelManagerServicer
+from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
 from model_manager.uploads import VersionUploads
 
@@ -24,7 +24,7 @@ class ModelManager:
 
     def __init__(self, settings: ModelManagerSettings) -> None:
         self.settings = settings
-        self.app = ServiceApp("model_manager", settings, [SERVICE_NAME])
+        self.app = ServiceApp("model_manager", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         # Rollout and route RPCs are not built yet: the generated base class answers them UNIMPLEMENTED.
         self.servicer = ModelManagerServicer()  # type: ignore[abstract]
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)

@@ -12,6 +12,7 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
+from chassis.auth import Role, current_identity, method_roles
 from chassis.errors import InvalidArgument, Unavailable
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
@@ -21,13 +22,31 @@ from model_manager.uploads import VersionUploads
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 ANONYMOUS = "anonymous"
+# The role each method needs once auth is on: changing the registry or what is served is a deployer's
+# (admin includes it); reading it needs none, or viewer with --auth-require-for-reads.
+METHOD_ROLES = method_roles(
+    pb.DESCRIPTOR.services_by_name["ModelManagerService"],
+    writes={
+        name: Role.DEPLOYER
+        for name in (
+            "CreateModel", "UploadModelVersion", "SetModelAlias", "DeleteModelAlias", "PromoteModelVersion",
+            "DeployModelVersion", "PauseRollout", "ResumeRollout", "RollbackRollout", "ReportMetrics",
+        )
+    },
+    reads=[
+        "GetModel", "ListModels", "GetModelVersion", "ListModelVersions", "ListAuditRecords",
+        "GetRolloutStatus", "ListRollouts", "WatchRoutes",
+    ],
+)  # fmt: skip
 
 
 def caller_identity(context: Context) -> str:
-    """Who is calling, as authenticated by the transport (a TLS client certificate today), else "anonymous".
-
-    Never a name the client wrote in the request: the audit log records this.
-    """
+    """Who is calling, as verified: the bearer token's subject (chassis auth), else the TLS client
+    certificate's identity, else "anonymous". Never a name the client wrote in the request: the audit
+    log records this."""
+    identity = current_identity()
+    if identity is not None:
+        return identity.subject
     identities = context.peer_identities()
     if identities:
         return b",".join(identities).decode(errors="replace")

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chassis.auth import Role, token_line
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
@@ -255,3 +256,28 @@ def test_health_waits_for_the_database(tmp_path: Path) -> None:
         assert process.stop() == 0
         database.close()
     assert "registry database not reachable" in process.output()
+
+
+def test_with_auth_on_registry_writes_need_a_deployer_and_the_audit_names_the_token(tmp_path: Path) -> None:
+    """Missing token: UNAUTHENTICATED; a viewer: PERMISSION_DENIED; a deployer: done, and the audit
+    records the token's holder, whatever owner or name the request itself carries."""
+    tokens = {"dana": (Role.DEPLOYER, "dana-deployer-token"), "vik": (Role.VIEWER, "vik-viewer-token")}
+    (tmp_path / "tokens").write_text("".join(token_line(n, role, t) + "\n" for n, (role, t) in tokens.items()))
+    args = ["--data-dir", str(tmp_path / "data"), "--port", "0", "--metrics-port", "-1"]
+    process = ServiceProcess("model_manager", [*args, "--auth-tokens-file", str(tmp_path / "tokens")]).start()
+    try:
+        process.wait_healthy(60)
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.ModelManagerServiceStub(channel)
+            create = pb.CreateModelRequest(model=rpb.Model(name="guarded", owner="mallory", signature=signature()))
+            missing = error(lambda: stub.CreateModel(create))
+            assert missing.code() == grpc.StatusCode.UNAUTHENTICATED
+            viewer = error(lambda: stub.CreateModel(create, metadata=(("authorization", "Bearer vik-viewer-token"),)))
+            assert viewer.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "deployer" in (viewer.details() or "")
+            stub.CreateModel(create, metadata=(("authorization", "Bearer dana-deployer-token"),))
+            assert stub.GetModel(pb.GetModelRequest(name="guarded")).model.owner == "mallory"  # reads stay open
+            records = stub.ListAuditRecords(pb.ListAuditRecordsRequest(model_name="guarded")).records
+    finally:
+        assert process.stop() == 0
+    assert [(r.action, r.identity) for r in records] == [("model.create", "dana")]
