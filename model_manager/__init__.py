@@ -1,0 +1,1 @@
+"""Fresco's model manager: registry, promotion gates, rollouts and routes."""
