@@ -19,7 +19,9 @@ from model_manager.xds_stream import AdsStream, ClientStatus, Nack
 _NACK_HISTORY: Final = 100
 
 # A request from the client, a new revision to publish, or None when the client has gone.
-_Event: TypeAlias = Any  # discovery_pb2 has no type stubs: a DiscoveryRequest, an XdsSnapshot or None
+# A client's DiscoveryRequest (discovery_pb2 has no type stubs), _PUBLISHED, or None when the client has gone.
+_Event: TypeAlias = Any
+_PUBLISHED: Final = object()  # a new revision is published: the stream takes the latest
 
 
 class AdsService:
@@ -47,7 +49,7 @@ class AdsService:
             raise RouteError(f"revision: expected at least the published {published}, got {resources.revision}")
         self._snapshot = resources
         for queue in self._streams.values():
-            queue.put_nowait(resources)
+            queue.put_nowait(_PUBLISHED)
 
     def clients(self) -> list[ClientStatus]:
         """Each connected client's accepted versions and current rejections."""
@@ -68,7 +70,8 @@ class AdsService:
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         """One client's ADS stream: its requests and new revisions in, responses out, in order."""
         stream = AdsStream(self._snapshot, on_nack=self._nacks.append)
-        # Requests and revisions meet in one queue, so the stream's state changes one event at a time.
+        # Requests and new revisions meet in one queue, so the stream's state changes one event at a
+        # time; revisions published while the stream is busy are taken together, as the latest.
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[stream] = queue
 
@@ -82,7 +85,12 @@ class AdsService:
         reader = asyncio.create_task(read())
         try:
             while (event := await queue.get()) is not None:
-                responses = stream.on_snapshot(event) if isinstance(event, XdsSnapshot) else stream.on_request(event)
+                if event is _PUBLISHED:
+                    if self._snapshot is None or stream.snapshot is self._snapshot:
+                        continue
+                    responses = stream.on_snapshot(self._snapshot)
+                else:
+                    responses = stream.on_request(event)
                 for response in responses:
                     yield response
         finally:

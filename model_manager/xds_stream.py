@@ -1,8 +1,9 @@
 """One ADS stream's state-of-the-world protocol, with no gRPC in it: requests and new snapshots in,
 the responses to send out.
 
-- A response goes out when the client's subscription or the resources under it changed, one at a
-  time per type: the next waits for the client's ACK or NACK of the last. A bare ACK gets nothing.
+- A response goes out when the client asks for new names or the resources under its subscription
+  changed, one at a time per type: the next waits for the client's ACK or NACK of the last. A bare
+  ACK gets nothing, nor does dropping names when what is left to send is unchanged.
 - A NACK is recorded with the client's error_detail; the rejected resources are not sent again,
   and the client keeps its last good configuration.
 - Make before break: a route change is sent only once the client has accepted the clusters,
@@ -61,6 +62,9 @@ class ClientStatus:
     acked: Mapping[str, str]  # type URL → version the client last ACKed
     rejected: Mapping[str, Nack]  # type URL → its NACK, while the type's latest answer is a NACK
     route_revision: int | None  # the route table revision whose routes the client accepted
+    # The latest revision the client holds all of, as far as it asked: nothing of it left to send
+    # or to be answered. A change counts as applied on this client once this reaches its revision.
+    synced_revision: int | None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class AdsStream:
     user_agent: str = ""
     _types: dict[str, _TypeState] = field(default_factory=lambda: {t: _TypeState() for t in TYPE_ORDER})
     _nonces: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _synced: int | None = None
 
     def on_request(self, request: discovery_pb2.DiscoveryRequest) -> list[discovery_pb2.DiscoveryResponse]:
         """Take in a request (a subscription, an ACK or a NACK); the responses it calls for."""
@@ -138,6 +143,7 @@ class AdsStream:
             {t: s.acked_version for t, s in self._types.items() if s.acked_version},
             {t: s.nacked for t, s in self._types.items() if s.nacked is not None},
             routes.revision if routes is not None else None,
+            self._synced,
         )
 
     def _pump(self) -> list[discovery_pb2.DiscoveryResponse]:
@@ -152,12 +158,13 @@ class AdsStream:
                 continue
             resources = self._select(state, self._available(type_url))
             content = {name: packed.SerializeToString(deterministic=True) for name, packed in resources.items()}
-            if (
-                content == state.content
-                and state.names == state.answered_names
-                and state.wildcard == state.wildcard_answered
-            ):
-                continue
+            if state.content is not None and state.wildcard == state.wildcard_answered:
+                # What the client still asks for, as last sent: if nothing in it changed and no name
+                # is new, there is nothing to say (dropping names needs no answer).
+                kept = {n: b for n, b in state.content.items() if state.wildcard or n in state.names}
+                if content == kept and state.names <= (state.answered_names or frozenset()):
+                    state.content, state.answered_names = content, state.names
+                    continue
             state.nonce = str(next(self._nonces))
             state.version = str(self.snapshot.revision)
             state.content = content
@@ -174,6 +181,9 @@ class AdsStream:
                     resources=[resources[name] for name in sorted(resources)],
                 )
             )
+        asked = any(state.names is not None for state in self._types.values())
+        if asked and all(self._accepted(t) for t in TYPE_ORDER):
+            self._synced = self.snapshot.revision
         return out
 
     def _available(self, type_url: str) -> dict[str, any_pb2.Any]:
@@ -193,18 +203,26 @@ class AdsStream:
                     offered[name] = resource
         return offered
 
+    def _accepted(self, type_url: str) -> bool:
+        """Whether the client holds, ACKed, what this type's next response would carry (or never
+        asked for the type)."""
+        state = self._types[type_url]
+        if state.names is None:
+            return True
+        if state.awaiting or state.nacked is not None:
+            return False
+        desired = self._select(state, self._available(type_url))
+        return (
+            {n: r.SerializeToString(deterministic=True) for n, r in desired.items()} == state.content
+            and state.names == state.answered_names
+            and state.wildcard == state.wildcard_answered
+        )
+
     def _ready_for_routes(self) -> bool:
         """Whether the client has accepted this revision's clusters, endpoints and listeners, as far
         as it asked for them: a revision's routes move traffic, so they go out last."""
-        for type_url in (CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER):
-            state = self._types[type_url]
-            if state.names is None:
-                continue
-            if state.awaiting or state.nacked is not None:
-                return False
-            desired = self._select(state, self._available(type_url))
-            if {n: r.SerializeToString(deterministic=True) for n, r in desired.items()} != state.content:
-                return False
+        if not all(self._accepted(t) for t in (CLUSTER, CLUSTER_LOAD_ASSIGNMENT, LISTENER)):
+            return False
         clusters = self._types[CLUSTER]
         if clusters.wildcard:
             # A wildcard client learns every cluster and then asks for their endpoints: wait for that.

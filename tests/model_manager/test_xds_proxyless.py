@@ -132,6 +132,7 @@ async def test_proxyless_client_follows_weight_changes(ads, client, version_serv
     [status] = ads.service.clients()
     assert status.node_id == NODE
     assert status.route_revision == 3
+    assert status.synced_revision == 3
     assert status.rejected == {}
     assert ads.service.nacks() == []
 
@@ -165,6 +166,7 @@ async def test_proxyless_client_nack_keeps_last_good_config(ads, client, version
     assert "router" in nack.message.lower() or "filter" in nack.message.lower(), nack.message
     [status] = ads.service.clients()
     assert status.rejected[LISTENER] == nack
+    assert status.synced_revision == 1
     # The rejected listener came with no route change the client could act on: it keeps v1.
     assert await ask(client, "count 20") == {"counts": {"v1": 20}}
 

@@ -89,6 +89,7 @@ def test_a_subscription_is_answered_and_a_bare_ack_is_not() -> None:
     status = stream.status()
     assert status.node_id == "client-1"
     assert status.route_revision == 1
+    assert status.synced_revision == 1
     assert status.acked == {LISTENER: "1", ROUTE_CONFIGURATION: "1", CLUSTER: "1", CLUSTER_LOAD_ASSIGNMENT: "1"}
 
 
@@ -100,8 +101,10 @@ def test_endpoints_go_out_before_the_route_change_that_needs_them() -> None:
     assert kinds([eds]) == [("EDS", "2", [V1, V2])]
     [rds] = stream.on_request(request(CLUSTER_LOAD_ASSIGNMENT, [V1, V2], eds))
     assert kinds([rds]) == [("RDS", "2", [ROUTES])]
+    assert stream.status().synced_revision == 1  # revision 2 is applied once its routes are accepted
     assert stream.on_request(request(ROUTE_CONFIGURATION, [ROUTES], rds)) == []
     assert stream.status().route_revision == 2
+    assert stream.status().synced_revision == 2
 
 
 def test_a_request_with_an_old_nonce_is_ignored() -> None:
@@ -132,6 +135,7 @@ def test_a_nack_is_recorded_not_resent_and_holds_the_routes() -> None:
     status = stream.status()
     assert status.rejected == {CLUSTER_LOAD_ASSIGNMENT: recorded}
     assert status.route_revision == 1  # the client keeps its last good routes
+    assert status.synced_revision == 1
     # The next revision goes out in order again: endpoints first, routes once they are accepted.
     [eds3] = stream.on_snapshot(snapshot(fraud(3, VersionRoute("v1", 50, (A,)), VersionRoute("v2", 50, (B,)))))
     assert kinds([eds3]) == [("EDS", "3", [V1, V2])]
@@ -199,7 +203,17 @@ def test_a_wildcard_client_gets_a_new_cluster_and_its_endpoints_before_the_route
     # v1 goes away: the routes stop using it first, and only then its cluster and endpoints go.
     [rds3] = stream.on_snapshot(snapshot(fraud(3, VersionRoute("v2", 50, (B,)), VersionRoute("v3", 50, (C,)))))
     assert kinds([rds3]) == [("RDS", "3", [ROUTES])]
-    assert kinds(stream.on_request(request(ROUTE_CONFIGURATION, [ROUTES], rds3))) == [
-        ("CDS", "3", [V2, V3]),
-        ("EDS", "3", [V2, V3]),
-    ]
+    cds3, eds3 = stream.on_request(request(ROUTE_CONFIGURATION, [ROUTES], rds3))
+    assert kinds([cds3, eds3]) == [("CDS", "3", [V2, V3]), ("EDS", "3", [V2, V3])]
+    assert stream.status().synced_revision == 2
+    stream.on_request(request(CLUSTER, [], cds3))
+    assert stream.on_request(request(CLUSTER_LOAD_ASSIGNMENT, [V2, V3], eds3)) == []
+    assert stream.status().synced_revision == 3
+
+
+def test_dropping_names_gets_no_answer_and_asking_again_does() -> None:
+    stream = AdsStream(snapshot(TABLE_1))
+    sent = grpc_like(stream)
+    assert stream.on_request(request(CLUSTER_LOAD_ASSIGNMENT, [V1], sent["EDS"])) == []
+    [again] = stream.on_request(request(CLUSTER_LOAD_ASSIGNMENT, [V1, V2]))
+    assert kinds([again]) == [("EDS", "1", [V1, V2])]
