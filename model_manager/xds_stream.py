@@ -52,6 +52,13 @@ class Nack:
         """LDS, RDS, CDS or EDS."""
         return SHORT_NAMES.get(self.type_url, self.type_url)
 
+    def describe(self) -> str:
+        """One line for a rollout's status and events."""
+        return (
+            f"xDS client {self.node_id or '(no node id)'} rejected {self.kind} version {self.rejected_version}"
+            f" and kept version {self.kept_version or '(none)'}: {self.message}"
+        )
+
 
 @dataclass(frozen=True)
 class ClientStatus:

@@ -14,12 +14,14 @@ from typing import Any
 
 import pytest
 
+from fresco.suite import ServiceProcess
 from model_manager.envoy_resources import LISTENER, XdsSnapshot, snapshot
 from model_manager.routes import Endpoint, ModelRoute, RouteTable, Shadow, VersionRoute
 from model_manager.xds import AdsServer
-from tests.model_manager.conftest import ROOT
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = "fraud"
 NODE = "proxyless-test"
@@ -79,6 +81,24 @@ class ProxylessClient:
         if self.process.stdout is not None:
             self.process.stdout.close()
         self._stderr.close()
+
+
+@pytest.fixture(scope="module")
+def version_servers() -> Iterator[dict[str, Endpoint]]:
+    """`v1` and `v2`: one real server process each, answering with its label; their endpoints."""
+    started: list[ServiceProcess] = []
+    endpoints: dict[str, Endpoint] = {}
+    try:
+        for label in ("v1", "v2"):
+            process = ServiceProcess("tests.model_manager.xds_version_server", [label], env={"PYTHONPATH": str(ROOT)})
+            started.append(process)
+            process.start()
+            process.wait_healthy()
+            endpoints[label] = Endpoint.parse(process.address)
+        yield endpoints
+    finally:
+        for process in started:
+            process.stop()
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ def test_route_configuration_splits_by_weight_and_leaves_out_weight_zero() -> No
     [host] = built.virtual_hosts
     assert list(host.domains) == ["fraud"]
     [only] = host.routes
+    assert only.match.WhichOneof("path_specifier") == "prefix"  # set, though empty: matches every path
     assert only.match.prefix == ""
     weighted = [(c.name, c.weight.value) for c in only.route.weighted_clusters.clusters]
     assert weighted == [("fresco/fraud/v1", 90), ("fresco/fraud/v2", 10)]

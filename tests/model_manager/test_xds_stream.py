@@ -132,6 +132,7 @@ def test_a_nack_is_recorded_not_resent_and_holds_the_routes() -> None:
         "1",
         "endpoint rejected",
     )
+    assert recorded.describe() == "xDS client client-1 rejected EDS version 2 and kept version 1: endpoint rejected"
     status = stream.status()
     assert status.rejected == {CLUSTER_LOAD_ASSIGNMENT: recorded}
     assert status.route_revision == 1  # the client keeps its last good routes

@@ -14,7 +14,7 @@ from collections import Counter
 
 import grpc
 
-from tests.model_manager.version_server import METHOD
+from tests.model_manager.xds_version_server import METHOD
 
 _CALL_TIMEOUT_S = 30.0
 _UNTIL_S = 90.0  # bounds the wait for a new configuration; generous for a loaded machine

@@ -1,6 +1,6 @@
 """A real, minimal gRPC server standing for one model version in the xDS tests: it answers
 `/fresco.test.Version/Which` with its label and serves the health check. Run as
-`python -m tests.model_manager.version_server LABEL`; it prints where it listens."""
+`python -m tests.model_manager.xds_version_server LABEL`; it prints where it listens."""
 
 from __future__ import annotations
 
