@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
+# xds-protos also ships old copies of the OTLP and googleapis protos into opentelemetry/proto and
+# google/, overwriting the real packages' files when it installs after them (then the OTLP exporter
+# fails to import). Reinstalling the owners of those files, pinned, puts them back.
+RESTORE_PROTOS := $(PIP_INSTALL) --force-reinstall --no-deps opentelemetry-proto googleapis-common-protos
 
 .PHONY: demo test test-deps lint proto install install-dev up clean bench-predictor bench-features
 
@@ -16,6 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # The developer install: tests, linters and code generators on top.
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP_INSTALL) -e '.[dev]'
+	$(RESTORE_PROTOS)
 	touch $@
 
 install: $(VENV)/.installed
