@@ -89,13 +89,11 @@ class _Rpc:
         self.metrics.observe(name, time.perf_counter() - self.start)
 
 
-class ServerInterceptor(aio.ServerInterceptor):
-    """Tracing, metrics and error mapping for every RPC but health and reflection."""
+class _WrappingInterceptor(aio.ServerInterceptor):
+    """Runs the calls of the methods it `_applies` to inside a wrapper; a method's wrapped handler is
+    built once, since grpc asks on every call."""
 
-    def __init__(self, tracer: Tracer, metrics: RpcMetrics) -> None:
-        self._tracer = tracer
-        self._metrics = metrics
-        # grpc asks on every call; the wrapped handler of a method is built once.
+    def __init__(self) -> None:
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
@@ -105,14 +103,32 @@ class ServerInterceptor(aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler: Any = await continuation(handler_call_details)
         method: str = handler_call_details.method
-        if handler is None or not is_traced(method):
-            return None if handler is None else cast("grpc.RpcMethodHandler[Any, Any]", handler)
+        if handler is None or not self._applies(method):
+            return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
         cached = self._wrapped.get(method)
         if cached is not None and cached[0] is handler:
             return cached[1]
         wrapped = self._wrap(handler, method)
         self._wrapped[method] = (handler, wrapped)
         return wrapped
+
+    def _applies(self, method: str) -> bool:
+        raise NotImplementedError
+
+    def _wrap(self, handler: Any, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        raise NotImplementedError
+
+
+class ServerInterceptor(_WrappingInterceptor):
+    """Tracing, metrics and error mapping for every RPC but health and reflection."""
+
+    def __init__(self, tracer: Tracer, metrics: RpcMetrics) -> None:
+        super().__init__()
+        self._tracer = tracer
+        self._metrics = metrics
+
+    def _applies(self, method: str) -> bool:
+        return is_traced(method)
 
     def _wrap(self, handler: Any, method: str) -> grpc.RpcMethodHandler[Any, Any]:
         tracer, metrics = self._tracer, self._metrics.for_method(method)
@@ -162,30 +178,20 @@ def wrap_handler(
     return grpc.stream_stream_rpc_method_handler(stream_stream, **codec)
 
 
-class AuthInterceptor(aio.ServerInterceptor):
+class AuthInterceptor(_WrappingInterceptor):
     """Verifies the bearer token of every call but health checks, refuses calls whose method needs a
     role the caller lacks, and makes the caller's identity current (`chassis.auth.current_identity`)."""
 
     def __init__(self, authenticator: Authenticator, policy: AccessPolicy) -> None:
+        super().__init__()
         self._authenticator = authenticator
         self._policy = policy
-        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler: Any = await continuation(handler_call_details)
-        method: str = handler_call_details.method
-        if handler is None or method.startswith(OPEN_PREFIXES):
-            return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = wrap_handler(handler, lambda ctx: self._guard(method, ctx))
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    def _applies(self, method: str) -> bool:
+        return not method.startswith(OPEN_PREFIXES)
+
+    def _wrap(self, handler: Any, method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        return wrap_handler(handler, lambda ctx: self._guard(method, ctx))
 
     @contextlib.asynccontextmanager
     async def _guard(self, method: str, ctx: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
