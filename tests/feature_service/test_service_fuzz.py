@@ -18,6 +18,7 @@ from fresco.api.common.v1 import values_pb2 as vpb
 from fresco.api.features.v1 import feature_service_pb2 as pb
 from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
 from fresco.suite import ServiceProcess
+from tests.rpc import outcome
 
 pytestmark = pytest.mark.integration
 
@@ -112,18 +113,6 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess
 def channel(service: ServiceProcess) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(service.address) as channel:
         yield channel
-
-
-def outcome(call) -> grpc.StatusCode:
-    """The status of a call; an error must come with a message."""
-    try:
-        call()
-    except grpc.RpcError as err:
-        code, details = err.code(), err.details()
-    else:
-        return grpc.StatusCode.OK
-    assert details, f"{code} without a message"
-    return code
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

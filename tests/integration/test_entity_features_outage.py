@@ -23,25 +23,11 @@ from fresco.servers.pytest_plugin import cassandra_server
 from fresco.suite import ServiceProcess, Suite
 from fresco.training import train_classifier
 from tests.integration import Reference
+from tests.integration.test_entity_features import DEFINITIONS, REFS, _user
 
 __all__ = ["cassandra_server"]
 
 pytestmark = pytest.mark.integration
-
-REFS = [f"user_stats:s{i}" for i in range(8)]
-DEFINITIONS = """
-entities:
-  - name: user
-    join_keys: [{name: user_id, type: int64}]
-feature_views:
-  - name: user_stats
-    entities: [user]
-    features:
-""" + "".join(f"      - {{name: s{i}, type: double}}\n" for i in range(8))
-
-
-def _user(user_id: int) -> values_pb2.EntityKey:
-    return values_pb2.EntityKey(join_keys={"user_id": values_pb2.Value(int64_value=user_id)})
 
 
 @pytest.fixture

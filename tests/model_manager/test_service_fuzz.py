@@ -21,6 +21,7 @@ from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.servers import PostgresServer
 from fresco.servers.pytest_plugin import postgres_server
 from fresco.suite import ServiceProcess
+from tests.rpc import outcome
 
 __all__ = ["postgres_server"]
 pytestmark = pytest.mark.integration
@@ -133,18 +134,6 @@ def channel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
             assert status.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         assert service.stop() == 0
-
-
-def outcome(call) -> grpc.StatusCode:
-    """The status of a call; an error must come with a message."""
-    try:
-        call()
-    except grpc.RpcError as err:
-        code, details = err.code(), err.details()
-    else:
-        return grpc.StatusCode.OK
-    assert details, f"{code} without a message"
-    return code
 
 
 FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
