@@ -30,12 +30,15 @@ METHOD_ROLES = method_roles(
         name: Role.DEPLOYER
         for name in (
             "CreateModel", "UploadModelVersion", "SetModelAlias", "DeleteModelAlias", "PromoteModelVersion",
-            "DeployModelVersion", "PauseRollout", "ResumeRollout", "RollbackRollout", "ReportMetrics",
+            "DeployModelVersion", "PauseRollout", "ResumeRollout", "AbortRollout", "PromoteRollout",
+            "RetryRollout", "UndoRollout", "ApplyDeployment", "ReportMetrics", "RegisterPredictor",
+            "PredictorHeartbeat",
         )
     },
     reads=[
         "GetModel", "ListModels", "GetModelVersion", "ListModelVersions", "ListAuditRecords",
-        "GetRolloutStatus", "ListRollouts", "WatchRoutes",
+        "GetRolloutStatus", "ListRollouts", "WatchRollout", "WatchRoutes", "GetOperation", "WatchOperation",
+        "GetDeployment", "ListDeployments", "ListPredictors",
     ],
 )  # fmt: skip
 

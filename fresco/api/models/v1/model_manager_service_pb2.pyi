@@ -5,12 +5,16 @@ isort:skip_file
 
 from collections import abc as _abc
 from fresco.api.features.v1 import statistics_pb2 as _statistics_pb2
+from fresco.api.models.v1 import fleet_pb2 as _fleet_pb2
 from fresco.api.models.v1 import registry_pb2 as _registry_pb2
 from fresco.api.models.v1 import rollout_pb2 as _rollout_pb2
 from fresco.api.models.v1 import routing_pb2 as _routing_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,6 +25,38 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _ApplyOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ApplyOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ApplyOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APPLY_OUTCOME_UNSPECIFIED: _ApplyOutcome.ValueType  # 0
+    """APPLY_OUTCOME_UNSPECIFIED means the outcome is not set."""
+    APPLY_OUTCOME_CREATED: _ApplyOutcome.ValueType  # 1
+    """APPLY_OUTCOME_CREATED means the deployment is new."""
+    APPLY_OUTCOME_UPDATED: _ApplyOutcome.ValueType  # 2
+    """APPLY_OUTCOME_UPDATED means the deployment changed and its generation grew."""
+    APPLY_OUTCOME_UNCHANGED: _ApplyOutcome.ValueType  # 3
+    """APPLY_OUTCOME_UNCHANGED means the deployment already was as applied."""
+    APPLY_OUTCOME_HELD: _ApplyOutcome.ValueType  # 4
+    """APPLY_OUTCOME_HELD means the spec is unchanged but its rollout was rolled back or failed; only RetryRollout restarts it."""
+
+class ApplyOutcome(_ApplyOutcome, metaclass=_ApplyOutcomeEnumTypeWrapper):
+    """ApplyOutcome is what applying a deployment did."""
+
+APPLY_OUTCOME_UNSPECIFIED: ApplyOutcome.ValueType  # 0
+"""APPLY_OUTCOME_UNSPECIFIED means the outcome is not set."""
+APPLY_OUTCOME_CREATED: ApplyOutcome.ValueType  # 1
+"""APPLY_OUTCOME_CREATED means the deployment is new."""
+APPLY_OUTCOME_UPDATED: ApplyOutcome.ValueType  # 2
+"""APPLY_OUTCOME_UPDATED means the deployment changed and its generation grew."""
+APPLY_OUTCOME_UNCHANGED: ApplyOutcome.ValueType  # 3
+"""APPLY_OUTCOME_UNCHANGED means the deployment already was as applied."""
+APPLY_OUTCOME_HELD: ApplyOutcome.ValueType  # 4
+"""APPLY_OUTCOME_HELD means the spec is unchanged but its rollout was rolled back or failed; only RetryRollout restarts it."""
+Global___ApplyOutcome: _TypeAlias = ApplyOutcome  # noqa: Y015
 
 @_typing.final
 class CreateModelRequest(_message.Message):
@@ -688,6 +724,7 @@ class PromoteModelVersionRequest(_message.Message):
     GATES_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the model name."""
     version: _builtins.int
@@ -697,7 +734,9 @@ class PromoteModelVersionRequest(_message.Message):
     dry_run: _builtins.bool
     """dry_run evaluates the gates without changing the stage."""
     reason: _builtins.str
-    """reason is why the promotion is requested, kept in the audit trail."""
+    """reason is why the promotion is requested, kept in the audit trail; required with force."""
+    force: _builtins.bool
+    """force promotes even when a gate fails; the failed gates and the reason are audited."""
     @_builtins.property
     def gates(self) -> _registry_pb2.PromotionGates:
         """gates overrides the server-configured gates and thresholds; unset uses the configured ones."""
@@ -711,10 +750,11 @@ class PromoteModelVersionRequest(_message.Message):
         gates: _registry_pb2.PromotionGates | None = ...,
         dry_run: _builtins.bool = ...,
         reason: _builtins.str = ...,
+        force: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gates", b"gates"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "gates", b"gates", "model_name", b"model_name", "reason", b"reason", "target_stage", b"target_stage", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dry_run", b"dry_run", "force", b"force", "gates", b"gates", "model_name", b"model_name", "reason", b"reason", "target_stage", b"target_stage", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -722,45 +762,119 @@ Global___PromoteModelVersionRequest: _TypeAlias = PromoteModelVersionRequest  # 
 
 @_typing.final
 class PromoteModelVersionResponse(_message.Message):
-    """PromoteModelVersionResponse reports the gate results and the resulting stage."""
+    """PromoteModelVersionResponse holds the operation running the gates; watch it with WatchOperation."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MODEL_VERSION_FIELD_NUMBER: _builtins.int
-    PASSED_FIELD_NUMBER: _builtins.int
-    GATE_RESULTS_FIELD_NUMBER: _builtins.int
-    PREVIOUS_STAGE_FIELD_NUMBER: _builtins.int
-    STAGE_FIELD_NUMBER: _builtins.int
-    passed: _builtins.bool
-    """passed is true when every gate check passed."""
-    previous_stage: _registry_pb2.ModelStage.ValueType
-    """previous_stage is the stage before the call."""
-    stage: _registry_pb2.ModelStage.ValueType
-    """stage is the stage after the call (target_stage on success, REJECTED on failure, unchanged for dry runs)."""
+    OPERATION_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def model_version(self) -> _registry_pb2.ModelVersion:
-        """model_version is the version after promotion."""
-
-    @_builtins.property
-    def gate_results(self) -> _containers.RepeatedCompositeFieldContainer[_registry_pb2.GateResult]:
-        """gate_results has one entry per gate check run."""
+    def operation(self) -> _registry_pb2.Operation:
+        """operation is the promotion, usually not done yet when returned."""
 
     def __init__(
         self,
         *,
-        model_version: _registry_pb2.ModelVersion | None = ...,
-        passed: _builtins.bool = ...,
-        gate_results: _abc.Iterable[_registry_pb2.GateResult] | None = ...,
-        previous_stage: _registry_pb2.ModelStage.ValueType = ...,
-        stage: _registry_pb2.ModelStage.ValueType = ...,
+        operation: _registry_pb2.Operation | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gate_results", b"gate_results", "model_version", b"model_version", "passed", b"passed", "previous_stage", b"previous_stage", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromoteModelVersionResponse: _TypeAlias = PromoteModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class GetOperationRequest(_message.Message):
+    """GetOperationRequest names one operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """operation_id is the operation identifier."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOperationRequest: _TypeAlias = GetOperationRequest  # noqa: Y015
+
+@_typing.final
+class GetOperationResponse(_message.Message):
+    """GetOperationResponse holds one operation."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> _registry_pb2.Operation:
+        """operation is the operation."""
+
+    def __init__(
+        self,
+        *,
+        operation: _registry_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOperationResponse: _TypeAlias = GetOperationResponse  # noqa: Y015
+
+@_typing.final
+class WatchOperationRequest(_message.Message):
+    """WatchOperationRequest names the operation to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """operation_id is the operation identifier."""
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation_id", b"operation_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOperationRequest: _TypeAlias = WatchOperationRequest  # noqa: Y015
+
+@_typing.final
+class WatchOperationResponse(_message.Message):
+    """WatchOperationResponse is the operation after a change; the stream ends after the first one that is done."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def operation(self) -> _registry_pb2.Operation:
+        """operation is the operation."""
+
+    def __init__(
+        self,
+        *,
+        operation: _registry_pb2.Operation | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operation", b"operation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchOperationResponse: _TypeAlias = WatchOperationResponse  # noqa: Y015
 
 @_typing.final
 class DeployModelVersionRequest(_message.Message):
@@ -1083,17 +1197,17 @@ class ResumeRolloutResponse(_message.Message):
 Global___ResumeRolloutResponse: _TypeAlias = ResumeRolloutResponse  # noqa: Y015
 
 @_typing.final
-class RollbackRolloutRequest(_message.Message):
-    """RollbackRolloutRequest asks to return traffic to the baseline version."""
+class AbortRolloutRequest(_message.Message):
+    """AbortRolloutRequest asks to return all traffic to the baseline version now."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
-    """rollout_id is the rollout identifier; allowed while active or after success while the baseline is hot."""
+    """rollout_id is the rollout identifier."""
     reason: _builtins.str
-    """reason is why the rollout is rolled back."""
+    """reason is why, kept in the rollout's events and the audit trail."""
     def __init__(
         self,
         *,
@@ -1106,18 +1220,18 @@ class RollbackRolloutRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RollbackRolloutRequest: _TypeAlias = RollbackRolloutRequest  # noqa: Y015
+Global___AbortRolloutRequest: _TypeAlias = AbortRolloutRequest  # noqa: Y015
 
 @_typing.final
-class RollbackRolloutResponse(_message.Message):
-    """RollbackRolloutResponse holds the rolled-back rollout."""
+class AbortRolloutResponse(_message.Message):
+    """AbortRolloutResponse holds the rollout after the change."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLLOUT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rollout(self) -> _rollout_pb2.Rollout:
-        """rollout is the rollout after rollback."""
+        """rollout is the rollout after the change."""
 
     def __init__(
         self,
@@ -1130,11 +1244,543 @@ class RollbackRolloutResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___RollbackRolloutResponse: _TypeAlias = RollbackRolloutResponse  # noqa: Y015
+Global___AbortRolloutResponse: _TypeAlias = AbortRolloutResponse  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutRequest(_message.Message):
+    """PromoteRolloutRequest asks to skip the current step, or with full to go straight to 100%."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    FULL_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """rollout_id is the rollout identifier."""
+    reason: _builtins.str
+    """reason is why, kept in the rollout's events and the audit trail."""
+    full: _builtins.bool
+    """full skips every remaining step."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        full: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["full", b"full", "reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutRequest: _TypeAlias = PromoteRolloutRequest  # noqa: Y015
+
+@_typing.final
+class PromoteRolloutResponse(_message.Message):
+    """PromoteRolloutResponse holds the rollout after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _rollout_pb2.Rollout:
+        """rollout is the rollout after the change."""
+
+    def __init__(
+        self,
+        *,
+        rollout: _rollout_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteRolloutResponse: _TypeAlias = PromoteRolloutResponse  # noqa: Y015
+
+@_typing.final
+class RetryRolloutRequest(_message.Message):
+    """RetryRolloutRequest asks to start a rolled-back, failed or aborted rollout again from its first step."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """rollout_id is the rollout identifier."""
+    reason: _builtins.str
+    """reason is why, kept in the rollout's events and the audit trail."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryRolloutRequest: _TypeAlias = RetryRolloutRequest  # noqa: Y015
+
+@_typing.final
+class RetryRolloutResponse(_message.Message):
+    """RetryRolloutResponse holds the rollout after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _rollout_pb2.Rollout:
+        """rollout is the rollout after the change."""
+
+    def __init__(
+        self,
+        *,
+        rollout: _rollout_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryRolloutResponse: _TypeAlias = RetryRolloutResponse  # noqa: Y015
+
+@_typing.final
+class UndoRolloutRequest(_message.Message):
+    """UndoRolloutRequest asks to return a succeeded rollout's traffic to its baseline version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """rollout_id is the rollout identifier."""
+    reason: _builtins.str
+    """reason is why, kept in the rollout's events and the audit trail."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoRolloutRequest: _TypeAlias = UndoRolloutRequest  # noqa: Y015
+
+@_typing.final
+class UndoRolloutResponse(_message.Message):
+    """UndoRolloutResponse holds the rollout after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _rollout_pb2.Rollout:
+        """rollout is the rollout after the change."""
+
+    def __init__(
+        self,
+        *,
+        rollout: _rollout_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UndoRolloutResponse: _TypeAlias = UndoRolloutResponse  # noqa: Y015
+
+@_typing.final
+class WatchRolloutRequest(_message.Message):
+    """WatchRolloutRequest selects the rollout to watch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    RESUME_AFTER_REVISION_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """rollout_id is the rollout identifier."""
+    model_name: _builtins.str
+    """model_name picks the most recent rollout of this model."""
+    resume_after_revision: _builtins.int
+    """resume_after_revision skips changes up to this status revision; 0 starts with the current status."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
+        resume_after_revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "rollout_id", b"rollout_id", "selector", b"selector"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "resume_after_revision", b"resume_after_revision", "rollout_id", b"rollout_id", "selector", b"selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["rollout_id", "model_name"]  # noqa: Y015
+    _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_selector) -> _WhichOneofReturnType_selector | None: ...
+
+Global___WatchRolloutRequest: _TypeAlias = WatchRolloutRequest  # noqa: Y015
+
+@_typing.final
+class WatchRolloutResponse(_message.Message):
+    """WatchRolloutResponse is the rollout after a change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    NEW_EVENTS_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """revision is the rollout's status revision; it grows with every change."""
+    @_builtins.property
+    def rollout(self) -> _rollout_pb2.Rollout:
+        """rollout is the rollout's full status."""
+
+    @_builtins.property
+    def new_events(self) -> _containers.RepeatedCompositeFieldContainer[_rollout_pb2.RolloutEvent]:
+        """new_events are the events added since the previous message."""
+
+    def __init__(
+        self,
+        *,
+        rollout: _rollout_pb2.Rollout | None = ...,
+        revision: _builtins.int = ...,
+        new_events: _abc.Iterable[_rollout_pb2.RolloutEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_events", b"new_events", "revision", b"revision", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRolloutResponse: _TypeAlias = WatchRolloutResponse  # noqa: Y015
+
+@_typing.final
+class Deployment(_message.Message):
+    """Deployment is the desired serving state of one model, as declared by `fresco apply`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class AliasesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
+    AUTO_ROLLBACK_FIELD_NUMBER: _builtins.int
+    GATES_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    MAX_REPLICAS_FIELD_NUMBER: _builtins.int
+    FALLBACK_VERSION_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model deployed."""
+    version: _builtins.int
+    """version is the version that should serve the model."""
+    replicas: _builtins.int
+    """replicas is the least number of predictors that keep each served version warm; 0 means 1."""
+    max_replicas: _builtins.int
+    """max_replicas is the most predictors a version is copied to as its request rate grows; 0 means replicas."""
+    fallback_version: _builtins.int
+    """fallback_version is served when the chosen version fails; 0 means the previous production version."""
+    generation: _builtins.int
+    """generation is set by the server: it grows by one with every change that is applied."""
+    updated_by: _builtins.str
+    """updated_by is the authenticated identity that last changed it; set by the server."""
+    rollout_id: _builtins.str
+    """rollout_id is the rollout the current generation started; set by the server."""
+    @_builtins.property
+    def strategy(self) -> _rollout_pb2.RolloutStrategy:
+        """strategy is how a new version is brought in."""
+
+    @_builtins.property
+    def auto_rollback(self) -> _rollout_pb2.AutoRollbackPolicy:
+        """auto_rollback is the automatic rollback policy."""
+
+    @_builtins.property
+    def gates(self) -> _registry_pb2.PromotionGates:
+        """gates are the promotion gates the version must pass before any traffic; unset runs none."""
+
+    @_builtins.property
+    def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """aliases maps aliases of the model to versions."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """updated_at is when the deployment last changed; set by the server."""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        strategy: _rollout_pb2.RolloutStrategy | None = ...,
+        auto_rollback: _rollout_pb2.AutoRollbackPolicy | None = ...,
+        gates: _registry_pb2.PromotionGates | None = ...,
+        aliases: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        replicas: _builtins.int = ...,
+        max_replicas: _builtins.int = ...,
+        fallback_version: _builtins.int = ...,
+        generation: _builtins.int = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str = ...,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rollback", b"auto_rollback", "gates", b"gates", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "auto_rollback", b"auto_rollback", "fallback_version", b"fallback_version", "gates", b"gates", "generation", b"generation", "max_replicas", b"max_replicas", "model_name", b"model_name", "replicas", b"replicas", "rollout_id", b"rollout_id", "strategy", b"strategy", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Deployment: _TypeAlias = Deployment  # noqa: Y015
+
+@_typing.final
+class ApplyDeploymentRequest(_message.Message):
+    """ApplyDeploymentRequest declares the desired deployment of one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    EXPECTED_GENERATION_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    expected_generation: _builtins.int
+    """expected_generation, when not 0, must equal the current generation or the call fails with ABORTED."""
+    dry_run: _builtins.bool
+    """dry_run reports what would change without changing anything."""
+    reason: _builtins.str
+    """reason is why, kept in the audit trail."""
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """deployment is the desired state; server-set fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+        expected_generation: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "dry_run", b"dry_run", "expected_generation", b"expected_generation", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyDeploymentRequest: _TypeAlias = ApplyDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class ApplyDeploymentResponse(_message.Message):
+    """ApplyDeploymentResponse reports what applying did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    outcome: Global___ApplyOutcome.ValueType
+    """outcome is what applying did."""
+    message: _builtins.str
+    """message says so in one line, e.g. "rolled back at generation 3: error_rate 0.21 > 0.05 (n=812)"."""
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """deployment is the deployment after the call (or as it would be, for a dry run)."""
+
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """changes are the differences from the current deployment, one per line."""
+
+    @_builtins.property
+    def rollout(self) -> _rollout_pb2.Rollout:
+        """rollout is the model's current rollout, if any."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+        outcome: Global___ApplyOutcome.ValueType = ...,
+        message: _builtins.str = ...,
+        changes: _abc.Iterable[_builtins.str] | None = ...,
+        rollout: _rollout_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment", "rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "deployment", b"deployment", "message", b"message", "outcome", b"outcome", "rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApplyDeploymentResponse: _TypeAlias = ApplyDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class GetDeploymentRequest(_message.Message):
+    """GetDeploymentRequest names a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model name."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeploymentRequest: _TypeAlias = GetDeploymentRequest  # noqa: Y015
+
+@_typing.final
+class GetDeploymentResponse(_message.Message):
+    """GetDeploymentResponse holds a deployment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def deployment(self) -> Global___Deployment:
+        """deployment is the deployment."""
+
+    def __init__(
+        self,
+        *,
+        deployment: Global___Deployment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployment", b"deployment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetDeploymentResponse: _TypeAlias = GetDeploymentResponse  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsRequest(_message.Message):
+    """ListDeploymentsRequest asks for a page of deployments, by model name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """page_size is the maximum number of deployments to return; 0 means a server default."""
+    page_token: _builtins.str
+    """page_token is the next_page_token of a previous call; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsRequest: _TypeAlias = ListDeploymentsRequest  # noqa: Y015
+
+@_typing.final
+class ListDeploymentsResponse(_message.Message):
+    """ListDeploymentsResponse is a page of deployments."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEPLOYMENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """next_page_token fetches the next page; empty when there are no more."""
+    @_builtins.property
+    def deployments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Deployment]:
+        """deployments are the deployments of this page."""
+
+    def __init__(
+        self,
+        *,
+        deployments: _abc.Iterable[Global___Deployment] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deployments", b"deployments", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeploymentsResponse: _TypeAlias = ListDeploymentsResponse  # noqa: Y015
 
 @_typing.final
 class WatchRoutesRequest(_message.Message):
-    """WatchRoutesRequest opens a route stream for one gateway."""
+    """WatchRoutesRequest is one message from a gateway on its route stream: a subscription first, then acks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def subscribe(self) -> Global___RouteSubscription:
+        """subscribe opens the stream; it must be the first message and is sent once."""
+
+    @_builtins.property
+    def ack(self) -> Global___RouteAck:
+        """ack accepts or rejects one revision the gateway received."""
+
+    def __init__(
+        self,
+        *,
+        subscribe: Global___RouteSubscription | None = ...,
+        ack: Global___RouteAck | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "subscribe", b"subscribe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "subscribe", b"subscribe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribe", "ack"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___WatchRoutesRequest: _TypeAlias = WatchRoutesRequest  # noqa: Y015
+
+@_typing.final
+class RouteSubscription(_message.Message):
+    """RouteSubscription says which gateway is watching, for which models, and from which revision."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1161,8 +1807,13 @@ class WatchRoutesRequest(_message.Message):
     GATEWAY_ID_FIELD_NUMBER: _builtins.int
     MODEL_NAMES_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    RESUME_FROM_REVISION_FIELD_NUMBER: _builtins.int
     gateway_id: _builtins.str
     """gateway_id identifies the gateway instance."""
+    resume_from_revision: _builtins.int
+    """resume_from_revision is the last revision the gateway applied (e.g. from its state directory); 0 means none.
+    The manager then sends only what changed after it, or a snapshot when it cannot.
+    """
     @_builtins.property
     def model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """model_names restricts the stream to these models; empty means all."""
@@ -1177,18 +1828,49 @@ class WatchRoutesRequest(_message.Message):
         gateway_id: _builtins.str = ...,
         model_names: _abc.Iterable[_builtins.str] | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        resume_from_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway_id", b"gateway_id", "labels", b"labels", "model_names", b"model_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway_id", b"gateway_id", "labels", b"labels", "model_names", b"model_names", "resume_from_revision", b"resume_from_revision"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___WatchRoutesRequest: _TypeAlias = WatchRoutesRequest  # noqa: Y015
+Global___RouteSubscription: _TypeAlias = RouteSubscription  # noqa: Y015
+
+@_typing.final
+class RouteAck(_message.Message):
+    """RouteAck accepts or rejects one revision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISION_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """revision is the revision acknowledged."""
+    accepted: _builtins.bool
+    """accepted is true when the gateway now serves from this revision."""
+    error: _builtins.str
+    """error says why a rejected revision was refused; the gateway keeps serving its last good table."""
+    def __init__(
+        self,
+        *,
+        revision: _builtins.int = ...,
+        accepted: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "error", b"error", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RouteAck: _TypeAlias = RouteAck  # noqa: Y015
 
 @_typing.final
 class WatchRoutesResponse(_message.Message):
-    """WatchRoutesResponse is one route stream message; the first is always a snapshot, and one may be resent at any time."""
+    """WatchRoutesResponse is one route stream message; the first is a snapshot or an update from the resumed revision."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1200,7 +1882,7 @@ class WatchRoutesResponse(_message.Message):
 
     @_builtins.property
     def update(self) -> _routing_pb2.RouteUpdate:
-        """update is a change to apply to the current table."""
+        """update is a change to apply to the table at its base_revision."""
 
     def __init__(
         self,
@@ -1253,17 +1935,193 @@ class ReportMetricsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ACCEPTED_WINDOWS_FIELD_NUMBER: _builtins.int
+    DUPLICATE_WINDOWS_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
     accepted_windows: _builtins.int
     """accepted_windows is the number of windows recorded; windows for unknown versions are dropped."""
+    duplicate_windows: _builtins.int
+    """duplicate_windows is the number of windows whose window_id was recorded before (a retry), counted once."""
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """rejected are the windows refused, one line each naming the window and why."""
+
     def __init__(
         self,
         *,
         accepted_windows: _builtins.int = ...,
+        duplicate_windows: _builtins.int = ...,
+        rejected: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_windows", b"accepted_windows"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_windows", b"accepted_windows", "duplicate_windows", b"duplicate_windows", "rejected", b"rejected"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportMetricsResponse: _TypeAlias = ReportMetricsResponse  # noqa: Y015
+
+@_typing.final
+class RegisterPredictorRequest(_message.Message):
+    """RegisterPredictorRequest adds a predictor to the fleet."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREDICTOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def predictor(self) -> _fleet_pb2.PredictorInfo:
+        """predictor is the predictor as it starts; server-set fields are ignored."""
+
+    def __init__(
+        self,
+        *,
+        predictor: _fleet_pb2.PredictorInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["predictor", b"predictor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["predictor", b"predictor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPredictorRequest: _TypeAlias = RegisterPredictorRequest  # noqa: Y015
+
+@_typing.final
+class RegisterPredictorResponse(_message.Message):
+    """RegisterPredictorResponse says how often to heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREDICTOR_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def predictor(self) -> _fleet_pb2.PredictorInfo:
+        """predictor is the predictor as registered."""
+
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """heartbeat_interval is how often the predictor should heartbeat."""
+
+    @_builtins.property
+    def lease(self) -> _duration_pb2.Duration:
+        """lease is how long without a heartbeat before the predictor is taken out of routes."""
+
+    def __init__(
+        self,
+        *,
+        predictor: _fleet_pb2.PredictorInfo | None = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        lease: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "predictor", b"predictor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "lease", b"lease", "predictor", b"predictor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegisterPredictorResponse: _TypeAlias = RegisterPredictorResponse  # noqa: Y015
+
+@_typing.final
+class PredictorHeartbeatRequest(_message.Message):
+    """PredictorHeartbeatRequest is a predictor's periodic report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREDICTOR_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def predictor(self) -> _fleet_pb2.PredictorInfo:
+        """predictor is the predictor's current report; predictor_id and boot_id must match its registration."""
+
+    def __init__(
+        self,
+        *,
+        predictor: _fleet_pb2.PredictorInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["predictor", b"predictor"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["predictor", b"predictor"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictorHeartbeatRequest: _TypeAlias = PredictorHeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class PredictorHeartbeatResponse(_message.Message):
+    """PredictorHeartbeatResponse answers a heartbeat."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KNOWN_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    known: _builtins.bool
+    """known is false when the manager does not know this predictor (e.g. its lease ran out): register again."""
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """heartbeat_interval is how often the predictor should heartbeat."""
+
+    def __init__(
+        self,
+        *,
+        known: _builtins.bool = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "known", b"known"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PredictorHeartbeatResponse: _TypeAlias = PredictorHeartbeatResponse  # noqa: Y015
+
+@_typing.final
+class ListPredictorsRequest(_message.Message):
+    """ListPredictorsRequest asks for a page of predictors, by id."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """page_size is the maximum number of predictors to return; 0 means a server default."""
+    page_token: _builtins.str
+    """page_token is the next_page_token of a previous call; empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPredictorsRequest: _TypeAlias = ListPredictorsRequest  # noqa: Y015
+
+@_typing.final
+class ListPredictorsResponse(_message.Message):
+    """ListPredictorsResponse is a page of predictors."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PREDICTORS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """next_page_token fetches the next page; empty when there are no more."""
+    @_builtins.property
+    def predictors(self) -> _containers.RepeatedCompositeFieldContainer[_fleet_pb2.PredictorInfo]:
+        """predictors are the predictors of this page."""
+
+    def __init__(
+        self,
+        *,
+        predictors: _abc.Iterable[_fleet_pb2.PredictorInfo] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "predictors", b"predictors"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListPredictorsResponse: _TypeAlias = ListPredictorsResponse  # noqa: Y015

@@ -85,6 +85,16 @@ class ModelManagerServiceStub:
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteModelVersionRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteModelVersionResponse.FromString,
                 _registered_method=True)
+        self.GetOperation = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/GetOperation',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetOperationRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetOperationResponse.FromString,
+                _registered_method=True)
+        self.WatchOperation = channel.unary_stream(
+                '/fresco.models.v1.ModelManagerService/WatchOperation',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchOperationRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchOperationResponse.FromString,
+                _registered_method=True)
         self.DeployModelVersion = channel.unary_unary(
                 '/fresco.models.v1.ModelManagerService/DeployModelVersion',
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeployModelVersionRequest.SerializeToString,
@@ -110,12 +120,47 @@ class ModelManagerServiceStub:
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ResumeRolloutRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ResumeRolloutResponse.FromString,
                 _registered_method=True)
-        self.RollbackRollout = channel.unary_unary(
-                '/fresco.models.v1.ModelManagerService/RollbackRollout',
-                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RollbackRolloutRequest.SerializeToString,
-                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RollbackRolloutResponse.FromString,
+        self.AbortRollout = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/AbortRollout',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.AbortRolloutRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.AbortRolloutResponse.FromString,
                 _registered_method=True)
-        self.WatchRoutes = channel.unary_stream(
+        self.PromoteRollout = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/PromoteRollout',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteRolloutRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteRolloutResponse.FromString,
+                _registered_method=True)
+        self.RetryRollout = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/RetryRollout',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RetryRolloutRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RetryRolloutResponse.FromString,
+                _registered_method=True)
+        self.UndoRollout = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/UndoRollout',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UndoRolloutRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UndoRolloutResponse.FromString,
+                _registered_method=True)
+        self.WatchRollout = channel.unary_stream(
+                '/fresco.models.v1.ModelManagerService/WatchRollout',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRolloutRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRolloutResponse.FromString,
+                _registered_method=True)
+        self.ApplyDeployment = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/ApplyDeployment',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ApplyDeploymentRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ApplyDeploymentResponse.FromString,
+                _registered_method=True)
+        self.GetDeployment = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/GetDeployment',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetDeploymentRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetDeploymentResponse.FromString,
+                _registered_method=True)
+        self.ListDeployments = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/ListDeployments',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListDeploymentsRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListDeploymentsResponse.FromString,
+                _registered_method=True)
+        self.WatchRoutes = channel.stream_stream(
                 '/fresco.models.v1.ModelManagerService/WatchRoutes',
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesResponse.FromString,
@@ -124,6 +169,21 @@ class ModelManagerServiceStub:
                 '/fresco.models.v1.ModelManagerService/ReportMetrics',
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ReportMetricsRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ReportMetricsResponse.FromString,
+                _registered_method=True)
+        self.RegisterPredictor = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/RegisterPredictor',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RegisterPredictorRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RegisterPredictorResponse.FromString,
+                _registered_method=True)
+        self.PredictorHeartbeat = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/PredictorHeartbeat',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PredictorHeartbeatRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PredictorHeartbeatResponse.FromString,
+                _registered_method=True)
+        self.ListPredictors = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/ListPredictors',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsResponse.FromString,
                 _registered_method=True)
 
 
@@ -195,7 +255,22 @@ class ModelManagerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PromoteModelVersion(self, request, context):
-        """PromoteModelVersion runs promotion gates and moves a version to a new stage if they pass.
+        """PromoteModelVersion starts the promotion gates of a version as an operation and returns it at once; the
+        version moves to the target stage when they pass (or when forced with a reason, which is audited).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOperation(self, request, context):
+        """GetOperation returns a long-running operation, such as a promotion, with its progress and result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchOperation(self, request, context):
+        """WatchOperation streams an operation: its current state first, then every change until it is done.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -236,15 +311,65 @@ class ModelManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RollbackRollout(self, request, context):
-        """RollbackRollout returns all traffic to the baseline version.
+    def AbortRollout(self, request, context):
+        """AbortRollout returns all traffic to the baseline version now; applying the same spec again does not restart it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchRoutes(self, request, context):
-        """WatchRoutes streams the routing table to a gateway: a full snapshot first, then updates.
+    def PromoteRollout(self, request, context):
+        """PromoteRollout skips the current step's wait and analysis, or with full=true goes straight to 100%.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryRollout(self, request, context):
+        """RetryRollout starts a rolled-back, failed or aborted rollout again from its first step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndoRollout(self, request, context):
+        """UndoRollout returns a succeeded rollout's traffic to its baseline version while the baseline is still hot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRollout(self, request, context):
+        """WatchRollout streams one rollout: its current status first, then every change, each with a revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyDeployment(self, request, context):
+        """ApplyDeployment declares the desired deployment of a model; it is idempotent and guarded by a generation.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeployment(self, request, context):
+        """GetDeployment returns the desired deployment of a model as last applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDeployments(self, request, context):
+        """ListDeployments lists the deployments of all models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRoutes(self, request_iterator, context):
+        """WatchRoutes streams the routing table to a gateway: a snapshot first, then updates, each with a revision.
+        The gateway acknowledges or rejects every revision on the same stream and resumes from its last one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -252,6 +377,27 @@ class ModelManagerServiceServicer:
 
     def ReportMetrics(self, request, context):
         """ReportMetrics receives per-version metric windows from a gateway for rollout analysis.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterPredictor(self, request, context):
+        """RegisterPredictor adds or replaces a predictor in the fleet the manager places versions on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PredictorHeartbeat(self, request, context):
+        """PredictorHeartbeat renews a predictor's lease and reports its health, memory and loaded models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPredictors(self, request, context):
+        """ListPredictors lists the registered predictors with their last report.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -310,6 +456,16 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteModelVersionRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteModelVersionResponse.SerializeToString,
             ),
+            'GetOperation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOperation,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetOperationRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetOperationResponse.SerializeToString,
+            ),
+            'WatchOperation': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOperation,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchOperationRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchOperationResponse.SerializeToString,
+            ),
             'DeployModelVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.DeployModelVersion,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.DeployModelVersionRequest.FromString,
@@ -335,12 +491,47 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ResumeRolloutRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ResumeRolloutResponse.SerializeToString,
             ),
-            'RollbackRollout': grpc.unary_unary_rpc_method_handler(
-                    servicer.RollbackRollout,
-                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RollbackRolloutRequest.FromString,
-                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RollbackRolloutResponse.SerializeToString,
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.AbortRolloutRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.AbortRolloutResponse.SerializeToString,
             ),
-            'WatchRoutes': grpc.unary_stream_rpc_method_handler(
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteRolloutRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteRolloutResponse.SerializeToString,
+            ),
+            'RetryRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRollout,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RetryRolloutRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RetryRolloutResponse.SerializeToString,
+            ),
+            'UndoRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoRollout,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UndoRolloutRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UndoRolloutResponse.SerializeToString,
+            ),
+            'WatchRollout': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRollout,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRolloutRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRolloutResponse.SerializeToString,
+            ),
+            'ApplyDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyDeployment,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ApplyDeploymentRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ApplyDeploymentResponse.SerializeToString,
+            ),
+            'GetDeployment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeployment,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetDeploymentRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetDeploymentResponse.SerializeToString,
+            ),
+            'ListDeployments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeployments,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListDeploymentsRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListDeploymentsResponse.SerializeToString,
+            ),
+            'WatchRoutes': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchRoutes,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesResponse.SerializeToString,
@@ -349,6 +540,21 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     servicer.ReportMetrics,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ReportMetricsRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ReportMetricsResponse.SerializeToString,
+            ),
+            'RegisterPredictor': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPredictor,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RegisterPredictorRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RegisterPredictorResponse.SerializeToString,
+            ),
+            'PredictorHeartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.PredictorHeartbeat,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PredictorHeartbeatRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PredictorHeartbeatResponse.SerializeToString,
+            ),
+            'ListPredictors': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPredictors,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -633,6 +839,60 @@ class ModelManagerService:
             _registered_method=True)
 
     @staticmethod
+    def GetOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/GetOperation',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetOperationRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOperation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/WatchOperation',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchOperationRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def DeployModelVersion(request,
             target,
             options=(),
@@ -768,7 +1028,7 @@ class ModelManagerService:
             _registered_method=True)
 
     @staticmethod
-    def RollbackRollout(request,
+    def AbortRollout(request,
             target,
             options=(),
             channel_credentials=None,
@@ -781,9 +1041,9 @@ class ModelManagerService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/fresco.models.v1.ModelManagerService/RollbackRollout',
-            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RollbackRolloutRequest.SerializeToString,
-            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RollbackRolloutResponse.FromString,
+            '/fresco.models.v1.ModelManagerService/AbortRollout',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.AbortRolloutRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.AbortRolloutResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -795,7 +1055,88 @@ class ModelManagerService:
             _registered_method=True)
 
     @staticmethod
-    def WatchRoutes(request,
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/PromoteRollout',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteRolloutRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PromoteRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/RetryRollout',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RetryRolloutRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RetryRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/UndoRollout',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UndoRolloutRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UndoRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRollout(request,
             target,
             options=(),
             channel_credentials=None,
@@ -807,6 +1148,114 @@ class ModelManagerService:
             metadata=None):
         return grpc.experimental.unary_stream(
             request,
+            target,
+            '/fresco.models.v1.ModelManagerService/WatchRollout',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRolloutRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/ApplyDeployment',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ApplyDeploymentRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ApplyDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeployment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/GetDeployment',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetDeploymentRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetDeploymentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeployments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/ListDeployments',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListDeploymentsRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListDeploymentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRoutes(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/fresco.models.v1.ModelManagerService/WatchRoutes',
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesRequest.SerializeToString,
@@ -838,6 +1287,87 @@ class ModelManagerService:
             '/fresco.models.v1.ModelManagerService/ReportMetrics',
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ReportMetricsRequest.SerializeToString,
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ReportMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPredictor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/RegisterPredictor',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RegisterPredictorRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.RegisterPredictorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PredictorHeartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/PredictorHeartbeat',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PredictorHeartbeatRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.PredictorHeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPredictors(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/ListPredictors',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,7 +52,13 @@ class ModelManagerServiceStub:
     ListAuditRecords: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListAuditRecordsRequest, _model_manager_service_pb2.ListAuditRecordsResponse]
     """ListAuditRecords lists registry changes, newest first."""
     PromoteModelVersion: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.PromoteModelVersionRequest, _model_manager_service_pb2.PromoteModelVersionResponse]
-    """PromoteModelVersion runs promotion gates and moves a version to a new stage if they pass."""
+    """PromoteModelVersion starts the promotion gates of a version as an operation and returns it at once; the
+    version moves to the target stage when they pass (or when forced with a reason, which is audited).
+    """
+    GetOperation: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetOperationRequest, _model_manager_service_pb2.GetOperationResponse]
+    """GetOperation returns a long-running operation, such as a promotion, with its progress and result."""
+    WatchOperation: _grpc.UnaryStreamMultiCallable[_model_manager_service_pb2.WatchOperationRequest, _model_manager_service_pb2.WatchOperationResponse]
+    """WatchOperation streams an operation: its current state first, then every change until it is done."""
     DeployModelVersion: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.DeployModelVersionRequest, _model_manager_service_pb2.DeployModelVersionResponse]
     """DeployModelVersion starts a rollout of a version with a blue-green, canary or shadow strategy."""
     GetRolloutStatus: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetRolloutStatusRequest, _model_manager_service_pb2.GetRolloutStatusResponse]
@@ -63,12 +69,34 @@ class ModelManagerServiceStub:
     """PauseRollout holds a rollout at its current traffic weights."""
     ResumeRollout: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ResumeRolloutRequest, _model_manager_service_pb2.ResumeRolloutResponse]
     """ResumeRollout continues a paused rollout."""
-    RollbackRollout: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.RollbackRolloutRequest, _model_manager_service_pb2.RollbackRolloutResponse]
-    """RollbackRollout returns all traffic to the baseline version."""
-    WatchRoutes: _grpc.UnaryStreamMultiCallable[_model_manager_service_pb2.WatchRoutesRequest, _model_manager_service_pb2.WatchRoutesResponse]
-    """WatchRoutes streams the routing table to a gateway: a full snapshot first, then updates."""
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.AbortRolloutRequest, _model_manager_service_pb2.AbortRolloutResponse]
+    """AbortRollout returns all traffic to the baseline version now; applying the same spec again does not restart it."""
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.PromoteRolloutRequest, _model_manager_service_pb2.PromoteRolloutResponse]
+    """PromoteRollout skips the current step's wait and analysis, or with full=true goes straight to 100%."""
+    RetryRollout: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.RetryRolloutRequest, _model_manager_service_pb2.RetryRolloutResponse]
+    """RetryRollout starts a rolled-back, failed or aborted rollout again from its first step."""
+    UndoRollout: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.UndoRolloutRequest, _model_manager_service_pb2.UndoRolloutResponse]
+    """UndoRollout returns a succeeded rollout's traffic to its baseline version while the baseline is still hot."""
+    WatchRollout: _grpc.UnaryStreamMultiCallable[_model_manager_service_pb2.WatchRolloutRequest, _model_manager_service_pb2.WatchRolloutResponse]
+    """WatchRollout streams one rollout: its current status first, then every change, each with a revision."""
+    ApplyDeployment: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ApplyDeploymentRequest, _model_manager_service_pb2.ApplyDeploymentResponse]
+    """ApplyDeployment declares the desired deployment of a model; it is idempotent and guarded by a generation."""
+    GetDeployment: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetDeploymentRequest, _model_manager_service_pb2.GetDeploymentResponse]
+    """GetDeployment returns the desired deployment of a model as last applied."""
+    ListDeployments: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListDeploymentsRequest, _model_manager_service_pb2.ListDeploymentsResponse]
+    """ListDeployments lists the deployments of all models."""
+    WatchRoutes: _grpc.StreamStreamMultiCallable[_model_manager_service_pb2.WatchRoutesRequest, _model_manager_service_pb2.WatchRoutesResponse]
+    """WatchRoutes streams the routing table to a gateway: a snapshot first, then updates, each with a revision.
+    The gateway acknowledges or rejects every revision on the same stream and resumes from its last one.
+    """
     ReportMetrics: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ReportMetricsRequest, _model_manager_service_pb2.ReportMetricsResponse]
     """ReportMetrics receives per-version metric windows from a gateway for rollout analysis."""
+    RegisterPredictor: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.RegisterPredictorRequest, _model_manager_service_pb2.RegisterPredictorResponse]
+    """RegisterPredictor adds or replaces a predictor in the fleet the manager places versions on."""
+    PredictorHeartbeat: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.PredictorHeartbeatRequest, _model_manager_service_pb2.PredictorHeartbeatResponse]
+    """PredictorHeartbeat renews a predictor's lease and reports its health, memory and loaded models."""
+    ListPredictors: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListPredictorsRequest, _model_manager_service_pb2.ListPredictorsResponse]
+    """ListPredictors lists the registered predictors with their last report."""
 
 @_typing.type_check_only
 class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
@@ -94,7 +122,13 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     ListAuditRecords: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListAuditRecordsRequest, _model_manager_service_pb2.ListAuditRecordsResponse]  # type: ignore[assignment]
     """ListAuditRecords lists registry changes, newest first."""
     PromoteModelVersion: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.PromoteModelVersionRequest, _model_manager_service_pb2.PromoteModelVersionResponse]  # type: ignore[assignment]
-    """PromoteModelVersion runs promotion gates and moves a version to a new stage if they pass."""
+    """PromoteModelVersion starts the promotion gates of a version as an operation and returns it at once; the
+    version moves to the target stage when they pass (or when forced with a reason, which is audited).
+    """
+    GetOperation: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetOperationRequest, _model_manager_service_pb2.GetOperationResponse]  # type: ignore[assignment]
+    """GetOperation returns a long-running operation, such as a promotion, with its progress and result."""
+    WatchOperation: _aio.UnaryStreamMultiCallable[_model_manager_service_pb2.WatchOperationRequest, _model_manager_service_pb2.WatchOperationResponse]  # type: ignore[assignment]
+    """WatchOperation streams an operation: its current state first, then every change until it is done."""
     DeployModelVersion: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.DeployModelVersionRequest, _model_manager_service_pb2.DeployModelVersionResponse]  # type: ignore[assignment]
     """DeployModelVersion starts a rollout of a version with a blue-green, canary or shadow strategy."""
     GetRolloutStatus: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetRolloutStatusRequest, _model_manager_service_pb2.GetRolloutStatusResponse]  # type: ignore[assignment]
@@ -105,12 +139,34 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     """PauseRollout holds a rollout at its current traffic weights."""
     ResumeRollout: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ResumeRolloutRequest, _model_manager_service_pb2.ResumeRolloutResponse]  # type: ignore[assignment]
     """ResumeRollout continues a paused rollout."""
-    RollbackRollout: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.RollbackRolloutRequest, _model_manager_service_pb2.RollbackRolloutResponse]  # type: ignore[assignment]
-    """RollbackRollout returns all traffic to the baseline version."""
-    WatchRoutes: _aio.UnaryStreamMultiCallable[_model_manager_service_pb2.WatchRoutesRequest, _model_manager_service_pb2.WatchRoutesResponse]  # type: ignore[assignment]
-    """WatchRoutes streams the routing table to a gateway: a full snapshot first, then updates."""
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.AbortRolloutRequest, _model_manager_service_pb2.AbortRolloutResponse]  # type: ignore[assignment]
+    """AbortRollout returns all traffic to the baseline version now; applying the same spec again does not restart it."""
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.PromoteRolloutRequest, _model_manager_service_pb2.PromoteRolloutResponse]  # type: ignore[assignment]
+    """PromoteRollout skips the current step's wait and analysis, or with full=true goes straight to 100%."""
+    RetryRollout: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.RetryRolloutRequest, _model_manager_service_pb2.RetryRolloutResponse]  # type: ignore[assignment]
+    """RetryRollout starts a rolled-back, failed or aborted rollout again from its first step."""
+    UndoRollout: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.UndoRolloutRequest, _model_manager_service_pb2.UndoRolloutResponse]  # type: ignore[assignment]
+    """UndoRollout returns a succeeded rollout's traffic to its baseline version while the baseline is still hot."""
+    WatchRollout: _aio.UnaryStreamMultiCallable[_model_manager_service_pb2.WatchRolloutRequest, _model_manager_service_pb2.WatchRolloutResponse]  # type: ignore[assignment]
+    """WatchRollout streams one rollout: its current status first, then every change, each with a revision."""
+    ApplyDeployment: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ApplyDeploymentRequest, _model_manager_service_pb2.ApplyDeploymentResponse]  # type: ignore[assignment]
+    """ApplyDeployment declares the desired deployment of a model; it is idempotent and guarded by a generation."""
+    GetDeployment: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetDeploymentRequest, _model_manager_service_pb2.GetDeploymentResponse]  # type: ignore[assignment]
+    """GetDeployment returns the desired deployment of a model as last applied."""
+    ListDeployments: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListDeploymentsRequest, _model_manager_service_pb2.ListDeploymentsResponse]  # type: ignore[assignment]
+    """ListDeployments lists the deployments of all models."""
+    WatchRoutes: _aio.StreamStreamMultiCallable[_model_manager_service_pb2.WatchRoutesRequest, _model_manager_service_pb2.WatchRoutesResponse]  # type: ignore[assignment]
+    """WatchRoutes streams the routing table to a gateway: a snapshot first, then updates, each with a revision.
+    The gateway acknowledges or rejects every revision on the same stream and resumes from its last one.
+    """
     ReportMetrics: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ReportMetricsRequest, _model_manager_service_pb2.ReportMetricsResponse]  # type: ignore[assignment]
     """ReportMetrics receives per-version metric windows from a gateway for rollout analysis."""
+    RegisterPredictor: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.RegisterPredictorRequest, _model_manager_service_pb2.RegisterPredictorResponse]  # type: ignore[assignment]
+    """RegisterPredictor adds or replaces a predictor in the fleet the manager places versions on."""
+    PredictorHeartbeat: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.PredictorHeartbeatRequest, _model_manager_service_pb2.PredictorHeartbeatResponse]  # type: ignore[assignment]
+    """PredictorHeartbeat renews a predictor's lease and reports its health, memory and loaded models."""
+    ListPredictors: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListPredictorsRequest, _model_manager_service_pb2.ListPredictorsResponse]  # type: ignore[assignment]
+    """ListPredictors lists the registered predictors with their last report."""
 
 class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelManagerService is the model registry, the rollout controller and the source of gateway routes."""
@@ -193,7 +249,25 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _model_manager_service_pb2.PromoteModelVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_model_manager_service_pb2.PromoteModelVersionResponse, _abc.Awaitable[_model_manager_service_pb2.PromoteModelVersionResponse]]:
-        """PromoteModelVersion runs promotion gates and moves a version to a new stage if they pass."""
+        """PromoteModelVersion starts the promotion gates of a version as an operation and returns it at once; the
+        version moves to the target stage when they pass (or when forced with a reason, which is audited).
+        """
+
+    @_abc_1.abstractmethod
+    def GetOperation(
+        self,
+        request: _model_manager_service_pb2.GetOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.GetOperationResponse, _abc.Awaitable[_model_manager_service_pb2.GetOperationResponse]]:
+        """GetOperation returns a long-running operation, such as a promotion, with its progress and result."""
+
+    @_abc_1.abstractmethod
+    def WatchOperation(
+        self,
+        request: _model_manager_service_pb2.WatchOperationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_model_manager_service_pb2.WatchOperationResponse], _abc.AsyncIterator[_model_manager_service_pb2.WatchOperationResponse]]:
+        """WatchOperation streams an operation: its current state first, then every change until it is done."""
 
     @_abc_1.abstractmethod
     def DeployModelVersion(
@@ -236,20 +310,78 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         """ResumeRollout continues a paused rollout."""
 
     @_abc_1.abstractmethod
-    def RollbackRollout(
+    def AbortRollout(
         self,
-        request: _model_manager_service_pb2.RollbackRolloutRequest,
+        request: _model_manager_service_pb2.AbortRolloutRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_model_manager_service_pb2.RollbackRolloutResponse, _abc.Awaitable[_model_manager_service_pb2.RollbackRolloutResponse]]:
-        """RollbackRollout returns all traffic to the baseline version."""
+    ) -> _typing.Union[_model_manager_service_pb2.AbortRolloutResponse, _abc.Awaitable[_model_manager_service_pb2.AbortRolloutResponse]]:
+        """AbortRollout returns all traffic to the baseline version now; applying the same spec again does not restart it."""
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _model_manager_service_pb2.PromoteRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.PromoteRolloutResponse, _abc.Awaitable[_model_manager_service_pb2.PromoteRolloutResponse]]:
+        """PromoteRollout skips the current step's wait and analysis, or with full=true goes straight to 100%."""
+
+    @_abc_1.abstractmethod
+    def RetryRollout(
+        self,
+        request: _model_manager_service_pb2.RetryRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.RetryRolloutResponse, _abc.Awaitable[_model_manager_service_pb2.RetryRolloutResponse]]:
+        """RetryRollout starts a rolled-back, failed or aborted rollout again from its first step."""
+
+    @_abc_1.abstractmethod
+    def UndoRollout(
+        self,
+        request: _model_manager_service_pb2.UndoRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.UndoRolloutResponse, _abc.Awaitable[_model_manager_service_pb2.UndoRolloutResponse]]:
+        """UndoRollout returns a succeeded rollout's traffic to its baseline version while the baseline is still hot."""
+
+    @_abc_1.abstractmethod
+    def WatchRollout(
+        self,
+        request: _model_manager_service_pb2.WatchRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_model_manager_service_pb2.WatchRolloutResponse], _abc.AsyncIterator[_model_manager_service_pb2.WatchRolloutResponse]]:
+        """WatchRollout streams one rollout: its current status first, then every change, each with a revision."""
+
+    @_abc_1.abstractmethod
+    def ApplyDeployment(
+        self,
+        request: _model_manager_service_pb2.ApplyDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.ApplyDeploymentResponse, _abc.Awaitable[_model_manager_service_pb2.ApplyDeploymentResponse]]:
+        """ApplyDeployment declares the desired deployment of a model; it is idempotent and guarded by a generation."""
+
+    @_abc_1.abstractmethod
+    def GetDeployment(
+        self,
+        request: _model_manager_service_pb2.GetDeploymentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.GetDeploymentResponse, _abc.Awaitable[_model_manager_service_pb2.GetDeploymentResponse]]:
+        """GetDeployment returns the desired deployment of a model as last applied."""
+
+    @_abc_1.abstractmethod
+    def ListDeployments(
+        self,
+        request: _model_manager_service_pb2.ListDeploymentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.ListDeploymentsResponse, _abc.Awaitable[_model_manager_service_pb2.ListDeploymentsResponse]]:
+        """ListDeployments lists the deployments of all models."""
 
     @_abc_1.abstractmethod
     def WatchRoutes(
         self,
-        request: _model_manager_service_pb2.WatchRoutesRequest,
+        request_iterator: _MaybeAsyncIterator[_model_manager_service_pb2.WatchRoutesRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_model_manager_service_pb2.WatchRoutesResponse], _abc.AsyncIterator[_model_manager_service_pb2.WatchRoutesResponse]]:
-        """WatchRoutes streams the routing table to a gateway: a full snapshot first, then updates."""
+        """WatchRoutes streams the routing table to a gateway: a snapshot first, then updates, each with a revision.
+        The gateway acknowledges or rejects every revision on the same stream and resumes from its last one.
+        """
 
     @_abc_1.abstractmethod
     def ReportMetrics(
@@ -258,5 +390,29 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_manager_service_pb2.ReportMetricsResponse, _abc.Awaitable[_model_manager_service_pb2.ReportMetricsResponse]]:
         """ReportMetrics receives per-version metric windows from a gateway for rollout analysis."""
+
+    @_abc_1.abstractmethod
+    def RegisterPredictor(
+        self,
+        request: _model_manager_service_pb2.RegisterPredictorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.RegisterPredictorResponse, _abc.Awaitable[_model_manager_service_pb2.RegisterPredictorResponse]]:
+        """RegisterPredictor adds or replaces a predictor in the fleet the manager places versions on."""
+
+    @_abc_1.abstractmethod
+    def PredictorHeartbeat(
+        self,
+        request: _model_manager_service_pb2.PredictorHeartbeatRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.PredictorHeartbeatResponse, _abc.Awaitable[_model_manager_service_pb2.PredictorHeartbeatResponse]]:
+        """PredictorHeartbeat renews a predictor's lease and reports its health, memory and loaded models."""
+
+    @_abc_1.abstractmethod
+    def ListPredictors(
+        self,
+        request: _model_manager_service_pb2.ListPredictorsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.ListPredictorsResponse, _abc.Awaitable[_model_manager_service_pb2.ListPredictorsResponse]]:
+        """ListPredictors lists the registered predictors with their last report."""
 
 def add_ModelManagerServiceServicer_to_server(servicer: ModelManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -126,6 +126,38 @@ GATE_TYPE_LATENCY: GateType.ValueType  # 3
 """GATE_TYPE_LATENCY measures inference latency against a budget."""
 Global___GateType: _TypeAlias = GateType  # noqa: Y015
 
+class _OperationState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OperationStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OperationState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPERATION_STATE_UNSPECIFIED: _OperationState.ValueType  # 0
+    """OPERATION_STATE_UNSPECIFIED means the state is not set."""
+    OPERATION_STATE_PENDING: _OperationState.ValueType  # 1
+    """OPERATION_STATE_PENDING means it is queued."""
+    OPERATION_STATE_RUNNING: _OperationState.ValueType  # 2
+    """OPERATION_STATE_RUNNING means it is running."""
+    OPERATION_STATE_SUCCEEDED: _OperationState.ValueType  # 3
+    """OPERATION_STATE_SUCCEEDED means it finished and did what was asked."""
+    OPERATION_STATE_FAILED: _OperationState.ValueType  # 4
+    """OPERATION_STATE_FAILED means it finished without doing what was asked (e.g. a gate failed); see error."""
+
+class OperationState(_OperationState, metaclass=_OperationStateEnumTypeWrapper):
+    """OperationState is where a long-running operation is."""
+
+OPERATION_STATE_UNSPECIFIED: OperationState.ValueType  # 0
+"""OPERATION_STATE_UNSPECIFIED means the state is not set."""
+OPERATION_STATE_PENDING: OperationState.ValueType  # 1
+"""OPERATION_STATE_PENDING means it is queued."""
+OPERATION_STATE_RUNNING: OperationState.ValueType  # 2
+"""OPERATION_STATE_RUNNING means it is running."""
+OPERATION_STATE_SUCCEEDED: OperationState.ValueType  # 3
+"""OPERATION_STATE_SUCCEEDED means it finished and did what was asked."""
+OPERATION_STATE_FAILED: OperationState.ValueType  # 4
+"""OPERATION_STATE_FAILED means it finished without doing what was asked (e.g. a gate failed); see error."""
+Global___OperationState: _TypeAlias = OperationState  # noqa: Y015
+
 @_typing.final
 class Model(_message.Message):
     """Model is a registered model: a named series of versions."""
@@ -990,6 +1022,11 @@ class BacktestGate(_message.Message):
     MIN_VALUE_FIELD_NUMBER: _builtins.int
     MAX_VALUE_FIELD_NUMBER: _builtins.int
     MAX_REGRESSION_FIELD_NUMBER: _builtins.int
+    THRESHOLDS_FIELD_NUMBER: _builtins.int
+    SLICE_COLUMN_FIELD_NUMBER: _builtins.int
+    DATASET_SHA256_FIELD_NUMBER: _builtins.int
+    SCORE_OUTPUT_FIELD_NUMBER: _builtins.int
+    MIN_SLICE_ROWS_FIELD_NUMBER: _builtins.int
     dataset_uri: _builtins.str
     """dataset_uri is the labelled data set to score."""
     label_column: _builtins.str
@@ -1004,6 +1041,18 @@ class BacktestGate(_message.Message):
     """max_value, when set, is the largest acceptable metric value."""
     max_regression: _builtins.float
     """max_regression, when set, is the largest acceptable worsening versus the production version, in metric units."""
+    slice_column: _builtins.str
+    """slice_column, when set, reports metrics per value of this column and checks each slice with min_slice_rows rows."""
+    dataset_sha256: _builtins.str
+    """dataset_sha256, when set, must match the dataset's bytes, so a backtest is reproducible."""
+    score_output: _builtins.str
+    """score_output is the output scored; empty means the first output."""
+    min_slice_rows: _builtins.int
+    """min_slice_rows is the least rows a slice needs to be checked; 0 means 100."""
+    @_builtins.property
+    def thresholds(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricThreshold]:
+        """thresholds are further metric limits, each absolute and/or relative to production."""
+
     def __init__(
         self,
         *,
@@ -1014,10 +1063,15 @@ class BacktestGate(_message.Message):
         min_value: _builtins.float | None = ...,
         max_value: _builtins.float | None = ...,
         max_regression: _builtins.float | None = ...,
+        thresholds: _abc.Iterable[Global___MetricThreshold] | None = ...,
+        slice_column: _builtins.str = ...,
+        dataset_sha256: _builtins.str = ...,
+        score_output: _builtins.str = ...,
+        min_slice_rows: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "max_regression", b"max_regression", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "dataset_uri", b"dataset_uri", "label_column", b"label_column", "lower_is_better", b"lower_is_better", "max_regression", b"max_regression", "max_value", b"max_value", "metric", b"metric", "min_value", b"min_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "dataset_sha256", b"dataset_sha256", "dataset_uri", b"dataset_uri", "label_column", b"label_column", "lower_is_better", b"lower_is_better", "max_regression", b"max_regression", "max_value", b"max_value", "metric", b"metric", "min_slice_rows", b"min_slice_rows", "min_value", b"min_value", "score_output", b"score_output", "slice_column", b"slice_column", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_regression: _TypeAlias = _typing.Literal["max_regression"]  # noqa: Y015
     _WhichOneofArgType__max_regression: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression"]  # noqa: Y015
@@ -1043,22 +1097,26 @@ class LatencyGate(_message.Message):
     P99_BUDGET_MS_FIELD_NUMBER: _builtins.int
     SAMPLE_REQUESTS_FIELD_NUMBER: _builtins.int
     BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    WARMUP_REQUESTS_FIELD_NUMBER: _builtins.int
     p99_budget_ms: _builtins.float
     """p99_budget_ms is the largest acceptable p99 latency in milliseconds."""
     sample_requests: _builtins.int
     """sample_requests is the number of requests to time; 0 means a server default."""
     batch_size: _builtins.int
     """batch_size is the number of rows per timed request; 0 means 1."""
+    warmup_requests: _builtins.int
+    """warmup_requests are sent and not timed before measuring; 0 means a server default."""
     def __init__(
         self,
         *,
         p99_budget_ms: _builtins.float = ...,
         sample_requests: _builtins.int = ...,
         batch_size: _builtins.int = ...,
+        warmup_requests: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "p99_budget_ms", b"p99_budget_ms", "sample_requests", b"sample_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_size", b"batch_size", "p99_budget_ms", b"p99_budget_ms", "sample_requests", b"sample_requests", "warmup_requests", b"warmup_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1077,6 +1135,7 @@ class GateResult(_message.Message):
     THRESHOLD_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     EVALUATED_AT_FIELD_NUMBER: _builtins.int
+    BACKTEST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """name identifies the check, e.g. "backtest.min_value"."""
     type: Global___GateType.ValueType
@@ -1093,6 +1152,10 @@ class GateResult(_message.Message):
     def evaluated_at(self) -> _timestamp_pb2.Timestamp:
         """evaluated_at is when the check ran."""
 
+    @_builtins.property
+    def backtest(self) -> Global___BacktestReport:
+        """backtest is the full backtest measurement, on backtest checks."""
+
     def __init__(
         self,
         *,
@@ -1103,11 +1166,259 @@ class GateResult(_message.Message):
         threshold: _builtins.float = ...,
         detail: _builtins.str = ...,
         evaluated_at: _timestamp_pb2.Timestamp | None = ...,
+        backtest: Global___BacktestReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["evaluated_at", b"evaluated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backtest", b"backtest", "evaluated_at", b"evaluated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "evaluated_at", b"evaluated_at", "measured_value", b"measured_value", "name", b"name", "passed", b"passed", "threshold", b"threshold", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest", b"backtest", "detail", b"detail", "evaluated_at", b"evaluated_at", "measured_value", b"measured_value", "name", b"name", "passed", b"passed", "threshold", b"threshold", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GateResult: _TypeAlias = GateResult  # noqa: Y015
+
+@_typing.final
+class Operation(_message.Message):
+    """Operation is a long-running action, such as a promotion running its gates."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    TARGET_STAGE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_STAGE_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    FORCED_FIELD_NUMBER: _builtins.int
+    GATE_RESULTS_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    REQUESTED_BY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    operation_id: _builtins.str
+    """operation_id is the unique operation identifier."""
+    kind: _builtins.str
+    """kind is what the operation does, e.g. "promote"."""
+    state: Global___OperationState.ValueType
+    """state is where it is."""
+    done: _builtins.bool
+    """done is true once it finished, either way."""
+    model_name: _builtins.str
+    """model_name is the model concerned."""
+    version: _builtins.int
+    """version is the version concerned."""
+    target_stage: Global___ModelStage.ValueType
+    """target_stage is the stage asked for."""
+    previous_stage: Global___ModelStage.ValueType
+    """previous_stage is the version's stage when the operation started."""
+    stage: Global___ModelStage.ValueType
+    """stage is the version's stage now."""
+    passed: _builtins.bool
+    """passed is true when every gate passed."""
+    forced: _builtins.bool
+    """forced is true when the promotion went ahead over a failed gate."""
+    error: _builtins.str
+    """error explains a failure in one line."""
+    requested_by: _builtins.str
+    """requested_by is the authenticated identity that started it."""
+    reason: _builtins.str
+    """reason is why it was started."""
+    dry_run: _builtins.bool
+    """dry_run is true when it only evaluates the gates."""
+    @_builtins.property
+    def gate_results(self) -> _containers.RepeatedCompositeFieldContainer[Global___GateResult]:
+        """gate_results are the gate checks run so far."""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp:
+        """created_at is when it was started."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """updated_at is when it last changed."""
+
+    def __init__(
+        self,
+        *,
+        operation_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        state: Global___OperationState.ValueType = ...,
+        done: _builtins.bool = ...,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        target_stage: Global___ModelStage.ValueType = ...,
+        previous_stage: Global___ModelStage.ValueType = ...,
+        stage: Global___ModelStage.ValueType = ...,
+        passed: _builtins.bool = ...,
+        forced: _builtins.bool = ...,
+        gate_results: _abc.Iterable[Global___GateResult] | None = ...,
+        error: _builtins.str = ...,
+        requested_by: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+        dry_run: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "done", b"done", "dry_run", b"dry_run", "error", b"error", "forced", b"forced", "gate_results", b"gate_results", "kind", b"kind", "model_name", b"model_name", "operation_id", b"operation_id", "passed", b"passed", "previous_stage", b"previous_stage", "reason", b"reason", "requested_by", b"requested_by", "stage", b"stage", "state", b"state", "target_stage", b"target_stage", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Operation: _TypeAlias = Operation  # noqa: Y015
+
+@_typing.final
+class MetricThreshold(_message.Message):
+    """MetricThreshold is one backtest metric limit, absolute and relative to the production version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METRIC_FIELD_NUMBER: _builtins.int
+    MIN_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_REGRESSION_FIELD_NUMBER: _builtins.int
+    MAX_RELATIVE_REGRESSION_FIELD_NUMBER: _builtins.int
+    metric: _builtins.str
+    """metric is "auc", "accuracy", "logloss", "rmse", "mae" or "calibration_error"."""
+    min_value: _builtins.float
+    """min_value, when set, is the smallest acceptable value."""
+    max_value: _builtins.float
+    """max_value, when set, is the largest acceptable value."""
+    max_regression: _builtins.float
+    """max_regression, when set, is the largest acceptable worsening versus production, in metric units."""
+    max_relative_regression: _builtins.float
+    """max_relative_regression, when set, is the largest acceptable worsening versus production as a fraction of it."""
+    def __init__(
+        self,
+        *,
+        metric: _builtins.str = ...,
+        min_value: _builtins.float | None = ...,
+        max_value: _builtins.float | None = ...,
+        max_regression: _builtins.float | None = ...,
+        max_relative_regression: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression", "_max_relative_regression", b"_max_relative_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "max_regression", b"max_regression", "max_relative_regression", b"max_relative_regression", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression", "_max_relative_regression", b"_max_relative_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "max_regression", b"max_regression", "max_relative_regression", b"max_relative_regression", "max_value", b"max_value", "metric", b"metric", "min_value", b"min_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_regression: _TypeAlias = _typing.Literal["max_regression"]  # noqa: Y015
+    _WhichOneofArgType__max_regression: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression"]  # noqa: Y015
+    _WhichOneofReturnType__max_relative_regression: _TypeAlias = _typing.Literal["max_relative_regression"]  # noqa: Y015
+    _WhichOneofArgType__max_relative_regression: _TypeAlias = _typing.Literal["_max_relative_regression", b"_max_relative_regression"]  # noqa: Y015
+    _WhichOneofReturnType__max_value: _TypeAlias = _typing.Literal["max_value"]  # noqa: Y015
+    _WhichOneofArgType__max_value: _TypeAlias = _typing.Literal["_max_value", b"_max_value"]  # noqa: Y015
+    _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
+    _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_regression) -> _WhichOneofReturnType__max_regression | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_relative_regression) -> _WhichOneofReturnType__max_relative_regression | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_value) -> _WhichOneofReturnType__max_value | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_value) -> _WhichOneofReturnType__min_value | None: ...
+
+Global___MetricThreshold: _TypeAlias = MetricThreshold  # noqa: Y015
+
+@_typing.final
+class BacktestReport(_message.Message):
+    """BacktestReport is what a backtest measured, with the dataset's digest so it can be reproduced."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class BaselineMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DATASET_URI_FIELD_NUMBER: _builtins.int
+    DATASET_SHA256_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    BASELINE_VERSION_FIELD_NUMBER: _builtins.int
+    BASELINE_METRICS_FIELD_NUMBER: _builtins.int
+    CALIBRATION_FIELD_NUMBER: _builtins.int
+    SLICES_FIELD_NUMBER: _builtins.int
+    dataset_uri: _builtins.str
+    """dataset_uri is the dataset scored."""
+    dataset_sha256: _builtins.str
+    """dataset_sha256 is the hex SHA-256 of the dataset bytes."""
+    rows: _builtins.int
+    """rows is the number of rows scored."""
+    baseline_version: _builtins.int
+    """baseline_version is the production version compared with; 0 when none."""
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """metrics are the candidate's metrics."""
+
+    @_builtins.property
+    def baseline_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """baseline_metrics are the production version's metrics on the same rows."""
+
+    @_builtins.property
+    def calibration(self) -> Global___Calibration:
+        """calibration is the candidate's calibration on the dataset."""
+
+    @_builtins.property
+    def slices(self) -> _containers.RepeatedCompositeFieldContainer[Global___SliceMetrics]:
+        """slices are the candidate's metrics per slice."""
+
+    def __init__(
+        self,
+        *,
+        dataset_uri: _builtins.str = ...,
+        dataset_sha256: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        baseline_version: _builtins.int = ...,
+        baseline_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        calibration: Global___Calibration | None = ...,
+        slices: _abc.Iterable[Global___SliceMetrics] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["calibration", b"calibration"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_metrics", b"baseline_metrics", "baseline_version", b"baseline_version", "calibration", b"calibration", "dataset_sha256", b"dataset_sha256", "dataset_uri", b"dataset_uri", "metrics", b"metrics", "rows", b"rows", "slices", b"slices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BacktestReport: _TypeAlias = BacktestReport  # noqa: Y015

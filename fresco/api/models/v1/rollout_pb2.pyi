@@ -43,6 +43,8 @@ class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutS
     """ROLLOUT_STATE_FAILED means the rollout could not proceed (e.g. the version failed to load)."""
     ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 7
     """ROLLOUT_STATE_ABORTED means the rollout was cancelled, e.g. superseded by a newer rollout."""
+    ROLLOUT_STATE_ROLLING_BACK: _RolloutState.ValueType  # 8
+    """ROLLOUT_STATE_ROLLING_BACK means traffic is returning to the baseline and the gateways have not all acknowledged it."""
 
 class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
     """RolloutState is the state of a rollout."""
@@ -63,7 +65,41 @@ ROLLOUT_STATE_FAILED: RolloutState.ValueType  # 6
 """ROLLOUT_STATE_FAILED means the rollout could not proceed (e.g. the version failed to load)."""
 ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 7
 """ROLLOUT_STATE_ABORTED means the rollout was cancelled, e.g. superseded by a newer rollout."""
+ROLLOUT_STATE_ROLLING_BACK: RolloutState.ValueType  # 8
+"""ROLLOUT_STATE_ROLLING_BACK means traffic is returning to the baseline and the gateways have not all acknowledged it."""
 Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
+
+class _AnalysisVerdict:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AnalysisVerdictEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AnalysisVerdict.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ANALYSIS_VERDICT_UNSPECIFIED: _AnalysisVerdict.ValueType  # 0
+    """ANALYSIS_VERDICT_UNSPECIFIED means the verdict is not set."""
+    ANALYSIS_VERDICT_PASSED: _AnalysisVerdict.ValueType  # 1
+    """ANALYSIS_VERDICT_PASSED means the evidence shows the version within its limits."""
+    ANALYSIS_VERDICT_FAILED: _AnalysisVerdict.ValueType  # 2
+    """ANALYSIS_VERDICT_FAILED means the evidence shows the version beyond a limit."""
+    ANALYSIS_VERDICT_INCONCLUSIVE: _AnalysisVerdict.ValueType  # 3
+    """ANALYSIS_VERDICT_INCONCLUSIVE means too few samples to decide; never a reason to roll back or to promote."""
+    ANALYSIS_VERDICT_ERROR: _AnalysisVerdict.ValueType  # 4
+    """ANALYSIS_VERDICT_ERROR means the analysis itself could not run."""
+
+class AnalysisVerdict(_AnalysisVerdict, metaclass=_AnalysisVerdictEnumTypeWrapper):
+    """AnalysisVerdict is the outcome of one check or of a whole analysis round."""
+
+ANALYSIS_VERDICT_UNSPECIFIED: AnalysisVerdict.ValueType  # 0
+"""ANALYSIS_VERDICT_UNSPECIFIED means the verdict is not set."""
+ANALYSIS_VERDICT_PASSED: AnalysisVerdict.ValueType  # 1
+"""ANALYSIS_VERDICT_PASSED means the evidence shows the version within its limits."""
+ANALYSIS_VERDICT_FAILED: AnalysisVerdict.ValueType  # 2
+"""ANALYSIS_VERDICT_FAILED means the evidence shows the version beyond a limit."""
+ANALYSIS_VERDICT_INCONCLUSIVE: AnalysisVerdict.ValueType  # 3
+"""ANALYSIS_VERDICT_INCONCLUSIVE means too few samples to decide; never a reason to roll back or to promote."""
+ANALYSIS_VERDICT_ERROR: AnalysisVerdict.ValueType  # 4
+"""ANALYSIS_VERDICT_ERROR means the analysis itself could not run."""
+Global___AnalysisVerdict: _TypeAlias = AnalysisVerdict  # noqa: Y015
 
 class _AnalysisCheck:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -83,6 +119,14 @@ class _AnalysisCheckEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Analysi
     """ANALYSIS_CHECK_SCORE_MEAN_SHIFT is |mean(candidate) - mean(baseline)| / stddev(baseline) of the score."""
     ANALYSIS_CHECK_MEAN_ABS_SCORE_DIFF: _AnalysisCheck.ValueType  # 5
     """ANALYSIS_CHECK_MEAN_ABS_SCORE_DIFF is the mean per-request |candidate - baseline| score (shadow only)."""
+    ANALYSIS_CHECK_SAMPLES: _AnalysisCheck.ValueType  # 6
+    """ANALYSIS_CHECK_SAMPLES is the minimum-sample guard."""
+    ANALYSIS_CHECK_ERROR_RATIO: _AnalysisCheck.ValueType  # 7
+    """ANALYSIS_CHECK_ERROR_RATIO is the candidate's server error rate over the baseline's."""
+    ANALYSIS_CHECK_LATENCY_P99_RATIO: _AnalysisCheck.ValueType  # 8
+    """ANALYSIS_CHECK_LATENCY_P99_RATIO is the candidate's p99 over the baseline's."""
+    ANALYSIS_CHECK_SHADOW_DISAGREEMENT: _AnalysisCheck.ValueType  # 9
+    """ANALYSIS_CHECK_SHADOW_DISAGREEMENT is the fraction of mirrored answers that disagree with the served ones."""
 
 class AnalysisCheck(_AnalysisCheck, metaclass=_AnalysisCheckEnumTypeWrapper):
     """AnalysisCheck is a metric compared against a threshold during rollout analysis."""
@@ -99,6 +143,14 @@ ANALYSIS_CHECK_SCORE_MEAN_SHIFT: AnalysisCheck.ValueType  # 4
 """ANALYSIS_CHECK_SCORE_MEAN_SHIFT is |mean(candidate) - mean(baseline)| / stddev(baseline) of the score."""
 ANALYSIS_CHECK_MEAN_ABS_SCORE_DIFF: AnalysisCheck.ValueType  # 5
 """ANALYSIS_CHECK_MEAN_ABS_SCORE_DIFF is the mean per-request |candidate - baseline| score (shadow only)."""
+ANALYSIS_CHECK_SAMPLES: AnalysisCheck.ValueType  # 6
+"""ANALYSIS_CHECK_SAMPLES is the minimum-sample guard."""
+ANALYSIS_CHECK_ERROR_RATIO: AnalysisCheck.ValueType  # 7
+"""ANALYSIS_CHECK_ERROR_RATIO is the candidate's server error rate over the baseline's."""
+ANALYSIS_CHECK_LATENCY_P99_RATIO: AnalysisCheck.ValueType  # 8
+"""ANALYSIS_CHECK_LATENCY_P99_RATIO is the candidate's p99 over the baseline's."""
+ANALYSIS_CHECK_SHADOW_DISAGREEMENT: AnalysisCheck.ValueType  # 9
+"""ANALYSIS_CHECK_SHADOW_DISAGREEMENT is the fraction of mirrored answers that disagree with the served ones."""
 Global___AnalysisCheck: _TypeAlias = AnalysisCheck  # noqa: Y015
 
 class _RolloutEventType:
@@ -293,12 +345,15 @@ class CanaryStep(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     MIN_SAMPLES_FIELD_NUMBER: _builtins.int
     PAUSE_FIELD_NUMBER: _builtins.int
+    MIRROR_PERCENT_FIELD_NUMBER: _builtins.int
     traffic_percent: _builtins.float
     """traffic_percent is the share of live traffic sent to the new version, in [0, 100]."""
     min_samples: _builtins.int
     """min_samples is the minimum number of requests the new version serves in this step."""
     pause: _builtins.bool
     """pause halts the rollout after this step until ResumeRollout is called."""
+    mirror_percent: _builtins.float
+    """mirror_percent is a share of live traffic also mirrored to the new version during this step, in [0, 100]."""
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """duration is the minimum time to hold this step."""
@@ -310,10 +365,11 @@ class CanaryStep(_message.Message):
         duration: _duration_pb2.Duration | None = ...,
         min_samples: _builtins.int = ...,
         pause: _builtins.bool = ...,
+        mirror_percent: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "min_samples", b"min_samples", "pause", b"pause", "traffic_percent", b"traffic_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "min_samples", b"min_samples", "mirror_percent", b"mirror_percent", "pause", b"pause", "traffic_percent", b"traffic_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -369,6 +425,12 @@ class AnalysisThresholds(_message.Message):
     MAX_SCORE_MEAN_SHIFT_FIELD_NUMBER: _builtins.int
     MAX_MEAN_ABS_SCORE_DIFF_FIELD_NUMBER: _builtins.int
     SCORE_OUTPUT_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
+    MAX_ERROR_RATIO_FIELD_NUMBER: _builtins.int
+    MAX_LATENCY_P99_RATIO_FIELD_NUMBER: _builtins.int
+    MAX_SHADOW_DISAGREEMENT_FIELD_NUMBER: _builtins.int
+    INCONCLUSIVE_LIMIT_FIELD_NUMBER: _builtins.int
+    ALPHA_FIELD_NUMBER: _builtins.int
     max_error_rate: _builtins.float
     """max_error_rate is the largest acceptable fraction of failed requests, in [0, 1]."""
     max_latency_p99_ms: _builtins.float
@@ -381,6 +443,20 @@ class AnalysisThresholds(_message.Message):
     """max_mean_abs_score_diff is the largest acceptable mean per-request |new - baseline| score (shadow only)."""
     score_output: _builtins.str
     """score_output is the output tensor used for prediction checks; empty means the first output."""
+    min_samples: _builtins.int
+    """min_samples is the least judged requests (server errors and successes) before a verdict; 0 means 100."""
+    max_error_ratio: _builtins.float
+    """max_error_ratio is the largest acceptable server error rate relative to the baseline's (at least 1)."""
+    max_latency_p99_ratio: _builtins.float
+    """max_latency_p99_ratio is the largest acceptable p99 relative to the baseline's (at least 1)."""
+    max_shadow_disagreement: _builtins.float
+    """max_shadow_disagreement is the largest acceptable fraction of mirrored answers that disagree."""
+    alpha: _builtins.float
+    """alpha is the significance level of the sequential tests; 0 means 0.05."""
+    @_builtins.property
+    def inconclusive_limit(self) -> _duration_pb2.Duration:
+        """inconclusive_limit is how long a step holds on too few samples before the rollout pauses; unset means 30 minutes."""
+
     def __init__(
         self,
         *,
@@ -390,31 +466,49 @@ class AnalysisThresholds(_message.Message):
         max_score_mean_shift: _builtins.float | None = ...,
         max_mean_abs_score_diff: _builtins.float | None = ...,
         score_output: _builtins.str = ...,
+        min_samples: _builtins.int = ...,
+        max_error_ratio: _builtins.float | None = ...,
+        max_latency_p99_ratio: _builtins.float | None = ...,
+        max_shadow_disagreement: _builtins.float | None = ...,
+        inconclusive_limit: _duration_pb2.Duration | None = ...,
+        alpha: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "max_error_rate", b"max_error_rate", "max_latency_p99_ms", b"max_latency_p99_ms", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_error_ratio", b"_max_error_ratio", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_p99_ratio", b"_max_latency_p99_ratio", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "_max_shadow_disagreement", b"_max_shadow_disagreement", "inconclusive_limit", b"inconclusive_limit", "max_error_rate", b"max_error_rate", "max_error_ratio", b"max_error_ratio", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_p99_ratio", b"max_latency_p99_ratio", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift", "max_shadow_disagreement", b"max_shadow_disagreement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "max_error_rate", b"max_error_rate", "max_latency_p99_ms", b"max_latency_p99_ms", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift", "score_output", b"score_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_error_ratio", b"_max_error_ratio", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_p99_ratio", b"_max_latency_p99_ratio", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "_max_shadow_disagreement", b"_max_shadow_disagreement", "alpha", b"alpha", "inconclusive_limit", b"inconclusive_limit", "max_error_rate", b"max_error_rate", "max_error_ratio", b"max_error_ratio", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_p99_ratio", b"max_latency_p99_ratio", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift", "max_shadow_disagreement", b"max_shadow_disagreement", "min_samples", b"min_samples", "score_output", b"score_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
     _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
+    _WhichOneofReturnType__max_error_ratio: _TypeAlias = _typing.Literal["max_error_ratio"]  # noqa: Y015
+    _WhichOneofArgType__max_error_ratio: _TypeAlias = _typing.Literal["_max_error_ratio", b"_max_error_ratio"]  # noqa: Y015
     _WhichOneofReturnType__max_latency_p99_ms: _TypeAlias = _typing.Literal["max_latency_p99_ms"]  # noqa: Y015
     _WhichOneofArgType__max_latency_p99_ms: _TypeAlias = _typing.Literal["_max_latency_p99_ms", b"_max_latency_p99_ms"]  # noqa: Y015
+    _WhichOneofReturnType__max_latency_p99_ratio: _TypeAlias = _typing.Literal["max_latency_p99_ratio"]  # noqa: Y015
+    _WhichOneofArgType__max_latency_p99_ratio: _TypeAlias = _typing.Literal["_max_latency_p99_ratio", b"_max_latency_p99_ratio"]  # noqa: Y015
     _WhichOneofReturnType__max_mean_abs_score_diff: _TypeAlias = _typing.Literal["max_mean_abs_score_diff"]  # noqa: Y015
     _WhichOneofArgType__max_mean_abs_score_diff: _TypeAlias = _typing.Literal["_max_mean_abs_score_diff", b"_max_mean_abs_score_diff"]  # noqa: Y015
     _WhichOneofReturnType__max_prediction_psi: _TypeAlias = _typing.Literal["max_prediction_psi"]  # noqa: Y015
     _WhichOneofArgType__max_prediction_psi: _TypeAlias = _typing.Literal["_max_prediction_psi", b"_max_prediction_psi"]  # noqa: Y015
     _WhichOneofReturnType__max_score_mean_shift: _TypeAlias = _typing.Literal["max_score_mean_shift"]  # noqa: Y015
     _WhichOneofArgType__max_score_mean_shift: _TypeAlias = _typing.Literal["_max_score_mean_shift", b"_max_score_mean_shift"]  # noqa: Y015
+    _WhichOneofReturnType__max_shadow_disagreement: _TypeAlias = _typing.Literal["max_shadow_disagreement"]  # noqa: Y015
+    _WhichOneofArgType__max_shadow_disagreement: _TypeAlias = _typing.Literal["_max_shadow_disagreement", b"_max_shadow_disagreement"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_ratio) -> _WhichOneofReturnType__max_error_ratio | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_latency_p99_ms) -> _WhichOneofReturnType__max_latency_p99_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_latency_p99_ratio) -> _WhichOneofReturnType__max_latency_p99_ratio | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_mean_abs_score_diff) -> _WhichOneofReturnType__max_mean_abs_score_diff | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_prediction_psi) -> _WhichOneofReturnType__max_prediction_psi | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_score_mean_shift) -> _WhichOneofReturnType__max_score_mean_shift | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_shadow_disagreement) -> _WhichOneofReturnType__max_shadow_disagreement | None: ...
 
 Global___AnalysisThresholds: _TypeAlias = AnalysisThresholds  # noqa: Y015
 
@@ -493,6 +587,12 @@ class Rollout(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    GENERATION_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    PUBLISHED_REVISION_FIELD_NUMBER: _builtins.int
+    APPLIED_REVISION_FIELD_NUMBER: _builtins.int
+    XDS_NACKS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     """rollout_id is the unique rollout identifier."""
     model_name: _builtins.str
@@ -513,6 +613,16 @@ class Rollout(_message.Message):
     """initiated_by identifies who or what started the rollout."""
     reason: _builtins.str
     """reason is why the rollout was started."""
+    generation: _builtins.int
+    """generation is the deployment generation that started the rollout."""
+    attempt: _builtins.int
+    """attempt counts the starts: 1, then one more per RetryRollout."""
+    published_revision: _builtins.int
+    """published_revision is the route revision carrying the rollout's current weights."""
+    applied_revision: _builtins.int
+    """applied_revision is the latest revision every watching gateway acknowledged; 0 when none."""
+    revision: _builtins.int
+    """revision is the status revision; it grows with every change."""
     @_builtins.property
     def strategy(self) -> Global___RolloutStrategy:
         """strategy is the rollout strategy."""
@@ -549,6 +659,10 @@ class Rollout(_message.Message):
     def finished_at(self) -> _timestamp_pb2.Timestamp:
         """finished_at is when the rollout reached a terminal state; unset while active."""
 
+    @_builtins.property
+    def xds_nacks(self) -> _containers.RepeatedCompositeFieldContainer[Global___XdsNack]:
+        """xds_nacks are the xDS rejections seen for the rollout's resources, newest first."""
+
     def __init__(
         self,
         *,
@@ -571,14 +685,60 @@ class Rollout(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        generation: _builtins.int = ...,
+        attempt: _builtins.int = ...,
+        published_revision: _builtins.int = ...,
+        applied_revision: _builtins.int = ...,
+        xds_nacks: _abc.Iterable[Global___XdsNack] | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rollback", b"auto_rollback", "created_at", b"created_at", "finished_at", b"finished_at", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis_results", b"analysis_results", "auto_rollback", b"auto_rollback", "baseline_version", b"baseline_version", "created_at", b"created_at", "current_step_index", b"current_step_index", "events", b"events", "finished_at", b"finished_at", "initiated_by", b"initiated_by", "labels", b"labels", "message", b"message", "model_name", b"model_name", "reason", b"reason", "rollout_id", b"rollout_id", "state", b"state", "step_count", b"step_count", "strategy", b"strategy", "traffic", b"traffic", "updated_at", b"updated_at", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis_results", b"analysis_results", "applied_revision", b"applied_revision", "attempt", b"attempt", "auto_rollback", b"auto_rollback", "baseline_version", b"baseline_version", "created_at", b"created_at", "current_step_index", b"current_step_index", "events", b"events", "finished_at", b"finished_at", "generation", b"generation", "initiated_by", b"initiated_by", "labels", b"labels", "message", b"message", "model_name", b"model_name", "published_revision", b"published_revision", "reason", b"reason", "revision", b"revision", "rollout_id", b"rollout_id", "state", b"state", "step_count", b"step_count", "strategy", b"strategy", "traffic", b"traffic", "updated_at", b"updated_at", "version", b"version", "xds_nacks", b"xds_nacks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Rollout: _TypeAlias = Rollout  # noqa: Y015
+
+@_typing.final
+class XdsNack(_message.Message):
+    """XdsNack is an xDS client's rejection of a configuration."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TYPE_URL_FIELD_NUMBER: _builtins.int
+    VERSION_INFO_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """node_id is the xDS node that rejected it."""
+    type_url: _builtins.str
+    """type_url is the resource type rejected."""
+    version_info: _builtins.str
+    """version_info is the rejected version."""
+    error: _builtins.str
+    """error is the client's error message."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """time is when it was seen."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        type_url: _builtins.str = ...,
+        version_info: _builtins.str = ...,
+        error: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "node_id", b"node_id", "time", b"time", "type_url", b"type_url", "version_info", b"version_info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___XdsNack: _TypeAlias = XdsNack  # noqa: Y015
 
 @_typing.final
 class VersionTraffic(_message.Message):
@@ -627,6 +787,9 @@ class AnalysisResult(_message.Message):
     WINDOW_START_FIELD_NUMBER: _builtins.int
     WINDOW_END_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    BASELINE_SAMPLE_COUNT_FIELD_NUMBER: _builtins.int
+    MIN_SAMPLES_FIELD_NUMBER: _builtins.int
     check: Global___AnalysisCheck.ValueType
     """check is the metric checked."""
     version: _builtins.int
@@ -645,6 +808,12 @@ class AnalysisResult(_message.Message):
     """step_index is the canary step during which it was measured."""
     detail: _builtins.str
     """detail explains the outcome in one line."""
+    verdict: Global___AnalysisVerdict.ValueType
+    """verdict is the check's outcome; passed is true only for PASSED."""
+    baseline_sample_count: _builtins.int
+    """baseline_sample_count is the number of baseline requests compared with."""
+    min_samples: _builtins.int
+    """min_samples is the sample guard in force."""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp:
         """window_start is the start of the measurement window."""
@@ -667,10 +836,13 @@ class AnalysisResult(_message.Message):
         window_start: _timestamp_pb2.Timestamp | None = ...,
         window_end: _timestamp_pb2.Timestamp | None = ...,
         detail: _builtins.str = ...,
+        verdict: Global___AnalysisVerdict.ValueType = ...,
+        baseline_sample_count: _builtins.int = ...,
+        min_samples: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_value", b"baseline_value", "check", b"check", "detail", b"detail", "measured_value", b"measured_value", "passed", b"passed", "sample_count", b"sample_count", "step_index", b"step_index", "threshold", b"threshold", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["baseline_sample_count", b"baseline_sample_count", "baseline_value", b"baseline_value", "check", b"check", "detail", b"detail", "measured_value", b"measured_value", "min_samples", b"min_samples", "passed", b"passed", "sample_count", b"sample_count", "step_index", b"step_index", "threshold", b"threshold", "verdict", b"verdict", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -688,6 +860,7 @@ class RolloutEvent(_message.Message):
     STEP_INDEX_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
     type: Global___RolloutEventType.ValueType
     """type is the kind of event."""
     state: Global___RolloutState.ValueType
@@ -702,6 +875,10 @@ class RolloutEvent(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp:
         """time is when the event happened."""
 
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AnalysisResult]:
+        """decisions are the analysis checks behind the event, each with metric, value, threshold, samples and window."""
+
     def __init__(
         self,
         *,
@@ -711,10 +888,11 @@ class RolloutEvent(_message.Message):
         step_index: _builtins.int = ...,
         reason: _builtins.str = ...,
         actor: _builtins.str = ...,
+        decisions: _abc.Iterable[Global___AnalysisResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "reason", b"reason", "state", b"state", "step_index", b"step_index", "time", b"time", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "decisions", b"decisions", "reason", b"reason", "state", b"state", "step_index", b"step_index", "time", b"time", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,6 +30,7 @@ class RouteTable(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     ROUTES_FIELD_NUMBER: _builtins.int
     GENERATED_AT_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """revision is the table revision; it increases with every change."""
     @_builtins.property
@@ -40,20 +41,53 @@ class RouteTable(_message.Message):
     def generated_at(self) -> _timestamp_pb2.Timestamp:
         """generated_at is when the table was produced."""
 
+    @_builtins.property
+    def metrics(self) -> Global___MetricsConfig:
+        """metrics says how gateways measure and report metric windows."""
+
     def __init__(
         self,
         *,
         revision: _builtins.int = ...,
         routes: _abc.Iterable[Global___ModelRoute] | None = ...,
         generated_at: _timestamp_pb2.Timestamp | None = ...,
+        metrics: Global___MetricsConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "revision", b"revision", "routes", b"routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "metrics", b"metrics", "revision", b"revision", "routes", b"routes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RouteTable: _TypeAlias = RouteTable  # noqa: Y015
+
+@_typing.final
+class MetricsConfig(_message.Message):
+    """MetricsConfig is how gateways measure: the latency histogram bounds and the window length."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATENCY_BUCKET_BOUNDS_MS_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    window_seconds: _builtins.float
+    """window_seconds is the length of a metrics window; 0 means 10."""
+    @_builtins.property
+    def latency_bucket_bounds_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """latency_bucket_bounds_ms are the upper bounds of the latency histogram buckets, increasing."""
+
+    def __init__(
+        self,
+        *,
+        latency_bucket_bounds_ms: _abc.Iterable[_builtins.float] | None = ...,
+        window_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["latency_bucket_bounds_ms", b"latency_bucket_bounds_ms", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricsConfig: _TypeAlias = MetricsConfig  # noqa: Y015
 
 @_typing.final
 class RouteUpdate(_message.Message):
@@ -64,8 +98,12 @@ class RouteUpdate(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     UPSERTED_ROUTES_FIELD_NUMBER: _builtins.int
     REMOVED_MODEL_NAMES_FIELD_NUMBER: _builtins.int
+    BASE_REVISION_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """revision is the table revision after this update."""
+    base_revision: _builtins.int
+    """base_revision is the revision this update applies to; a gateway at another revision rejects it and gets a snapshot."""
     @_builtins.property
     def upserted_routes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelRoute]:
         """upserted_routes are routes added or replaced whole."""
@@ -74,16 +112,22 @@ class RouteUpdate(_message.Message):
     def removed_model_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """removed_model_names are models no longer routable."""
 
+    @_builtins.property
+    def metrics(self) -> Global___MetricsConfig:
+        """metrics, when set, replaces the metrics configuration."""
+
     def __init__(
         self,
         *,
         revision: _builtins.int = ...,
         upserted_routes: _abc.Iterable[Global___ModelRoute] | None = ...,
         removed_model_names: _abc.Iterable[_builtins.str] | None = ...,
+        base_revision: _builtins.int = ...,
+        metrics: Global___MetricsConfig | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_model_names", b"removed_model_names", "revision", b"revision", "upserted_routes", b"upserted_routes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_revision", b"base_revision", "metrics", b"metrics", "removed_model_names", b"removed_model_names", "revision", b"revision", "upserted_routes", b"upserted_routes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -102,12 +146,19 @@ class ModelRoute(_message.Message):
     FALLBACK_FIELD_NUMBER: _builtins.int
     STATIC_FALLBACK_FIELD_NUMBER: _builtins.int
     ACTIVE_ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    SPLIT_SEED_FIELD_NUMBER: _builtins.int
+    SCORE_OUTPUT_FIELD_NUMBER: _builtins.int
+    SCORE_BUCKET_BOUNDS_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the model routed."""
     revision: _builtins.int
     """revision is the table revision at which this route last changed."""
     active_rollout_id: _builtins.str
     """active_rollout_id is the rollout currently changing this route; empty when none."""
+    split_seed: _builtins.str
+    """split_seed salts the sticky split: a unit goes to the same version while weights only grow toward the canary."""
+    score_output: _builtins.str
+    """score_output is the output tensor whose values are summarised in score histograms; empty means the first."""
     @_builtins.property
     def targets(self) -> _containers.RepeatedCompositeFieldContainer[Global___RouteTarget]:
         """targets are the versions serving live traffic; weight 0 targets are hot but only reachable by experiment arms."""
@@ -124,6 +175,10 @@ class ModelRoute(_message.Message):
     def static_fallback(self) -> _registry_pb2.StaticFallback:
         """static_fallback is the fixed answer used when neither targets nor fallback can serve; unset when none."""
 
+    @_builtins.property
+    def score_bucket_bounds(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """score_bucket_bounds are the upper bounds of the score histogram buckets (from training statistics), increasing."""
+
     def __init__(
         self,
         *,
@@ -134,10 +189,13 @@ class ModelRoute(_message.Message):
         fallback: Global___FallbackTarget | None = ...,
         static_fallback: _registry_pb2.StaticFallback | None = ...,
         active_rollout_id: _builtins.str = ...,
+        split_seed: _builtins.str = ...,
+        score_output: _builtins.str = ...,
+        score_bucket_bounds: _abc.Iterable[_builtins.float] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["fallback", b"fallback", "static_fallback", b"static_fallback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_rollout_id", b"active_rollout_id", "fallback", b"fallback", "model_name", b"model_name", "revision", b"revision", "shadows", b"shadows", "static_fallback", b"static_fallback", "targets", b"targets"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_rollout_id", b"active_rollout_id", "fallback", b"fallback", "model_name", b"model_name", "revision", b"revision", "score_bucket_bounds", b"score_bucket_bounds", "score_output", b"score_output", "shadows", b"shadows", "split_seed", b"split_seed", "static_fallback", b"static_fallback", "targets", b"targets"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -323,6 +381,26 @@ class MetricsWindow(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class StatusCountsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SHADOW_FIELD_NUMBER: _builtins.int
@@ -333,6 +411,11 @@ class MetricsWindow(_message.Message):
     FALLBACK_COUNT_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
     PREDICTIONS_FIELD_NUMBER: _builtins.int
+    WINDOW_ID_FIELD_NUMBER: _builtins.int
+    ROUTE_REVISION_FIELD_NUMBER: _builtins.int
+    STATUS_COUNTS_FIELD_NUMBER: _builtins.int
+    SCORE_HISTOGRAMS_FIELD_NUMBER: _builtins.int
+    SHADOW_COMPARISON_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the model observed."""
     version: _builtins.int
@@ -345,6 +428,10 @@ class MetricsWindow(_message.Message):
     """error_count is the number of those requests that failed."""
     fallback_count: _builtins.int
     """fallback_count is the number of requests answered by a fallback instead of this version."""
+    window_id: _builtins.str
+    """window_id is unique per gateway window, so a retried report is counted once."""
+    route_revision: _builtins.int
+    """route_revision is the route revision the requests were served under."""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp:
         """window_start is the inclusive start of the window."""
@@ -361,6 +448,18 @@ class MetricsWindow(_message.Message):
     def predictions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PredictionSummary]:
         """predictions summarise each numeric output over the rows scored."""
 
+    @_builtins.property
+    def status_counts(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """status_counts counts the requests by gRPC status code name ("OK", "INVALID_ARGUMENT", ...)."""
+
+    @_builtins.property
+    def score_histograms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ScoreHistogram]:
+        """score_histograms are histograms of output values over the route's score bucket bounds."""
+
+    @_builtins.property
+    def shadow_comparison(self) -> Global___ShadowComparison:
+        """shadow_comparison compares mirrored answers with the answers served; on shadow windows only."""
+
     def __init__(
         self,
         *,
@@ -374,14 +473,81 @@ class MetricsWindow(_message.Message):
         fallback_count: _builtins.int = ...,
         latency: Global___LatencySummary | None = ...,
         predictions: _abc.Iterable[Global___PredictionSummary] | None = ...,
+        window_id: _builtins.str = ...,
+        route_revision: _builtins.int = ...,
+        status_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        score_histograms: _abc.Iterable[Global___ScoreHistogram] | None = ...,
+        shadow_comparison: Global___ShadowComparison | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "shadow_comparison", b"shadow_comparison", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_count", b"error_count", "fallback_count", b"fallback_count", "latency", b"latency", "model_name", b"model_name", "predictions", b"predictions", "request_count", b"request_count", "shadow", b"shadow", "version", b"version", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_count", b"error_count", "fallback_count", b"fallback_count", "latency", b"latency", "model_name", b"model_name", "predictions", b"predictions", "request_count", b"request_count", "route_revision", b"route_revision", "score_histograms", b"score_histograms", "shadow", b"shadow", "shadow_comparison", b"shadow_comparison", "status_counts", b"status_counts", "version", b"version", "window_end", b"window_end", "window_id", b"window_id", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MetricsWindow: _TypeAlias = MetricsWindow  # noqa: Y015
+
+@_typing.final
+class ScoreHistogram(_message.Message):
+    """ScoreHistogram is the distribution of one output's values over one window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUT_NAME_FIELD_NUMBER: _builtins.int
+    HISTOGRAM_FIELD_NUMBER: _builtins.int
+    output_name: _builtins.str
+    """output_name is the output tensor."""
+    @_builtins.property
+    def histogram(self) -> _statistics_pb2.Histogram:
+        """histogram has the bucket bounds and counts."""
+
+    def __init__(
+        self,
+        *,
+        output_name: _builtins.str = ...,
+        histogram: _statistics_pb2.Histogram | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram", "output_name", b"output_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ScoreHistogram: _TypeAlias = ScoreHistogram  # noqa: Y015
+
+@_typing.final
+class ShadowComparison(_message.Message):
+    """ShadowComparison compares mirrored answers with the answers served over one window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMPARED_FIELD_NUMBER: _builtins.int
+    DISAGREED_FIELD_NUMBER: _builtins.int
+    ABS_DIFF_SUM_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    compared: _builtins.int
+    """compared is the number of mirrored requests whose answer was compared."""
+    disagreed: _builtins.int
+    """disagreed is how many of those disagreed beyond the comparison tolerance."""
+    abs_diff_sum: _builtins.float
+    """abs_diff_sum is the sum of |mirrored - served| scores over the compared requests."""
+    dropped: _builtins.int
+    """dropped is the number of mirrored requests dropped because the shadow queue was full."""
+    def __init__(
+        self,
+        *,
+        compared: _builtins.int = ...,
+        disagreed: _builtins.int = ...,
+        abs_diff_sum: _builtins.float = ...,
+        dropped: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["abs_diff_sum", b"abs_diff_sum", "compared", b"compared", "disagreed", b"disagreed", "dropped", b"dropped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowComparison: _TypeAlias = ShadowComparison  # noqa: Y015
 
 @_typing.final
 class LatencySummary(_message.Message):
