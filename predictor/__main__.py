@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from chassis.lifetime import exit_with_parent
 from chassis.logs import configure_logging
 from chassis.server import run, serve
 from chassis.settings import parse_settings
@@ -24,4 +25,7 @@ if __name__ == "__main__":
         from predictor.workers import supervise
 
         sys.exit(supervise(settings, sys.argv[1:]))
+    if settings.worker_index is not None and settings.supervisor_pid:
+        # A supervisor killed with SIGKILL cannot stop its workers: they stop themselves instead.
+        exit_with_parent(settings.supervisor_pid)
     run(main(settings))

@@ -47,5 +47,7 @@ class PredictorSettings(ServiceSettings):
     """Internal, set by the supervisor of --workers: this worker's index."""
     peers_dir: Path | None = None
     """Internal, set by the supervisor of --workers: where workers find each other's sockets."""
+    supervisor_pid: int = Field(default=0, ge=0)
+    """Internal, set by the supervisor of --workers: a worker stops when this process dies."""
     sync_from_peers: bool = False
     """Internal, set by the supervisor of --workers on a restart: load the models a sibling serves."""

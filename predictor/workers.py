@@ -80,6 +80,8 @@ def worker_command(argv: list[str], index: int, port: int, peers_dir: Path) -> l
         str(index),
         "--peers-dir",
         str(peers_dir),
+        "--supervisor-pid",
+        str(os.getpid()),
     ]
 
 

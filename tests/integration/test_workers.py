@@ -440,3 +440,43 @@ async def test_a_restarted_worker_keeps_what_the_repository_api_unloaded(restart
         with pytest.raises(aio.AioRpcError) as failure:
             await stub.ModelMetadata(pb.ModelMetadataRequest(name="spare"), timeout=10)
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def children_of(pid: int) -> set[int]:
+    """The live processes whose parent is `pid`."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if parent_of(int(entry.name)) == pid:
+                    found.add(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue  # exited while we looked
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+async def test_workers_stop_when_their_supervisor_is_killed_outright(repository, tmp_path: Path) -> None:
+    """SIGKILL gives the supervisor no chance to stop its workers; they must not live on as orphans."""
+    service = Supervisor("predictor", workers_args(repository.root), log_path=tmp_path / "predictor.log")
+    service.start()
+    try:
+        service.wait_healthy()
+        assert service.process is not None
+        workers = children_of(service.process.pid)
+        assert len(workers) == 2, workers
+        service.process.kill()
+        service.process.wait(10)
+        deadline = time.monotonic() + 60
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, f"workers outlived their supervisor: {workers}"
+            await asyncio.sleep(0.1)
+    finally:
+        service.stop()
