@@ -102,6 +102,14 @@ def load_config(name: str, artifact: Artifact) -> str:
     return json.dumps(config)
 
 
+def load_request(name: str, artifact: Artifact) -> ipb.RepositoryModelLoadRequest:
+    """RepositoryModelLoad for one version: its config, and its artifact as `<version>/model.onnx`."""
+    request = ipb.RepositoryModelLoadRequest(model_name=name)
+    request.parameters["config"].string_param = load_config(name, artifact)
+    request.parameters[f"file:{artifact.version}/model.onnx"].bytes_param = artifact.content
+    return request
+
+
 def _reason(err: grpc.RpcError) -> str:
     return f"{err.code().name}: {err.details()}"
 
@@ -126,11 +134,8 @@ class PredictorLoader:
         """Load and warm the version on the predictor at `address` as `name`, and check it is ready.
         FAILED_PRECONDITION when the predictor refuses it, UNAVAILABLE when it cannot be reached."""
         stub = self._stub(address)
-        request = ipb.RepositoryModelLoadRequest(model_name=name)
-        request.parameters["config"].string_param = load_config(name, artifact)
-        request.parameters[f"file:{artifact.version}/model.onnx"].bytes_param = artifact.content
         try:
-            await stub.RepositoryModelLoad(request, timeout=self.timeout_s)
+            await stub.RepositoryModelLoad(load_request(name, artifact), timeout=self.timeout_s)
             ready = await stub.ModelReady(
                 ipb.ModelReadyRequest(name=name, version=str(artifact.version)), timeout=self.timeout_s
             )
