@@ -53,6 +53,7 @@ class Fleet:
         tick_s: float = 0.5,
         cooldown_s: float = 10.0,
         retry_max_s: float = 30.0,
+        drain_s: float = 1.0,
     ) -> None:
         self.predictors = predictors
         self.artifacts = artifacts
@@ -62,6 +63,7 @@ class Fleet:
         self.tick_s = tick_s
         self.cooldown_s = cooldown_s
         self.retry_max_s = retry_max_s
+        self.drain_s = drain_s
         self._wanted: dict[Key, _Want] = {}
         self._released: set[Key] = set()
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -80,6 +82,8 @@ class Fleet:
         """A predictor (re)registers."""
         predictor = self.predictors.register(report)
         log.info("predictor %s registered at %s (%s)", report.predictor_id, report.address, predictor.state.value)
+        for want in self._wanted.values():
+            want.retry_at = 0.0  # new room: versions short of copies may fit now
         self._changed()
         return predictor
 
@@ -104,6 +108,7 @@ class Fleet:
             raise InvalidArgument(f"replicas: expected 1 or more, got {replicas}")
         if max_replicas < 0:
             raise InvalidArgument(f"max_replicas: expected 0 (as many as replicas) or more, got {max_replicas}")
+        await self.artifacts.expected_memory(model, version)  # NOT_FOUND before the version is wanted
         key = (model, version)
         self._released.discard(key)
         want = self._wanted.setdefault(key, _Want(replicas, max_replicas))
@@ -262,6 +267,9 @@ class Fleet:
                 predictor.predictor_id,
                 predictor.report.address,
             )
+            address = predictor.report.address
+            if not any(p.report.address == address for p in self.predictors.ready()):
+                self._spawn(self.loader.forget(address))
         self._changed()
         now = time.monotonic()
         for key, want in list(self._wanted.items()):
@@ -299,9 +307,13 @@ class Fleet:
                     want.retry_at = now + self.cooldown_s
                 elif target < len(holders):
                     copies = [(p.predictor_id, p.report.zone, p.copies[name].request_rate) for p in holders]
-                    for pid in to_remove(copies, len(holders) - target):
-                        if (predictor := self.predictors.get(pid)) is not None:
-                            await self._unload(predictor, name)
+                    leaving = [p for p in holders if p.predictor_id in to_remove(copies, len(holders) - target)]
+                    # Out of warm endpoints first, so routes move off the copies before they are unloaded.
+                    for predictor in leaving:
+                        self.predictors.expect_unloaded(predictor, name)
+                    self._changed()
+                    await asyncio.sleep(self.drain_s)
+                    await asyncio.gather(*(self._unload(p, name) for p in leaving))
                     want.retry_at = now + self.cooldown_s
                 want.failures = 0
             except FrescoError as err:

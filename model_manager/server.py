@@ -54,8 +54,10 @@ class ModelManager:
     def _fleet(self, registry: Registry, store: ArtifactStore) -> Fleet:
         settings = self.settings
         lease = settings.predictor_lease_s
-        # A heartbeat received within two intervals of a load may predate it; leases are forgotten after 30.
-        predictors = Predictors(lease, settle_s=2 * settings.heartbeat_interval_s, forget_s=30 * lease)
+        # A heartbeat received within two intervals of a load may predate it, and a copy taken out of routes is
+        # unloaded a second later: the manager's word beats heartbeats that long. Lost leases are forgotten after 30.
+        settle = max(2 * settings.heartbeat_interval_s, 2.0)
+        predictors = Predictors(lease, settle_s=settle, forget_s=30 * lease)
         return Fleet(
             predictors,
             RegistryArtifacts(registry, store),
