@@ -101,7 +101,8 @@ class Fleet:
         """Place the version on `replicas` ready predictors with room (up to `max_replicas` as its request rate
         grows), loaded and warm, and return where it is warm. It stays placed, and is repaired when predictors
         go, until `release()`. FAILED_PRECONDITION when no predictor has room or they refuse it; UNAVAILABLE
-        when they cannot be reached."""
+        when they cannot be reached; either way the copies that loaded stay and the rest are retried in the
+        background until `release()`."""
         schema.model_name("model", model)
         schema.version_number("version", version)
         if replicas < 1:
