@@ -10,6 +10,9 @@ from chassis.server import ServiceApp
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from model_manager.artifacts import ArtifactStore
+from model_manager.fleet import Fleet
+from model_manager.loader import PredictorLoader, RegistryArtifacts
+from model_manager.predictors import Predictors
 from model_manager.registry import Registry
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
@@ -29,6 +32,7 @@ class ModelManager:
         self.servicer = ModelManagerServicer()  # type: ignore[abstract]
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
         self.registry: Registry | None = None
+        self.fleet: Fleet | None = None
         self.app.on_stop(self._close)
 
     async def ready(self) -> None:
@@ -42,8 +46,28 @@ class ModelManager:
         if cleared:
             log.warning("removed %d partial uploads left by an earlier run", cleared)
         registry = self.registry = await self._connect()
-        self.servicer.domain = Domain(registry, VersionUploads(registry, store))
+        self.fleet = self._fleet(registry, store)
+        await self.fleet.start()
+        self.servicer.domain = Domain(registry, VersionUploads(registry, store), fleet=self.fleet)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
+
+    def _fleet(self, registry: Registry, store: ArtifactStore) -> Fleet:
+        settings = self.settings
+        lease = settings.predictor_lease_s
+        # A heartbeat received within two intervals of a load may predate it, and a copy taken out of routes is
+        # unloaded a second later: the manager's word beats heartbeats that long. Lost leases are forgotten after 30.
+        settle = max(2 * settings.heartbeat_interval_s, 2.0)
+        predictors = Predictors(lease, settle_s=settle, forget_s=30 * lease)
+        return Fleet(
+            predictors,
+            RegistryArtifacts(registry, store),
+            # Through the chassis: peer TLS and the peer token (a deployer's) that predictors' loads require.
+            PredictorLoader(self.app.client_channel, settings.predictor_load_timeout_s),
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            copy_request_rate=settings.copy_request_rate,
+            tick_s=min(0.5, settings.heartbeat_interval_s),
+            cooldown_s=lease,
+        )
 
     async def _connect(self) -> Registry:
         url = self.settings.registry_url()
@@ -57,6 +81,8 @@ class ModelManager:
                 await asyncio.sleep(self.settings.connect_retry_s)
 
     async def _close(self) -> None:
+        if self.fleet is not None:
+            await self.fleet.close()
         if self.registry is not None:
             await asyncio.to_thread(self.registry.close)
 

@@ -17,6 +17,8 @@ from chassis.errors import InvalidArgument, Unavailable
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from model_manager import messages, schema
+from model_manager.fleet import Fleet
+from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.registry import Registry
 from model_manager.uploads import VersionUploads
 
@@ -62,6 +64,7 @@ class Domain:
 
     registry: Registry
     uploads: VersionUploads
+    fleet: Fleet | None = None
 
 
 async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> AsyncIterator[bytes]:
@@ -74,7 +77,7 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
         yield request.chunk
 
 
-class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
+class ModelManagerServicer(FleetRpcs, pb_grpc.ModelManagerServiceServicer):
     """fresco.models.v1.ModelManagerService: the registry's RPCs."""
 
     def __init__(self) -> None:

@@ -28,6 +28,15 @@ class ModelManagerSettings(ServiceSettings):
     connect_retry_s: float = Field(default=2.0, gt=0)
     """At start, seconds between attempts to reach the database (health stays NOT_SERVING meanwhile)."""
 
+    heartbeat_interval_s: float = Field(default=2.0, gt=0)
+    """How often predictors are told to heartbeat, in seconds."""
+    predictor_lease_s: float = Field(default=10.0, gt=0)
+    """Seconds without a heartbeat after which a predictor is LOST: out of routes, its copies placed elsewhere."""
+    predictor_load_timeout_s: float = Field(default=120.0, gt=0)
+    """Deadline of one RepositoryModelLoad (load and warm-up) on a predictor, in seconds."""
+    copy_request_rate: float = Field(default=50.0, gt=0)
+    """Requests per second one copy of a version serves before another copy is placed (up to max_replicas)."""
+
     def registry_url(self) -> str:
         """The database URL to use."""
         return self.database_url or sqlite_url(self.data_dir / "registry.db")

@@ -7,14 +7,17 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from chassis.errors import FrescoError
-from chassis.server import ServiceApp
+from chassis.interceptors import client_interceptors
+from chassis.server import ServiceApp, channel_options
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
+from fresco.credentials import ClientSecurity, read_token
 from predictor.backends.base import BackendOptions
 from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore
 from predictor.peers import Peers, socket_path
 from predictor.poller import RepositoryPoller
+from predictor.registration import Registration, advertised_address
 from predictor.repository import ModelRepository
 from predictor.service import METHOD_ROLES, InferenceServicer
 from predictor.settings import PredictorSettings
@@ -58,12 +61,44 @@ class Predictor:
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.app.server)
         self._poller: asyncio.Task[None] | None = None
+        self.registration: Registration | None = None
+        self._registration_task: asyncio.Task[None] | None = None
+        # One member per predictor: with --workers N, the first worker speaks for all (they serve alike).
+        if settings.model_manager_address and not settings.worker_index:
+            self.registration = self._registration()
         self.app.on_stop(self._close)
+
+    def _registration(self) -> Registration:
+        settings = self.settings
+        security = self.app.peer_security
+        if settings.model_manager_token_file is not None:
+            security = ClientSecurity(
+                token=read_token(settings.model_manager_token_file),
+                ca_file=security.ca_file,
+                cert_file=security.cert_file,
+                key_file=security.key_file,
+                server_name=security.server_name,
+            )
+        channel = security.aio_channel(
+            settings.model_manager_address,
+            options=channel_options(settings.max_message_bytes),
+            interceptors=client_interceptors(self.app.tracer),
+        )
+        address = advertised_address(settings, self.app.port)
+        return Registration(settings, self.store, lambda: self.servicer.started, channel, address)
+
+    def start_registration(self) -> None:
+        """Join the model manager's fleet in the background (when an address is set)."""
+        if self.registration is not None and self._registration_task is None:
+            self._registration_task = asyncio.get_running_loop().create_task(
+                self.registration.run(), name="registration"
+            )
 
     async def load_models(self) -> None:
         """Load the start-up models; the predictor turns SERVING once each is warm or has failed
         (failed ones stay UNAVAILABLE with their reason, and ServerReady stays false)."""
         settings = self.settings
+        self.start_registration()  # reports unhealthy until the start-up models are loaded
         serving = await self.peers.ready_models() if settings.sync_from_peers and self.peers else None
         if serving is not None:
             await asyncio.gather(*(self._load_named(name) for name in serving))
@@ -89,6 +124,11 @@ class Predictor:
     async def _close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+        if self._registration_task is not None:
+            self._registration_task.cancel()
+            await asyncio.gather(self._registration_task, return_exceptions=True)
+        if self.registration is not None:
+            await self.registration.channel.close()
         if self.peers is not None:
             await self.peers.close()
         await self.store.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, FilePath
 from pydantic_settings import SettingsConfigDict
 
 from chassis.settings import ServiceSettings
@@ -51,3 +51,19 @@ class PredictorSettings(ServiceSettings):
     """Internal, set by the supervisor of --workers: a worker stops when this process dies."""
     sync_from_peers: bool = False
     """Internal, set by the supervisor of --workers on a restart: load the models a sibling serves."""
+
+    model_manager_address: str = ""
+    """host:port of the model manager to register with and heartbeat to; empty: not part of a fleet."""
+    predictor_id: str = ""
+    """This predictor's id in the fleet, stable across its restarts; empty: <hostname>-<port>."""
+    zone: str = ""
+    """Failure domain this predictor runs in; the manager spreads copies of a version across zones."""
+    advertise_address: str = ""
+    """IP:port the manager and gateways reach this predictor at; empty: --host and the bound port."""
+    memory_capacity_bytes: int = Field(default=0, ge=0)
+    """Memory models may take here, as reported to the manager for placement; 0: the machine's physical memory."""
+    predictor_labels: dict[str, str] = Field(default_factory=dict)
+    """Free-form tags reported to the manager (JSON object), e.g. {"hardware": "t4"}."""
+    model_manager_token_file: FilePath | None = None
+    """File holding the bearer token (role deployer) presented to the model manager; default: peer_token_file.
+    TLS to the manager follows the peer_tls_* settings."""
