@@ -86,7 +86,7 @@ class _Reader:
         return f"{self.path}.{key}" if self.path else key
 
     def problem(self, path: str, text: str) -> None:
-        self.problems.append(f"{path}: {text}")
+        self.problems.append(f"{path or 'document'}: {text}")
 
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
@@ -192,9 +192,8 @@ def _seconds(value: object) -> float | None:
 
 
 def _kind(value: object) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean"}.get(
-        type(value), type(value).__name__
-    )
+    kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _shown(value: object) -> str:
