@@ -4,14 +4,12 @@ wrong type is reported with its YAML path before any call is made."""
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 from google.protobuf import duration_pb2
@@ -19,11 +17,9 @@ from google.protobuf import duration_pb2
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.api.models.v1 import rollout_pb2 as ro
+from fresco.yaml_reader import Reader, mapping_of, num
 
-T = TypeVar("T")
 FORMATS = ("onnx", "torchscript", "tensorflow_saved_model", "xgboost", "lightgbm")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class DeploymentsFileError(ValueError):
@@ -64,144 +60,6 @@ class DeploymentsFile:
 
     models: tuple[ModelDeclaration, ...]
     reason: str
-
-
-class _Reader:
-    """Reads one YAML mapping at `path`, collecting problems instead of stopping at the first."""
-
-    def __init__(self, value: object, path: str, problems: list[str], fields: tuple[str, ...]) -> None:
-        self.path, self.problems = path, problems
-        self.data: Mapping[str, Any] = {}
-        if not isinstance(value, Mapping):
-            self.problem(path, f"expected a mapping, got {_kind(value)}")
-            return
-        self.data = value
-        for key in value:
-            if key not in fields:
-                close = difflib.get_close_matches(str(key), fields, n=1)
-                hint = f" (did you mean {close[0]}?)" if close else ""
-                self.problem(self.at(str(key)), f"unknown field{hint}; expected one of {', '.join(sorted(fields))}")
-
-    def at(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def problem(self, path: str, text: str) -> None:
-        self.problems.append(f"{path or 'document'}: {text}")
-
-    def has(self, key: str) -> bool:
-        return self.data.get(key) is not None
-
-    def get(
-        self, key: str, check: Callable[[object], T | None], expected: str, default: T, required: bool = False
-    ) -> T:
-        """The field converted by `check` (None when it does not fit), else `default` with a problem recorded."""
-        value = self.data.get(key)
-        if value is None:
-            if required:
-                self.problem(self.at(key), f"required; expected {expected}")
-            return default
-        converted = check(value)
-        if converted is None:
-            self.problem(self.at(key), f"expected {expected}, got {_shown(value)}")
-            return default
-        return converted
-
-    def text(self, key: str, required: bool = False) -> str:
-        return self.get(
-            key, lambda v: v if isinstance(v, str) and v.strip() else None, "a non-empty string", "", required
-        )
-
-    def integer(self, key: str, minimum: int = 0, required: bool = False) -> int:
-        def check(value: object) -> int | None:
-            return value if isinstance(value, int) and not isinstance(value, bool) and value >= minimum else None
-
-        return self.get(key, check, f"an integer >= {minimum}", 0, required)
-
-    def number(self, key: str, low: float = 0.0, high: float = math.inf) -> float | None:
-        def check(value: object) -> float | None:
-            ok = isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
-            return float(value) if ok else None  # type: ignore[arg-type]
-
-        if math.isfinite(high):
-            bound = f" in [{_num(low)}, {_num(high)}]"
-        else:
-            bound = f" >= {_num(low)}" if math.isfinite(low) else ""
-        return self.get(key, check, f"a number{bound}", None) if self.has(key) else None
-
-    def flag(self, key: str) -> bool:
-        return self.get(key, lambda v: v if isinstance(v, bool) else None, "true or false", False)
-
-    def duration(self, key: str) -> duration_pb2.Duration | None:
-        if not self.has(key):
-            return None
-        seconds = self.get(key, _seconds, 'a duration such as "30s", "5m", "1h", "500ms" or seconds >= 0', None)
-        if seconds is None:
-            return None
-        out = duration_pb2.Duration()
-        out.FromNanoseconds(round(seconds * 1e9))
-        return out
-
-    def labels(self, key: str) -> dict[str, str]:
-        def text(v: object) -> str | None:
-            return str(v) if isinstance(v, str | int | float) and not isinstance(v, bool) else None
-
-        return self.get(key, lambda v: _mapping_of(v, text), "a mapping of names to strings", {})
-
-    def numbers(self, key: str) -> dict[str, float]:
-        def finite(v: object) -> float | None:
-            ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-            return float(v) if ok else None  # type: ignore[arg-type]
-
-        return self.get(key, lambda v: _mapping_of(v, finite), "a mapping of names to finite numbers", {})
-
-    def child(self, key: str, fields: tuple[str, ...]) -> _Reader | None:
-        return _Reader(self.data[key], self.at(key), self.problems, fields) if self.has(key) else None
-
-    def items(self, key: str, required: bool = False) -> list[tuple[str, object]]:
-        """The (path, item) pairs of a list field."""
-        value = self.data.get(key)
-        if value is None:
-            if required:
-                self.problem(self.at(key), "required; expected a list")
-            return []
-        if not isinstance(value, list):
-            self.problem(self.at(key), f"expected a list, got {_kind(value)}")
-            return []
-        return [(f"{self.at(key)}[{i}]", item) for i, item in enumerate(value)]
-
-
-def _mapping_of(value: object, check: Callable[[object], T | None]) -> dict[str, T] | None:
-    """`value` as a mapping of strings to checked values, or None if a key or a value does not fit."""
-    if not isinstance(value, Mapping):
-        return None
-    out = {}
-    for key, item in value.items():
-        checked = check(item)
-        if not isinstance(key, str) or checked is None:
-            return None
-        out[key] = checked
-    return out
-
-
-def _seconds(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value) if value >= 0 and math.isfinite(value) else None
-    if isinstance(value, str) and (match := _DURATION.match(value.strip())):
-        return float(match.group(1)) * _UNIT_S[match.group(2)]
-    return None
-
-
-def _kind(value: object) -> str:
-    kinds = {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", type(None): "nothing"}
-    return kinds.get(type(value), type(value).__name__)
-
-
-def _shown(value: object) -> str:
-    return repr(value) if isinstance(value, str | int | float | bool) else _kind(value)
-
-
-def _num(value: float) -> str:
-    return f"{value:g}"
 
 
 MODEL_FIELDS = (
@@ -248,8 +106,8 @@ def load(path: Path) -> DeploymentsFile:
 def parse(document: object, base: Path, source: str = "deployments.yaml") -> DeploymentsFile:
     """Check a loaded YAML document; DeploymentsFileError lists every problem with its YAML path."""
     problems: list[str] = []
-    top = _Reader(document, "", problems, ("models", "reason"))
-    models = tuple(_model(_Reader(item, where, problems, MODEL_FIELDS), base) for where, item in top.items("models"))
+    top = Reader(document, "", problems, ("models", "reason"))
+    models = tuple(_model(Reader(item, where, problems, MODEL_FIELDS), base) for where, item in top.items("models"))
     reason = top.text("reason")
     if not models and not problems:
         problems.append("models: expected at least one model")
@@ -263,11 +121,11 @@ def parse(document: object, base: Path, source: str = "deployments.yaml") -> Dep
     return DeploymentsFile(models, reason)
 
 
-def _model(r: _Reader, base: Path) -> ModelDeclaration:
+def _model(r: Reader, base: Path) -> ModelDeclaration:
     name = r.text("name", required=True)
     model = rpb.Model(name=name, owner=r.text("owner"), description=r.text("description"), labels=r.labels("labels"))
     versions = tuple(
-        _version(_Reader(item, where, r.problems, VERSION_FIELDS), name, base) for where, item in r.items("versions")
+        _version(Reader(item, where, r.problems, VERSION_FIELDS), name, base) for where, item in r.items("versions")
     )
     numbers = [v.version for v in versions]
     for i, number in enumerate(numbers):
@@ -301,14 +159,14 @@ def _model(r: _Reader, base: Path) -> ModelDeclaration:
     return ModelDeclaration(model, versions, deployment, r.integer("expected_generation"))
 
 
-def _aliases(r: _Reader) -> dict[str, int]:
+def _aliases(r: Reader) -> dict[str, int]:
     def number(v: object) -> int | None:
         return v if isinstance(v, int) and not isinstance(v, bool) and v >= 1 else None
 
-    return r.get("aliases", lambda v: _mapping_of(v, number), "a mapping of alias names to version numbers >= 1", {})
+    return r.get("aliases", lambda v: mapping_of(v, number), "a mapping of alias names to version numbers >= 1", {})
 
 
-def _version(r: _Reader, model: str, base: Path) -> VersionDeclaration:
+def _version(r: Reader, model: str, base: Path) -> VersionDeclaration:
     number = r.integer("version", minimum=1, required=True)
     artifact = base / r.text("artifact", required=True) if r.has("artifact") else base
     if r.has("artifact") and not artifact.is_file():
@@ -337,7 +195,7 @@ def _version(r: _Reader, model: str, base: Path) -> VersionDeclaration:
     return VersionDeclaration(number, artifact, metadata)
 
 
-def _strategy(r: _Reader) -> ro.RolloutStrategy:
+def _strategy(r: Reader) -> ro.RolloutStrategy:
     # Every strategy given is read, so that its own problems are reported along with "exactly one".
     built: list[ro.RolloutStrategy] = []
     if (blue := r.child("blue_green", BLUE_GREEN_FIELDS)) is not None:
@@ -354,7 +212,7 @@ def _strategy(r: _Reader) -> ro.RolloutStrategy:
     return built[0] if len(built) == 1 else ro.RolloutStrategy()
 
 
-def _shadow(r: _Reader) -> ro.ShadowStrategy:
+def _shadow(r: Reader) -> ro.ShadowStrategy:
     strategy = ro.ShadowStrategy(
         mirror_percent=_or0(r.number("mirror", 0.0, 100.0)), min_samples=r.integer("min_samples")
     )
@@ -364,7 +222,7 @@ def _shadow(r: _Reader) -> ro.ShadowStrategy:
     return strategy
 
 
-def _blue_green(r: _Reader) -> ro.BlueGreenStrategy:
+def _blue_green(r: Reader) -> ro.BlueGreenStrategy:
     strategy = ro.BlueGreenStrategy(warmup_requests=r.integer("warmup_requests"), manual_switch=r.flag("manual_switch"))
     _set_duration(strategy.warmup, r.duration("warmup"))
     _set_duration(strategy.keep_previous_for, r.duration("keep_previous_for"))
@@ -373,13 +231,13 @@ def _blue_green(r: _Reader) -> ro.BlueGreenStrategy:
     return strategy
 
 
-def _canary(r: _Reader) -> ro.CanaryStrategy:
+def _canary(r: Reader) -> ro.CanaryStrategy:
     strategy = ro.CanaryStrategy()
     steps = r.items("steps", required=True)
     if r.has("steps") and not steps:
         r.problem(r.at("steps"), "expected at least one step")
     for where, item in steps:
-        step = _Reader(item, where, r.problems, STEP_FIELDS)
+        step = Reader(item, where, r.problems, STEP_FIELDS)
         canary_step = strategy.steps.add(
             traffic_percent=step.get("weight", _percent, "a number in [0, 100]", 0.0, required=True),
             min_samples=step.integer("min_samples"),
@@ -390,14 +248,14 @@ def _canary(r: _Reader) -> ro.CanaryStrategy:
     weights = [s.traffic_percent for s in strategy.steps]
     complete = all(isinstance(item, Mapping) and item.get("weight") is not None for _, item in steps)
     if complete and any(later < earlier for earlier, later in itertools.pairwise(weights)):
-        r.problem(r.at("steps"), f"expected weights that never decrease, got {', '.join(_num(w) for w in weights)}")
+        r.problem(r.at("steps"), f"expected weights that never decrease, got {', '.join(num(w) for w in weights)}")
     _set_duration(strategy.analysis_interval, r.duration("analysis_interval"))
     if (analysis := r.child("analysis", ANALYSIS_FIELDS)) is not None:
         strategy.analysis.CopyFrom(_analysis(analysis))
     return strategy
 
 
-def _analysis(r: _Reader) -> ro.AnalysisThresholds:
+def _analysis(r: Reader) -> ro.AnalysisThresholds:
     thresholds = ro.AnalysisThresholds(
         score_output=r.text("score_output"),
         min_samples=r.integer("min_samples"),
@@ -412,7 +270,7 @@ def _analysis(r: _Reader) -> ro.AnalysisThresholds:
     return thresholds
 
 
-def _gates(r: _Reader) -> rpb.PromotionGates:
+def _gates(r: Reader) -> rpb.PromotionGates:
     gates = rpb.PromotionGates()
     if (schema := r.child("schema", SCHEMA_GATE_FIELDS)) is not None:
         gates.schema.CopyFrom(
@@ -434,7 +292,7 @@ def _gates(r: _Reader) -> rpb.PromotionGates:
         )
         _limits(backtest, gate, LIMITS)
         for where, item in backtest.items("thresholds"):
-            limit = _Reader(item, where, r.problems, THRESHOLD_FIELDS)
+            limit = Reader(item, where, r.problems, THRESHOLD_FIELDS)
             threshold = gate.thresholds.add(metric=limit.text("metric", required=True))
             _limits(limit, threshold, (*LIMITS, "max_relative_regression"))
         gates.backtest.CopyFrom(gate)
@@ -452,7 +310,7 @@ def _gates(r: _Reader) -> rpb.PromotionGates:
     return gates
 
 
-def _limits(r: _Reader, message: Any, names: tuple[str, ...]) -> None:
+def _limits(r: Reader, message: Any, names: tuple[str, ...]) -> None:
     for name in names:
         value = r.number(name, -math.inf)
         if value is not None:
