@@ -311,3 +311,12 @@ def test_yaml_syntax_errors_name_the_file(tmp_path: Path) -> None:
 def test_a_blue_green_with_defaults_is_an_empty_mapping(tmp_path: Path) -> None:
     parsed = load(write(tmp_path, "models: [{name: x, serve: 1, strategy: {blue_green: {}}}]\n"))
     assert parsed.models[0].deployment.strategy.WhichOneof("kind") == "blue_green"
+
+
+def test_the_example_in_the_repository_parses(tmp_path: Path) -> None:
+    example = Path(__file__).parents[2] / "examples" / "deployments" / "demo.yaml"
+    artifacts = ("work/models/demo/1/model.onnx", "work/models/demo/2/model.onnx")
+    parsed = load(write(tmp_path, example.read_text(), artifacts))
+    (demo,) = parsed.models
+    assert [v.version for v in demo.versions] == [1, 2]
+    assert (demo.deployment.version, demo.deployment.strategy.WhichOneof("kind")) == (2, "canary")
