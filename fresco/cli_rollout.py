@@ -34,6 +34,7 @@ VerbRequest = (
     | pb.PauseRolloutRequest
     | pb.ResumeRolloutRequest
 )
+EXIT_INTERRUPTED = 130
 # A manager restarting mid-watch is waited for this long before the watch gives up.
 RECONNECT_S = 120.0
 
@@ -66,7 +67,10 @@ def status(
         if not watch:
             console.print(rollout_view(current(m, name), events))
             return
-        final = watch_rollout(m, name, events)
+        try:
+            final = watch_rollout(m, name, events)
+        except KeyboardInterrupt:
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     raise typer.Exit(EXIT_CODES.get(final.state, 1))
 
 
@@ -100,7 +104,8 @@ def watch_rollout(m: Manager, name: str, recent_events: int) -> ro.Rollout:
                 continue
             if last is not None and last.state not in ACTIVE:
                 return last  # the stream ended on a state this client does not know as terminal
-            # The server closed the stream without a terminal state: resume from the last revision.
+            # The server closed the stream before the end: resume from the last revision, without spinning.
+            time.sleep(1.0)
 
 
 def _verb(name: str, service: str, token_file: Path | None, what: str, method: str, request: VerbRequest) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from chassis.auth import Role, token_line
 from fresco.suite import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -214,3 +215,37 @@ def test_a_forced_promotion_needs_a_reason(service: ServiceProcess) -> None:
     refused = fresco(service, "promote", "churn", "1", "--to", "production", "--force")
     assert refused.returncode == 2
     assert "--force needs a --reason" in " ".join(refused.stderr.split())
+
+
+def test_with_auth_on_the_cli_sends_the_token_and_the_audit_names_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = {"dana": (Role.DEPLOYER, "dana-deployer-token"), "vik": (Role.VIEWER, "vik-viewer-token")}
+    (tmp_path / "tokens").write_text("".join(token_line(n, role, t) + "\n" for n, (role, t) in tokens.items()))
+    for name, (_, token) in tokens.items():
+        (tmp_path / f"{name}.token").write_text(token + "\n")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"guarded bytes")
+    args = ["--data-dir", str(tmp_path / "data"), "--port", "0", "--metrics-port", "-1"]
+    auth = ["--auth-tokens-file", str(tmp_path / "tokens"), "--auth-require-for-reads"]
+    process = ServiceProcess("model_manager", [*args, *auth]).start()
+    try:
+        process.wait_healthy(60)
+        unread = cli(process, "audit")
+        assert unread.returncode == 1
+        assert "audit failed: UNAUTHENTICATED" in unread.stderr
+        register = ("models", "register", "--name", "guarded", "--version-file", str(model))
+        missing = cli(process, *register)
+        assert missing.returncode == 1
+        assert "register failed: UNAUTHENTICATED" in missing.stderr
+        viewer = cli(process, *register, "--token-file", str(tmp_path / "vik.token"))
+        assert viewer.returncode == 1
+        assert "register failed: PERMISSION_DENIED" in viewer.stderr
+        done = cli(process, *register, "--token-file", str(tmp_path / "dana.token"))
+        assert done.returncode == 0, done.stderr
+        monkeypatch.setenv("FRESCO_TOKEN_FILE", str(tmp_path / "vik.token"))  # the environment's token, for a read
+        rows = audit_rows(process, "guarded")
+    finally:
+        assert process.stop() == 0
+    assert len(rows) == 2
+    assert all("│ dana " in row for row in rows)  # model.create and version.register, by the token's holder
