@@ -165,7 +165,8 @@ def _say(line: str, style: str | None = None) -> None:
     console.print(f"[{style}]{escape(line)}[/{style}]" if style else escape(line), highlight=False)
 
 
-def _register(manager: Manager, plan: ModelPlan, reason: str) -> None:
+def register_versions(manager: Manager, plan: ModelPlan, reason: str) -> None:
+    """Create the model if the plan says it is missing, then upload the versions it lacks."""
     declared = plan.declared
     if not plan.exists:
         create = pb.CreateModelRequest(model=declared.model, reason=reason)
@@ -193,7 +194,7 @@ def apply(
         for model_plan in _plans(manager, declared):
             name = model_plan.declared.name
             _say(f"{name}:", "bold")
-            _register(manager, model_plan, why)
+            register_versions(manager, model_plan, why)
             response = manager.stub.ApplyDeployment(
                 _request(model_plan.declared, False, why), timeout=TIMEOUT_S, metadata=manager.metadata
             )

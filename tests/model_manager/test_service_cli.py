@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 
 from chassis.auth import Role, token_line
+from fresco.api.models.v1 import model_manager_service_pb2 as pb
+from fresco.cli_apply import plan, register_versions
+from fresco.cli_manager import connect
+from fresco.deployments_file import load
 from fresco.suite import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -249,3 +253,37 @@ def test_with_auth_on_the_cli_sends_the_token_and_the_audit_names_its_holder(
         assert process.stop() == 0
     assert len(rows) == 2
     assert all("│ dana " in row for row in rows)  # model.create and version.register, by the token's holder
+
+
+def test_apply_registers_what_is_missing_once(service: ServiceProcess, tmp_path: Path) -> None:
+    """The registry half of `fresco apply` (the deployment half needs ApplyDeployment): the model is created and
+    each version uploaded the first time; planned again, everything matches and nothing is uploaded."""
+    (tmp_path / "v1.onnx").write_bytes(b"first artifact")
+    (tmp_path / "v2.onnx").write_bytes(b"second artifact")
+    (tmp_path / "deployments.yaml").write_text(
+        """
+models:
+  - name: declared
+    owner: risk
+    versions:
+      - {version: 1, artifact: v1.onnx, metrics: {auc: 0.8}}
+      - {version: 2, artifact: v2.onnx, parent_version: 1, code_commit: abc}
+    serve: 2
+    strategy: {blue_green: {}}
+"""
+    )
+    declared = load(tmp_path / "deployments.yaml").models[0]
+    with connect(service.address, None, "apply") as manager:
+        first = plan(manager, 0, declared)
+        assert (first.exists, [u.declaration.version for u in first.uploads], first.problems) == (False, [1, 2], [])
+        register_versions(manager, first, "declared in a file")
+        again = plan(manager, 0, declared)
+        assert (again.exists, again.uploads, again.problems) == (True, [], [])
+        second = manager.stub.GetModelVersion(pb.GetModelVersionRequest(model_name="declared", version=2)).model_version
+        model = manager.stub.GetModel(pb.GetModelRequest(name="declared")).model
+    assert second.sha256 == hashlib.sha256(b"second artifact").hexdigest()
+    assert (second.lineage.parent_version, second.lineage.code_commit) == (1, "abc")
+    assert (model.owner, model.latest_version) == ("risk", 2)
+    rows = audit_rows(service, "declared")
+    assert len(rows) == 3
+    assert all("│ declared in a file " in row for row in rows)
