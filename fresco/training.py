@@ -144,6 +144,21 @@ def write_failing_model(base: ExportedModel, repository: Path, version: int = 3)
     return ExportedModel(base.name, version, path, base.feature_names, base.input_name, base.sample)
 
 
+def write_holdout(path: Path, feature_names: list[str] | None = None, n_features: int = 8, seed: int = 7) -> Path:
+    """The held-out rows of `demo_dataset` as Parquet, one FP32 column per feature plus an int64 `label`: the
+    labelled data a backtest gate scores candidate and production versions on."""
+    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+    data = demo_dataset(n_features, seed)
+    names = feature_names or [f"f{i}" for i in range(n_features)]
+    columns = {name: pa.array(data.holdout_features[:, i]) for i, name in enumerate(names)}
+    columns["label"] = pa.array(data.holdout_labels.astype(np.int64))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
 def evaluate(path: Path, features: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """AUC, log-loss and accuracy of an exported classifier on labelled rows, scored with onnxruntime."""
     import onnxruntime as ort

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument
 
@@ -16,6 +17,7 @@ from fresco.training import (
     train_better_classifier,
     train_classifier,
     write_failing_model,
+    write_holdout,
 )
 
 
@@ -86,3 +88,12 @@ def test_v3_fails_with_a_server_error_on_most_typical_rows(models_dir: Path, v1:
     assert all("GatherElements" in failure for failure in failures)
     assert failed >= len(rows) // 2
     assert failed < len(rows)  # some rows still pass, so the failure is partial as on live traffic
+
+
+def test_the_held_out_rows_as_parquet_for_a_backtest(tmp_path: Path) -> None:
+    table = pq.read_table(write_holdout(tmp_path / "holdout.parquet"))
+    data = demo_dataset()
+    assert table.column_names == [f"f{i}" for i in range(8)] + ["label"]
+    features = np.column_stack([table.column(f"f{i}").to_numpy() for i in range(8)])
+    np.testing.assert_array_equal(features, data.holdout_features)
+    np.testing.assert_array_equal(table.column("label").to_numpy(), data.holdout_labels)
