@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated, Literal
 
 import typer
@@ -77,6 +78,11 @@ def watch_operation(m: Manager, operation: rpb.Operation) -> rpb.Operation:
             show(operation)
             if operation.done:
                 break
+    while not operation.done:  # the stream ended early (e.g. the manager restarted): poll until it is done
+        time.sleep(1.0)
+        get = pb.GetOperationRequest(operation_id=operation.operation_id)
+        operation = m.stub.GetOperation(get, timeout=TIMEOUT_S, metadata=m.metadata).operation
+        show(operation)
     style = "green" if operation.state == rpb.OPERATION_STATE_SUCCEEDED else "red"
     console.print(f"[{style}]{escape(operation_text(operation))}[/{style}]", highlight=False)
     return operation

@@ -186,6 +186,9 @@ def rollout_view(rollout: ro.Rollout, recent_events: int = 5) -> RenderableType:
     table.add_row("rollout", escape(f"{rollout.rollout_id} · {rollout.model_name} v{rollout.version}"))
     table.add_row("strategy", escape(strategy_text(rollout.strategy)))
     table.add_row("state", state + (f" · {escape(step_text(rollout))}" if rollout.step_count else ""))
+    if rollout.step_count:
+        done = rollout.step_count if rollout.state == ro.ROLLOUT_STATE_SUCCEEDED else rollout.current_step_index
+        table.add_row("steps", f"{'█' * done}{'░' * (rollout.step_count - done)} {done}/{rollout.step_count} done")
     table.add_row("traffic", escape(traffic_text(rollout)))
     table.add_row("baseline", f"v{rollout.baseline_version}" if rollout.baseline_version else "none")
     routes = f"published {rollout.published_revision}, applied by the gateways {rollout.applied_revision}"

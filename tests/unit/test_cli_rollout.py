@@ -168,6 +168,9 @@ def test_strategy_step_and_traffic() -> None:
     rollout.traffic[0].traffic_percent, rollout.traffic[0].mirror_percent = 50, 5
     rollout.traffic[1].traffic_percent = 50
     assert (step_text(rollout), traffic_text(rollout)) == ("step 2/2 at 50%", "v2 50% · v3 50% (+5% mirrored)")
+    assert "steps       █░ 1/2 done" in text(rollout_view(rollout)).splitlines()[3]
+    rollout.state = ro.ROLLOUT_STATE_SUCCEEDED
+    assert "steps       ██ 2/2 done" in text(rollout_view(rollout)).splitlines()[3]
     blue = ro.RolloutStrategy(blue_green=ro.BlueGreenStrategy(keep_previous_for=duration_pb2.Duration(seconds=5400)))
     assert strategy_text(blue) == "blue-green, previous kept 1h30m"
     assert strategy_text(ro.RolloutStrategy(shadow=ro.ShadowStrategy(mirror_percent=20))) == "shadow, 20% mirrored"
@@ -195,6 +198,7 @@ def test_the_live_view_shows_state_verdict_decisions_and_last_events() -> None:
     assert "strategy    canary 10% → 50% → 100%" in lines
     assert "state       ROLLED_BACK · step 1/2 at 10%" in lines
     assert "traffic     v2 100% · v3 0%" in lines
+    assert "steps       ░░ 0/2 done" in lines  # the canary's progress: no step completed before the rollback
     assert "routes      published 17, applied by the gateways 17" in lines
     assert "message     rolled back at generation 4: error_rate 0.21 > 0.05 (n=812)" in lines
     assert "  " + decision_text(failed_error_rate()) in lines
@@ -306,3 +310,12 @@ def test_apply_lines() -> None:
         "  version: 2 → 3",
         "  strategy: blue-green → canary",
     ]
+
+
+def test_only_a_canary_shows_a_step_bar() -> None:
+    blue = rolled_back()
+    blue.strategy.CopyFrom(ro.RolloutStrategy(blue_green=ro.BlueGreenStrategy()))
+    blue.step_count = 0
+    lines = text(rollout_view(blue)).splitlines()
+    assert not any(line.startswith("steps") for line in lines)
+    assert any(line.startswith("state       ROLLED_BACK") for line in lines)
