@@ -20,8 +20,12 @@ from rich.table import Table
 
 from fresco import demo as traffic_demo
 from fresco.api.inference import grpc_service_pb2, grpc_service_pb2_grpc
+from fresco.cli_apply import apply as apply_command
+from fresco.cli_apply import diff as diff_command
+from fresco.cli_audit import audit as audit_command
 from fresco.cli_features import app as features_app
 from fresco.cli_models import app as models_app
+from fresco.cli_rollout import app as rollout_app
 from fresco.credentials import ClientSecurity
 from fresco.suite import LocalAuth, ServiceFailed, ServiceProcess, Suite, issue_local_tokens, start_suite
 from fresco.training import ExportedModel, train_classifier
@@ -31,6 +35,7 @@ app = typer.Typer(
 )
 app.add_typer(features_app, name="features")
 app.add_typer(models_app, name="models")
+app.add_typer(rollout_app, name="rollout")
 console = Console()
 errors = Console(stderr=True)
 
@@ -285,6 +290,11 @@ def _check_auth(predictor: str, model: str, auth: LocalAuth) -> list[str]:
                 problems.append(f"RepositoryModelUnload {who} answered {code.name}, expected {expected.name}")
     return problems
 
+
+# After up and demo, so `fresco --help` lists those first.
+app.command("apply")(apply_command)
+app.command("diff")(diff_command)
+app.command("audit")(audit_command)
 
 if __name__ == "__main__":
     app()

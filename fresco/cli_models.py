@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
@@ -16,47 +15,36 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from chassis.server import channel_options
-from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
-from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
+from fresco.cli_promote import promote, rollback
+from fresco.rollout_view import stage_name, when
 
-app = typer.Typer(help="The model registry: register versions, list and show them, move aliases.", no_args_is_help=True)
+app = typer.Typer(
+    help="The model registry: register versions, list and show them, move aliases, promote, roll back.",
+    no_args_is_help=True,
+)
 console = Console()
 errors = Console(stderr=True)
 
 CHUNK_BYTES = 1024 * 1024
-TIMEOUT_S = 60.0
 Format = Literal["onnx", "torchscript", "tensorflow_saved_model", "xgboost", "lightgbm"]
-ServiceOption = Annotated[
-    str, typer.Option(envvar="FRESCO_MODEL_MANAGER", help="host:port of the model manager.", show_default=False)
-]
 M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
 
 @app.callback()
 def models() -> None:
-    """The model registry: register versions, list and show them, move aliases."""
+    """The model registry: register versions, list and show them, move aliases, promote, roll back."""
 
 
-def _stub(address: str) -> tuple[grpc.Channel, pb_grpc.ModelManagerServiceStub]:
-    channel = grpc.insecure_channel(address, options=channel_options(DEFAULT_MAX_MESSAGE_BYTES))
-    return channel, pb_grpc.ModelManagerServiceStub(channel)
-
-
-def _call(what: str, address: str, call: Callable[[pb_grpc.ModelManagerServiceStub], T]) -> T:
-    """Run one call against the service; a gRPC error becomes one red line and exit code 1."""
-    channel, stub = _stub(address)
-    try:
-        return call(stub)
-    except grpc.RpcError as err:
-        errors.print(f"[red]{what} failed:[/red] {err.code().name}: {escape(str(err.details()))}")
-        raise typer.Exit(1) from None
-    finally:
-        channel.close()
+def _call(what: str, address: str, token_file: Path | None, call: Callable[[Manager], T]) -> T:
+    """Run calls against the service; a gRPC error becomes one red line and exit code 1."""
+    with connect(address, token_file, what) as manager:
+        return call(manager)
+    raise AssertionError("unreachable: connect exits on errors")  # for mypy: a context manager may swallow
 
 
 def _pairs(option: str, items: list[str] | None) -> dict[str, str]:
@@ -104,6 +92,7 @@ def register(
         Path, typer.Option(exists=True, dir_okay=False, readable=True, help="The artifact to upload, e.g. model.onnx.")
     ],
     service: ServiceOption,
+    token_file: TokenFileOption = None,
     model_format: Annotated[Format, typer.Option("--format", help="Artifact format.")] = "onnx",
     version: Annotated[int, typer.Option(min=0, help="Exact version number to take; 0 takes the next.")] = 0,
     owner: Annotated[str, typer.Option(help="Owner of a model created by this call.")] = "",
@@ -156,46 +145,44 @@ def register(
         reason=reason,
     )
 
-    def run(stub: pb_grpc.ModelManagerServiceStub) -> rpb.ModelVersion:
+    def run(m: Manager) -> rpb.ModelVersion:
         try:
-            stub.GetModel(pb.GetModelRequest(name=name), timeout=TIMEOUT_S)
+            m.stub.GetModel(pb.GetModelRequest(name=name), timeout=TIMEOUT_S, metadata=m.metadata)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.NOT_FOUND:
                 raise
             model = rpb.Model(name=name, owner=owner, signature=model_signature)
-            stub.CreateModel(pb.CreateModelRequest(model=model, reason=reason), timeout=TIMEOUT_S)
+            m.stub.CreateModel(
+                pb.CreateModelRequest(model=model, reason=reason), timeout=TIMEOUT_S, metadata=m.metadata
+            )
             console.print(f"created model [bold]{escape(name)}[/bold]")
-        reply = stub.UploadModelVersion(upload_requests(metadata, version_file), timeout=TIMEOUT_S)
+        reply = m.stub.UploadModelVersion(
+            upload_requests(metadata, version_file), timeout=TIMEOUT_S, metadata=m.metadata
+        )
         return reply.model_version
 
-    registered = _call("register", service, run)
+    registered = _call("register", service, token_file, run)
     console.print(
         f"registered [bold]{escape(name)}[/bold] version {registered.version} "
-        f"({registered.size_bytes} bytes, sha256 {registered.sha256}) stage {_stage(registered.stage)}"
+        f"({registered.size_bytes} bytes, sha256 {registered.sha256}) stage {stage_name(registered.stage)}"
     )
-
-
-def _stage(value: int) -> str:
-    return rpb.ModelStage.Name(value).removeprefix("MODEL_STAGE_").lower()  # type: ignore[arg-type]
-
-
-def _when(stamp: object) -> str:
-    seconds = getattr(stamp, "seconds", 0)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S") if seconds else "-"
 
 
 @app.command("list")
 def list_models(
     service: ServiceOption,
+    token_file: TokenFileOption = None,
     owner: Annotated[str, typer.Option(help="Only models of this owner.")] = "",
 ) -> None:
     """All models: owner, latest and production versions, aliases."""
 
-    def run(stub: pb_grpc.ModelManagerServiceStub) -> list[rpb.Model]:
+    def run(m: Manager) -> list[rpb.Model]:
         found: list[rpb.Model] = []
         token = ""
         while True:
-            page = stub.ListModels(pb.ListModelsRequest(owner=owner, page_token=token), timeout=TIMEOUT_S)
+            page = m.stub.ListModels(
+                pb.ListModelsRequest(owner=owner, page_token=token), timeout=TIMEOUT_S, metadata=m.metadata
+            )
             found.extend(page.models)
             token = page.next_page_token
             if not token:
@@ -204,7 +191,7 @@ def list_models(
     table = Table(title="Models")
     for column in ("name", "owner", "latest", "production", "aliases", "updated"):
         table.add_column(column)
-    for model in _call("list", service, run):
+    for model in _call("list", service, token_file, run):
         aliases = ", ".join(f"{a}→{v}" for a, v in sorted(model.aliases.items()))
         table.add_row(
             escape(model.name),
@@ -212,7 +199,7 @@ def list_models(
             str(model.latest_version or "-"),
             str(model.production_version or "-"),
             escape(aliases),
-            _when(model.updated_at),
+            when(model.updated_at),
         )
     console.print(table)
 
@@ -221,6 +208,7 @@ def list_models(
 def show(
     name: Annotated[str, typer.Argument(help="Model name.")],
     service: ServiceOption,
+    token_file: TokenFileOption = None,
     version: Annotated[int, typer.Option(min=0, help="Show this version in full.")] = 0,
     alias: Annotated[str, typer.Option(help="Show the version this alias points at in full.")] = "",
 ) -> None:
@@ -231,24 +219,29 @@ def show(
             request.alias = alias
         else:
             request.version = version
-        found = _call("show", service, lambda stub: stub.GetModelVersion(request, timeout=TIMEOUT_S)).model_version
+        found = _call(
+            "show",
+            service,
+            token_file,
+            lambda m: m.stub.GetModelVersion(request, timeout=TIMEOUT_S, metadata=m.metadata),
+        ).model_version
         console.print_json(json_format.MessageToJson(found, preserving_proto_field_name=True))
         return
 
-    def run(stub: pb_grpc.ModelManagerServiceStub) -> tuple[rpb.Model, list[rpb.ModelVersion]]:
-        model = stub.GetModel(pb.GetModelRequest(name=name), timeout=TIMEOUT_S).model
+    def run(m: Manager) -> tuple[rpb.Model, list[rpb.ModelVersion]]:
+        model = m.stub.GetModel(pb.GetModelRequest(name=name), timeout=TIMEOUT_S, metadata=m.metadata).model
         found: list[rpb.ModelVersion] = []
         token = ""
         while True:
-            page = stub.ListModelVersions(
-                pb.ListModelVersionsRequest(model_name=name, page_token=token), timeout=TIMEOUT_S
+            page = m.stub.ListModelVersions(
+                pb.ListModelVersionsRequest(model_name=name, page_token=token), timeout=TIMEOUT_S, metadata=m.metadata
             )
             found.extend(page.model_versions)
             token = page.next_page_token
             if not token:
                 return model, found
 
-    model, versions = _call("show", service, run)
+    model, versions = _call("show", service, token_file, run)
     console.print(f"[bold]{escape(model.name)}[/bold] owner {escape(model.owner or '-')}: {escape(model.description)}")
     table = Table(title=f"Versions of {escape(model.name)}")
     for column in ("version", "stage", "aliases", "sha256", "bytes", "code commit", "created by", "created"):
@@ -256,13 +249,13 @@ def show(
     for v in versions:
         table.add_row(
             str(v.version),
-            _stage(v.stage),
+            stage_name(v.stage),
             escape(", ".join(v.aliases)),
             v.sha256[:12],
             str(v.size_bytes),
             escape(v.lineage.code_commit or "-"),
             escape(v.created_by),
-            _when(v.created_at),
+            when(v.created_at),
         )
     console.print(table)
 
@@ -272,6 +265,7 @@ def alias(
     name: Annotated[str, typer.Argument(help="Model name.")],
     alias_name: Annotated[str, typer.Argument(metavar="ALIAS", help='Alias, e.g. "champion".')],
     service: ServiceOption,
+    token_file: TokenFileOption = None,
     version: Annotated[int | None, typer.Argument(help="Version the alias points at (not with --delete).")] = None,
     delete: Annotated[bool, typer.Option("--delete", help="Remove the alias.")] = False,
     reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
@@ -281,11 +275,26 @@ def alias(
         raise typer.BadParameter("give a VERSION, or --delete without one")
     if delete:
         request = pb.DeleteModelAliasRequest(model_name=name, alias=alias_name, reason=reason)
-        removed = _call("alias", service, lambda stub: stub.DeleteModelAlias(request, timeout=TIMEOUT_S))
+        removed = _call(
+            "alias",
+            service,
+            token_file,
+            lambda m: m.stub.DeleteModelAlias(request, timeout=TIMEOUT_S, metadata=m.metadata),
+        )
         console.print(f"removed alias {escape(alias_name)} of {escape(name)} (was version {removed.previous_version})")
         return
     assert version is not None
     set_request = pb.SetModelAliasRequest(model_name=name, alias=alias_name, version=version, reason=reason)
-    moved = _call("alias", service, lambda stub: stub.SetModelAlias(set_request, timeout=TIMEOUT_S))
+    moved = _call(
+        "alias",
+        service,
+        token_file,
+        lambda m: m.stub.SetModelAlias(set_request, timeout=TIMEOUT_S, metadata=m.metadata),
+    )
     was = f" (was version {moved.previous_version})" if moved.previous_version else ""
     console.print(f"alias {escape(alias_name)} of {escape(name)} → version {version}{was}")
+
+
+# The promotion and rollback commands live in their own module; registered after the registry's commands.
+app.command()(promote)
+app.command()(rollback)

@@ -1,4 +1,5 @@
-"""`fresco models register|list|show|alias` end to end against a running model manager."""
+"""`fresco models`, `fresco audit` and `fresco apply|diff` (checks and plans, before the deployment RPCs) end to end
+against a running model manager."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from chassis.auth import Role, token_line
+from fresco.api.models.v1 import model_manager_service_pb2 as pb
+from fresco.cli_apply import plan, register_versions
+from fresco.cli_manager import connect
+from fresco.deployments_file import load
 from fresco.suite import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -100,3 +106,184 @@ def test_errors_are_one_line_with_the_code(service: ServiceProcess, tmp_path: Pa
     both = fresco(service, "alias", "x", "champion", "1", "--delete")
     assert both.returncode == 2
     assert "give a VERSION, or --delete without one" in both.stderr
+
+
+def cli(service: ServiceProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """`fresco ARGS` against the service, wide enough that rich wraps no line."""
+    env = {**os.environ, "COLUMNS": "400", "FRESCO_MODEL_MANAGER": service.address}
+    command = [sys.executable, "-m", "fresco.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, check=False)
+
+
+def audit_rows(service: ServiceProcess, model: str) -> list[str]:
+    shown = cli(service, "audit", "--model", model)
+    assert shown.returncode == 0, shown.stderr
+    return [line for line in shown.stdout.splitlines() if f"│ {model} " in line]
+
+
+def test_audit_shows_who_did_what_newest_first_and_pages(service: ServiceProcess, tmp_path: Path) -> None:
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"audited bytes")
+    for reason in ("first", "second"):
+        registered = fresco(service, "register", "--name", "audited", "--version-file", str(model), "--reason", reason)
+        assert registered.returncode == 0, registered.stderr
+    assert fresco(service, "alias", "audited", "champion", "2", "--reason", "best").returncode == 0
+
+    rows = audit_rows(service, "audited")
+    actions = [next(a for a in ("alias.set", "version.register", "model.create") if a in row) for row in rows]
+    assert actions == ["alias.set", "version.register", "version.register", "model.create"]
+    assert all("│ anonymous " in row for row in rows)  # the identity the server saw, not a name the client sent
+    reasons = [reason for row, reason in zip(rows, ("best", "second", "first"), strict=False) if f"│ {reason} " in row]
+    assert reasons == ["best", "second", "first"]
+    ids = [int(row.split("│")[1]) for row in rows]
+    assert ids == sorted(ids, reverse=True)
+
+    limited = cli(service, "audit", "--model", "audited", "--limit", "3")
+    assert limited.returncode == 0, limited.stderr
+    assert [line for line in limited.stdout.splitlines() if "│ audited " in line] == rows[:3]
+    everything = cli(service, "audit", "--limit", "1000")
+    assert sum("│ audited " in line for line in everything.stdout.splitlines()) == 4
+
+
+DEPLOYMENTS = """
+reason: first deployment
+models:
+  - name: {name}
+    owner: risk
+    versions:
+      - version: 1
+        artifact: model.onnx
+        metrics: {{auc: 0.9}}
+    aliases: {{champion: 1}}
+    serve: 1
+    strategy:
+      canary:
+        steps: [{{weight: 10, dwell: 30s}}]
+        analysis: {{max_error_rate: 0.05}}
+"""
+
+
+def test_diff_shows_the_plan_and_changes_nothing(service: ServiceProcess, tmp_path: Path) -> None:
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(b"planned bytes" * 100)
+    digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    (tmp_path / "deployments.yaml").write_text(DEPLOYMENTS.format(name="planned"))
+    shown = cli(service, "diff", "-f", str(tmp_path / "deployments.yaml"))
+    assert shown.returncode == 0, shown.stderr
+    assert [line.rstrip() for line in shown.stdout.splitlines()] == [
+        "planned:",
+        "  + create model planned (owner risk)",
+        f"  + register version 1 from {artifact} (sha256 {digest[:12]}…, 1300 bytes)",
+        "  + deployment serving v1 with canary 10% → 100%; the server checks it once the model and version(s) 1 "
+        "are registered",
+    ]
+    missing = fresco(service, "show", "planned")
+    assert missing.returncode == 1
+    assert "NOT_FOUND" in missing.stderr
+    assert audit_rows(service, "planned") == []
+
+
+def test_apply_rejects_a_misspelled_field_before_any_call(service: ServiceProcess, tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_bytes(b"never uploaded")
+    bad = DEPLOYMENTS.format(name="misspelled").replace("{weight: 10,", "{wieght: 10,")
+    (tmp_path / "deployments.yaml").write_text(bad)
+    for command in ("apply", "diff"):
+        refused = cli(service, command, "-f", str(tmp_path / "deployments.yaml"))
+        assert refused.returncode == 2
+        assert "is not a valid deployments file:" in refused.stderr
+        assert "models[0].strategy.canary.steps[0].wieght: unknown field (did you mean weight?)" in refused.stderr
+    assert fresco(service, "show", "misspelled").returncode == 1  # the model was not created
+    assert audit_rows(service, "misspelled") == []
+
+
+def test_a_new_artifact_under_a_registered_number_stops_apply_with_nothing_changed(
+    service: ServiceProcess, tmp_path: Path
+) -> None:
+    first = tmp_path / "first.onnx"
+    first.write_bytes(b"version one")
+    assert fresco(service, "register", "--name", "immutable", "--version-file", str(first)).returncode == 0
+    before = audit_rows(service, "immutable")
+    (tmp_path / "model.onnx").write_bytes(b"different bytes")
+    (tmp_path / "deployments.yaml").write_text(DEPLOYMENTS.format(name="immutable"))
+    for command in ("apply", "diff"):
+        refused = cli(service, command, "-f", str(tmp_path / "deployments.yaml"))
+        assert refused.returncode == 1
+        stderr = " ".join(refused.stderr.split())
+        assert "nothing applied:" in stderr
+        assert "models[0].versions[0]: version 1 of immutable is registered with sha256" in stderr
+        assert "versions are immutable" in stderr
+    assert audit_rows(service, "immutable") == before
+
+
+def test_a_forced_promotion_needs_a_reason(service: ServiceProcess) -> None:
+    refused = fresco(service, "promote", "churn", "1", "--to", "production", "--force")
+    assert refused.returncode == 2
+    assert "--force needs a --reason" in " ".join(refused.stderr.split())
+
+
+def test_with_auth_on_the_cli_sends_the_token_and_the_audit_names_its_holder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = {"dana": (Role.DEPLOYER, "dana-deployer-token"), "vik": (Role.VIEWER, "vik-viewer-token")}
+    (tmp_path / "tokens").write_text("".join(token_line(n, role, t) + "\n" for n, (role, t) in tokens.items()))
+    for name, (_, token) in tokens.items():
+        (tmp_path / f"{name}.token").write_text(token + "\n")
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"guarded bytes")
+    args = ["--data-dir", str(tmp_path / "data"), "--port", "0", "--metrics-port", "-1"]
+    auth = ["--auth-tokens-file", str(tmp_path / "tokens"), "--auth-require-for-reads"]
+    process = ServiceProcess("model_manager", [*args, *auth]).start()
+    try:
+        process.wait_healthy(60)
+        unread = cli(process, "audit")
+        assert unread.returncode == 1
+        assert "audit failed: UNAUTHENTICATED" in unread.stderr
+        register = ("models", "register", "--name", "guarded", "--version-file", str(model))
+        missing = cli(process, *register)
+        assert missing.returncode == 1
+        assert "register failed: UNAUTHENTICATED" in missing.stderr
+        viewer = cli(process, *register, "--token-file", str(tmp_path / "vik.token"))
+        assert viewer.returncode == 1
+        assert "register failed: PERMISSION_DENIED" in viewer.stderr
+        done = cli(process, *register, "--token-file", str(tmp_path / "dana.token"))
+        assert done.returncode == 0, done.stderr
+        monkeypatch.setenv("FRESCO_TOKEN_FILE", str(tmp_path / "vik.token"))  # the environment's token, for a read
+        rows = audit_rows(process, "guarded")
+    finally:
+        assert process.stop() == 0
+    assert len(rows) == 2
+    assert all("│ dana " in row for row in rows)  # model.create and version.register, by the token's holder
+
+
+def test_apply_registers_what_is_missing_once(service: ServiceProcess, tmp_path: Path) -> None:
+    """The registry half of `fresco apply` (the deployment half needs ApplyDeployment): the model is created and
+    each version uploaded the first time; planned again, everything matches and nothing is uploaded."""
+    (tmp_path / "v1.onnx").write_bytes(b"first artifact")
+    (tmp_path / "v2.onnx").write_bytes(b"second artifact")
+    (tmp_path / "deployments.yaml").write_text(
+        """
+models:
+  - name: declared
+    owner: risk
+    versions:
+      - {version: 1, artifact: v1.onnx, metrics: {auc: 0.8}}
+      - {version: 2, artifact: v2.onnx, parent_version: 1, code_commit: abc}
+    serve: 2
+    strategy: {blue_green: {}}
+"""
+    )
+    declared = load(tmp_path / "deployments.yaml").models[0]
+    with connect(service.address, None, "apply") as manager:
+        first = plan(manager, 0, declared)
+        assert (first.exists, [u.declaration.version for u in first.uploads], first.problems) == (False, [1, 2], [])
+        register_versions(manager, first, "declared in a file")
+        again = plan(manager, 0, declared)
+        assert (again.exists, again.uploads, again.problems) == (True, [], [])
+        second = manager.stub.GetModelVersion(pb.GetModelVersionRequest(model_name="declared", version=2)).model_version
+        model = manager.stub.GetModel(pb.GetModelRequest(name="declared")).model
+    assert second.sha256 == hashlib.sha256(b"second artifact").hexdigest()
+    assert (second.lineage.parent_version, second.lineage.code_commit) == (1, "abc")
+    assert (model.owner, model.latest_version) == ("risk", 2)
+    rows = audit_rows(service, "declared")
+    assert len(rows) == 3
+    assert all("│ declared in a file " in row for row in rows)
