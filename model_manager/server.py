@@ -9,7 +9,13 @@ from chassis.errors import Unavailable
 from chassis.server import ServiceApp
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
+from model_manager import gate_config
 from model_manager.artifacts import ArtifactStore
+from model_manager.gate_latency import PredictorFleet
+from model_manager.gate_schema import FeatureCatalog
+from model_manager.gates import GateRunner
+from model_manager.operations import OperationStore
+from model_manager.promotions import Promotions
 from model_manager.registry import Registry
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
@@ -29,6 +35,8 @@ class ModelManager:
         self.servicer = ModelManagerServicer()  # type: ignore[abstract]
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
         self.registry: Registry | None = None
+        # The predictor fleet the latency gate measures on; without one that gate reports an error.
+        self.fleet: PredictorFleet | None = None
         self.app.on_stop(self._close)
 
     async def ready(self) -> None:
@@ -43,7 +51,32 @@ class ModelManager:
             log.warning("removed %d partial uploads left by an earlier run", cleared)
         registry = self.registry = await self._connect()
         self.servicer.domain = Domain(registry, VersionUploads(registry, store))
+        self.servicer.promotions = await self._promotions(registry, store)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
+
+    async def _promotions(self, registry: Registry, store: ArtifactStore) -> Promotions:
+        settings = self.settings
+        catalog = None
+        if settings.feature_service_address:
+            channel = self.app.client_channel(settings.feature_service_address)
+            self.app.on_stop(channel.close)
+            catalog = FeatureCatalog(channel, settings.feature_service_address)
+        runner = GateRunner(
+            registry,
+            store,
+            self.app.client_channel,
+            catalog,
+            self.fleet,
+            settings.latency_sample_requests,
+            settings.latency_warmup_requests,
+        )
+        operations = await asyncio.to_thread(OperationStore, registry.engine)
+        promotions = Promotions(registry, operations, runner, gate_config.parse_defaults(settings.default_gates_json))
+        failed = await promotions.recover()
+        if failed:
+            log.warning("failed %d promotions a previous run left unfinished", failed)
+        self.app.on_stop(promotions.close)
+        return promotions
 
     async def _connect(self) -> Registry:
         url = self.settings.registry_url()

@@ -28,6 +28,15 @@ class ModelManagerSettings(ServiceSettings):
     connect_retry_s: float = Field(default=2.0, gt=0)
     """At start, seconds between attempts to reach the database (health stays NOT_SERVING meanwhile)."""
 
+    feature_service_address: str = ""
+    """host:port of the feature service whose views the schema gate checks feature refs against; empty: none."""
+    default_gates_json: str = '{"schema": {}}'
+    """The promotion gates run when a PromoteModelVersion request sets none: PromotionGates as protobuf JSON."""
+    latency_sample_requests: int = Field(default=200, ge=1)
+    """Requests the latency gate times when its request does not say (sample_requests 0)."""
+    latency_warmup_requests: int = Field(default=20, ge=0)
+    """Untimed requests the latency gate sends first when its request does not say (warmup_requests 0)."""
+
     def registry_url(self) -> str:
         """The database URL to use."""
         return self.database_url or sqlite_url(self.data_dir / "registry.db")
