@@ -97,6 +97,8 @@ class GateRunner:
             dataset = backtest.load_dataset(gate.dataset_uri, gate.dataset_sha256.lower())
         except DatasetMismatch as err:
             return [check("backtest.dataset_sha256", BACKTEST, False, str(err))]
+        except BacktestError as err:
+            return [error("backtest", BACKTEST, str(err))]
         try:
             candidate = self._scores(gate, version, dataset)
         except BacktestError as err:

@@ -101,6 +101,7 @@ class Promotions:
                 await self._finish(operation, rpb.OPERATION_STATE_FAILED, str(err))
                 raise
             operation.stage = stage_value(moved.stage)
+            await self._save(operation)  # readers see it validating from now on
         task = asyncio.create_task(self._run(operation, gates, request, identity), name=f"promote-{version.model_name}")
         self._tasks[operation.operation_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(operation.operation_id, None))

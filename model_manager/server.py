@@ -60,7 +60,7 @@ class ModelManager:
         if settings.feature_service_address:
             channel = self.app.client_channel(settings.feature_service_address)
             self.app.on_stop(channel.close)
-            catalog = FeatureCatalog(channel, settings.feature_service_address)
+            catalog = FeatureCatalog(channel, settings.feature_service_address, settings.feature_service_timeout_s)
         runner = GateRunner(
             registry,
             store,

@@ -30,6 +30,8 @@ class ModelManagerSettings(ServiceSettings):
 
     feature_service_address: str = ""
     """host:port of the feature service whose views the schema gate checks feature refs against; empty: none."""
+    feature_service_timeout_s: float = Field(default=10.0, gt=0)
+    """Deadline of each call the schema gate makes to the feature service."""
     default_gates_json: str = '{"schema": {}}'
     """The promotion gates run when a PromoteModelVersion request sets none: PromotionGates as protobuf JSON."""
     latency_sample_requests: int = Field(default=200, ge=1)
