@@ -81,9 +81,9 @@ def load_dataset(uri: str, expected_sha256: str = "") -> Dataset:
 
 def _column(table: pa.Table, name: str) -> npt.NDArray[np.float64]:
     column = table.column(name)
-    if column.null_count:
-        return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
-    return np.asarray(column.to_numpy(), dtype=np.float64)
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)):
+        raise BacktestError(f"dataset: column {name!r} holds {column.type}; expected numbers")
+    return np.asarray(column.to_numpy(zero_copy_only=False), dtype=np.float64)
 
 
 def feature_matrix(table: pa.Table, signature: rpb.ModelSignature) -> npt.NDArray[np.generic]:

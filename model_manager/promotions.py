@@ -122,6 +122,8 @@ class Promotions:
                 last = body
                 yield operation
             if operation.done:
+                # Done for good: a watcher still waiting on this event re-reads within WATCH_POLL_S and stops too.
+                self._changed.pop(operation_id, None)
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), WATCH_POLL_S)

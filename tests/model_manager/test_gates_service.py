@@ -247,6 +247,9 @@ def test_watch_streams_the_operation_until_it_is_done(
         started = promote(stub, model, version, gates=rpb.PromotionGates(schema=SCHEMA))
         stream = stub.WatchOperation(pb.WatchOperationRequest(operation_id=started.operation_id))
         first = next(stream).operation
+        again = error(lambda: promote(stub, model, version, gates=rpb.PromotionGates(schema=SCHEMA)))
+    assert again.code() == grpc.StatusCode.FAILED_PRECONDITION  # one promotion of a version at a time
+    assert "is validating" in (again.details() or "")
     assert not first.done
     assert first.stage == rpb.MODEL_STAGE_VALIDATING
     rest = [message.operation for message in stream]
