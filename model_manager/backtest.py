@@ -66,6 +66,8 @@ def load_dataset(uri: str, expected_sha256: str = "") -> Dataset:
             content = file.read()
     except (OSError, ValueError) as err:
         raise BacktestError(f"dataset_uri: cannot read {uri}: {err}") from err
+    except ImportError as err:  # fsspec knows the protocol, but its filesystem package is not installed
+        raise BacktestError(f"dataset_uri: no filesystem installed for {uri}: {err}") from err
     digest = hashlib.sha256(content).hexdigest()
     if expected_sha256 and digest != expected_sha256:
         raise DatasetMismatch(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from google.protobuf import json_format
 
 from chassis.errors import InvalidArgument
@@ -27,6 +29,14 @@ def _metric(field: str, metric: str) -> None:
         raise InvalidArgument(f"{field}: expected one of {', '.join(METRICS)}, got {metric!r}")
 
 
+def _finite(field: str, message: rpb.BacktestGate | rpb.MetricThreshold) -> None:
+    for name in ("min_value", "max_value", "max_regression", "max_relative_regression"):
+        if name in message.DESCRIPTOR.fields_by_name and message.HasField(name):  # type: ignore[arg-type]
+            value = getattr(message, name)
+            if not math.isfinite(value):
+                raise InvalidArgument(f"{field}.{name}: expected a finite number, got {value}")
+
+
 def _not_negative(field: str, message: rpb.BacktestGate | rpb.MetricThreshold, name: str) -> None:
     if message.HasField(name) and getattr(message, name) < 0:  # type: ignore[arg-type]
         raise InvalidArgument(f"{field}.{name}: expected 0 or more, got {getattr(message, name)}")
@@ -42,6 +52,7 @@ def _backtest(field: str, gate: rpb.BacktestGate) -> None:
         raise InvalidArgument(f"{field}.min_slice_rows: expected 0 or more, got {gate.min_slice_rows}")
     if not gate.metric and not gate.thresholds:
         raise InvalidArgument(f"{field}: expected metric or thresholds; a backtest without a limit checks nothing")
+    _finite(field, gate)
     if gate.metric:
         _metric(f"{field}.metric", gate.metric)
         _not_negative(field, gate, "max_regression")
@@ -51,12 +62,13 @@ def _backtest(field: str, gate: rpb.BacktestGate) -> None:
         limits = ("min_value", "max_value", "max_regression", "max_relative_regression")
         if not any(threshold.HasField(name) for name in limits):  # type: ignore[arg-type]
             raise InvalidArgument(f"{where}: expected at least one of {', '.join(limits)}")
+        _finite(where, threshold)
         _not_negative(where, threshold, "max_regression")
         _not_negative(where, threshold, "max_relative_regression")
 
 
 def _latency(field: str, gate: rpb.LatencyGate) -> None:
-    if not gate.p99_budget_ms > 0:
+    if not 0 < gate.p99_budget_ms < math.inf:
         raise InvalidArgument(f"{field}.p99_budget_ms: expected a budget above 0 ms, got {gate.p99_budget_ms}")
     for name, limit in (("sample_requests", MAX_SAMPLES), ("warmup_requests", MAX_SAMPLES), ("batch_size", MAX_BATCH)):
         value = getattr(gate, name)

@@ -5,6 +5,7 @@ Blocking (SQLAlchemy): callers use a worker thread.
 
 from __future__ import annotations
 
+import re
 import time
 
 import sqlalchemy as sa
@@ -12,7 +13,9 @@ from sqlalchemy.engine import Engine
 
 from chassis.errors import InvalidArgument, NotFound
 from fresco.api.models.v1 import registry_pb2 as rpb
+from model_manager.registry import database_errors
 
+OPERATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 metadata = sa.MetaData()
 
 # The operation itself is its serialized message: it grows by adding fields, which old rows read as defaults.
@@ -42,6 +45,7 @@ class OperationStore:
         self.engine = engine
         metadata.create_all(engine)
 
+    @database_errors
     def insert(self, operation: rpb.Operation) -> None:
         """Record a new operation."""
         with self.engine.begin() as conn:
@@ -58,6 +62,7 @@ class OperationStore:
                 )
             )
 
+    @database_errors
     def update(self, operation: rpb.Operation) -> None:
         """Store the operation's new state."""
         with self.engine.begin() as conn:
@@ -71,16 +76,21 @@ class OperationStore:
                 )
             )
 
+    @database_errors
     def get(self, operation_id: str) -> rpb.Operation:
         """One operation; NOT_FOUND if there is none with this id."""
-        if not operation_id or len(operation_id) > 64:
-            raise InvalidArgument(f"operation_id: expected an operation id, got {operation_id[:80]!r}")
+        if not OPERATION_ID.fullmatch(operation_id):
+            raise InvalidArgument(
+                "operation_id: expected an operation id (up to 64 letters, digits, '_' or '-'), "
+                f"got {operation_id[:80]!r}"
+            )
         with self.engine.connect() as conn:
             body = conn.execute(sa.select(operations.c.body).where(operations.c.id == operation_id)).scalar()
         if body is None:
             raise NotFound(f"operation_id: no operation {operation_id!r}")
         return rpb.Operation.FromString(body)
 
+    @database_errors
     def unfinished(self) -> list[rpb.Operation]:
         """Operations not done: at start, those a stopped or crashed manager left running."""
         with self.engine.connect() as conn:
