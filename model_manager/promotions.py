@@ -29,6 +29,7 @@ RESTARTED = "manager restarted while the gates ran; promote again"
 TARGETS = (Stage.CANDIDATE, Stage.PRODUCTION)
 # A watcher re-reads the operation at least this often, in case a change was made by another process.
 WATCH_POLL_S = 1.0
+AUDIT_DETAIL_CHARS = 500
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,19 @@ class Promotions:
         )
         operation.created_at.FromNanoseconds(time.time_ns())
         operation.updated_at.CopyFrom(operation.created_at)
+        # Shielded: a caller that hangs up halfway must not leave an operation recorded and never run.
+        return await asyncio.shield(self._begin(operation, gates, request, identity))
+
+    async def _begin(
+        self, operation: rpb.Operation, gates: rpb.PromotionGates, request: PromoteRequest, identity: str
+    ) -> rpb.Operation:
         await asyncio.to_thread(self.operations.insert, operation)
         if not request.dry_run:
             try:
                 moved = await asyncio.to_thread(
                     self.registry.set_stage,
-                    version.model_name,
-                    version.version,
+                    operation.model_name,
+                    operation.version,
                     Stage.VALIDATING,
                     identity,
                     request.reason,
@@ -102,7 +109,8 @@ class Promotions:
                 raise
             operation.stage = stage_value(moved.stage)
             await self._save(operation)  # readers see it validating from now on
-        task = asyncio.create_task(self._run(operation, gates, request, identity), name=f"promote-{version.model_name}")
+        name = f"promote-{operation.model_name}-v{operation.version}"
+        task = asyncio.create_task(self._run(operation, gates, request, identity), name=name)
         self._tasks[operation.operation_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(operation.operation_id, None))
         return rpb.Operation.FromString(operation.SerializeToString())
@@ -116,7 +124,11 @@ class Promotions:
         last = b""
         while True:
             changed = self._changed.setdefault(operation_id, asyncio.Event())
-            operation = await self.get(operation_id)
+            try:
+                operation = await self.get(operation_id)
+            except FrescoError:
+                self._changed.pop(operation_id, None)  # e.g. no such operation: keep no event for it
+                raise
             body = operation.SerializeToString(deterministic=True)
             if body != last:
                 last = body
@@ -213,6 +225,10 @@ class Promotions:
         details = {"operation_id": operation.operation_id, "gates": "failed" if failed else "passed"}
         if failed:
             details["failed_gates"] = ", ".join(r.name for r in failed)
+        # Each check with its verdict and what was measured, so the audit shows why without the version at hand.
+        for result in results:
+            verdict = "passed" if result.passed else "failed"
+            details[f"gate.{result.name}"] = f"{verdict}: {result.detail}"[:AUDIT_DETAIL_CHARS]
         name, number = operation.model_name, operation.version
         if failed and not request.force:
             record = await asyncio.to_thread(

@@ -147,6 +147,8 @@ def test_good_versions_pass_and_a_worse_one_is_rejected_with_what_was_measured(
     rejected = next(r for r in audit if r.version == v2 and r.details["to"] == "rejected")
     assert rejected.details["operation_id"] == worse.operation_id
     assert "backtest.auc.min_value" in rejected.details["failed_gates"]
+    assert rejected.details["gate.backtest.auc.max_regression"].startswith("failed: auc 0.")
+    assert rejected.details["gate.schema.artifact"].startswith("passed: loads")
     moves = [(r.version, r.details["from"], r.details["to"]) for r in reversed(audit) if r.action == "version.stage"]
     assert moves[:3] == [
         (v1, "registered", "validating"),
@@ -375,4 +377,6 @@ def test_with_auth_promote_needs_a_deployer_and_a_force_is_audited_with_its_iden
     record = next(r for r in audit if r.details.get("to") == "candidate")
     assert (record.identity, record.reason, record.details["forced"]) == ("dana", "risk accepted, ticket 42", "true")
     assert "backtest.auc.min_value" in record.details["failed_gates"]
+    assert record.details["gate.backtest.auc.min_value"].startswith("failed: auc 0.5")
+    assert "< min_value 0.8" in record.details["gate.backtest.auc.min_value"]
     assert record.details["operation_id"] == forced.operation_id
