@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from chassis.errors import InvalidArgument
 from chassis.settings import ServiceSettings
+from model_manager import gate_config
 from model_manager.tables import sqlite_url
 
 
@@ -38,6 +40,15 @@ class ModelManagerSettings(ServiceSettings):
     """Requests the latency gate times when its request does not say (sample_requests 0)."""
     latency_warmup_requests: int = Field(default=20, ge=0)
     """Untimed requests the latency gate sends first when its request does not say (warmup_requests 0)."""
+
+    @field_validator("default_gates_json")
+    @classmethod
+    def _gates_parse(cls, value: str) -> str:
+        try:
+            gate_config.parse_defaults(value)
+        except InvalidArgument as err:  # refused at start, with the reason, rather than on the first promotion
+            raise ValueError(str(err)) from err
+        return value
 
     def registry_url(self) -> str:
         """The database URL to use."""

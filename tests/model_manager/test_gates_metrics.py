@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from sklearn.metrics import log_loss, roc_auc_score
 
 from chassis.errors import InvalidArgument
@@ -14,6 +15,7 @@ from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import gate_config, metrics
 from model_manager.backtest import Scored
 from model_manager.metrics import Evaluation
+from model_manager.settings import ModelManagerSettings
 from model_manager.thresholds import Baseline, Threshold, check_thresholds, thresholds_of
 
 
@@ -197,3 +199,9 @@ def test_server_defaults_parse_from_json_and_are_checked() -> None:
     assert gate_config.chosen(None, defaults) is defaults
     with pytest.raises(InvalidArgument, match="default_gates_json"):
         gate_config.parse_defaults('{"latency": {}}')
+
+
+def test_the_manager_refuses_bad_default_gates_at_start() -> None:
+    with pytest.raises(ValidationError, match=r"default_gates_json\.latency\.p99_budget_ms"):
+        ModelManagerSettings(default_gates_json='{"latency": {}}')
+    assert ModelManagerSettings().default_gates_json == '{"schema": {}}'
