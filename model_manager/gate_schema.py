@@ -171,6 +171,13 @@ def check_outputs(
             problems.append(
                 f"output {theirs.name!r} is {mine.datatype}; production v{production_version} has {theirs.datatype}"
             )
+        elif len(mine.shape) != len(theirs.shape) or any(
+            a >= 0 and b >= 0 and a != b for a, b in zip(mine.shape, theirs.shape, strict=False)
+        ):
+            problems.append(
+                f"output {theirs.name!r} has shape {list(mine.shape)}; "
+                f"production v{production_version} has {list(theirs.shape)}"
+            )
     if problems:
         return check(name, SCHEMA, False, "; ".join(problems))
     return check(name, SCHEMA, True, f"outputs compatible with production v{production_version}")

@@ -1,5 +1,5 @@
-"""Backtest metrics against values computed by hand, threshold checks (absolute, relative, per slice) and the
-refusal of incomplete gate configurations."""
+"""Backtest metrics against values computed by hand, threshold checks (absolute, relative, per slice), output
+compatibility with production, and the refusal of incomplete gate configurations."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from chassis.errors import InvalidArgument
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import gate_config, metrics
 from model_manager.backtest import Scored
+from model_manager.gate_schema import check_outputs
 from model_manager.metrics import Evaluation
 from model_manager.settings import ModelManagerSettings
 from model_manager.thresholds import Baseline, Threshold, check_thresholds, thresholds_of
@@ -205,3 +206,28 @@ def test_the_manager_refuses_bad_default_gates_at_start() -> None:
     with pytest.raises(ValidationError, match=r"default_gates_json\.latency\.p99_budget_ms"):
         ModelManagerSettings(default_gates_json='{"latency": {}}')
     assert ModelManagerSettings().default_gates_json == '{"schema": {}}'
+
+
+def test_outputs_must_keep_the_production_names_types_and_shapes() -> None:
+    production = rpb.ModelSignature(
+        outputs=[
+            rpb.TensorSpec(name="label", datatype="INT64", shape=[-1]),
+            rpb.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2]),
+        ]
+    )
+    same_plus_one = rpb.ModelSignature(outputs=[*production.outputs, rpb.TensorSpec(name="x", datatype="FP32")])
+    assert check_outputs(same_plus_one, production, 4).passed
+    assert check_outputs(rpb.ModelSignature(), None, 0).detail == "no production version to compare with"
+    changed = rpb.ModelSignature(
+        outputs=[
+            rpb.TensorSpec(name="label", datatype="FP32", shape=[-1]),
+            rpb.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 3]),
+        ]
+    )
+    result = check_outputs(changed, production, 4)
+    assert not result.passed
+    assert result.detail == (
+        "output 'label' is FP32; production v4 has INT64; "
+        "output 'probabilities' has shape [-1, 3]; production v4 has [-1, 2]"
+    )
+    assert "output 'label' of production v4 is missing" in check_outputs(rpb.ModelSignature(), production, 4).detail
