@@ -17,7 +17,7 @@ from model_manager import gate_config, schema
 from model_manager.gate_results import failures, summary
 from model_manager.gates import GateRunner
 from model_manager.lifecycle import Stage, check_transition
-from model_manager.messages import stage_value
+from model_manager.messages import stage_of, stage_value
 from model_manager.operations import OperationStore, touch
 from model_manager.registry import Registry
 
@@ -174,7 +174,7 @@ class Promotions:
         try:
             version = await asyncio.to_thread(self.registry.get_version, operation.model_name, operation.version)
             if version.stage is Stage.VALIDATING:
-                previous = Stage(rpb.ModelStage.Name(operation.previous_stage).removeprefix("MODEL_STAGE_").lower())
+                previous = stage_of("previous_stage", operation.previous_stage)
                 details = {"operation_id": operation.operation_id}
                 version = await asyncio.to_thread(
                     self.registry.set_stage,
