@@ -128,6 +128,7 @@ def version_message(record: VersionRecord) -> rpb.ModelVersion:
         backend_hints=record.backend_hints,
         aliases=record.aliases,
         created_by=record.created_by,
+        gate_results=record.gate_results,
     )
 
 

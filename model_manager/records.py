@@ -108,6 +108,8 @@ class VersionRecord:
     created_by: str
     created_us: int
     stage_updated_us: int
+    # The checks of the latest promotion gates run on the version (empty before any).
+    gate_results: tuple[rpb.GateResult, ...] = ()
 
 
 @dataclass(frozen=True)

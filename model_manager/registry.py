@@ -30,7 +30,7 @@ from model_manager.records import (
     VersionRecord,
     VersionSpec,
 )
-from model_manager.tables import aliases, audit, models, open_engine, versions
+from model_manager.tables import aliases, audit, gate_results, models, open_engine, versions
 
 DEFAULT_PAGE_SIZE = 100
 P = ParamSpec("P")
@@ -295,8 +295,18 @@ class Registry:
     # --- stages -------------------------------------------------------------------------------------------
 
     @database_errors
-    def set_stage(self, model_name: str, version: int, target: Stage, identity: str, reason: str = "") -> VersionRecord:
-        """Move a version along the gate state machine; entering production archives the previous production one."""
+    def set_stage(
+        self,
+        model_name: str,
+        version: int,
+        target: Stage,
+        identity: str,
+        reason: str = "",
+        details: Mapping[str, str] | None = None,
+        gates: Sequence[rpb.GateResult] | None = None,
+    ) -> VersionRecord:
+        """Move a version along the gate state machine; entering production archives the previous production one.
+        `details` join the audit record; `gates`, when given, become the version's gate results, in one transaction."""
         schema.model_name("model_name", model_name)
         schema.version_number("version", version)
         with self.engine.begin() as conn:
@@ -306,9 +316,12 @@ class Registry:
             check_transition(f"version {version} of {model_name}", source, target)
             at = self._clock()
             self._move(conn, row.id, source, target, at)
-            self._audit(
-                conn, identity, "version.stage", model_name, version, reason, {"from": source.value, "to": target.value}
-            )
+            if gates is not None:
+                results = rpb.ModelVersion(gate_results=gates).SerializeToString(deterministic=True)
+                conn.execute(gate_results.delete().where(gate_results.c.version_id == row.id))
+                conn.execute(gate_results.insert().values(version_id=row.id, results=results, updated_us=at))
+            moved = {**(details or {}), "from": source.value, "to": target.value}
+            self._audit(conn, identity, "version.stage", model_name, version, reason, moved)
             production = model.production_version
             if target is Stage.PRODUCTION:
                 if production and production != version:
@@ -479,6 +492,7 @@ class Registry:
         )
 
     def _version(self, conn: Connection, model: Row[Any], row: Row[Any]) -> VersionRecord:
+        gates = conn.execute(sa.select(gate_results.c.results).where(gate_results.c.version_id == row.id)).scalar()
         pointing = conn.execute(
             sa.select(aliases.c.alias)
             .where(aliases.c.model_id == model.id, aliases.c.version == row.version)
@@ -505,6 +519,7 @@ class Registry:
             created_by=row.created_by,
             created_us=row.created_us,
             stage_updated_us=row.stage_updated_us,
+            gate_results=tuple(rpb.ModelVersion.FromString(gates).gate_results) if gates is not None else (),
         )
 
 

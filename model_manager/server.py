@@ -9,10 +9,15 @@ from chassis.errors import Unavailable
 from chassis.server import ServiceApp
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
+from model_manager import gate_config
 from model_manager.artifacts import ArtifactStore
 from model_manager.fleet import Fleet
+from model_manager.gate_schema import FeatureCatalog
+from model_manager.gates import GateRunner
 from model_manager.loader import PredictorLoader, RegistryArtifacts
+from model_manager.operations import OperationStore
 from model_manager.predictors import Predictors
+from model_manager.promotions import Promotions
 from model_manager.registry import Registry
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
@@ -49,6 +54,7 @@ class ModelManager:
         self.fleet = self._fleet(registry, store)
         await self.fleet.start()
         self.servicer.domain = Domain(registry, VersionUploads(registry, store), fleet=self.fleet)
+        self.servicer.promotions = await self._promotions(registry, store)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
 
     def _fleet(self, registry: Registry, store: ArtifactStore) -> Fleet:
@@ -68,6 +74,30 @@ class ModelManager:
             tick_s=min(0.5, settings.heartbeat_interval_s),
             cooldown_s=lease,
         )
+
+    async def _promotions(self, registry: Registry, store: ArtifactStore) -> Promotions:
+        settings = self.settings
+        catalog = None
+        if settings.feature_service_address:
+            channel = self.app.client_channel(settings.feature_service_address)
+            self.app.on_stop(channel.close)
+            catalog = FeatureCatalog(channel, settings.feature_service_address, settings.feature_service_timeout_s)
+        runner = GateRunner(
+            registry,
+            store,
+            self.app.client_channel,
+            catalog,
+            self.fleet,
+            settings.latency_sample_requests,
+            settings.latency_warmup_requests,
+        )
+        operations = await asyncio.to_thread(OperationStore, registry.engine)
+        promotions = Promotions(registry, operations, runner, gate_config.parse_defaults(settings.default_gates_json))
+        failed = await promotions.recover()
+        if failed:
+            log.warning("failed %d promotions a previous run left unfinished", failed)
+        self.app.on_stop(promotions.close)
+        return promotions
 
     async def _connect(self) -> Registry:
         url = self.settings.registry_url()

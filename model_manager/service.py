@@ -12,18 +12,19 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
-from chassis.auth import Role, current_identity, method_roles
+from chassis.auth import Role, method_roles
 from chassis.errors import InvalidArgument, Unavailable
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from model_manager import messages, schema
+from model_manager.callers import caller_identity
 from model_manager.fleet import Fleet
 from model_manager.fleet_rpcs import FleetRpcs
+from model_manager.gate_rpcs import GateRpcs
 from model_manager.registry import Registry
 from model_manager.uploads import VersionUploads
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
-ANONYMOUS = "anonymous"
 # The role each method needs once auth is on: changing the registry or what is served is a deployer's
 # (admin includes it); reading it needs none, or viewer with --auth-require-for-reads.
 METHOD_ROLES = method_roles(
@@ -45,19 +46,6 @@ METHOD_ROLES = method_roles(
 )  # fmt: skip
 
 
-def caller_identity(context: Context) -> str:
-    """Who is calling, as verified: the bearer token's subject (chassis auth), else the TLS client
-    certificate's identity, else "anonymous". Never a name the client wrote in the request: the audit
-    log records this."""
-    identity = current_identity()
-    if identity is not None:
-        return identity.subject
-    identities = context.peer_identities()
-    if identities:
-        return b",".join(identities).decode(errors="replace")
-    return ANONYMOUS
-
-
 @dataclass(frozen=True)
 class Domain:
     """What the servicer runs on once the database is reachable and its tables exist."""
@@ -77,8 +65,9 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
         yield request.chunk
 
 
-class ModelManagerServicer(FleetRpcs, pb_grpc.ModelManagerServiceServicer):
-    """fresco.models.v1.ModelManagerService: the registry's RPCs."""
+class ModelManagerServicer(FleetRpcs, GateRpcs, pb_grpc.ModelManagerServiceServicer):
+    """fresco.models.v1.ModelManagerService: the registry's RPCs, the fleet's (FleetRpcs) and the promotion gates'
+    (GateRpcs)."""
 
     def __init__(self) -> None:
         self.domain: Domain | None = None

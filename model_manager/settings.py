@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from chassis.errors import InvalidArgument
 from chassis.settings import ServiceSettings
+from model_manager import gate_config
 from model_manager.tables import sqlite_url
 
 
@@ -36,6 +38,25 @@ class ModelManagerSettings(ServiceSettings):
     """Deadline of one RepositoryModelLoad (load and warm-up) on a predictor, in seconds."""
     copy_request_rate: float = Field(default=50.0, gt=0)
     """Requests per second one copy of a version serves before another copy is placed (up to max_replicas)."""
+    feature_service_address: str = ""
+    """host:port of the feature service whose views the schema gate checks feature refs against; empty: none."""
+    feature_service_timeout_s: float = Field(default=10.0, gt=0)
+    """Deadline of each call the schema gate makes to the feature service."""
+    default_gates_json: str = '{"schema": {}}'
+    """The promotion gates run when a PromoteModelVersion request sets none: PromotionGates as protobuf JSON."""
+    latency_sample_requests: int = Field(default=200, ge=1)
+    """Requests the latency gate times when its request does not say (sample_requests 0)."""
+    latency_warmup_requests: int = Field(default=20, ge=0)
+    """Untimed requests the latency gate sends first when its request does not say (warmup_requests 0)."""
+
+    @field_validator("default_gates_json")
+    @classmethod
+    def _gates_parse(cls, value: str) -> str:
+        try:
+            gate_config.parse_defaults(value)
+        except InvalidArgument as err:  # refused at start, with the reason, rather than on the first promotion
+            raise ValueError(str(err)) from err
+        return value
 
     def registry_url(self) -> str:
         """The database URL to use."""

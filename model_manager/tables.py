@@ -60,6 +60,16 @@ versions = sa.Table(
     sa.UniqueConstraint("model_id", "version", name="uq_model_versions_model_version"),
 )
 
+# The latest promotion gate results of a version, written with the stage change they decided: a serialized
+# ModelVersion carrying only gate_results, so the list evolves like the message.
+gate_results = sa.Table(
+    "version_gate_results",
+    metadata,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("model_versions.id"), primary_key=True),
+    sa.Column("results", sa.LargeBinary, nullable=False),
+    sa.Column("updated_us", sa.BigInteger, nullable=False),
+)
+
 aliases = sa.Table(
     "model_aliases",
     metadata,
