@@ -11,6 +11,7 @@ from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from model_manager.artifacts import ArtifactStore
 from model_manager.registry import Registry
+from model_manager.route_hub import RouteHub
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
 from model_manager.uploads import VersionUploads
@@ -28,6 +29,9 @@ class ModelManager:
         # Rollout and route RPCs are not built yet: the generated base class answers them UNIMPLEMENTED.
         self.servicer = ModelManagerServicer()  # type: ignore[abstract]
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
+        # The route stream needs no database: gateways may watch (and keep their table) from the start.
+        self.route_hub = RouteHub()
+        self.servicer.route_hub = self.route_hub
         self.registry: Registry | None = None
         self.app.on_stop(self._close)
 
