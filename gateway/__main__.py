@@ -7,13 +7,14 @@ import sys
 from chassis.logs import configure_logging
 from chassis.server import run, serve
 from chassis.settings import parse_settings
-from gateway.server import build_server
+from gateway.server import build_server, start_background
 from gateway.settings import GatewaySettings
 
 
 async def main(settings: GatewaySettings) -> None:
     gateway = build_server(settings)
-    await serve(gateway.app)
+    # Routes come from the manager's stream (or the state directory) before health says SERVING.
+    await serve(gateway.app, lambda: start_background(gateway))
 
 
 if __name__ == "__main__":

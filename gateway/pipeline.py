@@ -5,10 +5,12 @@ predictor once per group, split the answers back per query."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from chassis.errors import FailedPrecondition, InvalidArgument
+from chassis.errors import FailedPrecondition, FrescoError, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from chassis.status import status_for
 from fresco.api.common.v1 import values_pb2
 from fresco.api.gateway.v1 import gateway_pb2 as pb
 from fresco.api.inference import grpc_service_pb2 as ipb
@@ -16,11 +18,17 @@ from gateway.assembly import FeatureValue, ModelSignature, build_inputs, from_pr
 from gateway.budget import Budget
 from gateway.features import FeatureClient, entity_identity, merge_entity_keys, needed_refs, usable_values
 from gateway.limits import Limits
+from gateway.metric_windows import MetricWindows, WindowKey
 from gateway.offload import BYTES_PER_VALUE, Offload
 from gateway.predictors import STALE_SUSPECTS, Pinned, PredictorPool, decode_outputs
+from gateway.route_choice import RouteChooser, Target
 from gateway.routing import RouteTable
+from gateway.shadow import ShadowJob, ShadowMirror, score_of
+from model_manager.routes import MetricsConfig
 
-GroupKey = tuple[str, str, tuple[str, ...]]
+GroupKey = tuple[Target, tuple[str, ...]]
+# A chosen version failing so: its route's fallback version answers instead (a caller's mistake never falls back).
+FALLBACK_ON = (Unavailable, NotFound, ResourceExhausted, FailedPrecondition)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,7 @@ class Prediction:
     outputs: dict[str, values_pb2.Tensor] = field(default_factory=dict)
     experiment_arm: str = ""
     fallback: bool = False
+    fallback_reason: str = ""
     imputed_features: list[str] = field(default_factory=list)
     degraded: bool = False
 
@@ -81,6 +90,16 @@ class QueryFeatures:
     degraded: list[bool]
 
 
+@dataclass(frozen=True)
+class Attempt:
+    """A target pinned at one of its endpoints; `fallback_reason` set when it stands in for the chosen one."""
+
+    target: Target
+    endpoint: str
+    pinned: Pinned
+    fallback_reason: str = ""
+
+
 class StaleSignature(Exception):
     """A cached signature no longer described the version: the call is redone on fresh metadata."""
 
@@ -90,14 +109,17 @@ class PredictionPipeline:
 
     def __init__(
         self,
-        routes: RouteTable,
+        routes: RouteTable | RouteChooser,
         predictors: PredictorPool,
         features: FeatureClient | None = None,
         limits: Limits | None = None,
         offload: Offload | None = None,
+        windows: MetricWindows | None = None,
     ) -> None:
         self.features = features
-        self.routes = routes
+        self.chooser = routes if isinstance(routes, RouteChooser) else RouteChooser(routes)
+        self.windows = windows
+        self.shadow: ShadowMirror | None = None
         self.predictors = predictors
         self.limits = limits or Limits()
         self.offload = offload or Offload(above_bytes=1 << 62)
@@ -121,46 +143,210 @@ class PredictionPipeline:
             return await self._predict(queries, budget, retry=False)
 
     async def _predict(self, queries: Sequence[Query], budget: Budget, retry: bool) -> list[Prediction]:
+        started = time.perf_counter()
+        chooser = self.chooser
+        table = chooser.table()  # one table for the whole request, whatever is published meanwhile
         groups: dict[GroupKey, list[int]] = {}
         for index, query in enumerate(queries):
-            groups.setdefault((query.model, query.version, query.outputs), []).append(index)
+            target = chooser.target(table, query.model, query.version, query.unit_id)
+            groups.setdefault((target, query.outputs), []).append(index)
         keys = list(groups)
-        routed = [self.routes.endpoint_for(model) for model, _, _ in keys]
-        pins = await asyncio.gather(
-            *(
-                self.predictors.pin(endpoint, model, version, budget)
-                for endpoint, (model, version, _) in zip(routed, keys, strict=True)
-            )
+        # Static routes pick their endpoint once per group, round-robin, as they always did.
+        targets = [t if t.endpoints else replace(t, endpoints=(chooser.static.endpoint_for(t.model),)) for t, _ in keys]
+        attempts = await asyncio.gather(
+            *(self._pin_or_fallback(t, budget, started, len(groups[k])) for t, k in zip(targets, keys, strict=True))
         )
-        served = await self._with_entity_features(queries, groups, [p.signature for p in pins], budget)
+        served = await self._with_entity_features(queries, groups, [a.pinned.signature for a in attempts], budget)
         answers: list[Prediction | None] = [None] * len(queries)
 
-        async def run(key: GroupKey, endpoint: str, pinned: Pinned) -> None:
-            model, version, outputs = key
+        async def run(key: GroupKey, attempt: Attempt) -> None:
             indices = groups[key]
             rows = [served.rows[i] for i in indices]
             labels = [queries[i].label for i in indices]
-            weight = BYTES_PER_VALUE * sum(len(row) for row in rows)
-            inputs = await self.offload.run(weight, build_inputs, pinned.signature, rows, labels, self.limits)
+            outputs = key[1]
             try:
-                response = await self.predictors.infer(endpoint, pinned, inputs, outputs, budget)
-            except STALE_SUSPECTS as err:
-                if retry and await self.predictors.repin(endpoint, model, version, budget) != pinned:
-                    raise StaleSignature(str(err)) from err
+                attempt, response = await self._infer_or_fallback(
+                    attempt, rows, labels, outputs, budget, retry, started
+                )
+            except FrescoError as err:
+                self._observe(attempt.target, len(indices), status_for(err).name, started)
                 raise
             weight = sum(len(raw) for raw in response.raw_output_contents)
-            per_row = await self.offload.run(weight, _split_answer, response, endpoint, len(indices))
+            per_row = await self.offload.run(weight, _split_answer, response, attempt.endpoint, len(indices))
+            target = attempt.target
             for index, tensors in zip(indices, per_row, strict=True):
                 answers[index] = Prediction(
-                    model=model,
+                    model=target.model,
                     model_version=response.model_version,
                     outputs=tensors,
+                    fallback=bool(attempt.fallback_reason),
+                    fallback_reason=attempt.fallback_reason,
                     imputed_features=served.imputed[index],
                     degraded=served.degraded[index],
                 )
+            self._observe(target, len(indices), "OK", started, per_row)
+            if not attempt.fallback_reason:
+                self._mirror(target, [queries[i] for i in indices], rows, outputs, per_row)
 
-        await asyncio.gather(*(run(k, e, p) for k, e, p in zip(keys, routed, pins, strict=True)))
+        await asyncio.gather(*(run(k, a) for k, a in zip(keys, attempts, strict=True)))
         return [answer for answer in answers if answer is not None]
+
+    async def _pin_any(self, target: Target, budget: Budget) -> tuple[str, Pinned]:
+        """The first of the target's endpoints that pins its version; an unreachable one is skipped."""
+        health = self.chooser.health
+        for position, endpoint in enumerate(target.endpoints):
+            try:
+                pinned = await self.predictors.pin(endpoint, target.predictor_model, target.version, budget)
+            except Unavailable:
+                health.failed(endpoint)
+                if position + 1 == len(target.endpoints):
+                    raise
+                continue
+            return endpoint, pinned
+        raise Unavailable(f"model {target.model!r} version {target.version!r}: the route lists no endpoint")
+
+    def _fallback(self, target: Target) -> Target | None:
+        route = target.route
+        if route is None or not route.fallback or route.fallback == target.version:
+            return None
+        return self.chooser.version_target(target.revision, route, route.version(route.fallback), "")
+
+    async def _pin_or_fallback(self, target: Target, budget: Budget, started: float, count: int) -> Attempt:
+        try:
+            return Attempt(target, *await self._pin_any(target, budget))
+        except FALLBACK_ON as err:
+            fallback = self._fallback(target)
+            if fallback is None:
+                self._observe(target, count, status_for(err).name, started)
+                raise
+            self._observe(target, count, status_for(err).name, started)
+            reason = f"version {target.version} failed: {err}"
+            return Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
+
+    async def _infer_or_fallback(
+        self,
+        attempt: Attempt,
+        rows: list[dict[str, FeatureValue]],
+        labels: list[str],
+        outputs: tuple[str, ...],
+        budget: Budget,
+        retry: bool,
+        started: float,
+    ) -> tuple[Attempt, ipb.ModelInferResponse]:
+        try:
+            return await self._infer_any(attempt, rows, labels, outputs, budget, retry)
+        except FALLBACK_ON as err:
+            fallback = None if attempt.fallback_reason else self._fallback(attempt.target)
+            if fallback is None:
+                raise
+            self._observe(attempt.target, len(rows), status_for(err).name, started)
+            reason = f"version {attempt.target.version} failed: {err}"
+            spare = Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
+            return await self._infer_any(spare, rows, labels, outputs, budget, retry=False)
+
+    async def _infer_any(
+        self,
+        attempt: Attempt,
+        rows: list[dict[str, FeatureValue]],
+        labels: list[str],
+        outputs: tuple[str, ...],
+        budget: Budget,
+        retry: bool,
+    ) -> tuple[Attempt, ipb.ModelInferResponse]:
+        """Inference at the pinned endpoint, failing over to the target's next endpoints when it is unreachable."""
+        target, health = attempt.target, self.chooser.health
+        remaining = [e for e in target.endpoints if e != attempt.endpoint]
+        weight = BYTES_PER_VALUE * sum(len(row) for row in rows)
+        while True:
+            endpoint, pinned = attempt.endpoint, attempt.pinned
+            inputs = await self.offload.run(weight, build_inputs, pinned.signature, rows, labels, self.limits)
+            try:
+                response = await self.predictors.infer(endpoint, pinned, inputs, outputs, budget)
+            except Unavailable:
+                if not remaining:
+                    raise
+                health.failed(endpoint)
+                attempt = replace(
+                    attempt,
+                    endpoint=remaining[0],
+                    pinned=(await self._pin_any(replace(target, endpoints=tuple(remaining)), budget))[1],
+                )
+                remaining = remaining[1:]
+                continue
+            except STALE_SUSPECTS as err:
+                version = target.version
+                if retry and await self.predictors.repin(endpoint, target.predictor_model, version, budget) != pinned:
+                    raise StaleSignature(str(err)) from err
+                raise
+            health.succeeded(endpoint)
+            return attempt, response
+
+    def _observe(
+        self,
+        target: Target,
+        count: int,
+        status: str,
+        started: float,
+        answers: Sequence[dict[str, values_pb2.Tensor]] = (),
+    ) -> None:
+        """Count requests to a managed route's version in the metric windows."""
+        if self.windows is None or target.route is None:
+            return
+        table = self.chooser.table()
+        metrics = table.metrics if table is not None else MetricsConfig()
+        route = target.route
+        key = WindowKey(target.model, target.version, target.revision)
+        latency_ms = (time.perf_counter() - started) * 1000
+        for index in range(count):
+            score = score_of(answers[index], route.score_output) if answers else None
+            self.windows.record(
+                key,
+                metrics,
+                status,
+                latency_ms,
+                scores=() if score is None else (score,),
+                score_output=route.score_output,
+                score_bounds=route.score_bounds,
+                fallback=False,
+            )
+
+    def _mirror(
+        self,
+        target: Target,
+        queries: Sequence[Query],
+        rows: list[dict[str, FeatureValue]],
+        outputs: tuple[str, ...],
+        answers: Sequence[dict[str, values_pb2.Tensor]],
+    ) -> None:
+        """Offer the sampled rows of an answered group to the shadow version; never waits."""
+        route = target.route
+        if self.shadow is None or route is None or route.shadow is None or route.shadow.version == target.version:
+            return
+        picked = [i for i in range(len(rows)) if self.shadow.sampled(route.shadow.share)]
+        if not picked:
+            return
+        table = self.chooser.table()
+        shadow_target = self.chooser.version_target(
+            target.revision, route, route.version(route.shadow.version), queries[picked[0]].unit_id
+        )
+        self.shadow.offer(
+            ShadowJob(
+                shadow_target,
+                table.metrics if table is not None else MetricsConfig(),
+                [rows[i] for i in picked],
+                [queries[i].label for i in picked],
+                outputs,
+                [dict(answers[i]) for i in picked],
+            )
+        )
+
+    async def shadow_call(self, job: ShadowJob, timeout_s: float) -> list[dict[str, values_pb2.Tensor]]:
+        """The shadow version's answers to a mirrored job, within its own deadline."""
+        budget = Budget(timeout_s)
+        endpoint, pinned = await self._pin_any(job.target, budget)
+        inputs = build_inputs(pinned.signature, job.rows, job.labels, self.limits)
+        response = await self.predictors.infer(endpoint, pinned, inputs, job.outputs, budget)
+        return _split_answer(response, endpoint, len(job.rows))
 
     async def _with_entity_features(
         self,
