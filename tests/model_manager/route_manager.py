@@ -64,7 +64,7 @@ class RouteManager:
         settings = ModelManagerSettings(port=port, metrics_port=-1, grace_period_s=0.2)
         self.app = ServiceApp("model_manager", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         self.hub = hub or RouteHub()
-        self.servicer = RecordingServicer()
+        self.servicer = RecordingServicer()  # type: ignore[abstract]
         self.servicer.route_hub = self.hub
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
 

@@ -66,7 +66,8 @@ def test_an_update_carries_only_changes_and_applies_to_its_base() -> None:
     assert route_codec.apply_update(old, update) == new
 
     watched = route_codec.update_message(old, new, models={"churn"})
-    assert list(watched.upserted_routes) == [] and list(watched.removed_model_names) == ["churn"]
+    assert list(watched.upserted_routes) == []
+    assert list(watched.removed_model_names) == ["churn"]
 
     with pytest.raises(RouteError, match=r"base_revision: expected 5 .*got 4"):
         route_codec.apply_update(new, update)

@@ -36,7 +36,9 @@ class Gateway:
             while (request := await self.requests.get()) is not None:
                 yield request
 
-        self.call = stub.WatchRoutes(requests())
+        self.call: aio.StreamStreamCall[pb.WatchRoutesRequest, pb.WatchRoutesResponse] = stub.WatchRoutes(
+            requests()  # type: ignore[arg-type]
+        )  # type: ignore[assignment]
 
     @classmethod
     def subscribe(
@@ -48,8 +50,8 @@ class Gateway:
         return gateway
 
     async def next(self) -> pb.WatchRoutesResponse:
-        response: pb.WatchRoutesResponse = await asyncio.wait_for(self.call.read(), WAIT_S)
-        assert response is not aio.EOF
+        response = await asyncio.wait_for(self.call.read(), WAIT_S)
+        assert isinstance(response, pb.WatchRoutesResponse), response
         return response
 
     def ack(self, revision: int, accepted: bool = True, error: str = "") -> None:
@@ -89,7 +91,8 @@ async def test_snapshot_then_updates_each_acknowledged(manager, stub) -> None:
     hub.publish(table(1))
     gateway = Gateway.subscribe(stub, "gw-a")
     first = await gateway.next()
-    assert first.WhichOneof("kind") == "snapshot" and first.snapshot.revision == 1
+    assert first.WhichOneof("kind") == "snapshot"
+    assert first.snapshot.revision == 1
     assert hub.applied_revision("fraud") == 0  # connected, nothing accepted yet
     gateway.ack(1)
     assert await hub.wait_applied("fraud", 1, WAIT_S)
@@ -139,7 +142,8 @@ async def test_a_rejected_update_is_recorded_and_answered_with_a_snapshot(manage
     assert (await gateway.next()).update.revision == 2
     gateway.ack(2, accepted=False, error="routes[fraud]: no")
     resync = await gateway.next()
-    assert resync.WhichOneof("kind") == "snapshot" and resync.snapshot.revision == 2
+    assert resync.WhichOneof("kind") == "snapshot"
+    assert resync.snapshot.revision == 2
     assert hub.rejections("fraud") == [("gw-r", 2, "routes[fraud]: no")]
     assert hub.rejections("churn") == []
     assert hub.applied_revision("fraud") == 1
