@@ -24,7 +24,7 @@ from gateway.predictors import STALE_SUSPECTS, Pinned, PredictorPool, decode_out
 from gateway.route_choice import RouteChooser, Target
 from gateway.routing import RouteTable
 from gateway.shadow import ShadowJob, ShadowMirror, score_of
-from model_manager.routes import MetricsConfig
+from model_manager.routes import RouteTable as ManagedTable
 
 GroupKey = tuple[Target, tuple[str, ...]]
 # A chosen version failing so: its route's fallback version answers instead (a caller's mistake never falls back).
@@ -154,7 +154,10 @@ class PredictionPipeline:
         # Static routes pick their endpoint once per group, round-robin, as they always did.
         targets = [t if t.endpoints else replace(t, endpoints=(chooser.static.endpoint_for(t.model),)) for t, _ in keys]
         attempts = await asyncio.gather(
-            *(self._pin_or_fallback(t, budget, started, len(groups[k])) for t, k in zip(targets, keys, strict=True))
+            *(
+                self._pin_or_fallback(table, t, budget, started, len(groups[k]))
+                for t, k in zip(targets, keys, strict=True)
+            )
         )
         served = await self._with_entity_features(queries, groups, [a.pinned.signature for a in attempts], budget)
         answers: list[Prediction | None] = [None] * len(queries)
@@ -164,13 +167,9 @@ class PredictionPipeline:
             rows = [served.rows[i] for i in indices]
             labels = [queries[i].label for i in indices]
             outputs = key[1]
-            try:
-                attempt, response = await self._infer_or_fallback(
-                    attempt, rows, labels, outputs, budget, retry, started
-                )
-            except FrescoError as err:
-                self._observe(attempt.target, len(indices), status_for(err).name, started)
-                raise
+            attempt, response = await self._infer_or_fallback(
+                table, attempt, rows, labels, outputs, budget, retry, started
+            )
             weight = sum(len(raw) for raw in response.raw_output_contents)
             per_row = await self.offload.run(weight, _split_answer, response, attempt.endpoint, len(indices))
             target = attempt.target
@@ -186,7 +185,7 @@ class PredictionPipeline:
                 )
             self._observe(target, len(indices), "OK", started, per_row)
             if not attempt.fallback_reason:
-                self._mirror(target, [queries[i] for i in indices], rows, outputs, per_row)
+                self._mirror(table, target, [queries[i] for i in indices], rows, outputs, per_row)
 
         await asyncio.gather(*(run(k, a) for k, a in zip(keys, attempts, strict=True)))
         return [answer for answer in answers if answer is not None]
@@ -205,26 +204,36 @@ class PredictionPipeline:
             return endpoint, pinned
         raise Unavailable(f"model {target.model!r} version {target.version!r}: the route lists no endpoint")
 
-    def _fallback(self, target: Target) -> Target | None:
+    def _fallback(self, table: ManagedTable | None, target: Target) -> Target | None:
         route = target.route
-        if route is None or not route.fallback or route.fallback == target.version:
+        if table is None or route is None or not route.fallback or route.fallback == target.version:
             return None
-        return self.chooser.version_target(target.revision, route, route.version(route.fallback), "")
+        return self.chooser.version_target(table, route, route.version(route.fallback), "")
 
-    async def _pin_or_fallback(self, target: Target, budget: Budget, started: float, count: int) -> Attempt:
+    async def _pin_or_fallback(
+        self, table: ManagedTable | None, target: Target, budget: Budget, started: float, count: int
+    ) -> Attempt:
+        """The target pinned, or its route's fallback when it cannot be; failures are counted."""
         try:
             return Attempt(target, *await self._pin_any(target, budget))
         except FALLBACK_ON as err:
-            fallback = self._fallback(target)
+            fallback = self._fallback(table, target)
+            self._observe(target, count, status_for(err).name, started, fallback=fallback is not None)
             if fallback is None:
-                self._observe(target, count, status_for(err).name, started)
                 raise
-            self._observe(target, count, status_for(err).name, started)
             reason = f"version {target.version} failed: {err}"
-            return Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
+            try:
+                return Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
+            except FrescoError as spare_err:
+                self._observe(fallback, count, status_for(spare_err).name, started)
+                raise
+        except FrescoError as err:
+            self._observe(target, count, status_for(err).name, started)
+            raise
 
     async def _infer_or_fallback(
         self,
+        table: ManagedTable | None,
         attempt: Attempt,
         rows: list[dict[str, FeatureValue]],
         labels: list[str],
@@ -233,16 +242,24 @@ class PredictionPipeline:
         retry: bool,
         started: float,
     ) -> tuple[Attempt, ipb.ModelInferResponse]:
+        """The attempt's answer, or its route's fallback's when it fails; failures are counted."""
         try:
             return await self._infer_any(attempt, rows, labels, outputs, budget, retry)
         except FALLBACK_ON as err:
-            fallback = None if attempt.fallback_reason else self._fallback(attempt.target)
+            fallback = None if attempt.fallback_reason else self._fallback(table, attempt.target)
+            self._observe(attempt.target, len(rows), status_for(err).name, started, fallback=fallback is not None)
             if fallback is None:
                 raise
-            self._observe(attempt.target, len(rows), status_for(err).name, started)
             reason = f"version {attempt.target.version} failed: {err}"
-            spare = Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
-            return await self._infer_any(spare, rows, labels, outputs, budget, retry=False)
+            try:
+                spare = Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
+                return await self._infer_any(spare, rows, labels, outputs, budget, retry=False)
+            except FrescoError as spare_err:
+                self._observe(fallback, len(rows), status_for(spare_err).name, started)
+                raise
+        except FrescoError as err:
+            self._observe(attempt.target, len(rows), status_for(err).name, started)
+            raise
 
     async def _infer_any(
         self,
@@ -288,12 +305,13 @@ class PredictionPipeline:
         status: str,
         started: float,
         answers: Sequence[dict[str, values_pb2.Tensor]] = (),
+        *,
+        fallback: bool = False,
     ) -> None:
-        """Count requests to a managed route's version in the metric windows."""
+        """Count requests to a managed route's version in the metric windows (`fallback`: answered by
+        the route's fallback instead)."""
         if self.windows is None or target.route is None:
             return
-        table = self.chooser.table()
-        metrics = table.metrics if table is not None else MetricsConfig()
         route = target.route
         key = WindowKey(target.model, target.version, target.revision)
         latency_ms = (time.perf_counter() - started) * 1000
@@ -301,17 +319,18 @@ class PredictionPipeline:
             score = score_of(answers[index], route.score_output) if answers else None
             self.windows.record(
                 key,
-                metrics,
+                target.metrics,
                 status,
                 latency_ms,
                 scores=() if score is None else (score,),
                 score_output=route.score_output,
                 score_bounds=route.score_bounds,
-                fallback=False,
+                fallback=fallback,
             )
 
     def _mirror(
         self,
+        table: ManagedTable | None,
         target: Target,
         queries: Sequence[Query],
         rows: list[dict[str, FeatureValue]],
@@ -323,16 +342,15 @@ class PredictionPipeline:
         if self.shadow is None or route is None or route.shadow is None or route.shadow.version == target.version:
             return
         picked = [i for i in range(len(rows)) if self.shadow.sampled(route.shadow.share)]
-        if not picked:
+        if not picked or table is None:
             return
-        table = self.chooser.table()
         shadow_target = self.chooser.version_target(
-            target.revision, route, route.version(route.shadow.version), queries[picked[0]].unit_id
+            table, route, route.version(route.shadow.version), queries[picked[0]].unit_id
         )
         self.shadow.offer(
             ShadowJob(
                 shadow_target,
-                table.metrics if table is not None else MetricsConfig(),
+                table.metrics,
                 [rows[i] for i in picked],
                 [queries[i].label for i in picked],
                 outputs,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from gateway.routing import RouteTable as StaticRoutes
-from model_manager.routes import ModelRoute, RouteTable, VersionRoute
+from model_manager.routes import MetricsConfig, ModelRoute, RouteTable, VersionRoute
 from model_manager.split import rendezvous_order, split_version
 
 _COOLDOWN_S: Final = 5.0
@@ -26,7 +26,9 @@ class Target:
     predictor_model: str  # the model name the endpoints serve it under
     endpoints: tuple[str, ...]
     revision: int = 0  # the route revision it was chosen under; 0 for static routes
-    route: ModelRoute | None = None
+    # Left out of equality and hashing: within one table, the fields above name the route already.
+    route: ModelRoute | None = field(default=None, compare=False)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig, compare=False)
 
     @property
     def managed(self) -> bool:
@@ -83,10 +85,10 @@ class RouteChooser:
         if version:
             if version not in route.version_names:  # a version the route does not carry: static routes, as before
                 return Target(model, version, model, (self.static.endpoint_for(model),))
-            return self.version_target(table.revision, route, route.version(version), unit_id)
-        return self.version_target(table.revision, route, split_version(route, unit_id or None, self.rng), unit_id)
+            return self.version_target(table, route, route.version(version), unit_id)
+        return self.version_target(table, route, split_version(route, unit_id or None, self.rng), unit_id)
 
-    def version_target(self, revision: int, route: ModelRoute, version: VersionRoute, unit_id: str) -> Target:
+    def version_target(self, table: RouteTable, route: ModelRoute, version: VersionRoute, unit_id: str) -> Target:
         """One version of a route, its endpoints in the key's rendezvous order, healthy ones first."""
         key = unit_id or f"{self.rng.getrandbits(64):016x}"
         ordered = [e.address for e in rendezvous_order(key, version.endpoints)]
@@ -96,6 +98,7 @@ class RouteChooser:
             version.version,
             version.predictor_model_name or route.model,
             tuple(endpoints),
-            revision,
+            table.revision,
             route,
+            table.metrics,
         )

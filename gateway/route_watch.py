@@ -145,6 +145,8 @@ class RouteWatcher:
                 await self._watch(pb_grpc.ModelManagerServiceStub(channel))
             except aio.AioRpcError as err:
                 log.info("route stream to %s ended (%s): retrying in %.1fs", self._address, err.code().name, delay)
+            except Exception:  # the watcher outlives any one stream: the table keeps serving meanwhile
+                log.exception("route stream to %s failed: retrying in %.1fs", self._address, delay)
             finally:
                 if self.connected:
                     self.connected = False
@@ -179,7 +181,10 @@ class RouteWatcher:
             self.rejected = [*self.rejected[-99:], (revision, str(err))]
             return pb.RouteAck(revision=revision, accepted=False, error=str(err))
         if self._state_dir is not None:
-            await asyncio.to_thread(save_table, self._state_dir, table)
+            try:
+                await asyncio.to_thread(save_table, self._state_dir, table)
+            except OSError as err:  # served all the same; only a restart without the manager would miss it
+                log.warning("could not keep route revision %d in %s: %s", table.revision, self._state_dir, err)
         self.table = table  # one reference swapped: a request holds the table it started with
         self.accepted = [*self.accepted[-99:], table.revision]
         event, self._changed = self._changed, asyncio.Event()

@@ -9,7 +9,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -173,8 +173,3 @@ class ShadowMirror:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def sampled_rows(count: int, share: float, mirror: ShadowMirror) -> Sequence[bool]:
-    """For each of `count` requests, whether it is mirrored."""
-    return [mirror.sampled(share) for _ in range(count)]

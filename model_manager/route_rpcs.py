@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 _PUBLISHED: Final = object()
 _CLOSED: Final = object()
+_KINDS_KEPT: Final = 64  # sent revisions remembered per stream, to tell a rejected update from a snapshot
 # A gateway's message (pb.WatchRoutesRequest), _PUBLISHED, or _CLOSED.
 _Event: TypeAlias = Any
 
@@ -64,17 +65,21 @@ class _Stream:
         self.sent = None  # a refused snapshot: the next publish sends a snapshot again
         return None
 
+    def _sent(self, table: RouteTable, kind: str) -> None:
+        self.sent = table
+        self.sent_kind[table.revision] = kind
+        while len(self.sent_kind) > _KINDS_KEPT:
+            del self.sent_kind[next(iter(self.sent_kind))]
+
     def _snapshot(self) -> pb.WatchRoutesResponse:
         table = self.hub.table
-        self.sent = table
-        self.sent_kind[table.revision] = "snapshot"
+        self._sent(table, "snapshot")
         message = route_codec.table_message(table, self.watcher.models, self.hub.changed_at())
         return pb.WatchRoutesResponse(snapshot=message)
 
     def _update(self, base: RouteTable) -> pb.WatchRoutesResponse:
         table = self.hub.table
-        self.sent = table
-        self.sent_kind[table.revision] = "update"
+        self._sent(table, "update")
         message = route_codec.update_message(base, table, self.watcher.models, self.hub.changed_at())
         return pb.WatchRoutesResponse(update=message)
 
