@@ -24,7 +24,7 @@ class Target:
     model: str  # the model the caller named
     version: str  # the version asked of the predictor; "" for its default (static routes)
     predictor_model: str  # the model name the endpoints serve it under
-    endpoints: tuple[str, ...]
+    endpoints: tuple[str, ...]  # empty for static routes: the pipeline picks one per group, round-robin
     revision: int = 0  # the route revision it was chosen under; 0 for static routes
     # Left out of equality and hashing: within one table, the fields above name the route already.
     route: ModelRoute | None = field(default=None, compare=False)
@@ -80,11 +80,11 @@ class RouteChooser:
     def target(self, table: RouteTable | None, model: str, version: str, unit_id: str) -> Target:
         """Where a request for `model` goes (`version` pinned by the caller, or "")."""
         if table is None or model not in table.models:
-            return Target(model, version, model, (self.static.endpoint_for(model),))
+            return Target(model, version, model, ())
         route = table.route(model)
         if version:
             if version not in route.version_names:  # a version the route does not carry: static routes, as before
-                return Target(model, version, model, (self.static.endpoint_for(model),))
+                return Target(model, version, model, ())
             return self.version_target(table, route, route.version(version), unit_id)
         return self.version_target(table, route, split_version(route, unit_id or None, self.rng), unit_id)
 

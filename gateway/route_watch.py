@@ -180,15 +180,15 @@ class RouteWatcher:
             log.warning("rejected route revision %d, keeping %s: %s", revision, self._held(), err)
             self.rejected = [*self.rejected[-99:], (revision, str(err))]
             return pb.RouteAck(revision=revision, accepted=False, error=str(err))
-        if self._state_dir is not None:
-            try:
-                await asyncio.to_thread(save_table, self._state_dir, table)
-            except OSError as err:  # served all the same; only a restart without the manager would miss it
-                log.warning("could not keep route revision %d in %s: %s", table.revision, self._state_dir, err)
         self.table = table  # one reference swapped: a request holds the table it started with
         self.accepted = [*self.accepted[-99:], table.revision]
         event, self._changed = self._changed, asyncio.Event()
         event.set()
+        if self._state_dir is not None:  # kept before the ack, so a restart resumes from what was acked
+            try:
+                await asyncio.to_thread(save_table, self._state_dir, table)
+            except OSError as err:  # served all the same; only a restart without the manager would miss it
+                log.warning("could not keep route revision %d in %s: %s", table.revision, self._state_dir, err)
         return pb.RouteAck(revision=table.revision, accepted=True)
 
     def _held(self) -> str:

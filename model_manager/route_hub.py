@@ -120,7 +120,9 @@ class RouteHub:
 
     def applied_revision(self, model: str) -> int:
         """The highest revision every connected gateway watching `model` accepted; 0 with none watching."""
-        revisions = [w.accepted_revision for w in self._watchers if w.watches(model)]
+        # A gateway that reconnected before its old stream was seen to end counts by its newest stream.
+        newest = {w.gateway_id: w for w in self._watchers}
+        revisions = [w.accepted_revision for w in newest.values() if w.watches(model)]
         return min(revisions) if revisions else 0
 
     async def wait_applied(self, model: str, revision: int, timeout: float) -> bool:  # noqa: ASYNC109 (the agreed interface)

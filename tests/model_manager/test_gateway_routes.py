@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 from grpc import aio
@@ -225,6 +226,28 @@ async def test_a_failing_version_falls_back_with_the_reason(manager, gateway, pr
     assert await manager.hub.wait_applied(MODEL, 2, WAIT_S)
     answer = await gateway.predict(row)
     assert (answer.model_version, answer.fallback, answer.fallback_reason) == ("2", False, "")
+    # A caller's mistake is the caller's: no fallback, and its own status code in the windows.
+    bad = gpb.PredictRequest(model=MODEL, features={"f0": request(row).features["f0"]})
+    with pytest.raises(aio.AioRpcError) as caught:
+        await gateway.stub.Predict(bad, timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    def statuses() -> dict[tuple[int, int], dict[str, int]]:
+        counts: dict[tuple[int, int], dict[str, int]] = {}
+        for report in manager.servicer.reports:
+            for window in report.windows:
+                into = counts.setdefault((window.route_revision, window.version), {})
+                for code, n in window.status_counts.items():
+                    into[code] = into.get(code, 0) + n
+                into["fallback"] = into.get("fallback", 0) + window.fallback_count
+        return counts
+
+    expected = {
+        (1, 2): {"UNAVAILABLE": 1, "fallback": 1},  # the failed version counts the error and the fallback
+        (1, 1): {"OK": 1, "fallback": 0},  # the fallback version counts the answer it gave
+        (2, 2): {"OK": 1, "INVALID_ARGUMENT": 1, "fallback": 0},
+    }
+    await wait_until(lambda: statuses() == expected, f"windows {expected}")
 
 
 async def test_shadow_traffic_is_compared_and_never_changes_answers(manager, gateway, predictors) -> None:

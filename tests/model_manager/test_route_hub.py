@@ -185,3 +185,28 @@ def test_revisions_only_grow() -> None:
     with pytest.raises(RouteError, match="expected more than the current 5"):
         hub.publish(table(5))
     assert hub.table.revision == 5
+
+
+def test_a_reconnected_gateway_counts_by_its_newest_stream() -> None:
+    hub = RouteHub()
+    hub.publish(table(1))
+    hub.publish(table(2))
+    old = hub.connect("gw-a", ())
+    hub.ack(old, 1, accepted=True)
+    new = hub.connect("gw-a", ())  # the old stream is not seen to have ended yet
+    hub.ack(new, 2, accepted=True)
+    assert hub.applied_revision("fraud") == 2
+    other = hub.connect("gw-b", ("fraud",))
+    assert hub.applied_revision("fraud") == 0  # gw-b has accepted nothing yet
+    hub.ack(other, 2, accepted=True)
+    assert hub.applied_revision("fraud") == 2
+    hub.disconnect(new)
+    assert hub.applied_revision("fraud") == 1  # gw-a's remaining stream holds revision 1
+
+
+async def test_a_subscription_needs_a_gateway_id(stub) -> None:
+    gateway = Gateway.subscribe(stub, "")
+    with pytest.raises(aio.AioRpcError) as caught:
+        await gateway.next()
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "subscribe.gateway_id" in (caught.value.details() or "")

@@ -77,8 +77,8 @@ def test_a_pinned_version_wins_and_an_unrouted_one_goes_to_the_static_routes() -
     target = choice.target(current, "fraud", "2", "user-1")
     assert (target.version, target.endpoints, target.revision) == ("2", (E3.address,), 1)
     assert choice.target(current, "fraud", "1", "").predictor_model == "fraud-v1"
-    with pytest.raises(Exception, match="has no route"):
-        choice.target(current, "fraud", "9", "")  # not in the route, and no static route either
+    static = choice.target(current, "fraud", "9", "")  # not in the route: the static routes pick an endpoint
+    assert (static.version, static.endpoints, static.managed) == ("9", (), False)
 
 
 def test_rendezvous_order_puts_unhealthy_endpoints_last() -> None:
