@@ -68,8 +68,8 @@ class Gateway:
             )
         self.pipeline = PredictionPipeline(chooser, self.predictors, self.features, limits, self.offload, windows)
         if self.watcher is not None:
-            self.pipeline.shadow = ShadowMirror(
-                self.pipeline.shadow_call,
+            self.pipeline.calls.shadow = ShadowMirror(
+                self.pipeline.calls.shadow_call,
                 windows,
                 self.app.registry,
                 settings.shadow_queue_size,
@@ -78,8 +78,8 @@ class Gateway:
             )
         self.app.server.add_generic_rpc_handlers((GatewayServicer(self.pipeline).handlers(),))
         self.app.on_stop(self.predictors.close)
-        if self.pipeline.shadow is not None:
-            self.app.on_stop(self.pipeline.shadow.close)
+        if self.pipeline.calls.shadow is not None:
+            self.app.on_stop(self.pipeline.calls.shadow.close)
         if self.reporter is not None:
             self.app.on_stop(self.reporter.close)
         if self.watcher is not None:
