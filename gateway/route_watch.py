@@ -102,7 +102,6 @@ class RouteWatcher:
         self.accepted: list[int] = []  # revisions accepted, newest last (bounded)
         self.rejected: list[tuple[int, str]] = []
         self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
         if state_dir is not None and (loaded := load_table(state_dir)) is not None:
             self.table, self.last_contact = loaded
             log.info("serving route revision %d from %s until the manager answers", self.table.revision, state_dir)
@@ -128,14 +127,6 @@ class RouteWatcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-
-    async def wait_revision(self, revision: int, timeout_s: float) -> bool:
-        """Wait until the table served is at `revision` or later."""
-        async with asyncio.timeout(timeout_s):
-            while self.table is None or self.table.revision < revision:
-                event = self._changed
-                await event.wait()
-        return True
 
     async def _run(self) -> None:
         delay = self._backoff_s[0]
@@ -182,8 +173,6 @@ class RouteWatcher:
             return pb.RouteAck(revision=revision, accepted=False, error=str(err))
         self.table = table  # one reference swapped: a request holds the table it started with
         self.accepted = [*self.accepted[-99:], table.revision]
-        event, self._changed = self._changed, asyncio.Event()
-        event.set()
         if self._state_dir is not None:  # kept before the ack, so a restart resumes from what was acked
             try:
                 await asyncio.to_thread(save_table, self._state_dir, table)

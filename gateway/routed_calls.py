@@ -19,7 +19,7 @@ from gateway.metric_windows import MetricWindows, WindowKey
 from gateway.offload import BYTES_PER_VALUE, Offload
 from gateway.predictors import STALE_SUSPECTS, Pinned, PredictorPool, decode_outputs
 from gateway.route_choice import RouteChooser, Target
-from gateway.shadow import ShadowJob, ShadowMirror, score_of
+from gateway.shadow import ShadowJob, ShadowMirror, score_of, score_output
 from model_manager.routes import RouteTable as ManagedTable
 
 # A chosen version failing so: its route's fallback version answers instead (a caller's mistake never falls back).
@@ -190,13 +190,14 @@ class RoutedCalls:
         latency_ms = (time.perf_counter() - started) * 1000
         for index in range(count):
             score = score_of(answers[index], route.score_output) if answers else None
+            name = score_output(answers[index], route.score_output) if answers else route.score_output
             self.windows.record(
                 key,
                 target.metrics,
                 status,
                 latency_ms,
                 scores=() if score is None else (score,),
-                score_output=route.score_output,
+                score_output=name,
                 score_bounds=route.score_bounds,
                 fallback=fallback,
             )

@@ -50,9 +50,14 @@ def tensor_values(tensor: values_pb2.Tensor) -> np.ndarray:
     return np.zeros(0)
 
 
+def score_output(answer: dict[str, values_pb2.Tensor], output: str) -> str:
+    """The output a route's scores come from: the one it names, else the answer's first."""
+    return output or next(iter(answer), "")
+
+
 def score_of(answer: dict[str, values_pb2.Tensor], output: str) -> float | None:
     """A row's score: the last element of the score output (the positive class of a binary classifier)."""
-    tensor = answer.get(output) if output else next(iter(answer.values()), None)
+    tensor = answer.get(score_output(answer, output))
     if tensor is None:
         return None
     values = tensor_values(tensor)
@@ -152,13 +157,14 @@ class ShadowMirror:
             return
         for served, mirrored in zip(job.served, answers, strict=True):
             score = score_of(mirrored, output)
+            name = score_output(mirrored, output)
             self._windows.record(
                 key,
                 job.metrics,
                 "OK",
                 latency,
                 scores=() if score is None else (score,),
-                score_output=output,
+                score_output=name,
                 score_bounds=bounds,
             )
             disagreed, diff = compare(served, mirrored, output)

@@ -14,6 +14,7 @@ from types import MappingProxyType
 from typing import Final
 
 from chassis.errors import InvalidArgument, NotFound
+from model_manager.windows import LATENCY_BOUNDS_MS
 
 # Names end up in xDS resource names and in `xds:///<model>` targets, so they stay URI-safe.
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -199,10 +200,8 @@ def _increasing(where: str, bounds: Iterable[float]) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-# Milliseconds, from 1 ms to 10 s: where a p99 judgement needs resolution.
-DEFAULT_LATENCY_BOUNDS_MS: Final = (
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
-)  # fmt: skip
+# The bounds rollout analysis merges gateways' latency histograms over, unless a table says otherwise.
+DEFAULT_LATENCY_BOUNDS_MS: Final = LATENCY_BOUNDS_MS
 DEFAULT_WINDOW_S: Final = 10.0
 
 
