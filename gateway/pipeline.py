@@ -21,7 +21,7 @@ from gateway.metric_windows import MetricWindows
 from gateway.offload import Offload
 from gateway.predictors import PredictorPool
 from gateway.route_choice import RouteChooser, Target
-from gateway.routed_calls import Attempt, RoutedCalls, StaleSignature, split_answer
+from gateway.routed_calls import Attempt, RoutedCalls, StaleSignature, split_answer, static_outputs
 from gateway.routing import RouteTable
 
 GroupKey = tuple[Target, tuple[str, ...]]
@@ -148,23 +148,32 @@ class PredictionPipeline:
             rows = [served.rows[i] for i in indices]
             labels = [queries[i].label for i in indices]
             outputs = key[1]
-            attempt, response = await self.calls.infer_or_fallback(
-                table, attempt, rows, labels, outputs, budget, retry, started
-            )
-            weight = sum(len(raw) for raw in response.raw_output_contents)
-            per_row = await self.offload.run(weight, split_answer, response, attempt.endpoint, len(indices))
+            response = None
+            if not attempt.static:
+                attempt, response = await self.calls.infer_or_fallback(
+                    table, attempt, rows, labels, outputs, budget, retry, started
+                )
             target = attempt.target
+            if response is None:  # the route's static answer: no version answered
+                assert target.route is not None
+                per_row = [static_outputs(target.route, outputs) for _ in indices]
+                version = ""
+            else:
+                weight = sum(len(raw) for raw in response.raw_output_contents)
+                per_row = await self.offload.run(weight, split_answer, response, attempt.endpoint, len(indices))
+                version = response.model_version
             for index, tensors in zip(indices, per_row, strict=True):
                 answers[index] = Prediction(
                     model=target.model,
-                    model_version=response.model_version,
+                    model_version=version,
                     outputs=tensors,
                     fallback=bool(attempt.fallback_reason),
                     fallback_reason=attempt.fallback_reason,
                     imputed_features=served.imputed[index],
                     degraded=served.degraded[index],
                 )
-            self.calls.observe(target, len(indices), "OK", started, per_row)
+            if response is not None:
+                self.calls.observe(target, len(indices), "OK", started, per_row)
             if not attempt.fallback_reason:
                 self.calls.mirror(table, target, labels, queries[indices[0]].unit_id, rows, outputs, per_row)
 

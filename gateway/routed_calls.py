@@ -12,7 +12,7 @@ from chassis.errors import FailedPrecondition, FrescoError, NotFound, ResourceEx
 from chassis.status import status_for
 from fresco.api.common.v1 import values_pb2
 from fresco.api.inference import grpc_service_pb2 as ipb
-from gateway.assembly import FeatureValue, build_inputs, split_rows
+from gateway.assembly import FeatureValue, ModelSignature, build_inputs, split_rows
 from gateway.budget import Budget
 from gateway.limits import Limits
 from gateway.metric_windows import MetricWindows, WindowKey
@@ -20,6 +20,7 @@ from gateway.offload import BYTES_PER_VALUE, Offload
 from gateway.predictors import STALE_SUSPECTS, Pinned, PredictorPool, decode_outputs
 from gateway.route_choice import RouteChooser, Target
 from gateway.shadow import ShadowJob, ShadowMirror, score_of, score_output
+from model_manager.routes import ModelRoute, StaticValue
 from model_manager.routes import RouteTable as ManagedTable
 
 # A chosen version failing so: its route's fallback version answers instead (a caller's mistake never falls back).
@@ -34,10 +35,35 @@ class Attempt:
     endpoint: str
     pinned: Pinned
     fallback_reason: str = ""
+    static: bool = False  # the route's static answer, no version: nothing to call
 
 
 class StaleSignature(Exception):
     """A cached signature no longer described the version: the call is redone on fresh metadata."""
+
+
+def static_tensor(value: StaticValue) -> values_pb2.Tensor:
+    """One output of a static answer as a tensor: a scalar has shape [1], a list its length."""
+    items: tuple[object, ...] = value if isinstance(value, tuple) else (value,)
+    tensor = values_pb2.Tensor(shape=[len(items)])
+    if all(isinstance(v, bool) for v in items):
+        tensor.datatype = "BOOL"
+        tensor.bool_values.extend(v for v in items if isinstance(v, bool))
+    elif all(isinstance(v, str | bytes) for v in items):
+        tensor.datatype = "BYTES"
+        tensor.bytes_values.extend(v.encode() if isinstance(v, str) else v for v in items if isinstance(v, str | bytes))
+    elif all(isinstance(v, int) for v in items):
+        tensor.datatype = "INT64"
+        tensor.int64_values.extend(v for v in items if isinstance(v, int))
+    else:
+        tensor.datatype = "FP64"
+        tensor.double_values.extend(float(v) for v in items if isinstance(v, int | float))
+    return tensor
+
+
+def static_outputs(route: ModelRoute, wanted: Sequence[str]) -> dict[str, values_pb2.Tensor]:
+    """A route's static answer for one row, restricted to the outputs asked for (all when none)."""
+    return {name: static_tensor(value) for name, value in route.static_answer if not wanted or name in wanted}
 
 
 def split_answer(response: ipb.ModelInferResponse, endpoint: str, batch: int) -> list[dict[str, values_pb2.Tensor]]:
@@ -83,20 +109,39 @@ class RoutedCalls:
             return None
         return self.chooser.version_target(table, route, route.version(route.fallback), "")
 
+    def _static(self, target: Target, reason: str) -> Attempt | None:
+        """The route's static answer standing in for every version, when the route has one."""
+        route = target.route
+        if route is None or not route.static_answer:
+            return None
+        return Attempt(target, "", Pinned("", ModelSignature(target.model, (), ())), reason, static=True)
+
+    def _static_or_raise(self, fallback: Target, reason: str, err: FrescoError, count: int, started: float) -> Attempt:
+        """After the fallback version failed too: the static answer, else the error."""
+        static = self._static(fallback, f"{reason}; fallback version {fallback.version} failed: {err}")
+        self.observe(fallback, count, status_for(err).name, started, fallback=static is not None)
+        if static is None:
+            raise err
+        return static
+
     async def pin_or_fallback(
         self, table: ManagedTable | None, target: Target, budget: Budget, started: float, count: int
     ) -> Attempt:
-        """The target pinned, or its route's fallback when it cannot be; failures are counted."""
+        """The target pinned, or its route's fallback version, or its static answer; failures are counted."""
         try:
             return Attempt(target, *await self._pin_any(target, budget))
         except FALLBACK_ON as err:
-            fallback = self._fallback(table, target)
-            self.observe(target, count, status_for(err).name, started, fallback=fallback is not None)
-            if fallback is None:
-                raise
             reason = f"version {target.version} failed: {err}"
+            fallback, static = self._fallback(table, target), self._static(target, reason)
+            self.observe(target, count, status_for(err).name, started, fallback=bool(fallback or static))
+            if fallback is None:
+                if static is None:
+                    raise
+                return static
             try:
                 return Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
+            except FALLBACK_ON as spare_err:
+                return self._static_or_raise(fallback, reason, spare_err, count, started)
             except FrescoError as spare_err:
                 self.observe(fallback, count, status_for(spare_err).name, started)
                 raise
@@ -114,24 +159,33 @@ class RoutedCalls:
         budget: Budget,
         retry: bool,
         started: float,
-    ) -> tuple[Attempt, ipb.ModelInferResponse]:
-        """The attempt's answer, or its route's fallback's when it fails; failures are counted."""
+    ) -> tuple[Attempt, ipb.ModelInferResponse | None]:
+        """The attempt's answer, or its route's fallback version's, or (no response) its static answer;
+        failures are counted."""
+        count = len(rows)
         try:
             return await self._infer_any(attempt, rows, labels, outputs, budget, retry)
         except FALLBACK_ON as err:
-            fallback = None if attempt.fallback_reason else self._fallback(table, attempt.target)
-            self.observe(attempt.target, len(rows), status_for(err).name, started, fallback=fallback is not None)
+            target = attempt.target
+            if attempt.fallback_reason:  # the fallback version itself failed
+                return self._static_or_raise(target, attempt.fallback_reason, err, count, started), None
+            reason = f"version {target.version} failed: {err}"
+            fallback, static = self._fallback(table, target), self._static(target, reason)
+            self.observe(target, count, status_for(err).name, started, fallback=bool(fallback or static))
             if fallback is None:
-                raise
-            reason = f"version {attempt.target.version} failed: {err}"
+                if static is None:
+                    raise
+                return static, None
             try:
                 spare = Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
                 return await self._infer_any(spare, rows, labels, outputs, budget, retry=False)
+            except FALLBACK_ON as spare_err:
+                return self._static_or_raise(fallback, reason, spare_err, count, started), None
             except FrescoError as spare_err:
-                self.observe(fallback, len(rows), status_for(spare_err).name, started)
+                self.observe(fallback, count, status_for(spare_err).name, started)
                 raise
         except FrescoError as err:
-            self.observe(attempt.target, len(rows), status_for(err).name, started)
+            self.observe(attempt.target, count, status_for(err).name, started)
             raise
 
     async def _infer_any(
@@ -145,25 +199,22 @@ class RoutedCalls:
     ) -> tuple[Attempt, ipb.ModelInferResponse]:
         """Inference at the pinned endpoint, failing over to the target's next endpoints when it is unreachable."""
         target, health = attempt.target, self.chooser.health
-        remaining = [e for e in target.endpoints if e != attempt.endpoint]
+        order = list(target.endpoints)
+        # Only the replicas after the pinned one: those before it already failed to pin.
+        remaining = order[order.index(attempt.endpoint) + 1 :] if attempt.endpoint in order else []
         weight = BYTES_PER_VALUE * sum(len(row) for row in rows)
         while True:
             endpoint, pinned = attempt.endpoint, attempt.pinned
             inputs = await self.offload.run(weight, build_inputs, pinned.signature, rows, labels, self.limits)
             try:
                 response = await self.predictors.infer(endpoint, pinned, inputs, outputs, budget)
-            except Unavailable:
-                if not remaining:
-                    raise
-                health.failed(endpoint)
-                attempt = replace(
-                    attempt,
-                    endpoint=remaining[0],
-                    pinned=(await self._pin_any(replace(target, endpoints=tuple(remaining)), budget))[1],
-                )
-                remaining = remaining[1:]
-                continue
             except STALE_SUSPECTS as err:
+                if isinstance(err, Unavailable) and remaining:  # unreachable or not ready: the next replica
+                    health.failed(endpoint)
+                    endpoint, pinned = await self._pin_any(replace(target, endpoints=tuple(remaining)), budget)
+                    remaining = remaining[remaining.index(endpoint) + 1 :]
+                    attempt = replace(attempt, endpoint=endpoint, pinned=pinned)
+                    continue
                 version = target.version
                 if retry and await self.predictors.repin(endpoint, target.predictor_model, version, budget) != pinned:
                     raise StaleSignature(str(err)) from err

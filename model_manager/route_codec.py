@@ -7,8 +7,18 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Iterable, Mapping
 
+from fresco.api.common.v1 import values_pb2
 from fresco.api.models.v1 import routing_pb2 as pb
-from model_manager.routes import Endpoint, MetricsConfig, ModelRoute, RouteError, RouteTable, Shadow, VersionRoute
+from model_manager.routes import (
+    Endpoint,
+    MetricsConfig,
+    ModelRoute,
+    RouteError,
+    RouteTable,
+    Shadow,
+    StaticValue,
+    VersionRoute,
+)
 
 
 def _version_number(where: str, version: str) -> int:
@@ -30,6 +40,36 @@ def _endpoints(where: str, messages: Iterable[pb.PredictorEndpoint]) -> tuple[En
         except RouteError as err:
             raise RouteError(f"{where}.endpoints[{index}]: {err}") from None
     return tuple(endpoints)
+
+
+def value_message(value: StaticValue) -> values_pb2.Value:
+    """A static answer's value as a `fresco.common.v1.Value`."""
+    if isinstance(value, tuple):
+        if all(isinstance(v, str) for v in value):
+            return values_pb2.Value(string_list=values_pb2.StringList(values=[str(v) for v in value]))
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return values_pb2.Value(int64_list=values_pb2.Int64List(values=[int(v) for v in value]))
+        return values_pb2.Value(double_list=values_pb2.DoubleList(values=[float(v) for v in value]))
+    if isinstance(value, bool):
+        return values_pb2.Value(bool_value=value)
+    if isinstance(value, int):
+        return values_pb2.Value(int64_value=value)
+    if isinstance(value, float):
+        return values_pb2.Value(double_value=value)
+    if isinstance(value, str):
+        return values_pb2.Value(string_value=value)
+    return values_pb2.Value(bytes_value=value)
+
+
+def static_value(where: str, message: values_pb2.Value) -> StaticValue:
+    """A static answer's value from the wire; a null is refused."""
+    kind = message.WhichOneof("kind")
+    if kind is None:
+        raise RouteError(f"{where}: expected a value, got null")
+    if kind in ("double_list", "int64_list", "string_list"):
+        return tuple(getattr(message, kind).values)
+    value: StaticValue = getattr(message, kind)
+    return value
 
 
 def metrics_message(metrics: MetricsConfig) -> pb.MetricsConfig:
@@ -72,6 +112,8 @@ def route_message(route: ModelRoute, revision: int) -> pb.ModelRoute:
             predictor_model_name=shadowed.predictor_model_name,
             endpoints=[_endpoint_message(e) for e in shadowed.endpoints],
         )
+    for name, value in route.static_answer:
+        message.static_fallback.outputs[name].CopyFrom(value_message(value))
     if route.fallback:
         fallback = route.version(route.fallback)
         message.fallback.version = int(fallback.version)
@@ -112,6 +154,10 @@ def model_route(message: pb.ModelRoute) -> ModelRoute:
     if message.HasField("fallback"):
         spare = message.fallback
         fallback = extra("fallback", spare.version, spare.predictor_model_name, spare.endpoints)
+    outputs = message.static_fallback.outputs
+    static_answer = tuple(
+        (name, static_value(f"{where}.static_fallback.outputs[{name}]", outputs[name])) for name in sorted(outputs)
+    )
     return ModelRoute(
         message.model_name,
         tuple(versions.values()),
@@ -121,6 +167,7 @@ def model_route(message: pb.ModelRoute) -> ModelRoute:
         score_output=message.score_output,
         score_bounds=tuple(message.score_bucket_bounds),
         active_rollout_id=message.active_rollout_id,
+        static_answer=static_answer,
     )
 
 

@@ -111,6 +111,30 @@ class Shadow:
     share: float
 
 
+# A fixed output value of a static answer: a scalar, or a list of numbers or strings.
+StaticValue = bool | int | float | str | bytes | tuple[float, ...] | tuple[str, ...]
+
+
+def _static_answer(where: str, outputs: Iterable[tuple[str, StaticValue]]) -> tuple[tuple[str, StaticValue], ...]:
+    checked: dict[str, StaticValue] = {}
+    for name, value in outputs:
+        if not isinstance(name, str) or not name or name in checked:
+            raise RouteError(f"{where}: expected distinct non-empty output names, got {name!r}")
+        if isinstance(value, tuple | list):
+            strings, numbers = (all(isinstance(v, kind) for v in value) for kind in (str, int | float))
+            valid = bool(value) and (strings or numbers)
+        else:
+            valid = isinstance(value, bool | int | float | str | bytes)
+        if not valid:
+            raise RouteError(
+                f"{where}[{name}]: expected a number, string, bytes, or a non-empty list of numbers or of strings, "
+                f"got {value!r}"
+            )
+        checked[name] = tuple(value) if isinstance(value, list) else value
+    # Sorted by name, so the same answer compares equal however it was given.
+    return tuple(sorted(checked.items()))
+
+
 @dataclass(frozen=True)
 class ModelRoute:
     """How one model's traffic is split. `versions` keeps a stable order, baseline first: the sticky
@@ -124,6 +148,7 @@ class ModelRoute:
     score_output: str = ""  # the output summarised in score histograms; "" for the first numeric one
     score_bounds: tuple[float, ...] = ()  # upper bounds of the score histogram buckets, increasing
     active_rollout_id: str = ""  # the rollout changing this route; "" for none
+    static_answer: tuple[tuple[str, StaticValue], ...] = ()  # outputs answered when no version can serve; () none
     _by_version: Mapping[str, VersionRoute] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -150,6 +175,7 @@ class ModelRoute:
         if self.fallback:
             self._check_served(f"{where}.fallback", self.fallback)
         object.__setattr__(self, "score_bounds", _increasing(f"{where}.score_bounds", self.score_bounds))
+        object.__setattr__(self, "static_answer", _static_answer(f"{where}.static_answer", self.static_answer))
 
     def _check_shadow(self, where: str, shadow: Shadow) -> None:
         self._check_served(f"{where}.shadow.version", shadow.version)

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.suite import ServiceProcess
 from fresco.training import train_classifier
-from model_manager.routes import Endpoint, MetricsConfig, ModelRoute, RouteTable, Shadow, VersionRoute
+from model_manager.routes import Endpoint, MetricsConfig, ModelRoute, RouteTable, Shadow, StaticValue, VersionRoute
 from tests.integration import Reference, features_of
 
 MODEL = "fraud"  # the name callers use; the predictor serves it as "m"
@@ -32,6 +32,18 @@ class Predictors:
 
     process: ServiceProcess
     references: dict[str, Reference]
+    root: Path
+
+    def start_another(self) -> ServiceProcess:
+        """One more predictor on the same repository (stop it after)."""
+        process = ServiceProcess("predictor", _predictor_args(self.root))
+        process.start()
+        try:
+            process.wait_healthy()
+        except BaseException:
+            process.stop()
+            raise
+        return process
 
     @property
     def endpoint(self) -> Endpoint:
@@ -47,13 +59,17 @@ def start_predictors(root: Path) -> Iterator[Predictors]:
     config_path = root / PREDICTOR_MODEL / "config.yaml"
     config = yaml.safe_load(config_path.read_text())
     config_path.write_text(yaml.safe_dump({**config, "version_policy": {"all": True}}, sort_keys=False))
-    process = ServiceProcess("predictor", ["--model-repository", str(root), "--port", "0", "--metrics-port", "-1"])
+    process = ServiceProcess("predictor", _predictor_args(root))
     process.start()
     try:
         process.wait_healthy()
-        yield Predictors(process, references)
+        yield Predictors(process, references, root)
     finally:
         process.stop()
+
+
+def _predictor_args(root: Path) -> list[str]:
+    return ["--model-repository", str(root), "--port", "0", "--metrics-port", "-1"]
 
 
 def version(number: str, weight: int, *endpoints: Endpoint) -> VersionRoute:
@@ -66,9 +82,17 @@ def table(
     shadow: Shadow | None = None,
     fallback: str = "",
     seed: str = "seed-1",
+    static_answer: tuple[tuple[str, StaticValue], ...] = (),
 ) -> RouteTable:
     route = ModelRoute(
-        MODEL, versions, seed, shadow=shadow, fallback=fallback, score_output="probabilities", score_bounds=(0.5,)
+        MODEL,
+        versions,
+        seed,
+        shadow=shadow,
+        fallback=fallback,
+        score_output="probabilities",
+        score_bounds=(0.5,),
+        static_answer=static_answer,
     )
     return RouteTable(revision, (route,), FAST_WINDOWS)
 

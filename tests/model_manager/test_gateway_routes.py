@@ -16,7 +16,7 @@ from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from fresco.api.models.v1 import routing_pb2
 from fresco.suite import ServiceProcess
-from model_manager.routes import Shadow
+from model_manager.routes import Endpoint, Shadow
 from model_manager.split import rendezvous_order, sticky_version
 from tests.model_manager.gateway_world import (
     MODEL,
@@ -212,6 +212,27 @@ async def test_an_unreachable_replica_fails_over_to_the_next_in_rendezvous_order
         assert (answer.model_version, answer.fallback) == ("1", False)
 
 
+async def test_a_replica_lost_after_pinning_fails_over_on_inference(manager, gateway, predictors) -> None:
+    live = predictors.endpoint
+    extra_process = await asyncio.to_thread(predictors.start_another)
+    try:
+        extra = Endpoint.parse(extra_process.address)
+        manager.hub.publish(table(1, version("1", 100, extra, live)))
+        assert await manager.hub.wait_applied(MODEL, 1, WAIT_S)
+        units = [u for u in (f"user-{i}" for i in range(40)) if rendezvous_order(u, (extra, live))[0] == extra]
+        assert units, "some unit must prefer the extra replica for the test to mean anything"
+        row = predictors.rows()[0]
+        for unit in units:  # the gateway pins the version on the extra replica and is answered there
+            assert (await gateway.predict(row, unit)).model_version == "1"
+    finally:
+        await asyncio.to_thread(extra_process.stop)
+    # The replica is gone, its pinned signature still cached: each call fails over to the next replica.
+    for unit in units:
+        answer = await gateway.predict(row, unit)
+        assert (answer.model_version, answer.fallback) == ("1", False)
+    np.testing.assert_allclose(probabilities(answer), predictors.references["1"].predict(row[None])["probabilities"][0])
+
+
 async def test_a_failing_version_falls_back_with_the_reason(manager, gateway, predictors) -> None:
     live, down = predictors.endpoint, closed_port()
     manager.hub.publish(table(1, version("2", 100, down), version("1", 0, live), fallback="1"))
@@ -307,3 +328,28 @@ async def test_a_full_shadow_queue_drops_and_counts_without_slowing_answers(mana
     finally:
         await gateway.close()
         hole.close()
+
+
+async def test_the_static_answer_stands_in_when_no_version_can_serve(manager, gateway, predictors) -> None:
+    first_down, second_down = closed_port(), closed_port()
+    static = (("label", 0), ("probabilities", (0.5, 0.5)))
+    manager.hub.publish(table(1, version("2", 100, first_down), static_answer=static))
+    assert await manager.hub.wait_applied(MODEL, 1, WAIT_S)
+    row = predictors.rows()[0]
+    answer = await gateway.predict(row)
+    assert (answer.model, answer.model_version, answer.fallback) == (MODEL, "", True)
+    assert "version 2 failed" in answer.fallback_reason
+    assert list(answer.outputs["label"].int64_values) == [0]
+    assert list(probabilities(answer)) == [0.5, 0.5]
+
+    # The fallback version fails too: the static answer still stands in, and says both failed.
+    both = table(2, version("2", 100, first_down), version("1", 0, second_down), fallback="1", static_answer=static)
+    manager.hub.publish(both)
+    assert await manager.hub.wait_applied(MODEL, 2, WAIT_S)
+    only_label = request(row)
+    only_label.outputs.append("label")
+    answer = await gateway.stub.Predict(only_label, timeout=30)
+    assert (answer.model_version, answer.fallback) == ("", True)
+    assert "version 2 failed" in answer.fallback_reason
+    assert "fallback version 1 failed" in answer.fallback_reason
+    assert set(answer.outputs) == {"label"}  # only the outputs asked for

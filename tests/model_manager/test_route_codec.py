@@ -23,7 +23,7 @@ def test_a_table_survives_the_wire() -> None:
         7,
         (
             route(shadow=Shadow("2", 0.25), fallback="1", score_output="probabilities", score_bounds=(0.1, 0.5, 0.9)),
-            route("churn", active_rollout_id="r-1"),
+            route("churn", active_rollout_id="r-1", static_answer=(("probabilities", (0.5, 0.5)), ("label", 0))),
         ),
         MetricsConfig((5.0, 50.0), 2.0),
     )
@@ -35,6 +35,21 @@ def test_a_table_survives_the_wire() -> None:
     assert fraud.shadows[0].mirror_percent == 25.0
     assert fraud.fallback.version == 1
     assert fraud.targets[0].endpoints[0].labels["zone"] == "zone-a"
+    churn = next(r for r in message.routes if r.model_name == "churn")
+    assert list(churn.static_fallback.outputs["probabilities"].double_list.values) == [0.5, 0.5]
+    assert churn.static_fallback.outputs["label"].int64_value == 0
+    assert not fraud.HasField("static_fallback")
+
+
+def test_a_static_answer_takes_numbers_strings_and_their_lists_only() -> None:
+    names = (("b", "x"), ("a", (1, 2.5)), ("c", b"raw"), ("d", ("p", "q")))
+    assert [n for n, _ in route(static_answer=names).static_answer] == ["a", "b", "c", "d"]
+    with pytest.raises(RouteError, match=r"static_answer\[mixed\]: expected"):
+        route(static_answer=(("mixed", (1, "x")),))
+    with pytest.raises(RouteError, match=r"static_answer\[empty\]: expected"):
+        route(static_answer=(("empty", ()),))
+    with pytest.raises(RouteError, match="distinct non-empty output names"):
+        route(static_answer=(("a", 1), ("a", 2)))
 
 
 def test_a_shadow_or_fallback_outside_the_targets_joins_them_at_weight_zero() -> None:
