@@ -159,8 +159,12 @@ class RouteWatcher:
                 yield await acks.get()
 
         call = stub.WatchRoutes(requests())
-        async for response in call:
+        headers = await call.initial_metadata()  # empty when the call failed before the manager answered
+        if any(
+            key == route_codec.REVISION_HEADER for key, _ in headers
+        ):  # it took the subscription: the table is current
             self.connected = True
+        async for response in call:
             acks.put_nowait(pb.WatchRoutesRequest(ack=await self._receive(response)))
 
     async def _receive(self, response: pb.WatchRoutesResponse) -> pb.RouteAck:

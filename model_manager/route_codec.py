@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection, Iterable, Mapping
+from typing import Final
 
 from fresco.api.common.v1 import values_pb2
 from fresco.api.models.v1 import routing_pb2 as pb
@@ -19,6 +20,9 @@ from model_manager.routes import (
     StaticValue,
     VersionRoute,
 )
+
+# WatchRoutes' opening header: the manager's current revision, sent as soon as it takes the subscription.
+REVISION_HEADER: Final = "fresco-route-revision"
 
 
 def _version_number(where: str, version: str) -> int:

@@ -17,6 +17,7 @@ from grpc import aio
 from chassis.errors import InvalidArgument, Unavailable
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from model_manager import route_codec
+from model_manager.route_codec import REVISION_HEADER
 from model_manager.route_hub import RouteHub, Watcher
 from model_manager.routes import RouteTable
 
@@ -112,6 +113,8 @@ class RouteRpcs:
         if hub is None:
             raise Unavailable("model manager is starting: the route table is not served yet")
         subscription = _subscription(await anext(request_iterator, None))
+        # Headers at once, so the gateway knows it is connected even before the first table is published.
+        await context.send_initial_metadata(((REVISION_HEADER, str(hub.table.revision)),))
         watcher = hub.connect(subscription.gateway_id, subscription.model_names)
         stream = _Stream(hub, watcher, subscription.resume_from_revision)
         # Acks and publishes meet in one queue, so the stream's state changes one event at a time.
