@@ -160,10 +160,8 @@ class RouteWatcher:
 
         call = stub.WatchRoutes(requests())
         headers = await call.initial_metadata()  # empty when the call failed before the manager answered
-        if any(
-            key == route_codec.REVISION_HEADER for key, _ in headers
-        ):  # it took the subscription: the table is current
-            self.connected = True
+        # The manager took the subscription: from here the table is current.
+        self.connected = any(key == route_codec.REVISION_HEADER for key, _ in headers)
         async for response in call:
             acks.put_nowait(pb.WatchRoutesRequest(ack=await self._receive(response)))
 
