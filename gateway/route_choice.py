@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from gateway.routing import RouteTable as StaticRoutes
-from model_manager.routes import MetricsConfig, ModelRoute, RouteTable, VersionRoute
+from model_manager.routes import MetricsConfig, ModelRoute, RouteTable, UnknownRoute, VersionRoute
 from model_manager.split import rendezvous_order, split_version
 
 _COOLDOWN_S: Final = 5.0
@@ -79,13 +79,15 @@ class RouteChooser:
 
     def target(self, table: RouteTable | None, model: str, version: str, unit_id: str) -> Target:
         """Where a request for `model` goes (`version` pinned by the caller, or "")."""
-        if table is None or model not in table.models:
+        if table is None:
             return Target(model, version, model, ())
-        route = table.route(model)
-        if version:
-            if version not in route.version_names:  # a version the route does not carry: static routes, as before
-                return Target(model, version, model, ())
-            return self.version_target(table, route, route.version(version), unit_id)
+        try:
+            route = table.route(model)
+            pinned = route.version(version) if version else None
+        except UnknownRoute:  # a model or pinned version the table does not route: static routes, as before
+            return Target(model, version, model, ())
+        if pinned is not None:
+            return self.version_target(table, route, pinned, unit_id)
         return self.version_target(table, route, split_version(route, unit_id or None, self.rng), unit_id)
 
     def version_target(self, table: RouteTable, route: ModelRoute, version: VersionRoute, unit_id: str) -> Target:

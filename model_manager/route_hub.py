@@ -41,7 +41,8 @@ class Rejection:
 
 
 class RouteHub:
-    """Publishes route tables to watching gateways and tracks their acknowledgements."""
+    """Publishes route tables to watching gateways and tracks their acknowledgements. Not thread-safe:
+    call it on the server's event loop (from a worker thread, via `loop.call_soon_threadsafe`)."""
 
     def __init__(self, history: int = _HISTORY) -> None:
         self._table = RouteTable(0)

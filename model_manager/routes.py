@@ -192,11 +192,6 @@ class ModelRoute:
             raise RouteError(f"{where}: version {version!r} has no endpoints to send requests to")
 
     @property
-    def version_names(self) -> frozenset[str]:
-        """The versions in the route."""
-        return frozenset(self._by_version)
-
-    @property
     def total_weight(self) -> int:
         """The sum of the versions' weights: a version gets weight/total of the traffic."""
         return sum(v.weight for v in self.versions)
