@@ -10,9 +10,12 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import yaml
+from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
@@ -24,6 +27,7 @@ from tests.integration import Reference, features_of
 MODEL = "fraud"  # the name callers use; the predictor serves it as "m"
 PREDICTOR_MODEL = "m"
 FAST_WINDOWS = MetricsConfig(window_seconds=0.5)
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
 
 
 @dataclass
@@ -143,17 +147,32 @@ def closed_port() -> Endpoint:
     return Endpoint("127.0.0.1", port)
 
 
-class Blackhole:
-    """An endpoint that accepts TCP connections (the kernel's backlog) and never answers."""
+class StalledPredictor:
+    """A real gRPC server on the inference service's methods that never answers until released."""
 
     def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.endpoint = Endpoint("127.0.0.1", self.sock.getsockname()[1])
+        self.server = aio.server()
+        self.release = asyncio.Event()
+        self.calls = 0
 
-    def close(self) -> None:
-        self.sock.close()
+        async def stall(request: bytes, context: aio.ServicerContext[Any, Any]) -> bytes:
+            self.calls += 1
+            await self.release.wait()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "test: stalled predictor released")
+            return b""
+
+        handler = grpc.unary_unary_rpc_method_handler(stall)  # bytes in, bytes out
+        methods = {name: handler for name in ("ModelMetadata", "ModelInfer", "ModelReady")}
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(INFERENCE_SERVICE, methods)])
+        self.endpoint = Endpoint("127.0.0.1", self.server.add_insecure_port("127.0.0.1:0"))
+
+    async def start(self) -> StalledPredictor:
+        await self.server.start()
+        return self
+
+    async def stop(self) -> None:
+        self.release.set()
+        await self.server.stop(0)
 
 
 async def wait_until(condition: object, what: str, timeout_s: float = 60.0) -> None:

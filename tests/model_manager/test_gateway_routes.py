@@ -20,8 +20,8 @@ from model_manager.routes import Endpoint, Shadow
 from model_manager.split import rendezvous_order, sticky_version
 from tests.model_manager.gateway_world import (
     MODEL,
-    Blackhole,
     Predictors,
+    StalledPredictor,
     closed_port,
     metric,
     probabilities,
@@ -308,9 +308,9 @@ async def test_shadow_traffic_is_compared_and_never_changes_answers(manager, gat
 
 
 async def test_a_full_shadow_queue_drops_and_counts_without_slowing_answers(manager, predictors, tmp_path) -> None:
-    live, hole = predictors.endpoint, Blackhole()
-    # One mirror in flight (stuck on an endpoint that never answers, for up to 120 s) and one queued:
-    # of 10 requests answered meanwhile, 8 or 9 mirrors find the queue full.
+    live, stalled = predictors.endpoint, await StalledPredictor().start()
+    # One mirror in flight (stalled until the end of the test, its deadline 120 s away) and one queued:
+    # of 10 requests answered meanwhile, 8 (9 if the worker had not yet taken the first) find the queue full.
     gateway = Running(
         await start_gateway(
             manager.address, tmp_path / "state", "--shadow-queue-size", "1", "--shadow-workers", "1",
@@ -318,16 +318,20 @@ async def test_a_full_shadow_queue_drops_and_counts_without_slowing_answers(mana
         )
     )  # fmt: skip
     try:
-        manager.hub.publish(table(1, version("1", 100, live), version("2", 0, hole.endpoint), shadow=Shadow("2", 1.0)))
+        manager.hub.publish(
+            table(1, version("1", 100, live), version("2", 0, stalled.endpoint), shadow=Shadow("2", 1.0))
+        )
         assert await manager.hub.wait_applied(MODEL, 1, WAIT_S)
         for row in predictors.rows()[:10]:
-            answer = await gateway.predict(row)  # each within its 30 s deadline, though mirrors hang
+            answer = await gateway.predict(row)  # each within its 30 s deadline, though the mirror never returns
             assert answer.model_version == "1"
+        await wait_until(lambda: stalled.calls == 1, "the mirror in flight to reach the stalled predictor")
         dropped = metric(gateway.process, "fresco_gateway_shadow_dropped_total", {"model": MODEL})
         assert dropped in (8.0, 9.0), dropped
+        assert stalled.calls == 1  # the worker is still held by the first mirror
     finally:
         await gateway.close()
-        hole.close()
+        await stalled.stop()
 
 
 async def test_the_static_answer_stands_in_when_no_version_can_serve(manager, gateway, predictors) -> None:
