@@ -13,7 +13,7 @@ from gateway.settings import GatewaySettings
 
 async def main(settings: GatewaySettings) -> None:
     gateway = build_server(settings)
-    # Routes come from the manager's stream (or the state directory) before health says SERVING.
+    # The route watch and the metric reports start once the server runs, on its loop.
     await serve(gateway.app, lambda: start_background(gateway))
 
 

@@ -26,7 +26,7 @@ class ModelManager:
     def __init__(self, settings: ModelManagerSettings) -> None:
         self.settings = settings
         self.app = ServiceApp("model_manager", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
-        # Rollout and route RPCs are not built yet: the generated base class answers them UNIMPLEMENTED.
+        # Rollout RPCs are not built yet: the generated base class answers them UNIMPLEMENTED.
         self.servicer = ModelManagerServicer()  # type: ignore[abstract]
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
         # The route stream needs no database: gateways may watch (and keep their table) from the start.
