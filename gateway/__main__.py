@@ -7,13 +7,14 @@ import sys
 from chassis.logs import configure_logging
 from chassis.server import run, serve
 from chassis.settings import parse_settings
-from gateway.server import build_server
+from gateway.server import build_server, start_background
 from gateway.settings import GatewaySettings
 
 
 async def main(settings: GatewaySettings) -> None:
     gateway = build_server(settings)
-    await serve(gateway.app)
+    # The route watch and the metric reports start once the server runs, on its loop.
+    await serve(gateway.app, lambda: start_background(gateway))
 
 
 if __name__ == "__main__":

@@ -1,26 +1,30 @@
-"""The prediction pipeline: group queries per model version, pin each group to the version that
-will answer, build tensors from that version's signature and the served features, call the routed
-predictor once per group, split the answers back per query."""
+"""The prediction pipeline: choose each query's target (from one route table per request), group
+queries per target, pin each group to the version that will answer, build tensors from that
+version's signature and the served features, call the routed predictor once per group (with
+failover and fallback, `gateway.routed_calls`), split the answers back per query."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.common.v1 import values_pb2
 from fresco.api.gateway.v1 import gateway_pb2 as pb
-from fresco.api.inference import grpc_service_pb2 as ipb
-from gateway.assembly import FeatureValue, ModelSignature, build_inputs, from_proto, split_rows
+from gateway.assembly import FeatureValue, ModelSignature, from_proto
 from gateway.budget import Budget
 from gateway.features import FeatureClient, entity_identity, merge_entity_keys, needed_refs, usable_values
 from gateway.limits import Limits
-from gateway.offload import BYTES_PER_VALUE, Offload
-from gateway.predictors import STALE_SUSPECTS, Pinned, PredictorPool, decode_outputs
+from gateway.metric_windows import MetricWindows
+from gateway.offload import Offload
+from gateway.predictors import PredictorPool
+from gateway.route_choice import RouteChooser, Target
+from gateway.routed_calls import Attempt, RoutedCalls, StaleSignature, split_answer, static_outputs
 from gateway.routing import RouteTable
 
-GroupKey = tuple[str, str, tuple[str, ...]]
+GroupKey = tuple[Target, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Prediction:
     outputs: dict[str, values_pb2.Tensor] = field(default_factory=dict)
     experiment_arm: str = ""
     fallback: bool = False
+    fallback_reason: str = ""
     imputed_features: list[str] = field(default_factory=list)
     degraded: bool = False
 
@@ -81,26 +86,24 @@ class QueryFeatures:
     degraded: list[bool]
 
 
-class StaleSignature(Exception):
-    """A cached signature no longer described the version: the call is redone on fresh metadata."""
-
-
 class PredictionPipeline:
     """Everything between a decoded request and its answer."""
 
     def __init__(
         self,
-        routes: RouteTable,
+        routes: RouteTable | RouteChooser,
         predictors: PredictorPool,
         features: FeatureClient | None = None,
         limits: Limits | None = None,
         offload: Offload | None = None,
+        windows: MetricWindows | None = None,
     ) -> None:
         self.features = features
-        self.routes = routes
+        self.chooser = routes if isinstance(routes, RouteChooser) else RouteChooser(routes)
         self.predictors = predictors
         self.limits = limits or Limits()
         self.offload = offload or Offload(above_bytes=1 << 62)
+        self.calls = RoutedCalls(self.chooser, predictors, self.limits, self.offload, windows)
 
     async def predict(self, queries: Sequence[Query], budget: Budget) -> list[Prediction]:
         """Answers in query order: one feature-service call for the whole request, then one
@@ -121,45 +124,60 @@ class PredictionPipeline:
             return await self._predict(queries, budget, retry=False)
 
     async def _predict(self, queries: Sequence[Query], budget: Budget, retry: bool) -> list[Prediction]:
+        started = time.perf_counter()
+        chooser = self.chooser
+        table = chooser.table()  # one table for the whole request, whatever is published meanwhile
         groups: dict[GroupKey, list[int]] = {}
         for index, query in enumerate(queries):
-            groups.setdefault((query.model, query.version, query.outputs), []).append(index)
+            target = chooser.target(table, query.model, query.version, query.unit_id)
+            groups.setdefault((target, query.outputs), []).append(index)
         keys = list(groups)
-        routed = [self.routes.endpoint_for(model) for model, _, _ in keys]
-        pins = await asyncio.gather(
+        # Static routes pick their endpoint once per group, round-robin, as they always did.
+        targets = [t if t.endpoints else replace(t, endpoints=(chooser.static.endpoint_for(t.model),)) for t, _ in keys]
+        attempts = await asyncio.gather(
             *(
-                self.predictors.pin(endpoint, model, version, budget)
-                for endpoint, (model, version, _) in zip(routed, keys, strict=True)
+                self.calls.pin_or_fallback(table, t, budget, started, len(groups[k]))
+                for t, k in zip(targets, keys, strict=True)
             )
         )
-        served = await self._with_entity_features(queries, groups, [p.signature for p in pins], budget)
+        served = await self._with_entity_features(queries, groups, [a.pinned.signature for a in attempts], budget)
         answers: list[Prediction | None] = [None] * len(queries)
 
-        async def run(key: GroupKey, endpoint: str, pinned: Pinned) -> None:
-            model, version, outputs = key
+        async def run(key: GroupKey, attempt: Attempt) -> None:
             indices = groups[key]
             rows = [served.rows[i] for i in indices]
             labels = [queries[i].label for i in indices]
-            weight = BYTES_PER_VALUE * sum(len(row) for row in rows)
-            inputs = await self.offload.run(weight, build_inputs, pinned.signature, rows, labels, self.limits)
-            try:
-                response = await self.predictors.infer(endpoint, pinned, inputs, outputs, budget)
-            except STALE_SUSPECTS as err:
-                if retry and await self.predictors.repin(endpoint, model, version, budget) != pinned:
-                    raise StaleSignature(str(err)) from err
-                raise
-            weight = sum(len(raw) for raw in response.raw_output_contents)
-            per_row = await self.offload.run(weight, _split_answer, response, endpoint, len(indices))
+            outputs = key[1]
+            response = None
+            if not attempt.static:
+                attempt, response = await self.calls.infer_or_fallback(
+                    table, attempt, rows, labels, outputs, budget, retry, started
+                )
+            target = attempt.target
+            if response is None:  # the route's static answer: no version answered
+                assert target.route is not None
+                per_row = [static_outputs(target.route, outputs) for _ in indices]
+                version = ""
+            else:
+                weight = sum(len(raw) for raw in response.raw_output_contents)
+                per_row = await self.offload.run(weight, split_answer, response, attempt.endpoint, len(indices))
+                version = response.model_version
             for index, tensors in zip(indices, per_row, strict=True):
                 answers[index] = Prediction(
-                    model=model,
-                    model_version=response.model_version,
+                    model=target.model,
+                    model_version=version,
                     outputs=tensors,
+                    fallback=bool(attempt.fallback_reason),
+                    fallback_reason=attempt.fallback_reason,
                     imputed_features=served.imputed[index],
                     degraded=served.degraded[index],
                 )
+            if response is not None:
+                self.calls.observe(target, len(indices), "OK", started, per_row)
+            if not attempt.fallback_reason:
+                self.calls.mirror(table, target, labels, queries[indices[0]].unit_id, rows, outputs, per_row)
 
-        await asyncio.gather(*(run(k, e, p) for k, e, p in zip(keys, routed, pins, strict=True)))
+        await asyncio.gather(*(run(k, a) for k, a in zip(keys, attempts, strict=True)))
         return [answer for answer in answers if answer is not None]
 
     async def _with_entity_features(
@@ -198,7 +216,3 @@ class PredictionPipeline:
             served.imputed[index] = imputed
             served.degraded[index] = fetched.degraded or bool(imputed)
         return served
-
-
-def _split_answer(response: ipb.ModelInferResponse, endpoint: str, batch: int) -> list[dict[str, values_pb2.Tensor]]:
-    return split_rows(decode_outputs(response, endpoint), batch)

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import socket
+
 from chassis.server import ServiceApp
 from gateway.features import FeatureClient
 from gateway.limits import Limits
+from gateway.metric_windows import MetricWindows, WindowReporter
 from gateway.offload import Offload
 from gateway.pipeline import PredictionPipeline
 from gateway.predictors import PredictorPool
+from gateway.route_choice import RouteChooser
+from gateway.route_watch import RouteWatcher
 from gateway.routing import RouteTable
 from gateway.service import METHOD_ROLES, SERVICE_NAME, GatewayServicer
 from gateway.settings import GatewaySettings
+from gateway.shadow import ShadowMirror
+from model_manager.routes import DEFAULT_WINDOW_S
 
 
 class Gateway:
@@ -33,9 +41,49 @@ class Gateway:
             else None
         )
         limits = Limits(settings.max_batch_requests, settings.max_bytes_elements)
-        self.pipeline = PredictionPipeline(routes, self.predictors, self.features, limits, self.offload)
+        self.watcher: RouteWatcher | None = None
+        self.reporter: WindowReporter | None = None
+        windows = None
+        chooser = RouteChooser(routes)
+        if settings.model_manager_address:
+            gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
+            self.watcher = watcher = RouteWatcher(
+                self.app.client_channel,
+                settings.model_manager_address,
+                gateway_id,
+                settings.state_dir,
+                self.app.registry,
+                backoff_s=(0.1, settings.route_backoff_max_s),
+            )
+            chooser = RouteChooser(routes, lambda: watcher.table)
+            windows = MetricWindows(gateway_id)
+            self.reporter = WindowReporter(
+                windows,
+                self.app.client_channel,
+                settings.model_manager_address,
+                gateway_id,
+                lambda: watcher.table.metrics.window_seconds if watcher.table is not None else DEFAULT_WINDOW_S,
+                self.app.registry,
+                max_attempts=settings.report_attempts,
+            )
+        self.pipeline = PredictionPipeline(chooser, self.predictors, self.features, limits, self.offload, windows)
+        if self.watcher is not None:
+            self.pipeline.calls.shadow = ShadowMirror(
+                self.pipeline.calls.shadow_call,
+                windows,
+                self.app.registry,
+                settings.shadow_queue_size,
+                settings.shadow_workers,
+                settings.shadow_timeout_s,
+            )
         self.app.server.add_generic_rpc_handlers((GatewayServicer(self.pipeline).handlers(),))
         self.app.on_stop(self.predictors.close)
+        if self.pipeline.calls.shadow is not None:
+            self.app.on_stop(self.pipeline.calls.shadow.close)
+        if self.reporter is not None:
+            self.app.on_stop(self.reporter.close)
+        if self.watcher is not None:
+            self.app.on_stop(self.watcher.close)
         self.app.on_stop(self.offload.close)
         if self.features is not None:
             self.app.on_stop(self.features.close)
@@ -44,3 +92,11 @@ class Gateway:
 def build_server(settings: GatewaySettings) -> Gateway:
     """The gateway, bound (port 0 picks a free port) but not started."""
     return Gateway(settings)
+
+
+async def start_background(gateway: Gateway) -> None:
+    """Start watching routes and reporting windows (after the server started, on its loop)."""
+    if gateway.watcher is not None:
+        gateway.watcher.start()
+    if gateway.reporter is not None:
+        gateway.reporter.start()

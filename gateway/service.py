@@ -37,6 +37,7 @@ def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -
         experiment_arm=prediction.experiment_arm,
         trace_id=trace_id,
         fallback=prediction.fallback,
+        fallback_reason=prediction.fallback_reason,
         request_id=request.request_id,
         imputed_features=prediction.imputed_features,
         degraded=prediction.degraded,

@@ -36,3 +36,20 @@ class GatewaySettings(ServiceSettings):
     """Most string elements in one string-list feature or one BYTES tensor built; more is INVALID_ARGUMENT."""
     offload_above_bytes: int = Field(default=256 * 1024, ge=0)
     """Calls whose decoding, tensors or answers weigh more than this many bytes do that work in a worker thread."""
+    model_manager_address: str | None = None
+    """host:port of the model manager: routes come from its WatchRoutes stream and metric windows go to it.
+    Without it the gateway routes statically (--predictor, --routes-file) as before."""
+    gateway_id: str = ""
+    """This gateway's id on the route stream and in metric reports; empty means host-pid."""
+    state_dir: Path | None = None
+    """Directory keeping the last good route table, so a restarted gateway serves while the manager is down."""
+    route_backoff_max_s: float = Field(default=5.0, gt=0)
+    """Longest wait between attempts to reconnect the route stream (the wait doubles from 0.1 s)."""
+    shadow_queue_size: int = Field(default=100, ge=1)
+    """Mirrored requests waiting at most; more are dropped and counted."""
+    shadow_workers: int = Field(default=2, ge=1)
+    """Mirrored calls in flight at most."""
+    shadow_timeout_s: float = Field(default=2.0, gt=0)
+    """Deadline of one mirrored call, its own, never the caller's."""
+    report_attempts: int = Field(default=6, ge=1)
+    """Attempts to report a metric window (retried with the same id) before it is dropped and counted."""

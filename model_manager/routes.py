@@ -5,6 +5,8 @@ new table, so a gateway or the xDS server can swap one reference and never see h
 from __future__ import annotations
 
 import ipaddress
+import itertools
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -12,6 +14,7 @@ from types import MappingProxyType
 from typing import Final
 
 from chassis.errors import InvalidArgument, NotFound
+from model_manager.windows import LATENCY_BOUNDS_MS
 
 # Names end up in xDS resource names and in `xds:///<model>` targets, so they stay URI-safe.
 _NAME: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -78,9 +81,12 @@ class VersionRoute:
     version: str
     weight: int
     endpoints: tuple[Endpoint, ...] = ()
+    predictor_model_name: str = ""  # the model name the endpoints serve the version under; "" for the route's
 
     def __post_init__(self) -> None:
         _check_name("version", self.version)
+        if self.predictor_model_name:
+            _check_name(f"versions[{self.version}].predictor_model_name", self.predictor_model_name)
         where = f"versions[{self.version}]"
         weight = self.weight
         if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= MAX_TOTAL_WEIGHT:
@@ -105,6 +111,30 @@ class Shadow:
     share: float
 
 
+# A fixed output value of a static answer: a scalar, or a list of numbers or strings.
+StaticValue = bool | int | float | str | bytes | tuple[float, ...] | tuple[str, ...]
+
+
+def _static_answer(where: str, outputs: Iterable[tuple[str, StaticValue]]) -> tuple[tuple[str, StaticValue], ...]:
+    checked: dict[str, StaticValue] = {}
+    for name, value in outputs:
+        if not isinstance(name, str) or not name or name in checked:
+            raise RouteError(f"{where}: expected distinct non-empty output names, got {name!r}")
+        if isinstance(value, tuple | list):
+            strings, numbers = (all(isinstance(v, kind) for v in value) for kind in (str, int | float))
+            valid = bool(value) and (strings or numbers)
+        else:
+            valid = isinstance(value, bool | int | float | str | bytes)
+        if not valid:
+            raise RouteError(
+                f"{where}[{name}]: expected a number, string, bytes, or a non-empty list of numbers or of strings, "
+                f"got {value!r}"
+            )
+        checked[name] = tuple(value) if isinstance(value, list) else value
+    # Sorted by name, so the same answer compares equal however it was given.
+    return tuple(sorted(checked.items()))
+
+
 @dataclass(frozen=True)
 class ModelRoute:
     """How one model's traffic is split. `versions` keeps a stable order, baseline first: the sticky
@@ -115,6 +145,10 @@ class ModelRoute:
     split_seed: str
     shadow: Shadow | None = None
     fallback: str = ""  # the version served when the chosen one fails; "" for none
+    score_output: str = ""  # the output summarised in score histograms; "" for the first numeric one
+    score_bounds: tuple[float, ...] = ()  # upper bounds of the score histogram buckets, increasing
+    active_rollout_id: str = ""  # the rollout changing this route; "" for none
+    static_answer: tuple[tuple[str, StaticValue], ...] = ()  # outputs answered when no version can serve; () none
     _by_version: Mapping[str, VersionRoute] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -140,6 +174,8 @@ class ModelRoute:
             self._check_shadow(where, self.shadow)
         if self.fallback:
             self._check_served(f"{where}.fallback", self.fallback)
+        object.__setattr__(self, "score_bounds", _increasing(f"{where}.score_bounds", self.score_bounds))
+        object.__setattr__(self, "static_answer", _static_answer(f"{where}.static_answer", self.static_answer))
 
     def _check_shadow(self, where: str, shadow: Shadow) -> None:
         self._check_served(f"{where}.shadow.version", shadow.version)
@@ -175,17 +211,52 @@ class ModelRoute:
         return replace(self, versions=tuple(replace(v, weight=weights.get(v.version, v.weight)) for v in self.versions))
 
 
+def _increasing(where: str, bounds: Iterable[float]) -> tuple[float, ...]:
+    values = tuple(bounds)
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RouteError(f"{where}: expected finite numbers, got {value!r}")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise RouteError(f"{where}: expected strictly increasing bounds, got {list(values)}")
+    return tuple(float(v) for v in values)
+
+
+# The bounds rollout analysis merges gateways' latency histograms over, unless a table says otherwise.
+DEFAULT_LATENCY_BOUNDS_MS: Final = LATENCY_BOUNDS_MS
+DEFAULT_WINDOW_S: Final = 10.0
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """How gateways measure what they report: latency bucket bounds and the window length."""
+
+    latency_bounds_ms: tuple[float, ...] = DEFAULT_LATENCY_BOUNDS_MS
+    window_seconds: float = DEFAULT_WINDOW_S
+
+    def __post_init__(self) -> None:
+        bounds = _increasing("metrics.latency_bucket_bounds_ms", self.latency_bounds_ms)
+        if not bounds or bounds[0] <= 0:
+            raise RouteError(f"metrics.latency_bucket_bounds_ms: expected positive bounds, got {list(bounds)}")
+        object.__setattr__(self, "latency_bounds_ms", bounds)
+        seconds = self.window_seconds
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 < seconds <= 3600:
+            raise RouteError(f"metrics.window_seconds: expected seconds in (0, 3600], got {seconds!r}")
+
+
 @dataclass(frozen=True)
 class RouteTable:
     """Every model's route under one revision; revisions only grow."""
 
     revision: int
     routes: tuple[ModelRoute, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     _by_model: Mapping[str, ModelRoute] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.revision, bool) or not isinstance(self.revision, int) or self.revision < 0:
             raise RouteError(f"revision: expected an integer ≥ 0, got {self.revision!r}")
+        if not isinstance(self.metrics, MetricsConfig):
+            raise RouteError(f"metrics: expected a MetricsConfig, got {self.metrics!r}")
         by_model: dict[str, ModelRoute] = {}
         for route in self.routes:
             if not isinstance(route, ModelRoute):
@@ -216,4 +287,4 @@ class RouteTable:
         merged = dict(self._by_model)
         for route in routes:
             merged[route.model] = route
-        return RouteTable(revision, tuple(merged.values()))
+        return RouteTable(revision, tuple(merged.values()), self.metrics)

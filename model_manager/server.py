@@ -19,6 +19,7 @@ from model_manager.operations import OperationStore
 from model_manager.predictors import Predictors
 from model_manager.promotions import Promotions
 from model_manager.registry import Registry
+from model_manager.route_hub import RouteHub
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
 from model_manager.uploads import VersionUploads
@@ -33,9 +34,12 @@ class ModelManager:
     def __init__(self, settings: ModelManagerSettings) -> None:
         self.settings = settings
         self.app = ServiceApp("model_manager", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
-        # Rollout and route RPCs are not built yet: the generated base class answers them UNIMPLEMENTED.
+        # Rollout RPCs are not built yet: the generated base class answers them UNIMPLEMENTED.
         self.servicer = ModelManagerServicer()  # type: ignore[abstract]
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
+        # The route stream needs no database: gateways may watch (and keep their table) from the start.
+        self.route_hub = RouteHub()
+        self.servicer.route_hub = self.route_hub
         self.registry: Registry | None = None
         self.fleet: Fleet | None = None
         self.app.on_stop(self._close)

@@ -22,6 +22,7 @@ from model_manager.fleet import Fleet
 from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
 from model_manager.registry import Registry
+from model_manager.route_rpcs import RouteRpcs
 from model_manager.uploads import VersionUploads
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
@@ -65,9 +66,9 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
         yield request.chunk
 
 
-class ModelManagerServicer(FleetRpcs, GateRpcs, pb_grpc.ModelManagerServiceServicer):
-    """fresco.models.v1.ModelManagerService: the registry's RPCs, the fleet's (FleetRpcs) and the promotion gates'
-    (GateRpcs)."""
+class ModelManagerServicer(FleetRpcs, GateRpcs, RouteRpcs, pb_grpc.ModelManagerServiceServicer):
+    """fresco.models.v1.ModelManagerService: the registry's RPCs, the fleet's (FleetRpcs), the promotion gates'
+    (GateRpcs) and the route stream (RouteRpcs)."""
 
     def __init__(self) -> None:
         self.domain: Domain | None = None

@@ -128,6 +128,7 @@ class PredictResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     IMPUTED_FEATURES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
+    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model that answered."""
     model_version: _builtins.str
@@ -142,6 +143,8 @@ class PredictResponse(_message.Message):
     """request_id echoes the request's request_id."""
     degraded: _builtins.bool
     """degraded is true when a feature was imputed or the feature service answered from a fallback tier."""
+    fallback_reason: _builtins.str
+    """fallback_reason says why the fallback answered (the chosen version's error); empty when fallback is false."""
     @_builtins.property
     def outputs(self) -> _containers.MessageMap[_builtins.str, _values_pb2.Tensor]:
         """outputs maps each model output name to its value for this request."""
@@ -162,10 +165,11 @@ class PredictResponse(_message.Message):
         request_id: _builtins.str = ...,
         imputed_features: _abc.Iterable[_builtins.str] | None = ...,
         degraded: _builtins.bool = ...,
+        fallback_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "experiment_arm", b"experiment_arm", "fallback", b"fallback", "imputed_features", b"imputed_features", "model", b"model", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "experiment_arm", b"experiment_arm", "fallback", b"fallback", "fallback_reason", b"fallback_reason", "imputed_features", b"imputed_features", "model", b"model", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
