@@ -8,6 +8,8 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +23,7 @@ from chassis.metrics import MetricsEndpoint, RpcMetrics
 from chassis.settings import ServiceSettings
 from chassis.tls import peer_security, server_credentials
 from chassis.tracing import build_tracer_provider
+from fresco.credentials import read_token
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +94,14 @@ class ServiceApp:
         """host:port of the gRPC server."""
         return f"{self.settings.host}:{self.port}"
 
-    def client_channel(self, target: str) -> aio.Channel:
+    def client_channel(self, target: str, token_file: Path | None = None) -> aio.Channel:
         """A channel to another service carrying this service's trace context, limits, peer TLS and
-        peer token (a unix socket, reachable only on this machine, stays plaintext)."""
-        return self.peer_security.aio_channel(
+        peer token, or the token in `token_file` for a peer that needs another role (a unix socket,
+        reachable only on this machine, stays plaintext)."""
+        security = self.peer_security
+        if token_file is not None:
+            security = replace(security, token=read_token(token_file))
+        return security.aio_channel(
             target,
             options=channel_options(self.settings.max_message_bytes),
             interceptors=client_interceptors(self.tracer),

@@ -131,11 +131,14 @@ class ServiceProcess:
 @dataclass(frozen=True)
 class LocalAuth:
     """Static tokens issued for one local Fresco: the hashed file the services verify against, the
-    admin token for the person running it, and a viewer token the gateway presents to its peers."""
+    admin token for the person running it, a viewer token the gateway presents to its peers, and a
+    deployer token the services present to the model manager (predictors register, gateways report
+    metric windows) and the manager presents to predictors (loads)."""
 
     tokens_file: Path
     admin_token_file: Path
     gateway_token_file: Path
+    control_token_file: Path
 
     @property
     def admin(self) -> ClientSecurity:
@@ -151,17 +154,21 @@ def issue_local_tokens(directory: Path) -> LocalAuth:
     """Fresh random tokens written into `directory` (files readable by their owner only): the
     services' hashed token file, and the admin and gateway tokens themselves."""
     directory.mkdir(parents=True, exist_ok=True)
-    admin, gateway = new_token(), new_token()
-    auth = LocalAuth(directory / "tokens", directory / "admin.token", directory / "gateway.token")
+    admin, gateway, control = new_token(), new_token(), new_token()
+    auth = LocalAuth(
+        directory / "tokens", directory / "admin.token", directory / "gateway.token", directory / "control.token"
+    )
     lines = [
         "# name:role:sha256 of the token; written by fresco for this local run",
         token_line("admin", Role.ADMIN, admin),
         token_line("gateway", Role.VIEWER, gateway),
+        token_line("control-plane", Role.DEPLOYER, control),
     ]
     for path, text in (
         (auth.tokens_file, "\n".join(lines)),
         (auth.admin_token_file, admin),
         (auth.gateway_token_file, gateway),
+        (auth.control_token_file, control),
     ):
         path.touch(mode=0o600)
         path.chmod(0o600)

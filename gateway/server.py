@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from functools import partial
 
 from chassis.server import ServiceApp
 from gateway.features import FeatureClient
@@ -46,9 +47,10 @@ class Gateway:
         windows = None
         chooser = RouteChooser(routes)
         if settings.model_manager_address:
+            manager_channel = partial(self.app.client_channel, token_file=settings.model_manager_token_file)
             gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
             self.watcher = watcher = RouteWatcher(
-                self.app.client_channel,
+                manager_channel,
                 settings.model_manager_address,
                 gateway_id,
                 settings.state_dir,
@@ -59,7 +61,7 @@ class Gateway:
             windows = MetricWindows(gateway_id)
             self.reporter = WindowReporter(
                 windows,
-                self.app.client_channel,
+                manager_channel,
                 settings.model_manager_address,
                 gateway_id,
                 lambda: watcher.table.metrics.window_seconds if watcher.table is not None else DEFAULT_WINDOW_S,

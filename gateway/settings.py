@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, FilePath
 from pydantic_settings import SettingsConfigDict
 
 from chassis.settings import ServiceSettings
@@ -39,6 +39,9 @@ class GatewaySettings(ServiceSettings):
     model_manager_address: str | None = None
     """host:port of the model manager: routes come from its WatchRoutes stream and metric windows go to it.
     Without it the gateway routes statically (--predictor, --routes-file) as before."""
+    model_manager_token_file: FilePath | None = None
+    """File holding the token presented to the model manager (a deployer's, for ReportMetrics); default: the peer
+    token."""
     gateway_id: str = ""
     """This gateway's id on the route stream and in metric reports; empty means host-pid."""
     state_dir: Path | None = None

@@ -7,11 +7,9 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from chassis.errors import FrescoError
-from chassis.interceptors import client_interceptors
-from chassis.server import ServiceApp, channel_options
+from chassis.server import ServiceApp
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
-from fresco.credentials import ClientSecurity, read_token
 from predictor.backends.base import BackendOptions
 from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore
@@ -70,20 +68,7 @@ class Predictor:
 
     def _registration(self) -> Registration:
         settings = self.settings
-        security = self.app.peer_security
-        if settings.model_manager_token_file is not None:
-            security = ClientSecurity(
-                token=read_token(settings.model_manager_token_file),
-                ca_file=security.ca_file,
-                cert_file=security.cert_file,
-                key_file=security.key_file,
-                server_name=security.server_name,
-            )
-        channel = security.aio_channel(
-            settings.model_manager_address,
-            options=channel_options(settings.max_message_bytes),
-            interceptors=client_interceptors(self.app.tracer),
-        )
+        channel = self.app.client_channel(settings.model_manager_address, settings.model_manager_token_file)
         address = advertised_address(settings, self.app.port)
         return Registration(settings, self.store, lambda: self.servicer.started, channel, address)
 
