@@ -1,6 +1,6 @@
 """The registry RPCs of ModelManagerService: decode, call the registry in a worker thread, encode.
 
-Rollout and route RPCs are not served yet: gRPC answers them UNIMPLEMENTED.
+The rollout, deployment and metrics RPCs live in `rollout_rpcs.RolloutRpcs`, a base of the servicer.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from model_manager import messages, schema
 from model_manager.registry import Registry
+from model_manager.rollout_rpcs import RolloutRpcs
 from model_manager.uploads import VersionUploads
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
@@ -74,8 +75,8 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
         yield request.chunk
 
 
-class ModelManagerServicer(pb_grpc.ModelManagerServiceServicer):
-    """fresco.models.v1.ModelManagerService: the registry's RPCs."""
+class ModelManagerServicer(RolloutRpcs, pb_grpc.ModelManagerServiceServicer):
+    """fresco.models.v1.ModelManagerService: the registry's RPCs, and the rollout RPCs of its bases."""
 
     def __init__(self) -> None:
         self.domain: Domain | None = None
