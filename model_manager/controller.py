@@ -38,6 +38,7 @@ WINDOW_RETENTION_S = 6 * 3600.0
 # Even with no timer due the loop looks again this often, in case a callback was missed.
 IDLE_RECHECK_S = 30.0
 ERROR_BACKOFF_S = 1.0
+LOAD_RETRY_S = 5.0
 _STEPS_PER_TICK = 64
 
 
@@ -89,6 +90,7 @@ class RolloutController:
         self._wake = asyncio.Event()
         self._changed: dict[str, asyncio.Event] = {}
         self._busy: set[tuple[str, str, int]] = set()  # ("load" | "unload", model, version) in flight
+        self._failed: dict[tuple[str, str, int], float] = {}  # a failed load: not asked again before then
         self._tasks: set[asyncio.Task[None]] = set()
         self._route_revision = 0
         self._published: RouteTable | None = None
@@ -186,7 +188,8 @@ class RolloutController:
                 elif action.do is Do.WAIT:
                     deadline = _earliest(deadline, action.until)
                 elif action.do in (Do.LOAD, Do.UNLOAD):
-                    self._spawn(entry, action)
+                    assert action.version is not None
+                    self._spawn(entry.rollout.spec.model, action.do.value, action.version)
             progressed |= await self._sync_routes(publish)
             await self._settle()
             if not progressed:
@@ -241,11 +244,17 @@ class RolloutController:
             log.info("published route revision %d: %d models", revision, len(table.routes))
         elif self._published is None:
             self._published = current
+        for d in desired:  # what should serve and is warm nowhere (say, production after a restart) is loaded
+            for version in d.route.versions():
+                if not self.fleet.warm_endpoints(d.model, version):
+                    self._spawn(d.model, "load", version)
         done = False
         for entry, action in publish:
-            # A step is published only once the table carries it: its versions warm and routed.
-            model = entry.rollout.spec.model
-            if self._published.revision and model in fresh and routes[model] == fresh[model]:
+            # A step is published only once the table carries it: every version of its route warm and routed.
+            model, route = entry.rollout.spec.model, entry.rollout.route()
+            carried = model in fresh and routes[model] == fresh[model]
+            warm = all(self.fleet.warm_endpoints(model, v) for v in route.versions())
+            if self._published.revision and carried and warm:
                 done |= entry.rollout.published(action.serial, self._published.revision)
         return done
 
@@ -309,14 +318,12 @@ class RolloutController:
 
     # --- loads and unloads --------------------------------------------------------------------------------
 
-    def _spawn(self, entry: Entry, action: Action) -> None:
-        assert action.version is not None
-        kind = "load" if action.do is Do.LOAD else "unload"
-        key = (kind, entry.rollout.spec.model, action.version)
-        if key in self._busy:
+    def _spawn(self, model: str, kind: str, version: int) -> None:
+        key = (kind, model, version)
+        if key in self._busy or self._failed.get(key, 0.0) > self.clock():
             return
         self._busy.add(key)
-        work = self._load(*key[1:]) if kind == "load" else self._unload(*key[1:])
+        work = self._load(model, version) if kind == "load" else self._unload(model, version)
         task = asyncio.create_task(work, name=f"rollout-{kind}-{key[1]}-{key[2]}")
         self._tasks.add(task)
 
@@ -335,6 +342,9 @@ class RolloutController:
                 reason = "no predictor has it warm after loading"
         except FrescoError as err:
             reason = str(err) or type(err).__name__
+        if reason:  # asked again only after a pause, so a fleet with no room is not asked in a tight loop
+            self._failed[("load", model, version)] = self.clock() + LOAD_RETRY_S
+            log.warning("loading %s version %d failed: %s", model, version, reason)
         async with self.lock:
             for entry in self.entries.values():
                 if entry.live and entry.rollout.spec.model == model:
