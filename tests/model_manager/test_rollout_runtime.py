@@ -72,3 +72,116 @@ async def test_erroring_canary_rolls_back_on_its_own_with_the_reason(tmp_path: P
         assert mm.registry.get_model(model).production_version == 1
         await wait_for(status(stub, rid), lambda r: not r.traffic or (model, 2) in fleet.released)
         assert (model, 2) in fleet.released, "the rolled-back version is unloaded"
+
+
+async def test_low_traffic_holds_inconclusive_then_pauses_with_counts_and_never_rolls_back(tmp_path: Path) -> None:
+    fleet, hub = LocalFleet(), LocalHub()
+    async with manager(tmp_path, fleet, hub) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        limit = rpb.AnalysisThresholds(max_error_rate=0.05, min_samples=500)
+        limit.inconclusive_limit.FromNanoseconds(int(1.5e9))
+        strategy = canary(step(10, dwell_s=0.5))
+        strategy.canary.analysis.CopyFrom(limit)
+        rid = (
+            await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=2, strategy=strategy))
+        ).rollout.rollout_id
+        rev = (await wait_for(status(stub, rid), applied)).applied_revision
+        # Few requests, every one of them a server error: too few to judge, so no rollback.
+        await stub.ReportMetrics(
+            pb.ReportMetricsRequest(
+                gateway_id="gw-1",
+                windows=[window(model, 2, rev, {"OK": 30, "UNAVAILABLE": 7}), window(model, 1, rev, {"OK": 300})],
+            )
+        )
+        held = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_PAUSED)
+        assert "INCONCLUSIVE" in held.message
+        assert "37/500 samples" in held.message
+        guard = next(a for a in held.analysis_results if a.check == rpb.ANALYSIS_CHECK_SAMPLES)
+        assert (guard.sample_count, guard.min_samples) == (37, 500)
+        kinds = {e.type for e in held.events}
+        assert rpb.ROLLOUT_EVENT_TYPE_ROLLED_BACK not in kinds
+        assert rpb.ROLLOUT_EVENT_TYPE_ANALYSIS_FAILED not in kinds
+        assert hub.weights(model) == {"1": 9000, "2": 1000}, "the step's weights are held"
+
+
+async def test_client_errors_do_not_count_against_a_canary(tmp_path: Path) -> None:
+    fleet, hub = LocalFleet(), LocalHub()
+    async with manager(tmp_path, fleet, hub) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        strategy = canary(step(50), max_error_rate=0.05, min_samples=100)
+        rid = (
+            await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=2, strategy=strategy))
+        ).rollout.rollout_id
+        seen: set[int] = set()
+        # Each step (50%, then full) is judged on windows under its own revision: report them as each is applied.
+        for _ in range(2):
+            r = await wait_for(status(stub, rid), lambda r: applied(r) and r.applied_revision not in seen)
+            seen.add(r.applied_revision)
+            windows = [window(model, 2, r.applied_revision, {"OK": 400, "INVALID_ARGUMENT": 300})]
+            windows.append(window(model, 1, r.applied_revision, {"OK": 400}))
+            await stub.ReportMetrics(pb.ReportMetricsRequest(gateway_id="gw-1", windows=windows))
+            if len(seen) == 1:
+                await wait_for(status(stub, rid), lambda r: r.published_revision not in seen)
+        done = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_SUCCEEDED)
+        rate = next(d for d in done.events[-1].decisions or done.analysis_results if d.check == rpb.ANALYSIS_CHECK_ERROR_RATE)
+        assert rate.measured_value == 0.0 and rate.sample_count == 400, "300 INVALID_ARGUMENT are not judged"
+        assert mm.registry.get_model(model).production_version == 2
+        assert mm.registry.get_version(model, 1).stage is Stage.ARCHIVED
+        assert hub.weights(model) == {"2": 10000}
+
+
+async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) -> None:
+    fleet, hub = LocalFleet(), LocalHub()
+    async with manager(tmp_path, fleet, hub) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        strategy = canary(step(20, dwell_s=3600), step(60, dwell_s=3600))
+        rid = (
+            await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=2, strategy=strategy))
+        ).rollout.rollout_id
+        watch = stub.WatchRollout(pb.WatchRolloutRequest(rollout_id=rid))
+        first = await watch.read()
+        assert first.revision >= 1 and first.new_events[0].type == rpb.ROLLOUT_EVENT_TYPE_CREATED
+        await wait_for(status(stub, rid), applied)
+
+        paused = (await stub.PauseRollout(pb.PauseRolloutRequest(rollout_id=rid, reason="look"))).rollout
+        assert paused.state == rpb.ROLLOUT_STATE_PAUSED
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.PauseRollout(pb.PauseRolloutRequest(rollout_id=rid))
+        assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        await stub.ResumeRollout(pb.ResumeRolloutRequest(rollout_id=rid, reason="fine"))
+        skipped = (await stub.PromoteRollout(pb.PromoteRolloutRequest(rollout_id=rid, reason="skip"))).rollout
+        assert skipped.current_step_index == 1
+        await wait_for(status(stub, rid), lambda r: applied(r) and r.current_step_index == 1)
+        assert hub.weights(model) == {"1": 4000, "2": 6000}
+        await stub.PromoteRollout(pb.PromoteRolloutRequest(rollout_id=rid, reason="ship", full=True))
+        await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_SUCCEEDED)
+        assert mm.registry.get_model(model).production_version == 2
+
+        undone = (await stub.UndoRollout(pb.UndoRolloutRequest(rollout_id=rid, reason="regret"))).rollout
+        assert undone.state == rpb.ROLLOUT_STATE_ROLLING_BACK
+        await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_ROLLED_BACK)
+        assert hub.weights(model) == {"1": 10000}
+        assert mm.registry.get_model(model).production_version == 1
+
+        # The watch saw every change in order, each with a larger revision; the actors are the caller's identity.
+        revisions, kinds, actors = [first.revision], [], set()
+        while True:
+            msg = await watch.read()
+            revisions.append(msg.revision)
+            kinds += [e.type for e in msg.new_events]
+            actors |= {e.actor for e in msg.new_events if e.type == rpb.ROLLOUT_EVENT_TYPE_PAUSED}
+            if msg.rollout.state == rpb.ROLLOUT_STATE_ROLLED_BACK:
+                break
+        watch.cancel()
+        assert revisions == sorted(set(revisions))
+        assert rpb.ROLLOUT_EVENT_TYPE_RESUMED in kinds and rpb.ROLLOUT_EVENT_TYPE_ROLLED_BACK in kinds
+        assert actors == {"anonymous"}
+        # A watch resumed after a revision starts with the status as it is now, which is later than that revision.
+        resumed = stub.WatchRollout(pb.WatchRolloutRequest(rollout_id=rid, resume_after_revision=revisions[-2]))
+        assert (await resumed.read()).revision >= revisions[-1]
+        resumed.cancel()
+        listed = await stub.ListRollouts(pb.ListRolloutsRequest(model_name=model, states=[rpb.ROLLOUT_STATE_ROLLED_BACK]))
+        assert [r.rollout_id for r in listed.rollouts] == [rid]
