@@ -62,6 +62,11 @@ class Entry:
             dict(stored.data), len(rollout.events),
         )  # fmt: skip
 
+    def snapshot(self, clock: Clock) -> Entry:
+        """The rollout as last stored: what readers see (the controller may be midway through a change)."""
+        stored = StoredRollout(self.saved, self.revision, self.initiated_by, self.reason, self.labels)
+        return Entry.of(stored, clock)
+
     @property
     def live(self) -> bool:
         """Still driven: not finished, or with versions left to unload."""

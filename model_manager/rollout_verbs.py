@@ -55,11 +55,11 @@ class RolloutVerbs:
         c = self.controller
         if rollout_id:
             if rollout_id in c.entries:
-                return c.entries[rollout_id]
+                return c.entries[rollout_id].snapshot(c.clock)
             return Entry.of(await asyncio.to_thread(self.store.get, rollout_id), c.clock)
         if model:
             if model in c.latest:
-                return c.entries[c.latest[model]]
+                return c.entries[c.latest[model]].snapshot(c.clock)
             return Entry.of(await asyncio.to_thread(self.store.latest, model), c.clock)
         raise InvalidArgument("selector: expected a rollout_id or a model_name")
 

@@ -28,7 +28,7 @@ from model_manager.settings import ModelManagerSettings
 from model_manager.windows import LATENCY_BOUNDS_MS
 from tests.model_manager.registry_support import artifact, signature
 
-Stub = pb_grpc.ModelManagerServiceStub
+Stub = pb_grpc.ModelManagerServiceAsyncStub
 
 
 @dataclass
@@ -103,7 +103,7 @@ async def manager(data_dir: Path, fleet: LocalFleet, hub: LocalHub) -> AsyncIter
     await mm.ready()
     channel = aio.insecure_channel(mm.app.address)
     try:
-        yield mm, pb_grpc.ModelManagerServiceStub(channel)
+        yield mm, pb_grpc.ModelManagerServiceAsyncStub(channel)
     finally:
         await channel.close()
         await mm.app.stop(0)
@@ -153,10 +153,10 @@ def canary(*steps: rpb.CanaryStep, interval_s: float = 0.2, **thresholds: object
 
 
 async def wait_for(
-    read: Callable[[], Awaitable[rpb.Rollout]], done: Callable[[rpb.Rollout], bool], timeout: float = 20.0
+    read: Callable[[], Awaitable[rpb.Rollout]], done: Callable[[rpb.Rollout], bool], within_s: float = 20.0
 ) -> rpb.Rollout:
-    """Reads the rollout until `done` holds; fails with the last status after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+    """Reads the rollout until `done` holds; fails with the last status after `within_s` seconds."""
+    deadline = time.monotonic() + within_s
     while True:
         rollout = await read()
         if done(rollout):

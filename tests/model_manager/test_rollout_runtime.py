@@ -25,6 +25,13 @@ from tests.model_manager.rollout_support import (
 )
 
 
+async def next_update(watch: object) -> pb.WatchRolloutResponse:
+    """The next message of a WatchRollout stream."""
+    message = await watch.read()  # type: ignore[attr-defined]
+    assert isinstance(message, pb.WatchRolloutResponse), message
+    return message
+
+
 def step(percent: float, *, dwell_s: float = 0.0, pause: bool = False) -> rpb.CanaryStep:
     s = rpb.CanaryStep(traffic_percent=percent, pause=pause)
     s.duration.FromNanoseconds(int(dwell_s * 1e9))
@@ -66,7 +73,8 @@ async def test_erroring_canary_rolls_back_on_its_own_with_the_reason(tmp_path: P
         # The same decision, as data, in the audit log under the controller's identity.
         audit = await stub.ListAuditRecords(pb.ListAuditRecordsRequest(model_name=model))
         started = [a for a in audit.records if a.action == "rollout.rollback_started"]
-        assert started and started[0].identity == "system:rollout-controller"
+        assert started
+        assert started[0].identity == "system:rollout-controller"
         decisions = json.loads(started[0].details["decisions"])
         assert any(d["check"] == "error_rate" and d["samples"] == 400 for d in decisions)
         assert mm.registry.get_model(model).production_version == 1
@@ -125,8 +133,11 @@ async def test_client_errors_do_not_count_against_a_canary(tmp_path: Path) -> No
             if len(seen) == 1:
                 await wait_for(status(stub, rid), lambda r: r.published_revision not in seen)
         done = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_SUCCEEDED)
-        rate = next(d for d in done.events[-1].decisions or done.analysis_results if d.check == rpb.ANALYSIS_CHECK_ERROR_RATE)
-        assert rate.measured_value == 0.0 and rate.sample_count == 400, "300 INVALID_ARGUMENT are not judged"
+        rate = next(
+            d for d in done.events[-1].decisions or done.analysis_results if d.check == rpb.ANALYSIS_CHECK_ERROR_RATE
+        )
+        assert rate.measured_value == 0.0, "300 INVALID_ARGUMENT are not judged"
+        assert rate.sample_count == 400
         assert mm.registry.get_model(model).production_version == 2
         assert mm.registry.get_version(model, 1).stage is Stage.ARCHIVED
         assert hub.weights(model) == {"2": 10000}
@@ -142,8 +153,9 @@ async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) ->
             await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=2, strategy=strategy))
         ).rollout.rollout_id
         watch = stub.WatchRollout(pb.WatchRolloutRequest(rollout_id=rid))
-        first = await watch.read()
-        assert first.revision >= 1 and first.new_events[0].type == rpb.ROLLOUT_EVENT_TYPE_CREATED
+        first = await next_update(watch)
+        assert first.revision >= 1
+        assert first.new_events[0].type == rpb.ROLLOUT_EVENT_TYPE_CREATED
         await wait_for(status(stub, rid), applied)
 
         paused = (await stub.PauseRollout(pb.PauseRolloutRequest(rollout_id=rid, reason="look"))).rollout
@@ -169,7 +181,7 @@ async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) ->
         # The watch saw every change in order, each with a larger revision; the actors are the caller's identity.
         revisions, kinds, actors = [first.revision], [], set()
         while True:
-            msg = await watch.read()
+            msg = await next_update(watch)
             revisions.append(msg.revision)
             kinds += [e.type for e in msg.new_events]
             actors |= {e.actor for e in msg.new_events if e.type == rpb.ROLLOUT_EVENT_TYPE_PAUSED}
@@ -177,11 +189,14 @@ async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) ->
                 break
         watch.cancel()
         assert revisions == sorted(set(revisions))
-        assert rpb.ROLLOUT_EVENT_TYPE_RESUMED in kinds and rpb.ROLLOUT_EVENT_TYPE_ROLLED_BACK in kinds
+        assert rpb.ROLLOUT_EVENT_TYPE_RESUMED in kinds
+        assert rpb.ROLLOUT_EVENT_TYPE_ROLLED_BACK in kinds
         assert actors == {"anonymous"}
         # A watch resumed after a revision starts with the status as it is now, which is later than that revision.
         resumed = stub.WatchRollout(pb.WatchRolloutRequest(rollout_id=rid, resume_after_revision=revisions[-2]))
-        assert (await resumed.read()).revision >= revisions[-1]
+        assert (await next_update(resumed)).revision >= revisions[-1]
         resumed.cancel()
-        listed = await stub.ListRollouts(pb.ListRolloutsRequest(model_name=model, states=[rpb.ROLLOUT_STATE_ROLLED_BACK]))
+        listed = await stub.ListRollouts(
+            pb.ListRolloutsRequest(model_name=model, states=[rpb.ROLLOUT_STATE_ROLLED_BACK])
+        )
         assert [r.rollout_id for r in listed.rollouts] == [rid]
