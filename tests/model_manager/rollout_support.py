@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeAlias
 
 from grpc import aio
 
@@ -28,7 +29,8 @@ from model_manager.settings import ModelManagerSettings
 from model_manager.windows import LATENCY_BOUNDS_MS
 from tests.model_manager.registry_support import artifact, signature
 
-Stub = pb_grpc.ModelManagerServiceAsyncStub
+if TYPE_CHECKING:
+    Stub: TypeAlias = pb_grpc.ModelManagerServiceAsyncStub
 
 
 @dataclass
@@ -103,7 +105,7 @@ async def manager(data_dir: Path, fleet: LocalFleet, hub: LocalHub) -> AsyncIter
     await mm.ready()
     channel = aio.insecure_channel(mm.app.address)
     try:
-        yield mm, pb_grpc.ModelManagerServiceAsyncStub(channel)
+        yield mm, pb_grpc.ModelManagerServiceStub(channel)
     finally:
         await channel.close()
         await mm.app.stop(0)
