@@ -195,6 +195,8 @@ class RolloutController:
                 elif action.do in (Do.LOAD, Do.UNLOAD):
                     assert action.version is not None
                     self._spawn(entry.rollout.spec.model, action.do.value, action.version)
+            # Stored first: a success is in the registry's production before the next table is built from it.
+            await self._settle()
             progressed |= await self._sync_routes(publish)
             await self._settle()
             if not progressed:
@@ -218,7 +220,8 @@ class RolloutController:
             if r.state in ACTIVE or r.state is State.ROLLING_BACK:
                 spec = r.spec
                 out[model] = Desired(model, r.route(), spec.baseline, spec.baseline, rid)
-            elif model not in out and r.route().weights:
+            elif r.route().weights and (model not in out or out[model].baseline in (r.spec.version, r.spec.baseline)):
+                # A finished rollout's final route stands while production is one of its two versions.
                 out[model] = Desired(model, r.route(), r.spec.baseline)
         return list(out.values())
 
