@@ -367,7 +367,7 @@ class RolloutController:
         assert self.fleet is not None
         production = await asyncio.to_thread(self._production)
         served = any(
-            model == d.model and (version in d.route.versions() or version == d.baseline)
+            model == d.model and (version in d.route.versions() or version == d.fallback)
             for d in self._desired(production)
         )
         if not served:  # the version may serve again (a new rollout of it, or production): then it stays

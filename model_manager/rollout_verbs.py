@@ -109,11 +109,11 @@ class RolloutVerbs:
                 assert current is not None
                 return applied, current
             entry = Entry(applied.rollout, 0, identity, reason, dict(labels or {}))
-            c.entries[applied.rollout.rollout_id] = entry
-            c.latest[spec.model] = applied.rollout.rollout_id
             if current is not None and applied.superseded is not None:
                 await c.save(current, identity)
-            await c.save(entry, identity)
+            await c.save(entry, identity)  # stored before readers can find it
+            c.entries[applied.rollout.rollout_id] = entry
+            c.latest[spec.model] = applied.rollout.rollout_id
         c.wake()
         return applied, entry
 

@@ -3,14 +3,17 @@ rollbacks with their reasons, holds on too little traffic, verbs, watches, and a
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
 import grpc
 import pytest
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import rollout_pb2 as rpb
+from model_manager.envoy_resources import CLUSTER
 from model_manager.lifecycle import Stage
 from tests.model_manager.rollout_support import (
     LocalFleet,
@@ -140,7 +143,7 @@ async def test_client_errors_do_not_count_against_a_canary(tmp_path: Path) -> No
         assert rate.sample_count == 400
         assert mm.registry.get_model(model).production_version == 2
         assert mm.registry.get_version(model, 1).stage is Stage.ARCHIVED
-        assert hub.weights(model) == {"2": 10000}
+        await wait_for(status(stub, rid), lambda r: hub.weights(model) == {"2": 10000})
 
 
 async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) -> None:
@@ -200,3 +203,51 @@ async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) ->
             pb.ListRolloutsRequest(model_name=model, states=[rpb.ROLLOUT_STATE_ROLLED_BACK])
         )
         assert [r.rollout_id for r in listed.rollouts] == [rid]
+
+
+async def test_the_managers_xds_server_publishes_the_rollouts_table_and_nacks_show_in_its_status(
+    tmp_path: Path,
+) -> None:
+    fleet, hub = LocalFleet(), LocalHub()
+    async with manager(tmp_path, fleet, hub) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        strategy = canary(rpb.CanaryStep(traffic_percent=10, pause=True))
+        rid = (
+            await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=2, strategy=strategy))
+        ).rollout.rollout_id
+        await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_PAUSED)
+        async with grpc.aio.insecure_channel(mm.app.address) as channel:
+            ads = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel).StreamAggregatedResources()
+            request = discovery_pb2.DiscoveryRequest(type_url=CLUSTER)
+            request.node.id = "envoy-7"
+            await ads.write(request)
+            clusters = await asyncio.wait_for(ads.read(), 30)
+            assert clusters.version_info == str(hub.table.revision), "the same table as the gateways'"
+            assert len(clusters.resources) == 2, "one cluster per version of the canary"
+            nack = discovery_pb2.DiscoveryRequest(type_url=CLUSTER, response_nonce=clusters.nonce, version_info="")
+            nack.node.id = "envoy-7"
+            nack.error_detail.message = "cluster rejected"
+            await ads.write(nack)
+            shown = await wait_for(status(stub, rid), lambda r: len(r.xds_nacks) > 0)
+            ads.cancel()
+        [seen] = shown.xds_nacks
+        assert (seen.node_id, seen.type_url, seen.error) == ("envoy-7", CLUSTER, "cluster rejected")
+        assert seen.version_info == str(hub.table.revision)
+
+
+async def test_a_version_that_cannot_load_fails_the_rollout_before_any_traffic(tmp_path: Path) -> None:
+    fleet, hub = LocalFleet(refuse={2}), LocalHub()
+    async with manager(tmp_path, fleet, hub) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        strategy = canary(rpb.CanaryStep(traffic_percent=10))
+        rid = (
+            await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=2, strategy=strategy))
+        ).rollout.rollout_id
+        failed = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_FAILED)
+        assert "no predictor has room" in failed.message
+        assert all([v.version for v in t.route(model).versions] == ["1"] for t in hub.published), "no traffic to v2"
+        with pytest.raises(grpc.aio.AioRpcError) as busy:
+            await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=1, strategy=strategy))
+        assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION, "version 1 is already in production"
