@@ -121,10 +121,17 @@ def test_store_round_trips_rollouts_deployments_windows_and_revisions(database_u
         got = store.get("ro-1")
         assert Rollout.from_dict(got.data, clock).to_dict() == rollout.to_dict()
         assert (got.revision, got.initiated_by) == (2, "alice")
-        assert [s.data["rollout_id"] for s in store.latest_per_model()] == ["ro-1"]
-        assert [s.data["rollout_id"] for s in store.live(["SUCCEEDED"])] == ["ro-1"]
+        assert [s.data["rollout_id"] for s in store.latest_per_model() if s.data["spec"]["model"] == model] == ["ro-1"]
+        assert "ro-1" in [s.data["rollout_id"] for s in store.live(["SUCCEEDED"])]
         assert [s.data["rollout_id"] for s in store.page(model, ["PROGRESSING"]).items] == ["ro-1"]
         assert registry.list_audit(model).items[0].identity == "alice"
+        later = Rollout.start("ro-2", _spec(model), 4, clock)
+        store.save(later.to_dict(), pending_unload=False)
+        first = store.page(model, page_size=1)
+        assert [s.data["rollout_id"] for s in first.items] == ["ro-2"], "newest first"
+        second = store.page(model, page_size=1, page_token=first.next_page_token)
+        assert [s.data["rollout_id"] for s in second.items] == ["ro-1"]
+        assert second.next_page_token == ""
 
         row = StoredDeployment(model, b"", 1, "ro-1", "alice", 5)
         assert store.put_deployment(row, 0)

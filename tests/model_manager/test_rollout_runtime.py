@@ -251,3 +251,43 @@ async def test_a_version_that_cannot_load_fails_the_rollout_before_any_traffic(t
         with pytest.raises(grpc.aio.AioRpcError) as busy:
             await stub.DeployModelVersion(pb.DeployModelVersionRequest(model_name=model, version=1, strategy=strategy))
         assert busy.value.code() == grpc.StatusCode.FAILED_PRECONDITION, "version 1 is already in production"
+
+
+async def test_blue_green_switches_keeping_the_old_version_as_fallback_and_shadow_mirrors(tmp_path: Path) -> None:
+    fleet, hub = LocalFleet(), LocalHub()
+    async with manager(tmp_path, fleet, hub) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        blue_green = rpb.BlueGreenStrategy()
+        blue_green.keep_previous_for.FromSeconds(3600)
+        rid = (
+            await stub.DeployModelVersion(
+                pb.DeployModelVersionRequest(
+                    model_name=model, version=2, strategy=rpb.RolloutStrategy(blue_green=blue_green)
+                )
+            )
+        ).rollout.rollout_id
+        switched = await wait_for(status(stub, rid), applied)
+        assert [(t.version, t.traffic_percent) for t in switched.traffic] == [(2, 100.0)]
+        route = hub.table.route(model)
+        assert hub.weights(model) == {"1": 0, "2": 10000}
+        assert route.fallback == "1", "the old version stays warm, as the fallback, for an instant rollback"
+        await stub.AbortRollout(pb.AbortRolloutRequest(rollout_id=rid, reason="switch back"))
+        await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_ROLLED_BACK)
+        assert hub.weights(model) == {"1": 10000}
+
+        other = make_model(mm.registry)
+        shadow = rpb.ShadowStrategy(mirror_percent=20)
+        shadow.duration.FromSeconds(3600)
+        sid = (
+            await stub.DeployModelVersion(
+                pb.DeployModelVersionRequest(model_name=other, version=2, strategy=rpb.RolloutStrategy(shadow=shadow))
+            )
+        ).rollout.rollout_id
+        await wait_for(status(stub, sid), applied)
+        mirrored = hub.table.route(other)
+        assert hub.weights(other) == {"1": 10000, "2": 0}
+        assert mirrored.shadow is not None
+        assert mirrored.shadow.version == "2"
+        assert mirrored.shadow.share == pytest.approx(0.2)
+        assert mirrored.split_seed == f"split:{other}"
