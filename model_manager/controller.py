@@ -24,11 +24,11 @@ from model_manager.ports import FleetPort, RouteHubPort
 from model_manager.reconcile import run_analysis
 from model_manager.registry import Registry
 from model_manager.rollout import Clock, Rollout
-from model_manager.rollout_registry import promote_in_registry, restore_baseline
+from model_manager.rollout_registry import promote_in_registry, restore_baseline, score_reference
 from model_manager.rollout_store import AuditRow, RolloutStore, StoredRollout
 from model_manager.route_builder import Desired, build_table
 from model_manager.routes import RouteTable
-from model_manager.windows import MetricWindow, WindowLedger
+from model_manager.windows import Histogram, MetricWindow, WindowLedger
 from model_manager.xds import AdsService
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,10 @@ class RolloutController:
         self._wake = asyncio.Event()
         self._changed: dict[str, asyncio.Event] = {}
         self._busy: set[tuple[str, str, int]] = set()  # ("load" | "unload", model, version) in flight
-        self._failed: dict[tuple[str, str, int], float] = {}  # a failed load: not asked again before then
+        self._failed: dict[tuple[str, str, int], float] = {}
+        self._references: dict[
+            tuple[str, int, str], Histogram | None
+        ] = {}  # a failed load: not asked again before then
         self._tasks: set[asyncio.Task[None]] = set()
         self._route_revision = 0
         self._published: RouteTable | None = None
@@ -188,8 +191,9 @@ class RolloutController:
                     progressed |= self._check_ack(entry, action)
                     deadline = _earliest(deadline, action.until)
                 elif action.do is Do.ANALYSE:
-                    now = self.clock()
-                    progressed |= entry.rollout.observe(action.phase, run_analysis(action, self.ledger, now))
+                    reference = await self._reference(action)
+                    analysis = run_analysis(action, self.ledger, self.clock(), reference)
+                    progressed |= entry.rollout.observe(action.phase, analysis)
                 elif action.do is Do.WAIT:
                     deadline = _earliest(deadline, action.until)
                 elif action.do in (Do.LOAD, Do.UNLOAD):
@@ -203,6 +207,16 @@ class RolloutController:
                 break
         await self._prune()
         return deadline
+
+    async def _reference(self, action: Action) -> Histogram | None:
+        """The training histogram the score PSI check compares with, read once per version."""
+        spec = action.analysis
+        if spec is None or spec.max_score_psi is None or action.version is None:
+            return None
+        key = (action.model, action.version, spec.score_output)
+        if key not in self._references:
+            self._references[key] = await asyncio.to_thread(score_reference, self.registry, *key)
+        return self._references[key]
 
     def _check_ack(self, entry: Entry, action: Action) -> bool:
         assert self.hub is not None

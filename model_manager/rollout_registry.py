@@ -10,6 +10,7 @@ from model_manager.lifecycle import Stage
 from model_manager.plans import Strategy
 from model_manager.registry import Registry
 from model_manager.rollout import Rollout
+from model_manager.windows import Histogram, WindowError
 
 log = logging.getLogger(__name__)
 
@@ -45,3 +46,23 @@ def restore_baseline(registry: Registry, rollout: Rollout, identity: str) -> Non
         _to_production(registry, spec.model, spec.baseline, identity, f"rollout {rollout.rollout_id} rolled back")
     except FrescoError as err:
         log.warning("rollout %s rolled back but the baseline stays out of production: %s", rollout.rollout_id, err)
+
+
+def score_reference(registry: Registry, model: str, version: int, output: str) -> Histogram | None:
+    """The training histogram of a version's score output (`output`, or its first output), for the PSI check.
+
+    Training statistics list the score output beside the input features when it was summarised at training.
+    """
+    try:
+        record = registry.get_version(model, version)
+    except FrescoError:
+        return None
+    name = output or (record.signature.outputs[0].name if record.signature.outputs else "")
+    for stat in record.training_statistics:
+        if stat.feature_name == name and stat.numeric.HasField("histogram"):
+            h = stat.numeric.histogram
+            try:
+                return Histogram(tuple(h.bucket_bounds), tuple(h.bucket_counts))
+            except WindowError:
+                return None
+    return None
