@@ -364,6 +364,9 @@ class RolloutController:
                 reason = "no predictor has it warm after loading"
         except FrescoError as err:
             reason = str(err) or type(err).__name__
+        except Exception as err:  # a fleet bug must not kill the load silently: the rollout hears of it
+            log.exception("loading %s version %d raised", model, version)
+            reason = f"{type(err).__name__}: {err}"
         if reason:  # asked again only after a pause, so a fleet with no room is not asked in a tight loop
             self._failed[("load", model, version)] = self.clock() + LOAD_RETRY_S
             log.warning("loading %s version %d failed: %s", model, version, reason)

@@ -154,6 +154,7 @@ class Deployments:
             would.generation = generation + 1
             return ApplyResult(would, outcome, f"would apply generation {generation + 1}", lines, current)
         rollout_id, message, entry = await self._roll(spec, generation + 1, identity, request.reason, current)
+        rollout_id = rollout_id or (stored.rollout_id if stored else "")  # no new rollout: the last one stands
         for alias, version in sorted(spec.aliases.items()):
             if old is None or old.aliases.get(alias) != version:
                 await asyncio.to_thread(self.registry.set_alias, model, alias, version, identity, request.reason)
