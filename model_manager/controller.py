@@ -57,9 +57,10 @@ class Entry:
     @classmethod
     def of(cls, stored: StoredRollout, clock: Clock) -> Entry:
         rollout = Rollout.from_dict(stored.data, clock)
+        # `saved` is the rollout's own dict, not the JSON read back (lists for tuples), so it compares equal.
         return cls(
             rollout, stored.revision, stored.initiated_by, stored.reason, dict(stored.labels),
-            dict(stored.data), len(rollout.events),
+            rollout.to_dict(), len(rollout.events),
         )  # fmt: skip
 
     def snapshot(self, clock: Clock) -> Entry:

@@ -55,7 +55,7 @@ async def test_a_manager_restarted_mid_rollout_resumes_where_it_was(tmp_path: Pa
         after = (await stub.GetRolloutStatus(pb.GetRolloutStatusRequest(model_name=model))).rollout
         assert after.rollout_id == rid
         assert after.state == rpb.ROLLOUT_STATE_PAUSED
-        assert after.revision == before.revision
+        assert after.revision == before.revision, (before.events, after.events, before.message, after.message)
         assert [e.type for e in after.events] == [e.type for e in before.events]
         await wait_for(status(stub, rid), lambda r: second_hub.table.revision > 0)
         assert second_hub.table.revision > last_revision, "route revisions grow across restarts"
