@@ -18,15 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chassis.errors import FrescoError
-from model_manager.actions import ACTIVE, FINISHED, Action, Do, State
-from model_manager.plans import Route
+from model_manager.actions import FINISHED, Action, Do, State
 from model_manager.ports import FleetPort, RouteHubPort
 from model_manager.reconcile import run_analysis
 from model_manager.registry import Registry
 from model_manager.rollout import Clock, Rollout
 from model_manager.rollout_registry import promote_in_registry, restore_baseline, score_reference
 from model_manager.rollout_store import AuditRow, RolloutStore, StoredRollout
-from model_manager.route_builder import Desired, build_table
+from model_manager.route_builder import Desired, build_table, wanted
 from model_manager.routes import RouteTable
 from model_manager.windows import Histogram, MetricWindow, WindowLedger
 from model_manager.xds import AdsService
@@ -226,19 +225,7 @@ class RolloutController:
         return applied >= action.revision and entry.rollout.acknowledged(applied)
 
     def _desired(self, production: dict[str, int]) -> list[Desired]:
-        """Each model's wanted route: its active rollout's, else its production version's."""
-        out: dict[str, Desired] = {}
-        for model, version in production.items():
-            out[model] = Desired(model, Route({version: 100.0}, {}), version)
-        for model, rid in self.latest.items():
-            r = self.entries[rid].rollout
-            if r.state in ACTIVE or r.state is State.ROLLING_BACK:
-                spec = r.spec
-                out[model] = Desired(model, r.route(), spec.baseline, spec.baseline, rid)
-            elif r.route().weights and (model not in out or out[model].baseline in (r.spec.version, r.spec.baseline)):
-                # A finished rollout's final route stands while production is one of its two versions.
-                out[model] = Desired(model, r.route(), r.spec.baseline)
-        return list(out.values())
+        return wanted(production, [self.entries[rid].rollout for rid in self.latest.values()])
 
     async def _sync_routes(self, publish: list[tuple[Entry, Action]]) -> bool:
         """Publishes a new revision when the table the rollouts want differs from the last one published."""

@@ -6,10 +6,12 @@ units from baseline to canary as the canary's weight grows; the split seed is fi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from model_manager.actions import ACTIVE, State
 from model_manager.plans import Route
+from model_manager.rollout import Rollout
 from model_manager.routes import Endpoint, ModelRoute, RouteTable, Shadow, VersionRoute
 
 TOTAL_WEIGHT = 10_000
@@ -64,6 +66,22 @@ def model_route(desired: Desired, endpoints: EndpointsOf) -> ModelRoute | None:
     if desired.fallback is not None and warm.get(desired.fallback):
         fallback = str(desired.fallback)
     return ModelRoute(desired.model, tuple(entries), split_seed(desired.model), shadow=shadow, fallback=fallback)
+
+
+def wanted(production: Mapping[str, int], latest: Iterable[Rollout]) -> list[Desired]:
+    """Each model's wanted route: its active rollout's (the baseline as fallback), else its production version's.
+
+    `latest` holds each model's most recent rollout. A finished one's final route stands while production is one
+    of its two versions, so a success never flips back before the registry has recorded it.
+    """
+    out = {model: Desired(model, Route({version: 100.0}, {}), version) for model, version in production.items()}
+    for r in latest:
+        spec = r.spec
+        if r.state in ACTIVE or r.state is State.ROLLING_BACK:
+            out[spec.model] = Desired(spec.model, r.route(), spec.baseline, spec.baseline, r.rollout_id)
+        elif r.route().weights and (spec.model not in out or out[spec.model].baseline in (spec.version, spec.baseline)):
+            out[spec.model] = Desired(spec.model, r.route(), spec.baseline)
+    return list(out.values())
 
 
 def build_table(revision: int, desired: Iterable[Desired], endpoints: EndpointsOf) -> RouteTable:
