@@ -97,9 +97,11 @@ class LocalHub:
 
 
 @asynccontextmanager
-async def manager(data_dir: Path, fleet: LocalFleet, hub: LocalHub) -> AsyncIterator[tuple[ModelManager, Stub]]:
+async def manager(
+    data_dir: Path, fleet: LocalFleet, hub: LocalHub, **settings_fields: object
+) -> AsyncIterator[tuple[ModelManager, Stub]]:
     """A model manager in this process on `data_dir`, ready, and a stub to it."""
-    settings = ModelManagerSettings(data_dir=data_dir, port=0, metrics_port=-1)
+    settings = ModelManagerSettings(data_dir=data_dir, port=0, metrics_port=-1, **settings_fields)  # type: ignore[arg-type]
     mm = build_server(settings, fleet, hub)
     await mm.app.start()
     await mm.ready()

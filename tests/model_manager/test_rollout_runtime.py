@@ -11,6 +11,7 @@ import grpc
 import pytest
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from chassis.auth import Role, token_line
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import rollout_pb2 as rpb
 from model_manager.envoy_resources import CLUSTER
@@ -291,3 +292,35 @@ async def test_blue_green_switches_keeping_the_old_version_as_fallback_and_shado
         assert mirrored.shadow.version == "2"
         assert mirrored.shadow.share == pytest.approx(0.2)
         assert mirrored.split_seed == f"split:{other}"
+
+
+async def test_verbs_need_a_deployer_and_the_audit_records_its_identity(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(
+        token_line("ci-bot", Role.DEPLOYER, "deploy-secret")
+        + "\n"
+        + token_line("dash", Role.VIEWER, "view-secret")
+        + "\n"
+    )
+    as_deployer = (("authorization", "Bearer deploy-secret"),)
+    async with manager(tmp_path / "data", LocalFleet(), LocalHub(), auth_tokens_file=tokens) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        strategy = canary(rpb.CanaryStep(traffic_percent=10, pause=True))
+        request = pb.DeployModelVersionRequest(model_name=model, version=2, strategy=strategy)
+        for metadata, code in [
+            ((), grpc.StatusCode.UNAUTHENTICATED),
+            ((("authorization", "Bearer view-secret"),), grpc.StatusCode.PERMISSION_DENIED),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.DeployModelVersion(request, metadata=metadata)
+            assert refused.value.code() == code
+        rollout = (await stub.DeployModelVersion(request, metadata=as_deployer)).rollout
+        assert rollout.initiated_by == "ci-bot"
+        await stub.AbortRollout(
+            pb.AbortRolloutRequest(rollout_id=rollout.rollout_id, reason="no"), metadata=as_deployer
+        )
+        audit = await stub.ListAuditRecords(pb.ListAuditRecordsRequest(model_name=model))
+        by_action = {a.action: a.identity for a in audit.records}
+        assert by_action["rollout.created"] == "ci-bot"
+        assert by_action["rollout.rollback_started"] == "ci-bot"
