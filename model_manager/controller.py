@@ -236,11 +236,11 @@ class RolloutController:
         fresh = {r.model: r for r in build_table(0, desired, self.fleet.warm_endpoints).routes}
         routes = dict(fresh)
         current = self._published or self.hub.table
-        wanted = {d.model for d in desired}
+        served = {d.model for d in desired}
         for old in current.routes:
             # A model that still should be served keeps its last route while no replica of it is warm (a
             # restarted fleet not yet heard from): gateways go on serving it rather than losing it.
-            if old.model not in routes and old.model in wanted:
+            if old.model not in routes and old.model in served:
                 routes[old.model] = old
         table = RouteTable(current.revision, tuple(routes.values()))
         if table.routes != current.routes:
