@@ -19,16 +19,34 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fresco import demo as traffic_demo
+from fresco import story
 from fresco.api.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from fresco.cli_apply import apply as apply_command
 from fresco.cli_apply import diff as diff_command
 from fresco.cli_audit import audit as audit_command
 from fresco.cli_features import app as features_app
+from fresco.cli_manager import connect
 from fresco.cli_models import app as models_app
 from fresco.cli_rollout import app as rollout_app
 from fresco.credentials import ClientSecurity
-from fresco.suite import LocalAuth, ServiceFailed, ServiceProcess, Suite, issue_local_tokens, start_suite
-from fresco.training import ExportedModel, train_classifier
+from fresco.suite import (
+    LocalAuth,
+    ServiceFailed,
+    ServiceProcess,
+    Suite,
+    issue_local_tokens,
+    start_platform,
+    start_suite,
+)
+from fresco.training import (
+    ExportedModel,
+    demo_dataset,
+    train_better_classifier,
+    train_classifier,
+    write_failing_model,
+    write_holdout,
+)
+from model_manager.loader import predictor_model_name
 
 app = typer.Typer(
     help="Fresco: an open ML serving platform on your machine.", no_args_is_help=True, add_completion=False
@@ -179,31 +197,39 @@ def _print_auth(auth: LocalAuth) -> None:
 
 @app.command()
 def demo(
-    requests: Annotated[int, typer.Option(min=1, help="Predict requests to send.")] = 2000,
+    requests: Annotated[int, typer.Option(min=1, help="Predict requests to send to v1 and check.")] = 2000,
     concurrency: Annotated[int, typer.Option(min=1, help="Requests in flight at once.")] = 8,
     workdir: Annotated[
-        Path | None, typer.Option(help="Where the model and logs go (kept); default: a temporary directory.")
+        Path | None, typer.Option(help="Where the models and logs go (kept); default: a temporary directory.")
     ] = None,
     check: Annotated[int, typer.Option(min=0, help="Answers to check against onnxruntime in process.")] = 200,
+    window_s: Annotated[float, typer.Option(min=0.5, help="Length of the gateways' metric windows, seconds.")] = 2.0,
 ) -> None:
-    """Train a small model, serve it, send it traffic, check the answers, report latency; then stop."""
+    """Run the model manager, a predictor and a gateway; register v1 and serve it; canary a better v2 to 100%
+    through its gates; watch a bad v3 roll back on its own; then stop."""
     root = Path(tempfile.mkdtemp(prefix="fresco-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
-    model = train_classifier(root / "models")
+    versions = _train_versions(root / "models")
+    v1 = versions.v1
     console.print(
-        f"trained {model.name} v{model.version}, an MLP classifier: {len(model.feature_names)} features "
-        f"({', '.join(model.feature_names)}) into ONNX input {model.input_name!r}"
+        f"trained {v1.name} v1, v2 and a deliberately bad v3: MLP classifiers on {len(v1.feature_names)} features "
+        f"({', '.join(v1.feature_names)}) into ONNX input {v1.input_name!r}"
     )
-    say(f"model file: {model.path}")
     problems: list[str] = []
-    console.print("starting predictor and gateway …")
+    console.print("starting the model manager, a predictor in its fleet and a gateway routed by it …")
     suite: Suite | None = None
     try:
         auth = issue_local_tokens(root / "auth")
-        suite = start_suite(root / "models", log_dir=root, auth=auth)
+        suite = start_platform(root, auth, window_s=window_s)
         console.print(endpoints_table(suite))
-        problems += _run_traffic(suite.services[-1].address, model, requests, concurrency, check)
-        problems += _check_auth(suite.services[0].address, model.name, auth)
+        manager, predictor, gateway = (service.address for service in suite.services)
+        with connect(manager, auth.admin_token_file, "demo") as m:
+            problems += story.act_one(m, v1, console)
+            if not problems:
+                problems += _run_traffic(gateway, v1, requests, concurrency, check)
+                problems += _check_auth(predictor, predictor_model_name(v1.name, 1), auth)
+                rows = demo_dataset().holdout_features
+                problems += story.acts_two_and_three(m, gateway, versions, rows, window_s, console)
     except ServiceFailed as err:
         problems.append(f"Fresco did not start: {err}")
     except KeyboardInterrupt:
@@ -216,11 +242,21 @@ def demo(
     if problems:
         for problem in problems:
             errors.print(f"[red]FAILED:[/red] {escape(problem)}", highlight=False)
-        errors.print(f"model and service logs kept in {root}", markup=False, highlight=False)
+        errors.print(f"models and service logs kept in {root}", markup=False, highlight=False)
         raise typer.Exit(EXIT_INTERRUPTED if "interrupted" in problems else 1)
-    console.print("[green]demo passed[/green]: every request answered, every checked answer matches")
+    console.print(
+        "[green]demo passed[/green]: v1 served and every checked answer matches; v2 passed its gates and "
+        "its canary; v3 was rolled back on its own; no live request failed"
+    )
     if workdir is None:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _train_versions(repository: Path) -> story.Versions:
+    v1 = train_classifier(repository)
+    v2 = train_better_classifier(repository)
+    v3 = write_failing_model(v1, repository)
+    return story.Versions(v1, v2, v3, write_holdout(repository.parent / "holdout.parquet"))
 
 
 def _run_traffic(address: str, model: ExportedModel, requests: int, concurrency: int, check: int) -> list[str]:

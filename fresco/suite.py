@@ -249,3 +249,79 @@ def start_suite(
         suite.stop()
         raise
     return suite
+
+
+def start_platform(root: Path, auth: LocalAuth, env: Mapping[str, str] | None = None, window_s: float = 10.0) -> Suite:
+    """The model manager (SQLite and artifacts under `root/manager`), a predictor that joins its fleet with an
+    empty repository, and a gateway routed by the manager's WatchRoutes, on free loopback ports, healthy, auth on:
+    models reach the predictor only through the manager."""
+    suite = Suite()
+    extra = dict(env or {})
+    auth_args = auth.service_args()
+    control = str(auth.control_token_file)
+    (root / "predictor-models").mkdir(parents=True, exist_ok=True)
+    try:
+        manager = suite.start(
+            ServiceProcess(
+                "model_manager",
+                [
+                    "--data-dir",
+                    str(root / "manager"),
+                    "--port",
+                    "0",
+                    "--metrics-window-s",
+                    str(window_s),
+                    "--heartbeat-interval-s",
+                    "0.5",
+                    "--peer-token-file",
+                    control,
+                    *auth_args,
+                ],
+                env=extra,
+                log_path=root / "model_manager.log",
+            )
+        )
+        suite.start(
+            ServiceProcess(
+                "predictor",
+                [
+                    "--model-repository",
+                    str(root / "predictor-models"),
+                    "--port",
+                    "0",
+                    "--model-control-mode",
+                    "explicit",
+                    "--model-manager-address",
+                    manager.address,
+                    "--model-manager-token-file",
+                    control,
+                    *auth_args,
+                ],
+                env=extra,
+                log_path=root / "predictor.log",
+            )
+        )
+        suite.start(
+            ServiceProcess(
+                "gateway",
+                [
+                    "--model-manager-address",
+                    manager.address,
+                    "--model-manager-token-file",
+                    control,
+                    "--peer-token-file",
+                    str(auth.gateway_token_file),
+                    "--state-dir",
+                    str(root / "gateway-state"),
+                    "--port",
+                    "0",
+                    *auth_args,
+                ],
+                env=extra,
+                log_path=root / "gateway.log",
+            )
+        )
+    except BaseException:
+        suite.stop()
+        raise
+    return suite

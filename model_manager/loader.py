@@ -48,6 +48,10 @@ class Artifact:
     expected_memory_bytes: int
     backend: str  # "" lets the predictor choose
     max_batch_size: int
+    # The feature-vector input (name, datatype, shape) and the feature name of each of its positions, from the
+    # version's signature, so the predictor names them and a gateway fills them by name; "" when none.
+    feature_input: tuple[str, str, tuple[int, ...]] = ("", "", ())
+    features: tuple[str, ...] = ()
 
 
 def expected_memory(size_bytes: int, hints: rpb.BackendHints) -> int:
@@ -79,8 +83,17 @@ class RegistryArtifacts:
         # No hint (or one predictors do not know) lets the predictor choose.
         backend = hints.preferred_backend if hints.preferred_backend in _BACKENDS else ""
         content = await asyncio.to_thread(self.store.read, record.sha256)
+        signature = record.signature
+        spec = next((t for t in signature.inputs if t.name == signature.feature_input), None)
         return Artifact(
-            model, version, content, expected_memory(record.size_bytes, hints), backend, hints.max_batch_size
+            model,
+            version,
+            content,
+            expected_memory(record.size_bytes, hints),
+            backend,
+            hints.max_batch_size,
+            ("", "", ()) if spec is None else (spec.name, spec.datatype, tuple(spec.shape)),
+            tuple(signature.feature_refs) if spec is not None else (),
         )
 
 
@@ -99,6 +112,13 @@ def load_config(name: str, artifact: Artifact) -> str:
     if artifact.max_batch_size > 0:
         config["max_batch_size"] = artifact.max_batch_size
         config["dynamic_batching"] = {}
+    name_of_input, datatype, shape = artifact.feature_input
+    if name_of_input and artifact.features:
+        # Triton leaves the batch dimension out of dims when the model batches.
+        dims = list(shape[1:]) if artifact.max_batch_size > 0 else list(shape)
+        config["input"] = [
+            {"name": name_of_input, "data_type": f"TYPE_{datatype}", "dims": dims, "features": list(artifact.features)}
+        ]
     return json.dumps(config)
 
 

@@ -11,18 +11,24 @@ from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from model_manager import gate_config
 from model_manager.artifacts import ArtifactStore
+from model_manager.controller import RolloutController
 from model_manager.fleet import Fleet
 from model_manager.gate_schema import FeatureCatalog
 from model_manager.gates import GateRunner
 from model_manager.loader import PredictorLoader, RegistryArtifacts
 from model_manager.operations import OperationStore
+from model_manager.ports import FleetPort, RouteHubPort
 from model_manager.predictors import Predictors
 from model_manager.promotions import Promotions
 from model_manager.registry import Registry
+from model_manager.rollout_rpcs import RolloutRuntime
+from model_manager.rollout_store import RolloutStore
 from model_manager.route_hub import RouteHub
+from model_manager.routes import MetricsConfig
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
 from model_manager.uploads import VersionUploads
+from model_manager.xds import AdsService
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelManagerService"].full_name
@@ -31,17 +37,25 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelManagerService"].full_name
 class ModelManager:
     """A built model manager: its server, and once ready its registry and artifact store."""
 
-    def __init__(self, settings: ModelManagerSettings) -> None:
+    def __init__(
+        self, settings: ModelManagerSettings, fleet: FleetPort | None = None, hub: RouteHubPort | None = None
+    ) -> None:
         self.settings = settings
+        # The fleet built here (from the registry, once it is reachable) unless one is given.
+        self.fleet: FleetPort | None = fleet
+        self.own_fleet: Fleet | None = None
         self.app = ServiceApp("model_manager", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
-        # Rollout RPCs are not built yet: the generated base class answers them UNIMPLEMENTED.
-        self.servicer = ModelManagerServicer()  # type: ignore[abstract]
+        self.servicer = ModelManagerServicer()
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
         # The route stream needs no database: gateways may watch (and keep their table) from the start.
         self.route_hub = RouteHub()
         self.servicer.route_hub = self.route_hub
+        self.hub: RouteHubPort = self.route_hub if hub is None else hub
+        # The xDS server for Envoy and proxyless gRPC, fed the same route tables as the gateways' route hub.
+        self.ads = AdsService()
+        self.ads.add_to_server(self.app.server)
         self.registry: Registry | None = None
-        self.fleet: Fleet | None = None
+        self.controller: RolloutController | None = None
         self.app.on_stop(self._close)
 
     async def ready(self) -> None:
@@ -55,10 +69,17 @@ class ModelManager:
         if cleared:
             log.warning("removed %d partial uploads left by an earlier run", cleared)
         registry = self.registry = await self._connect()
-        self.fleet = self._fleet(registry, store)
-        await self.fleet.start()
-        self.servicer.domain = Domain(registry, VersionUploads(registry, store), fleet=self.fleet)
+        if self.fleet is None:
+            fleet = self._fleet(registry, store)
+            await fleet.start()
+            self.own_fleet = self.fleet = fleet
+        self.servicer.domain = Domain(registry, VersionUploads(registry, store), fleet=self.own_fleet)
         self.servicer.promotions = await self._promotions(registry, store)
+        rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
+        metrics = MetricsConfig(window_seconds=self.settings.metrics_window_s)
+        self.controller = RolloutController(rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics)
+        await self.controller.start()
+        self.servicer.rollouts = RolloutRuntime.of(self.controller, self.ads)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
 
     def _fleet(self, registry: Registry, store: ArtifactStore) -> Fleet:
@@ -115,12 +136,17 @@ class ModelManager:
                 await asyncio.sleep(self.settings.connect_retry_s)
 
     async def _close(self) -> None:
-        if self.fleet is not None:
-            await self.fleet.close()
+        if self.controller is not None:
+            await self.controller.stop()
+        if self.own_fleet is not None:
+            await self.own_fleet.close()
         if self.registry is not None:
             await asyncio.to_thread(self.registry.close)
 
 
-def build_server(settings: ModelManagerSettings) -> ModelManager:
-    """The model manager, bound (port 0 picks a free port) but not started."""
-    return ModelManager(settings)
+def build_server(
+    settings: ModelManagerSettings, fleet: FleetPort | None = None, hub: RouteHubPort | None = None
+) -> ModelManager:
+    """The model manager, bound (port 0 picks a free port) but not started; rollouts run once a fleet and a
+    route hub are given."""
+    return ModelManager(settings, fleet, hub)

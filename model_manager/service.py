@@ -1,6 +1,6 @@
 """The registry RPCs of ModelManagerService: decode, call the registry in a worker thread, encode.
 
-Rollout and route RPCs are not served yet: gRPC answers them UNIMPLEMENTED.
+The rollout, deployment and metrics RPCs live in `rollout_rpcs.RolloutRpcs`, a base of the servicer.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from model_manager.fleet import Fleet
 from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
 from model_manager.registry import Registry
+from model_manager.rollout_rpcs import RolloutRpcs
 from model_manager.route_rpcs import RouteRpcs
 from model_manager.uploads import VersionUploads
 
@@ -66,9 +67,9 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
         yield request.chunk
 
 
-class ModelManagerServicer(FleetRpcs, GateRpcs, RouteRpcs, pb_grpc.ModelManagerServiceServicer):
-    """fresco.models.v1.ModelManagerService: the registry's RPCs, the fleet's (FleetRpcs), the promotion gates'
-    (GateRpcs) and the route stream (RouteRpcs)."""
+class ModelManagerServicer(FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, pb_grpc.ModelManagerServiceServicer):
+    """fresco.models.v1.ModelManagerService: the registry's RPCs here; the fleet's, the promotion gates', the route
+    stream's and the rollouts' in the mixins."""
 
     def __init__(self) -> None:
         self.domain: Domain | None = None

@@ -30,6 +30,8 @@ class ModelManagerSettings(ServiceSettings):
     connect_retry_s: float = Field(default=2.0, gt=0)
     """At start, seconds between attempts to reach the database (health stays NOT_SERVING meanwhile)."""
 
+    metrics_window_s: float = Field(default=10.0, gt=0, le=3600)
+    """Length of the metric windows gateways report, published to them in the route table, in seconds."""
     heartbeat_interval_s: float = Field(default=2.0, gt=0)
     """How often predictors are told to heartbeat, in seconds."""
     predictor_lease_s: float = Field(default=10.0, gt=0)

@@ -133,14 +133,26 @@ def _tensors(value: object, path: str, batched: bool) -> list[dict[str, Any]]:
     tensors = []
     for index, item in enumerate(value):
         where = f"{path}[{index}]"
-        tensor = _mapping(item, where, {"name", "data_type", "dims"})
+        # "features" is Fresco's one addition to Triton's tensor: the feature name of each position of a
+        # feature-vector input, so a model loaded through the API is fed by name like one from the repository.
+        tensor = _mapping(item, where, {"name", "data_type", "dims", "features"})
         datatype = _DATATYPE_OF_TRITON.get(str(tensor.get("data_type", "")))
         if datatype is None:
             raise _fail(
                 f"{where}.data_type", f"expected one of {sorted(_DATATYPE_OF_TRITON)}, got {tensor.get('data_type')!r}"
             )
         dims = [_int(dim, f"{where}.dims") for dim in tensor.get("dims", [])]
-        tensors.append({"name": tensor.get("name"), "datatype": datatype, "shape": [-1, *dims] if batched else dims})
+        entry: dict[str, Any] = {
+            "name": tensor.get("name"),
+            "datatype": datatype,
+            "shape": [-1, *dims] if batched else dims,
+        }
+        if "features" in tensor:
+            features = tensor["features"]
+            if not isinstance(features, list) or not all(isinstance(f, str) and f for f in features):
+                raise _fail(f"{where}.features", f"expected a list of feature names, got {features!r}")
+            entry["features"] = features
+        tensors.append(entry)
     return tensors
 
 

@@ -222,7 +222,11 @@ def test_a_corrupt_upload_is_refused_and_leaves_nothing_behind(
             "NOT_FOUND",
             "model_name: no model named 'never-made'",
         ),
-        (lambda s: s.ListRollouts(pb.ListRolloutsRequest()), "UNIMPLEMENTED", ""),
+        (
+            lambda s: s.ListRollouts(pb.ListRolloutsRequest(page_size=-1)),
+            "INVALID_ARGUMENT",
+            "page_size: expected 0 (the default) to 1000, got -1",
+        ),
     ],
 )
 def test_bad_requests_get_the_right_code_naming_the_field(stub, call, code: str, message: str) -> None:
