@@ -231,6 +231,8 @@ class Deployments:
         message = f"generation {generation}: {applied.message}"
         if entry.rollout.gates == "running":
             message += f"; {entry.rollout.message}"
+        elif entry.rollout.gates == "failed" and applied.outcome is Outcome.HELD:
+            message += f" once version {version} passes: {FORCE_HINT}"
         return entry.rollout.rollout_id, message, entry
 
     async def _gates(self, spec: pb.Deployment, stage: Stage, identity: str, reason: str) -> str:
