@@ -1,10 +1,12 @@
 """Through the model manager's RPCs, in process: a deployment's gates run before any traffic (and a rejected
 version stays refused until forced), per-step sample minimums, the blue-green warm-up and manual switch, rollback
-on an unhealthy version, and max_replicas handed to the fleet."""
+on an unhealthy version, and max_replicas handed to the fleet; and a real manager process running a deployment's
+gates."""
 
 from __future__ import annotations
 
 import hashlib
+import time
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,8 +15,10 @@ import grpc
 import pytest
 
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
+from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as regpb
 from fresco.api.models.v1 import rollout_pb2 as rpb
+from fresco.suite import ServiceProcess
 from model_manager.lifecycle import Stage
 from model_manager.records import ModelSpec
 from tests.model_manager import gate_support
@@ -233,3 +237,44 @@ async def test_a_version_without_a_healthy_endpoint_past_the_grace_is_rolled_bac
         assert "version 2 has had no healthy endpoint" in gone.message
         assert rpb.ROLLOUT_EVENT_TYPE_UNHEALTHY in types(gone)
         assert hub.weights(model) == {"1": 10000}
+
+
+def test_a_real_manager_runs_a_deployments_gates_and_serves_nothing_of_a_version_that_fails_them(
+    tmp_path: Path,
+) -> None:
+    args = ["--data-dir", str(tmp_path / "mm"), "--port", "0", "--metrics-port", "-1"]
+    process = ServiceProcess("model_manager", args).start()
+    try:
+        process.wait_healthy(60)
+        with grpc.insecure_channel(process.address) as channel:
+            stub = pb_grpc.ModelManagerServiceStub(channel)
+            model = f"real-{uuid.uuid4().hex[:8]}"
+            assert gate_support.upload(stub, model, b"not an onnx model") == 1
+            deployment = pb.Deployment(
+                model_name=model,
+                version=1,
+                strategy=rpb.RolloutStrategy(blue_green=rpb.BlueGreenStrategy()),
+                gates=GATES,
+            )
+            first = stub.ApplyDeployment(pb.ApplyDeploymentRequest(deployment=deployment, reason="first"))
+            operation = first.rollout.gate_operation_id
+            assert f"promotion gates running as operation {operation}" in first.message
+            assert gate_support.wait_done(stub, operation, 60.0).passed is False
+            deadline = time.monotonic() + 60.0  # a generous bound on the controller hearing of the result
+            while True:
+                rollout = stub.GetRolloutStatus(pb.GetRolloutStatusRequest(model_name=model)).rollout
+                if rollout.state == rpb.ROLLOUT_STATE_FAILED or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert rollout.state == rpb.ROLLOUT_STATE_FAILED, rollout
+            assert [g.name for g in rollout.gate_results if not g.passed], rollout.gate_results
+            assert rpb.ROLLOUT_EVENT_TYPE_GATES_FAILED in [e.type for e in rollout.events]
+            assert rpb.ROLLOUT_EVENT_TYPE_VERSION_READY not in [e.type for e in rollout.events], "never loaded"
+            assert not rollout.traffic, "nothing served"
+            stage = stub.GetModelVersion(pb.GetModelVersionRequest(model_name=model, version=1)).model_version.stage
+            assert stage == regpb.MODEL_STAGE_REJECTED
+            again = stub.ApplyDeployment(pb.ApplyDeploymentRequest(deployment=deployment, reason="again"))
+            assert again.outcome == pb.APPLY_OUTCOME_HELD
+            assert again.rollout.gate_operation_id == operation, "no second run of the gates"
+    finally:
+        assert process.stop() == 0
