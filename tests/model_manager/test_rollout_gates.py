@@ -20,8 +20,9 @@ from fresco.api.models.v1 import registry_pb2 as regpb
 from fresco.api.models.v1 import rollout_pb2 as rpb
 from fresco.suite import ServiceProcess
 from model_manager.lifecycle import Stage
-from model_manager.records import ModelSpec
+from model_manager.records import ModelSpec, VersionSpec
 from tests.model_manager import gate_support
+from tests.model_manager.registry_support import artifact
 from tests.model_manager.rollout_support import (
     LocalFleet,
     LocalHub,
@@ -278,3 +279,35 @@ def test_a_real_manager_runs_a_deployments_gates_and_serves_nothing_of_a_version
             assert again.rollout.gate_operation_id == operation, "no second run of the gates"
     finally:
         assert process.stop() == 0
+
+
+async def test_a_version_already_validating_makes_the_rollout_wait_for_the_running_promotion(tmp_path: Path) -> None:
+    fleet, hub = LocalFleet(), LocalHub()
+    async with manager(tmp_path, fleet, hub) as (mm, stub):
+        registry, promotions = mm.registry, mm.servicer.promotions
+        assert registry is not None
+        assert promotions is not None
+        model = make_model(mm.registry, candidates=())
+        content = b"v2 under validation"
+        spec = VersionSpec(model_name=model, version=2, format="onnx", expected_sha256=artifact(content).sha256)
+        registry.register_version(spec, artifact(content), "tester")
+        registry.set_stage(model, 2, Stage.VALIDATING, "someone")
+        # A promotion someone else started and that is still running (its gates are slow).
+        running = regpb.Operation(
+            operation_id="op-running", kind="promote", state=regpb.OPERATION_STATE_RUNNING, model_name=model, version=2
+        )
+        promotions.operations.insert(running)
+        strategy = canary(rpb.CanaryStep(traffic_percent=50))
+        deployment = pb.Deployment(model_name=model, version=2, strategy=strategy, gates=GATES)
+        first = await stub.ApplyDeployment(pb.ApplyDeploymentRequest(deployment=deployment))
+        assert first.rollout.gate_operation_id == "op-running", "no second promotion races the running one"
+        rid = first.rollout.rollout_id
+        await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_PENDING)
+        assert (model, 2) not in fleet.placements
+        # It ends: the version passed; the rollout goes on from there.
+        registry.set_stage(model, 2, Stage.CANDIDATE, "someone")
+        running.state, running.done, running.passed = regpb.OPERATION_STATE_SUCCEEDED, True, True
+        promotions.operations.update(running)
+        done = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_SUCCEEDED)
+        assert rpb.ROLLOUT_EVENT_TYPE_GATES_PASSED in types(done)
+        assert fleet.placements[(model, 2)] == (1, 0)
