@@ -102,11 +102,17 @@ def strategy_text(strategy: ro.RolloutStrategy) -> str:
     """The strategy in a few words, e.g. "canary 10% → 50% → 100%"."""
     kind = strategy.WhichOneof("kind")
     if kind == "canary":
-        weights = [f"{_num(step.traffic_percent)}%" for step in strategy.canary.steps]
+        weights = [
+            f"{_num(step.traffic_percent)}%" + (f" (n≥{step.min_samples})" if step.min_samples else "")
+            for step in strategy.canary.steps
+        ]
         return "canary " + " → ".join([*weights, "100%"])
     if kind == "blue_green":
-        keep = strategy.blue_green.keep_previous_for
-        return "blue-green" + (f", previous kept {duration_text(keep)}" if keep.seconds or keep.nanos else "")
+        bg = strategy.blue_green
+        keep, warmup = bg.keep_previous_for, bg.warmup
+        text = "blue-green" + (f", warm-up {duration_text(warmup)}" if warmup.seconds or warmup.nanos else "")
+        text += ", manual switch" if bg.manual_switch else ""
+        return text + (f", previous kept {duration_text(keep)}" if keep.seconds or keep.nanos else "")
     if kind == "shadow":
         return f"shadow, {_num(strategy.shadow.mirror_percent)}% mirrored"
     return "no strategy"

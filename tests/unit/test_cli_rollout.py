@@ -173,6 +173,11 @@ def test_strategy_step_and_traffic() -> None:
     assert "steps       ██ 2/2 done" in text(rollout_view(rollout)).splitlines()[3]
     blue = ro.RolloutStrategy(blue_green=ro.BlueGreenStrategy(keep_previous_for=duration_pb2.Duration(seconds=5400)))
     assert strategy_text(blue) == "blue-green, previous kept 1h30m"
+    blue.blue_green.warmup.FromSeconds(300)
+    blue.blue_green.manual_switch = True
+    assert strategy_text(blue) == "blue-green, warm-up 5m, manual switch, previous kept 1h30m"
+    counted = ro.RolloutStrategy(canary=ro.CanaryStrategy(steps=[ro.CanaryStep(traffic_percent=10, min_samples=500)]))
+    assert strategy_text(counted) == "canary 10% (n≥500) → 100%"
     assert strategy_text(ro.RolloutStrategy(shadow=ro.ShadowStrategy(mirror_percent=20))) == "shadow, 20% mirrored"
     assert step_text(ro.Rollout(strategy=blue)) == ""
     assert traffic_text(ro.Rollout()) == "no traffic"
