@@ -311,3 +311,46 @@ async def test_a_version_already_validating_makes_the_rollout_wait_for_the_runni
         done = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_SUCCEEDED)
         assert rpb.ROLLOUT_EVENT_TYPE_GATES_PASSED in types(done)
         assert fleet.placements[(model, 2)] == (1, 0)
+
+
+async def test_gates_a_restart_abandoned_fail_the_rollout_and_retry_runs_them_again(tmp_path: Path) -> None:
+    fleet = LocalFleet()
+    async with manager(tmp_path, fleet, LocalHub()) as (mm, stub):
+        registry, promotions = mm.registry, mm.servicer.promotions
+        assert registry is not None
+        assert promotions is not None
+        model = make_model(registry, candidates=())
+        content = b"v2 not loadable"
+        spec = VersionSpec(model_name=model, version=2, format="onnx", expected_sha256=artifact(content).sha256)
+        registry.register_version(spec, artifact(content), "tester")
+        registry.set_stage(model, 2, Stage.VALIDATING, "someone")
+        running = regpb.Operation(
+            operation_id="op-abandoned",
+            kind="promote",
+            state=regpb.OPERATION_STATE_RUNNING,
+            model_name=model,
+            version=2,
+            previous_stage=regpb.MODEL_STAGE_REGISTERED,
+        )
+        promotions.operations.insert(running)
+        deployment = pb.Deployment(
+            model_name=model, version=2, strategy=canary(rpb.CanaryStep(traffic_percent=50)), gates=GATES
+        )
+        rid = (await stub.ApplyDeployment(pb.ApplyDeploymentRequest(deployment=deployment))).rollout.rollout_id
+        await wait_for(status(stub, rid), lambda r: r.gate_operation_id == "op-abandoned")
+
+    async with manager(tmp_path, fleet, LocalHub()) as (mm, stub):  # the gates' run died with the manager
+        assert mm.registry is not None
+        failed = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_FAILED)
+        assert "manager restarted while the gates ran" in failed.message
+        assert mm.registry.get_version(model, 2).stage is Stage.REGISTERED, "no verdict: the version is put back"
+        assert (model, 2) not in fleet.placements
+        retried = (await stub.RetryRollout(pb.RetryRolloutRequest(rollout_id=rid, reason="again"))).rollout
+        assert retried.gate_operation_id not in ("", "op-abandoned"), "retry runs the gates afresh"
+        assert retried.state == rpb.ROLLOUT_STATE_PENDING
+        again = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_FAILED, 60.0)
+        assert rpb.ROLLOUT_EVENT_TYPE_RETRIED in types(again)
+        operation = (await stub.GetOperation(pb.GetOperationRequest(operation_id=retried.gate_operation_id))).operation
+        assert operation.done
+        assert operation.model_name == model
+        assert (model, 2) not in fleet.placements, "unloadable bytes fail their gates: still nothing loaded"
