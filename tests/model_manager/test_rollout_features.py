@@ -3,15 +3,17 @@ rollback on an unhealthy version, event types and the event marks a resumed watc
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from fresco.api.models.v1 import rollout_pb2 as rpb
 from model_manager.actions import Do, Pause, State
-from model_manager.analysis import AnalysisSpec, Verdict
+from model_manager.analysis import AnalysisSpec, Check, Decision, Verdict
 from model_manager.controller import Entry
 from model_manager.plans import CanaryStep, RolloutSpec, Strategy
 from model_manager.rollout import EVENT_KINDS, Rollout, RolloutError
-from model_manager.rollout_messages import EVENT_TYPES, event_messages
+from model_manager.rollout_messages import EVENT_TYPES, analysis_result, event_messages
 from model_manager.rollout_store import StoredRollout
 from tests.model_manager.rollout_driver import FakeClock, started
 
@@ -262,3 +264,15 @@ def test_event_marks_say_how_many_events_each_revision_stored() -> None:
     legacy = Entry.of(StoredRollout(r.to_dict(), 2, "", "", {}), clock)
     assert legacy.marks == []
     assert legacy.events_at(2) == 0
+
+
+def test_a_decision_without_a_baseline_carries_zero_never_nan() -> None:
+    alone = Decision(Check.ERROR_RATE, Verdict.PASSED, 0.01, 0.05, 812, 100, 1.0, 31.0)
+    message = analysis_result(alone, 2, 0)
+    assert (message.baseline_value, message.baseline_sample_count) == (0.0, 0)
+    assert not math.isnan(message.baseline_value)
+    shared = Decision(Check.ERROR_RATIO, Verdict.PASSED, 0.01, 2.0, 812, 100, 1.0, 31.0, 0.02, 7300)
+    assert (analysis_result(shared, 2, 0).baseline_value, analysis_result(shared, 2, 0).baseline_sample_count) == (
+        0.02,
+        7300,
+    )
