@@ -142,7 +142,7 @@ class RolloutVerbs:
                     f"{verb} applies to the latest only"
                 )
             operation = ""
-            if verb == "retry" and r.gates == "failed":
+            if verb == "retry" and r.gates == "failed" and r.state in (State.ROLLED_BACK, State.FAILED):
                 operation = await self._gates_again(r.spec.model, r.spec.version, r.gate_operation, identity)
             try:
                 if verb == "retry":
