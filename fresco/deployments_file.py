@@ -81,7 +81,7 @@ ANALYSIS_LIMITS = (
     "max_shadow_disagreement", *RATIO_LIMITS,
 )  # fmt: skip
 ANALYSIS_FIELDS = (*ANALYSIS_LIMITS, "score_output", "min_samples", "inconclusive_limit", "alpha")
-ROLLBACK_FIELDS = ("enabled", "consecutive_failures", "on_unhealthy")
+ROLLBACK_FIELDS = ("enabled", "consecutive_failures", "on_unhealthy", "unhealthy_grace")
 GATE_FIELDS = ("schema", "backtest", "latency")
 SCHEMA_GATE_FIELDS = ("check_feature_refs", "require_output_compatibility")
 LIMITS = ("min_value", "max_value", "max_regression")
@@ -154,6 +154,7 @@ def _model(r: Reader, base: Path) -> ModelDeclaration:
                 on_unhealthy=rollback.flag("on_unhealthy"),
             )
         )
+        _set_duration(deployment.auto_rollback.unhealthy_grace, rollback.duration("unhealthy_grace"))
     if (gates := r.child("gates", GATE_FIELDS)) is not None:
         deployment.gates.CopyFrom(_gates(gates))
     return ModelDeclaration(model, versions, deployment, r.integer("expected_generation"))

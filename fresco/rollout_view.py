@@ -102,22 +102,31 @@ def strategy_text(strategy: ro.RolloutStrategy) -> str:
     """The strategy in a few words, e.g. "canary 10% → 50% → 100%"."""
     kind = strategy.WhichOneof("kind")
     if kind == "canary":
-        weights = [f"{_num(step.traffic_percent)}%" for step in strategy.canary.steps]
+        weights = [
+            f"{_num(step.traffic_percent)}%" + (f" (n≥{step.min_samples})" if step.min_samples else "")
+            for step in strategy.canary.steps
+        ]
         return "canary " + " → ".join([*weights, "100%"])
     if kind == "blue_green":
-        keep = strategy.blue_green.keep_previous_for
-        return "blue-green" + (f", previous kept {duration_text(keep)}" if keep.seconds or keep.nanos else "")
+        bg = strategy.blue_green
+        keep, warmup = bg.keep_previous_for, bg.warmup
+        text = "blue-green" + (f", warm-up {duration_text(warmup)}" if warmup.seconds or warmup.nanos else "")
+        text += ", manual switch" if bg.manual_switch else ""
+        return text + (f", previous kept {duration_text(keep)}" if keep.seconds or keep.nanos else "")
     if kind == "shadow":
         return f"shadow, {_num(strategy.shadow.mirror_percent)}% mirrored"
     return "no strategy"
 
 
 def step_text(rollout: ro.Rollout) -> str:
-    """Where a canary is, e.g. "step 2/3 at 50%"; empty for other strategies."""
+    """Where a canary is, e.g. "step 2/3 at 50%", or "full" on the all-traffic phase after its steps; empty for
+    other strategies."""
     if not rollout.step_count:
         return ""
     index = rollout.current_step_index
     steps = rollout.strategy.canary.steps
+    if index >= rollout.step_count:
+        return "full"
     weight = f" at {_num(steps[index].traffic_percent)}%" if 0 <= index < len(steps) else ""
     return f"step {index + 1}/{rollout.step_count}{weight}"
 
@@ -140,7 +149,7 @@ def decision_text(result: ro.AnalysisResult) -> str:
         relation = {ro.ANALYSIS_VERDICT_PASSED: "<=", ro.ANALYSIS_VERDICT_FAILED: ">"}.get(result.verdict, "vs")
         measured = f"{check_name(result.check)} {_num(result.measured_value)} {relation} {_num(result.threshold)}"
     samples = f"n={result.sample_count}"
-    if result.baseline_sample_count or result.baseline_value:
+    if result.baseline_sample_count:  # no baseline served alongside: none is shown
         samples += f", baseline {_num(result.baseline_value)} n={result.baseline_sample_count}"
     if result.min_samples:
         samples += f", min {result.min_samples}"
@@ -196,7 +205,12 @@ def rollout_view(rollout: ro.Rollout, recent_events: int = 5) -> RenderableType:
     if rollout.message:
         table.add_row("message", escape(rollout.message))
     table.add_row("generation", f"{rollout.generation} · attempt {rollout.attempt}")
+    if rollout.gate_operation_id:
+        table.add_row("gates", escape(f"operation {rollout.gate_operation_id}"))
     parts: list[RenderableType] = [table]
+    if rollout.gate_results:
+        parts.append(Text("promotion gates", style="bold"))
+        parts.extend(Text("  " + gate_text(result)) for result in rollout.gate_results)
     if rollout.analysis_results:
         parts.append(Text("last verdict", style="bold"))
         for result in rollout.analysis_results:
@@ -217,8 +231,17 @@ def event_lines(event: ro.RolloutEvent) -> list[str]:
 def gate_text(result: rpb.GateResult) -> str:
     """One promotion gate check, e.g. "PASS backtest.auc: 0.9838 vs threshold 0.9 (detail)"."""
     mark = "PASS" if result.passed else "FAIL"
+    if not _numeric(result):  # e.g. the schema checks: a yes or no, said by the detail
+        return f"{mark} {result.name}: {result.detail or ('passed' if result.passed else 'failed')}"
     text = f"{mark} {result.name}: {_num(result.measured_value)} vs threshold {_num(result.threshold)}"
     return f"{text} ({result.detail})" if result.detail else text
+
+
+def _numeric(result: rpb.GateResult) -> bool:
+    """Whether a gate check compares a measure with a threshold (schema checks and unset numbers do not)."""
+    if result.type == rpb.GATE_TYPE_SCHEMA:
+        return False
+    return bool(result.measured_value or result.threshold)
 
 
 def operation_text(operation: rpb.Operation) -> str:

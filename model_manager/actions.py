@@ -38,6 +38,7 @@ class Pause(enum.Enum):
     FAILED_HELD = "failed_held"
     ACK_TIMEOUT = "ack_timeout"
     LOAD_FAILED = "load_failed"
+    SWITCH_GATE = "switch_gate"
 
 
 class Do(enum.Enum):
@@ -135,6 +136,14 @@ class RolloutRecord:
     updated_at: float = 0.0
     finished_at: float | None = None
     events: list[Event] = field(default_factory=list)
+    # Promotion gates run before any load: their operation, "running" | "passed" | "failed", and opaque results.
+    gate_operation: str = ""
+    gates: str = ""
+    gate_results: list[dict[str, Any]] = field(default_factory=list)
+    warm_at: float | None = None  # when the new version was first reported loaded and warm
+    switch_approved: bool = False  # a blue-green manual switch was resumed (or promoted)
+    switch_open: bool = False  # the blue-green switch may go: warm long enough and approved if it must be
+    unhealthy_since: float | None = None  # the new version has had no healthy endpoint since then
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -147,6 +156,7 @@ class RolloutRecord:
         out["pause"] = None if self.pause is None else self.pause.value
         out["paused_from"] = None if self.paused_from is None else self.paused_from.value
         out["events"] = [e.to_dict() for e in self.events]
+        out["gate_results"] = [dict(r) for r in self.gate_results]
         return out
 
     @classmethod

@@ -18,11 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chassis.errors import FrescoError
+from fresco.api.models.v1 import model_manager_service_pb2 as mpb
+from fresco.api.models.v1 import registry_pb2 as regpb
 from model_manager.actions import FINISHED, Action, Do, State
 from model_manager.ports import FleetPort, RouteHubPort
+from model_manager.promotions import Promotions
 from model_manager.reconcile import run_analysis
 from model_manager.registry import Registry
 from model_manager.rollout import Clock, Rollout
+from model_manager.rollout_messages import stored_gate_result
 from model_manager.rollout_registry import promote_in_registry, restore_baseline, score_reference
 from model_manager.rollout_store import AuditRow, RolloutStore, StoredRollout
 from model_manager.route_builder import Desired, build_table, wanted
@@ -36,6 +40,8 @@ SYSTEM_IDENTITY = "system:rollout-controller"
 WINDOW_RETENTION_S = 6 * 3600.0
 # Even with no timer due the loop looks again this often, in case a callback was missed.
 IDLE_RECHECK_S = 30.0
+# Where the stored rollout keeps its event marks, beside the rollout's own fields.
+EVENT_MARKS = "event_marks"
 ERROR_BACKOFF_S = 1.0
 LOAD_RETRY_S = 5.0
 _STEPS_PER_TICK = 64
@@ -52,20 +58,34 @@ class Entry:
     labels: dict[str, str]
     saved: dict[str, Any] = field(default_factory=dict)
     saved_events: int = 0
+    # (status revision, event count stored at it), one per save that added events: a watch resumes from them.
+    marks: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def of(cls, stored: StoredRollout, clock: Clock) -> Entry:
-        rollout = Rollout.from_dict(stored.data, clock)
+        data = dict(stored.data)
+        marks = [(int(rev), int(count)) for rev, count in data.pop(EVENT_MARKS, [])]
+        rollout = Rollout.from_dict(data, clock)
         # `saved` is the rollout's own dict, not the JSON read back (lists for tuples), so it compares equal.
         return cls(
             rollout, stored.revision, stored.initiated_by, stored.reason, dict(stored.labels),
-            rollout.to_dict(), len(rollout.events),
+            rollout.to_dict(), len(rollout.events), marks,
         )  # fmt: skip
 
     def snapshot(self, clock: Clock) -> Entry:
         """The rollout as last stored: what readers see (the controller may be midway through a change)."""
-        stored = StoredRollout(self.saved, self.revision, self.initiated_by, self.reason, self.labels)
+        data = {**self.saved, EVENT_MARKS: list(self.marks)}
+        stored = StoredRollout(data, self.revision, self.initiated_by, self.reason, self.labels)
         return Entry.of(stored, clock)
+
+    def events_at(self, revision: int) -> int:
+        """How many of the rollout's events were stored at status revision `revision`."""
+        count = 0
+        for rev, n in self.marks:
+            if rev > revision:
+                break
+            count = n
+        return count
 
     @property
     def live(self) -> bool:
@@ -86,8 +106,11 @@ class RolloutController:
         ads: AdsService | None = None,
         clock: Clock = time.time,
         metrics: MetricsConfig | None = None,
+        gates: Promotions | None = None,
     ) -> None:
         self.store, self.registry, self.fleet, self.hub, self.ads = store, registry, fleet, hub, ads
+        self.gates = gates  # the promotions a gated rollout waits for
+        self._gate_watches: set[str] = set()  # operation ids watched now
         self.clock = clock
         self.metrics = metrics or MetricsConfig()
         self.lock = asyncio.Lock()
@@ -175,8 +198,11 @@ class RolloutController:
                 log.exception("rollout controller: a pass failed; trying again")
                 deadline = self.clock() + ERROR_BACKOFF_S
             timeout = IDLE_RECHECK_S if deadline is None else min(max(deadline - self.clock(), 0.0), IDLE_RECHECK_S)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancel that arrives as the event is set,
+            # and then stop() would wait for this loop for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     # --- one pass -----------------------------------------------------------------------------------------
 
@@ -186,7 +212,14 @@ class RolloutController:
         for _ in range(_STEPS_PER_TICK):
             deadline, progressed, publish = None, False, []
             for entry in [e for e in self.entries.values() if e.live]:
-                action = entry.rollout.poll()
+                r = entry.rollout
+                if r.gates == "running":
+                    self._watch_gates(r.rollout_id, r.gate_operation)
+                if r.spec.on_unhealthy:
+                    assert self.fleet is not None
+                    progressed |= r.health(bool(self.fleet.warm_endpoints(r.spec.model, r.spec.version)))
+                    deadline = _earliest(deadline, r.unhealthy_deadline)
+                action = r.poll()
                 if action.do is Do.PUBLISH:
                     publish.append((entry, action))
                 elif action.do is Do.AWAIT_ACK:
@@ -299,6 +332,9 @@ class RolloutController:
         """Stores a rollout and an audit record per new event, in one transaction; then tells its watchers."""
         r = entry.rollout
         data = r.to_dict()
+        marks = list(entry.marks)
+        if len(r.events) > entry.saved_events:  # the store's status revision grows by one per save
+            marks.append((entry.revision + 1, len(r.events)))
         rows = [
             AuditRow(
                 identity=e.actor or identity or SYSTEM_IDENTITY,
@@ -315,15 +351,18 @@ class RolloutController:
             )
             for e in r.events[entry.saved_events :]
         ]
-        entry.revision = await asyncio.to_thread(
+        revision = await asyncio.to_thread(
             self.store.save,
-            data,
+            {**data, EVENT_MARKS: marks},
             pending_unload=bool(data["to_unload"]),
             audit_rows=rows,
             initiated_by=entry.initiated_by,
             reason=entry.reason,
             labels=entry.labels,
         )
+        if marks and marks[-1][0] == entry.revision + 1:
+            marks[-1] = (revision, marks[-1][1])  # another writer stored in between: trust the store's number
+        entry.revision, entry.marks = revision, marks
         entry.saved, entry.saved_events = data, len(r.events)
         event = self._changed.pop(r.rollout_id, None)
         if event is not None:
@@ -350,7 +389,8 @@ class RolloutController:
         assert self.fleet is not None
         reason = ""
         try:
-            endpoints = await self.fleet.ensure_loaded(model, version, replicas=await self._replicas(model))
+            replicas, most = await self._placement(model)
+            endpoints = await self.fleet.ensure_loaded(model, version, replicas=replicas, max_replicas=most)
             if not endpoints:
                 reason = "no predictor has it warm after loading"
         except FrescoError as err:
@@ -390,8 +430,54 @@ class RolloutController:
             await self._settle()
         self.wake()
 
-    async def _replicas(self, model: str) -> int:
-        return await asyncio.to_thread(self.store.replicas, model)
+    async def _placement(self, model: str) -> tuple[int, int]:
+        """(replicas, max_replicas) of the model's deployment: (1, 0) without one."""
+        stored = await asyncio.to_thread(self.store.deployment, model)
+        if stored is None:
+            return 1, 0
+        deployment = mpb.Deployment.FromString(stored.spec)
+        return max(deployment.replicas, 1), deployment.max_replicas
+
+    # --- promotion gates ----------------------------------------------------------------------------------
+
+    def _watch_gates(self, rollout_id: str, operation_id: str) -> None:
+        if self.gates is None or operation_id in self._gate_watches:
+            return
+        self._gate_watches.add(operation_id)
+        task = asyncio.create_task(self._await_gates(rollout_id, operation_id), name=f"rollout-gates-{operation_id}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            self._gate_watches.discard(operation_id)
+
+        task.add_done_callback(done)
+
+    async def _await_gates(self, rollout_id: str, operation_id: str) -> None:
+        """Follows the promotion operation to its end, then tells the rollout whether its gates passed."""
+        assert self.gates is not None
+        last: regpb.Operation | None = None
+        error = ""
+        try:
+            async for operation in self.gates.watch(operation_id):
+                last = operation
+        except FrescoError as err:  # e.g. the operation is gone: the rollout must not wait for ever
+            error = str(err) or type(err).__name__
+        passed = last is not None and not error and last.state == regpb.OPERATION_STATE_SUCCEEDED
+        results = [] if last is None else [stored_gate_result(g) for g in last.gate_results]
+        if passed:
+            assert last is not None
+            forced = " (forced over failed gates)" if last.forced else ""
+            message = f"promotion gates passed{forced}, operation {operation_id}"
+        else:
+            why = error or (last.error if last is not None else "") or "the gates did not pass"
+            message = f"promotion gates: {why} (operation {operation_id})"
+        async with self.lock:
+            entry = self.entries.get(rollout_id)
+            if entry is not None and entry.rollout.gate_operation == operation_id:
+                entry.rollout.gates_done(passed, message, results)
+            await self._settle()
+        self.wake()
 
     async def _prune(self) -> None:
         now = self.clock()

@@ -2,6 +2,13 @@
 
 The same spec applied again never restarts a rollout: after a rollback it reports "rolled back at generation N",
 and only RetryRollout starts it again.
+
+Gates on apply: a deployment that declares `gates` for a version that has not passed them (registered) starts
+the promotion operation (as PromoteModelVersion does) and a rollout that loads nothing until they pass; one
+already validating waits for the running operation. A failed gate fails the rollout with the gate results and
+nothing is served. A rejected version is never gated again by apply (no silent retry): apply refuses it with
+FAILED_PRECONDITION until PromoteModelVersion with force and a reason (audited) overrides the gates, and the
+same spec applied again reports the failure; RetryRollout restarts it once the version was forced through.
 """
 
 from __future__ import annotations
@@ -12,11 +19,13 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
-from chassis.errors import InvalidArgument
+from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from model_manager import messages, schema
 from model_manager.actions import ACTIVE
 from model_manager.controller import Entry
+from model_manager.lifecycle import Stage
+from model_manager.promotions import PromoteRequest
 from model_manager.reconcile import Outcome, apply
 from model_manager.rollout_messages import rollout_spec
 from model_manager.rollout_store import StoredDeployment, now_us
@@ -24,6 +33,11 @@ from model_manager.rollout_verbs import RolloutVerbs
 
 # Fields the server sets; whatever a caller writes in them is ignored.
 SERVER_FIELDS = ("generation", "updated_at", "updated_by", "rollout_id")
+
+
+# Stages of a version that has not passed its promotion gates.
+GATED = frozenset({Stage.REGISTERED, Stage.VALIDATING, Stage.REJECTED})
+FORCE_HINT = "PromoteModelVersion with force and a reason overrides its gates (audited), then RetryRollout"
 
 
 class GenerationMismatch(Exception):
@@ -177,7 +191,12 @@ class Deployments:
         r = current.rollout
         said = apply(r, r.spec, r.generation, self.verbs.controller.clock, rollout_id="")  # never restarts it
         outcome = pb.APPLY_OUTCOME_HELD if said.outcome is Outcome.HELD else pb.APPLY_OUTCOME_UNCHANGED
-        return ApplyResult(deployment, outcome, said.message, (), current)
+        message = said.message
+        if r.gates == "failed":
+            message += f" once version {r.spec.version} passes: {FORCE_HINT}"
+        elif r.gates == "running":
+            message = f"{message}; {r.message}"
+        return ApplyResult(deployment, outcome, message, (), current)
 
     async def _roll(
         self, spec: pb.Deployment, generation: int, identity: str, reason: str, current: Entry | None
@@ -195,10 +214,46 @@ class Deployments:
                     entry,
                 )
             return "", f"version {version} already serves at generation {generation}", current
-        baseline = await self.verbs.baseline(model, version)
+        record = await asyncio.to_thread(self.registry.get_version, model, version)
+        gated = spec.HasField("gates") and record.stage in GATED
+        if gated:
+            baseline = production or None
+        else:
+            baseline = await self.verbs.baseline(model, version)  # FAILED_PRECONDITION unless it passed its gates
         auto = spec.auto_rollback if spec.HasField("auto_rollback") else None
         rspec = rollout_spec("deployment.strategy", model, version, baseline, spec.strategy, auto)
+        operation = ""
+        if gated and (current is None or current.rollout.spec != rspec):  # the same spec holds as it is
+            operation = await self._gates(spec, record.stage, identity, reason or f"apply generation {generation}")
         applied, entry = await self.verbs.deploy(
-            rspec, identity=identity, reason=reason, supersede=True, generation=generation
+            rspec, identity=identity, reason=reason, supersede=True, generation=generation, gate_operation=operation
         )
-        return entry.rollout.rollout_id, f"generation {generation}: {applied.message}", entry
+        message = f"generation {generation}: {applied.message}"
+        if entry.rollout.gates == "running":
+            message += f"; {entry.rollout.message}"
+        elif entry.rollout.gates == "failed" and applied.outcome is Outcome.HELD:
+            message += f" once version {version} passes: {FORCE_HINT}"
+        return entry.rollout.rollout_id, message, entry
+
+    async def _gates(self, spec: pb.Deployment, stage: Stage, identity: str, reason: str) -> str:
+        """The promotion operation the version's gates run as: started now, or the one already running."""
+        model, version = spec.model_name, spec.version
+        if stage is Stage.REJECTED:
+            raise FailedPrecondition(
+                f"deployment.version: version {version} of {model} was rejected by its promotion gates and apply "
+                f"does not run them again; {FORCE_HINT}"
+            )
+        promotions = self.verbs.controller.gates
+        if promotions is None:
+            raise FailedPrecondition("deployment.gates: this manager runs no promotion gates")
+        if stage is Stage.VALIDATING:  # someone's promotion runs: the rollout waits for it rather than racing it
+            running = await asyncio.to_thread(promotions.operations.unfinished)
+            for operation in running:
+                if operation.model_name == model and operation.version == version and not operation.dry_run:
+                    return operation.operation_id
+            raise FailedPrecondition(
+                f"deployment.version: version {version} of {model} is validating with no operation running; "
+                "promote it again"
+            )
+        request = PromoteRequest(model, version, Stage.CANDIDATE, spec.gates, reason=reason)
+        return (await promotions.start(request, identity)).operation_id

@@ -21,12 +21,14 @@ class Strategy(enum.Enum):
 
 @dataclass(frozen=True)
 class CanaryStep:
-    """One canary level: live traffic share, minimum time held, optional mirror share, optional manual gate."""
+    """One canary level: live traffic share, minimum time held, optional mirror share, optional manual gate, and
+    the judged samples it needs before it completes."""
 
     weight: float
     dwell: float = 0.0
     mirror: float = 0.0
     pause_after: bool = False
+    min_samples: int = 0
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,12 @@ class RolloutSpec:
     failure_limit: int = 1
     auto_rollback: bool = True
     ack_timeout: float = 30.0
+    # Blue-green only: the least time the new version is warm before the switch, and a pause for a person there.
+    warmup: float = 0.0
+    manual_switch: bool = False
+    # Roll back when the new version has had no healthy endpoint for longer than the grace period.
+    on_unhealthy: bool = False
+    unhealthy_grace: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -57,10 +65,10 @@ class RolloutSpec:
             raise ValueError("baseline: expected a positive version other than the one rolled out")
         if self.baseline is None and self.strategy is not Strategy.BLUE_GREEN:
             raise ValueError(f"baseline: a {self.strategy.value} rollout needs a baseline version serving")
-        for name in ("shadow_duration", "keep_previous_for", "inconclusive_limit"):
+        for name in ("shadow_duration", "keep_previous_for", "inconclusive_limit", "warmup"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0.0):
                 raise ValueError(f"{name}: expected a finite number of seconds, at least 0")
-        for name in ("analysis_interval", "ack_timeout"):
+        for name in ("analysis_interval", "ack_timeout", "unhealthy_grace"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0.0):
                 raise ValueError(f"{name}: expected a finite positive number of seconds")
         if self.failure_limit < 1:
@@ -76,9 +84,13 @@ class RolloutSpec:
                     raise ValueError(f"steps[{i}].mirror: expected a share in [0, 100]")
                 if not (math.isfinite(s.dwell) and s.dwell >= 0.0):
                     raise ValueError(f"steps[{i}].dwell: expected a finite number of seconds, at least 0")
+                if s.min_samples < 0:
+                    raise ValueError(f"steps[{i}].min_samples: expected a count of at least 0")
                 last = s.weight
         elif self.steps:
             raise ValueError(f"steps: only a canary has steps, not a {self.strategy.value} rollout")
+        if self.strategy is not Strategy.BLUE_GREEN and (self.warmup or self.manual_switch):
+            raise ValueError(f"warmup: only a blue-green switch warms up, not a {self.strategy.value} rollout")
         if self.strategy is Strategy.SHADOW and not 0.0 < self.mirror_percent <= 100.0:
             raise ValueError("mirror_percent: expected a share in (0, 100] for a shadow rollout")
 
@@ -143,6 +155,7 @@ class Phase:
     dwell: float
     analysed: bool
     pause_after: bool = False
+    min_samples: int = 0
 
     def route(self, spec: RolloutSpec) -> Route:
         """The route of this phase: the candidate's shares, the rest to the baseline."""
@@ -170,7 +183,19 @@ def plan(spec: RolloutSpec) -> tuple[Phase, ...]:
             Phase(f"shadow {spec.mirror_percent:g}%", 0.0, spec.mirror_percent, spec.shadow_duration, analysed),
             Phase("stop mirroring", 0.0, 0.0, 0.0, False),
         )
-    phases = [Phase(f"canary {s.weight:g}%", s.weight, s.mirror, s.dwell, analysed, s.pause_after) for s in spec.steps]
+    # A step with its own sample minimum is judged even without thresholds: it completes only once counted.
+    phases = [
+        Phase(
+            f"canary {s.weight:g}%",
+            s.weight,
+            s.mirror,
+            s.dwell,
+            analysed or s.min_samples > 0,
+            s.pause_after,
+            s.min_samples,
+        )
+        for s in spec.steps
+    ]
     if spec.steps[-1].weight < 100.0:
         phases.append(Phase("full", 100.0, 0.0, spec.keep_previous_for, analysed))
     return tuple(phases)

@@ -15,8 +15,11 @@ from model_manager.routes import Endpoint, RouteTable
 class FleetPort(Protocol):
     """Places versions on predictors, loads and warms them, and says where they are warm."""
 
-    async def ensure_loaded(self, model: str, version: int, *, replicas: int = 1) -> tuple[Endpoint, ...]:
-        """Load and warm the version on `replicas` healthy predictors; the endpoints where it is warm."""
+    async def ensure_loaded(
+        self, model: str, version: int, *, replicas: int = 1, max_replicas: int = 0
+    ) -> tuple[Endpoint, ...]:
+        """Load and warm the version on `replicas` healthy predictors (copied to up to `max_replicas` as its request
+        rate grows; 0 means `replicas`); the endpoints where it is warm."""
         ...
 
     def warm_endpoints(self, model: str, version: int) -> tuple[Endpoint, ...]:

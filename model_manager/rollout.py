@@ -15,10 +15,18 @@ from dataclasses import replace
 from typing import Any
 
 from model_manager.actions import ACTIVE, FINISHED, Action, Do, Event, Pause, RolloutRecord, State
-from model_manager.analysis import Analysis, Check, Decision, Verdict
+from model_manager.analysis import Analysis, AnalysisSpec, Check, Decision, Verdict
 from model_manager.plans import Phase, RolloutSpec, Route, Strategy, plan, rollback_route
 
 Clock = Callable[[], float]
+# Every kind of event a rollout records; the contract maps each to a RolloutEventType.
+EVENT_KINDS = frozenset(
+    {
+        "created", "gates_started", "gates_passed", "gates_failed", "loaded", "load_failed", "published", "applied",
+        "phase_completed", "analysis_failed", "unhealthy", "paused", "resumed", "promoted", "rollback_started",
+        "rolled_back", "succeeded", "retried", "superseded",
+    }
+)  # fmt: skip
 
 
 class RolloutError(Exception):
@@ -38,12 +46,17 @@ class Rollout:
         self.phases: tuple[Phase, ...] = plan(data.spec)
 
     @classmethod
-    def start(cls, rollout_id: str, spec: RolloutSpec, generation: int, clock: Clock) -> Rollout:
-        """A new rollout, waiting for its version to be loaded and warmed."""
+    def start(
+        cls, rollout_id: str, spec: RolloutSpec, generation: int, clock: Clock, *, gate_operation: str = ""
+    ) -> Rollout:
+        """A new rollout, waiting for its version to be loaded and warmed (first for the promotion gates running as
+        `gate_operation`, if given: nothing is loaded or served before they pass)."""
         now = clock()
         loaded = [spec.baseline] if spec.baseline is not None else []
         r = cls(RolloutRecord(rollout_id, spec, generation, State.PENDING, now, loaded=loaded, updated_at=now), clock)
         r._event("created", f"{spec.strategy.value} of {spec.model} version {spec.version} at generation {generation}")
+        if gate_operation:
+            r._start_gates(gate_operation)
         return r
 
     # -- read side -------------------------------------------------------------------------------------------------
@@ -84,13 +97,42 @@ class Rollout:
     def loaded(self) -> frozenset[int]:
         return frozenset(self._d.loaded)
 
+    @property
+    def gate_operation(self) -> str:
+        """The promotion operation running (or that ran) the version's gates for this rollout; empty if none."""
+        return self._d.gate_operation
+
+    @property
+    def gates(self) -> str:
+        """Where the gates are: "" (none ran), "running", "passed" or "failed"."""
+        return self._d.gates
+
+    @property
+    def gate_results(self) -> tuple[dict[str, Any], ...]:
+        """The gate results as the controller handed them over (opaque to the rollout)."""
+        return tuple(self._d.gate_results)
+
+    @property
+    def unhealthy_deadline(self) -> float | None:
+        """When the new version's lack of a healthy endpoint outlasts the grace period, if it lacks one now."""
+        since = self._d.unhealthy_since
+        return None if since is None else since + self.spec.unhealthy_grace
+
     def route(self) -> Route:
         """The route this rollout wants the gateways to apply now."""
         if self._d.state in (State.ROLLING_BACK, State.ROLLED_BACK, State.FAILED, State.ABORTED):
             return rollback_route(self.spec)  # an aborted rollout's successor owns the route
         if self._d.state is State.SUCCEEDED:
             return self.phases[-1].route(self.spec)
+        if self._d.gates == "running" or self._holding_switch():
+            return rollback_route(self.spec)  # nothing of the new version is served before its gates and switch
         return self.phases[self._d.phase].route(self.spec)
+
+    def _holding_switch(self) -> bool:
+        """A blue-green switch still waits for its warm-up time or for a person."""
+        d, spec = self._d, self.spec
+        waits = spec.strategy is Strategy.BLUE_GREEN and (spec.warmup > 0 or spec.manual_switch)
+        return waits and not d.switch_open and d.phase == 0 and not d.ever_applied
 
     def status(self) -> dict[str, Any]:
         """What a status call, the CLI or the event stream shows."""
@@ -110,6 +152,7 @@ class Rollout:
             "acknowledged": d.applied_revision is not None and d.applied_revision == d.revision,
             "message": d.message,
             "verdict": None if last is None else last.verdict.value,
+            "gates": d.gates,
             "decisions": [] if last is None else [x.to_dict() for x in last.decisions],
         }
 
@@ -142,6 +185,10 @@ class Rollout:
             if d.to_unload:
                 return Action(Do.UNLOAD, version=d.to_unload[0])
             return Action(Do.NOTHING, reason=d.message)
+        if d.gates == "running":  # the controller watches the gates' operation and calls `gates_done`
+            return Action(Do.WAIT, reason=d.message)
+        if self._holding_switch():
+            return self._before_switch(now)
         route = self.route()
         missing = sorted(route.versions() - set(d.loaded))
         if missing:
@@ -160,6 +207,28 @@ class Rollout:
             # A rollback keeps waiting: it never pauses, the controller keeps pushing the same route.
             return Action(Do.AWAIT_ACK, revision=d.revision, until=until if d.state is State.PROGRESSING else None)
         return self._run_phase(now)
+
+    def _before_switch(self, now: float) -> Action | None:
+        """Loads the new version, keeps it warm for the warm-up time, then waits for a person if asked to."""
+        d, spec = self._d, self.spec
+        if spec.version not in d.loaded:
+            return Action(Do.LOAD, version=spec.version)
+        missing = sorted(self.route().versions() - set(d.loaded))
+        if missing:
+            return Action(Do.LOAD, version=missing[0])
+        warm_at = d.warm_at if d.warm_at is not None else now
+        ready = warm_at + spec.warmup
+        if now < ready:
+            said = f"version {spec.version} warming up: switch after {_fmt_minutes(spec.warmup)} warm"
+            if d.message != said:
+                d.message = said
+                d.updated_at = now
+            return Action(Do.WAIT, until=ready, phase=d.phase)
+        if spec.manual_switch and not d.switch_approved:
+            self._pause(Pause.SWITCH_GATE, f"version {spec.version} is warm; resume (or promote) to switch")
+            return Action(Do.PAUSED, reason=d.message)
+        d.switch_open = True
+        return None
 
     def _run_phase(self, now: float) -> Action | None:
         d, spec = self._d, self.spec
@@ -188,9 +257,11 @@ class Rollout:
     def _analyse_action(self) -> Action:
         d, spec = self._d, self.spec
         phase = self.phases[d.phase]
-        assert spec.analysis is not None
+        # A step's own sample minimum raises the guard: too few judged samples hold it as INCONCLUSIVE.
+        checks = spec.analysis or AnalysisSpec(min_samples=max(phase.min_samples, 1))
+        if phase.min_samples > checks.min_samples:
+            checks = replace(checks, min_samples=phase.min_samples)
         sharing = spec.baseline is not None and phase.weight < 100.0
-        checks = spec.analysis
         if not sharing:  # nothing serves alongside: only absolute limits apply
             checks = replace(checks, max_error_ratio=None, max_latency_p99_ratio=None)
         if phase.mirror <= 0:
@@ -228,6 +299,8 @@ class Rollout:
             d.loaded.append(version)
         if version != self.spec.version:
             return
+        if d.warm_at is None:
+            d.warm_at = self._clock()
         if d.state in (State.ROLLED_BACK, State.FAILED, State.ABORTED) and version not in d.to_unload:
             d.to_unload.append(version)  # a load that finished after the rollout ended
         elif d.state is State.PENDING:
@@ -236,6 +309,66 @@ class Rollout:
         elif d.state is State.PAUSED and d.paused_from is State.PENDING:
             d.paused_from = State.PROGRESSING
             self._event("loaded", f"version {version} loaded and warm")
+
+    def await_gates(self, operation: str) -> None:
+        """The version's promotion gates run as `operation`: nothing is loaded or served before they pass."""
+        self._require(ACTIVE, "await_gates")
+        self._start_gates(operation)
+
+    def gates_done(self, passed: bool, message: str, results: list[dict[str, Any]]) -> bool:
+        """The promotion gates finished: passed (or forced), the rollout goes on to load; failed, it fails with
+        the results and nothing is served. Stale or repeated calls are ignored."""
+        d = self._d
+        if d.gates != "running":
+            return False
+        d.gate_results = [dict(r) for r in results]
+        if passed:
+            d.gates = "passed"
+            self._event("gates_passed", message)
+            if d.state in ACTIVE:
+                d.message = message
+            return True
+        d.gates = "failed"
+        if d.state in ACTIVE:
+            self._finish(State.FAILED, "gates_failed", f"failed at generation {d.generation}: {message}")
+        else:
+            self._event("gates_failed", message)
+        return True
+
+    def health(self, healthy: bool) -> bool:
+        """Whether the new version has a healthy endpoint now; with `on_unhealthy`, none for longer than the
+        grace period rolls back (or pauses, with no baseline or automatic rollback off). True if anything changed."""
+        d, spec = self._d, self.spec
+        watched = (
+            spec.on_unhealthy
+            and d.state in (State.PROGRESSING, State.PAUSED)
+            and d.ever_applied
+            and spec.version in self.route().versions()
+        )
+        if healthy or not watched:
+            changed = d.unhealthy_since is not None
+            d.unhealthy_since = None
+            return changed
+        now = self._clock()
+        if d.unhealthy_since is None:
+            d.unhealthy_since = now
+            return True
+        if now < d.unhealthy_since + spec.unhealthy_grace:
+            return False
+        reason = (
+            f"version {spec.version} has had no healthy endpoint for {_fmt_minutes(now - d.unhealthy_since)} "
+            f"(grace {_fmt_minutes(spec.unhealthy_grace)})"
+        )
+        d.unhealthy_since = None
+        if d.state is State.PAUSED:
+            return False  # already held for a person; the route stays as it is
+        self._event("unhealthy", reason)
+        if spec.baseline is None or not spec.auto_rollback:
+            why = "no baseline to roll back to" if spec.baseline is None else "automatic rollback is off"
+            self._pause(Pause.FAILED_HELD, f"{why}: {reason}")
+        else:
+            self._rollback(reason, "")
+        return True
 
     def load_failed(self, version: int, reason: str) -> None:
         """A version could not be loaded: before any traffic the rollout fails, after it rolls back."""
@@ -325,6 +458,8 @@ class Rollout:
             d.loaded.remove(version)
         if version in d.to_unload:
             d.to_unload.remove(version)
+        if version == self.spec.version:
+            d.warm_at = None
         if d.state not in FINISHED and version in self.route().versions():
             d.serial += 1  # the route needs it again: reload, then publish afresh
             d.revision = d.applied_revision = None
@@ -347,6 +482,8 @@ class Rollout:
         now = self._clock()
         if kind is Pause.STEP_GATE:
             self._advance()
+        elif kind is Pause.SWITCH_GATE:
+            d.switch_approved = True
         elif kind is Pause.ACK_TIMEOUT and d.applied_revision is None:
             self._republish()
         else:
@@ -358,6 +495,12 @@ class Rollout:
         d = self._d
         if self.spec.version not in d.loaded:
             raise RolloutError(f"promote: version {self.spec.version} is not loaded yet")
+        if self._holding_switch():  # promoting a blue-green before its switch means: switch now
+            d.switch_approved = d.switch_open = True
+            self._set(State.PROGRESSING)
+            d.pause = d.paused_from = None
+            self._event("promoted", f"switch now: {reason}", actor=actor)
+            return
         if d.state is State.PAUSED:
             self._set(State.PROGRESSING)
             d.pause = d.paused_from = None
@@ -382,16 +525,28 @@ class Rollout:
             d.finished_at = None
         self._rollback(reason or "undone", actor)
 
-    def retry(self, actor: str, reason: str) -> None:
-        """Starts a rolled-back or failed rollout again from its first phase; the only verb that restarts it."""
+    def retry(self, actor: str, reason: str, *, gate_operation: str = "") -> None:
+        """Starts a rolled-back or failed rollout again from its first phase; the only verb that restarts it.
+
+        After failed gates the caller decides: `gate_operation` runs them again, none means the version passed
+        since (a forced promotion) and the rollout goes on to load.
+        """
         self._require({State.ROLLED_BACK, State.FAILED}, "retry")
         d = self._d
         d.attempt += 1
         d.phase, d.failures, d.last_analysis, d.ever_applied = 0, 0, None, False
         d.to_unload, d.finished_at = [], None
+        d.switch_approved = d.switch_open = False
+        d.unhealthy_since = None
         self._republish()
         self._set(State.PENDING if self.spec.version not in d.loaded else State.PROGRESSING)
         self._event("retried", reason, actor=actor)
+        if d.gates == "failed":
+            if gate_operation:
+                self._start_gates(gate_operation)
+            else:
+                d.gates = "passed"
+                self._event("gates_passed", f"version {self.spec.version} passed its gates since (forced)", actor=actor)
 
     def supersede(self, reason: str, keep_loaded: int | None = None) -> None:
         """Ends an active rollout because a new spec replaces it; the new rollout takes over the route."""
@@ -405,6 +560,12 @@ class Rollout:
     def _require(self, states: frozenset[State] | set[State], verb: str) -> None:
         if self._d.state not in states:
             raise RolloutError(f"{verb}: not possible while the rollout is {self._d.state.value}")
+
+    def _start_gates(self, operation: str) -> None:
+        d = self._d
+        d.gate_operation, d.gates, d.gate_results = operation, "running", []
+        d.message = f"promotion gates running as operation {operation}; the rollout starts once they pass"
+        self._event("gates_started", d.message)
 
     def _complete_phase(self, reason: str, decisions: tuple[Decision, ...] = ()) -> None:
         self._event("phase_completed", f"{self.phases[self._d.phase].name}: {reason}", decisions=decisions)
@@ -461,6 +622,7 @@ class Rollout:
         self._d.updated_at = self._clock()
 
     def _event(self, kind: str, reason: str, *, actor: str = "", decisions: tuple[Decision, ...] = ()) -> None:
+        assert kind in EVENT_KINDS, f"rollout: event kind {kind!r} is not in EVENT_KINDS"
         d = self._d
         d.events.append(Event(self._clock(), kind, d.state, d.phase, reason, actor, decisions))
         d.updated_at = self._clock()

@@ -6,11 +6,13 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chassis.errors import InvalidArgument
 from fresco.api.models.v1 import rollout_pb2 as rpb
+from fresco.api.models.v1.registry_pb2 import GateResult
 from model_manager.actions import State
 from model_manager.analysis import AnalysisSpec, Check, Decision, Verdict
 from model_manager.plans import CanaryStep, RolloutSpec, Strategy
@@ -47,21 +49,29 @@ _STATES: dict[State, rpb.RolloutState.ValueType] = {
     State.ABORTED: rpb.ROLLOUT_STATE_ABORTED,
 }
 _STATE_OF = {v: k for k, v in _STATES.items()}
-# Event kinds the rollout records, as the contract's event types; other kinds travel with their name in the reason.
-_EVENTS: dict[str, rpb.RolloutEventType.ValueType] = {
+# Every event kind the rollout records (rollout.EVENT_KINDS), as the contract's event type.
+EVENT_TYPES: dict[str, rpb.RolloutEventType.ValueType] = {
     "created": rpb.ROLLOUT_EVENT_TYPE_CREATED,
+    "gates_started": rpb.ROLLOUT_EVENT_TYPE_GATES_STARTED,
+    "gates_passed": rpb.ROLLOUT_EVENT_TYPE_GATES_PASSED,
+    "gates_failed": rpb.ROLLOUT_EVENT_TYPE_GATES_FAILED,
     "loaded": rpb.ROLLOUT_EVENT_TYPE_VERSION_READY,
+    "load_failed": rpb.ROLLOUT_EVENT_TYPE_LOAD_FAILED,
     "published": rpb.ROLLOUT_EVENT_TYPE_TRAFFIC_SHIFTED,
+    "applied": rpb.ROLLOUT_EVENT_TYPE_APPLIED,
     "phase_completed": rpb.ROLLOUT_EVENT_TYPE_STEP_COMPLETED,
     "analysis_failed": rpb.ROLLOUT_EVENT_TYPE_ANALYSIS_FAILED,
+    "unhealthy": rpb.ROLLOUT_EVENT_TYPE_UNHEALTHY,
     "paused": rpb.ROLLOUT_EVENT_TYPE_PAUSED,
     "resumed": rpb.ROLLOUT_EVENT_TYPE_RESUMED,
-    "succeeded": rpb.ROLLOUT_EVENT_TYPE_SUCCEEDED,
+    "promoted": rpb.ROLLOUT_EVENT_TYPE_PROMOTED,
+    "rollback_started": rpb.ROLLOUT_EVENT_TYPE_ROLLBACK_STARTED,
     "rolled_back": rpb.ROLLOUT_EVENT_TYPE_ROLLED_BACK,
-    "failed": rpb.ROLLOUT_EVENT_TYPE_FAILED,
-    "load_failed": rpb.ROLLOUT_EVENT_TYPE_FAILED,
-    "superseded": rpb.ROLLOUT_EVENT_TYPE_ABORTED,
+    "succeeded": rpb.ROLLOUT_EVENT_TYPE_SUCCEEDED,
+    "retried": rpb.ROLLOUT_EVENT_TYPE_RETRIED,
+    "superseded": rpb.ROLLOUT_EVENT_TYPE_SUPERSEDED,
 }
+DEFAULT_UNHEALTHY_GRACE_S = 30.0
 
 
 def state_value(state: State) -> rpb.RolloutState.ValueType:
@@ -149,16 +159,16 @@ def rollout_spec(
     limit = DEFAULT_INCONCLUSIVE_LIMIT_S
     if kind == "blue_green":
         bg = strategy.blue_green
-        for name, used in (
-            ("warmup", bg.HasField("warmup")),
-            ("warmup_requests", bg.warmup_requests != 0),
-            ("manual_switch", bg.manual_switch),
-        ):
-            if used:
-                raise InvalidArgument(f"{where}.{name}: not supported; the version is warm when it is loaded")
+        if bg.warmup_requests:
+            raise InvalidArgument(
+                f"{where}.warmup_requests: not supported; a version is warm once loaded (its warm-up requests run "
+                "at load), use warmup for a minimum time warm before the switch"
+            )
         args.update(
             strategy=Strategy.BLUE_GREEN,
             keep_previous_for=_seconds(f"{where}.keep_previous_for", bg.keep_previous_for, 0.0),
+            warmup=_seconds(f"{where}.warmup", bg.warmup, 0.0),
+            manual_switch=bg.manual_switch,
         )
         if bg.HasField("analysis"):
             analysis, limit = _analysis(f"{where}.analysis", bg.analysis)
@@ -166,12 +176,10 @@ def rollout_spec(
         c = strategy.canary
         steps = []
         for i, s in enumerate(c.steps):
-            if s.min_samples:
-                raise InvalidArgument(
-                    f"{where}.steps[{i}].min_samples: not supported per step; use analysis.min_samples"
-                )
+            if s.min_samples < 0:
+                raise InvalidArgument(f"{where}.steps[{i}].min_samples: expected a count of at least 0")
             dwell = _seconds(f"{where}.steps[{i}].duration", s.duration, 0.0)
-            steps.append(CanaryStep(s.traffic_percent, dwell, s.mirror_percent, s.pause))
+            steps.append(CanaryStep(s.traffic_percent, dwell, s.mirror_percent, s.pause, int(s.min_samples)))
         args.update(strategy=Strategy.CANARY, steps=tuple(steps))
         args["analysis_interval"] = _seconds(
             f"{where}.analysis_interval", c.analysis_interval, DEFAULT_ANALYSIS_INTERVAL_S
@@ -193,11 +201,11 @@ def rollout_spec(
         raise InvalidArgument(f"{field}: expected one of blue_green, canary or shadow")
     failure_limit, auto = 1, True
     if auto_rollback is not None:
-        if auto_rollback.on_unhealthy:
-            raise InvalidArgument("auto_rollback.on_unhealthy: not supported; unhealthy endpoints leave the route")
         if auto_rollback.consecutive_failures < 0:
             raise InvalidArgument("auto_rollback.consecutive_failures: expected a count of at least 0")
         auto, failure_limit = auto_rollback.enabled, auto_rollback.consecutive_failures or 1
+        grace = _seconds("auto_rollback.unhealthy_grace", auto_rollback.unhealthy_grace, DEFAULT_UNHEALTHY_GRACE_S)
+        args.update(on_unhealthy=auto_rollback.on_unhealthy, unhealthy_grace=grace)
     try:
         return RolloutSpec(
             model=model,
@@ -213,6 +221,8 @@ def rollout_spec(
         text = str(err)
         if text.startswith(("model", "version", "baseline")):
             raise InvalidArgument(text) from None
+        if text.startswith("unhealthy_grace"):
+            raise InvalidArgument(f"auto_rollback.{text}") from None
         raise InvalidArgument(f"{where}.{text}") from None
 
 
@@ -244,7 +254,11 @@ def strategy_message(spec: RolloutSpec) -> rpb.RolloutStrategy:
     """A spec's strategy as the message it came from."""
     a = spec.analysis
     if spec.strategy is Strategy.BLUE_GREEN:
-        bg = rpb.BlueGreenStrategy(keep_previous_for=_duration(spec.keep_previous_for))
+        bg = rpb.BlueGreenStrategy(
+            keep_previous_for=_duration(spec.keep_previous_for),
+            warmup=_duration(spec.warmup),
+            manual_switch=spec.manual_switch,
+        )
         if a is not None:
             bg.analysis.CopyFrom(_thresholds(a, spec.inconclusive_limit))
         return rpb.RolloutStrategy(blue_green=bg)
@@ -252,7 +266,11 @@ def strategy_message(spec: RolloutSpec) -> rpb.RolloutStrategy:
         c = rpb.CanaryStrategy(
             steps=[
                 rpb.CanaryStep(
-                    traffic_percent=s.weight, duration=_duration(s.dwell), pause=s.pause_after, mirror_percent=s.mirror
+                    traffic_percent=s.weight,
+                    duration=_duration(s.dwell),
+                    pause=s.pause_after,
+                    mirror_percent=s.mirror,
+                    min_samples=s.min_samples,
                 )
                 for s in spec.steps
             ],
@@ -277,7 +295,7 @@ def analysis_result(decision: Decision, version: int, step: int) -> rpb.Analysis
         check=_CHECKS.get(decision.check, rpb.ANALYSIS_CHECK_UNSPECIFIED),
         version=version,
         measured_value=_float(decision.measured),
-        baseline_value=_float(decision.baseline),
+        baseline_value=0.0 if decision.baseline is None else float(decision.baseline),  # never NaN: 0 and n=0
         threshold=_float(decision.threshold),
         passed=decision.verdict is Verdict.PASSED,
         sample_count=decision.samples,
@@ -295,11 +313,24 @@ def analysis_result(decision: Decision, version: int, step: int) -> rpb.Analysis
     return result
 
 
+def gate_result(stored: Mapping[str, Any]) -> GateResult:
+    """A gate result the rollout keeps (a GateResult's JSON form, its backtest report left out) as the message."""
+    return json_format.ParseDict(dict(stored), GateResult(), ignore_unknown_fields=True)
+
+
+def stored_gate_result(result: GateResult) -> dict[str, Any]:
+    """A gate result as the rollout keeps it: JSON, without the full backtest report (in the operation)."""
+    kept = GateResult()
+    kept.CopyFrom(result)
+    kept.ClearField("backtest")
+    return json_format.MessageToDict(kept)
+
+
 def event_messages(rollout: Rollout, start: int = 0) -> list[rpb.RolloutEvent]:
     """The rollout's events from index `start` on, oldest first."""
     out = []
     for e in rollout.events[start:]:
-        kind = _EVENTS.get(e.kind, rpb.ROLLOUT_EVENT_TYPE_UNSPECIFIED)
+        kind = EVENT_TYPES.get(e.kind, rpb.ROLLOUT_EVENT_TYPE_UNSPECIFIED)
         reason = e.reason if kind != rpb.ROLLOUT_EVENT_TYPE_UNSPECIFIED else f"{e.kind}: {e.reason}"
         message = rpb.RolloutEvent(
             type=kind,
@@ -334,7 +365,12 @@ def rollout_message(
         version=spec.version,
         baseline_version=spec.baseline or 0,
         strategy=strategy_message(spec),
-        auto_rollback=rpb.AutoRollbackPolicy(enabled=spec.auto_rollback, consecutive_failures=spec.failure_limit),
+        auto_rollback=rpb.AutoRollbackPolicy(
+            enabled=spec.auto_rollback,
+            consecutive_failures=spec.failure_limit,
+            on_unhealthy=spec.on_unhealthy,
+            unhealthy_grace=_duration(spec.unhealthy_grace),
+        ),
         state=_STATES[rollout.state],
         current_step_index=rollout.phase if spec.strategy is Strategy.CANARY else 0,
         step_count=len(spec.steps),
@@ -367,6 +403,8 @@ def rollout_message(
             for n in reversed(nacks or [])
         ],
         revision=revision,
+        gate_operation_id=rollout.gate_operation,
+        gate_results=[gate_result(r) for r in rollout.gate_results],
     )
     for name, seconds in (
         ("created_at", raw["created_at"]),

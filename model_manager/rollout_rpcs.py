@@ -148,14 +148,16 @@ class RolloutRpcs:
     async def WatchRollout(
         self, request: pb.WatchRolloutRequest, context: Context
     ) -> AsyncIterator[pb.WatchRolloutResponse]:
-        """The rollout's status now (or, resuming, its first change after that revision), then every change."""
+        """The rollout's status now (or, resuming, its first change after that revision), then every change; each
+        message's new_events are only the events stored after the revision the watcher last saw."""
         runtime = self._runtime()
         verbs, controller = runtime.verbs, runtime.controller
         if request.resume_after_revision < 0:
             raise InvalidArgument("resume_after_revision: expected 0 or a revision the watch sent")
         entry = await verbs.find(request.rollout_id, request.model_name)
         rollout_id = entry.rollout.rollout_id
-        sent_revision, sent_events = request.resume_after_revision, 0
+        sent_revision = request.resume_after_revision
+        sent_events = entry.events_at(sent_revision)  # the events the watcher already has
         while True:
             changed = controller.changed(rollout_id)  # taken before reading, so no change falls in between
             entry = await verbs.find(rollout_id)

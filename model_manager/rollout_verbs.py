@@ -13,10 +13,12 @@ from dataclasses import dataclass
 
 from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.models.v1 import routing_pb2 as rtpb
+from fresco.api.models.v1.model_manager_service_pb2 import Deployment
 from model_manager.actions import ACTIVE, State
 from model_manager.controller import Entry, RolloutController
 from model_manager.lifecycle import Stage
 from model_manager.plans import RolloutSpec
+from model_manager.promotions import PromoteRequest
 from model_manager.reconcile import Applied, Outcome, apply
 from model_manager.rollout import RolloutError
 from model_manager.window_codec import decode_window
@@ -87,8 +89,10 @@ class RolloutVerbs:
         labels: Mapping[str, str] | None = None,
         supersede: bool = False,
         generation: int | None = None,
+        gate_operation: str = "",
     ) -> tuple[Applied, Entry]:
-        """Starts a rollout of `spec` (the same spec again does not restart one that was rolled back)."""
+        """Starts a rollout of `spec` (the same spec again does not restart one that was rolled back); a new one
+        first waits for the promotion gates running as `gate_operation`, if given."""
         c = self._running()
         async with c.lock:
             current = c.entries.get(c.latest.get(spec.model, ""))
@@ -108,6 +112,8 @@ class RolloutVerbs:
             if applied.outcome in (Outcome.UNCHANGED, Outcome.HELD):
                 assert current is not None
                 return applied, current
+            if gate_operation:
+                applied.rollout.await_gates(gate_operation)
             entry = Entry(applied.rollout, 0, identity, reason, dict(labels or {}))
             if current is not None and applied.superseded is not None:
                 await c.save(current, identity)
@@ -135,8 +141,13 @@ class RolloutVerbs:
                     f"rollout_id: {rollout_id} is not the latest rollout of {r.spec.model} ({latest} is); "
                     f"{verb} applies to the latest only"
                 )
+            operation = ""
+            if verb == "retry" and r.gates == "failed" and r.state in (State.ROLLED_BACK, State.FAILED):
+                operation = await self._gates_again(r.spec.model, r.spec.version, r.gate_operation, identity)
             try:
-                if verb == "promote":
+                if verb == "retry":
+                    r.retry(identity, reason, gate_operation=operation)
+                elif verb == "promote":
                     r.promote(identity, reason, full=full)
                 elif verb == "resume" and full:
                     r.promote(identity, reason, full=True)
@@ -148,6 +159,26 @@ class RolloutVerbs:
             await c.save(entry, identity)
         c.wake()
         return entry
+
+    async def _gates_again(self, model: str, version: int, last: str, identity: str) -> str:
+        """Before retrying a rollout whose gates failed: "" when the version passed since (forced), or the new
+        operation running them again when the last run ended without a verdict (say, a restart)."""
+        record = await asyncio.to_thread(self.registry.get_version, model, version)
+        if record.stage in DEPLOYABLE:
+            return ""
+        if record.stage is Stage.REJECTED:
+            raise FailedPrecondition(
+                f"rollout_id: version {version} of {model} was rejected by its promotion gates (operation {last}); "
+                "PromoteModelVersion with force and a reason overrides them (audited), then retry"
+            )
+        promotions = self.controller.gates
+        if record.stage is not Stage.REGISTERED or promotions is None:
+            raise FailedPrecondition(f"rollout_id: version {version} of {model} is {record.stage.value}; retry once "
+                                     "its promotion is done")  # fmt: skip
+        stored = await asyncio.to_thread(self.store.deployment, model)
+        gates = Deployment.FromString(stored.spec).gates if stored is not None else None
+        request = PromoteRequest(model, version, Stage.CANDIDATE, gates, reason=f"retry after operation {last}")
+        return (await promotions.start(request, identity)).operation_id
 
     # --- metric windows -----------------------------------------------------------------------------------
 

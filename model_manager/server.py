@@ -77,7 +77,9 @@ class ModelManager:
         self.servicer.promotions = await self._promotions(registry, store)
         rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
         metrics = MetricsConfig(window_seconds=self.settings.metrics_window_s)
-        self.controller = RolloutController(rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics)
+        self.controller = RolloutController(
+            rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions
+        )
         await self.controller.start()
         self.servicer.rollouts = RolloutRuntime.of(self.controller, self.ads)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)

@@ -41,15 +41,25 @@ class LocalFleet:
     refuse: set[int] = field(default_factory=set)
     released: list[tuple[str, int]] = field(default_factory=list)
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    placements: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # (replicas, max_replicas) asked
+    sick: set[int] = field(default_factory=set)  # versions the fleet placed whose predictors are not ready
 
-    async def ensure_loaded(self, model: str, version: int, *, replicas: int = 1) -> tuple[Endpoint, ...]:
+    async def ensure_loaded(
+        self, model: str, version: int, *, replicas: int = 1, max_replicas: int = 0
+    ) -> tuple[Endpoint, ...]:
+        self.placements[(model, version)] = (replicas, max_replicas)
         if version in self.refuse:
             raise FailedPrecondition(f"no predictor has room for {model} version {version}")
         self.warm[(model, version)] = (Endpoint("127.0.0.1", 9000 + version),)
         return self.warm[(model, version)]
 
     def warm_endpoints(self, model: str, version: int) -> tuple[Endpoint, ...]:
-        return self.warm.get((model, version), ())
+        return () if version in self.sick else self.warm.get((model, version), ())
+
+    def changed(self) -> None:
+        """Tell the manager some version's warm endpoints changed, as the fleet does on a heartbeat."""
+        for callback in self.callbacks:
+            callback()
 
     def predictor_model_name(self, model: str, version: int) -> str:
         return model

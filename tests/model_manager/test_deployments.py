@@ -103,6 +103,14 @@ async def test_apply_refuses_unknown_and_invalid_fields_by_name(tmp_path: Path) 
                 model_name=model, version=2, strategy=canary(rpb.CanaryStep(traffic_percent=150))
             ),
             "deployment.replicas": deployment(model, replicas=-1),
+            "deployment.strategy.blue_green.warmup_requests": pb.Deployment(
+                model_name=model,
+                version=2,
+                strategy=rpb.RolloutStrategy(blue_green=rpb.BlueGreenStrategy(warmup_requests=100)),
+            ),
+            "deployment.strategy.canary.steps[0].min_samples": pb.Deployment(
+                model_name=model, version=2, strategy=canary(rpb.CanaryStep(traffic_percent=10, min_samples=-1))
+            ),
         }
         for name, bad in cases.items():
             err = await refused(stub.ApplyDeployment(pb.ApplyDeploymentRequest(deployment=bad)))

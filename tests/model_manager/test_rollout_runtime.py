@@ -183,9 +183,10 @@ async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) ->
         assert mm.registry.get_model(model).production_version == 1
 
         # The watch saw every change in order, each with a larger revision; the actors are the caller's identity.
-        revisions, kinds, actors = [first.revision], [], set()
+        revisions, kinds, actors, messages = [first.revision], [], set(), [first]
         while True:
             msg = await next_update(watch)
+            messages.append(msg)
             revisions.append(msg.revision)
             kinds += [e.type for e in msg.new_events]
             actors |= {e.actor for e in msg.new_events if e.type == rpb.ROLLOUT_EVENT_TYPE_PAUSED}
@@ -196,10 +197,18 @@ async def test_verbs_pause_resume_promote_then_undo_and_watch(tmp_path: Path) ->
         assert rpb.ROLLOUT_EVENT_TYPE_RESUMED in kinds
         assert rpb.ROLLOUT_EVENT_TYPE_ROLLED_BACK in kinds
         assert actors == {"anonymous"}
-        # A watch resumed after a revision starts with the status as it is now, which is later than that revision.
-        resumed = stub.WatchRollout(pb.WatchRolloutRequest(rollout_id=rid, resume_after_revision=revisions[-2]))
-        assert (await next_update(resumed)).revision >= revisions[-1]
-        resumed.cancel()
+        # A watch resumed after a revision starts with the status as it is now, which is later than that revision,
+        # and with only the events stored after it.
+        seen = [e for m in messages for e in m.new_events]
+        assert seen == list(messages[-1].rollout.events), "the watch sent every event once, in order"
+        for after in (revisions[-2], first.revision, 0):
+            resumed = stub.WatchRollout(pb.WatchRolloutRequest(rollout_id=rid, resume_after_revision=after))
+            again = await next_update(resumed)
+            resumed.cancel()
+            assert again.revision >= revisions[-1]
+            expected = [e for m in messages if m.revision > after for e in m.new_events]
+            assert list(again.new_events) == expected, f"resumed after revision {after}"
+        assert 0 < len(messages[-1].new_events) < len(messages[-1].rollout.events)
         listed = await stub.ListRollouts(
             pb.ListRolloutsRequest(model_name=model, states=[rpb.ROLLOUT_STATE_ROLLED_BACK])
         )

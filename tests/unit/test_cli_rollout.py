@@ -173,6 +173,11 @@ def test_strategy_step_and_traffic() -> None:
     assert "steps       ██ 2/2 done" in text(rollout_view(rollout)).splitlines()[3]
     blue = ro.RolloutStrategy(blue_green=ro.BlueGreenStrategy(keep_previous_for=duration_pb2.Duration(seconds=5400)))
     assert strategy_text(blue) == "blue-green, previous kept 1h30m"
+    blue.blue_green.warmup.FromSeconds(300)
+    blue.blue_green.manual_switch = True
+    assert strategy_text(blue) == "blue-green, warm-up 5m, manual switch, previous kept 1h30m"
+    counted = ro.RolloutStrategy(canary=ro.CanaryStrategy(steps=[ro.CanaryStep(traffic_percent=10, min_samples=500)]))
+    assert strategy_text(counted) == "canary 10% (n≥500) → 100%"
     assert strategy_text(ro.RolloutStrategy(shadow=ro.ShadowStrategy(mirror_percent=20))) == "shadow, 20% mirrored"
     assert step_text(ro.Rollout(strategy=blue)) == ""
     assert traffic_text(ro.Rollout()) == "no traffic"
@@ -319,3 +324,44 @@ def test_only_a_canary_shows_a_step_bar() -> None:
     lines = text(rollout_view(blue)).splitlines()
     assert not any(line.startswith("steps") for line in lines)
     assert any(line.startswith("state       ROLLED_BACK") for line in lines)
+
+
+def test_the_full_traffic_phase_after_the_steps_says_full() -> None:
+    rollout = rolled_back()
+    rollout.current_step_index = 2  # the phase after the last of the 2 steps
+    rollout.state = ro.ROLLOUT_STATE_PROGRESSING
+    assert step_text(rollout) == "full"
+    assert "state       PROGRESSING · full" in [line.rstrip() for line in text(rollout_view(rollout)).splitlines()]
+    assert "step 3/2" not in rollout_summary(rollout)
+    rollout.state = ro.ROLLOUT_STATE_SUCCEEDED
+    assert rollout_summary(rollout).startswith("demo v3 (baseline v2): SUCCEEDED, full, ")
+
+
+def test_a_decision_without_a_baseline_shows_none() -> None:
+    alone = failed_error_rate()
+    alone.baseline_value, alone.baseline_sample_count = 0.0, 0
+    assert decision_text(alone).startswith("FAILED v3 error_rate 0.21 > 0.05 (n=812, min 100) window")
+    assert "baseline" not in decision_text(alone)
+    assert "baseline 0.001 n=7300" in decision_text(failed_error_rate())
+
+
+def test_a_check_without_a_measure_shows_only_its_detail() -> None:
+    schema = rpb.GateResult(
+        name="schema.artifact", type=rpb.GATE_TYPE_SCHEMA, passed=True, detail="loads; 1 inputs match the signature"
+    )
+    assert gate_text(schema) == "PASS schema.artifact: loads; 1 inputs match the signature"
+    bare = rpb.GateResult(name="schema.features", passed=False, detail="feature f9 is in no view")
+    assert gate_text(bare) == "FAIL schema.features: feature f9 is in no view"
+    assert gate_text(rpb.GateResult(name="schema.x", passed=True)) == "PASS schema.x: passed"
+    zero_threshold = rpb.GateResult(name="backtest.dataset", type=rpb.GATE_TYPE_BACKTEST, measured_value=1000)
+    assert gate_text(zero_threshold) == "FAIL backtest.dataset: 1000 vs threshold 0"
+
+
+def test_the_view_shows_the_gates_a_rollout_waited_for() -> None:
+    rollout = rolled_back()
+    rollout.gate_operation_id = "op-7"
+    rollout.gate_results.add(name="backtest.auc.min_value", type=rpb.GATE_TYPE_BACKTEST, measured_value=0.61,
+                             threshold=0.8, detail="auc 0.61 < 0.8")  # fmt: skip
+    lines = [line.rstrip() for line in text(rollout_view(rollout)).splitlines()]
+    assert "gates       operation op-7" in lines
+    assert "  FAIL backtest.auc.min_value: 0.61 vs threshold 0.8 (auc 0.61 < 0.8)" in lines

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from google.protobuf import duration_pb2
 
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.api.models.v1 import rollout_pb2 as ro
@@ -48,7 +49,7 @@ models:
           min_samples: 100
           inconclusive_limit: 30m
           score_output: probabilities
-    auto_rollback: {consecutive_failures: 2}
+    auto_rollback: {consecutive_failures: 2, on_unhealthy: true, unhealthy_grace: 45s}
     gates:
       schema: {check_feature_refs: true}
       backtest:
@@ -125,7 +126,9 @@ def test_a_full_file_maps_onto_the_contract(tmp_path: Path) -> None:
         1800,
         "probabilities",
     )
-    assert deployment.auto_rollback == ro.AutoRollbackPolicy(enabled=True, consecutive_failures=2)
+    assert deployment.auto_rollback == ro.AutoRollbackPolicy(
+        enabled=True, consecutive_failures=2, on_unhealthy=True, unhealthy_grace=duration_pb2.Duration(seconds=45)
+    )
     gates = deployment.gates
     assert gates.schema.check_feature_refs
     assert (gates.backtest.dataset_uri, gates.backtest.metric, gates.backtest.min_value) == (

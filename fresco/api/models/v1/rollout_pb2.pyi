@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from fresco.api.models.v1 import registry_pb2 as _registry_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
@@ -185,6 +186,26 @@ class _RolloutEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Roll
     """ROLLOUT_EVENT_TYPE_FAILED means the rollout failed."""
     ROLLOUT_EVENT_TYPE_ABORTED: _RolloutEventType.ValueType  # 12
     """ROLLOUT_EVENT_TYPE_ABORTED means the rollout was aborted."""
+    ROLLOUT_EVENT_TYPE_APPLIED: _RolloutEventType.ValueType  # 13
+    """ROLLOUT_EVENT_TYPE_APPLIED means the gateways acknowledged the route revision carrying the current step."""
+    ROLLOUT_EVENT_TYPE_ROLLBACK_STARTED: _RolloutEventType.ValueType  # 14
+    """ROLLOUT_EVENT_TYPE_ROLLBACK_STARTED means traffic is being returned to the baseline; the reason says why."""
+    ROLLOUT_EVENT_TYPE_PROMOTED: _RolloutEventType.ValueType  # 15
+    """ROLLOUT_EVENT_TYPE_PROMOTED means an operator skipped a step or went straight to full traffic."""
+    ROLLOUT_EVENT_TYPE_RETRIED: _RolloutEventType.ValueType  # 16
+    """ROLLOUT_EVENT_TYPE_RETRIED means RetryRollout started the rollout again from its first step."""
+    ROLLOUT_EVENT_TYPE_SUPERSEDED: _RolloutEventType.ValueType  # 17
+    """ROLLOUT_EVENT_TYPE_SUPERSEDED means a newer rollout of the model replaced this one."""
+    ROLLOUT_EVENT_TYPE_LOAD_FAILED: _RolloutEventType.ValueType  # 18
+    """ROLLOUT_EVENT_TYPE_LOAD_FAILED means a version could not be loaded onto the predictors."""
+    ROLLOUT_EVENT_TYPE_GATES_STARTED: _RolloutEventType.ValueType  # 19
+    """ROLLOUT_EVENT_TYPE_GATES_STARTED means the version's promotion gates run before any traffic."""
+    ROLLOUT_EVENT_TYPE_GATES_PASSED: _RolloutEventType.ValueType  # 20
+    """ROLLOUT_EVENT_TYPE_GATES_PASSED means the promotion gates passed (or were forced) and the rollout may load."""
+    ROLLOUT_EVENT_TYPE_GATES_FAILED: _RolloutEventType.ValueType  # 21
+    """ROLLOUT_EVENT_TYPE_GATES_FAILED means a promotion gate failed; nothing was served."""
+    ROLLOUT_EVENT_TYPE_UNHEALTHY: _RolloutEventType.ValueType  # 22
+    """ROLLOUT_EVENT_TYPE_UNHEALTHY means the new version had no healthy endpoint for longer than the grace period."""
 
 class RolloutEventType(_RolloutEventType, metaclass=_RolloutEventTypeEnumTypeWrapper):
     """RolloutEventType is the kind of a rollout history event."""
@@ -215,6 +236,26 @@ ROLLOUT_EVENT_TYPE_FAILED: RolloutEventType.ValueType  # 11
 """ROLLOUT_EVENT_TYPE_FAILED means the rollout failed."""
 ROLLOUT_EVENT_TYPE_ABORTED: RolloutEventType.ValueType  # 12
 """ROLLOUT_EVENT_TYPE_ABORTED means the rollout was aborted."""
+ROLLOUT_EVENT_TYPE_APPLIED: RolloutEventType.ValueType  # 13
+"""ROLLOUT_EVENT_TYPE_APPLIED means the gateways acknowledged the route revision carrying the current step."""
+ROLLOUT_EVENT_TYPE_ROLLBACK_STARTED: RolloutEventType.ValueType  # 14
+"""ROLLOUT_EVENT_TYPE_ROLLBACK_STARTED means traffic is being returned to the baseline; the reason says why."""
+ROLLOUT_EVENT_TYPE_PROMOTED: RolloutEventType.ValueType  # 15
+"""ROLLOUT_EVENT_TYPE_PROMOTED means an operator skipped a step or went straight to full traffic."""
+ROLLOUT_EVENT_TYPE_RETRIED: RolloutEventType.ValueType  # 16
+"""ROLLOUT_EVENT_TYPE_RETRIED means RetryRollout started the rollout again from its first step."""
+ROLLOUT_EVENT_TYPE_SUPERSEDED: RolloutEventType.ValueType  # 17
+"""ROLLOUT_EVENT_TYPE_SUPERSEDED means a newer rollout of the model replaced this one."""
+ROLLOUT_EVENT_TYPE_LOAD_FAILED: RolloutEventType.ValueType  # 18
+"""ROLLOUT_EVENT_TYPE_LOAD_FAILED means a version could not be loaded onto the predictors."""
+ROLLOUT_EVENT_TYPE_GATES_STARTED: RolloutEventType.ValueType  # 19
+"""ROLLOUT_EVENT_TYPE_GATES_STARTED means the version's promotion gates run before any traffic."""
+ROLLOUT_EVENT_TYPE_GATES_PASSED: RolloutEventType.ValueType  # 20
+"""ROLLOUT_EVENT_TYPE_GATES_PASSED means the promotion gates passed (or were forced) and the rollout may load."""
+ROLLOUT_EVENT_TYPE_GATES_FAILED: RolloutEventType.ValueType  # 21
+"""ROLLOUT_EVENT_TYPE_GATES_FAILED means a promotion gate failed; nothing was served."""
+ROLLOUT_EVENT_TYPE_UNHEALTHY: RolloutEventType.ValueType  # 22
+"""ROLLOUT_EVENT_TYPE_UNHEALTHY means the new version had no healthy endpoint for longer than the grace period."""
 Global___RolloutEventType: _TypeAlias = RolloutEventType  # noqa: Y015
 
 @_typing.final
@@ -521,22 +562,28 @@ class AutoRollbackPolicy(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
     ON_UNHEALTHY_FIELD_NUMBER: _builtins.int
+    UNHEALTHY_GRACE_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     """enabled turns automatic rollback on."""
     consecutive_failures: _builtins.int
     """consecutive_failures is the number of consecutive failed analysis rounds that trigger rollback; 0 means 1."""
     on_unhealthy: _builtins.bool
     """on_unhealthy also rolls back when the new version has no healthy predictor endpoint."""
+    @_builtins.property
+    def unhealthy_grace(self) -> _duration_pb2.Duration:
+        """unhealthy_grace is how long the new version may have no healthy endpoint before on_unhealthy rolls back; unset means 30 seconds."""
+
     def __init__(
         self,
         *,
         enabled: _builtins.bool = ...,
         consecutive_failures: _builtins.int = ...,
         on_unhealthy: _builtins.bool = ...,
+        unhealthy_grace: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["unhealthy_grace", b"unhealthy_grace"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "enabled", b"enabled", "on_unhealthy", b"on_unhealthy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "enabled", b"enabled", "on_unhealthy", b"on_unhealthy", "unhealthy_grace", b"unhealthy_grace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -593,6 +640,8 @@ class Rollout(_message.Message):
     APPLIED_REVISION_FIELD_NUMBER: _builtins.int
     XDS_NACKS_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    GATE_OPERATION_ID_FIELD_NUMBER: _builtins.int
+    GATE_RESULTS_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     """rollout_id is the unique rollout identifier."""
     model_name: _builtins.str
@@ -623,6 +672,8 @@ class Rollout(_message.Message):
     """applied_revision is the latest revision every watching gateway acknowledged; 0 when none."""
     revision: _builtins.int
     """revision is the status revision; it grows with every change."""
+    gate_operation_id: _builtins.str
+    """gate_operation_id is the promotion operation running the version's gates before any traffic; empty when none ran."""
     @_builtins.property
     def strategy(self) -> Global___RolloutStrategy:
         """strategy is the rollout strategy."""
@@ -663,6 +714,10 @@ class Rollout(_message.Message):
     def xds_nacks(self) -> _containers.RepeatedCompositeFieldContainer[Global___XdsNack]:
         """xds_nacks are the xDS rejections seen for the rollout's resources, newest first."""
 
+    @_builtins.property
+    def gate_results(self) -> _containers.RepeatedCompositeFieldContainer[_registry_pb2.GateResult]:
+        """gate_results are the results of those gates once they are done, each with its measure, threshold and detail."""
+
     def __init__(
         self,
         *,
@@ -691,10 +746,12 @@ class Rollout(_message.Message):
         applied_revision: _builtins.int = ...,
         xds_nacks: _abc.Iterable[Global___XdsNack] | None = ...,
         revision: _builtins.int = ...,
+        gate_operation_id: _builtins.str = ...,
+        gate_results: _abc.Iterable[_registry_pb2.GateResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rollback", b"auto_rollback", "created_at", b"created_at", "finished_at", b"finished_at", "strategy", b"strategy", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis_results", b"analysis_results", "applied_revision", b"applied_revision", "attempt", b"attempt", "auto_rollback", b"auto_rollback", "baseline_version", b"baseline_version", "created_at", b"created_at", "current_step_index", b"current_step_index", "events", b"events", "finished_at", b"finished_at", "generation", b"generation", "initiated_by", b"initiated_by", "labels", b"labels", "message", b"message", "model_name", b"model_name", "published_revision", b"published_revision", "reason", b"reason", "revision", b"revision", "rollout_id", b"rollout_id", "state", b"state", "step_count", b"step_count", "strategy", b"strategy", "traffic", b"traffic", "updated_at", b"updated_at", "version", b"version", "xds_nacks", b"xds_nacks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["analysis_results", b"analysis_results", "applied_revision", b"applied_revision", "attempt", b"attempt", "auto_rollback", b"auto_rollback", "baseline_version", b"baseline_version", "created_at", b"created_at", "current_step_index", b"current_step_index", "events", b"events", "finished_at", b"finished_at", "gate_operation_id", b"gate_operation_id", "gate_results", b"gate_results", "generation", b"generation", "initiated_by", b"initiated_by", "labels", b"labels", "message", b"message", "model_name", b"model_name", "published_revision", b"published_revision", "reason", b"reason", "revision", b"revision", "rollout_id", b"rollout_id", "state", b"state", "step_count", b"step_count", "strategy", b"strategy", "traffic", b"traffic", "updated_at", b"updated_at", "version", b"version", "xds_nacks", b"xds_nacks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
