@@ -137,8 +137,10 @@ class Promotions:
                 # Done for good: a watcher still waiting on this event re-reads within WATCH_POLL_S and stops too.
                 self._changed.pop(operation_id, None)
                 return
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow the cancel of a closing stream.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), WATCH_POLL_S)
+                async with asyncio.timeout(WATCH_POLL_S):
+                    await changed.wait()
 
     async def recover(self) -> int:
         """At start: fail the operations a stopped or crashed manager left running and put their versions back."""
