@@ -220,6 +220,7 @@ class Promotions:
         operation.gate_results.extend(results)
         operation.passed = not failed
         if operation.dry_run:
+            await self.runner.release_measured(operation.model_name, operation.version)
             await self._finish(operation, rpb.OPERATION_STATE_SUCCEEDED)
             return
         details = {"operation_id": operation.operation_id, "gates": "failed" if failed else "passed"}
@@ -235,6 +236,7 @@ class Promotions:
                 self.registry.set_stage, name, number, Stage.REJECTED, identity, request.reason, details, results
             )
             operation.stage = stage_value(record.stage)
+            await self.runner.release_measured(name, number)
             await self._finish(operation, rpb.OPERATION_STATE_FAILED, f"gates failed: {summary(results)}")
             return
         if failed:

@@ -66,3 +66,15 @@ def score_reference(registry: Registry, model: str, version: int, output: str) -
             except WindowError:
                 return None
     return None
+
+
+def score_bins(registry: Registry, model: str, version: int, output: str) -> tuple[str, tuple[float, ...]]:
+    """The score output's name (`output`, or the version's first output) and its training histogram's bucket bounds;
+    no bounds when the version has no such histogram."""
+    try:
+        record = registry.get_version(model, version)
+    except FrescoError:
+        return output, ()
+    name = output or (record.signature.outputs[0].name if record.signature.outputs else "")
+    reference = score_reference(registry, model, version, name)
+    return name, (reference.bounds if reference is not None else ())

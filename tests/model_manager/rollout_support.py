@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Set
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,7 @@ class LocalFleet:
     refuse: set[int] = field(default_factory=set)
     released: list[tuple[str, int]] = field(default_factory=list)
     callbacks: list[Callable[[], None]] = field(default_factory=list)
+    retained: frozenset[tuple[str, int]] = frozenset()
 
     async def ensure_loaded(self, model: str, version: int, *, replicas: int = 1) -> tuple[Endpoint, ...]:
         if version in self.refuse:
@@ -60,6 +61,9 @@ class LocalFleet:
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self.callbacks.append(callback)
+
+    def retain(self, wanted: Set[tuple[str, int]]) -> None:
+        self.retained = frozenset(wanted)
 
 
 @dataclass
