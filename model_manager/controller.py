@@ -179,8 +179,11 @@ class RolloutController:
                 log.exception("rollout controller: a pass failed; trying again")
                 deadline = self.clock() + ERROR_BACKOFF_S
             timeout = IDLE_RECHECK_S if deadline is None else min(max(deadline - self.clock(), 0.0), IDLE_RECHECK_S)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that lands as the wake-up does, and
+            # stop() would then wait forever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     # --- one pass -----------------------------------------------------------------------------------------
 

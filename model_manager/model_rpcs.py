@@ -44,4 +44,7 @@ class ModelRpcs:
         record = await asyncio.to_thread(
             self._registry().update_model, request.model.name, update, caller_identity(context), request.reason
         )
+        runtime = getattr(self, "rollouts", None)
+        if runtime is not None:  # the routes carry the fallback and static answer: build them again now
+            runtime.controller.wake()
         return pb.UpdateModelResponse(model=messages.model_message(record))
