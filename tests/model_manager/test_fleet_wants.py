@@ -1,0 +1,224 @@
+"""Copies nobody wants leave the predictors: what the latency gate loaded for a rejected version or a dry run (unless
+a route uses it), and, after a manager restart, copies no route, rollout or gate wants, once their grace is over.
+Real predictor processes join a real model manager served in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from grpc import aio
+
+from fresco.api.inference import grpc_service_pb2 as ipb
+from fresco.api.inference import grpc_service_pb2_grpc as ipb_grpc
+from fresco.api.models.v1 import fleet_pb2 as fpb
+from fresco.api.models.v1 import model_manager_service_pb2 as pb
+from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
+from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.servers._process import free_port
+from fresco.suite import ServiceProcess
+from fresco.training import ExportedModel, train_classifier
+from model_manager.fleet import Fleet
+from model_manager.lifecycle import Stage
+from model_manager.server import ModelManager, build_server
+from model_manager.settings import ModelManagerSettings
+from tests.integration import CLIENT_OPTIONS
+from tests.model_manager.fleet_support import eventually, start_predictor
+
+pytestmark = pytest.mark.integration
+
+GRACE_S = 1.0
+PREDICTORS = ("w1", "w2")
+
+
+@dataclass
+class World:
+    """The manager (replaced when a test restarts it), the predictors and a trained model."""
+
+    settings: ModelManagerSettings
+    manager: ModelManager
+    channel: aio.Channel
+    predictors: dict[str, ServiceProcess]
+    model: ExportedModel
+
+    @property
+    def fleet(self) -> Fleet:
+        assert self.manager.own_fleet is not None
+        return self.manager.own_fleet
+
+    @property
+    def stub(self) -> pb_grpc.ModelManagerServiceAsyncStub:
+        return pb_grpc.ModelManagerServiceStub(self.channel)  # type: ignore[return-value]
+
+    async def restart(self) -> None:
+        """Stop the manager and start another on the same database and port; predictors register again."""
+        await self.manager.app.stop(grace=1.0)
+        self.manager = await started(self.settings)
+
+
+async def started(settings: ModelManagerSettings) -> ModelManager:
+    manager = build_server(settings)
+    await manager.app.start()
+    await manager.ready()
+    await manager.app.set_serving(True)
+    return manager
+
+
+@pytest.fixture(scope="module")
+async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    base = tmp_path_factory.mktemp("wants")
+    model = train_classifier(base / "trained", "w", 1, seed=11)
+    settings = ModelManagerSettings(
+        data_dir=base / "manager",
+        port=free_port(),  # fixed, so the predictors find the manager again after a restart
+        metrics_port=-1,
+        heartbeat_interval_s=0.3,
+        predictor_lease_s=6.0,
+        leftover_grace_s=GRACE_S,
+    )
+    manager = await started(settings)
+    repository = base / "empty-repository"
+    repository.mkdir()
+    predictors: dict[str, ServiceProcess] = {}
+    channel = aio.insecure_channel(manager.app.address, options=CLIENT_OPTIONS)
+    world = World(settings, manager, channel, predictors, model)
+    try:
+        for pid in PREDICTORS:
+            predictors[pid] = await asyncio.to_thread(start_predictor, repository, manager.app.address, pid)
+        yield world
+    finally:
+        for process in predictors.values():
+            await asyncio.to_thread(process.stop)
+        await channel.close()
+        await world.manager.app.stop(grace=1.0)
+
+
+@contextlib.contextmanager
+def inference(address: str) -> Iterator[ipb_grpc.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(address, options=CLIENT_OPTIONS) as channel:
+        yield ipb_grpc.GRPCInferenceServiceStub(channel)
+
+
+def loaded_anywhere(world: World) -> set[str]:
+    """The model names loaded and ready on any predictor, as the predictors themselves say."""
+    names: set[str] = set()
+    for process in world.predictors.values():
+        with inference(process.address) as stub:
+            index = stub.RepositoryIndex(ipb.RepositoryIndexRequest(ready=True), timeout=10)
+        names.update(m.name for m in index.models)
+    return names
+
+
+async def ready(world: World) -> bool:
+    reply = await world.stub.ListPredictors(pb.ListPredictorsRequest())
+    return len([p for p in reply.predictors if p.state == fpb.PREDICTOR_STATE_READY]) == len(PREDICTORS)
+
+
+def signature(model: ExportedModel) -> rpb.ModelSignature:
+    """What the trained classifier serves: the latency gate sends inputs by it."""
+    return rpb.ModelSignature(
+        inputs=[rpb.TensorSpec(name=model.input_name, datatype="FP32", shape=[-1, len(model.feature_names)])],
+        outputs=[rpb.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2])],
+    )
+
+
+async def create(world: World, name: str) -> None:
+    model = rpb.Model(name=name, owner="fleet-tests", signature=signature(world.model))
+    await world.stub.CreateModel(pb.CreateModelRequest(model=model))
+
+
+async def register_version(world: World, name: str) -> int:
+    """The trained classifier as the next version of the model, with its signature."""
+    content = world.model.path.read_bytes()
+    meta = pb.UploadModelVersionMetadata(
+        model_name=name,
+        format=rpb.MODEL_FORMAT_ONNX,
+        expected_sha256=hashlib.sha256(content).hexdigest(),
+        signature=signature(world.model),
+    )
+
+    async def chunks() -> AsyncIterator[pb.UploadModelVersionRequest]:
+        yield pb.UploadModelVersionRequest(metadata=meta)
+        yield pb.UploadModelVersionRequest(chunk=content)
+
+    return int((await world.stub.UploadModelVersion(chunks())).model_version.version)
+
+
+async def promoted(world: World, name: str, version: int, budget_ms: float, *, dry_run: bool) -> rpb.Operation:
+    """Run a latency gate (with `budget_ms`) on the version and return the finished operation."""
+    gates = rpb.PromotionGates(latency=rpb.LatencyGate(p99_budget_ms=budget_ms, sample_requests=10, warmup_requests=1))
+    request = pb.PromoteModelVersionRequest(
+        model_name=name, version=version, target_stage=rpb.MODEL_STAGE_CANDIDATE, gates=gates, dry_run=dry_run
+    )
+    started_op = (await world.stub.PromoteModelVersion(request)).operation
+
+    async def done() -> rpb.Operation | None:
+        op = (await world.stub.GetOperation(pb.GetOperationRequest(operation_id=started_op.operation_id))).operation
+        return op if op.done else None
+
+    return await eventually(done, 60, "the promotion finished")
+
+
+async def test_a_version_rejected_by_its_latency_gate_is_unloaded(world: World) -> None:
+    await eventually(lambda: ready(world), what="both predictors READY")
+    await create(world, "rejected")
+    version = await register_version(world, "rejected")
+    name = world.fleet.predictor_model_name("rejected", version)
+    operation = await promoted(world, "rejected", version, 1e-6, dry_run=False)
+    assert operation.stage == rpb.MODEL_STAGE_REJECTED
+    latency = next(r for r in operation.gate_results if r.name == "latency.p99")
+    assert latency.detail.startswith("p99 "), "it was loaded and measured on a predictor"
+    assert world.fleet.warm_endpoints("rejected", version) == ()
+    assert name not in await asyncio.to_thread(loaded_anywhere, world)
+
+
+async def test_a_dry_run_unloads_what_it_measured_unless_a_route_uses_it(world: World) -> None:
+    await eventually(lambda: ready(world), what="both predictors READY")
+    await create(world, "dry")
+    v1 = await register_version(world, "dry")
+    v2 = await register_version(world, "dry")
+    registry, controller = world.manager.registry, world.manager.controller
+    assert registry is not None
+    assert controller is not None
+    for stage in (Stage.VALIDATING, Stage.CANDIDATE, Stage.PRODUCTION):
+        registry.set_stage("dry", v1, stage, "tester")
+    controller.wake()
+    await eventually(lambda: asyncio.sleep(0, world.fleet.warm_endpoints("dry", v1)), what="production warm")
+
+    used = await promoted(world, "dry", v1, 60_000, dry_run=True)
+    assert used.passed
+    assert world.fleet.warm_endpoints("dry", v1), "production serves: the gate leaves it loaded"
+    measured = await promoted(world, "dry", v2, 60_000, dry_run=True)
+    assert measured.passed
+    assert world.fleet.warm_endpoints("dry", v2) == ()
+    names = await asyncio.to_thread(loaded_anywhere, world)
+    assert world.fleet.predictor_model_name("dry", v2) not in names
+    assert world.fleet.predictor_model_name("dry", v1) in names
+
+
+async def test_after_a_restart_copies_nobody_wants_are_unloaded_and_wanted_ones_stay(world: World) -> None:
+    await eventually(lambda: ready(world), what="both predictors READY")
+    await create(world, "leftover")
+    v1 = await register_version(world, "leftover")
+    v2 = await register_version(world, "leftover")
+    registry = world.manager.registry
+    assert registry is not None
+    for stage in (Stage.VALIDATING, Stage.CANDIDATE, Stage.PRODUCTION):
+        registry.set_stage("leftover", v1, stage, "tester")
+    # v2 loaded as a rollout would, then the manager goes away: the new one knows nothing of who wanted it.
+    await world.fleet.ensure_loaded("leftover", v2, replicas=2)
+    wanted_name, leftover_name = (world.fleet.predictor_model_name("leftover", v) for v in (v1, v2))
+    await world.restart()
+    await eventually(lambda: ready(world), what="both predictors registered again")
+
+    async def swept() -> bool:
+        return leftover_name not in await asyncio.to_thread(loaded_anywhere, world)
+
+    await eventually(swept, 60, "the leftover copy unloaded")
+    assert wanted_name in await asyncio.to_thread(loaded_anywhere, world), "production stays loaded"
+    assert world.fleet.warm_endpoints("leftover", v1)
