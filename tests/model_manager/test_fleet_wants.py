@@ -9,11 +9,15 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc import aio
 
+from fresco.api.common.v1 import values_pb2
+from fresco.api.gateway.v1 import gateway_pb2 as gpb
+from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from fresco.api.inference import grpc_service_pb2 as ipb
 from fresco.api.inference import grpc_service_pb2_grpc as ipb_grpc
 from fresco.api.models.v1 import fleet_pb2 as fpb
@@ -22,13 +26,14 @@ from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.servers._process import free_port
 from fresco.suite import ServiceProcess
-from fresco.training import ExportedModel, train_classifier
+from fresco.training import ExportedModel, train_classifier, write_failing_model
 from model_manager.fleet import Fleet
 from model_manager.lifecycle import Stage
 from model_manager.server import ModelManager, build_server
 from model_manager.settings import ModelManagerSettings
-from tests.integration import CLIENT_OPTIONS
+from tests.integration import CLIENT_OPTIONS, features_of
 from tests.model_manager.fleet_support import eventually, start_predictor
+from tests.model_manager.gateway_world import start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -120,21 +125,27 @@ async def ready(world: World) -> bool:
 
 
 def signature(model: ExportedModel) -> rpb.ModelSignature:
-    """What the trained classifier serves: the latency gate sends inputs by it."""
+    """What the trained classifier serves, its input fed from named features: the latency gate and the gateway
+    send inputs by it."""
     return rpb.ModelSignature(
         inputs=[rpb.TensorSpec(name=model.input_name, datatype="FP32", shape=[-1, len(model.feature_names)])],
-        outputs=[rpb.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2])],
+        outputs=[
+            rpb.TensorSpec(name="label", datatype="INT64", shape=[-1]),
+            rpb.TensorSpec(name="probabilities", datatype="FP32", shape=[-1, 2]),
+        ],
+        feature_refs=model.feature_names,
+        feature_input=model.input_name,
     )
 
 
-async def create(world: World, name: str) -> None:
-    model = rpb.Model(name=name, owner="fleet-tests", signature=signature(world.model))
+async def create(world: World, name: str, static: rpb.StaticFallback | None = None) -> None:
+    model = rpb.Model(name=name, owner="fleet-tests", signature=signature(world.model), static_fallback=static)
     await world.stub.CreateModel(pb.CreateModelRequest(model=model))
 
 
-async def register_version(world: World, name: str) -> int:
-    """The trained classifier as the next version of the model, with its signature."""
-    content = world.model.path.read_bytes()
+async def register_version(world: World, name: str, path: Path | None = None) -> int:
+    """The trained classifier (or the artifact at `path`) as the next version of the model, with its signature."""
+    content = (path or world.model.path).read_bytes()
     meta = pb.UploadModelVersionMetadata(
         model_name=name,
         format=rpb.MODEL_FORMAT_ONNX,
@@ -222,3 +233,51 @@ async def test_after_a_restart_copies_nobody_wants_are_unloaded_and_wanted_ones_
     await eventually(swept, 60, "the leftover copy unloaded")
     assert wanted_name in await asyncio.to_thread(loaded_anywhere, world), "production stays loaded"
     assert world.fleet.warm_endpoints("leftover", v1)
+
+
+async def test_the_gateway_answers_the_models_static_answer_when_its_version_fails(
+    world: World, tmp_path: Path
+) -> None:
+    await eventually(lambda: ready(world), what="both predictors READY")
+    # Production fails at run time on rows with |x0| >= 0.5; the model's static answer stands in for it.
+    broken = write_failing_model(world.model, tmp_path / "broken", 3)
+    static = rpb.StaticFallback(
+        outputs={
+            "label": values_pb2.Value(int64_value=0),
+            "probabilities": values_pb2.Value(double_list=values_pb2.DoubleList(values=[0.5, 0.5])),
+        }
+    )
+    await create(world, "answered", static)
+    v1 = await register_version(world, "answered", broken.path)
+    registry, controller = world.manager.registry, world.manager.controller
+    assert registry is not None
+    assert controller is not None
+    for stage in (Stage.VALIDATING, Stage.CANDIDATE, Stage.PRODUCTION):
+        registry.set_stage("answered", v1, stage, "tester")
+    controller.wake()
+    gateway = await start_gateway(world.manager.app.address, tmp_path / "gateway-state")
+    try:
+        async with aio.insecure_channel(gateway.address, options=CLIENT_OPTIONS) as channel:
+            stub = gpb_grpc.GatewayServiceStub(channel)
+            rows = world.model.sample
+            good = next(r for r in rows if abs(r[0]) < 0.5)
+            bad = next(r for r in rows if abs(r[0]) >= 0.5)
+
+            async def served() -> gpb.PredictResponse | None:
+                try:
+                    answer = await stub.Predict(gpb.PredictRequest(model="answered", features=features_of(good)))
+                except aio.AioRpcError:
+                    return None  # the gateway has no route for it yet
+                return answer if answer.model_version == str(v1) else None
+
+            answer = await eventually(served, 60, "the gateway serves production")
+            assert answer is not None
+            assert not answer.fallback
+            failed = await stub.Predict(gpb.PredictRequest(model="answered", features=features_of(bad)), timeout=30)
+            assert failed.fallback
+            assert f"version {v1} failed" in failed.fallback_reason
+            assert failed.model_version == ""
+            assert list(failed.outputs["label"].int64_values) == [0]
+            assert list(failed.outputs["probabilities"].double_values) == [0.5, 0.5]
+    finally:
+        await asyncio.to_thread(gateway.stop)
