@@ -282,3 +282,16 @@ async def test_score_psi_judges_a_canary_on_reported_windows_over_the_training_b
         assert psi.measured_value > psi.threshold >= 0.1
         assert psi.sample_count == 1000
         assert hub.weights(model) == {"1": 10000}
+
+
+async def test_update_model_changes_only_the_masked_fields(tmp_path: Path) -> None:
+    async with manager(tmp_path, LocalFleet(), LocalHub()) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry)
+        new = regpb.Model(name=model, description="scores churn", owner="someone-else", labels={"team": "growth"})
+        updated = (
+            await stub.UpdateModel(pb.UpdateModelRequest(model=new, update_mask=mask("description", "labels")))
+        ).model
+        assert (updated.description, dict(updated.labels)) == ("scores churn", {"team": "growth"})
+        assert updated.owner == "risk", "owner is not in the mask"
+        assert updated.production_version == 1
