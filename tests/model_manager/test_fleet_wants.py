@@ -16,6 +16,7 @@ import pytest
 from grpc import aio
 
 from fresco.api.common.v1 import values_pb2
+from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from fresco.api.inference import grpc_service_pb2 as ipb
@@ -24,7 +25,9 @@ from fresco.api.models.v1 import fleet_pb2 as fpb
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.api.models.v1 import rollout_pb2 as ro
 from fresco.servers._process import free_port
+from fresco.story import SCORE_BOUNDS, score_statistics
 from fresco.suite import ServiceProcess
 from fresco.training import ExportedModel, train_classifier, write_failing_model
 from model_manager.fleet import Fleet
@@ -85,6 +88,7 @@ async def world(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World
         heartbeat_interval_s=0.3,
         predictor_lease_s=6.0,
         leftover_grace_s=GRACE_S,
+        metrics_window_s=1.0,  # gateways report score histograms every second
     )
     manager = await started(settings)
     repository = base / "empty-repository"
@@ -143,14 +147,18 @@ async def create(world: World, name: str, static: rpb.StaticFallback | None = No
     await world.stub.CreateModel(pb.CreateModelRequest(model=model))
 
 
-async def register_version(world: World, name: str, path: Path | None = None) -> int:
-    """The trained classifier (or the artifact at `path`) as the next version of the model, with its signature."""
+async def register_version(
+    world: World, name: str, path: Path | None = None, stats: spb.FeatureStatistics | None = None
+) -> int:
+    """The trained classifier (or the artifact at `path`) as the next version of the model, with its signature
+    and the given training statistics."""
     content = (path or world.model.path).read_bytes()
     meta = pb.UploadModelVersionMetadata(
         model_name=name,
         format=rpb.MODEL_FORMAT_ONNX,
         expected_sha256=hashlib.sha256(content).hexdigest(),
         signature=signature(world.model),
+        training_statistics=[stats] if stats is not None else [],
     )
 
     async def chunks() -> AsyncIterator[pb.UploadModelVersionRequest]:
@@ -281,3 +289,75 @@ async def test_the_gateway_answers_the_models_static_answer_when_its_version_fai
             assert list(failed.outputs["probabilities"].double_values) == [0.5, 0.5]
     finally:
         await asyncio.to_thread(gateway.stop)
+
+
+@pytest.mark.parametrize("drifted", [False, True])
+async def test_score_psi_judges_a_canary_on_live_traffic_through_the_gateway(
+    world: World, tmp_path: Path, drifted: bool
+) -> None:
+    """Both versions are the same classifier; the drifted candidate's training statistics describe a population
+    unlike live traffic (rows negated), so its live scores drift from them."""
+    await eventually(lambda: ready(world), what="both predictors READY")
+    rows = world.model.sample
+    name = f"drift-{int(drifted)}"
+    await create(world, name)
+    trained = score_statistics(world.model.path, rows)
+    v1 = await register_version(world, name, stats=trained)
+    v2 = await register_version(world, name, stats=score_statistics(world.model.path, -rows) if drifted else trained)
+    registry = world.manager.registry
+    assert registry is not None
+    for v in (v1, v2):
+        for stage in (Stage.VALIDATING, Stage.CANDIDATE):
+            registry.set_stage(name, v, stage, "tester")
+    registry.set_stage(name, v1, Stage.PRODUCTION, "tester")
+    gateway = await start_gateway(world.manager.app.address, tmp_path / "gateway-state")
+    stop = asyncio.Event()
+    try:
+        async with aio.insecure_channel(gateway.address, options=CLIENT_OPTIONS) as channel:
+            stub = gpb_grpc.GatewayServiceStub(channel)
+
+            async def traffic() -> None:
+                i = 0
+                while not stop.is_set():  # a steady stream of units, cycling over the training rows
+                    request = gpb.PredictRequest(model=name, features=features_of(rows[i % len(rows)]), unit_id=f"u{i}")
+                    with contextlib.suppress(aio.AioRpcError):  # no route yet
+                        await stub.Predict(request, timeout=30)
+                    i += 1
+
+            sender = asyncio.create_task(traffic())
+            analysis = ro.AnalysisThresholds(max_prediction_psi=0.1, min_samples=100)
+            strategy = ro.RolloutStrategy(
+                canary=ro.CanaryStrategy(steps=[ro.CanaryStep(traffic_percent=50)], analysis=analysis)
+            )
+            strategy.canary.analysis_interval.FromSeconds(1)
+            deployed = await world.stub.DeployModelVersion(
+                pb.DeployModelVersionRequest(model_name=name, version=v2, strategy=strategy)
+            )
+            rid = deployed.rollout.rollout_id
+
+            async def finished() -> ro.Rollout | None:
+                reply = await world.stub.GetRolloutStatus(pb.GetRolloutStatusRequest(rollout_id=rid))
+                done = (ro.ROLLOUT_STATE_SUCCEEDED, ro.ROLLOUT_STATE_ROLLED_BACK, ro.ROLLOUT_STATE_FAILED)
+                return reply.rollout if reply.rollout.state in done else None
+
+            rollout = await eventually(finished, 120, "the canary was judged")
+            stop.set()
+            await sender
+    finally:
+        stop.set()
+        await asyncio.to_thread(gateway.stop)
+    assert rollout is not None
+    route = world.manager.route_hub.table.route(name)
+    assert (route.score_output, route.score_bounds) == ("probabilities", SCORE_BOUNDS)
+    checks = [d for e in rollout.events for d in e.decisions if d.check == ro.ANALYSIS_CHECK_PREDICTION_PSI]
+    assert checks, rollout.events
+    if not drifted:
+        assert rollout.state == ro.ROLLOUT_STATE_SUCCEEDED, rollout.message
+        assert all(d.verdict == ro.ANALYSIS_VERDICT_PASSED for d in checks)
+        return
+    assert rollout.state == ro.ROLLOUT_STATE_ROLLED_BACK, rollout.message
+    failed = [d for d in checks if d.verdict == ro.ANALYSIS_VERDICT_FAILED]
+    assert failed
+    assert failed[0].measured_value > failed[0].threshold
+    assert failed[0].sample_count >= 100
+    assert "psi" in rollout.message.lower()
