@@ -100,7 +100,7 @@ def model_message(record: ModelRecord) -> rpb.Model:
         signature=record.signature,
         aliases=dict(record.aliases),
         fallback_version=record.fallback_version,
-        static_fallback=record.static_fallback,
+        static_fallback=record.static_fallback if record.static_fallback.outputs else None,  # unset: none
     )
 
 

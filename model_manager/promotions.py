@@ -208,6 +208,7 @@ class Promotions:
             raise
         except Exception as err:  # a gate that cannot run is not a verdict: say why and put the version back
             log.exception("promotion %s could not run its gates", operation.operation_id)
+            await self.runner.release_measured(operation.model_name, operation.version)
             if not operation.dry_run:
                 await self._restore(operation, f"gates could not run: {err}")
             await self._finish(operation, rpb.OPERATION_STATE_FAILED, f"gates could not run: {err}")
