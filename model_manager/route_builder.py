@@ -7,7 +7,7 @@ units from baseline to canary as the canary's weight grows; the split seed is fi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 
 from model_manager.actions import ACTIVE, State
 from model_manager.plans import Route
@@ -62,7 +62,7 @@ class Desired:
     static_answer: StaticAnswer = ()
     scored: int | None = None
     score_output: str = ""
-    score_bounds: tuple[float, ...] = field(default=())
+    score_bounds: tuple[float, ...] = ()
 
     def kept(self) -> set[int]:
         """The versions this route keeps loaded: those it routes to, and its configured fallback."""
@@ -132,25 +132,24 @@ def wanted(serving: Mapping[str, ModelServing], latest: Iterable[Rollout]) -> li
     final route stands while production is one of its two versions, so a success never flips back before the
     registry has recorded it.
     """
-    out = {}
+    out: dict[str, Desired] = {}
     for model, s in serving.items():
         if s.production:
-            route = Route({s.production: 100.0}, {})
-            out[model] = Desired(model, route, s.production, s.fallback or None, "", bool(s.fallback),
-                                 s.static_answer, s.production)  # fmt: skip
+            out[model] = Desired(
+                model, Route({s.production: 100.0}, {}), s.production, fallback=s.fallback or None,
+                keep_fallback=bool(s.fallback), static_answer=s.static_answer, scored=s.production,
+            )  # fmt: skip
     for r in latest:
         spec = r.spec
         s = serving.get(spec.model, ModelServing())
-        kept = bool(s.fallback)
         output = spec.analysis.score_output if spec.analysis is not None else ""
+        base = Desired(spec.model, r.route(), spec.baseline, keep_fallback=bool(s.fallback),
+                       static_answer=s.static_answer, scored=spec.version, score_output=output)  # fmt: skip
         if r.state in ACTIVE or r.state is State.ROLLING_BACK:
-            fallback = s.fallback or spec.baseline
-            out[spec.model] = Desired(spec.model, r.route(), spec.baseline, fallback, r.rollout_id, kept,
-                                      s.static_answer, spec.version, output)  # fmt: skip
+            out[spec.model] = replace(base, fallback=s.fallback or spec.baseline, rollout_id=r.rollout_id)
         elif r.route().weights and (spec.model not in out or out[spec.model].baseline in (spec.version, spec.baseline)):
             previous = spec.baseline if r.state is State.SUCCEEDED and s.production == spec.version else None
-            out[spec.model] = Desired(spec.model, r.route(), spec.baseline, s.fallback or previous, "", kept,
-                                      s.static_answer, spec.version, output)  # fmt: skip
+            out[spec.model] = replace(base, fallback=s.fallback or previous)
     return list(out.values())
 
 
