@@ -18,6 +18,7 @@ from google.protobuf import duration_pb2
 from grpc import aio
 from rich.console import Console
 
+from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.api.models.v1 import rollout_pb2 as ro
@@ -110,8 +111,35 @@ def signature(model: ExportedModel) -> rpb.ModelSignature:
     )
 
 
+# Fixed bins for the positive-class probability, so every version's training histogram and the gateways' live
+# score histograms share them and the PSI check can compare them.
+SCORE_OUTPUT = "probabilities"
+SCORE_BOUNDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def score_statistics(path: Path, rows: np.ndarray) -> spb.FeatureStatistics:
+    """The training histogram of the version's score (its positive-class probability) over `rows`; rows it fails
+    on (the broken v3) are left out, as they yield no score."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    scores = []
+    for row in rows:
+        try:
+            probabilities = session.run([SCORE_OUTPUT], {name: row[None, :].astype(np.float32)})[0]
+        except Exception:  # noqa: BLE001  # onnxruntime raises its own error types; the row simply has no score
+            continue
+        scores.append(float(np.asarray(probabilities)[0, -1]))
+    counts = np.bincount(np.searchsorted(SCORE_BOUNDS, scores, side="left"), minlength=len(SCORE_BOUNDS) + 1)
+    histogram = spb.Histogram(bucket_bounds=SCORE_BOUNDS, bucket_counts=[int(c) for c in counts])
+    numeric = spb.NumericStatistics(mean=float(np.mean(scores)) if scores else 0.0, histogram=histogram)
+    return spb.FeatureStatistics(feature_name=SCORE_OUTPUT, count=len(scores), numeric=numeric)
+
+
 def register(m: Manager, model: ExportedModel, path: Path, version: int, why: str, parent: int = 0) -> None:
-    """Upload one version's artifact (sha256 checked by the registry) with its signature and lineage."""
+    """Upload one version's artifact (sha256 checked by the registry) with its signature, lineage and the training
+    histogram of its score (for the PSI check)."""
     digest, size = sha256_of(path)
     metadata = pb.UploadModelVersionMetadata(
         model_name=MODEL,
@@ -123,6 +151,7 @@ def register(m: Manager, model: ExportedModel, path: Path, version: int, why: st
         version=version,
         reason=why,
         lineage=rpb.Lineage(parent_version=parent),
+        training_statistics=[score_statistics(path, model.sample)],
     )
     reply = m.stub.UploadModelVersion(upload_requests(metadata, path), timeout=TIMEOUT_S, metadata=m.metadata)
     print(f"registered {MODEL} v{reply.model_version.version} (sha256 {reply.model_version.sha256[:12]}…): {why}")

@@ -14,22 +14,23 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from chassis.errors import FrescoError
 from fresco.api.models.v1 import model_manager_service_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as regpb
 from model_manager.actions import FINISHED, Action, Do, State
+from model_manager.model_serving import static_answer
 from model_manager.ports import FleetPort, RouteHubPort
 from model_manager.promotions import Promotions
 from model_manager.reconcile import run_analysis
 from model_manager.registry import Registry
 from model_manager.rollout import Clock, Rollout
 from model_manager.rollout_messages import stored_gate_result
-from model_manager.rollout_registry import promote_in_registry, restore_baseline, score_reference
+from model_manager.rollout_registry import promote_in_registry, restore_baseline, score_bins, score_reference
 from model_manager.rollout_store import AuditRow, RolloutStore, StoredRollout
-from model_manager.route_builder import Desired, build_table, wanted
+from model_manager.route_builder import Desired, ModelServing, build_table, wanted
 from model_manager.routes import MetricsConfig, RouteTable
 from model_manager.windows import Histogram, MetricWindow, WindowLedger
 from model_manager.xds import AdsService
@@ -129,6 +130,8 @@ class RolloutController:
         self._published: RouteTable | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._pruned_at = 0.0
+        self._bins: dict[tuple[str, int, str], tuple[str, tuple[float, ...]]] = {}
+        self.wants: frozenset[tuple[str, int]] = frozenset()  # (model, version) routes and live rollouts keep loaded
 
     @property
     def runs(self) -> bool:
@@ -259,15 +262,33 @@ class RolloutController:
         applied = self.hub.applied_revision(entry.rollout.spec.model)
         return applied >= action.revision and entry.rollout.acknowledged(applied)
 
-    def _desired(self, production: dict[str, int]) -> list[Desired]:
-        return wanted(production, [self.entries[rid].rollout for rid in self.latest.values()])
+    def _desired(self, serving: dict[str, ModelServing]) -> list[Desired]:
+        return wanted(serving, [self.entries[rid].rollout for rid in self.latest.values()])
+
+    def uses(self, model: str, version: int) -> bool:
+        """Whether a route or a live rollout keeps the version loaded (as of the last pass)."""
+        return (model, version) in self.wants
+
+    async def _scored(self, d: Desired) -> Desired:
+        """The route with its score output and bins: the baseline's training histogram, else the scored version's."""
+        for version in (d.baseline, d.scored):
+            if version is None:
+                continue
+            key = (d.model, version, d.score_output)
+            if key not in self._bins:
+                self._bins[key] = await asyncio.to_thread(score_bins, self.registry, *key)
+            name, bounds = self._bins[key]
+            if bounds:
+                return replace(d, score_output=name, score_bounds=bounds)
+        return d
 
     async def _sync_routes(self, publish: list[tuple[Entry, Action]]) -> bool:
         """Publishes a new revision when the table the rollouts want differs from the last one published."""
         assert self.hub is not None
         assert self.fleet is not None
-        production = await asyncio.to_thread(self._production)
-        desired = self._desired(production)
+        serving = await asyncio.to_thread(self._serving)
+        desired = [await self._scored(d) for d in self._desired(serving)]
+        self._retain(desired)
         built = build_table(0, desired, self.fleet.warm_endpoints, self.fleet.predictor_model_name, self.metrics)
         fresh = {r.model: r for r in built.routes}
         routes = dict(fresh)
@@ -291,7 +312,7 @@ class RolloutController:
         elif self._published is None:
             self._published = current
         for d in desired:  # what should serve and is warm nowhere (say, production after a restart) is loaded
-            for version in d.route.versions():
+            for version in d.kept():
                 if not self.fleet.warm_endpoints(d.model, version):
                     self._spawn(d.model, "load", version)
         done = False
@@ -304,12 +325,35 @@ class RolloutController:
                 done |= entry.rollout.published(action.serial, self._published.revision)
         return done
 
-    def _production(self) -> dict[str, int]:
-        out: dict[str, int] = {}
+    def _retain(self, desired: list[Desired]) -> None:
+        """Tells the fleet what the routes and live rollouts keep loaded: other copies are leftovers."""
+        wants = {(d.model, v) for d in desired for v in d.kept()}
+        for entry in self.entries.values():
+            r = entry.rollout
+            if entry.live:
+                wants.update((r.spec.model, v) for v in (r.spec.version, r.spec.baseline) if v is not None)
+        self.wants = frozenset(wants)
+        assert self.fleet is not None
+        self.fleet.retain(self.wants)
+
+    def _serving(self) -> dict[str, ModelServing]:
+        """Each model's production version, configured fallback (the deployment's, else the model's) and static
+        answer."""
+        deployed: dict[str, int] = {}
         token = ""
         while True:
+            dpage = self.store.deployments_page(500, token)
+            for d in dpage.items:
+                deployed[d.model_name] = mpb.Deployment.FromString(d.spec).fallback_version
+            token = dpage.next_page_token
+            if not token:
+                break
+        out: dict[str, ModelServing] = {}
+        while True:
             page = self.registry.list_models(500, token)
-            out.update({m.name: m.production_version for m in page.items if m.production_version})
+            for m in page.items:
+                answer = static_answer(f"{m.name}.static_fallback", m.static_fallback)
+                out[m.name] = ModelServing(m.production_version, deployed.get(m.name) or m.fallback_version, answer)
             token = page.next_page_token
             if not token:
                 return out
@@ -413,11 +457,8 @@ class RolloutController:
 
     async def _unload(self, model: str, version: int) -> None:
         assert self.fleet is not None
-        production = await asyncio.to_thread(self._production)
-        served = any(
-            model == d.model and (version in d.route.versions() or version == d.fallback)
-            for d in self._desired(production)
-        )
+        serving = await asyncio.to_thread(self._serving)
+        served = any(model == d.model and version in d.kept() for d in self._desired(serving))
         if not served:  # the version may serve again (a new rollout of it, or production): then it stays
             try:
                 await self.fleet.release(model, version)

@@ -176,6 +176,7 @@ class Deployments:
                                identity, now_us())  # fmt: skip
         if not await asyncio.to_thread(self.store.put_deployment, row, generation):
             raise GenerationMismatch(f"expected_generation: {model}'s deployment changed concurrently; re-apply")
+        self.verbs.controller.wake()  # the route carries the deployment's fallback version
         return ApplyResult(self.message(row), outcome, message, lines, entry)
 
     async def _current(self, model: str) -> Entry | None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Set
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,6 +54,7 @@ class Fleet:
         cooldown_s: float = 10.0,
         retry_max_s: float = 30.0,
         drain_s: float = 1.0,
+        leftover_grace_s: float = 30.0,
     ) -> None:
         self.predictors = predictors
         self.artifacts = artifacts
@@ -64,6 +65,9 @@ class Fleet:
         self.cooldown_s = cooldown_s
         self.retry_max_s = retry_max_s
         self.drain_s = drain_s
+        self.leftover_grace_s = leftover_grace_s
+        self._retained: frozenset[Key] | None = None  # None until the controller first says what it wants
+        self._leftover_since: dict[Key, float] = {}
         self._wanted: dict[Key, _Want] = {}
         self._released: set[Key] = set()
         self._locks: dict[Key, asyncio.Lock] = {}
@@ -141,6 +145,12 @@ class Fleet:
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever some version's warm endpoints change."""
         self._callbacks.append(callback)
+
+    def retain(self, wanted: Set[Key]) -> None:
+        """What routes and rollouts want loaded. A copy of any other version that nobody placed (through
+        `ensure_loaded`: a gate measuring, a rollout loading) is a leftover, say of a manager that restarted
+        mid-rollout; it is unloaded once it has been one for `leftover_grace_s`."""
+        self._retained = frozenset(wanted)
 
     # -- lifecycle ----------------------------------------------------------------------------------------
 
@@ -276,10 +286,28 @@ class Fleet:
         for key, want in list(self._wanted.items()):
             if now >= want.retry_at and not self._lock(key).locked():
                 self._spawn(self._reconcile(key, want))
+        self._sweep_leftovers(now)
         for key in list(self._released):
             name = predictor_model_name(*key)
             if not self._lock(key).locked() and any(name in p.copies for p in self.predictors.ready()):
                 self._spawn(self._retry_release(key))
+
+    def _sweep_leftovers(self, now: float) -> None:
+        """Release versions copied on some predictor that no one wants, once they have been leftovers long enough."""
+        if self._retained is None:
+            return  # after a restart nothing is a leftover before the controller has said what it wants
+        held = {
+            (c.model_name, c.version)
+            for p in self.predictors.ready()
+            for c in p.copies.values()
+            if c.model_name and c.version > 0
+        }
+        leftovers = held - self._retained - set(self._wanted) - self._released
+        self._leftover_since = {k: self._leftover_since.get(k, now) for k in leftovers}
+        for key, since in self._leftover_since.items():
+            if now - since >= self.leftover_grace_s and not self._lock(key).locked():
+                log.info("%s version %d: copies nobody wants for %.0fs; unloading", *key, now - since)
+                self._spawn(self.release(*key))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)

@@ -38,6 +38,10 @@ class PredictorFleet(Protocol):
         """The model name to send in ModelInfer to those endpoints."""
         ...
 
+    async def release(self, model: str, version: int) -> None:
+        """Unload the version from every predictor and stop placing it."""
+        ...
+
 
 ChannelFactory = Callable[[str], aio.Channel]
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from chassis.errors import FrescoError
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import backtest
 from model_manager.artifacts import ArtifactStore
@@ -19,6 +21,11 @@ from model_manager.thresholds import DEFAULT_MIN_SLICE_ROWS, Baseline, check_thr
 
 BACKTEST = rpb.GATE_TYPE_BACKTEST
 Progress = Callable[[list[rpb.GateResult]], Awaitable[None]]
+log = logging.getLogger(__name__)
+
+
+def _unused(model: str, version: int) -> bool:
+    return False
 
 
 @dataclass
@@ -32,6 +39,9 @@ class GateRunner:
     fleet: PredictorFleet | None = None
     latency_samples: int = 200
     latency_warmup: int = 20
+    # Whether a route or rollout uses a version: then the copy the latency gate loaded stays when the gates end.
+    in_use: Callable[[str, int], bool] = _unused
+    _measured: set[tuple[str, int]] = field(default_factory=set)
 
     async def run(self, version: VersionRecord, gates: rpb.PromotionGates, progress: Progress) -> list[rpb.GateResult]:
         """Every configured gate in turn; `progress` sees the results so far after each gate."""
@@ -44,6 +54,8 @@ class GateRunner:
             results += await asyncio.to_thread(self._backtest, gates.backtest, version, production)
             await progress(results)
         if gates.HasField("latency"):
+            if self.fleet is not None:
+                self._measured.add((version.model_name, version.version))
             results.append(
                 await latency_gate(
                     gates.latency,
@@ -58,6 +70,21 @@ class GateRunner:
             )
             await progress(results)
         return results
+
+    async def release_measured(self, model: str, version: int) -> bool:
+        """Unload what the latency gate loaded of a version that will not serve (rejected, or measured in a dry
+        run), unless a route or rollout uses it; whether it was released."""
+        key = (model, version)
+        if key not in self._measured or self.fleet is None:
+            return False
+        self._measured.discard(key)
+        if self.in_use(model, version):
+            return False
+        try:
+            await self.fleet.release(model, version)
+        except FrescoError as err:  # the fleet retries unloads in the background; the verdict stands
+            log.warning("releasing %s v%d after its gates failed: %s", model, version, err)
+        return True
 
     def _production(self, version: VersionRecord) -> VersionRecord | None:
         number = self.registry.get_model(version.model_name).production_version

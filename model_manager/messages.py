@@ -54,6 +54,8 @@ def model_spec(model: rpb.Model) -> ModelSpec:
         description=model.description,
         labels=dict(model.labels),
         signature=model.signature,
+        fallback_version=model.fallback_version,
+        static_fallback=model.static_fallback,
     )
 
 
@@ -97,6 +99,8 @@ def model_message(record: ModelRecord) -> rpb.Model:
         updated_at=timestamp(record.updated_us),
         signature=record.signature,
         aliases=dict(record.aliases),
+        fallback_version=record.fallback_version,
+        static_fallback=record.static_fallback if record.static_fallback.outputs else None,  # unset: none
     )
 
 

@@ -6,7 +6,7 @@ controller depends only on them, so it runs on whatever the server wires in.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from typing import Protocol
 
 from model_manager.routes import Endpoint, RouteTable
@@ -36,6 +36,11 @@ class FleetPort(Protocol):
 
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever some version's warm endpoints change."""
+        ...
+
+    def retain(self, wanted: Set[tuple[str, int]]) -> None:
+        """The (model, version) pairs routes and rollouts want: copies of any other version nobody placed are
+        leftovers, unloaded after a grace period."""
         ...
 
 

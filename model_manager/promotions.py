@@ -210,6 +210,7 @@ class Promotions:
             raise
         except Exception as err:  # a gate that cannot run is not a verdict: say why and put the version back
             log.exception("promotion %s could not run its gates", operation.operation_id)
+            await self.runner.release_measured(operation.model_name, operation.version)
             if not operation.dry_run:
                 await self._restore(operation, f"gates could not run: {err}")
             await self._finish(operation, rpb.OPERATION_STATE_FAILED, f"gates could not run: {err}")
@@ -222,6 +223,7 @@ class Promotions:
         operation.gate_results.extend(results)
         operation.passed = not failed
         if operation.dry_run:
+            await self.runner.release_measured(operation.model_name, operation.version)
             await self._finish(operation, rpb.OPERATION_STATE_SUCCEEDED)
             return
         details = {"operation_id": operation.operation_id, "gates": "failed" if failed else "passed"}
@@ -237,6 +239,7 @@ class Promotions:
                 self.registry.set_stage, name, number, Stage.REJECTED, identity, request.reason, details, results
             )
             operation.stage = stage_value(record.stage)
+            await self.runner.release_measured(name, number)
             await self._finish(operation, rpb.OPERATION_STATE_FAILED, f"gates failed: {summary(results)}")
             return
         if failed:

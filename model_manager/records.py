@@ -35,6 +35,8 @@ class ModelSpec:
     description: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     signature: rpb.ModelSignature = field(default_factory=rpb.ModelSignature)
+    fallback_version: int = 0  # served when the chosen version fails; 0 for none
+    static_fallback: rpb.StaticFallback = field(default_factory=rpb.StaticFallback)  # answered when none can serve
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class ModelRecord:
     created_by: str
     created_us: int
     updated_us: int
+    fallback_version: int = 0
+    static_fallback: rpb.StaticFallback = field(default_factory=rpb.StaticFallback)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import pages, schema
 from model_manager.lifecycle import Stage, check_transition
+from model_manager.model_serving import UPDATABLE, ModelUpdate, check_static_fallback
 from model_manager.records import (
     AuditEntry,
     Lineage,
@@ -30,7 +31,7 @@ from model_manager.records import (
     VersionRecord,
     VersionSpec,
 )
-from model_manager.tables import aliases, audit, gate_results, models, open_engine, versions
+from model_manager.tables import aliases, audit, gate_results, model_serving, models, open_engine, versions
 
 DEFAULT_PAGE_SIZE = 100
 P = ParamSpec("P")
@@ -84,10 +85,13 @@ class Registry:
     def create_model(self, spec: ModelSpec, identity: str, reason: str = "") -> ModelRecord:
         """Create a model with no versions; ALREADY_EXISTS if the name is taken."""
         schema.model_spec(spec)
+        if spec.fallback_version:
+            raise InvalidArgument("model.fallback_version: expected 0 for a new model (it has no versions yet)")
+        check_static_fallback("model.static_fallback", spec.static_fallback, spec.signature)
         at = self._clock()
         try:
             with self.engine.begin() as conn:
-                conn.execute(
+                created = conn.execute(
                     models.insert().values(
                         name=spec.name,
                         owner=spec.owner,
@@ -101,10 +105,62 @@ class Registry:
                         updated_us=at,
                     )
                 )
+                if spec.static_fallback.outputs:
+                    key = created.inserted_primary_key
+                    assert key is not None
+                    self._put_serving(conn, key[0], 0, spec.static_fallback)
                 self._audit(conn, identity, "model.create", spec.name, 0, reason, {"owner": spec.owner})
         except IntegrityError as err:
             raise AlreadyExists(f"model.name: a model named {spec.name!r} exists already") from err
         return self.get_model(spec.name)
+
+    @database_errors
+    def update_model(self, name: str, update: ModelUpdate, identity: str, reason: str = "") -> ModelRecord:
+        """Change the model fields named in `update.paths`; audited with the old and new values."""
+        schema.model_name("model.name", name)
+        unknown = sorted(update.paths - set(UPDATABLE))
+        if unknown or not update.paths:
+            got = unknown[0] if unknown else "nothing"
+            raise InvalidArgument(f"update_mask: expected some of {', '.join(UPDATABLE)}, got {got}")
+        with self.engine.begin() as conn:
+            row = self._model_row(conn, name, "model.name")
+            before = self._model(conn, row)
+            changes: dict[str, object] = {}
+            if "description" in update.paths:
+                schema.text("model.description", update.description, schema.MAX_TEXT)
+                changes["description"] = update.description
+            if "owner" in update.paths:
+                schema.text("model.owner", update.owner)
+                changes["owner"] = update.owner
+            if "labels" in update.paths:
+                schema.labels("model.labels", update.labels)
+                changes["labels"] = dict(update.labels)
+            fallback, static = before.fallback_version, before.static_fallback
+            if "fallback_version" in update.paths:
+                fallback = update.fallback_version
+                if fallback:
+                    schema.version_number("model.fallback_version", fallback)
+                    target = self._version_row(conn, row, fallback, field="model.fallback_version")
+                    if target.stage == Stage.REJECTED.value:
+                        raise FailedPrecondition(
+                            f"model.fallback_version: version {fallback} of {name} was rejected by its gates"
+                        )
+            if "static_fallback" in update.paths:
+                check_static_fallback("model.static_fallback", update.static_fallback, before.signature)
+                static = update.static_fallback
+            conn.execute(models.update().where(models.c.id == row.id).values(updated_us=self._clock(), **changes))
+            self._put_serving(conn, row.id, fallback, static)
+            details = {p: " ".join(str(getattr(update, p)).split()) or "none" for p in sorted(update.paths)}
+            self._audit(conn, identity, "model.update", name, 0, reason, details)
+            return self._model(conn, self._model_row(conn, name))
+
+    def _put_serving(self, conn: Connection, model_id: int, fallback: int, static: rpb.StaticFallback) -> None:
+        conn.execute(model_serving.delete().where(model_serving.c.model_id == model_id))
+        if fallback or static.outputs:
+            blob = static.SerializeToString(deterministic=True)
+            conn.execute(
+                model_serving.insert().values(model_id=model_id, fallback_version=fallback, static_fallback=blob)
+            )
 
     @database_errors
     def get_model(self, name: str) -> ModelRecord:
@@ -477,6 +533,7 @@ class Registry:
         pointed = conn.execute(
             sa.select(aliases.c.alias, aliases.c.version).where(aliases.c.model_id == row.id).order_by(aliases.c.alias)
         ).all()
+        serving = conn.execute(model_serving.select().where(model_serving.c.model_id == row.id)).first()
         return ModelRecord(
             name=row.name,
             owner=row.owner,
@@ -489,6 +546,8 @@ class Registry:
             created_by=row.created_by,
             created_us=row.created_us,
             updated_us=row.updated_us,
+            fallback_version=serving.fallback_version if serving else 0,
+            static_fallback=rpb.StaticFallback.FromString(serving.static_fallback) if serving else rpb.StaticFallback(),
         )
 
     def _version(self, conn: Connection, model: Row[Any], row: Row[Any]) -> VersionRecord:

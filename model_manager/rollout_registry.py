@@ -8,6 +8,7 @@ import logging
 from chassis.errors import FrescoError
 from model_manager.lifecycle import Stage
 from model_manager.plans import Strategy
+from model_manager.records import VersionRecord
 from model_manager.registry import Registry
 from model_manager.rollout import Rollout
 from model_manager.windows import Histogram, WindowError
@@ -49,7 +50,8 @@ def restore_baseline(registry: Registry, rollout: Rollout, identity: str) -> Non
 
 
 def score_reference(registry: Registry, model: str, version: int, output: str) -> Histogram | None:
-    """The training histogram of a version's score output (`output`, or its first output), for the PSI check.
+    """The training histogram of a version's score output (`output`, or by default its first output with one), for
+    the PSI check.
 
     Training statistics list the score output beside the input features when it was summarised at training.
     """
@@ -57,7 +59,7 @@ def score_reference(registry: Registry, model: str, version: int, output: str) -
         record = registry.get_version(model, version)
     except FrescoError:
         return None
-    name = output or (record.signature.outputs[0].name if record.signature.outputs else "")
+    name = output or _default_score_output(record)
     for stat in record.training_statistics:
         if stat.feature_name == name and stat.numeric.HasField("histogram"):
             h = stat.numeric.histogram
@@ -66,3 +68,22 @@ def score_reference(registry: Registry, model: str, version: int, output: str) -
             except WindowError:
                 return None
     return None
+
+
+def score_bins(registry: Registry, model: str, version: int, output: str) -> tuple[str, tuple[float, ...]]:
+    """The score output's name (`output`, or by default the version's first output with a training histogram)
+    and the bucket bounds of that histogram; no bounds when the version has none."""
+    try:
+        record = registry.get_version(model, version)
+    except FrescoError:
+        return output, ()
+    name = output or _default_score_output(record)
+    reference = score_reference(registry, model, version, name)
+    return name, (reference.bounds if reference is not None else ())
+
+
+def _default_score_output(record: VersionRecord) -> str:
+    """The first output of the signature with a training histogram, else the first output."""
+    summarised = {s.feature_name for s in record.training_statistics if s.numeric.HasField("histogram")}
+    names = [o.name for o in record.signature.outputs]
+    return next((n for n in names if n in summarised), names[0] if names else "")

@@ -7,12 +7,20 @@ units from baseline to canary as the canary's weight grows; the split seed is fi
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from model_manager.actions import ACTIVE, State
 from model_manager.plans import Route
 from model_manager.rollout import Rollout
-from model_manager.routes import Endpoint, MetricsConfig, ModelRoute, RouteTable, Shadow, VersionRoute
+from model_manager.routes import (
+    Endpoint,
+    MetricsConfig,
+    ModelRoute,
+    RouteTable,
+    Shadow,
+    StaticValue,
+    VersionRoute,
+)
 
 TOTAL_WEIGHT = 10_000
 EndpointsOf = Callable[[str, int], tuple[Endpoint, ...]]
@@ -23,15 +31,45 @@ def _same_name(model: str, version: int) -> str:
     return ""  # the route's model name, with the version number in ModelInfer
 
 
+StaticAnswer = tuple[tuple[str, StaticValue], ...]
+
+
+@dataclass(frozen=True)
+class ModelServing:
+    """What the registry and the model's deployment say: its production version, the configured fallback version
+    (the deployment's, else the registry model's; 0 for none) and the static answer given when none can serve."""
+
+    production: int = 0
+    fallback: int = 0
+    static_answer: StaticAnswer = ()
+
+
 @dataclass(frozen=True)
 class Desired:
-    """What one model should serve: live and mirror shares in percent, the version listed first, the fallback."""
+    """What one model should serve: live and mirror shares in percent, the version listed first, the fallback.
+
+    A configured fallback (`keep_fallback`) is loaded and kept warm; any other (the rollout's baseline, the previous
+    production version) is routed to only while it happens to be warm. `scored` is the version whose training
+    histogram of `score_output` gives the score bins when the baseline has none.
+    """
 
     model: str
     route: Route
     baseline: int | None = None
     fallback: int | None = None
     rollout_id: str = ""
+    keep_fallback: bool = False
+    static_answer: StaticAnswer = ()
+    scored: int | None = None
+    score_output: str = ""
+    score_bounds: tuple[float, ...] = ()
+
+    def kept(self) -> set[int]:
+        """The versions this route keeps loaded: those it routes to, and its configured fallback."""
+        out = set(self.route.versions())
+        if self.keep_fallback and self.fallback is not None:
+            out.add(self.fallback)
+        return out
 
 
 def split_seed(model: str) -> str:
@@ -79,23 +117,39 @@ def model_route(desired: Desired, endpoints: EndpointsOf, names: NameOf = _same_
         split_seed(desired.model),
         shadow=shadow,
         fallback=fallback,
+        score_output=desired.score_output,
+        score_bounds=desired.score_bounds,
         active_rollout_id=desired.rollout_id,
+        static_answer=desired.static_answer,
     )
 
 
-def wanted(production: Mapping[str, int], latest: Iterable[Rollout]) -> list[Desired]:
-    """Each model's wanted route: its active rollout's (the baseline as fallback), else its production version's.
+def wanted(serving: Mapping[str, ModelServing], latest: Iterable[Rollout]) -> list[Desired]:
+    """Each model's wanted route: its active rollout's, else its production version's, with its fallback.
 
-    `latest` holds each model's most recent rollout. A finished one's final route stands while production is one
-    of its two versions, so a success never flips back before the registry has recorded it.
+    The fallback is the configured one, else an active rollout's baseline, else (after a success) the previous
+    production version while it is still warm. `latest` holds each model's most recent rollout. A finished one's
+    final route stands while production is one of its two versions, so a success never flips back before the
+    registry has recorded it.
     """
-    out = {model: Desired(model, Route({version: 100.0}, {}), version) for model, version in production.items()}
+    out: dict[str, Desired] = {}
+    for model, s in serving.items():
+        if s.production:
+            out[model] = Desired(
+                model, Route({s.production: 100.0}, {}), s.production, fallback=s.fallback or None,
+                keep_fallback=bool(s.fallback), static_answer=s.static_answer, scored=s.production,
+            )  # fmt: skip
     for r in latest:
         spec = r.spec
+        s = serving.get(spec.model, ModelServing())
+        output = spec.analysis.score_output if spec.analysis is not None else ""
+        base = Desired(spec.model, r.route(), spec.baseline, keep_fallback=bool(s.fallback),
+                       static_answer=s.static_answer, scored=spec.version, score_output=output)  # fmt: skip
         if r.state in ACTIVE or r.state is State.ROLLING_BACK:
-            out[spec.model] = Desired(spec.model, r.route(), spec.baseline, spec.baseline, r.rollout_id)
+            out[spec.model] = replace(base, fallback=s.fallback or spec.baseline, rollout_id=r.rollout_id)
         elif r.route().weights and (spec.model not in out or out[spec.model].baseline in (spec.version, spec.baseline)):
-            out[spec.model] = Desired(spec.model, r.route(), spec.baseline)
+            previous = spec.baseline if r.state is State.SUCCEEDED and s.production == spec.version else None
+            out[spec.model] = replace(base, fallback=s.fallback or previous)
     return list(out.values())
 
 

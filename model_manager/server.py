@@ -81,6 +81,10 @@ class ModelManager:
             rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions
         )
         await self.controller.start()
+        # The latency gate keeps a version it loaded only while a route or rollout uses it.
+        promotions = self.servicer.promotions
+        assert promotions is not None
+        promotions.runner.in_use = self.controller.uses
         self.servicer.rollouts = RolloutRuntime.of(self.controller, self.ads)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
 
@@ -100,6 +104,7 @@ class ModelManager:
             copy_request_rate=settings.copy_request_rate,
             tick_s=min(0.5, settings.heartbeat_interval_s),
             cooldown_s=lease,
+            leftover_grace_s=settings.leftover_grace_s,
         )
 
     async def _promotions(self, registry: Registry, store: ArtifactStore) -> Promotions:

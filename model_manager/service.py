@@ -21,6 +21,7 @@ from model_manager.callers import caller_identity
 from model_manager.fleet import Fleet
 from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
+from model_manager.model_rpcs import ModelRpcs
 from model_manager.registry import Registry
 from model_manager.rollout_rpcs import RolloutRpcs
 from model_manager.route_rpcs import RouteRpcs
@@ -34,9 +35,9 @@ METHOD_ROLES = method_roles(
     writes={
         name: Role.DEPLOYER
         for name in (
-            "CreateModel", "UploadModelVersion", "SetModelAlias", "DeleteModelAlias", "PromoteModelVersion",
-            "DeployModelVersion", "PauseRollout", "ResumeRollout", "AbortRollout", "PromoteRollout",
-            "RetryRollout", "UndoRollout", "ApplyDeployment", "ReportMetrics", "RegisterPredictor",
+            "CreateModel", "UpdateModel", "UploadModelVersion", "SetModelAlias", "DeleteModelAlias",
+            "PromoteModelVersion", "DeployModelVersion", "PauseRollout", "ResumeRollout", "AbortRollout",
+            "PromoteRollout", "RetryRollout", "UndoRollout", "ApplyDeployment", "ReportMetrics", "RegisterPredictor",
             "PredictorHeartbeat",
         )
     },
@@ -67,7 +68,7 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
         yield request.chunk
 
 
-class ModelManagerServicer(FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, pb_grpc.ModelManagerServiceServicer):
+class ModelManagerServicer(ModelRpcs, FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, pb_grpc.ModelManagerServiceServicer):
     """fresco.models.v1.ModelManagerService: the registry's RPCs here; the fleet's, the promotion gates', the route
     stream's and the rollouts' in the mixins."""
 

@@ -40,6 +40,8 @@ class ModelManagerSettings(ServiceSettings):
     """Deadline of one RepositoryModelLoad (load and warm-up) on a predictor, in seconds."""
     copy_request_rate: float = Field(default=50.0, gt=0)
     """Requests per second one copy of a version serves before another copy is placed (up to max_replicas)."""
+    leftover_grace_s: float = Field(default=30.0, ge=0)
+    """Seconds a copy no route, rollout or gate wants (say, left by a restarted manager) stays before it is unloaded."""
     feature_service_address: str = ""
     """host:port of the feature service whose views the schema gate checks feature refs against; empty: none."""
     feature_service_timeout_s: float = Field(default=10.0, gt=0)

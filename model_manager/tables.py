@@ -79,6 +79,16 @@ aliases = sa.Table(
     sa.Column("updated_us", sa.BigInteger, nullable=False),
 )
 
+# How a model is served when its versions cannot: its fallback version and its static answer (a serialized
+# StaticFallback). A table of its own, so databases created before it gain it from create_all.
+model_serving = sa.Table(
+    "model_serving",
+    metadata,
+    sa.Column("model_id", sa.Integer, sa.ForeignKey("models.id"), primary_key=True),
+    sa.Column("fallback_version", sa.BigInteger, nullable=False),
+    sa.Column("static_fallback", sa.LargeBinary, nullable=False),
+)
+
 audit = sa.Table(
     "audit_log",
     metadata,

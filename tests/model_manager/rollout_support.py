@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Set
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +43,7 @@ class LocalFleet:
     callbacks: list[Callable[[], None]] = field(default_factory=list)
     placements: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # (replicas, max_replicas) asked
     sick: set[int] = field(default_factory=set)  # versions the fleet placed whose predictors are not ready
+    retained: frozenset[tuple[str, int]] = frozenset()
 
     async def ensure_loaded(
         self, model: str, version: int, *, replicas: int = 1, max_replicas: int = 0
@@ -70,6 +71,9 @@ class LocalFleet:
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self.callbacks.append(callback)
+
+    def retain(self, wanted: Set[tuple[str, int]]) -> None:
+        self.retained = frozenset(wanted)
 
 
 @dataclass

@@ -47,6 +47,9 @@ class PredictorAt:
     def predictor_model_name(self, model: str, version: int) -> str:
         return model
 
+    async def release(self, model: str, version: int) -> None:
+        pass
+
 
 class NoRoom:
     """A fleet that cannot place the version."""
@@ -56,6 +59,9 @@ class NoRoom:
 
     def predictor_model_name(self, model: str, version: int) -> str:
         return model
+
+    async def release(self, model: str, version: int) -> None:
+        pass
 
 
 def endpoint(process: ServiceProcess) -> Endpoint:

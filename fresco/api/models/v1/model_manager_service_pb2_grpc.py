@@ -50,6 +50,11 @@ class ModelManagerServiceStub:
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/UpdateModel',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
         self.UploadModelVersion = channel.stream_unary(
                 '/fresco.models.v1.ModelManagerService/UploadModelVersion',
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UploadModelVersionRequest.SerializeToString,
@@ -207,6 +212,14 @@ class ModelManagerServiceServicer:
 
     def ListModels(self, request, context):
         """ListModels lists models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
+        """UpdateModel changes the fields of a model named in update_mask (description, owner, labels, fallback_version,
+        static_fallback); the change is audited.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -420,6 +433,11 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelsRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UpdateModelRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UpdateModelResponse.SerializeToString,
             ),
             'UploadModelVersion': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadModelVersion,
@@ -639,6 +657,33 @@ class ModelManagerService:
             '/fresco.models.v1.ModelManagerService/ListModels',
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelsRequest.SerializeToString,
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/UpdateModel',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UpdateModelRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.UpdateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class ModelManagerServiceStub:
     """GetModel returns one model."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListModelsRequest, _model_manager_service_pb2.ListModelsResponse]
     """ListModels lists models."""
+    UpdateModel: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.UpdateModelRequest, _model_manager_service_pb2.UpdateModelResponse]
+    """UpdateModel changes the fields of a model named in update_mask (description, owner, labels, fallback_version,
+    static_fallback); the change is audited.
+    """
     UploadModelVersion: _grpc.StreamUnaryMultiCallable[_model_manager_service_pb2.UploadModelVersionRequest, _model_manager_service_pb2.UploadModelVersionResponse]
     """UploadModelVersion streams metadata then artifact chunks and registers a new version."""
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetModelVersionRequest, _model_manager_service_pb2.GetModelVersionResponse]
@@ -109,6 +113,10 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     """GetModel returns one model."""
     ListModels: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListModelsRequest, _model_manager_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists models."""
+    UpdateModel: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.UpdateModelRequest, _model_manager_service_pb2.UpdateModelResponse]  # type: ignore[assignment]
+    """UpdateModel changes the fields of a model named in update_mask (description, owner, labels, fallback_version,
+    static_fallback); the change is audited.
+    """
     UploadModelVersion: _aio.StreamUnaryMultiCallable[_model_manager_service_pb2.UploadModelVersionRequest, _model_manager_service_pb2.UploadModelVersionResponse]  # type: ignore[assignment]
     """UploadModelVersion streams metadata then artifact chunks and registers a new version."""
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetModelVersionRequest, _model_manager_service_pb2.GetModelVersionResponse]  # type: ignore[assignment]
@@ -194,6 +202,16 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_manager_service_pb2.ListModelsResponse, _abc.Awaitable[_model_manager_service_pb2.ListModelsResponse]]:
         """ListModels lists models."""
+
+    @_abc_1.abstractmethod
+    def UpdateModel(
+        self,
+        request: _model_manager_service_pb2.UpdateModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.UpdateModelResponse, _abc.Awaitable[_model_manager_service_pb2.UpdateModelResponse]]:
+        """UpdateModel changes the fields of a model named in update_mask (description, owner, labels, fallback_version,
+        static_fallback); the change is audited.
+        """
 
     @_abc_1.abstractmethod
     def UploadModelVersion(
