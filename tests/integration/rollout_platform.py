@@ -22,6 +22,7 @@ from grpc import aio
 from chassis.server import channel_options
 from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
+from fresco.api.gateway.v1 import gateway_pb2_grpc
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
@@ -282,3 +283,15 @@ class Traffic:
                     self.failures[f"a bad request was answered by v{response.model_version}"] += 1
                 else:
                     self.answers.append(answer)
+
+
+def predict_some(address: str, model: str, feature_names: list[str], rows: np.ndarray, n: int) -> Counter[str]:
+    """`n` Predict calls through the gateway, one after another, each with its own unit id; answers by version."""
+    served: Counter[str] = Counter()
+    with grpc.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        for index in range(n):
+            request = predict_request(model, row_features(feature_names, rows[index % len(rows)]))
+            request.unit_id = f"unit-{index}"
+            served[stub.Predict(request, timeout=RPC_TIMEOUT_S).model_version] += 1
+    return served

@@ -31,6 +31,7 @@ from tests.integration.rollout_platform import (
     event_time,
     in_state,
     poll,
+    predict_some,
     rollout,
     serve_first,
     wait_rollout,
@@ -122,7 +123,9 @@ def test_blue_green_under_steady_load_switches_and_rolls_back_without_a_failed_r
 
         # Back to v1 while it is still warm.
         abort = pb.AbortRolloutRequest(rollout_id=started.rollout_id, reason="e2e: back to v1")
-        aborted_at = event_time(m.stub.AbortRollout(abort, timeout=RPC_TIMEOUT_S, metadata=m.metadata).rollout.events[-1])
+        aborted_at = event_time(
+            m.stub.AbortRollout(abort, timeout=RPC_TIMEOUT_S, metadata=m.metadata).rollout.events[-1]
+        )
         back = wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_ROLLED_BACK))
         took, shifted, acked = shift_to_ack_s(back, aborted_at)
         print(f"rollback: {shifted.reason} -> {acked.reason}: {took:.3f} s")
@@ -139,3 +142,135 @@ def test_blue_green_under_steady_load_switches_and_rolls_back_without_a_failed_r
 
 def _share(r: ro.Rollout, version: int) -> float:
     return next((t.traffic_percent for t in r.traffic if t.version == version), 0.0)
+
+
+def test_erroring_canary_is_rolled_back_on_its_own_with_the_reason_and_callers_get_fallback_answers(
+    platform: Platform, versions: Versions, rows: np.ndarray
+) -> None:
+    m, model = platform.manager, "erroring"
+    serve_first(m, model, versions, (1, 3))
+    with traffic(platform, model, versions, rows) as live:
+        live.wait_answers(50)
+        apply(m, model, 3, canary([25, 50], dwell_s=60, min_samples=50))
+        done = wait_rollout(m, model, in_state(*FINAL))
+        live.wait_answers(50)
+    assert done.state == ro.ROLLOUT_STATE_ROLLED_BACK, done
+    assert "rolled back at generation 2" in done.message
+    assert _share(done, 1) == 100 and done.applied_revision >= done.published_revision
+
+    # The reason as data in the status: the measured error rate above its threshold, on enough samples.
+    reason = next(r for r in done.analysis_results if r.check == ro.ANALYSIS_CHECK_ERROR_RATE)
+    assert reason.verdict == ro.ANALYSIS_VERDICT_FAILED and not reason.passed
+    assert reason.version == 3 and reason.threshold == pytest.approx(0.05)
+    assert reason.measured_value > reason.threshold
+    assert reason.sample_count >= reason.min_samples == 50
+    assert event_time_of(reason.window_end) > event_time_of(reason.window_start) > 0
+    # ... in the events, with the same decision ...
+    failed = [e for e in done.events if e.type == ro.ROLLOUT_EVENT_TYPE_ANALYSIS_FAILED]
+    assert failed and any(d.check == ro.ANALYSIS_CHECK_ERROR_RATE and not d.passed for d in failed[-1].decisions)
+    rolled_back = next(e for e in done.events if e.type == ro.ROLLOUT_EVENT_TYPE_ROLLED_BACK)
+    assert reason.detail.split(" vs ")[0] in rolled_back.reason, (reason.detail, rolled_back.reason)
+    # ... in `fresco rollout status` ...
+    shown = fresco_cli(platform, "rollout", "status", model)
+    assert shown.returncode == 0, shown.stderr
+    assert "ROLLED_BACK" in shown.stdout and reason.detail.split(" vs ")[0] in shown.stdout, shown.stdout
+    assert "limit 0.0500" in shown.stdout and f"n={reason.sample_count}" in shown.stdout, shown.stdout
+    # ... and in `fresco audit`, under the manager's own identity.
+    audit = fresco_cli(platform, "audit", "--model", model)
+    assert audit.returncode == 0, audit.stderr
+    assert "rollback" in audit.stdout and "error rate" in audit.stdout, audit.stdout
+
+    # With the fallback, v3's failures reached no caller: they got v1's answer, marked and explained.
+    assert not live.failures, live.failures
+    fallbacks = [a for a in live.answers if a.fallback]
+    assert fallbacks and all(a.version == "1" for a in fallbacks)
+    assert all(a.fallback_reason.startswith("version 3 failed") for a in fallbacks), fallbacks[0].fallback_reason
+
+
+def test_canary_at_too_little_traffic_holds_inconclusive_and_pauses_at_its_limit_showing_the_counts(
+    platform: Platform, versions: Versions, rows: np.ndarray
+) -> None:
+    m, model = platform.manager, "quiet"
+    serve_first(m, model, versions)
+    apply(m, model, 2, canary([50], dwell_s=1, min_samples=500, inconclusive_limit_s=6))
+    wait_rollout(m, model, lambda r: _share(r, 2) == 50 and r.applied_revision >= r.published_revision > 0)
+    served = predict_some(platform.gateway_address, model, versions.v1.feature_names, rows, 30)
+    assert served["2"] > 0, served
+
+    paused = wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_PAUSED, *FINAL))
+    assert paused.state == ro.ROLLOUT_STATE_PAUSED, paused
+    assert f"{served['2']}/500 samples" in paused.message, paused.message
+    guard = next(r for r in paused.analysis_results if r.check == ro.ANALYSIS_CHECK_SAMPLES)
+    assert guard.verdict == ro.ANALYSIS_VERDICT_INCONCLUSIVE
+    assert (guard.sample_count, guard.min_samples) == (served["2"], 500)
+    # Never rolled back, never promoted: the weights are held where the step put them.
+    kinds = {e.type for e in paused.events}
+    assert not kinds & {ro.ROLLOUT_EVENT_TYPE_ROLLED_BACK, ro.ROLLOUT_EVENT_TYPE_ANALYSIS_FAILED}, paused.events
+    assert (_share(paused, 1), _share(paused, 2)) == (50, 50)
+    assert ro.ROLLOUT_EVENT_TYPE_PAUSED in kinds
+    shown = fresco_cli(platform, "rollout", "status", model)
+    assert "PAUSED" in shown.stdout and f"{served['2']}/500 samples" in shown.stdout, shown.stdout
+
+
+def test_client_errors_on_a_canary_do_not_count_against_it(
+    platform: Platform, versions: Versions, rows: np.ndarray
+) -> None:
+    m, model = platform.manager, "clienterrors"
+    serve_first(m, model, versions)
+    # Every other request is the caller's mistake (a string where the model takes a number): the gateway builds the
+    # chosen version's input from the features and refuses it with INVALID_ARGUMENT, counted at that version.
+    with traffic(platform, model, versions, rows, bad_every=2) as live:
+        live.wait_answers(50)
+        apply(m, model, 2, canary([50], dwell_s=3, min_samples=50))
+        done = wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_PAUSED, *FINAL))
+    print(live.refused.most_common(2))
+    assert sum(live.refused.values()) > 100, live.refused
+    assert not live.failures, live.failures
+    assert done.state == ro.ROLLOUT_STATE_SUCCEEDED, done
+    error_rate = next(r for r in done.analysis_results if r.check == ro.ANALYSIS_CHECK_ERROR_RATE)
+    assert error_rate.passed and error_rate.measured_value == 0, error_rate
+
+
+def test_shadow_traffic_never_changes_responses_and_reports_its_agreement(
+    platform: Platform, versions: Versions, rows: np.ndarray
+) -> None:
+    m, model = platform.manager, "shadowed"
+    serve_first(m, model, versions)
+    comparison = ro.AnalysisThresholds(max_shadow_disagreement=1.0, min_samples=50)
+    shadow = ro.ShadowStrategy(mirror_percent=50, duration=seconds(3), min_samples=50, comparison=comparison)
+    with traffic(platform, model, versions, rows) as live:
+        live.wait_answers(50)
+        apply(m, model, 2, ro.RolloutStrategy(shadow=shadow))
+        done = wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_PAUSED, *FINAL))
+        live.wait_answers(50)
+    assert done.state == ro.ROLLOUT_STATE_SUCCEEDED, done
+    assert not live.failures, live.failures
+    # Every answer is the live version's, exactly as onnxruntime in this process computes it.
+    answers = live.answers
+    assert {a.version for a in answers} == {"1"} and not any(a.fallback for a in answers)
+    expected = Reference(versions.v1).predict(rows[[a.row for a in answers]])
+    for name in ("label", "probabilities"):
+        got = np.stack([a.outputs[name].reshape(expected[name][0].shape) for a in answers])
+        np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-6)
+    # The agreement rate of the mirrored answers, reported in the status.
+    shadowed = next(r for r in done.analysis_results if r.check == ro.ANALYSIS_CHECK_SHADOW_DISAGREEMENT)
+    assert shadowed.version == 2 and shadowed.sample_count >= 50 and shadowed.passed
+    mirrored = Reference(versions.v2).predict(rows[[a.row for a in answers]])["probabilities"]
+    disagree = ~np.all(np.isclose(expected["probabilities"], mirrored, atol=1e-6, rtol=0), axis=1)
+    print(f"shadow agreement {1 - shadowed.measured_value:.4f} (about {1 - disagree.mean():.4f}): {shadowed.detail}")
+    # v1 and v2 differ on almost every row (0.75% agree): the mirrored half disagrees as often, give or take sampling.
+    assert abs(shadowed.measured_value - disagree.mean()) <= 0.05, shadowed
+    shown = fresco_cli(platform, "rollout", "status", model)
+    assert shown.returncode == 0 and "shadow disagreement" in shown.stdout, shown.stdout
+
+
+def event_time_of(stamp: object) -> float:
+    return stamp.seconds + stamp.nanos / 1e9  # type: ignore[attr-defined]
+
+
+FINAL = (
+    ro.ROLLOUT_STATE_SUCCEEDED,
+    ro.ROLLOUT_STATE_ROLLED_BACK,
+    ro.ROLLOUT_STATE_FAILED,
+    ro.ROLLOUT_STATE_ABORTED,
+)
