@@ -21,13 +21,13 @@ from grpc import aio
 
 from chassis.server import channel_options
 from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
+from fresco.api.common.v1 import values_pb2
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.gateway.v1 import gateway_pb2_grpc
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.api.models.v1 import rollout_pb2 as ro
-from fresco.api.common.v1 import values_pb2
 from fresco.cli_manager import Manager
 from fresco.cli_models import sha256_of, upload_requests
 from fresco.client import AsyncGatewayClient, predict_request, to_array

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import rollout_pb2 as ro
@@ -25,12 +26,12 @@ from tests.integration.rollout_platform import (
     Platform,
     Traffic,
     Versions,
+    add_versions,
     admin,
     apply,
     canary,
     event_time,
     in_state,
-    poll,
     predict_some,
     rollout,
     serve_first,
@@ -107,7 +108,8 @@ def test_blue_green_under_steady_load_switches_and_rolls_back_without_a_failed_r
         live.wait_answers(100)
         strategy = ro.RolloutStrategy(blue_green=ro.BlueGreenStrategy(keep_previous_for=seconds(30)))
         started = apply(m, model, 2, strategy).rollout
-        assert started.version == 2 and started.baseline_version == 1
+        assert started.version == 2
+        assert started.baseline_version == 1
 
         switched = wait_rollout(
             m, model, lambda r: r.applied_revision >= r.published_revision > 0 and _share(r, 2) == 100
@@ -156,34 +158,42 @@ def test_erroring_canary_is_rolled_back_on_its_own_with_the_reason_and_callers_g
         live.wait_answers(50)
     assert done.state == ro.ROLLOUT_STATE_ROLLED_BACK, done
     assert "rolled back at generation 2" in done.message
-    assert _share(done, 1) == 100 and done.applied_revision >= done.published_revision
+    assert _share(done, 1) == 100
+    assert done.applied_revision >= done.published_revision
 
     # The reason as data in the status: the measured error rate above its threshold, on enough samples.
     reason = next(r for r in done.analysis_results if r.check == ro.ANALYSIS_CHECK_ERROR_RATE)
-    assert reason.verdict == ro.ANALYSIS_VERDICT_FAILED and not reason.passed
-    assert reason.version == 3 and reason.threshold == pytest.approx(0.05)
+    assert reason.verdict == ro.ANALYSIS_VERDICT_FAILED
+    assert not reason.passed
+    assert reason.version == 3
+    assert reason.threshold == pytest.approx(0.05)
     assert reason.measured_value > reason.threshold
     assert reason.sample_count >= reason.min_samples == 50
     assert event_time_of(reason.window_end) > event_time_of(reason.window_start) > 0
     # ... in the events, with the same decision ...
     failed = [e for e in done.events if e.type == ro.ROLLOUT_EVENT_TYPE_ANALYSIS_FAILED]
-    assert failed and any(d.check == ro.ANALYSIS_CHECK_ERROR_RATE and not d.passed for d in failed[-1].decisions)
+    assert failed
+    assert any(d.check == ro.ANALYSIS_CHECK_ERROR_RATE and not d.passed for d in failed[-1].decisions)
     rolled_back = next(e for e in done.events if e.type == ro.ROLLOUT_EVENT_TYPE_ROLLED_BACK)
     assert reason.detail.split(" vs ")[0] in rolled_back.reason, (reason.detail, rolled_back.reason)
     # ... in `fresco rollout status` ...
     shown = fresco_cli(platform, "rollout", "status", model)
     assert shown.returncode == 0, shown.stderr
-    assert "ROLLED_BACK" in shown.stdout and reason.detail.split(" vs ")[0] in shown.stdout, shown.stdout
-    assert "limit 0.0500" in shown.stdout and f"n={reason.sample_count}" in shown.stdout, shown.stdout
+    assert "ROLLED_BACK" in shown.stdout, shown.stdout
+    assert reason.detail.split(" vs ")[0] in shown.stdout, shown.stdout
+    assert "limit 0.0500" in shown.stdout, shown.stdout
+    assert f"n={reason.sample_count}" in shown.stdout, shown.stdout
     # ... and in `fresco audit`, under the manager's own identity.
     audit = fresco_cli(platform, "audit", "--model", model)
     assert audit.returncode == 0, audit.stderr
-    assert "rollback" in audit.stdout and "error rate" in audit.stdout, audit.stdout
+    assert "rollback" in audit.stdout, audit.stdout
+    assert "error rate" in audit.stdout, audit.stdout
 
     # With the fallback, v3's failures reached no caller: they got v1's answer, marked and explained.
     assert not live.failures, live.failures
     fallbacks = [a for a in live.answers if a.fallback]
-    assert fallbacks and all(a.version == "1" for a in fallbacks)
+    assert fallbacks
+    assert all(a.version == "1" for a in fallbacks)
     assert all(a.fallback_reason.startswith("version 3 failed") for a in fallbacks), fallbacks[0].fallback_reason
 
 
@@ -209,7 +219,8 @@ def test_canary_at_too_little_traffic_holds_inconclusive_and_pauses_at_its_limit
     assert (_share(paused, 1), _share(paused, 2)) == (50, 50)
     assert ro.ROLLOUT_EVENT_TYPE_PAUSED in kinds
     shown = fresco_cli(platform, "rollout", "status", model)
-    assert "PAUSED" in shown.stdout and f"{served['2']}/500 samples" in shown.stdout, shown.stdout
+    assert "PAUSED" in shown.stdout, shown.stdout
+    assert f"{served['2']}/500 samples" in shown.stdout, shown.stdout
 
 
 def test_client_errors_on_a_canary_do_not_count_against_it(
@@ -228,7 +239,8 @@ def test_client_errors_on_a_canary_do_not_count_against_it(
     assert not live.failures, live.failures
     assert done.state == ro.ROLLOUT_STATE_SUCCEEDED, done
     error_rate = next(r for r in done.analysis_results if r.check == ro.ANALYSIS_CHECK_ERROR_RATE)
-    assert error_rate.passed and error_rate.measured_value == 0, error_rate
+    assert error_rate.passed, error_rate
+    assert error_rate.measured_value == 0, error_rate
 
 
 def test_shadow_traffic_never_changes_responses_and_reports_its_agreement(
@@ -247,25 +259,29 @@ def test_shadow_traffic_never_changes_responses_and_reports_its_agreement(
     assert not live.failures, live.failures
     # Every answer is the live version's, exactly as onnxruntime in this process computes it.
     answers = live.answers
-    assert {a.version for a in answers} == {"1"} and not any(a.fallback for a in answers)
+    assert {a.version for a in answers} == {"1"}
+    assert not any(a.fallback for a in answers)
     expected = Reference(versions.v1).predict(rows[[a.row for a in answers]])
     for name in ("label", "probabilities"):
         got = np.stack([a.outputs[name].reshape(expected[name][0].shape) for a in answers])
         np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-6)
     # The agreement rate of the mirrored answers, reported in the status.
     shadowed = next(r for r in done.analysis_results if r.check == ro.ANALYSIS_CHECK_SHADOW_DISAGREEMENT)
-    assert shadowed.version == 2 and shadowed.sample_count >= 50 and shadowed.passed
+    assert shadowed.version == 2
+    assert shadowed.sample_count >= 50
+    assert shadowed.passed
     mirrored = Reference(versions.v2).predict(rows[[a.row for a in answers]])["probabilities"]
     disagree = ~np.all(np.isclose(expected["probabilities"], mirrored, atol=1e-6, rtol=0), axis=1)
     print(f"shadow agreement {1 - shadowed.measured_value:.4f} (about {1 - disagree.mean():.4f}): {shadowed.detail}")
     # v1 and v2 differ on almost every row (0.75% agree): the mirrored half disagrees as often, give or take sampling.
     assert abs(shadowed.measured_value - disagree.mean()) <= 0.05, shadowed
     shown = fresco_cli(platform, "rollout", "status", model)
-    assert shown.returncode == 0 and "shadow disagreement" in shown.stdout, shown.stdout
+    assert shown.returncode == 0, shown.stdout
+    assert "shadow disagreement" in shown.stdout, shown.stdout
 
 
-def event_time_of(stamp: object) -> float:
-    return stamp.seconds + stamp.nanos / 1e9  # type: ignore[attr-defined]
+def event_time_of(stamp: Timestamp) -> float:
+    return float(stamp.seconds + stamp.nanos / 1e9)
 
 
 FINAL = (
@@ -274,3 +290,70 @@ FINAL = (
     ro.ROLLOUT_STATE_FAILED,
     ro.ROLLOUT_STATE_ABORTED,
 )
+
+
+def deployments_yaml(path: Path, versions: Versions, serve: int, strategy: str) -> Path:
+    path.write_text(
+        f"""reason: e2e gitops
+models:
+  - name: gitops
+    owner: e2e
+    versions:
+      - {{version: 1, artifact: {versions.v1.path}}}
+      - {{version: 2, artifact: {versions.v2.path}, parent_version: 1}}
+    serve: {serve}
+    strategy: {strategy}
+    auto_rollback: {{enabled: true}}
+"""
+    )
+    return path
+
+
+def test_apply_and_diff_a_deployments_file_end_to_end(platform: Platform, versions: Versions, tmp_path: Path) -> None:
+    m, model = platform.manager, "gitops"
+    # `apply` registers what the file declares but does not run gates, and a rollout needs a candidate: the versions
+    # pass their schema gate first, as `fresco models promote` would.
+    add_versions(m, model, versions, (1, 2))
+    first = deployments_yaml(tmp_path / "first.yaml", versions, 1, "{blue_green: {}}")
+    applied = fresco_cli(platform, "apply", "-f", str(first))
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_SUCCEEDED))
+    again = fresco_cli(platform, "apply", "-f", str(first))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "UNCHANGED" in again.stdout, again.stdout + again.stderr
+
+    canary_spec = "{canary: {steps: [{weight: 50, dwell: 60s}], analysis: {max_error_rate: 0.05, min_samples: 50}}}"
+    second = deployments_yaml(tmp_path / "second.yaml", versions, 2, canary_spec)
+    generation = m.stub.GetDeployment(
+        pb.GetDeploymentRequest(model_name=model), timeout=RPC_TIMEOUT_S, metadata=m.metadata
+    ).deployment.generation
+    diff = fresco_cli(platform, "diff", "-f", str(second))
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    print(diff.stdout)
+    assert "version" in diff.stdout, diff.stdout
+    assert "canary" in diff.stdout, diff.stdout
+    unchanged = m.stub.GetDeployment(
+        pb.GetDeploymentRequest(model_name=model), timeout=RPC_TIMEOUT_S, metadata=m.metadata
+    )
+    assert unchanged.deployment.generation == generation, "diff changes nothing"
+    assert unchanged.deployment.version == 1, "diff changes nothing"
+
+    updated = fresco_cli(platform, "apply", "-f", str(second))
+    assert updated.returncode == 0, updated.stdout + updated.stderr
+    assert "UPDATED" in updated.stdout, updated.stdout + updated.stderr
+    wait_rollout(m, model, lambda r: r.version == 2 and r.state == ro.ROLLOUT_STATE_PROGRESSING)
+    aborted = fresco_cli(platform, "rollout", "abort", model, "--reason", "e2e: not today")
+    assert aborted.returncode == 0, aborted.stdout + aborted.stderr
+    back = wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_ROLLED_BACK))
+    # The same spec applied again does not restart it: it says where it stopped.
+    held = fresco_cli(platform, "apply", "-f", str(second))
+    assert held.returncode == 0, held.stdout + held.stderr
+    assert f"rolled back at generation {generation + 1}" in held.stdout, held.stdout
+    assert rollout(m, model).rollout_id == back.rollout_id
+    assert rollout(m, model).attempt == 1
+    # Only retry restarts it.
+    retried = fresco_cli(platform, "rollout", "retry", model, "--reason", "e2e: again")
+    assert retried.returncode == 0, retried.stdout + retried.stderr
+    again_live = wait_rollout(m, model, lambda r: r.attempt == 2 and r.state == ro.ROLLOUT_STATE_PROGRESSING)
+    assert again_live.rollout_id == back.rollout_id
+    assert _share(again_live, 2) == 50
