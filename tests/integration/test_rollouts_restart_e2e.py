@@ -54,11 +54,6 @@ def gauge(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in {url}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: the restarted manager loads the rollout's versions before the predictor has re-registered, "
-    "the load fails at once (no ready predictor) and the rollout is rolled back instead of resumed",
-)
 def test_manager_restarted_mid_rollout_resumes_it_while_the_gateway_keeps_serving(
     platform: Platform, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
