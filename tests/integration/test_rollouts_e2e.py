@@ -23,6 +23,7 @@ from fresco.training import demo_dataset, train_better_classifier, train_classif
 from tests.integration import Reference
 from tests.integration.rollout_platform import (
     RPC_TIMEOUT_S,
+    Answer,
     Platform,
     Traffic,
     Versions,
@@ -95,8 +96,8 @@ def shift_to_ack_s(r: ro.Rollout, after: float) -> tuple[float, ro.RolloutEvent,
     return event_time(acked) - event_time(shifted), shifted, acked
 
 
-def versions_of(answers: list[object]) -> Counter[str]:
-    return Counter(a.version for a in answers)  # type: ignore[attr-defined]
+def versions_of(answers: list[Answer]) -> Counter[str]:
+    return Counter(a.version for a in answers)
 
 
 def test_blue_green_under_steady_load_switches_and_rolls_back_without_a_failed_request(
@@ -117,8 +118,10 @@ def test_blue_green_under_steady_load_switches_and_rolls_back_without_a_failed_r
         assert switched.state == ro.ROLLOUT_STATE_PROGRESSING, "v1 is kept warm for the window"
         took, shifted, acked = shift_to_ack_s(switched, event_time(started.events[0]))
         print(f"switch: {shifted.reason} -> {acked.reason}: {took:.3f} s")
-        # Issue 8's acceptance bound: a blue-green switch takes effect, acknowledged by the gateway, within 1 s.
+        # Issue 8's acceptance bound: "a blue-green switch and a rollback each take effect, acknowledged, within 1 s",
+        # measured on the manager's clock from the publish event to the gateway's acknowledgement (about 10 ms here).
         assert took <= 1.0, (shifted, acked)
+        assert shifted.reason.split(":")[0] in acked.reason, "the revision acknowledged is the one published"
         live.wait_answers(100)
         after_switch = live.since(event_time(acked))
         assert versions_of(after_switch)["2"] == len(after_switch) > 0, versions_of(after_switch)
@@ -138,8 +141,6 @@ def test_blue_green_under_steady_load_switches_and_rolls_back_without_a_failed_r
         assert versions_of(after_rollback)["1"] == len(after_rollback) > 0, versions_of(after_rollback)
     assert not live.failures, live.failures
     assert {"1", "2"} <= set(versions_of(live.answers)), versions_of(live.answers)
-    for e in back.events:
-        print(ro.RolloutEventType.Name(e.type), ro.RolloutState.Name(e.state), e.reason)
 
 
 def _share(r: ro.Rollout, version: int) -> float:
@@ -235,6 +236,7 @@ def test_client_errors_on_a_canary_do_not_count_against_it(
         apply(m, model, 2, canary([50], dwell_s=3, min_samples=50))
         done = wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_PAUSED, *FINAL))
     print(live.refused.most_common(2))
+    # Counted as errors, half the canary's requests would fail it many times over its 5% limit.
     assert sum(live.refused.values()) > 100, live.refused
     assert not live.failures, live.failures
     assert done.state == ro.ROLLOUT_STATE_SUCCEEDED, done

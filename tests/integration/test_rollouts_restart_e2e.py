@@ -59,7 +59,7 @@ def test_manager_restarted_mid_rollout_resumes_it_while_the_gateway_keeps_servin
 ) -> None:
     repository = tmp_path_factory.mktemp("models")
     v1 = train_classifier(repository)
-    versions = DemoVersions(v1, train_better_classifier(repository), v1)
+    versions = DemoVersions(v1, train_better_classifier(repository), v1)  # no v3 in this test
     rows: np.ndarray = demo_dataset().holdout_features[:400]
     m, model, metrics = platform.manager, "restarted", platform.gateway_metrics_url
     serve_first(m, model, versions)
