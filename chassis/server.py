@@ -88,6 +88,7 @@ class ServiceApp:
             raise OSError(f"{name}: could not bind {settings.host}:{settings.port}")
         self.metrics_endpoint: MetricsEndpoint | None = None
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._on_drain: list[Callable[[], Awaitable[None]]] = []
 
     @property
     def address(self) -> str:
@@ -107,6 +108,10 @@ class ServiceApp:
             interceptors=client_interceptors(self.tracer),
             tls=not target.startswith("unix:"),
         )
+
+    def on_drain(self, callback: Callable[[], Awaitable[None]]) -> None:
+        """Run `callback` as stopping starts, before the drain, e.g. to stop background work that decides things."""
+        self._on_drain.append(callback)
 
     def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
         """Run `callback` after the server has drained, e.g. to close channels and sessions."""
@@ -128,6 +133,8 @@ class ServiceApp:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, let in-flight ones finish within the grace period, then clean up."""
         await self.set_serving(False)
+        for callback in reversed(self._on_drain):
+            await callback()
         await self.server.stop(self.settings.grace_period_s if grace is None else grace)
         for callback in reversed(self._on_stop):
             await callback()

@@ -28,6 +28,7 @@ from model_manager.routes import MetricsConfig
 
 log = logging.getLogger(__name__)
 _REPORT_TIMEOUT_S: Final = 5.0
+_NAP_S: Final = 0.5  # the longest the reporter sleeps before it looks at the window length again
 
 
 @dataclass(frozen=True)
@@ -217,9 +218,13 @@ class WindowReporter:
         self._task = asyncio.create_task(self._run(), name="metric-windows")
 
     async def _run(self) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(self._window_s())
-            await self.flush()
+            # Short naps: a window length that a new route table brings applies at once, not after the old length.
+            await asyncio.sleep(min(self._window_s(), _NAP_S))
+            if time.monotonic() - last >= self._window_s():
+                last = time.monotonic()
+                await self.flush()
 
     async def flush(self) -> None:
         """Close the open windows and send everything pending."""

@@ -300,7 +300,10 @@ class RolloutController:
             if old.model not in routes and old.model in served:
                 routes[old.model] = old
         table = RouteTable(current.revision, tuple(routes.values()), self.metrics)
-        if table.routes != current.routes or table.metrics != current.metrics:
+        # A restarted manager has no table of its own: it publishes none until every served model has a route again
+        # (its fleet heard from), so the gateways keep serving the table they hold.
+        holding = self._published is None and bool(served - routes.keys())
+        if not holding and (table.routes != current.routes or table.metrics != current.metrics):
             revision = max(self._route_revision, self.hub.table.revision) + 1
             await asyncio.to_thread(self.store.set_route_revision, revision)
             table = RouteTable(revision, table.routes, self.metrics)
@@ -309,7 +312,7 @@ class RolloutController:
                 self.ads.update(table)
             self._route_revision, self._published = revision, table
             log.info("published route revision %d: %d models", revision, len(table.routes))
-        elif self._published is None:
+        elif self._published is None and not holding:
             self._published = current
         for d in desired:  # what should serve and is warm nowhere (say, production after a restart) is loaded
             for version in d.kept():
@@ -321,7 +324,7 @@ class RolloutController:
             model, route = entry.rollout.spec.model, entry.rollout.route()
             carried = model in fresh and routes[model] == fresh[model]
             warm = all(self.fleet.warm_endpoints(model, v) for v in route.versions())
-            if self._published.revision and carried and warm:
+            if self._published is not None and self._published.revision and carried and warm:
                 done |= entry.rollout.published(action.serial, self._published.revision)
         return done
 

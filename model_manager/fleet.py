@@ -4,6 +4,7 @@ version at its replica count as predictors come, go and get busy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Set
@@ -75,6 +76,8 @@ class Fleet:
         self._warm: dict[Key, frozenset[Endpoint]] = {}
         self._task: asyncio.Task[None] | None = None
         self._repairs: set[asyncio.Task[None]] = set()
+        self._started = time.monotonic()
+        self._joined = asyncio.Event()  # set at the first registration
 
     @property
     def lease_s(self) -> float:
@@ -85,6 +88,7 @@ class Fleet:
     def register(self, report: Report) -> Predictor:
         """A predictor (re)registers."""
         predictor = self.predictors.register(report)
+        self._joined.set()
         log.info("predictor %s registered at %s (%s)", report.predictor_id, report.address, predictor.state.value)
         for want in self._wanted.values():
             want.retry_at = 0.0  # new room: versions short of copies may fit now
@@ -118,9 +122,18 @@ class Fleet:
         self._released.discard(key)
         want = self._wanted.setdefault(key, _Want(replicas, max_replicas))
         want.replicas, want.max_replicas = replicas, max(replicas, max_replicas)
+        await self._await_members()
         async with self._lock(key):
             await self._top_up(key, replicas)
         return self.warm_endpoints(model, version)
+
+    async def _await_members(self) -> None:
+        """Just after the manager starts, the predictors that served before have not registered again: wait up to
+        one lease for a ready one, so a restart does not fail (and roll back) the loads it asks for at once."""
+        remaining = self._started + self.lease_s - time.monotonic()
+        if remaining > 0 and not self.predictors.ready():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._joined.wait(), remaining)
 
     def warm_endpoints(self, model: str, version: int) -> tuple[Endpoint, ...]:
         """Ready, heartbeat-fresh predictors where the version is loaded and ready now, by predictor id."""

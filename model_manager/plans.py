@@ -44,7 +44,9 @@ class RolloutSpec:
     shadow_duration: float = 0.0
     keep_previous_for: float = 0.0
     analysis: AnalysisSpec | None = None
-    analysis_interval: float = 60.0
+    # As the wire's default for canaries: blue-green and shadow have no field for it, and a step inconclusive at the end
+    # of its dwell is looked at again only after this long.
+    analysis_interval: float = 10.0
     inconclusive_limit: float = 1800.0
     failure_limit: int = 1
     auto_rollback: bool = True

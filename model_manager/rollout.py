@@ -407,7 +407,9 @@ class Rollout:
             self._finish(State.ROLLED_BACK, "rolled_back", f"rolled back at generation {d.generation}: {d.message}")
             return True
         d.ever_applied = True
-        d.next_analysis_at, d.hold_from, d.failures, d.last_analysis = now, None, 0, None
+        d.next_analysis_at, d.hold_from, d.failures = now, None, 0
+        if self.phases[d.phase].analysed:  # an unanalysed last phase (stop mirroring) keeps the verdict that led to it
+            d.last_analysis = None
         self._event("applied", f"{self.phases[d.phase].name} acknowledged at route revision {d.revision}")
         return True
 
@@ -583,7 +585,7 @@ class Rollout:
             self._finish(State.SUCCEEDED, "succeeded", f"{self.spec.model} version {self.spec.version}: completed")
             return
         d.phase += 1
-        self._republish()
+        self._republish(keep_analysis=not self.phases[d.phase].analysed)
 
     def _republish(self, *, keep_analysis: bool = False) -> None:
         d = self._d

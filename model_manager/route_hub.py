@@ -55,6 +55,7 @@ class RouteHub:
         self._ack_callbacks: list[Callable[[], None]] = []
         self._publish_listeners: list[Callable[[], None]] = []
         self._acked = asyncio.Event()
+        self._closed = False
 
     @property
     def table(self) -> RouteTable:
@@ -89,6 +90,17 @@ class RouteHub:
     def changed_at(self) -> dict[str, int]:
         """For each model, the revision its route last changed at."""
         return dict(self._changed_at)
+
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: the streams end and no new one starts."""
+        return self._closed
+
+    def close(self) -> None:
+        """End every gateway stream (the manager is stopping): they hold no call open through the drain."""
+        self._closed = True
+        for listener in list(self._publish_listeners):
+            listener()
 
     def on_publish(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` after every publish; returns a function that stops it."""

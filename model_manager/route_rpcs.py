@@ -112,6 +112,8 @@ class RouteRpcs:
         hub = self.route_hub
         if hub is None:
             raise Unavailable("model manager is starting: the route table is not served yet")
+        if hub.closed:
+            raise Unavailable("model manager is stopping: watch the routes again from its next start")
         subscription = _subscription(await anext(request_iterator, None))
         # Headers at once, so the gateway knows it is connected even before the first table is published.
         await context.send_initial_metadata(((REVISION_HEADER, str(hub.table.revision)),))
@@ -119,7 +121,7 @@ class RouteRpcs:
         stream = _Stream(hub, watcher, subscription.resume_from_revision)
         # Acks and publishes meet in one queue, so the stream's state changes one event at a time.
         queue: asyncio.Queue[_Event] = asyncio.Queue()
-        stop_listening = hub.on_publish(lambda: queue.put_nowait(_PUBLISHED))
+        stop_listening = hub.on_publish(lambda: queue.put_nowait(_CLOSED if hub.closed else _PUBLISHED))
 
         async def read() -> None:
             try:

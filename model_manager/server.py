@@ -56,6 +56,7 @@ class ModelManager:
         self.ads.add_to_server(self.app.server)
         self.registry: Registry | None = None
         self.controller: RolloutController | None = None
+        self.app.on_drain(self._stop_deciding)
         self.app.on_stop(self._close)
 
     async def ready(self) -> None:
@@ -142,11 +143,17 @@ class ModelManager:
                 )
                 await asyncio.sleep(self.settings.connect_retry_s)
 
-    async def _close(self) -> None:
+    async def _stop_deciding(self) -> None:
+        # Before the drain: a predictor whose heartbeats the draining server refuses would otherwise lose its lease
+        # here, and the rollouts it serves be rolled back by a manager on its way out. The route streams end too:
+        # they never end by themselves, and would hold the drain for its whole grace period.
+        self.route_hub.close()
         if self.controller is not None:
             await self.controller.stop()
         if self.own_fleet is not None:
             await self.own_fleet.close()
+
+    async def _close(self) -> None:
         if self.registry is not None:
             await asyncio.to_thread(self.registry.close)
 

@@ -26,6 +26,7 @@ def spec(**kw) -> RolloutSpec:
         "steps": (CanaryStep(10.0, dwell=600.0), CanaryStep(50.0, dwell=600.0)),
         "analysis": AnalysisSpec(min_samples=500, max_error_rate=0.01, max_error_ratio=2.0),
         "inconclusive_limit": 1200.0,
+        "analysis_interval": 60.0,  # ten-minute steps in a few analyses each
     }
     return RolloutSpec(**(args | kw))
 

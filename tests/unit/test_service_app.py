@@ -355,15 +355,19 @@ async def test_message_over_the_configured_limit_is_rejected() -> None:
         await app.stop(grace=0)
 
 
-async def test_stop_with_grace_lets_an_in_flight_call_finish() -> None:
+async def test_stop_runs_drain_hooks_first_and_lets_an_in_flight_call_finish() -> None:
     app = ServiceApp("probe", _settings(), [SERVICE])
     probe = Probe()
     _add_probe(app, probe)
     stopped: list[str] = []
 
+    async def on_drain() -> None:
+        stopped.append("draining while in flight" if not probe.slow_finished else "drained too late")
+
     async def on_stop() -> None:
         stopped.append("finished" if probe.slow_finished else "too early")
 
+    app.on_drain(on_drain)
     app.on_stop(on_stop)
     await app.start()
     await app.set_serving(True)
@@ -373,7 +377,7 @@ async def test_stop_with_grace_lets_an_in_flight_call_finish() -> None:
         await app.stop(grace=5)
         assert await slow == b"slow done"
         assert probe.slow_finished
-        assert stopped == ["finished"]
+        assert stopped == ["draining while in flight", "finished"]
         err = await _error_of(_echo(channel, b"after", wait_for_ready=False))
         assert err.code() is grpc.StatusCode.UNAVAILABLE
     status = await app.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), None)  # type: ignore[arg-type]
