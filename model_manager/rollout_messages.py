@@ -74,6 +74,17 @@ EVENT_TYPES: dict[str, rpb.RolloutEventType.ValueType] = {
 DEFAULT_UNHEALTHY_GRACE_S = 30.0
 
 
+# The optional limits of AnalysisSpec and the AnalysisThresholds fields that carry them.
+_OPTIONAL_LIMITS = (
+    ("max_error_rate", "max_error_rate"),
+    ("max_error_ratio", "max_error_ratio"),
+    ("max_latency_p99_ms", "max_latency_p99_ms"),
+    ("max_latency_p99_ratio", "max_latency_p99_ratio"),
+    ("max_score_psi", "max_prediction_psi"),
+    ("max_shadow_disagreement", "max_shadow_disagreement"),
+)
+
+
 def state_value(state: State) -> rpb.RolloutState.ValueType:
     """A rollout state as its RolloutState number."""
     return _STATES[state]
@@ -121,14 +132,7 @@ def _analysis(field: str, t: rpb.AnalysisThresholds, min_samples: int = 0) -> tu
         raise InvalidArgument(f"{field}.min_samples: expected a count of at least 0")
     opt = {
         name: getattr(t, proto) if t.HasField(proto) else None  # type: ignore[arg-type]
-        for name, proto in (
-            ("max_error_rate", "max_error_rate"),
-            ("max_error_ratio", "max_error_ratio"),
-            ("max_latency_p99_ms", "max_latency_p99_ms"),
-            ("max_latency_p99_ratio", "max_latency_p99_ratio"),
-            ("max_score_psi", "max_prediction_psi"),
-            ("max_shadow_disagreement", "max_shadow_disagreement"),
-        )
+        for name, proto in _OPTIONAL_LIMITS
     }
     try:
         spec = AnalysisSpec(
@@ -236,14 +240,7 @@ def _thresholds(a: AnalysisSpec, limit: float) -> rpb.AnalysisThresholds:
         alpha=a.alpha,
         inconclusive_limit=_duration(limit),
     )
-    for name, proto in (
-        ("max_error_rate", "max_error_rate"),
-        ("max_error_ratio", "max_error_ratio"),
-        ("max_latency_p99_ms", "max_latency_p99_ms"),
-        ("max_latency_p99_ratio", "max_latency_p99_ratio"),
-        ("max_score_psi", "max_prediction_psi"),
-        ("max_shadow_disagreement", "max_shadow_disagreement"),
-    ):
+    for name, proto in _OPTIONAL_LIMITS:
         value = getattr(a, name)
         if value is not None:
             setattr(t, proto, value)

@@ -10,6 +10,7 @@ from typing import Final
 
 from fresco.api.common.v1 import values_pb2
 from fresco.api.models.v1 import routing_pb2 as pb
+from fresco.client import to_value
 from model_manager.routes import (
     Endpoint,
     MetricsConfig,
@@ -47,22 +48,8 @@ def _endpoints(where: str, messages: Iterable[pb.PredictorEndpoint]) -> tuple[En
 
 
 def value_message(value: StaticValue) -> values_pb2.Value:
-    """A static answer's value as a `fresco.common.v1.Value`."""
-    if isinstance(value, tuple):
-        if all(isinstance(v, str) for v in value):
-            return values_pb2.Value(string_list=values_pb2.StringList(values=[str(v) for v in value]))
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return values_pb2.Value(int64_list=values_pb2.Int64List(values=[int(v) for v in value]))
-        return values_pb2.Value(double_list=values_pb2.DoubleList(values=[float(v) for v in value]))
-    if isinstance(value, bool):
-        return values_pb2.Value(bool_value=value)
-    if isinstance(value, int):
-        return values_pb2.Value(int64_value=value)
-    if isinstance(value, float):
-        return values_pb2.Value(double_value=value)
-    if isinstance(value, str):
-        return values_pb2.Value(string_value=value)
-    return values_pb2.Value(bytes_value=value)
+    """A static answer's value as a `fresco.common.v1.Value` (a tuple as the list of its kind)."""
+    return to_value(value)
 
 
 def static_value(where: str, message: values_pb2.Value) -> StaticValue:

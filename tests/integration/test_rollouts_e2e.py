@@ -92,7 +92,9 @@ def shift_to_ack_s(r: ro.Rollout, after: float) -> tuple[float, ro.RolloutEvent,
     events = [e for e in r.events if event_time(e) >= after]
     shifted = next(e for e in events if e.type == ro.ROLLOUT_EVENT_TYPE_TRAFFIC_SHIFTED)
     later = events[events.index(shifted) + 1 :]
-    acked = next(e for e in later if e.reason.startswith("applied") or e.type == ro.ROLLOUT_EVENT_TYPE_ROLLED_BACK)
+    acked = next(
+        e for e in later if e.type == ro.ROLLOUT_EVENT_TYPE_APPLIED or e.type == ro.ROLLOUT_EVENT_TYPE_ROLLED_BACK
+    )
     return event_time(acked) - event_time(shifted), shifted, acked
 
 
