@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final
 
 from grpc import aio
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from chassis.errors import FrescoError
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
@@ -113,6 +113,15 @@ class RouteWatcher:
         Gauge(
             "fresco_gateway_route_revision", "The route table revision served (0 for none).", registry=registry
         ).set_function(lambda: self.table.revision if self.table is not None else 0)
+        # A snapshot after a reconnect means the manager could not resume from the revision held: worth seeing.
+        self.applied = Counter(
+            "fresco_gateway_route_messages_applied",
+            "Route stream messages applied, by kind (snapshot or update).",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ("snapshot", "update"):
+            self.applied.labels(kind)  # both exported from the start, at 0
 
     def staleness(self) -> float:
         """Seconds since the table was last known current: 0 while connected."""
@@ -174,6 +183,9 @@ class RouteWatcher:
             self.rejected = [*self.rejected[-99:], (revision, str(err))]
             return pb.RouteAck(revision=revision, accepted=False, error=str(err))
         self.table = table  # one reference swapped: a request holds the table it started with
+        kind = "snapshot" if response.HasField("snapshot") else "update"
+        self.applied.labels(kind).inc()
+        log.info("applied route %s to revision %d", kind, table.revision)
         self.accepted = [*self.accepted[-99:], table.revision]
         if self._state_dir is not None:  # kept before the ack, so a restart resumes from what was acked
             try:

@@ -20,6 +20,7 @@ from typing import Any
 from chassis.errors import FrescoError
 from fresco.api.models.v1 import model_manager_service_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as regpb
+from model_manager import route_codec, route_hub
 from model_manager.actions import FINISHED, Action, Do, State
 from model_manager.model_serving import static_answer
 from model_manager.ports import FleetPort, RouteHubPort
@@ -31,7 +32,7 @@ from model_manager.rollout_messages import stored_gate_result
 from model_manager.rollout_registry import promote_in_registry, restore_baseline, score_bins, score_reference
 from model_manager.rollout_store import AuditRow, RolloutStore, StoredRollout
 from model_manager.route_builder import Desired, ModelServing, build_table, wanted
-from model_manager.routes import MetricsConfig, RouteTable
+from model_manager.routes import MetricsConfig, RouteError, RouteTable
 from model_manager.windows import Histogram, MetricWindow, WindowLedger
 from model_manager.xds import AdsService
 
@@ -154,6 +155,7 @@ class RolloutController:
             self.ledger.add(MetricWindow.from_dict(raw))
         self._route_revision = await asyncio.to_thread(self.store.route_revision)
         if self.hub is not None:
+            await self._seed_routes()
             self._route_revision = max(self._route_revision, self.hub.table.revision)
             if self.ads is not None and self.hub.table.routes:
                 self.ads.update(self.hub.table)
@@ -164,6 +166,21 @@ class RolloutController:
             self._loop_task = asyncio.create_task(self._run(), name="rollout-controller")
         log.info("rollout controller: %d rollouts, %d windows, route revision %d", len(self.entries),
                  len(self.ledger), self._route_revision)  # fmt: skip
+
+    async def _seed_routes(self) -> None:
+        """Serves the last table published again, so gateways holding its revision resume with no snapshot."""
+        assert self.hub is not None
+        kept = await asyncio.to_thread(self.store.route_table)
+        if kept is None or self.hub.table.revision > 0:
+            return
+        revision, data = kept
+        try:
+            table, changed_at = route_codec.read_kept_table(data)
+        except RouteError as err:  # gateways then get a snapshot of the next table published
+            log.warning("not serving the kept route table (revision %d) again: %s", revision, err)
+            return
+        self.hub.seed(table, changed_at)
+        log.info("serving the kept route table again: revision %d, %d models", table.revision, len(table.routes))
 
     async def stop(self) -> None:
         """Stop driving; loads and unloads in flight are cancelled (they are asked for again after a restart)."""
@@ -300,13 +317,16 @@ class RolloutController:
             if old.model not in routes and old.model in served:
                 routes[old.model] = old
         table = RouteTable(current.revision, tuple(routes.values()), self.metrics)
-        # A restarted manager has no table of its own: it publishes none until every served model has a route again
-        # (its fleet heard from), so the gateways keep serving the table they hold.
-        holding = self._published is None and bool(served - routes.keys())
+        # A restarted manager serves its last table again but publishes no new one until every served model has a
+        # fresh route (its fleet heard from), so the gateways keep serving the table they hold.
+        holding = self._published is None and bool(served - fresh.keys())
         if not holding and (table.routes != current.routes or table.metrics != current.metrics):
             revision = max(self._route_revision, self.hub.table.revision) + 1
-            await asyncio.to_thread(self.store.set_route_revision, revision)
             table = RouteTable(revision, table.routes, self.metrics)
+            kept = route_codec.kept_table(table, route_hub.changes(self.hub.table, table, self.hub.changed_at()))
+            # Kept before it is published: a revision a gateway holds is never reused, and is served again after a
+            # restart.
+            await asyncio.to_thread(self.store.set_route_table, revision, kept)
             self.hub.publish(table)
             if self.ads is not None:
                 self.ads.update(table)

@@ -6,7 +6,7 @@ controller depends only on them, so it runs on whatever the server wires in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Set
 from typing import Protocol
 
 from model_manager.routes import Endpoint, RouteTable
@@ -54,6 +54,14 @@ class RouteHubPort(Protocol):
 
     def publish(self, table: RouteTable) -> None:
         """Make `table` current and stream it to every watching gateway; its revision exceeds the current one."""
+        ...
+
+    def seed(self, table: RouteTable, changed_at: Mapping[str, int]) -> None:
+        """Serve `table`, the last one an earlier run published, until the next publish (only before any publish)."""
+        ...
+
+    def changed_at(self) -> dict[str, int]:
+        """For each model, the revision its route last changed at."""
         ...
 
     def applied_revision(self, model: str) -> int:

@@ -1,4 +1,5 @@
-"""Durable rollout runtime state beside the registry: rollouts, deployments, accepted metric windows, route revision.
+"""Durable rollout runtime state beside the registry: rollouts, deployments, accepted metric windows, the route
+revision and the last route table.
 
 Same engine as the registry (SQLite or PostgreSQL). A rollout's change and its audit records commit in one
 transaction. Blocking: callers run it in a worker thread.
@@ -71,6 +72,16 @@ route_state = sa.Table(
     sa.Column("revision", sa.BigInteger, nullable=False),
 )
 
+# The last route table published, so a restarted manager serves it again and gateways resume from its revision.
+# A table of its own (not a column of route_state): create_all adds it to a database made before it existed.
+route_tables = sa.Table(
+    "route_tables",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("revision", sa.BigInteger, nullable=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),  # a fresco.models.v1.RouteTable message
+)
+
 DEFAULT_PAGE_SIZE = 50
 
 
@@ -115,7 +126,7 @@ class StoredDeployment:
 
 
 class RolloutStore:
-    """Rollouts, deployments, metric windows and the route revision over one SQLAlchemy engine."""
+    """Rollouts, deployments, metric windows, the route revision and table over one SQLAlchemy engine."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -380,6 +391,30 @@ class RolloutStore:
                 conn.execute(route_state.insert().values(id=1, revision=revision))
             elif revision > current:
                 conn.execute(route_state.update().where(route_state.c.id == 1).values(revision=revision))
+
+    @database_errors
+    def route_table(self) -> tuple[int, bytes] | None:
+        """The last route table published, as (revision, RouteTable message bytes); None if none was kept."""
+        with self.engine.connect() as conn:
+            query = sa.select(route_tables.c.revision, route_tables.c.data).where(route_tables.c.id == 1)
+            row = conn.execute(query).first()
+        return None if row is None else (int(row.revision), bytes(row.data))
+
+    @database_errors
+    def set_route_table(self, revision: int, data: bytes) -> None:
+        """Record a route table about to be published and its revision, in one transaction; a revision not above the
+        recorded one changes nothing (as with `set_route_revision`)."""
+        with self.engine.begin() as conn:
+            current = conn.execute(sa.select(route_state.c.revision).where(route_state.c.id == 1)).scalar()
+            if current is not None and revision <= current:
+                return
+            if current is None:
+                conn.execute(route_state.insert().values(id=1, revision=revision))
+            else:
+                conn.execute(route_state.update().where(route_state.c.id == 1).values(revision=revision))
+            kept = route_tables.update().where(route_tables.c.id == 1).values(revision=revision, data=data)
+            if conn.execute(kept).rowcount == 0:
+                conn.execute(route_tables.insert().values(id=1, revision=revision, data=data))
 
 
 def _stored(row: Any) -> StoredRollout:

@@ -8,6 +8,8 @@ import time
 from collections.abc import Collection, Iterable, Mapping
 from typing import Final
 
+from google.protobuf.message import DecodeError
+
 from fresco.api.common.v1 import values_pb2
 from fresco.api.models.v1 import routing_pb2 as pb
 from fresco.client import to_value
@@ -183,6 +185,20 @@ def table_message(
 def route_table(message: pb.RouteTable) -> RouteTable:
     """A table from a snapshot; RouteError names the field that is wrong."""
     return RouteTable(message.revision, tuple(model_route(r) for r in message.routes), metrics_config(message.metrics))
+
+
+def kept_table(table: RouteTable, changed_at: Mapping[str, int]) -> bytes:
+    """The table as the manager keeps it in its database: a snapshot of every route with when it last changed."""
+    return table_message(table, (), changed_at).SerializeToString()
+
+
+def read_kept_table(data: bytes) -> tuple[RouteTable, dict[str, int]]:
+    """A kept table and, for each model, the revision its route last changed at; RouteError if unreadable."""
+    try:
+        message = pb.RouteTable.FromString(data)
+    except DecodeError as err:
+        raise RouteError(f"kept route table: expected a RouteTable message, got unreadable bytes: {err}") from None
+    return route_table(message), {r.model_name: r.revision for r in message.routes}
 
 
 def update_message(

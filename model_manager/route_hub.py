@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -14,6 +14,16 @@ from model_manager.routes import RouteError, RouteTable
 
 _HISTORY: Final = 64  # revisions a gateway can resume from with an update instead of a snapshot
 _REJECTIONS: Final = 100
+
+
+def changes(before: RouteTable, after: RouteTable, changed_at: Mapping[str, int]) -> dict[str, int]:
+    """For each model, the revision its route last changed at once `after` follows `before`."""
+    old = {r.model: r for r in before.routes}
+    out = dict(changed_at)
+    for route in after.routes:
+        if old.get(route.model) != route:
+            out[route.model] = after.revision
+    return out
 
 
 @dataclass
@@ -71,15 +81,25 @@ class RouteHub:
         """Make `table` current and stream it to every watching gateway; its revision must grow."""
         if table.revision <= self._table.revision:
             raise RouteError(f"revision: expected more than the current {self._table.revision}, got {table.revision}")
-        before = {r.model: r for r in self._table.routes}
-        for route in table.routes:
-            if before.get(route.model) != route:
-                self._changed_at[route.model] = table.revision
+        self._changed_at = changes(self._table, table, self._changed_at)
         self._table = table
         self._published = True
         self._history[table.revision] = table
         while len(self._history) > self._history_size:
             del self._history[min(self._history)]
+        for listener in list(self._publish_listeners):
+            listener()
+
+    def seed(self, table: RouteTable, changed_at: Mapping[str, int]) -> None:
+        """Serve `table`, the last one an earlier run published, until the next publish: a gateway holding its
+        revision resumes from it. Only before the first publish."""
+        if self._published:
+            raise RouteError(f"seed: expected a hub with nothing published yet, it has revision {self._table.revision}")
+        if table.revision < 1:
+            raise RouteError(f"seed.revision: expected a published revision (≥ 1), got {table.revision}")
+        self._table, self._published = table, True
+        self._history = {table.revision: table}
+        self._changed_at = dict(changed_at)
         for listener in list(self._publish_listeners):
             listener()
 

@@ -1,7 +1,8 @@
 """WatchRoutes, the route stream to gateways: a mixin of ModelManagerServicer over a `RouteHub`.
 
 A gateway subscribes with the revision it holds; it gets a snapshot, or only an update from that
-revision when the hub still has it; then an update per publish, each based on the revision sent
+revision when the hub still has it (a restarted manager is seeded with its last table, so a gateway
+holding that revision resumes with an update); then an update per publish, each based on the revision sent
 before. Every ack and rejection is recorded in the hub. After a rejected update the gateway holds
 its last good table, which the stream no longer knows: it sends a snapshot."""
 
@@ -39,16 +40,20 @@ class _Stream:
         self.resume_from = resume_from
         self.sent: RouteTable | None = None  # the table the gateway holds once it applies what was sent
         self.sent_kind: dict[int, str] = {}  # revision -> "snapshot" | "update", for rejections
+        self.opened = False  # whether the opening message went out
 
     def first(self) -> pb.WatchRoutesResponse | None:
         """The opening message: an update from the resumed revision, or a snapshot; none before a publish."""
         if not self.hub.published:
             return None
+        self.opened = True
         base = self.hub.at(self.resume_from) if self.resume_from else None
         return self._update(base) if base is not None else self._snapshot()
 
     def on_publish(self) -> pb.WatchRoutesResponse | None:
         """The message bringing the gateway to the hub's current table."""
+        if not self.opened:  # the stream began before any table (a restarted manager reading its last one back)
+            return self.first()
         current = self.hub.table
         if self.sent is current:
             return None

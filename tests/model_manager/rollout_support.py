@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Set
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Set
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +84,7 @@ class LocalHub:
     published: list[RouteTable] = field(default_factory=list)
     callbacks: list[Callable[[], None]] = field(default_factory=list)
     acked: int = 0
+    seeded: RouteTable | None = None
 
     def publish(self, table: RouteTable) -> None:
         assert table.revision > self.table.revision, "revisions must grow"
@@ -92,6 +93,14 @@ class LocalHub:
         self.acked = table.revision
         for callback in self.callbacks:
             asyncio.get_running_loop().call_soon(callback)
+
+    def seed(self, table: RouteTable, changed_at: Mapping[str, int]) -> None:
+        assert self.table.revision == 0, "seeded only before any publish"
+        self.table = self.seeded = table
+        self.acked = table.revision  # its gateway holds the table it was seeded with
+
+    def changed_at(self) -> dict[str, int]:
+        return {}
 
     def applied_revision(self, model: str) -> int:
         return self.acked if any(r.model == model for r in self.table.routes) else 0

@@ -50,19 +50,26 @@ async def test_a_manager_restarted_mid_rollout_resumes_where_it_was(tmp_path: Pa
         assert first_hub.weights(model) == {"1": 7000, "2": 3000}
     last_revision = first_hub.table.revision
 
-    second_hub = LocalHub()  # a gateway that lost nothing, but a hub that starts empty
+    second_hub = LocalHub()  # a gateway that lost nothing, and a hub the manager seeds with its last table
     async with manager(tmp_path, fleet, second_hub) as (mm, stub):
+        assert second_hub.seeded is not None, "the last table is served again"
+        assert second_hub.seeded.revision == last_revision
+        assert second_hub.seeded.routes == first_hub.table.routes
+        assert second_hub.seeded.metrics == first_hub.table.metrics
         after = (await stub.GetRolloutStatus(pb.GetRolloutStatusRequest(model_name=model))).rollout
         assert after.rollout_id == rid
         assert after.state == rpb.ROLLOUT_STATE_PAUSED
         assert after.revision == before.revision, (before.events, after.events, before.message, after.message)
         assert [e.type for e in after.events] == [e.type for e in before.events]
-        await wait_for(status(stub, rid), lambda r: second_hub.table.revision > 0)
-        assert second_hub.table.revision > last_revision, "route revisions grow across restarts"
-        assert second_hub.weights(model) == {"1": 7000, "2": 3000}, "the step's weights are published again"
+        assert second_hub.weights(model) == {"1": 7000, "2": 3000}, "the step's weights are served again"
 
         await stub.ResumeRollout(pb.ResumeRolloutRequest(rollout_id=rid, reason="go on"))
         done = await wait_for(status(stub, rid), lambda r: r.state == rpb.ROLLOUT_STATE_SUCCEEDED)
+        # The paused step's table was not published again: the first revision after the restart is the next step's,
+        # one above the last before it (revisions grow across restarts).
+        first = second_hub.published[0]
+        assert first.revision == last_revision + 1
+        assert {v.version: v.weight for v in first.route(model).versions} != {"1": 7000, "2": 3000}
         assert done.revision > before.revision
         # The kept-warm baseline leaves the table (as the fallback) once the rollout is done.
         await wait_for(status(stub, rid), lambda r: second_hub.weights(model) == {"2": 10000})
@@ -151,5 +158,12 @@ def test_store_round_trips_rollouts_deployments_windows_and_revisions(database_u
         store.set_route_revision(7)
         store.set_route_revision(5)
         assert store.route_revision() == 7
+
+        assert store.route_table() is None
+        store.set_route_table(8, b"table 8")
+        store.set_route_table(6, b"table 6")  # behind the recorded revision: nothing changes
+        assert (store.route_revision(), store.route_table()) == (8, (8, b"table 8"))
+        store.set_route_table(9, b"table 9")
+        assert (store.route_revision(), store.route_table()) == (9, (9, b"table 9"))
     finally:
         registry.close()
