@@ -146,8 +146,9 @@ class ModelManager:
     async def _stop_deciding(self) -> None:
         # Before the drain: a predictor whose heartbeats the draining server refuses would otherwise lose its lease
         # here, and the rollouts it serves be rolled back by a manager on its way out. The route streams end too:
-        # they never end by themselves, and would hold the drain for its whole grace period.
+        # they never end by themselves, and would hold the drain for its whole grace period. So do the xDS streams.
         self.route_hub.close()
+        self.ads.close()
         if self.controller is not None:
             await self.controller.stop()
         if self.own_fleet is not None:

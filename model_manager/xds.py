@@ -5,6 +5,7 @@ on any grpc.aio server; `AdsServer` runs it alone on a port."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Final, TypeAlias
@@ -16,6 +17,7 @@ from model_manager.envoy_resources import XdsSnapshot, snapshot
 from model_manager.routes import RouteError, RouteTable
 from model_manager.xds_stream import AdsStream, ClientStatus, Nack
 
+log = logging.getLogger(__name__)
 _NACK_HISTORY: Final = 100
 
 # A request from the client, a new revision to publish, or None when the client has gone.
@@ -32,6 +34,7 @@ class AdsService:
         self._snapshot: XdsSnapshot | None = None
         self._streams: dict[AdsStream, asyncio.Queue[_Event]] = {}
         self._nacks: deque[Nack] = deque(maxlen=nack_history)
+        self._closed = False
 
     @property
     def revision(self) -> int | None:
@@ -51,6 +54,20 @@ class AdsService:
         for queue in self._streams.values():
             queue.put_nowait(_PUBLISHED)
 
+    @property
+    def closed(self) -> bool:
+        """Whether `close` was called: the streams end and no new one starts."""
+        return self._closed
+
+    def close(self) -> None:
+        """End every ADS stream (the server is stopping): they never end by themselves, and would hold the drain for
+        its whole grace period. Clients reconnect, to this server's next start or another."""
+        self._closed = True
+        if self._streams:
+            log.info("ending %d xDS streams: the server is stopping", len(self._streams))
+        for queue in self._streams.values():
+            queue.put_nowait(None)
+
     def clients(self) -> list[ClientStatus]:
         """Each connected client's accepted versions and current rejections."""
         return [stream.status() for stream in self._streams]
@@ -69,6 +86,8 @@ class AdsService:
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[discovery_pb2.DiscoveryResponse]:
         """One client's ADS stream: its requests and new revisions in, responses out, in order."""
+        if self._closed:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the xDS server is stopping: connect again later")
         stream = AdsStream(self._snapshot, on_nack=self._nacks.append)
         # Requests and new revisions meet in one queue, so the stream's state changes one event at a
         # time; revisions published while the stream is busy are taken together, as the latest.
@@ -128,8 +147,9 @@ class AdsServer:
         return self.port
 
     async def stop(self, grace_s: float = 1.0) -> None:
-        """Stop serving, letting streams end within the grace period."""
+        """Stop serving: the streams end at once, other calls within the grace period."""
         if self._server is not None:
+            self.service.close()
             await self._server.stop(grace_s)
             self._server = None
 

@@ -1,6 +1,7 @@
 """Issue 8's acceptance, with real processes: a model manager restarted mid-rollout (SIGTERM, then a new process on
 the same data directory and port) resumes the rollout to its end, while the gateway keeps serving from its last
-table and picks up again from its revision. A platform of its own: the test stops its manager."""
+table and picks up again from its revision, with updates and no snapshot (the new manager serves its last table
+again). A platform of its own: the test stops its manager."""
 
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ def gauge(url: str, name: str) -> float:
     raise AssertionError(f"{name} not in {url}")
 
 
+def applied(url: str) -> dict[str, float]:
+    """The route stream messages the gateway applied, by kind (snapshot, update)."""
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        text = reply.read().decode()
+    return {
+        sample.labels["kind"]: float(sample.value)
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "fresco_gateway_route_messages_applied_total"
+    }
+
+
 def test_manager_restarted_mid_rollout_resumes_it_while_the_gateway_keeps_serving(
     platform: Platform, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
@@ -72,6 +85,8 @@ def test_manager_restarted_mid_rollout_resumes_it_while_the_gateway_keeps_servin
         )
         held = gauge(metrics, "fresco_gateway_route_revision")
         assert held >= step.applied_revision
+        before = applied(metrics)
+        assert before["snapshot"] >= 1, before  # its first table
 
         assert old.stop() == 0, old.output()[-2000:]
         # Down: the gateway serves from its last table, and says how stale it is.
@@ -105,6 +120,10 @@ def test_manager_restarted_mid_rollout_resumes_it_while_the_gateway_keeps_servin
             (e.reason, [d.detail for d in e.decisions]) for e in done.events
         ]
         assert gauge(metrics, "fresco_gateway_route_revision") >= done.published_revision > held
+        # The restarted manager served its last table again: the gateway resumed from its revision with updates only.
+        after = applied(metrics)
+        assert after["snapshot"] == before["snapshot"], (before, after)
+        assert after["update"] > before["update"], (before, after)
         live.wait_answers(100)
         after = live.since(done.finished_at.seconds + done.finished_at.nanos / 1e9)
     assert not live.failures, live.failures

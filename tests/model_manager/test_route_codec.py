@@ -41,6 +41,14 @@ def test_a_table_survives_the_wire() -> None:
     assert not fraud.HasField("static_fallback")
 
 
+def test_a_kept_table_reads_back_with_when_each_route_changed() -> None:
+    table = RouteTable(9, (route(shadow=Shadow("2", 0.1), fallback="1"), route("churn")), MetricsConfig((5.0,), 2.0))
+    kept = route_codec.kept_table(table, {"fraud": 4})
+    assert route_codec.read_kept_table(kept) == (table, {"fraud": 4, "churn": 9})
+    with pytest.raises(RouteError, match="kept route table"):
+        route_codec.read_kept_table(b"\xff not a message")
+
+
 def test_a_static_answer_takes_numbers_strings_and_their_lists_only() -> None:
     names = (("b", "x"), ("a", (1, 2.5)), ("c", b"raw"), ("d", ("p", "q")))
     assert [n for n, _ in route(static_answer=names).static_answer] == ["a", "b", "c", "d"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -177,6 +177,56 @@ class await_manager:  # noqa: N801 (an async context manager used like a functio
     async def __aexit__(self, *exc: object) -> None:
         await self.channel.close()
         await self.manager.stop()
+
+
+async def test_a_hub_seeded_with_the_last_table_resumes_gateways_from_its_revision(manager, stub) -> None:
+    hub = manager.hub
+    early = Gateway.subscribe(stub, "gw-early", resume=5)  # reconnected before the manager read its table back
+    await until(lambda: [w.gateway_id for w in hub.watchers()] == ["gw-early"], "the early stream")
+    hub.seed(table(5, canary=50), {"fraud": 4})
+    message = await early.next()
+    assert message.WhichOneof("kind") == "update", message
+    assert (message.update.base_revision, message.update.revision) == (5, 5)
+    assert list(message.update.upserted_routes) == []
+    early.ack(5)
+    assert await hub.wait_applied("fraud", 5, WAIT_S)
+
+    held = Gateway.subscribe(stub, "gw-held", resume=5)
+    assert (await held.next()).update.base_revision == 5
+    unknown = Gateway.subscribe(stub, "gw-unknown", resume=3)  # a revision the restarted hub never had
+    snapshot = await unknown.next()
+    assert snapshot.WhichOneof("kind") == "snapshot"
+    assert snapshot.snapshot.revision == 5
+    assert snapshot.snapshot.routes[0].revision == 4  # when the route last changed, as kept
+
+    hub.publish(table(6, canary=60))
+    for gateway in (early, held):
+        message = await gateway.next()
+        assert message.WhichOneof("kind") == "update", message
+        assert (message.update.base_revision, message.update.revision) == (5, 6)
+    assert (await unknown.next()).update.base_revision == 5
+    for gateway in (early, held, unknown):
+        gateway.close()
+
+
+def test_only_a_hub_with_nothing_published_is_seeded() -> None:
+    hub = RouteHub()
+    with pytest.raises(RouteError, match="seed.revision"):
+        hub.seed(RouteTable(0), {})
+    hub.seed(table(3), {})
+    assert (hub.published, hub.table.revision, hub.at(3)) == (True, 3, table(3))
+    with pytest.raises(RouteError, match="nothing published yet"):
+        hub.seed(table(4), {})
+    hub.publish(table(4, canary=40))
+    assert hub.changed_at() == {"fraud": 4}
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(int(WAIT_S / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_revisions_only_grow() -> None:

@@ -170,3 +170,19 @@ async def test_delta_xds_is_refused_with_a_clear_status(channel) -> None:
         await asyncio.wait_for(call.read(), READ_TIMEOUT_S)
     assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "state of the world" in (caught.value.details() or "")
+
+
+async def test_closing_ends_every_stream_and_refuses_new_ones(ads, channel) -> None:
+    client = AdsClient(channel, "envoy-3")
+    await client.subscribe_like_envoy()
+    ads.service.close()
+    # The stream ends cleanly at once (no waiting for the server's grace period): the client reconnects elsewhere.
+    assert await asyncio.wait_for(client.call.read(), READ_TIMEOUT_S) is grpc.aio.EOF
+    assert await asyncio.wait_for(client.call.code(), READ_TIMEOUT_S) == grpc.StatusCode.OK
+    await eventually(lambda: ads.service.clients() == [], "the ended stream to leave")
+    late = AdsClient(channel, "envoy-4")
+    await late.send(CLUSTER, [])
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await asyncio.wait_for(late.call.read(), READ_TIMEOUT_S)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "stopping" in (caught.value.details() or "")
