@@ -211,7 +211,7 @@ async def test_a_hub_seeded_with_the_last_table_resumes_gateways_from_its_revisi
 
 def test_only_a_hub_with_nothing_published_is_seeded() -> None:
     hub = RouteHub()
-    with pytest.raises(RouteError, match="seed.revision"):
+    with pytest.raises(RouteError, match=r"seed\.revision"):
         hub.seed(RouteTable(0), {})
     hub.seed(table(3), {})
     assert (hub.published, hub.table.revision, hub.at(3)) == (True, 3, table(3))

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fresco.suite import ServiceProcess
 from model_manager.envoy_resources import LISTENER, XdsSnapshot, snapshot
@@ -196,3 +199,45 @@ async def test_proxyless_client_nack_keeps_last_good_config(ads, client, version
     [status] = ads.service.clients()
     assert status.rejected == {}
     assert status.route_revision == 3
+
+
+def ads_streams_in_flight(metrics_url: str) -> float:
+    """The ADS streams a service is handling now, from its Prometheus endpoint."""
+    with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "fresco_rpc_in_flight" and sample.labels["method"].endswith("/StreamAggregatedResources")
+    )
+
+
+def test_a_stopping_manager_ends_its_xds_streams_instead_of_waiting_out_its_grace_period(tmp_path: Path) -> None:
+    grace_s = 60.0
+    manager = ServiceProcess(
+        "model_manager",
+        ["--data-dir", str(tmp_path / "manager"), "--port", "0", "--grace-period-s", str(grace_s)],
+        log_path=tmp_path / "model_manager.log",
+    )
+    client: ProxylessClient | None = None
+    try:
+        manager.start()
+        manager.wait_healthy()
+        client = ProxylessClient(int(manager.address.rsplit(":", 1)[1]), tmp_path / "xds_client.log")
+        assert client.ask("connect") == {"connecting": True}
+        deadline = time.monotonic() + 60.0
+        while ads_streams_in_flight(manager.metrics_url) < 1:
+            assert time.monotonic() < deadline, f"no ADS stream from the client:\n{client.log.read_text()}"
+            time.sleep(0.05)
+        started = time.monotonic()
+        code = manager.stop(grace_s=grace_s + 60.0)
+        took = time.monotonic() - started
+    finally:
+        if client is not None:
+            client.close()
+        manager.stop()
+    assert code == 0, manager.output()[-3000:]
+    # A generous bound, not a speed claim: a stream left open would hold the stop for the whole grace period.
+    assert took < grace_s, (took, manager.output()[-3000:])
+    assert re.search(r"ending \d+ xDS streams", manager.output()), manager.output()[-3000:]

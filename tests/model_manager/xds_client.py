@@ -3,6 +3,7 @@ environment before grpc starts. It reads commands on stdin, one a line, and answ
 JSON line:
   until LABEL   call `xds:///<model>` until a version-LABEL server answers: {"calls": n}
   count N       make N calls: {"counts": {label: n, ...}}
+  connect       start resolving (which opens the ADS stream) without a call: {"connecting": true}
 Run as `python -m tests.model_manager.xds_client MODEL` with GRPC_XDS_BOOTSTRAP_CONFIG set."""
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def main(model: str) -> None:
                         calls += 1
                         reached = call() == argument
                     reply: dict[str, object] = {"calls": calls, "reached": reached}
+                elif command == "connect":
+                    channel.subscribe(lambda state: None, try_to_connect=True)
+                    reply = {"connecting": True}
                 elif command == "count":
                     reply = {"counts": dict(Counter(call() for _ in range(int(argument))))}
                 else:
