@@ -85,8 +85,8 @@ def test_manager_restarted_mid_rollout_resumes_it_while_the_gateway_keeps_servin
         )
         held = gauge(metrics, "fresco_gateway_route_revision")
         assert held >= step.applied_revision
-        before = applied(metrics)
-        assert before["snapshot"] >= 1, before  # its first table
+        applied_before = applied(metrics)
+        assert applied_before["snapshot"] >= 1, applied_before  # its first table
 
         assert old.stop() == 0, old.output()[-2000:]
         # Down: the gateway serves from its last table, and says how stale it is.
@@ -121,9 +121,9 @@ def test_manager_restarted_mid_rollout_resumes_it_while_the_gateway_keeps_servin
         ]
         assert gauge(metrics, "fresco_gateway_route_revision") >= done.published_revision > held
         # The restarted manager served its last table again: the gateway resumed from its revision with updates only.
-        after = applied(metrics)
-        assert after["snapshot"] == before["snapshot"], (before, after)
-        assert after["update"] > before["update"], (before, after)
+        applied_after = applied(metrics)
+        assert applied_after["snapshot"] == applied_before["snapshot"], (applied_before, applied_after)
+        assert applied_after["update"] > applied_before["update"], (applied_before, applied_after)
         live.wait_answers(100)
         after = live.since(done.finished_at.seconds + done.finished_at.nanos / 1e9)
     assert not live.failures, live.failures
