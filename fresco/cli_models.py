@@ -19,11 +19,12 @@ from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
+from fresco.cli_model_update import update
 from fresco.cli_promote import promote, rollback
 from fresco.rollout_view import stage_name, when
 
 app = typer.Typer(
-    help="The model registry: register versions, list and show them, move aliases, promote, roll back.",
+    help="The model registry: register versions, list and show them, move aliases, update, promote, roll back.",
     no_args_is_help=True,
 )
 console = Console()
@@ -37,7 +38,7 @@ T = TypeVar("T")
 
 @app.callback()
 def models() -> None:
-    """The model registry: register versions, list and show them, move aliases, promote, roll back."""
+    """The model registry: register versions, list and show them, move aliases, update, promote, roll back."""
 
 
 def _call(what: str, address: str, token_file: Path | None, call: Callable[[Manager], T]) -> T:
@@ -295,6 +296,7 @@ def alias(
     console.print(f"alias {escape(alias_name)} of {escape(name)} → version {version}{was}")
 
 
-# The promotion and rollback commands live in their own module; registered after the registry's commands.
+# Updating, promotion and rollback live in their own modules; registered after the registry's commands.
+app.command()(update)
 app.command()(promote)
 app.command()(rollback)

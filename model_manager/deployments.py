@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from google.protobuf.message import Message
 
-from chassis.errors import FailedPrecondition, InvalidArgument
+from chassis.errors import FailedPrecondition, InvalidArgument, NotFound
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from model_manager import messages, schema
 from model_manager.actions import ACTIVE
@@ -93,8 +93,13 @@ def desired_spec(deployment: pb.Deployment) -> pb.Deployment:
         raise InvalidArgument("deployment.replicas: expected replicas and max_replicas of at least 0")
     if spec.max_replicas and spec.max_replicas < spec.replicas:
         raise InvalidArgument("deployment.max_replicas: expected 0 or at least replicas")
-    if spec.fallback_version < 0:
-        raise InvalidArgument("deployment.fallback_version: expected 0 or a version number")
+    if spec.fallback_version:
+        schema.version_number("deployment.fallback_version", spec.fallback_version, zero_ok=True)
+        if spec.fallback_version == spec.version:
+            raise InvalidArgument(
+                f"deployment.fallback_version: expected 0 or a version other than the deployed version "
+                f"{spec.version} (the fallback serves when that version fails)"
+            )
     for alias, version in spec.aliases.items():
         schema.alias(f"deployment.aliases[{alias}]", alias)
         if version <= 0:
@@ -149,6 +154,7 @@ class Deployments:
         spec = desired_spec(request.deployment)
         model = spec.model_name
         await asyncio.to_thread(self.registry.get_model, model)  # NOT_FOUND names the model
+        await asyncio.to_thread(self._check_fallback, spec)
         stored = await asyncio.to_thread(self.store.deployment, model)
         generation = stored.generation if stored else 0
         if request.expected_generation and request.expected_generation != generation:
@@ -178,6 +184,25 @@ class Deployments:
             raise GenerationMismatch(f"expected_generation: {model}'s deployment changed concurrently; re-apply")
         self.verbs.controller.wake()  # the route carries the deployment's fallback version
         return ApplyResult(self.message(row), outcome, message, lines, entry)
+
+    def _check_fallback(self, spec: pb.Deployment) -> None:
+        """The fallback version exists and was not rejected, as UpdateModel asks of a model's fallback; otherwise
+        the controller would try to load it again and again."""
+        fallback, model = spec.fallback_version, spec.model_name
+        if not fallback:
+            return
+        try:
+            record = self.registry.get_version(model, fallback)
+        except NotFound:
+            raise FailedPrecondition(
+                f"deployment.fallback_version: expected a registered version of {model}, but it has no version "
+                f"{fallback}; register it first or declare 0"
+            ) from None
+        if record.stage is Stage.REJECTED:
+            raise FailedPrecondition(
+                f"deployment.fallback_version: version {fallback} of {model} was rejected by its gates; expected "
+                "a version that was not rejected, or 0"
+            )
 
     async def _current(self, model: str) -> Entry | None:
         c = self.verbs.controller

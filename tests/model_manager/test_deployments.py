@@ -10,6 +10,7 @@ import pytest
 
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import rollout_pb2 as rpb
+from model_manager.lifecycle import Stage
 from tests.model_manager.rollout_support import LocalFleet, LocalHub, canary, make_model, manager, status, wait_for
 
 
@@ -119,3 +120,35 @@ async def test_apply_refuses_unknown_and_invalid_fields_by_name(tmp_path: Path) 
         err = await refused(stub.ApplyDeployment(pb.ApplyDeploymentRequest(deployment=deployment(model, version=9))))
         assert err.code() == grpc.StatusCode.NOT_FOUND
         assert "version" in (err.details() or "")
+
+
+async def test_apply_refuses_a_fallback_version_that_could_never_serve(tmp_path: Path) -> None:
+    async with manager(tmp_path, LocalFleet(), LocalHub()) as (mm, stub):
+        assert mm.registry is not None
+        model = make_model(mm.registry, candidates=(2, 3))
+        mm.registry.set_stage(model, 3, Stage.REJECTED, "tester")
+        cases = {
+            "negative": (-1, grpc.StatusCode.INVALID_ARGUMENT, "expected a version number 0 or more"),
+            "the deployed version": (2, grpc.StatusCode.INVALID_ARGUMENT, "other than the deployed version 2"),
+            "missing": (9, grpc.StatusCode.FAILED_PRECONDITION, "it has no version 9"),
+            "rejected": (3, grpc.StatusCode.FAILED_PRECONDITION, "rejected by its gates"),
+        }
+        for name, (fallback, code, said) in cases.items():
+            for dry_run in (True, False):
+                request = pb.ApplyDeploymentRequest(
+                    deployment=deployment(model, fallback_version=fallback), dry_run=dry_run
+                )
+                err = await refused(stub.ApplyDeployment(request))
+                assert err.code() == code, (name, dry_run)
+                details = err.details() or ""
+                assert details.startswith("deployment.fallback_version: "), (name, details)
+                assert said in details, (name, details)
+        assert (await refused(stub.GetDeployment(pb.GetDeploymentRequest(model_name=model)))).code() == (
+            grpc.StatusCode.NOT_FOUND
+        ), "nothing refused was stored"
+
+        created = await stub.ApplyDeployment(
+            pb.ApplyDeploymentRequest(deployment=deployment(model, fallback_version=1))
+        )
+        assert created.outcome == pb.APPLY_OUTCOME_CREATED
+        assert created.deployment.fallback_version == 1

@@ -287,3 +287,60 @@ models:
     rows = audit_rows(service, "declared")
     assert len(rows) == 3
     assert all("│ declared in a file " in row for row in rows)
+
+
+def test_update_changes_only_the_fields_given_and_names_a_bad_one(service: ServiceProcess, tmp_path: Path) -> None:
+    artifact = tmp_path / "model.onnx"
+    artifact.write_bytes(b"a model to update")
+    for _ in range(2):
+        registered = fresco(service, "register", "--name", "tuned", "--version-file", str(artifact), "--owner", "risk")
+        assert registered.returncode == 0, registered.stderr
+    updated = fresco(
+        service,
+        "update", "tuned",
+        "--description", "churn scorer",
+        "--label", "team=risk", "--label", "tier=gold",
+        "--fallback-version", "2",
+        "--static-answer", "probability=[0.5, 0.5]",
+        "--static-answer", "label=low",
+        "--static-answer", "count=3",
+        "--reason", "a safety net",
+    )  # fmt: skip
+    assert updated.returncode == 0, updated.stderr
+    shown = " ".join(updated.stdout.split())
+    assert "updated tuned: description, labels, fallback_version, static_fallback" in shown
+    assert "fallback version 2" in shown
+    assert 'static answer count=3, label="low", probability=[0.5, 0.5]' in shown
+    with connect(service.address, None, "update") as manager:
+        model = manager.stub.GetModel(pb.GetModelRequest(name="tuned")).model
+    assert (model.description, model.owner, dict(model.labels)) == (
+        "churn scorer",
+        "risk",
+        {"team": "risk", "tier": "gold"},
+    ), "the owner was not named in the update mask, so it stays"
+    assert model.fallback_version == 2
+    outputs = model.static_fallback.outputs
+    assert list(outputs["probability"].double_list.values) == [0.5, 0.5]
+    assert (outputs["label"].string_value, outputs["count"].int64_value) == ("low", 3)
+    assert any("model.update" in row and "a safety net" in row for row in audit_rows(service, "tuned"))
+
+    refusals = {
+        ("--fallback-version", "9"): (1, "update failed: NOT_FOUND: model.fallback_version"),
+        (): (2, "nothing to update"),
+        ("--static-answer", "probability"): (2, "expected KEY=VALUE"),
+        ("--static-answer", "probability=null"): (2, "expected a number"),
+        ("--static-answer", 'x=[1, "a"]'): (2, "expected a number"),
+        ("--static-answer", "x=1", "--clear-static-answer"): (2, "not both"),
+        ("--label", "Bad Key=1"): (1, "update failed: INVALID_ARGUMENT: model.labels"),
+    }
+    for args, (code, said) in refusals.items():
+        refused = fresco(service, "update", "tuned", *args)
+        assert refused.returncode == code, (args, refused.stderr)
+        assert said in " ".join(refused.stderr.split()), (args, refused.stderr)
+
+    cleared = fresco(service, "update", "tuned", "--clear-static-answer", "--fallback-version", "0")
+    assert cleared.returncode == 0, cleared.stderr
+    with connect(service.address, None, "update") as manager:
+        model = manager.stub.GetModel(pb.GetModelRequest(name="tuned")).model
+    assert (model.fallback_version, len(model.static_fallback.outputs)) == (0, 0)
+    assert (model.description, dict(model.labels)) == ("churn scorer", {"team": "risk", "tier": "gold"})
