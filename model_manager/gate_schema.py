@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from chassis.tensors import ONNX_TYPE
 from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
 from fresco.api.features.v1 import feature_view_pb2 as vpb
@@ -17,22 +18,6 @@ from model_manager.backtest import BacktestError, load_session
 from model_manager.gate_results import check, error
 
 SCHEMA = rpb.GATE_TYPE_SCHEMA
-ORT_TYPES = {
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(float16)": "FP16",
-    "tensor(bfloat16)": "BF16",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(bool)": "BOOL",
-    "tensor(string)": "BYTES",
-}
 _NUMERIC = frozenset({vpb.VALUE_TYPE_DOUBLE, vpb.VALUE_TYPE_FLOAT, vpb.VALUE_TYPE_INT64, vpb.VALUE_TYPE_INT32})
 _INTEGER = frozenset({vpb.VALUE_TYPE_INT64, vpb.VALUE_TYPE_INT32, vpb.VALUE_TYPE_BOOL})
 # The feature value types a model input of each datatype can take, once assembled into its feature tensor.
@@ -61,7 +46,7 @@ def _tensor_problems(kind: str, declared: Sequence[rpb.TensorSpec], graph: Seque
         if arg is None:
             problems.append(f"{kind} {spec.name!r} is not in the graph (it has {sorted(found)})")
             continue
-        datatype = ORT_TYPES.get(arg.type, arg.type)
+        datatype = ONNX_TYPE.get(arg.type, arg.type)
         if datatype != spec.datatype:
             problems.append(f"{kind} {spec.name!r} declared {spec.datatype}, the graph has {datatype}")
         shape = _shape_problem(list(spec.shape), list(arg.shape))
