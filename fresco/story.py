@@ -185,7 +185,9 @@ def deploy(m: Manager, version: int, strategy: ro.RolloutStrategy, why: str) -> 
         pb.ApplyDeploymentRequest(deployment=deployment, reason=why), timeout=TIMEOUT_S, metadata=m.metadata
     )
     print(f"apply {MODEL} v{version}: {pb.ApplyOutcome.Name(reply.outcome)}: {reply.message}")
-    return watch_rollout(m, MODEL, recent_events=0)
+    done = watch_rollout(m, MODEL, recent_events=0)
+    print()  # the live view leaves its cursor at the end of its last line
+    return done
 
 
 def canary(steps: list[float], dwell_s: float, window_s: float) -> ro.RolloutStrategy:
