@@ -59,6 +59,7 @@ class Check(enum.Enum):
     LATENCY_P99_RATIO = "latency_p99_ratio"
     SCORE_PSI = "score_psi"
     SHADOW_DISAGREEMENT = "shadow_disagreement"
+    SHADOW_MEAN_ABS_DIFF = "shadow_mean_abs_score_diff"
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,7 @@ class AnalysisSpec:
     max_score_psi: float | None = None
     score_output: str = ""
     max_shadow_disagreement: float | None = None
+    max_mean_abs_score_diff: float | None = None
 
     def __post_init__(self) -> None:
         if self.min_samples < 1:
@@ -92,6 +94,9 @@ class AnalysisSpec:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0.0):
                 raise ValueError(f"{name}: expected a finite positive number")
+        v = self.max_mean_abs_score_diff
+        if v is not None and not (math.isfinite(v) and v >= 0.0):
+            raise ValueError("max_mean_abs_score_diff: expected a finite number of at least 0")
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready form."""
@@ -439,6 +444,34 @@ class _Judge:
             evidence=ev,
         )
 
+    def shadow_mean_abs_diff(self, limit: float) -> Decision:
+        """The mean per-request |mirrored - served| score, judged once enough requests were compared.
+
+        A mean of bounded differences settles quickly, so it is judged on the sample guard alone: above the limit
+        on at least min_samples comparisons fails, at or below passes.
+        """
+        s = self.cand.shadow
+        n = s.compared
+        if n < self.spec.min_samples:
+            return self.decide(
+                Check.SHADOW_MEAN_ABS_DIFF,
+                Verdict.INCONCLUSIVE,
+                n,
+                f"shadow: {n}/{self.spec.min_samples} compared",
+                threshold=limit,
+            )
+        mean = s.abs_diff_sum / n
+        verdict = Verdict.PASSED if mean <= limit else Verdict.FAILED
+        return self.decide(
+            Check.SHADOW_MEAN_ABS_DIFF,
+            verdict,
+            n,
+            f"shadow mean |score diff| {mean:.4g} over {n} compared vs limit {limit:.4g}"
+            + ("" if verdict is Verdict.PASSED else ", above"),
+            measured=mean,
+            threshold=limit,
+        )
+
 
 def _why(verdict: Verdict) -> str:
     if verdict is Verdict.FAILED:
@@ -474,6 +507,8 @@ def analyse(
         decisions.append(judge.score_psi(spec.max_score_psi))
     if spec.max_shadow_disagreement is not None:
         decisions.append(judge.shadow(spec.max_shadow_disagreement))
+    if spec.max_mean_abs_score_diff is not None:
+        decisions.append(judge.shadow_mean_abs_diff(spec.max_mean_abs_score_diff))
     kept = tuple(d for d in decisions if d is not None)
     verdict = combine(d.verdict for d in kept)
     if verdict is Verdict.FAILED and kept[0].verdict is not Verdict.PASSED:

@@ -31,6 +31,7 @@ _CHECKS: dict[Check, rpb.AnalysisCheck.ValueType] = {
     Check.LATENCY_P99_RATIO: rpb.ANALYSIS_CHECK_LATENCY_P99_RATIO,
     Check.SCORE_PSI: rpb.ANALYSIS_CHECK_PREDICTION_PSI,
     Check.SHADOW_DISAGREEMENT: rpb.ANALYSIS_CHECK_SHADOW_DISAGREEMENT,
+    Check.SHADOW_MEAN_ABS_DIFF: rpb.ANALYSIS_CHECK_MEAN_ABS_SCORE_DIFF,
 }
 _VERDICTS: dict[Verdict, rpb.AnalysisVerdict.ValueType] = {
     Verdict.PASSED: rpb.ANALYSIS_VERDICT_PASSED,
@@ -82,6 +83,7 @@ _OPTIONAL_LIMITS = (
     ("max_latency_p99_ratio", "max_latency_p99_ratio"),
     ("max_score_psi", "max_prediction_psi"),
     ("max_shadow_disagreement", "max_shadow_disagreement"),
+    ("max_mean_abs_score_diff", "max_mean_abs_score_diff"),
 )
 
 
@@ -125,9 +127,8 @@ def _seconds(field: str, d: Duration, default: float) -> float:
 
 
 def _analysis(field: str, t: rpb.AnalysisThresholds, min_samples: int = 0) -> tuple[AnalysisSpec, float]:
-    for unsupported in ("max_score_mean_shift", "max_mean_abs_score_diff"):
-        if t.HasField(unsupported):
-            raise InvalidArgument(f"{field}.{unsupported}: not judged by this manager; use max_prediction_psi")
+    if t.HasField("max_score_mean_shift"):
+        raise InvalidArgument(f"{field}.max_score_mean_shift: not judged by this manager; use max_prediction_psi")
     if t.min_samples < 0:
         raise InvalidArgument(f"{field}.min_samples: expected a count of at least 0")
     opt = {

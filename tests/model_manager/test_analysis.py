@@ -371,6 +371,26 @@ def test_shadow_disagreement_rate():
     assert analyse(disagree, None, spec, now=1.0).verdict is Verdict.FAILED
 
 
+def test_shadow_mean_abs_score_difference():
+    spec = AnalysisSpec(min_samples=100, max_mean_abs_score_diff=0.01)
+    close = analyse(metrics(ok=1000, shadow=ShadowComparison(500, 40, 2.5)), None, spec, now=1.0)
+    d = close.decision(Check.SHADOW_MEAN_ABS_DIFF)
+    assert d is not None
+    assert (d.verdict, d.measured, d.threshold, d.samples) == (Verdict.PASSED, 0.005, 0.01, 500)
+    far = analyse(metrics(ok=1000, shadow=ShadowComparison(500, 400, 25.0)), None, spec, now=1.0)
+    d = far.decision(Check.SHADOW_MEAN_ABS_DIFF)
+    assert d is not None
+    assert (far.verdict, d.verdict, d.measured) == (Verdict.FAILED, Verdict.FAILED, 0.05)
+    assert "0.05 over 500 compared vs limit 0.01, above" in d.detail
+    # Too few comparisons is never a failure, however far apart they are.
+    thin = analyse(metrics(ok=1000, shadow=ShadowComparison(50, 50, 40.0)), None, spec, now=1.0)
+    d = thin.decision(Check.SHADOW_MEAN_ABS_DIFF)
+    assert d is not None
+    assert (thin.verdict, d.verdict, d.samples) == (Verdict.INCONCLUSIVE, Verdict.INCONCLUSIVE, 50)
+    with pytest.raises(ValueError, match="max_mean_abs_score_diff"):
+        AnalysisSpec(max_mean_abs_score_diff=-1.0)
+
+
 # -- verdicts and data ---------------------------------------------------------------------------------------------
 
 

@@ -7,17 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from chassis.errors import InvalidArgument
 from fresco.api.features.v1 import statistics_pb2 as spb
+from fresco.api.models.v1 import rollout_pb2 as ro
 from fresco.api.models.v1 import routing_pb2 as rtpb
+from model_manager.analysis import Check, analyse
 from model_manager.plans import Route
 from model_manager.records import ModelSpec, VersionSpec
 from model_manager.registry import Registry
+from model_manager.rollout_messages import rollout_spec, strategy_message
 from model_manager.rollout_registry import score_reference
 from model_manager.route_builder import Desired, basis_points, build_table
 from model_manager.routes import Endpoint
 from model_manager.tables import sqlite_url
 from model_manager.window_codec import decode_window
-from model_manager.windows import LATENCY_BOUNDS_MS, WindowError
+from model_manager.windows import LATENCY_BOUNDS_MS, Histogram, ShadowComparison, VersionMetrics, WindowError
 from tests.model_manager.registry_support import artifact, signature
 
 E1, E2 = Endpoint("10.0.0.1", 8001), Endpoint("10.0.0.2", 8001)
@@ -79,3 +83,25 @@ def test_the_psi_reference_is_the_training_histogram_of_the_score_output(tmp_pat
         assert score_reference(registry, name, 1, "other") is None
     finally:
         registry.close()
+
+
+def test_a_shadow_comparison_limit_on_the_mean_score_difference_round_trips_and_is_judged_under_its_own_check() -> None:
+    comparison = ro.AnalysisThresholds(max_mean_abs_score_diff=0.02, min_samples=10)
+    strategy = ro.RolloutStrategy(shadow=ro.ShadowStrategy(mirror_percent=20, comparison=comparison))
+    spec = rollout_spec("deployment.strategy", "m", 2, 1, strategy, None)
+    assert spec.analysis is not None
+    assert spec.analysis.max_mean_abs_score_diff == pytest.approx(0.02)
+    back = strategy_message(spec).shadow.comparison
+    assert back.HasField("max_mean_abs_score_diff")
+    assert back.max_mean_abs_score_diff == pytest.approx(0.02)
+    shadow = ShadowComparison(compared=20, disagreed=20, abs_diff_sum=2.0)
+    shifted = VersionMetrics("m", 2, {"OK": 20}, Histogram.empty(LATENCY_BOUNDS_MS), {}, shadow, 1, 0.0, 1.0)
+    decision = analyse(shifted, None, spec.analysis, now=1.0).decision(Check.SHADOW_MEAN_ABS_DIFF)
+    assert decision is not None
+    assert decision.measured == pytest.approx(0.1)
+    assert (decision.threshold, decision.samples) == (0.02, 20)
+    still_refused = ro.RolloutStrategy(
+        shadow=ro.ShadowStrategy(mirror_percent=20, comparison=ro.AnalysisThresholds(max_score_mean_shift=1.0))
+    )
+    with pytest.raises(InvalidArgument, match="max_score_mean_shift"):
+        rollout_spec("deployment.strategy", "m", 2, 1, still_refused, None)
