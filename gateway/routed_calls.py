@@ -5,8 +5,9 @@ failed over to the next ones, answered by the route's fallback version when the 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from chassis.errors import FailedPrecondition, FrescoError, NotFound, ResourceExhausted, Unavailable
 from chassis.status import status_for
@@ -22,6 +23,8 @@ from gateway.route_choice import RouteChooser, Target
 from gateway.shadow import ShadowJob, ShadowMirror, score_of, score_output
 from model_manager.routes import ModelRoute, StaticValue
 from model_manager.routes import RouteTable as ManagedTable
+
+T = TypeVar("T")
 
 # A chosen version failing so: its route's fallback version answers instead (a caller's mistake never falls back).
 FALLBACK_ON = (Unavailable, NotFound, ResourceExhausted, FailedPrecondition)
@@ -124,6 +127,32 @@ class RoutedCalls:
             raise err
         return static
 
+    def _fall_back(
+        self, table: ManagedTable | None, target: Target, err: FrescoError, count: int, started: float
+    ) -> Attempt | tuple[Target, str]:
+        """After `target` failed with `err` (counted here): its route's fallback version with the reason, else its
+        static answer; `err` again when the route has neither."""
+        reason = f"version {target.version} failed: {err}"
+        fallback, static = self._fallback(table, target), self._static(target, reason)
+        self.observe(target, count, status_for(err).name, started, fallback=bool(fallback or static))
+        if fallback is not None:
+            return fallback, reason
+        if static is None:
+            raise err
+        return static
+
+    async def _spare(
+        self, fallback: Target, reason: str, count: int, started: float, call: Callable[[], Awaitable[T]]
+    ) -> T | Attempt:
+        """`call` on the fallback version; when that fails too, the static answer (or the error), counted."""
+        try:
+            return await call()
+        except FALLBACK_ON as spare_err:
+            return self._static_or_raise(fallback, reason, spare_err, count, started)
+        except FrescoError as spare_err:
+            self.observe(fallback, count, status_for(spare_err).name, started)
+            raise
+
     async def pin_or_fallback(
         self, table: ManagedTable | None, target: Target, budget: Budget, started: float, count: int
     ) -> Attempt:
@@ -131,20 +160,15 @@ class RoutedCalls:
         try:
             return Attempt(target, *await self._pin_any(target, budget))
         except FALLBACK_ON as err:
-            reason = f"version {target.version} failed: {err}"
-            fallback, static = self._fallback(table, target), self._static(target, reason)
-            self.observe(target, count, status_for(err).name, started, fallback=bool(fallback or static))
-            if fallback is None:
-                if static is None:
-                    raise
-                return static
-            try:
+            chosen = self._fall_back(table, target, err, count, started)
+            if isinstance(chosen, Attempt):
+                return chosen
+            fallback, reason = chosen
+
+            async def pin() -> Attempt:
                 return Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
-            except FALLBACK_ON as spare_err:
-                return self._static_or_raise(fallback, reason, spare_err, count, started)
-            except FrescoError as spare_err:
-                self.observe(fallback, count, status_for(spare_err).name, started)
-                raise
+
+            return await self._spare(fallback, reason, count, started, pin)
         except FrescoError as err:
             self.observe(target, count, status_for(err).name, started)
             raise
@@ -169,21 +193,17 @@ class RoutedCalls:
             target = attempt.target
             if attempt.fallback_reason:  # the fallback version itself failed
                 return self._static_or_raise(target, attempt.fallback_reason, err, count, started), None
-            reason = f"version {target.version} failed: {err}"
-            fallback, static = self._fallback(table, target), self._static(target, reason)
-            self.observe(target, count, status_for(err).name, started, fallback=bool(fallback or static))
-            if fallback is None:
-                if static is None:
-                    raise
-                return static, None
-            try:
+            chosen = self._fall_back(table, target, err, count, started)
+            if isinstance(chosen, Attempt):
+                return chosen, None
+            fallback, reason = chosen
+
+            async def infer() -> tuple[Attempt, ipb.ModelInferResponse]:
                 spare = Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
                 return await self._infer_any(spare, rows, labels, outputs, budget, retry=False)
-            except FALLBACK_ON as spare_err:
-                return self._static_or_raise(fallback, reason, spare_err, count, started), None
-            except FrescoError as spare_err:
-                self.observe(fallback, count, status_for(spare_err).name, started)
-                raise
+
+            answered = await self._spare(fallback, reason, count, started, infer)
+            return (answered, None) if isinstance(answered, Attempt) else answered
         except FrescoError as err:
             self.observe(attempt.target, count, status_for(err).name, started)
             raise
