@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from experiment_service.assignment import BUCKETS, SPEC_VERSION, Placement, arm_bounds, bucket, fnv1a32
+from fresco.experiments.assignment import BUCKETS, SPEC_VERSION, Placement, arm_bounds, bucket, fnv1a32
 
-VECTORS = Path(__file__).resolve().parents[2] / "experiment_service" / "spec" / "assignment_vectors.json"
+VECTORS = Path(__file__).resolve().parents[2] / "fresco" / "experiments" / "assignment_vectors.json"
 UNITS = [f"user-{i}" for i in range(20_000)]
 
 

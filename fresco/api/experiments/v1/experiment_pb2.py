@@ -27,7 +27,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fresco/experiments/v1/experiment.proto\x12\x15\x66resco.experiments.v1\x1a\x1d\x66resco/common/v1/values.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe5\x08\n\nExperiment\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x33\n\x04type\x18\x05 \x01(\x0e\x32%.fresco.experiments.v1.ExperimentType\x12(\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x1a.fresco.experiments.v1.Arm\x12\x13\n\x0b\x63ontrol_arm\x18\x07 \x01(\t\x12\x11\n\tunit_type\x18\x08 \x01(\t\x12\"\n\x1atraffic_allocation_percent\x18\t \x01(\x01\x12\x0c\n\x04salt\x18\n \x01(\t\x12<\n\x0ehash_algorithm\x18\x0b \x01(\x0e\x32$.fresco.experiments.v1.HashAlgorithm\x12<\n\ttargeting\x18\x0c \x03(\x0b\x32).fresco.experiments.v1.TargetingCondition\x12\x39\n\x0eprimary_metric\x18\r \x01(\x0b\x32!.fresco.experiments.v1.MetricSpec\x12\x41\n\x11guardrail_metrics\x18\x0e \x03(\x0b\x32&.fresco.experiments.v1.GuardrailMetric\x12<\n\x11secondary_metrics\x18\x0f \x03(\x0b\x32!.fresco.experiments.v1.MetricSpec\x12H\n\x14statistical_settings\x18\x10 \x01(\x0b\x32*.fresco.experiments.v1.StatisticalSettings\x12>\n\x0f\x62\x61ndit_settings\x18\x11 \x01(\x0b\x32%.fresco.experiments.v1.BanditSettings\x12\x35\n\x05state\x18\x12 \x01(\x0e\x32&.fresco.experiments.v1.ExperimentState\x12\x0f\n\x07version\x18\x13 \x01(\x03\x12.\n\nstart_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tstop_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bstop_reason\x18\x16 \x01(\t\x12\x13\n\x0bwinning_arm\x18\x17 \x01(\t\x12=\n\x06labels\x18\x18 \x03(\x0b\x32-.fresco.experiments.v1.Experiment.LabelsEntry\x12.\n\ncreated_at\x18\x19 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x1a \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x03\x41rm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x32\n\x07payload\x18\x04 \x01(\x0b\x32!.fresco.experiments.v1.ArmPayload\"\xa5\x01\n\nArmPayload\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12=\n\x06\x63onfig\x18\x03 \x03(\x0b\x32-.fresco.experiments.v1.ArmPayload.ConfigEntry\x1a-\n\x0b\x43onfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8c\x01\n\x12TargetingCondition\x12\x11\n\tattribute\x18\x01 \x01(\t\x12:\n\x08operator\x18\x02 \x01(\x0e\x32(.fresco.experiments.v1.ConditionOperator\x12\'\n\x06values\x18\x03 \x03(\x0b\x32\x17.fresco.common.v1.Value\"\x9b\x01\n\nMetricSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x04type\x18\x03 \x01(\x0e\x32!.fresco.experiments.v1.MetricType\x12\x39\n\tdirection\x18\x04 \x01(\x0e\x32&.fresco.experiments.v1.MetricDirection\"f\n\x0fGuardrailMetric\x12\x31\n\x06metric\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.MetricSpec\x12 \n\x18max_relative_degradation\x18\x02 \x01(\x01\"\xba\x02\n\x13StatisticalSettings\x12\r\n\x05\x61lpha\x18\x01 \x01(\x01\x12\r\n\x05power\x18\x02 \x01(\x01\x12!\n\x19minimum_detectable_effect\x18\x03 \x01(\x01\x12I\n\x11sequential_method\x18\x04 \x01(\x0e\x32..fresco.experiments.v1.SequentialTestingMethod\x12\x1d\n\x15srm_p_value_threshold\x18\x05 \x01(\x01\x12G\n\ncorrection\x18\x06 \x01(\x0e\x32\x33.fresco.experiments.v1.MultipleComparisonCorrection\x12/\n\x0cmin_duration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xef\x01\n\x0e\x42\x61nditSettings\x12\x39\n\talgorithm\x18\x01 \x01(\x0e\x32&.fresco.experiments.v1.BanditAlgorithm\x12\x32\n\x0fupdate_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x65psilon\x18\x03 \x01(\x01\x12\x17\n\x0fucb_exploration\x18\x04 \x01(\x01\x12\x16\n\x0emin_arm_weight\x18\x05 \x01(\x01\x12\x15\n\rburn_in_units\x18\x06 \x01(\x03\x12\x15\n\rreward_metric\x18\x07 \x01(\t*v\n\x0e\x45xperimentType\x12\x1f\n\x1b\x45XPERIMENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XPERIMENT_TYPE_AB_TEST\x10\x01\x12&\n\"EXPERIMENT_TYPE_MULTI_ARMED_BANDIT\x10\x02*\xab\x01\n\x0f\x45xperimentState\x12 \n\x1c\x45XPERIMENT_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x45XPERIMENT_STATE_DRAFT\x10\x01\x12\x1c\n\x18\x45XPERIMENT_STATE_RUNNING\x10\x02\x12\x1c\n\x18\x45XPERIMENT_STATE_STOPPED\x10\x03\x12\x1e\n\x1a\x45XPERIMENT_STATE_CONCLUDED\x10\x04*k\n\rHashAlgorithm\x12\x1e\n\x1aHASH_ALGORITHM_UNSPECIFIED\x10\x00\x12\x1b\n\x17HASH_ALGORITHM_FNV1A_32\x10\x01\x12\x1d\n\x19HASH_ALGORITHM_MURMUR3_32\x10\x02*\x8b\x03\n\x11\x43onditionOperator\x12\"\n\x1e\x43ONDITION_OPERATOR_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONDITION_OPERATOR_EQUALS\x10\x01\x12!\n\x1d\x43ONDITION_OPERATOR_NOT_EQUALS\x10\x02\x12\x19\n\x15\x43ONDITION_OPERATOR_IN\x10\x03\x12\x1d\n\x19\x43ONDITION_OPERATOR_NOT_IN\x10\x04\x12#\n\x1f\x43ONDITION_OPERATOR_GREATER_THAN\x10\x05\x12\'\n#CONDITION_OPERATOR_GREATER_OR_EQUAL\x10\x06\x12 \n\x1c\x43ONDITION_OPERATOR_LESS_THAN\x10\x07\x12$\n CONDITION_OPERATOR_LESS_OR_EQUAL\x10\x08\x12\x1d\n\x19\x43ONDITION_OPERATOR_EXISTS\x10\t\x12!\n\x1d\x43ONDITION_OPERATOR_NOT_EXISTS\x10\n*t\n\nMetricType\x12\x1b\n\x17METRIC_TYPE_UNSPECIFIED\x10\x00\x12\x16\n\x12METRIC_TYPE_BINARY\x10\x01\x12\x1a\n\x16METRIC_TYPE_CONTINUOUS\x10\x02\x12\x15\n\x11METRIC_TYPE_COUNT\x10\x03*q\n\x0fMetricDirection\x12 \n\x1cMETRIC_DIRECTION_UNSPECIFIED\x10\x00\x12\x1d\n\x19METRIC_DIRECTION_INCREASE\x10\x01\x12\x1d\n\x19METRIC_DIRECTION_DECREASE\x10\x02*\xc6\x01\n\x17SequentialTestingMethod\x12)\n%SEQUENTIAL_TESTING_METHOD_UNSPECIFIED\x10\x00\x12+\n\'SEQUENTIAL_TESTING_METHOD_FIXED_HORIZON\x10\x01\x12#\n\x1fSEQUENTIAL_TESTING_METHOD_MSPRT\x10\x02\x12.\n*SEQUENTIAL_TESTING_METHOD_GROUP_SEQUENTIAL\x10\x03*\xcf\x01\n\x1cMultipleComparisonCorrection\x12.\n*MULTIPLE_COMPARISON_CORRECTION_UNSPECIFIED\x10\x00\x12\'\n#MULTIPLE_COMPARISON_CORRECTION_NONE\x10\x01\x12-\n)MULTIPLE_COMPARISON_CORRECTION_BONFERRONI\x10\x02\x12\'\n#MULTIPLE_COMPARISON_CORRECTION_HOLM\x10\x03*\x9a\x01\n\x0f\x42\x61nditAlgorithm\x12 \n\x1c\x42\x41NDIT_ALGORITHM_UNSPECIFIED\x10\x00\x12&\n\"BANDIT_ALGORITHM_THOMPSON_SAMPLING\x10\x01\x12\x18\n\x14\x42\x41NDIT_ALGORITHM_UCB\x10\x02\x12#\n\x1f\x42\x41NDIT_ALGORITHM_EPSILON_GREEDY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&fresco/experiments/v1/experiment.proto\x12\x15\x66resco.experiments.v1\x1a\x1d\x66resco/common/v1/values.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa4\t\n\nExperiment\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x12\n\nhypothesis\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x33\n\x04type\x18\x04 \x01(\x0e\x32%.fresco.experiments.v1.ExperimentType\x12\x12\n\nmodel_name\x18\x05 \x01(\t\x12(\n\x04\x61rms\x18\x06 \x03(\x0b\x32\x1a.fresco.experiments.v1.Arm\x12\x13\n\x0b\x63ontrol_arm\x18\x07 \x01(\t\x12\x11\n\tunit_type\x18\x08 \x01(\t\x12\x10\n\x08\x63overage\x18\t \x01(\x01\x12\x0c\n\x04salt\x18\n \x01(\t\x12<\n\ttargeting\x18\x0b \x03(\x0b\x32).fresco.experiments.v1.TargetingCondition\x12\x33\n\tnamespace\x18\x0c \x01(\x0b\x32 .fresco.experiments.v1.Namespace\x12\x32\n\x07metrics\x18\r \x03(\x0b\x32!.fresco.experiments.v1.MetricSpec\x12\x19\n\x11min_units_per_arm\x18\x0e \x01(\x03\x12/\n\x0cmax_duration\x18\x0f \x01(\x0b\x32\x19.google.protobuf.Duration\x12:\n\rdecision_rule\x18\x10 \x01(\x0b\x32#.fresco.experiments.v1.DecisionRule\x12=\n\nstatistics\x18\x11 \x01(\x0b\x32).fresco.experiments.v1.StatisticsSettings\x12\x35\n\x06\x62\x61ndit\x18\x12 \x01(\x0b\x32%.fresco.experiments.v1.BanditSettings\x12=\n\x06labels\x18\x13 \x03(\x0b\x32-.fresco.experiments.v1.Experiment.LabelsEntry\x12\x37\n\x06status\x18\x1e \x01(\x0e\x32\'.fresco.experiments.v1.ExperimentStatus\x12\x0f\n\x07version\x18\x1f \x01(\x03\x12,\n\x06phases\x18  \x03(\x0b\x32\x1c.fresco.experiments.v1.Phase\x12.\n\ncreated_at\x18! \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\" \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18# \x01(\t\x12.\n\nstarted_at\x18$ \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstopped_at\x18% \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bstop_reason\x18& \x01(\t\x12\x37\n\x08\x64\x65\x63ision\x18\' \x01(\x0b\x32%.fresco.experiments.v1.DecisionRecord\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc2\x01\n\x03\x41rm\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12>\n\nparameters\x18\x05 \x03(\x0b\x32*.fresco.experiments.v1.Arm.ParametersEntry\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"3\n\tNamespace\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05start\x18\x02 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x03 \x01(\x05\"\x8c\x01\n\x12TargetingCondition\x12\x11\n\tattribute\x18\x01 \x01(\t\x12:\n\x08operator\x18\x02 \x01(\x0e\x32(.fresco.experiments.v1.ConditionOperator\x12\'\n\x06values\x18\x03 \x03(\x0b\x32\x17.fresco.common.v1.Value\"\xf3\x02\n\nMetricSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12/\n\x04role\x18\x03 \x01(\x0e\x32!.fresco.experiments.v1.MetricRole\x12/\n\x04kind\x18\x04 \x01(\x0e\x32!.fresco.experiments.v1.MetricKind\x12\x39\n\tdirection\x18\x05 \x01(\x0e\x32&.fresco.experiments.v1.MetricDirection\x12\r\n\x05\x65vent\x18\x06 \x01(\t\x12\x19\n\x11\x64\x65nominator_event\x18\x07 \x01(\t\x12!\n\x19minimum_detectable_effect\x18\x08 \x01(\x01\x12\x1e\n\x16non_inferiority_margin\x18\t \x01(\x01\x12+\n\x05\x63uped\x18\n \x01(\x0b\x32\x1c.fresco.experiments.v1.Cuped\x12\x0b\n\x03\x63\x61p\x18\x0b \x01(\x01\"X\n\x05\x43uped\x12\x17\n\x0f\x63ovariate_event\x18\x01 \x01(\t\x12\x36\n\x13pre_exposure_window\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"B\n\x0c\x44\x65\x63isionRule\x12\x32\n\x08\x63riteria\x18\x01 \x03(\x0b\x32 .fresco.experiments.v1.Criterion\"b\n\tCriterion\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.fresco.experiments.v1.CriterionKind\x12\x0e\n\x06metric\x18\x02 \x01(\t\x12\x11\n\tthreshold\x18\x03 \x01(\x01\"y\n\x12StatisticsSettings\x12\r\n\x05\x61lpha\x18\x01 \x01(\x01\x12\r\n\x05power\x18\x02 \x01(\x01\x12\x15\n\rfixed_horizon\x18\x03 \x01(\x08\x12\x13\n\x0bsrm_p_value\x18\x04 \x01(\x01\x12\x19\n\x11srm_min_deviation\x18\x05 \x01(\x01\"\x8d\x01\n\x0e\x42\x61nditSettings\x12\x15\n\rreward_metric\x18\x01 \x01(\t\x12\x32\n\x0fupdate_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x15\n\rmin_arm_share\x18\x03 \x01(\x01\x12\x19\n\x11min_units_per_arm\x18\x04 \x01(\x03\"\xa2\x01\n\x05Phase\x12\x0e\n\x06number\x18\x01 \x01(\x05\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07weights\x18\x04 \x03(\x01\x12\x1a\n\x12\x65xperiment_version\x18\x05 \x01(\x03\"\xe8\x01\n\x0e\x44\x65\x63isionRecord\x12\x35\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32%.fresco.experiments.v1.DecisionAction\x12\x0b\n\x03\x61rm\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12.\n\ndecided_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ndecided_by\x18\x05 \x01(\t\x12\x1b\n\x13promotion_operation\x18\x06 \x01(\t\x12\r\n\x05phase\x18\x07 \x01(\x05\x12\x12\n\noverridden\x18\x08 \x01(\x08*j\n\x0e\x45xperimentType\x12\x1f\n\x1b\x45XPERIMENT_TYPE_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XPERIMENT_TYPE_AB_TEST\x10\x01\x12\x1a\n\x16\x45XPERIMENT_TYPE_BANDIT\x10\x02*\xaf\x01\n\x10\x45xperimentStatus\x12!\n\x1d\x45XPERIMENT_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x45XPERIMENT_STATUS_DRAFT\x10\x01\x12\x1d\n\x19\x45XPERIMENT_STATUS_RUNNING\x10\x02\x12\x1d\n\x19\x45XPERIMENT_STATUS_STOPPED\x10\x03\x12\x1d\n\x19\x45XPERIMENT_STATUS_DECIDED\x10\x04*\x8b\x03\n\x11\x43onditionOperator\x12\"\n\x1e\x43ONDITION_OPERATOR_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x43ONDITION_OPERATOR_EQUALS\x10\x01\x12!\n\x1d\x43ONDITION_OPERATOR_NOT_EQUALS\x10\x02\x12\x19\n\x15\x43ONDITION_OPERATOR_IN\x10\x03\x12\x1d\n\x19\x43ONDITION_OPERATOR_NOT_IN\x10\x04\x12#\n\x1f\x43ONDITION_OPERATOR_GREATER_THAN\x10\x05\x12\'\n#CONDITION_OPERATOR_GREATER_OR_EQUAL\x10\x06\x12 \n\x1c\x43ONDITION_OPERATOR_LESS_THAN\x10\x07\x12$\n CONDITION_OPERATOR_LESS_OR_EQUAL\x10\x08\x12\x1d\n\x19\x43ONDITION_OPERATOR_EXISTS\x10\t\x12!\n\x1d\x43ONDITION_OPERATOR_NOT_EXISTS\x10\n*v\n\nMetricRole\x12\x1b\n\x17METRIC_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13METRIC_ROLE_SUCCESS\x10\x01\x12\x19\n\x15METRIC_ROLE_GUARDRAIL\x10\x02\x12\x17\n\x13METRIC_ROLE_LATENCY\x10\x03*r\n\nMetricKind\x12\x1b\n\x17METRIC_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16METRIC_KIND_PROPORTION\x10\x01\x12\x14\n\x10METRIC_KIND_MEAN\x10\x02\x12\x15\n\x11METRIC_KIND_RATIO\x10\x03*q\n\x0fMetricDirection\x12 \n\x1cMETRIC_DIRECTION_UNSPECIFIED\x10\x00\x12\x1d\n\x19METRIC_DIRECTION_INCREASE\x10\x01\x12\x1d\n\x19METRIC_DIRECTION_DECREASE\x10\x02*\xba\x01\n\rCriterionKind\x12\x1e\n\x1a\x43RITERION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x43RITERION_KIND_MIN_LIFT\x10\x01\x12!\n\x1d\x43RITERION_KIND_MAX_REGRESSION\x10\x02\x12\x1c\n\x18\x43RITERION_KIND_MIN_UNITS\x10\x03\x12+\n\'CRITERION_KIND_NO_SAMPLE_RATIO_MISMATCH\x10\x04*\x95\x01\n\x0e\x44\x65\x63isionAction\x12\x1f\n\x1b\x44\x45\x43ISION_ACTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43ISION_ACTION_CONTINUE\x10\x01\x12\"\n\x1e\x44\x45\x43ISION_ACTION_SHIP_TREATMENT\x10\x02\x12 \n\x1c\x44\x45\x43ISION_ACTION_KEEP_CONTROL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,44 +36,50 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EXPERIMENT_LABELSENTRY']._loaded_options = None
   _globals['_EXPERIMENT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ARMPAYLOAD_CONFIGENTRY']._loaded_options = None
-  _globals['_ARMPAYLOAD_CONFIGENTRY']._serialized_options = b'8\001'
-  _globals['_EXPERIMENTTYPE']._serialized_start=2531
-  _globals['_EXPERIMENTTYPE']._serialized_end=2649
-  _globals['_EXPERIMENTSTATE']._serialized_start=2652
-  _globals['_EXPERIMENTSTATE']._serialized_end=2823
-  _globals['_HASHALGORITHM']._serialized_start=2825
-  _globals['_HASHALGORITHM']._serialized_end=2932
-  _globals['_CONDITIONOPERATOR']._serialized_start=2935
-  _globals['_CONDITIONOPERATOR']._serialized_end=3330
-  _globals['_METRICTYPE']._serialized_start=3332
-  _globals['_METRICTYPE']._serialized_end=3448
-  _globals['_METRICDIRECTION']._serialized_start=3450
-  _globals['_METRICDIRECTION']._serialized_end=3563
-  _globals['_SEQUENTIALTESTINGMETHOD']._serialized_start=3566
-  _globals['_SEQUENTIALTESTINGMETHOD']._serialized_end=3764
-  _globals['_MULTIPLECOMPARISONCORRECTION']._serialized_start=3767
-  _globals['_MULTIPLECOMPARISONCORRECTION']._serialized_end=3974
-  _globals['_BANDITALGORITHM']._serialized_start=3977
-  _globals['_BANDITALGORITHM']._serialized_end=4131
+  _globals['_ARM_PARAMETERSENTRY']._loaded_options = None
+  _globals['_ARM_PARAMETERSENTRY']._serialized_options = b'8\001'
+  _globals['_EXPERIMENTTYPE']._serialized_start=3044
+  _globals['_EXPERIMENTTYPE']._serialized_end=3150
+  _globals['_EXPERIMENTSTATUS']._serialized_start=3153
+  _globals['_EXPERIMENTSTATUS']._serialized_end=3328
+  _globals['_CONDITIONOPERATOR']._serialized_start=3331
+  _globals['_CONDITIONOPERATOR']._serialized_end=3726
+  _globals['_METRICROLE']._serialized_start=3728
+  _globals['_METRICROLE']._serialized_end=3846
+  _globals['_METRICKIND']._serialized_start=3848
+  _globals['_METRICKIND']._serialized_end=3962
+  _globals['_METRICDIRECTION']._serialized_start=3964
+  _globals['_METRICDIRECTION']._serialized_end=4077
+  _globals['_CRITERIONKIND']._serialized_start=4080
+  _globals['_CRITERIONKIND']._serialized_end=4266
+  _globals['_DECISIONACTION']._serialized_start=4269
+  _globals['_DECISIONACTION']._serialized_end=4418
   _globals['_EXPERIMENT']._serialized_start=162
-  _globals['_EXPERIMENT']._serialized_end=1287
-  _globals['_EXPERIMENT_LABELSENTRY']._serialized_start=1242
-  _globals['_EXPERIMENT_LABELSENTRY']._serialized_end=1287
-  _globals['_ARM']._serialized_start=1289
-  _globals['_ARM']._serialized_end=1397
-  _globals['_ARMPAYLOAD']._serialized_start=1400
-  _globals['_ARMPAYLOAD']._serialized_end=1565
-  _globals['_ARMPAYLOAD_CONFIGENTRY']._serialized_start=1520
-  _globals['_ARMPAYLOAD_CONFIGENTRY']._serialized_end=1565
-  _globals['_TARGETINGCONDITION']._serialized_start=1568
-  _globals['_TARGETINGCONDITION']._serialized_end=1708
-  _globals['_METRICSPEC']._serialized_start=1711
-  _globals['_METRICSPEC']._serialized_end=1866
-  _globals['_GUARDRAILMETRIC']._serialized_start=1868
-  _globals['_GUARDRAILMETRIC']._serialized_end=1970
-  _globals['_STATISTICALSETTINGS']._serialized_start=1973
-  _globals['_STATISTICALSETTINGS']._serialized_end=2287
-  _globals['_BANDITSETTINGS']._serialized_start=2290
-  _globals['_BANDITSETTINGS']._serialized_end=2529
+  _globals['_EXPERIMENT']._serialized_end=1350
+  _globals['_EXPERIMENT_LABELSENTRY']._serialized_start=1305
+  _globals['_EXPERIMENT_LABELSENTRY']._serialized_end=1350
+  _globals['_ARM']._serialized_start=1353
+  _globals['_ARM']._serialized_end=1547
+  _globals['_ARM_PARAMETERSENTRY']._serialized_start=1498
+  _globals['_ARM_PARAMETERSENTRY']._serialized_end=1547
+  _globals['_NAMESPACE']._serialized_start=1549
+  _globals['_NAMESPACE']._serialized_end=1600
+  _globals['_TARGETINGCONDITION']._serialized_start=1603
+  _globals['_TARGETINGCONDITION']._serialized_end=1743
+  _globals['_METRICSPEC']._serialized_start=1746
+  _globals['_METRICSPEC']._serialized_end=2117
+  _globals['_CUPED']._serialized_start=2119
+  _globals['_CUPED']._serialized_end=2207
+  _globals['_DECISIONRULE']._serialized_start=2209
+  _globals['_DECISIONRULE']._serialized_end=2275
+  _globals['_CRITERION']._serialized_start=2277
+  _globals['_CRITERION']._serialized_end=2375
+  _globals['_STATISTICSSETTINGS']._serialized_start=2377
+  _globals['_STATISTICSSETTINGS']._serialized_end=2498
+  _globals['_BANDITSETTINGS']._serialized_start=2501
+  _globals['_BANDITSETTINGS']._serialized_end=2642
+  _globals['_PHASE']._serialized_start=2645
+  _globals['_PHASE']._serialized_end=2807
+  _globals['_DECISIONRECORD']._serialized_start=2810
+  _globals['_DECISIONRECORD']._serialized_end=3042
 # @@protoc_insertion_point(module_scope)

@@ -29,78 +29,54 @@ class _ExperimentType:
 class _ExperimentTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExperimentType.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     EXPERIMENT_TYPE_UNSPECIFIED: _ExperimentType.ValueType  # 0
-    """EXPERIMENT_TYPE_UNSPECIFIED means the type is not set."""
+    """EXPERIMENT_TYPE_UNSPECIFIED is treated as EXPERIMENT_TYPE_AB_TEST."""
     EXPERIMENT_TYPE_AB_TEST: _ExperimentType.ValueType  # 1
-    """EXPERIMENT_TYPE_AB_TEST splits traffic by fixed arm weights and tests for a difference."""
-    EXPERIMENT_TYPE_MULTI_ARMED_BANDIT: _ExperimentType.ValueType  # 2
-    """EXPERIMENT_TYPE_MULTI_ARMED_BANDIT re-weights arms over time towards the best reward."""
+    """EXPERIMENT_TYPE_AB_TEST splits units by fixed arm weights and tests for a difference."""
+    EXPERIMENT_TYPE_BANDIT: _ExperimentType.ValueType  # 2
+    """EXPERIMENT_TYPE_BANDIT re-weights arms by Thompson sampling; a unit keeps its first arm."""
 
 class ExperimentType(_ExperimentType, metaclass=_ExperimentTypeEnumTypeWrapper):
-    """ExperimentType is the allocation method of an experiment."""
+    """ExperimentType is how an experiment allocates units to arms."""
 
 EXPERIMENT_TYPE_UNSPECIFIED: ExperimentType.ValueType  # 0
-"""EXPERIMENT_TYPE_UNSPECIFIED means the type is not set."""
+"""EXPERIMENT_TYPE_UNSPECIFIED is treated as EXPERIMENT_TYPE_AB_TEST."""
 EXPERIMENT_TYPE_AB_TEST: ExperimentType.ValueType  # 1
-"""EXPERIMENT_TYPE_AB_TEST splits traffic by fixed arm weights and tests for a difference."""
-EXPERIMENT_TYPE_MULTI_ARMED_BANDIT: ExperimentType.ValueType  # 2
-"""EXPERIMENT_TYPE_MULTI_ARMED_BANDIT re-weights arms over time towards the best reward."""
+"""EXPERIMENT_TYPE_AB_TEST splits units by fixed arm weights and tests for a difference."""
+EXPERIMENT_TYPE_BANDIT: ExperimentType.ValueType  # 2
+"""EXPERIMENT_TYPE_BANDIT re-weights arms by Thompson sampling; a unit keeps its first arm."""
 Global___ExperimentType: _TypeAlias = ExperimentType  # noqa: Y015
 
-class _ExperimentState:
+class _ExperimentStatus:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _ExperimentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExperimentState.ValueType], _builtins.type):
+class _ExperimentStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ExperimentStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    EXPERIMENT_STATE_UNSPECIFIED: _ExperimentState.ValueType  # 0
-    """EXPERIMENT_STATE_UNSPECIFIED means the state is not set."""
-    EXPERIMENT_STATE_DRAFT: _ExperimentState.ValueType  # 1
-    """EXPERIMENT_STATE_DRAFT means the experiment is defined but assigns no units."""
-    EXPERIMENT_STATE_RUNNING: _ExperimentState.ValueType  # 2
-    """EXPERIMENT_STATE_RUNNING means units are being assigned and outcomes collected."""
-    EXPERIMENT_STATE_STOPPED: _ExperimentState.ValueType  # 3
-    """EXPERIMENT_STATE_STOPPED means assignment ended without a winner."""
-    EXPERIMENT_STATE_CONCLUDED: _ExperimentState.ValueType  # 4
-    """EXPERIMENT_STATE_CONCLUDED means assignment ended with a winning arm that all eligible units now receive."""
+    EXPERIMENT_STATUS_UNSPECIFIED: _ExperimentStatus.ValueType  # 0
+    """EXPERIMENT_STATUS_UNSPECIFIED means the status is not set."""
+    EXPERIMENT_STATUS_DRAFT: _ExperimentStatus.ValueType  # 1
+    """EXPERIMENT_STATUS_DRAFT means the experiment is defined and assigns no units."""
+    EXPERIMENT_STATUS_RUNNING: _ExperimentStatus.ValueType  # 2
+    """EXPERIMENT_STATUS_RUNNING means gateways assign units and outcomes are collected."""
+    EXPERIMENT_STATUS_STOPPED: _ExperimentStatus.ValueType  # 3
+    """EXPERIMENT_STATUS_STOPPED means assignment ended; results stay readable and a decision may be taken."""
+    EXPERIMENT_STATUS_DECIDED: _ExperimentStatus.ValueType  # 4
+    """EXPERIMENT_STATUS_DECIDED means a decision was taken (and, to ship a version, handed to the model manager)."""
 
-class ExperimentState(_ExperimentState, metaclass=_ExperimentStateEnumTypeWrapper):
-    """ExperimentState is the lifecycle state of an experiment."""
+class ExperimentStatus(_ExperimentStatus, metaclass=_ExperimentStatusEnumTypeWrapper):
+    """ExperimentStatus is the lifecycle of an experiment: DRAFT -> RUNNING -> STOPPED -> DECIDED."""
 
-EXPERIMENT_STATE_UNSPECIFIED: ExperimentState.ValueType  # 0
-"""EXPERIMENT_STATE_UNSPECIFIED means the state is not set."""
-EXPERIMENT_STATE_DRAFT: ExperimentState.ValueType  # 1
-"""EXPERIMENT_STATE_DRAFT means the experiment is defined but assigns no units."""
-EXPERIMENT_STATE_RUNNING: ExperimentState.ValueType  # 2
-"""EXPERIMENT_STATE_RUNNING means units are being assigned and outcomes collected."""
-EXPERIMENT_STATE_STOPPED: ExperimentState.ValueType  # 3
-"""EXPERIMENT_STATE_STOPPED means assignment ended without a winner."""
-EXPERIMENT_STATE_CONCLUDED: ExperimentState.ValueType  # 4
-"""EXPERIMENT_STATE_CONCLUDED means assignment ended with a winning arm that all eligible units now receive."""
-Global___ExperimentState: _TypeAlias = ExperimentState  # noqa: Y015
-
-class _HashAlgorithm:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _HashAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HashAlgorithm.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    HASH_ALGORITHM_UNSPECIFIED: _HashAlgorithm.ValueType  # 0
-    """HASH_ALGORITHM_UNSPECIFIED means the server default."""
-    HASH_ALGORITHM_FNV1A_32: _HashAlgorithm.ValueType  # 1
-    """HASH_ALGORITHM_FNV1A_32 is 32-bit FNV-1a."""
-    HASH_ALGORITHM_MURMUR3_32: _HashAlgorithm.ValueType  # 2
-    """HASH_ALGORITHM_MURMUR3_32 is 32-bit MurmurHash3."""
-
-class HashAlgorithm(_HashAlgorithm, metaclass=_HashAlgorithmEnumTypeWrapper):
-    """HashAlgorithm is the hash applied to salt and unit id to place a unit deterministically."""
-
-HASH_ALGORITHM_UNSPECIFIED: HashAlgorithm.ValueType  # 0
-"""HASH_ALGORITHM_UNSPECIFIED means the server default."""
-HASH_ALGORITHM_FNV1A_32: HashAlgorithm.ValueType  # 1
-"""HASH_ALGORITHM_FNV1A_32 is 32-bit FNV-1a."""
-HASH_ALGORITHM_MURMUR3_32: HashAlgorithm.ValueType  # 2
-"""HASH_ALGORITHM_MURMUR3_32 is 32-bit MurmurHash3."""
-Global___HashAlgorithm: _TypeAlias = HashAlgorithm  # noqa: Y015
+EXPERIMENT_STATUS_UNSPECIFIED: ExperimentStatus.ValueType  # 0
+"""EXPERIMENT_STATUS_UNSPECIFIED means the status is not set."""
+EXPERIMENT_STATUS_DRAFT: ExperimentStatus.ValueType  # 1
+"""EXPERIMENT_STATUS_DRAFT means the experiment is defined and assigns no units."""
+EXPERIMENT_STATUS_RUNNING: ExperimentStatus.ValueType  # 2
+"""EXPERIMENT_STATUS_RUNNING means gateways assign units and outcomes are collected."""
+EXPERIMENT_STATUS_STOPPED: ExperimentStatus.ValueType  # 3
+"""EXPERIMENT_STATUS_STOPPED means assignment ended; results stay readable and a decision may be taken."""
+EXPERIMENT_STATUS_DECIDED: ExperimentStatus.ValueType  # 4
+"""EXPERIMENT_STATUS_DECIDED means a decision was taken (and, to ship a version, handed to the model manager)."""
+Global___ExperimentStatus: _TypeAlias = ExperimentStatus  # noqa: Y015
 
 class _ConditionOperator:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -113,78 +89,106 @@ class _ConditionOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Con
     CONDITION_OPERATOR_EQUALS: _ConditionOperator.ValueType  # 1
     """CONDITION_OPERATOR_EQUALS matches when the attribute equals the single value."""
     CONDITION_OPERATOR_NOT_EQUALS: _ConditionOperator.ValueType  # 2
-    """CONDITION_OPERATOR_NOT_EQUALS matches when the attribute differs from the single value."""
+    """CONDITION_OPERATOR_NOT_EQUALS matches when the attribute is present and differs from the single value."""
     CONDITION_OPERATOR_IN: _ConditionOperator.ValueType  # 3
     """CONDITION_OPERATOR_IN matches when the attribute equals any of the values."""
     CONDITION_OPERATOR_NOT_IN: _ConditionOperator.ValueType  # 4
-    """CONDITION_OPERATOR_NOT_IN matches when the attribute equals none of the values."""
+    """CONDITION_OPERATOR_NOT_IN matches when the attribute is present and equals none of the values."""
     CONDITION_OPERATOR_GREATER_THAN: _ConditionOperator.ValueType  # 5
-    """CONDITION_OPERATOR_GREATER_THAN matches when the attribute is greater than the single value."""
+    """CONDITION_OPERATOR_GREATER_THAN matches when the numeric attribute is greater than the single value."""
     CONDITION_OPERATOR_GREATER_OR_EQUAL: _ConditionOperator.ValueType  # 6
-    """CONDITION_OPERATOR_GREATER_OR_EQUAL matches when the attribute is at least the single value."""
+    """CONDITION_OPERATOR_GREATER_OR_EQUAL matches when the numeric attribute is at least the single value."""
     CONDITION_OPERATOR_LESS_THAN: _ConditionOperator.ValueType  # 7
-    """CONDITION_OPERATOR_LESS_THAN matches when the attribute is less than the single value."""
+    """CONDITION_OPERATOR_LESS_THAN matches when the numeric attribute is less than the single value."""
     CONDITION_OPERATOR_LESS_OR_EQUAL: _ConditionOperator.ValueType  # 8
-    """CONDITION_OPERATOR_LESS_OR_EQUAL matches when the attribute is at most the single value."""
+    """CONDITION_OPERATOR_LESS_OR_EQUAL matches when the numeric attribute is at most the single value."""
     CONDITION_OPERATOR_EXISTS: _ConditionOperator.ValueType  # 9
-    """CONDITION_OPERATOR_EXISTS matches when the attribute is present and not null."""
+    """CONDITION_OPERATOR_EXISTS matches when the attribute is present."""
     CONDITION_OPERATOR_NOT_EXISTS: _ConditionOperator.ValueType  # 10
-    """CONDITION_OPERATOR_NOT_EXISTS matches when the attribute is absent or null."""
+    """CONDITION_OPERATOR_NOT_EXISTS matches when the attribute is absent."""
 
 class ConditionOperator(_ConditionOperator, metaclass=_ConditionOperatorEnumTypeWrapper):
-    """ConditionOperator compares a unit attribute with the condition values."""
+    """ConditionOperator compares a request attribute with the condition's values."""
 
 CONDITION_OPERATOR_UNSPECIFIED: ConditionOperator.ValueType  # 0
 """CONDITION_OPERATOR_UNSPECIFIED means the operator is not set."""
 CONDITION_OPERATOR_EQUALS: ConditionOperator.ValueType  # 1
 """CONDITION_OPERATOR_EQUALS matches when the attribute equals the single value."""
 CONDITION_OPERATOR_NOT_EQUALS: ConditionOperator.ValueType  # 2
-"""CONDITION_OPERATOR_NOT_EQUALS matches when the attribute differs from the single value."""
+"""CONDITION_OPERATOR_NOT_EQUALS matches when the attribute is present and differs from the single value."""
 CONDITION_OPERATOR_IN: ConditionOperator.ValueType  # 3
 """CONDITION_OPERATOR_IN matches when the attribute equals any of the values."""
 CONDITION_OPERATOR_NOT_IN: ConditionOperator.ValueType  # 4
-"""CONDITION_OPERATOR_NOT_IN matches when the attribute equals none of the values."""
+"""CONDITION_OPERATOR_NOT_IN matches when the attribute is present and equals none of the values."""
 CONDITION_OPERATOR_GREATER_THAN: ConditionOperator.ValueType  # 5
-"""CONDITION_OPERATOR_GREATER_THAN matches when the attribute is greater than the single value."""
+"""CONDITION_OPERATOR_GREATER_THAN matches when the numeric attribute is greater than the single value."""
 CONDITION_OPERATOR_GREATER_OR_EQUAL: ConditionOperator.ValueType  # 6
-"""CONDITION_OPERATOR_GREATER_OR_EQUAL matches when the attribute is at least the single value."""
+"""CONDITION_OPERATOR_GREATER_OR_EQUAL matches when the numeric attribute is at least the single value."""
 CONDITION_OPERATOR_LESS_THAN: ConditionOperator.ValueType  # 7
-"""CONDITION_OPERATOR_LESS_THAN matches when the attribute is less than the single value."""
+"""CONDITION_OPERATOR_LESS_THAN matches when the numeric attribute is less than the single value."""
 CONDITION_OPERATOR_LESS_OR_EQUAL: ConditionOperator.ValueType  # 8
-"""CONDITION_OPERATOR_LESS_OR_EQUAL matches when the attribute is at most the single value."""
+"""CONDITION_OPERATOR_LESS_OR_EQUAL matches when the numeric attribute is at most the single value."""
 CONDITION_OPERATOR_EXISTS: ConditionOperator.ValueType  # 9
-"""CONDITION_OPERATOR_EXISTS matches when the attribute is present and not null."""
+"""CONDITION_OPERATOR_EXISTS matches when the attribute is present."""
 CONDITION_OPERATOR_NOT_EXISTS: ConditionOperator.ValueType  # 10
-"""CONDITION_OPERATOR_NOT_EXISTS matches when the attribute is absent or null."""
+"""CONDITION_OPERATOR_NOT_EXISTS matches when the attribute is absent."""
 Global___ConditionOperator: _TypeAlias = ConditionOperator  # noqa: Y015
 
-class _MetricType:
+class _MetricRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _MetricTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricType.ValueType], _builtins.type):
+class _MetricRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricRole.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    METRIC_TYPE_UNSPECIFIED: _MetricType.ValueType  # 0
-    """METRIC_TYPE_UNSPECIFIED means the type is not set."""
-    METRIC_TYPE_BINARY: _MetricType.ValueType  # 1
-    """METRIC_TYPE_BINARY is 1 if the unit has any outcome with a positive value, else 0 (conversion)."""
-    METRIC_TYPE_CONTINUOUS: _MetricType.ValueType  # 2
-    """METRIC_TYPE_CONTINUOUS is the sum of the unit's outcome values (e.g. revenue)."""
-    METRIC_TYPE_COUNT: _MetricType.ValueType  # 3
-    """METRIC_TYPE_COUNT is the number of the unit's outcome events."""
+    METRIC_ROLE_UNSPECIFIED: _MetricRole.ValueType  # 0
+    """METRIC_ROLE_UNSPECIFIED is treated as METRIC_ROLE_SUCCESS."""
+    METRIC_ROLE_SUCCESS: _MetricRole.ValueType  # 1
+    """METRIC_ROLE_SUCCESS is a metric the treatment must improve (accuracy, a business KPI)."""
+    METRIC_ROLE_GUARDRAIL: _MetricRole.ValueType  # 2
+    """METRIC_ROLE_GUARDRAIL is a metric the treatment must not worsen beyond its margin (non-inferiority)."""
+    METRIC_ROLE_LATENCY: _MetricRole.ValueType  # 3
+    """METRIC_ROLE_LATENCY is a latency guardrail, e.g. "regression under 10%"."""
 
-class MetricType(_MetricType, metaclass=_MetricTypeEnumTypeWrapper):
-    """MetricType is how a metric aggregates a unit's outcome events."""
+class MetricRole(_MetricRole, metaclass=_MetricRoleEnumTypeWrapper):
+    """MetricRole is the part a metric plays in the decision."""
 
-METRIC_TYPE_UNSPECIFIED: MetricType.ValueType  # 0
-"""METRIC_TYPE_UNSPECIFIED means the type is not set."""
-METRIC_TYPE_BINARY: MetricType.ValueType  # 1
-"""METRIC_TYPE_BINARY is 1 if the unit has any outcome with a positive value, else 0 (conversion)."""
-METRIC_TYPE_CONTINUOUS: MetricType.ValueType  # 2
-"""METRIC_TYPE_CONTINUOUS is the sum of the unit's outcome values (e.g. revenue)."""
-METRIC_TYPE_COUNT: MetricType.ValueType  # 3
-"""METRIC_TYPE_COUNT is the number of the unit's outcome events."""
-Global___MetricType: _TypeAlias = MetricType  # noqa: Y015
+METRIC_ROLE_UNSPECIFIED: MetricRole.ValueType  # 0
+"""METRIC_ROLE_UNSPECIFIED is treated as METRIC_ROLE_SUCCESS."""
+METRIC_ROLE_SUCCESS: MetricRole.ValueType  # 1
+"""METRIC_ROLE_SUCCESS is a metric the treatment must improve (accuracy, a business KPI)."""
+METRIC_ROLE_GUARDRAIL: MetricRole.ValueType  # 2
+"""METRIC_ROLE_GUARDRAIL is a metric the treatment must not worsen beyond its margin (non-inferiority)."""
+METRIC_ROLE_LATENCY: MetricRole.ValueType  # 3
+"""METRIC_ROLE_LATENCY is a latency guardrail, e.g. "regression under 10%"."""
+Global___MetricRole: _TypeAlias = MetricRole  # noqa: Y015
+
+class _MetricKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MetricKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    METRIC_KIND_UNSPECIFIED: _MetricKind.ValueType  # 0
+    """METRIC_KIND_UNSPECIFIED is treated as METRIC_KIND_MEAN."""
+    METRIC_KIND_PROPORTION: _MetricKind.ValueType  # 1
+    """METRIC_KIND_PROPORTION is 1 when the unit has any outcome of the event with a positive value, else 0."""
+    METRIC_KIND_MEAN: _MetricKind.ValueType  # 2
+    """METRIC_KIND_MEAN is the sum of the unit's outcome values of the event, averaged over exposed units."""
+    METRIC_KIND_RATIO: _MetricKind.ValueType  # 3
+    """METRIC_KIND_RATIO is sum(numerator event) / sum(denominator event) over the arm's units (delta method)."""
+
+class MetricKind(_MetricKind, metaclass=_MetricKindEnumTypeWrapper):
+    """MetricKind is how a unit's outcomes make its metric value."""
+
+METRIC_KIND_UNSPECIFIED: MetricKind.ValueType  # 0
+"""METRIC_KIND_UNSPECIFIED is treated as METRIC_KIND_MEAN."""
+METRIC_KIND_PROPORTION: MetricKind.ValueType  # 1
+"""METRIC_KIND_PROPORTION is 1 when the unit has any outcome of the event with a positive value, else 0."""
+METRIC_KIND_MEAN: MetricKind.ValueType  # 2
+"""METRIC_KIND_MEAN is the sum of the unit's outcome values of the event, averaged over exposed units."""
+METRIC_KIND_RATIO: MetricKind.ValueType  # 3
+"""METRIC_KIND_RATIO is sum(numerator event) / sum(denominator event) over the arm's units (delta method)."""
+Global___MetricKind: _TypeAlias = MetricKind  # noqa: Y015
 
 class _MetricDirection:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -197,7 +201,7 @@ class _MetricDirectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Metri
     METRIC_DIRECTION_INCREASE: _MetricDirection.ValueType  # 1
     """METRIC_DIRECTION_INCREASE means higher is better."""
     METRIC_DIRECTION_DECREASE: _MetricDirection.ValueType  # 2
-    """METRIC_DIRECTION_DECREASE means lower is better."""
+    """METRIC_DIRECTION_DECREASE means lower is better (latency, error rate)."""
 
 class MetricDirection(_MetricDirection, metaclass=_MetricDirectionEnumTypeWrapper):
     """MetricDirection says which direction of change is an improvement."""
@@ -207,96 +211,80 @@ METRIC_DIRECTION_UNSPECIFIED: MetricDirection.ValueType  # 0
 METRIC_DIRECTION_INCREASE: MetricDirection.ValueType  # 1
 """METRIC_DIRECTION_INCREASE means higher is better."""
 METRIC_DIRECTION_DECREASE: MetricDirection.ValueType  # 2
-"""METRIC_DIRECTION_DECREASE means lower is better."""
+"""METRIC_DIRECTION_DECREASE means lower is better (latency, error rate)."""
 Global___MetricDirection: _TypeAlias = MetricDirection  # noqa: Y015
 
-class _SequentialTestingMethod:
+class _CriterionKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _SequentialTestingMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SequentialTestingMethod.ValueType], _builtins.type):
+class _CriterionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CriterionKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    SEQUENTIAL_TESTING_METHOD_UNSPECIFIED: _SequentialTestingMethod.ValueType  # 0
-    """SEQUENTIAL_TESTING_METHOD_UNSPECIFIED is treated as SEQUENTIAL_TESTING_METHOD_FIXED_HORIZON."""
-    SEQUENTIAL_TESTING_METHOD_FIXED_HORIZON: _SequentialTestingMethod.ValueType  # 1
-    """SEQUENTIAL_TESTING_METHOD_FIXED_HORIZON is a classical test valid only at the planned sample size."""
-    SEQUENTIAL_TESTING_METHOD_MSPRT: _SequentialTestingMethod.ValueType  # 2
-    """SEQUENTIAL_TESTING_METHOD_MSPRT is the mixture sequential probability ratio test (always-valid p-values)."""
-    SEQUENTIAL_TESTING_METHOD_GROUP_SEQUENTIAL: _SequentialTestingMethod.ValueType  # 3
-    """SEQUENTIAL_TESTING_METHOD_GROUP_SEQUENTIAL is group-sequential testing with O'Brien-Fleming alpha spending."""
+    CRITERION_KIND_UNSPECIFIED: _CriterionKind.ValueType  # 0
+    """CRITERION_KIND_UNSPECIFIED means the kind is not set."""
+    CRITERION_KIND_MIN_LIFT: _CriterionKind.ValueType  # 1
+    """CRITERION_KIND_MIN_LIFT passes when the metric's improvement is significant (always-valid interval
+    excludes 0 on the good side) and its relative lift is at least threshold (e.g. 0.02 for +2%).
+    """
+    CRITERION_KIND_MAX_REGRESSION: _CriterionKind.ValueType  # 2
+    """CRITERION_KIND_MAX_REGRESSION passes when the metric is non-inferior: the bad end of the relative
+    interval is within threshold (e.g. 0.10 for "latency regression under 10%").
+    """
+    CRITERION_KIND_MIN_UNITS: _CriterionKind.ValueType  # 3
+    """CRITERION_KIND_MIN_UNITS passes when every arm has at least threshold units (0 means the experiment's minimum)."""
+    CRITERION_KIND_NO_SAMPLE_RATIO_MISMATCH: _CriterionKind.ValueType  # 4
+    """CRITERION_KIND_NO_SAMPLE_RATIO_MISMATCH passes when the sample-ratio check does not fire."""
 
-class SequentialTestingMethod(_SequentialTestingMethod, metaclass=_SequentialTestingMethodEnumTypeWrapper):
-    """SequentialTestingMethod is the hypothesis-testing scheme used for A/B tests."""
+class CriterionKind(_CriterionKind, metaclass=_CriterionKindEnumTypeWrapper):
+    """CriterionKind is what one criterion of a decision rule checks."""
 
-SEQUENTIAL_TESTING_METHOD_UNSPECIFIED: SequentialTestingMethod.ValueType  # 0
-"""SEQUENTIAL_TESTING_METHOD_UNSPECIFIED is treated as SEQUENTIAL_TESTING_METHOD_FIXED_HORIZON."""
-SEQUENTIAL_TESTING_METHOD_FIXED_HORIZON: SequentialTestingMethod.ValueType  # 1
-"""SEQUENTIAL_TESTING_METHOD_FIXED_HORIZON is a classical test valid only at the planned sample size."""
-SEQUENTIAL_TESTING_METHOD_MSPRT: SequentialTestingMethod.ValueType  # 2
-"""SEQUENTIAL_TESTING_METHOD_MSPRT is the mixture sequential probability ratio test (always-valid p-values)."""
-SEQUENTIAL_TESTING_METHOD_GROUP_SEQUENTIAL: SequentialTestingMethod.ValueType  # 3
-"""SEQUENTIAL_TESTING_METHOD_GROUP_SEQUENTIAL is group-sequential testing with O'Brien-Fleming alpha spending."""
-Global___SequentialTestingMethod: _TypeAlias = SequentialTestingMethod  # noqa: Y015
+CRITERION_KIND_UNSPECIFIED: CriterionKind.ValueType  # 0
+"""CRITERION_KIND_UNSPECIFIED means the kind is not set."""
+CRITERION_KIND_MIN_LIFT: CriterionKind.ValueType  # 1
+"""CRITERION_KIND_MIN_LIFT passes when the metric's improvement is significant (always-valid interval
+excludes 0 on the good side) and its relative lift is at least threshold (e.g. 0.02 for +2%).
+"""
+CRITERION_KIND_MAX_REGRESSION: CriterionKind.ValueType  # 2
+"""CRITERION_KIND_MAX_REGRESSION passes when the metric is non-inferior: the bad end of the relative
+interval is within threshold (e.g. 0.10 for "latency regression under 10%").
+"""
+CRITERION_KIND_MIN_UNITS: CriterionKind.ValueType  # 3
+"""CRITERION_KIND_MIN_UNITS passes when every arm has at least threshold units (0 means the experiment's minimum)."""
+CRITERION_KIND_NO_SAMPLE_RATIO_MISMATCH: CriterionKind.ValueType  # 4
+"""CRITERION_KIND_NO_SAMPLE_RATIO_MISMATCH passes when the sample-ratio check does not fire."""
+Global___CriterionKind: _TypeAlias = CriterionKind  # noqa: Y015
 
-class _MultipleComparisonCorrection:
+class _DecisionAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _MultipleComparisonCorrectionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MultipleComparisonCorrection.ValueType], _builtins.type):
+class _DecisionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecisionAction.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    MULTIPLE_COMPARISON_CORRECTION_UNSPECIFIED: _MultipleComparisonCorrection.ValueType  # 0
-    """MULTIPLE_COMPARISON_CORRECTION_UNSPECIFIED is treated as MULTIPLE_COMPARISON_CORRECTION_NONE."""
-    MULTIPLE_COMPARISON_CORRECTION_NONE: _MultipleComparisonCorrection.ValueType  # 1
-    """MULTIPLE_COMPARISON_CORRECTION_NONE applies no correction."""
-    MULTIPLE_COMPARISON_CORRECTION_BONFERRONI: _MultipleComparisonCorrection.ValueType  # 2
-    """MULTIPLE_COMPARISON_CORRECTION_BONFERRONI divides alpha by the number of comparisons."""
-    MULTIPLE_COMPARISON_CORRECTION_HOLM: _MultipleComparisonCorrection.ValueType  # 3
-    """MULTIPLE_COMPARISON_CORRECTION_HOLM applies the Holm step-down procedure."""
+    DECISION_ACTION_UNSPECIFIED: _DecisionAction.ValueType  # 0
+    """DECISION_ACTION_UNSPECIFIED means no decision."""
+    DECISION_ACTION_CONTINUE: _DecisionAction.ValueType  # 1
+    """DECISION_ACTION_CONTINUE means keep collecting data."""
+    DECISION_ACTION_SHIP_TREATMENT: _DecisionAction.ValueType  # 2
+    """DECISION_ACTION_SHIP_TREATMENT means a treatment passed every criterion; its version is promoted."""
+    DECISION_ACTION_KEEP_CONTROL: _DecisionAction.ValueType  # 3
+    """DECISION_ACTION_KEEP_CONTROL means no treatment can pass: keep what serves now."""
 
-class MultipleComparisonCorrection(_MultipleComparisonCorrection, metaclass=_MultipleComparisonCorrectionEnumTypeWrapper):
-    """MultipleComparisonCorrection adjusts significance when several treatment arms are compared with control."""
+class DecisionAction(_DecisionAction, metaclass=_DecisionActionEnumTypeWrapper):
+    """DecisionAction is what a decision does."""
 
-MULTIPLE_COMPARISON_CORRECTION_UNSPECIFIED: MultipleComparisonCorrection.ValueType  # 0
-"""MULTIPLE_COMPARISON_CORRECTION_UNSPECIFIED is treated as MULTIPLE_COMPARISON_CORRECTION_NONE."""
-MULTIPLE_COMPARISON_CORRECTION_NONE: MultipleComparisonCorrection.ValueType  # 1
-"""MULTIPLE_COMPARISON_CORRECTION_NONE applies no correction."""
-MULTIPLE_COMPARISON_CORRECTION_BONFERRONI: MultipleComparisonCorrection.ValueType  # 2
-"""MULTIPLE_COMPARISON_CORRECTION_BONFERRONI divides alpha by the number of comparisons."""
-MULTIPLE_COMPARISON_CORRECTION_HOLM: MultipleComparisonCorrection.ValueType  # 3
-"""MULTIPLE_COMPARISON_CORRECTION_HOLM applies the Holm step-down procedure."""
-Global___MultipleComparisonCorrection: _TypeAlias = MultipleComparisonCorrection  # noqa: Y015
-
-class _BanditAlgorithm:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _BanditAlgorithmEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BanditAlgorithm.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    BANDIT_ALGORITHM_UNSPECIFIED: _BanditAlgorithm.ValueType  # 0
-    """BANDIT_ALGORITHM_UNSPECIFIED means the algorithm is not set."""
-    BANDIT_ALGORITHM_THOMPSON_SAMPLING: _BanditAlgorithm.ValueType  # 1
-    """BANDIT_ALGORITHM_THOMPSON_SAMPLING weights arms by their posterior probability of being best."""
-    BANDIT_ALGORITHM_UCB: _BanditAlgorithm.ValueType  # 2
-    """BANDIT_ALGORITHM_UCB favours the arm with the highest upper confidence bound (UCB1)."""
-    BANDIT_ALGORITHM_EPSILON_GREEDY: _BanditAlgorithm.ValueType  # 3
-    """BANDIT_ALGORITHM_EPSILON_GREEDY gives the best arm 1 - epsilon and splits epsilon evenly."""
-
-class BanditAlgorithm(_BanditAlgorithm, metaclass=_BanditAlgorithmEnumTypeWrapper):
-    """BanditAlgorithm is the arm re-weighting algorithm of a bandit."""
-
-BANDIT_ALGORITHM_UNSPECIFIED: BanditAlgorithm.ValueType  # 0
-"""BANDIT_ALGORITHM_UNSPECIFIED means the algorithm is not set."""
-BANDIT_ALGORITHM_THOMPSON_SAMPLING: BanditAlgorithm.ValueType  # 1
-"""BANDIT_ALGORITHM_THOMPSON_SAMPLING weights arms by their posterior probability of being best."""
-BANDIT_ALGORITHM_UCB: BanditAlgorithm.ValueType  # 2
-"""BANDIT_ALGORITHM_UCB favours the arm with the highest upper confidence bound (UCB1)."""
-BANDIT_ALGORITHM_EPSILON_GREEDY: BanditAlgorithm.ValueType  # 3
-"""BANDIT_ALGORITHM_EPSILON_GREEDY gives the best arm 1 - epsilon and splits epsilon evenly."""
-Global___BanditAlgorithm: _TypeAlias = BanditAlgorithm  # noqa: Y015
+DECISION_ACTION_UNSPECIFIED: DecisionAction.ValueType  # 0
+"""DECISION_ACTION_UNSPECIFIED means no decision."""
+DECISION_ACTION_CONTINUE: DecisionAction.ValueType  # 1
+"""DECISION_ACTION_CONTINUE means keep collecting data."""
+DECISION_ACTION_SHIP_TREATMENT: DecisionAction.ValueType  # 2
+"""DECISION_ACTION_SHIP_TREATMENT means a treatment passed every criterion; its version is promoted."""
+DECISION_ACTION_KEEP_CONTROL: DecisionAction.ValueType  # 3
+"""DECISION_ACTION_KEEP_CONTROL means no treatment can pass: keep what serves now."""
+Global___DecisionAction: _TypeAlias = DecisionAction  # noqa: Y015
 
 @_typing.final
 class Experiment(_message.Message):
-    """Experiment is the full configuration and lifecycle record of one experiment."""
+    """Experiment is the configuration and lifecycle of one experiment."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -321,98 +309,101 @@ class Experiment(_message.Message):
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     KEY_FIELD_NUMBER: _builtins.int
-    NAME_FIELD_NUMBER: _builtins.int
-    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    HYPOTHESIS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
     ARMS_FIELD_NUMBER: _builtins.int
     CONTROL_ARM_FIELD_NUMBER: _builtins.int
     UNIT_TYPE_FIELD_NUMBER: _builtins.int
-    TRAFFIC_ALLOCATION_PERCENT_FIELD_NUMBER: _builtins.int
+    COVERAGE_FIELD_NUMBER: _builtins.int
     SALT_FIELD_NUMBER: _builtins.int
-    HASH_ALGORITHM_FIELD_NUMBER: _builtins.int
     TARGETING_FIELD_NUMBER: _builtins.int
-    PRIMARY_METRIC_FIELD_NUMBER: _builtins.int
-    GUARDRAIL_METRICS_FIELD_NUMBER: _builtins.int
-    SECONDARY_METRICS_FIELD_NUMBER: _builtins.int
-    STATISTICAL_SETTINGS_FIELD_NUMBER: _builtins.int
-    BANDIT_SETTINGS_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
-    VERSION_FIELD_NUMBER: _builtins.int
-    START_TIME_FIELD_NUMBER: _builtins.int
-    STOP_TIME_FIELD_NUMBER: _builtins.int
-    STOP_REASON_FIELD_NUMBER: _builtins.int
-    WINNING_ARM_FIELD_NUMBER: _builtins.int
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    MIN_UNITS_PER_ARM_FIELD_NUMBER: _builtins.int
+    MAX_DURATION_FIELD_NUMBER: _builtins.int
+    DECISION_RULE_FIELD_NUMBER: _builtins.int
+    STATISTICS_FIELD_NUMBER: _builtins.int
+    BANDIT_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    PHASES_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    STOPPED_AT_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
     key: _builtins.str
-    """key is the unique, immutable experiment key."""
-    name: _builtins.str
-    """name is the display name."""
-    description: _builtins.str
-    """description states the hypothesis in free text."""
+    """key is the unique, immutable experiment key ([a-z0-9][a-z0-9_.-]*)."""
+    hypothesis: _builtins.str
+    """hypothesis states what the treatment should change and why."""
     owner: _builtins.str
     """owner is the owning team or person."""
     type: Global___ExperimentType.ValueType
     """type is the allocation method."""
+    model_name: _builtins.str
+    """model_name is the model whose requests the experiment splits; arms name its versions. Empty for parameter-only arms."""
     control_arm: _builtins.str
-    """control_arm is the name of the arm others are compared with."""
+    """control_arm is the arm treatments are compared with; empty means the first arm."""
     unit_type: _builtins.str
-    """unit_type is the kind of id units are randomised by, e.g. "user_id"."""
-    traffic_allocation_percent: _builtins.float
-    """traffic_allocation_percent is the share of eligible units that enter the experiment, in [0, 100]."""
+    """unit_type is the kind of id units are randomised by, e.g. "user_id"; requests carry it in unit_ids."""
+    coverage: _builtins.float
+    """coverage is the share of eligible units that enter, in (0, 1]; growing it never moves a unit already in."""
     salt: _builtins.str
-    """salt is mixed into the hash so experiments randomise independently; empty means the key."""
-    hash_algorithm: Global___HashAlgorithm.ValueType
-    """hash_algorithm is the hash used for bucketing; gateways and the service must use the same."""
-    state: Global___ExperimentState.ValueType
-    """state is the lifecycle state; set by the service."""
+    """salt seeds the coverage and arm hashes; empty means the key. Immutable once running."""
+    min_units_per_arm: _builtins.int
+    """min_units_per_arm is the least number of units in every arm before anything but CONTINUE is decided."""
+    status: Global___ExperimentStatus.ValueType
+    """status is the lifecycle state; set by the service."""
     version: _builtins.int
-    """version increases on every change, including bandit re-weighting; set by the service."""
+    """version grows by one with every change (including bandit re-weighting); set by the service."""
+    updated_by: _builtins.str
+    """updated_by is the authenticated identity of the last change; set by the service."""
     stop_reason: _builtins.str
     """stop_reason is why it stopped; set by the service."""
-    winning_arm: _builtins.str
-    """winning_arm is the arm shipped when concluded; set by the service."""
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___Arm]:
-        """arms are the variants; assignment walks them in this order."""
+        """arms are the variants, in the order their bucket ranges are laid out; at least two."""
 
     @_builtins.property
     def targeting(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetingCondition]:
-        """targeting are conditions on unit attributes that must all match for a unit to be eligible."""
+        """targeting are conditions on request attributes that must all hold for a unit to be eligible."""
 
     @_builtins.property
-    def primary_metric(self) -> Global___MetricSpec:
-        """primary_metric is the metric the decision is based on (and the bandit reward by default)."""
+    def namespace(self) -> Global___Namespace:
+        """namespace, when set, gives the experiment a slice of a namespace shared with mutually exclusive experiments."""
 
     @_builtins.property
-    def guardrail_metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___GuardrailMetric]:
-        """guardrail_metrics are metrics that must not degrade beyond their limit."""
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricSpec]:
+        """metrics are the metrics analysed, each with its role in the decision."""
 
     @_builtins.property
-    def secondary_metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricSpec]:
-        """secondary_metrics are metrics reported for information only."""
+    def max_duration(self) -> _duration_pb2.Duration:
+        """max_duration is the longest the experiment runs; at the limit the decision no longer answers CONTINUE."""
 
     @_builtins.property
-    def statistical_settings(self) -> Global___StatisticalSettings:
-        """statistical_settings configure hypothesis testing (A/B tests)."""
+    def decision_rule(self) -> Global___DecisionRule:
+        """decision_rule is the rule a treatment must pass to ship; empty means the default template (see DecisionRule)."""
 
     @_builtins.property
-    def bandit_settings(self) -> Global___BanditSettings:
-        """bandit_settings configure arm re-weighting (bandits only)."""
+    def statistics(self) -> Global___StatisticsSettings:
+        """statistics configure the tests."""
 
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp:
-        """start_time is when the experiment started running; set by the service."""
-
-    @_builtins.property
-    def stop_time(self) -> _timestamp_pb2.Timestamp:
-        """stop_time is when it stopped; set by the service."""
+    def bandit(self) -> Global___BanditSettings:
+        """bandit configures re-weighting (bandits only)."""
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """labels are free-form key/value tags."""
+        """labels are free-form tags."""
+
+    @_builtins.property
+    def phases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Phase]:
+        """phases are the experiment's phases, the current one last; a weight change starts a new one. Set by the service."""
 
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp:
@@ -420,41 +411,56 @@ class Experiment(_message.Message):
 
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp:
-        """updated_at is when the experiment last changed; set by the service."""
+        """updated_at is when it last changed; set by the service."""
+
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """started_at is when it first ran; set by the service."""
+
+    @_builtins.property
+    def stopped_at(self) -> _timestamp_pb2.Timestamp:
+        """stopped_at is when it stopped; set by the service."""
+
+    @_builtins.property
+    def decision(self) -> Global___DecisionRecord:
+        """decision is the decision taken; set by the service when DECIDED."""
 
     def __init__(
         self,
         *,
         key: _builtins.str = ...,
-        name: _builtins.str = ...,
-        description: _builtins.str = ...,
+        hypothesis: _builtins.str = ...,
         owner: _builtins.str = ...,
         type: Global___ExperimentType.ValueType = ...,
+        model_name: _builtins.str = ...,
         arms: _abc.Iterable[Global___Arm] | None = ...,
         control_arm: _builtins.str = ...,
         unit_type: _builtins.str = ...,
-        traffic_allocation_percent: _builtins.float = ...,
+        coverage: _builtins.float = ...,
         salt: _builtins.str = ...,
-        hash_algorithm: Global___HashAlgorithm.ValueType = ...,
         targeting: _abc.Iterable[Global___TargetingCondition] | None = ...,
-        primary_metric: Global___MetricSpec | None = ...,
-        guardrail_metrics: _abc.Iterable[Global___GuardrailMetric] | None = ...,
-        secondary_metrics: _abc.Iterable[Global___MetricSpec] | None = ...,
-        statistical_settings: Global___StatisticalSettings | None = ...,
-        bandit_settings: Global___BanditSettings | None = ...,
-        state: Global___ExperimentState.ValueType = ...,
-        version: _builtins.int = ...,
-        start_time: _timestamp_pb2.Timestamp | None = ...,
-        stop_time: _timestamp_pb2.Timestamp | None = ...,
-        stop_reason: _builtins.str = ...,
-        winning_arm: _builtins.str = ...,
+        namespace: Global___Namespace | None = ...,
+        metrics: _abc.Iterable[Global___MetricSpec] | None = ...,
+        min_units_per_arm: _builtins.int = ...,
+        max_duration: _duration_pb2.Duration | None = ...,
+        decision_rule: Global___DecisionRule | None = ...,
+        statistics: Global___StatisticsSettings | None = ...,
+        bandit: Global___BanditSettings | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        status: Global___ExperimentStatus.ValueType = ...,
+        version: _builtins.int = ...,
+        phases: _abc.Iterable[Global___Phase] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        updated_by: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        stopped_at: _timestamp_pb2.Timestamp | None = ...,
+        stop_reason: _builtins.str = ...,
+        decision: Global___DecisionRecord | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["bandit_settings", b"bandit_settings", "created_at", b"created_at", "primary_metric", b"primary_metric", "start_time", b"start_time", "statistical_settings", b"statistical_settings", "stop_time", b"stop_time", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["bandit", b"bandit", "created_at", b"created_at", "decision", b"decision", "decision_rule", b"decision_rule", "max_duration", b"max_duration", "namespace", b"namespace", "started_at", b"started_at", "statistics", b"statistics", "stopped_at", b"stopped_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "bandit_settings", b"bandit_settings", "control_arm", b"control_arm", "created_at", b"created_at", "description", b"description", "guardrail_metrics", b"guardrail_metrics", "hash_algorithm", b"hash_algorithm", "key", b"key", "labels", b"labels", "name", b"name", "owner", b"owner", "primary_metric", b"primary_metric", "salt", b"salt", "secondary_metrics", b"secondary_metrics", "start_time", b"start_time", "state", b"state", "statistical_settings", b"statistical_settings", "stop_reason", b"stop_reason", "stop_time", b"stop_time", "targeting", b"targeting", "traffic_allocation_percent", b"traffic_allocation_percent", "type", b"type", "unit_type", b"unit_type", "updated_at", b"updated_at", "version", b"version", "winning_arm", b"winning_arm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "bandit", b"bandit", "control_arm", b"control_arm", "coverage", b"coverage", "created_at", b"created_at", "decision", b"decision", "decision_rule", b"decision_rule", "hypothesis", b"hypothesis", "key", b"key", "labels", b"labels", "max_duration", b"max_duration", "metrics", b"metrics", "min_units_per_arm", b"min_units_per_arm", "model_name", b"model_name", "namespace", b"namespace", "owner", b"owner", "phases", b"phases", "salt", b"salt", "started_at", b"started_at", "statistics", b"statistics", "status", b"status", "stop_reason", b"stop_reason", "stopped_at", b"stopped_at", "targeting", b"targeting", "type", b"type", "unit_type", b"unit_type", "updated_at", b"updated_at", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -462,48 +468,12 @@ Global___Experiment: _TypeAlias = Experiment  # noqa: Y015
 
 @_typing.final
 class Arm(_message.Message):
-    """Arm is one variant of an experiment."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    NAME_FIELD_NUMBER: _builtins.int
-    DESCRIPTION_FIELD_NUMBER: _builtins.int
-    WEIGHT_FIELD_NUMBER: _builtins.int
-    PAYLOAD_FIELD_NUMBER: _builtins.int
-    name: _builtins.str
-    """name is the arm name, unique within the experiment."""
-    description: _builtins.str
-    """description is free text for humans."""
-    weight: _builtins.float
-    """weight is the arm's relative traffic weight; for bandits the service rewrites it at each update."""
-    @_builtins.property
-    def payload(self) -> Global___ArmPayload:
-        """payload is what a unit in this arm receives."""
-
-    def __init__(
-        self,
-        *,
-        name: _builtins.str = ...,
-        description: _builtins.str = ...,
-        weight: _builtins.float = ...,
-        payload: Global___ArmPayload | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "name", b"name", "payload", b"payload", "weight", b"weight"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Arm: _TypeAlias = Arm  # noqa: Y015
-
-@_typing.final
-class ArmPayload(_message.Message):
-    """ArmPayload is the treatment an arm applies."""
+    """Arm is one variant: a model version, a parameter set, or both."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
-    class ConfigEntry(_message.Message):
+    class ParametersEntry(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         KEY_FIELD_NUMBER: _builtins.int
@@ -522,35 +492,73 @@ class ArmPayload(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
-    CONFIG_FIELD_NUMBER: _builtins.int
-    model_name: _builtins.str
-    """model_name is the model to route to; empty means no model override."""
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is unique within the experiment."""
+    description: _builtins.str
+    """description is free text."""
+    weight: _builtins.float
+    """weight is the arm's relative share; weights must be non-negative with a positive total."""
     model_version: _builtins.int
-    """model_version is the version to route to; 0 means the model's normal routing."""
+    """model_version is the version of the experiment's model this arm routes to; 0 when the arm is parameters only."""
     @_builtins.property
-    def config(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """config is free-form parameters for the caller."""
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """parameters are returned to the caller with the assignment."""
 
     def __init__(
         self,
         *,
-        model_name: _builtins.str = ...,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        weight: _builtins.float = ...,
         model_version: _builtins.int = ...,
-        config: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "model_name", b"model_name", "model_version", b"model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "model_version", b"model_version", "name", b"name", "parameters", b"parameters", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ArmPayload: _TypeAlias = ArmPayload  # noqa: Y015
+Global___Arm: _TypeAlias = Arm  # noqa: Y015
+
+@_typing.final
+class Namespace(_message.Message):
+    """Namespace is a slice [start, end) of a namespace's 10,000 buckets; experiments with disjoint slices never share a unit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """id names the namespace; it seeds the namespace hash."""
+    start: _builtins.int
+    """start is the first bucket of the slice, in [0, 10000)."""
+    end: _builtins.int
+    """end is one past the last bucket of the slice, in (start, 10000]."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "id", b"id", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Namespace: _TypeAlias = Namespace  # noqa: Y015
 
 @_typing.final
 class TargetingCondition(_message.Message):
-    """TargetingCondition is one condition on a unit attribute."""
+    """TargetingCondition is one condition on a request attribute."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -582,158 +590,322 @@ Global___TargetingCondition: _TypeAlias = TargetingCondition  # noqa: Y015
 
 @_typing.final
 class MetricSpec(_message.Message):
-    """MetricSpec defines a metric computed from outcome events of the same name."""
+    """MetricSpec defines one metric computed from outcomes."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
-    TYPE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
     DIRECTION_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    DENOMINATOR_EVENT_FIELD_NUMBER: _builtins.int
+    MINIMUM_DETECTABLE_EFFECT_FIELD_NUMBER: _builtins.int
+    NON_INFERIORITY_MARGIN_FIELD_NUMBER: _builtins.int
+    CUPED_FIELD_NUMBER: _builtins.int
+    CAP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    """name is the metric name, matched against ExperimentEvent.metric_name."""
+    """name is the metric name shown in results and used by decision criteria."""
     description: _builtins.str
-    """description is free text for humans."""
-    type: Global___MetricType.ValueType
-    """type is how outcome events aggregate per unit."""
+    """description is free text."""
+    role: Global___MetricRole.ValueType
+    """role is the metric's part in the decision."""
+    kind: Global___MetricKind.ValueType
+    """kind is how outcomes make the unit's value."""
     direction: Global___MetricDirection.ValueType
-    """direction says which change is an improvement."""
+    """direction says which change is better."""
+    event: _builtins.str
+    """event is the outcome event the metric is computed from (the numerator for RATIO); empty means name."""
+    denominator_event: _builtins.str
+    """denominator_event is the denominator outcome event of a RATIO metric."""
+    minimum_detectable_effect: _builtins.float
+    """minimum_detectable_effect is the smallest relative change worth detecting, e.g. 0.02; it drives the power calculation."""
+    non_inferiority_margin: _builtins.float
+    """non_inferiority_margin is the largest relative worsening a guardrail or latency metric tolerates, e.g. 0.10."""
+    cap: _builtins.float
+    """cap, when positive, caps each unit's value at it before it is aggregated (winsorising outliers)."""
+    @_builtins.property
+    def cuped(self) -> Global___Cuped:
+        """cuped, when set, reduces variance with a pre-exposure covariate."""
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         description: _builtins.str = ...,
-        type: Global___MetricType.ValueType = ...,
+        role: Global___MetricRole.ValueType = ...,
+        kind: Global___MetricKind.ValueType = ...,
         direction: Global___MetricDirection.ValueType = ...,
+        event: _builtins.str = ...,
+        denominator_event: _builtins.str = ...,
+        minimum_detectable_effect: _builtins.float = ...,
+        non_inferiority_margin: _builtins.float = ...,
+        cuped: Global___Cuped | None = ...,
+        cap: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cuped", b"cuped"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "direction", b"direction", "name", b"name", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "cuped", b"cuped", "denominator_event", b"denominator_event", "description", b"description", "direction", b"direction", "event", b"event", "kind", b"kind", "minimum_detectable_effect", b"minimum_detectable_effect", "name", b"name", "non_inferiority_margin", b"non_inferiority_margin", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MetricSpec: _TypeAlias = MetricSpec  # noqa: Y015
 
 @_typing.final
-class GuardrailMetric(_message.Message):
-    """GuardrailMetric is a metric that must not degrade beyond a limit in any treatment arm."""
+class Cuped(_message.Message):
+    """Cuped names the pre-exposure covariate of a metric."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    METRIC_FIELD_NUMBER: _builtins.int
-    MAX_RELATIVE_DEGRADATION_FIELD_NUMBER: _builtins.int
-    max_relative_degradation: _builtins.float
-    """max_relative_degradation is the largest acceptable relative worsening versus control, e.g. 0.02."""
+    COVARIATE_EVENT_FIELD_NUMBER: _builtins.int
+    PRE_EXPOSURE_WINDOW_FIELD_NUMBER: _builtins.int
+    covariate_event: _builtins.str
+    """covariate_event is the outcome event whose pre-exposure sum is the covariate; empty means the metric's event."""
     @_builtins.property
-    def metric(self) -> Global___MetricSpec:
-        """metric is the metric watched."""
+    def pre_exposure_window(self) -> _duration_pb2.Duration:
+        """pre_exposure_window is how far before the unit's first exposure covariate outcomes count; 0 means 14 days."""
 
     def __init__(
         self,
         *,
-        metric: Global___MetricSpec | None = ...,
-        max_relative_degradation: _builtins.float = ...,
+        covariate_event: _builtins.str = ...,
+        pre_exposure_window: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["metric", b"metric"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["pre_exposure_window", b"pre_exposure_window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_relative_degradation", b"max_relative_degradation", "metric", b"metric"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covariate_event", b"covariate_event", "pre_exposure_window", b"pre_exposure_window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___GuardrailMetric: _TypeAlias = GuardrailMetric  # noqa: Y015
+Global___Cuped: _TypeAlias = Cuped  # noqa: Y015
 
 @_typing.final
-class StatisticalSettings(_message.Message):
-    """StatisticalSettings configure hypothesis testing for an A/B test."""
+class DecisionRule(_message.Message):
+    """DecisionRule is the conjunction of criteria a treatment arm must pass to ship.
+    Empty means the default template, Michelangelo's: every SUCCESS metric MIN_LIFT at its minimum_detectable_effect
+    (accuracy +2%, business KPI +5%), every LATENCY metric MAX_REGRESSION at its margin (10% when unset), every
+    GUARDRAIL metric MAX_REGRESSION at its margin, MIN_UNITS and NO_SAMPLE_RATIO_MISMATCH.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CRITERIA_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def criteria(self) -> _containers.RepeatedCompositeFieldContainer[Global___Criterion]:
+        """criteria must all pass."""
+
+    def __init__(
+        self,
+        *,
+        criteria: _abc.Iterable[Global___Criterion] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["criteria", b"criteria"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionRule: _TypeAlias = DecisionRule  # noqa: Y015
+
+@_typing.final
+class Criterion(_message.Message):
+    """Criterion is one check of a decision rule."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    kind: Global___CriterionKind.ValueType
+    """kind is what is checked."""
+    metric: _builtins.str
+    """metric is the metric checked (MIN_LIFT, MAX_REGRESSION)."""
+    threshold: _builtins.float
+    """threshold is the relative lift, relative regression or unit count the check compares with."""
+    def __init__(
+        self,
+        *,
+        kind: Global___CriterionKind.ValueType = ...,
+        metric: _builtins.str = ...,
+        threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "metric", b"metric", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Criterion: _TypeAlias = Criterion  # noqa: Y015
+
+@_typing.final
+class StatisticsSettings(_message.Message):
+    """StatisticsSettings configure the tests."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ALPHA_FIELD_NUMBER: _builtins.int
     POWER_FIELD_NUMBER: _builtins.int
-    MINIMUM_DETECTABLE_EFFECT_FIELD_NUMBER: _builtins.int
-    SEQUENTIAL_METHOD_FIELD_NUMBER: _builtins.int
-    SRM_P_VALUE_THRESHOLD_FIELD_NUMBER: _builtins.int
-    CORRECTION_FIELD_NUMBER: _builtins.int
-    MIN_DURATION_FIELD_NUMBER: _builtins.int
+    FIXED_HORIZON_FIELD_NUMBER: _builtins.int
+    SRM_P_VALUE_FIELD_NUMBER: _builtins.int
+    SRM_MIN_DEVIATION_FIELD_NUMBER: _builtins.int
     alpha: _builtins.float
-    """alpha is the significance level, e.g. 0.05."""
+    """alpha is the significance level; 0 means 0.05."""
     power: _builtins.float
-    """power is the desired statistical power, e.g. 0.8."""
-    minimum_detectable_effect: _builtins.float
-    """minimum_detectable_effect is the smallest relative effect to detect, e.g. 0.01."""
-    sequential_method: Global___SequentialTestingMethod.ValueType
-    """sequential_method is the testing scheme."""
-    srm_p_value_threshold: _builtins.float
-    """srm_p_value_threshold flags a sample ratio mismatch when the chi-square p-value is below it, e.g. 0.001."""
-    correction: Global___MultipleComparisonCorrection.ValueType
-    """correction adjusts for comparing several treatment arms with control."""
-    @_builtins.property
-    def min_duration(self) -> _duration_pb2.Duration:
-        """min_duration is the shortest run before a decision other than CONTINUE is given."""
-
+    """power is the planned power; 0 means 0.8."""
+    fixed_horizon: _builtins.bool
+    """fixed_horizon, when true, decides on fixed-horizon tests at the planned sample instead of the always-valid
+    confidence sequences (which stay valid however often results are looked at).
+    """
+    srm_p_value: _builtins.float
+    """srm_p_value is the sample-ratio-mismatch threshold; 0 means 0.001."""
+    srm_min_deviation: _builtins.float
+    """srm_min_deviation is the least relative deviation of an arm's share from its weight for SRM to fire; 0 means 0.01."""
     def __init__(
         self,
         *,
         alpha: _builtins.float = ...,
         power: _builtins.float = ...,
-        minimum_detectable_effect: _builtins.float = ...,
-        sequential_method: Global___SequentialTestingMethod.ValueType = ...,
-        srm_p_value_threshold: _builtins.float = ...,
-        correction: Global___MultipleComparisonCorrection.ValueType = ...,
-        min_duration: _duration_pb2.Duration | None = ...,
+        fixed_horizon: _builtins.bool = ...,
+        srm_p_value: _builtins.float = ...,
+        srm_min_deviation: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["min_duration", b"min_duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "correction", b"correction", "min_duration", b"min_duration", "minimum_detectable_effect", b"minimum_detectable_effect", "power", b"power", "sequential_method", b"sequential_method", "srm_p_value_threshold", b"srm_p_value_threshold"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alpha", b"alpha", "fixed_horizon", b"fixed_horizon", "power", b"power", "srm_min_deviation", b"srm_min_deviation", "srm_p_value", b"srm_p_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StatisticalSettings: _TypeAlias = StatisticalSettings  # noqa: Y015
+Global___StatisticsSettings: _TypeAlias = StatisticsSettings  # noqa: Y015
 
 @_typing.final
 class BanditSettings(_message.Message):
-    """BanditSettings configure arm re-weighting for a multi-armed bandit."""
+    """BanditSettings configure Thompson-sampling re-weighting."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ALGORITHM_FIELD_NUMBER: _builtins.int
-    UPDATE_INTERVAL_FIELD_NUMBER: _builtins.int
-    EPSILON_FIELD_NUMBER: _builtins.int
-    UCB_EXPLORATION_FIELD_NUMBER: _builtins.int
-    MIN_ARM_WEIGHT_FIELD_NUMBER: _builtins.int
-    BURN_IN_UNITS_FIELD_NUMBER: _builtins.int
     REWARD_METRIC_FIELD_NUMBER: _builtins.int
-    algorithm: Global___BanditAlgorithm.ValueType
-    """algorithm is the re-weighting algorithm."""
-    epsilon: _builtins.float
-    """epsilon is the exploration share for EPSILON_GREEDY, in [0, 1]."""
-    ucb_exploration: _builtins.float
-    """ucb_exploration is the exploration constant for UCB."""
-    min_arm_weight: _builtins.float
-    """min_arm_weight is the smallest share any arm keeps, in [0, 1]."""
-    burn_in_units: _builtins.int
-    """burn_in_units is the number of units per arm before weights start to adapt."""
+    UPDATE_INTERVAL_FIELD_NUMBER: _builtins.int
+    MIN_ARM_SHARE_FIELD_NUMBER: _builtins.int
+    MIN_UNITS_PER_ARM_FIELD_NUMBER: _builtins.int
     reward_metric: _builtins.str
-    """reward_metric is the metric maximised; empty means the primary metric."""
+    """reward_metric is the metric maximised (Beta arms for PROPORTION, Gaussian arms for MEAN); empty means the first."""
+    min_arm_share: _builtins.float
+    """min_arm_share is the floor share every arm keeps, in [0, 1/arms); 0 means 0.05."""
+    min_units_per_arm: _builtins.int
+    """min_units_per_arm is the sample every arm needs before the first re-weighting; 0 means 100."""
     @_builtins.property
     def update_interval(self) -> _duration_pb2.Duration:
-        """update_interval is how often arm weights are recomputed."""
+        """update_interval is how often weights are recomputed; 0 means 60 s."""
 
     def __init__(
         self,
         *,
-        algorithm: Global___BanditAlgorithm.ValueType = ...,
-        update_interval: _duration_pb2.Duration | None = ...,
-        epsilon: _builtins.float = ...,
-        ucb_exploration: _builtins.float = ...,
-        min_arm_weight: _builtins.float = ...,
-        burn_in_units: _builtins.int = ...,
         reward_metric: _builtins.str = ...,
+        update_interval: _duration_pb2.Duration | None = ...,
+        min_arm_share: _builtins.float = ...,
+        min_units_per_arm: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_interval", b"update_interval"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["algorithm", b"algorithm", "burn_in_units", b"burn_in_units", "epsilon", b"epsilon", "min_arm_weight", b"min_arm_weight", "reward_metric", b"reward_metric", "ucb_exploration", b"ucb_exploration", "update_interval", b"update_interval"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_arm_share", b"min_arm_share", "min_units_per_arm", b"min_units_per_arm", "reward_metric", b"reward_metric", "update_interval", b"update_interval"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BanditSettings: _TypeAlias = BanditSettings  # noqa: Y015
+
+@_typing.final
+class Phase(_message.Message):
+    """Phase is a period with fixed weights; analysis is per phase."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NUMBER_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    WEIGHTS_FIELD_NUMBER: _builtins.int
+    EXPERIMENT_VERSION_FIELD_NUMBER: _builtins.int
+    number: _builtins.int
+    """number counts phases from 1."""
+    experiment_version: _builtins.int
+    """experiment_version is the version that started the phase."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """started_at is when the phase began."""
+
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp:
+        """ended_at is when it ended; unset for the current phase."""
+
+    @_builtins.property
+    def weights(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """weights are the arm weights of the phase, in arm order (for bandits, the weights the phase started with)."""
+
+    def __init__(
+        self,
+        *,
+        number: _builtins.int = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
+        weights: _abc.Iterable[_builtins.float] | None = ...,
+        experiment_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "experiment_version", b"experiment_version", "number", b"number", "started_at", b"started_at", "weights", b"weights"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Phase: _TypeAlias = Phase  # noqa: Y015
+
+@_typing.final
+class DecisionRecord(_message.Message):
+    """DecisionRecord is a decision taken on an experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DECIDED_AT_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    PROMOTION_OPERATION_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    OVERRIDDEN_FIELD_NUMBER: _builtins.int
+    action: Global___DecisionAction.ValueType
+    """action is what was decided."""
+    arm: _builtins.str
+    """arm is the arm shipped (SHIP_TREATMENT); empty otherwise."""
+    reason: _builtins.str
+    """reason is the decision's reason in one line."""
+    decided_by: _builtins.str
+    """decided_by is the identity that took it."""
+    promotion_operation: _builtins.str
+    """promotion_operation is the model manager operation promoting the shipped version; empty when none."""
+    phase: _builtins.int
+    """phase is the phase whose results the decision used."""
+    overridden: _builtins.bool
+    """overridden is true when the action differs from the recommendation of the results."""
+    @_builtins.property
+    def decided_at(self) -> _timestamp_pb2.Timestamp:
+        """decided_at is when it was taken."""
+
+    def __init__(
+        self,
+        *,
+        action: Global___DecisionAction.ValueType = ...,
+        arm: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        decided_at: _timestamp_pb2.Timestamp | None = ...,
+        decided_by: _builtins.str = ...,
+        promotion_operation: _builtins.str = ...,
+        phase: _builtins.int = ...,
+        overridden: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "arm", b"arm", "decided_at", b"decided_at", "decided_by", b"decided_by", "overridden", b"overridden", "phase", b"phase", "promotion_operation", b"promotion_operation", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionRecord: _TypeAlias = DecisionRecord  # noqa: Y015

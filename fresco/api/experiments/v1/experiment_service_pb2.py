@@ -22,87 +22,82 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from fresco.api.common.v1 import values_pb2 as fresco_dot_common_dot_v1_dot_values__pb2
+from fresco.api.experiments.v1 import assignment_pb2 as fresco_dot_experiments_dot_v1_dot_assignment__pb2
 from fresco.api.experiments.v1 import experiment_pb2 as fresco_dot_experiments_dot_v1_dot_experiment__pb2
 from fresco.api.experiments.v1 import results_pb2 as fresco_dot_experiments_dot_v1_dot_results__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.fresco/experiments/v1/experiment_service.proto\x12\x15\x66resco.experiments.v1\x1a\x1d\x66resco/common/v1/values.proto\x1a&fresco/experiments/v1/experiment.proto\x1a#fresco/experiments/v1/results.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\x17\x43reateExperimentRequest\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"Q\n\x18\x43reateExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"#\n\x14GetExperimentRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"N\n\x15GetExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"\xbc\x02\n\x16ListExperimentsRequest\x12\x36\n\x06states\x18\x01 \x03(\x0e\x32&.fresco.experiments.v1.ExperimentState\x12\x33\n\x04type\x18\x02 \x01(\x0e\x32%.fresco.experiments.v1.ExperimentType\x12X\n\x0elabel_selector\x18\x03 \x03(\x0b\x32@.fresco.experiments.v1.ListExperimentsRequest.LabelSelectorEntry\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\x1a\x34\n\x12LabelSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"j\n\x17ListExperimentsResponse\x12\x36\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32!.fresco.experiments.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x16StartExperimentRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"P\n\x17StartExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"I\n\x15StopExperimentRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bwinning_arm\x18\x03 \x01(\t\"O\n\x16StopExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"u\n\rAssignRequest\x12\x34\n\x05units\x18\x01 \x03(\x0b\x32%.fresco.experiments.v1.AssignmentUnit\x12\x17\n\x0f\x65xperiment_keys\x18\x02 \x03(\t\x12\x15\n\rlog_exposures\x18\x03 \x01(\x08\"\x9d\x02\n\x0e\x41ssignmentUnit\x12\x44\n\x08unit_ids\x18\x01 \x03(\x0b\x32\x32.fresco.experiments.v1.AssignmentUnit.UnitIdsEntry\x12I\n\nattributes\x18\x02 \x03(\x0b\x32\x35.fresco.experiments.v1.AssignmentUnit.AttributesEntry\x1a.\n\x0cUnitIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aJ\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.fresco.common.v1.Value:\x02\x38\x01\"G\n\x0e\x41ssignResponse\x12\x35\n\x05units\x18\x01 \x03(\x0b\x32&.fresco.experiments.v1.UnitAssignments\"I\n\x0fUnitAssignments\x12\x36\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32!.fresco.experiments.v1.Assignment\"\xd6\x01\n\nAssignment\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperiment_version\x18\x02 \x01(\x03\x12\x15\n\rin_experiment\x18\x03 \x01(\x08\x12\x10\n\x08\x61rm_name\x18\x04 \x01(\t\x12\x32\n\x07payload\x18\x05 \x01(\x0b\x32!.fresco.experiments.v1.ArmPayload\x12\x37\n\x06reason\x18\x06 \x01(\x0e\x32\'.fresco.experiments.v1.AssignmentReason\"E\n\x17WatchExperimentsRequest\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x17\n\x0f\x65xperiment_keys\x18\x02 \x03(\t\"\x9c\x01\n\x18WatchExperimentsResponse\x12=\n\x08snapshot\x18\x01 \x01(\x0b\x32).fresco.experiments.v1.ExperimentSnapshotH\x00\x12\x39\n\x06update\x18\x02 \x01(\x0b\x32\'.fresco.experiments.v1.ExperimentUpdateH\x00\x42\x06\n\x04kind\"\x90\x01\n\x12\x45xperimentSnapshot\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x36\n\x0b\x65xperiments\x18\x02 \x03(\x0b\x32!.fresco.experiments.v1.Experiment\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"{\n\x10\x45xperimentUpdate\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12?\n\x14upserted_experiments\x18\x02 \x03(\x0b\x32!.fresco.experiments.v1.Experiment\x12\x14\n\x0cremoved_keys\x18\x03 \x03(\t\"L\n\x12LogOutcomesRequest\x12\x36\n\x06\x65vents\x18\x01 \x03(\x0b\x32&.fresco.experiments.v1.ExperimentEvent\"\xf5\x01\n\x0f\x45xperimentEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\x04type\x18\x02 \x01(\x0e\x32 .fresco.experiments.v1.EventType\x12\x16\n\x0e\x65xperiment_key\x18\x03 \x01(\t\x12\x11\n\tunit_type\x18\x04 \x01(\t\x12\x0f\n\x07unit_id\x18\x05 \x01(\t\x12\x10\n\x08\x61rm_name\x18\x06 \x01(\t\x12\x13\n\x0bmetric_name\x18\x07 \x01(\t\x12\r\n\x05value\x18\x08 \x01(\x01\x12.\n\nevent_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x13LogOutcomesResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x03\x12\x17\n\x0f\x64uplicate_count\x18\x02 \x01(\x03\x12\x16\n\x0erejected_count\x18\x03 \x01(\x03\x12\x39\n\nrejections\x18\x04 \x03(\x0b\x32%.fresco.experiments.v1.EventRejection\"\x84\x01\n\x0e\x45ventRejection\x12\x13\n\x0b\x65vent_index\x18\x01 \x01(\x03\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12;\n\x06reason\x18\x03 \x01(\x0e\x32+.fresco.experiments.v1.EventRejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"A\n\x11GetResultsRequest\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x14\n\x0cmetric_names\x18\x02 \x03(\t\"O\n\x12GetResultsResponse\x12\x39\n\x07results\x18\x01 \x01(\x0b\x32(.fresco.experiments.v1.ExperimentResults*\xde\x02\n\x10\x41ssignmentReason\x12!\n\x1d\x41SSIGNMENT_REASON_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x41SSIGNMENT_REASON_ASSIGNED\x10\x01\x12*\n&ASSIGNMENT_REASON_EXPERIMENT_NOT_FOUND\x10\x02\x12,\n(ASSIGNMENT_REASON_EXPERIMENT_NOT_RUNNING\x10\x03\x12*\n&ASSIGNMENT_REASON_EXPERIMENT_CONCLUDED\x10\x04\x12%\n!ASSIGNMENT_REASON_MISSING_UNIT_ID\x10\x05\x12(\n$ASSIGNMENT_REASON_TARGETING_MISMATCH\x10\x06\x12\x30\n,ASSIGNMENT_REASON_OUTSIDE_TRAFFIC_ALLOCATION\x10\x07*X\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_TYPE_EXPOSURE\x10\x01\x12\x16\n\x12\x45VENT_TYPE_OUTCOME\x10\x02*\xce\x03\n\x14\x45ventRejectionReason\x12&\n\"EVENT_REJECTION_REASON_UNSPECIFIED\x10\x00\x12+\n\'EVENT_REJECTION_REASON_MISSING_EVENT_ID\x10\x01\x12*\n&EVENT_REJECTION_REASON_MISSING_UNIT_ID\x10\x02\x12-\n)EVENT_REJECTION_REASON_UNKNOWN_EXPERIMENT\x10\x03\x12&\n\"EVENT_REJECTION_REASON_UNKNOWN_ARM\x10\x04\x12)\n%EVENT_REJECTION_REASON_UNKNOWN_METRIC\x10\x05\x12\x31\n-EVENT_REJECTION_REASON_EXPERIMENT_NOT_RUNNING\x10\x06\x12\'\n#EVENT_REJECTION_REASON_ARM_MISMATCH\x10\x07\x12(\n$EVENT_REJECTION_REASON_INVALID_VALUE\x10\x08\x12-\n)EVENT_REJECTION_REASON_INVALID_EVENT_TIME\x10\t2\xe0\x07\n\x11\x45xperimentService\x12s\n\x10\x43reateExperiment\x12..fresco.experiments.v1.CreateExperimentRequest\x1a/.fresco.experiments.v1.CreateExperimentResponse\x12j\n\rGetExperiment\x12+.fresco.experiments.v1.GetExperimentRequest\x1a,.fresco.experiments.v1.GetExperimentResponse\x12p\n\x0fListExperiments\x12-.fresco.experiments.v1.ListExperimentsRequest\x1a..fresco.experiments.v1.ListExperimentsResponse\x12p\n\x0fStartExperiment\x12-.fresco.experiments.v1.StartExperimentRequest\x1a..fresco.experiments.v1.StartExperimentResponse\x12m\n\x0eStopExperiment\x12,.fresco.experiments.v1.StopExperimentRequest\x1a-.fresco.experiments.v1.StopExperimentResponse\x12U\n\x06\x41ssign\x12$.fresco.experiments.v1.AssignRequest\x1a%.fresco.experiments.v1.AssignResponse\x12u\n\x10WatchExperiments\x12..fresco.experiments.v1.WatchExperimentsRequest\x1a/.fresco.experiments.v1.WatchExperimentsResponse0\x01\x12\x66\n\x0bLogOutcomes\x12).fresco.experiments.v1.LogOutcomesRequest\x1a*.fresco.experiments.v1.LogOutcomesResponse(\x01\x12\x61\n\nGetResults\x12(.fresco.experiments.v1.GetResultsRequest\x1a).fresco.experiments.v1.GetResultsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.fresco/experiments/v1/experiment_service.proto\x12\x15\x66resco.experiments.v1\x1a&fresco/experiments/v1/assignment.proto\x1a&fresco/experiments/v1/experiment.proto\x1a#fresco/experiments/v1/results.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"P\n\x17\x43reateExperimentRequest\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"Q\n\x18\x43reateExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"\x9b\x01\n\x17UpdateExperimentRequest\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"d\n\x18UpdateExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\x12\x11\n\tnew_phase\x18\x02 \x01(\x08\"#\n\x14GetExperimentRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"N\n\x15GetExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"\x8e\x01\n\x16ListExperimentsRequest\x12\x39\n\x08statuses\x18\x01 \x03(\x0e\x32\'.fresco.experiments.v1.ExperimentStatus\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"j\n\x17ListExperimentsResponse\x12\x36\n\x0b\x65xperiments\x18\x01 \x03(\x0b\x32!.fresco.experiments.v1.Experiment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"?\n\x16StartExperimentRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\"P\n\x17StartExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"N\n\x15StopExperimentRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\"O\n\x16StopExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\"\x94\x01\n\x17\x44\x65\x63ideExperimentRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x02 \x01(\x03\x12\x35\n\x06\x61\x63tion\x18\x03 \x01(\x0e\x32%.fresco.experiments.v1.DecisionAction\x12\x0b\n\x03\x61rm\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\"\x8c\x01\n\x18\x44\x65\x63ideExperimentResponse\x12\x35\n\nexperiment\x18\x01 \x01(\x0b\x32!.fresco.experiments.v1.Experiment\x12\x39\n\x07results\x18\x02 \x01(\x0b\x32(.fresco.experiments.v1.ExperimentResults\"&\n\x17ListAuditEntriesRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\"N\n\x18ListAuditEntriesResponse\x12\x32\n\x07\x65ntries\x18\x01 \x03(\x0b\x32!.fresco.experiments.v1.AuditEntry\"w\n\nAuditEntry\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x61\x63tion\x18\x02 \x01(\t\x12\x10\n\x08identity\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"r\n\rAssignRequest\x12\x34\n\x05units\x18\x01 \x03(\x0b\x32%.fresco.experiments.v1.AssignmentUnit\x12\x17\n\x0f\x65xperiment_keys\x18\x02 \x03(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\"Y\n\x0e\x41ssignResponse\x12\x35\n\x05units\x18\x01 \x03(\x0b\x32&.fresco.experiments.v1.UnitAssignments\x12\x10\n\x08revision\x18\x02 \x01(\x03\"I\n\x0fUnitAssignments\x12\x36\n\x0b\x61ssignments\x18\x01 \x03(\x0b\x32!.fresco.experiments.v1.Assignment\"\x92\x01\n\x17WatchExperimentsRequest\x12>\n\tsubscribe\x18\x01 \x01(\x0b\x32).fresco.experiments.v1.ConfigSubscriptionH\x00\x12/\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32 .fresco.experiments.v1.ConfigAckH\x00\x42\x06\n\x04kind\"\xa0\x01\n\x18WatchExperimentsResponse\x12;\n\x08snapshot\x18\x01 \x01(\x0b\x32\'.fresco.experiments.v1.AssignmentConfigH\x00\x12?\n\x06update\x18\x02 \x01(\x0b\x32-.fresco.experiments.v1.ExperimentConfigUpdateH\x00\x42\x06\n\x04kind\"I\n\x13LogExposuresRequest\x12\x32\n\texposures\x18\x01 \x03(\x0b\x32\x1f.fresco.experiments.v1.Exposure\"u\n\x14LogExposuresResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\x12\x37\n\nrejections\x18\x03 \x03(\x0b\x32#.fresco.experiments.v1.RowRejection\"X\n\x12LogOutcomesRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x30\n\x08outcomes\x18\x02 \x03(\x0b\x32\x1e.fresco.experiments.v1.Outcome\"\x86\x01\n\x13LogOutcomesResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x05\x12\x12\n\nduplicates\x18\x03 \x01(\x05\x12\x37\n\nrejections\x18\x04 \x03(\x0b\x32#.fresco.experiments.v1.RowRejection\"/\n\x11GetResultsRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\x05\"O\n\x12GetResultsResponse\x12\x39\n\x07results\x18\x01 \x01(\x0b\x32(.fresco.experiments.v1.ExperimentResults\"F\n\x18GetResultsHistoryRequest\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\x05\x12\x0e\n\x06metric\x18\x03 \x01(\t\"P\n\x19GetResultsHistoryResponse\x12\x33\n\x06points\x18\x01 \x03(\x0b\x32#.fresco.experiments.v1.HistoryPoint\"\xac\x01\n\x0cHistoryPoint\x12&\n\x02\x61t\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61rm_name\x18\x02 \x01(\t\x12\r\n\x05units\x18\x03 \x01(\x03\x12\x15\n\rrelative_lift\x18\x04 \x01(\x01\x12<\n\x13sequential_interval\x18\x05 \x01(\x0b\x32\x1f.fresco.experiments.v1.Interval2\xa4\x0c\n\x11\x45xperimentService\x12s\n\x10\x43reateExperiment\x12..fresco.experiments.v1.CreateExperimentRequest\x1a/.fresco.experiments.v1.CreateExperimentResponse\x12s\n\x10UpdateExperiment\x12..fresco.experiments.v1.UpdateExperimentRequest\x1a/.fresco.experiments.v1.UpdateExperimentResponse\x12j\n\rGetExperiment\x12+.fresco.experiments.v1.GetExperimentRequest\x1a,.fresco.experiments.v1.GetExperimentResponse\x12p\n\x0fListExperiments\x12-.fresco.experiments.v1.ListExperimentsRequest\x1a..fresco.experiments.v1.ListExperimentsResponse\x12p\n\x0fStartExperiment\x12-.fresco.experiments.v1.StartExperimentRequest\x1a..fresco.experiments.v1.StartExperimentResponse\x12m\n\x0eStopExperiment\x12,.fresco.experiments.v1.StopExperimentRequest\x1a-.fresco.experiments.v1.StopExperimentResponse\x12s\n\x10\x44\x65\x63ideExperiment\x12..fresco.experiments.v1.DecideExperimentRequest\x1a/.fresco.experiments.v1.DecideExperimentResponse\x12s\n\x10ListAuditEntries\x12..fresco.experiments.v1.ListAuditEntriesRequest\x1a/.fresco.experiments.v1.ListAuditEntriesResponse\x12U\n\x06\x41ssign\x12$.fresco.experiments.v1.AssignRequest\x1a%.fresco.experiments.v1.AssignResponse\x12w\n\x10WatchExperiments\x12..fresco.experiments.v1.WatchExperimentsRequest\x1a/.fresco.experiments.v1.WatchExperimentsResponse(\x01\x30\x01\x12g\n\x0cLogExposures\x12*.fresco.experiments.v1.LogExposuresRequest\x1a+.fresco.experiments.v1.LogExposuresResponse\x12h\n\x0bLogOutcomes\x12).fresco.experiments.v1.LogOutcomesRequest\x1a*.fresco.experiments.v1.LogOutcomesResponse(\x01\x30\x01\x12\x61\n\nGetResults\x12(.fresco.experiments.v1.GetResultsRequest\x1a).fresco.experiments.v1.GetResultsResponse\x12v\n\x11GetResultsHistory\x12/.fresco.experiments.v1.GetResultsHistoryRequest\x1a\x30.fresco.experiments.v1.GetResultsHistoryResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fresco.experiments.v1.experiment_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTEXPERIMENTSREQUEST_LABELSELECTORENTRY']._loaded_options = None
-  _globals['_LISTEXPERIMENTSREQUEST_LABELSELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_ASSIGNMENTUNIT_UNITIDSENTRY']._loaded_options = None
-  _globals['_ASSIGNMENTUNIT_UNITIDSENTRY']._serialized_options = b'8\001'
-  _globals['_ASSIGNMENTUNIT_ATTRIBUTESENTRY']._loaded_options = None
-  _globals['_ASSIGNMENTUNIT_ATTRIBUTESENTRY']._serialized_options = b'8\001'
-  _globals['_ASSIGNMENTREASON']._serialized_start=3240
-  _globals['_ASSIGNMENTREASON']._serialized_end=3590
-  _globals['_EVENTTYPE']._serialized_start=3592
-  _globals['_EVENTTYPE']._serialized_end=3680
-  _globals['_EVENTREJECTIONREASON']._serialized_start=3683
-  _globals['_EVENTREJECTIONREASON']._serialized_end=4145
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=214
-  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=294
-  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_start=296
-  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_end=377
-  _globals['_GETEXPERIMENTREQUEST']._serialized_start=379
-  _globals['_GETEXPERIMENTREQUEST']._serialized_end=414
-  _globals['_GETEXPERIMENTRESPONSE']._serialized_start=416
-  _globals['_GETEXPERIMENTRESPONSE']._serialized_end=494
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=497
-  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=813
-  _globals['_LISTEXPERIMENTSREQUEST_LABELSELECTORENTRY']._serialized_start=761
-  _globals['_LISTEXPERIMENTSREQUEST_LABELSELECTORENTRY']._serialized_end=813
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=815
-  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=921
-  _globals['_STARTEXPERIMENTREQUEST']._serialized_start=923
-  _globals['_STARTEXPERIMENTREQUEST']._serialized_end=960
-  _globals['_STARTEXPERIMENTRESPONSE']._serialized_start=962
-  _globals['_STARTEXPERIMENTRESPONSE']._serialized_end=1042
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=1044
-  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=1117
-  _globals['_STOPEXPERIMENTRESPONSE']._serialized_start=1119
-  _globals['_STOPEXPERIMENTRESPONSE']._serialized_end=1198
-  _globals['_ASSIGNREQUEST']._serialized_start=1200
-  _globals['_ASSIGNREQUEST']._serialized_end=1317
-  _globals['_ASSIGNMENTUNIT']._serialized_start=1320
-  _globals['_ASSIGNMENTUNIT']._serialized_end=1605
-  _globals['_ASSIGNMENTUNIT_UNITIDSENTRY']._serialized_start=1483
-  _globals['_ASSIGNMENTUNIT_UNITIDSENTRY']._serialized_end=1529
-  _globals['_ASSIGNMENTUNIT_ATTRIBUTESENTRY']._serialized_start=1531
-  _globals['_ASSIGNMENTUNIT_ATTRIBUTESENTRY']._serialized_end=1605
-  _globals['_ASSIGNRESPONSE']._serialized_start=1607
-  _globals['_ASSIGNRESPONSE']._serialized_end=1678
-  _globals['_UNITASSIGNMENTS']._serialized_start=1680
-  _globals['_UNITASSIGNMENTS']._serialized_end=1753
-  _globals['_ASSIGNMENT']._serialized_start=1756
-  _globals['_ASSIGNMENT']._serialized_end=1970
-  _globals['_WATCHEXPERIMENTSREQUEST']._serialized_start=1972
-  _globals['_WATCHEXPERIMENTSREQUEST']._serialized_end=2041
-  _globals['_WATCHEXPERIMENTSRESPONSE']._serialized_start=2044
-  _globals['_WATCHEXPERIMENTSRESPONSE']._serialized_end=2200
-  _globals['_EXPERIMENTSNAPSHOT']._serialized_start=2203
-  _globals['_EXPERIMENTSNAPSHOT']._serialized_end=2347
-  _globals['_EXPERIMENTUPDATE']._serialized_start=2349
-  _globals['_EXPERIMENTUPDATE']._serialized_end=2472
-  _globals['_LOGOUTCOMESREQUEST']._serialized_start=2474
-  _globals['_LOGOUTCOMESREQUEST']._serialized_end=2550
-  _globals['_EXPERIMENTEVENT']._serialized_start=2553
-  _globals['_EXPERIMENTEVENT']._serialized_end=2798
-  _globals['_LOGOUTCOMESRESPONSE']._serialized_start=2801
-  _globals['_LOGOUTCOMESRESPONSE']._serialized_end=2954
-  _globals['_EVENTREJECTION']._serialized_start=2957
-  _globals['_EVENTREJECTION']._serialized_end=3089
-  _globals['_GETRESULTSREQUEST']._serialized_start=3091
-  _globals['_GETRESULTSREQUEST']._serialized_end=3156
-  _globals['_GETRESULTSRESPONSE']._serialized_start=3158
-  _globals['_GETRESULTSRESPONSE']._serialized_end=3237
-  _globals['_EXPERIMENTSERVICE']._serialized_start=4148
-  _globals['_EXPERIMENTSERVICE']._serialized_end=5140
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_start=257
+  _globals['_CREATEEXPERIMENTREQUEST']._serialized_end=337
+  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_start=339
+  _globals['_CREATEEXPERIMENTRESPONSE']._serialized_end=420
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_start=423
+  _globals['_UPDATEEXPERIMENTREQUEST']._serialized_end=578
+  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_start=580
+  _globals['_UPDATEEXPERIMENTRESPONSE']._serialized_end=680
+  _globals['_GETEXPERIMENTREQUEST']._serialized_start=682
+  _globals['_GETEXPERIMENTREQUEST']._serialized_end=717
+  _globals['_GETEXPERIMENTRESPONSE']._serialized_start=719
+  _globals['_GETEXPERIMENTRESPONSE']._serialized_end=797
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_start=800
+  _globals['_LISTEXPERIMENTSREQUEST']._serialized_end=942
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_start=944
+  _globals['_LISTEXPERIMENTSRESPONSE']._serialized_end=1050
+  _globals['_STARTEXPERIMENTREQUEST']._serialized_start=1052
+  _globals['_STARTEXPERIMENTREQUEST']._serialized_end=1115
+  _globals['_STARTEXPERIMENTRESPONSE']._serialized_start=1117
+  _globals['_STARTEXPERIMENTRESPONSE']._serialized_end=1197
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_start=1199
+  _globals['_STOPEXPERIMENTREQUEST']._serialized_end=1277
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_start=1279
+  _globals['_STOPEXPERIMENTRESPONSE']._serialized_end=1358
+  _globals['_DECIDEEXPERIMENTREQUEST']._serialized_start=1361
+  _globals['_DECIDEEXPERIMENTREQUEST']._serialized_end=1509
+  _globals['_DECIDEEXPERIMENTRESPONSE']._serialized_start=1512
+  _globals['_DECIDEEXPERIMENTRESPONSE']._serialized_end=1652
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_start=1654
+  _globals['_LISTAUDITENTRIESREQUEST']._serialized_end=1692
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_start=1694
+  _globals['_LISTAUDITENTRIESRESPONSE']._serialized_end=1772
+  _globals['_AUDITENTRY']._serialized_start=1774
+  _globals['_AUDITENTRY']._serialized_end=1893
+  _globals['_ASSIGNREQUEST']._serialized_start=1895
+  _globals['_ASSIGNREQUEST']._serialized_end=2009
+  _globals['_ASSIGNRESPONSE']._serialized_start=2011
+  _globals['_ASSIGNRESPONSE']._serialized_end=2100
+  _globals['_UNITASSIGNMENTS']._serialized_start=2102
+  _globals['_UNITASSIGNMENTS']._serialized_end=2175
+  _globals['_WATCHEXPERIMENTSREQUEST']._serialized_start=2178
+  _globals['_WATCHEXPERIMENTSREQUEST']._serialized_end=2324
+  _globals['_WATCHEXPERIMENTSRESPONSE']._serialized_start=2327
+  _globals['_WATCHEXPERIMENTSRESPONSE']._serialized_end=2487
+  _globals['_LOGEXPOSURESREQUEST']._serialized_start=2489
+  _globals['_LOGEXPOSURESREQUEST']._serialized_end=2562
+  _globals['_LOGEXPOSURESRESPONSE']._serialized_start=2564
+  _globals['_LOGEXPOSURESRESPONSE']._serialized_end=2681
+  _globals['_LOGOUTCOMESREQUEST']._serialized_start=2683
+  _globals['_LOGOUTCOMESREQUEST']._serialized_end=2771
+  _globals['_LOGOUTCOMESRESPONSE']._serialized_start=2774
+  _globals['_LOGOUTCOMESRESPONSE']._serialized_end=2908
+  _globals['_GETRESULTSREQUEST']._serialized_start=2910
+  _globals['_GETRESULTSREQUEST']._serialized_end=2957
+  _globals['_GETRESULTSRESPONSE']._serialized_start=2959
+  _globals['_GETRESULTSRESPONSE']._serialized_end=3038
+  _globals['_GETRESULTSHISTORYREQUEST']._serialized_start=3040
+  _globals['_GETRESULTSHISTORYREQUEST']._serialized_end=3110
+  _globals['_GETRESULTSHISTORYRESPONSE']._serialized_start=3112
+  _globals['_GETRESULTSHISTORYRESPONSE']._serialized_end=3192
+  _globals['_HISTORYPOINT']._serialized_start=3195
+  _globals['_HISTORYPOINT']._serialized_end=3367
+  _globals['_EXPERIMENTSERVICE']._serialized_start=3370
+  _globals['_EXPERIMENTSERVICE']._serialized_end=4942
 # @@protoc_insertion_point(module_scope)

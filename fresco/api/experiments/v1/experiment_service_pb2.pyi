@@ -4,14 +4,14 @@ isort:skip_file
 """
 
 from collections import abc as _abc
-from fresco.api.common.v1 import values_pb2 as _values_pb2
+from fresco.api.experiments.v1 import assignment_pb2 as _assignment_pb2
 from fresco.api.experiments.v1 import experiment_pb2 as _experiment_pb2
 from fresco.api.experiments.v1 import results_pb2 as _results_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,126 +23,6 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _AssignmentReason:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _AssignmentReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AssignmentReason.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    ASSIGNMENT_REASON_UNSPECIFIED: _AssignmentReason.ValueType  # 0
-    """ASSIGNMENT_REASON_UNSPECIFIED means the reason is not set."""
-    ASSIGNMENT_REASON_ASSIGNED: _AssignmentReason.ValueType  # 1
-    """ASSIGNMENT_REASON_ASSIGNED means the unit is in the experiment."""
-    ASSIGNMENT_REASON_EXPERIMENT_NOT_FOUND: _AssignmentReason.ValueType  # 2
-    """ASSIGNMENT_REASON_EXPERIMENT_NOT_FOUND means no experiment has the key."""
-    ASSIGNMENT_REASON_EXPERIMENT_NOT_RUNNING: _AssignmentReason.ValueType  # 3
-    """ASSIGNMENT_REASON_EXPERIMENT_NOT_RUNNING means the experiment is DRAFT or STOPPED."""
-    ASSIGNMENT_REASON_EXPERIMENT_CONCLUDED: _AssignmentReason.ValueType  # 4
-    """ASSIGNMENT_REASON_EXPERIMENT_CONCLUDED means the experiment concluded and the winning arm is served."""
-    ASSIGNMENT_REASON_MISSING_UNIT_ID: _AssignmentReason.ValueType  # 5
-    """ASSIGNMENT_REASON_MISSING_UNIT_ID means the unit has no id of the experiment's unit type."""
-    ASSIGNMENT_REASON_TARGETING_MISMATCH: _AssignmentReason.ValueType  # 6
-    """ASSIGNMENT_REASON_TARGETING_MISMATCH means the unit's attributes fail the targeting conditions."""
-    ASSIGNMENT_REASON_OUTSIDE_TRAFFIC_ALLOCATION: _AssignmentReason.ValueType  # 7
-    """ASSIGNMENT_REASON_OUTSIDE_TRAFFIC_ALLOCATION means the unit hashed outside the allocated traffic."""
-
-class AssignmentReason(_AssignmentReason, metaclass=_AssignmentReasonEnumTypeWrapper):
-    """AssignmentReason says why a unit did or did not enter an experiment."""
-
-ASSIGNMENT_REASON_UNSPECIFIED: AssignmentReason.ValueType  # 0
-"""ASSIGNMENT_REASON_UNSPECIFIED means the reason is not set."""
-ASSIGNMENT_REASON_ASSIGNED: AssignmentReason.ValueType  # 1
-"""ASSIGNMENT_REASON_ASSIGNED means the unit is in the experiment."""
-ASSIGNMENT_REASON_EXPERIMENT_NOT_FOUND: AssignmentReason.ValueType  # 2
-"""ASSIGNMENT_REASON_EXPERIMENT_NOT_FOUND means no experiment has the key."""
-ASSIGNMENT_REASON_EXPERIMENT_NOT_RUNNING: AssignmentReason.ValueType  # 3
-"""ASSIGNMENT_REASON_EXPERIMENT_NOT_RUNNING means the experiment is DRAFT or STOPPED."""
-ASSIGNMENT_REASON_EXPERIMENT_CONCLUDED: AssignmentReason.ValueType  # 4
-"""ASSIGNMENT_REASON_EXPERIMENT_CONCLUDED means the experiment concluded and the winning arm is served."""
-ASSIGNMENT_REASON_MISSING_UNIT_ID: AssignmentReason.ValueType  # 5
-"""ASSIGNMENT_REASON_MISSING_UNIT_ID means the unit has no id of the experiment's unit type."""
-ASSIGNMENT_REASON_TARGETING_MISMATCH: AssignmentReason.ValueType  # 6
-"""ASSIGNMENT_REASON_TARGETING_MISMATCH means the unit's attributes fail the targeting conditions."""
-ASSIGNMENT_REASON_OUTSIDE_TRAFFIC_ALLOCATION: AssignmentReason.ValueType  # 7
-"""ASSIGNMENT_REASON_OUTSIDE_TRAFFIC_ALLOCATION means the unit hashed outside the allocated traffic."""
-Global___AssignmentReason: _TypeAlias = AssignmentReason  # noqa: Y015
-
-class _EventType:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _EventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventType.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    EVENT_TYPE_UNSPECIFIED: _EventType.ValueType  # 0
-    """EVENT_TYPE_UNSPECIFIED means the type is not set."""
-    EVENT_TYPE_EXPOSURE: _EventType.ValueType  # 1
-    """EVENT_TYPE_EXPOSURE records that a unit actually received an arm's treatment."""
-    EVENT_TYPE_OUTCOME: _EventType.ValueType  # 2
-    """EVENT_TYPE_OUTCOME records a metric observation for a unit."""
-
-class EventType(_EventType, metaclass=_EventTypeEnumTypeWrapper):
-    """EventType is the kind of an experiment event."""
-
-EVENT_TYPE_UNSPECIFIED: EventType.ValueType  # 0
-"""EVENT_TYPE_UNSPECIFIED means the type is not set."""
-EVENT_TYPE_EXPOSURE: EventType.ValueType  # 1
-"""EVENT_TYPE_EXPOSURE records that a unit actually received an arm's treatment."""
-EVENT_TYPE_OUTCOME: EventType.ValueType  # 2
-"""EVENT_TYPE_OUTCOME records a metric observation for a unit."""
-Global___EventType: _TypeAlias = EventType  # noqa: Y015
-
-class _EventRejectionReason:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _EventRejectionReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventRejectionReason.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    EVENT_REJECTION_REASON_UNSPECIFIED: _EventRejectionReason.ValueType  # 0
-    """EVENT_REJECTION_REASON_UNSPECIFIED means the reason is not set."""
-    EVENT_REJECTION_REASON_MISSING_EVENT_ID: _EventRejectionReason.ValueType  # 1
-    """EVENT_REJECTION_REASON_MISSING_EVENT_ID means event_id is empty."""
-    EVENT_REJECTION_REASON_MISSING_UNIT_ID: _EventRejectionReason.ValueType  # 2
-    """EVENT_REJECTION_REASON_MISSING_UNIT_ID means unit_id is empty."""
-    EVENT_REJECTION_REASON_UNKNOWN_EXPERIMENT: _EventRejectionReason.ValueType  # 3
-    """EVENT_REJECTION_REASON_UNKNOWN_EXPERIMENT means no experiment has the key."""
-    EVENT_REJECTION_REASON_UNKNOWN_ARM: _EventRejectionReason.ValueType  # 4
-    """EVENT_REJECTION_REASON_UNKNOWN_ARM means the experiment has no such arm."""
-    EVENT_REJECTION_REASON_UNKNOWN_METRIC: _EventRejectionReason.ValueType  # 5
-    """EVENT_REJECTION_REASON_UNKNOWN_METRIC means no experiment of the unit uses the metric."""
-    EVENT_REJECTION_REASON_EXPERIMENT_NOT_RUNNING: _EventRejectionReason.ValueType  # 6
-    """EVENT_REJECTION_REASON_EXPERIMENT_NOT_RUNNING means the event falls outside the experiment's running period."""
-    EVENT_REJECTION_REASON_ARM_MISMATCH: _EventRejectionReason.ValueType  # 7
-    """EVENT_REJECTION_REASON_ARM_MISMATCH means the arm differs from the unit's deterministic assignment."""
-    EVENT_REJECTION_REASON_INVALID_VALUE: _EventRejectionReason.ValueType  # 8
-    """EVENT_REJECTION_REASON_INVALID_VALUE means the value is NaN or infinite."""
-    EVENT_REJECTION_REASON_INVALID_EVENT_TIME: _EventRejectionReason.ValueType  # 9
-    """EVENT_REJECTION_REASON_INVALID_EVENT_TIME means the event time is missing or in the future."""
-
-class EventRejectionReason(_EventRejectionReason, metaclass=_EventRejectionReasonEnumTypeWrapper):
-    """EventRejectionReason says why an event was not recorded."""
-
-EVENT_REJECTION_REASON_UNSPECIFIED: EventRejectionReason.ValueType  # 0
-"""EVENT_REJECTION_REASON_UNSPECIFIED means the reason is not set."""
-EVENT_REJECTION_REASON_MISSING_EVENT_ID: EventRejectionReason.ValueType  # 1
-"""EVENT_REJECTION_REASON_MISSING_EVENT_ID means event_id is empty."""
-EVENT_REJECTION_REASON_MISSING_UNIT_ID: EventRejectionReason.ValueType  # 2
-"""EVENT_REJECTION_REASON_MISSING_UNIT_ID means unit_id is empty."""
-EVENT_REJECTION_REASON_UNKNOWN_EXPERIMENT: EventRejectionReason.ValueType  # 3
-"""EVENT_REJECTION_REASON_UNKNOWN_EXPERIMENT means no experiment has the key."""
-EVENT_REJECTION_REASON_UNKNOWN_ARM: EventRejectionReason.ValueType  # 4
-"""EVENT_REJECTION_REASON_UNKNOWN_ARM means the experiment has no such arm."""
-EVENT_REJECTION_REASON_UNKNOWN_METRIC: EventRejectionReason.ValueType  # 5
-"""EVENT_REJECTION_REASON_UNKNOWN_METRIC means no experiment of the unit uses the metric."""
-EVENT_REJECTION_REASON_EXPERIMENT_NOT_RUNNING: EventRejectionReason.ValueType  # 6
-"""EVENT_REJECTION_REASON_EXPERIMENT_NOT_RUNNING means the event falls outside the experiment's running period."""
-EVENT_REJECTION_REASON_ARM_MISMATCH: EventRejectionReason.ValueType  # 7
-"""EVENT_REJECTION_REASON_ARM_MISMATCH means the arm differs from the unit's deterministic assignment."""
-EVENT_REJECTION_REASON_INVALID_VALUE: EventRejectionReason.ValueType  # 8
-"""EVENT_REJECTION_REASON_INVALID_VALUE means the value is NaN or infinite."""
-EVENT_REJECTION_REASON_INVALID_EVENT_TIME: EventRejectionReason.ValueType  # 9
-"""EVENT_REJECTION_REASON_INVALID_EVENT_TIME means the event time is missing or in the future."""
-Global___EventRejectionReason: _TypeAlias = EventRejectionReason  # noqa: Y015
-
 @_typing.final
 class CreateExperimentRequest(_message.Message):
     """CreateExperimentRequest carries the experiment to create."""
@@ -152,7 +32,7 @@ class CreateExperimentRequest(_message.Message):
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def experiment(self) -> _experiment_pb2.Experiment:
-        """experiment is the configuration; fields marked as set by the service are ignored."""
+        """experiment is the configuration; fields set by the service are ignored."""
 
     def __init__(
         self,
@@ -176,7 +56,7 @@ class CreateExperimentResponse(_message.Message):
     EXPERIMENT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def experiment(self) -> _experiment_pb2.Experiment:
-        """experiment is the created experiment, in state DRAFT."""
+        """experiment is the created experiment, in DRAFT at version 1."""
 
     def __init__(
         self,
@@ -190,6 +70,68 @@ class CreateExperimentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateExperimentResponse: _TypeAlias = CreateExperimentResponse  # noqa: Y015
+
+@_typing.final
+class UpdateExperimentRequest(_message.Message):
+    """UpdateExperimentRequest changes an experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    expected_version: _builtins.int
+    """expected_version must equal the current version, or the call fails with ABORTED and changes nothing."""
+    @_builtins.property
+    def experiment(self) -> _experiment_pb2.Experiment:
+        """experiment carries the new values; its key names the experiment."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """update_mask names the fields changed (e.g. "arms", "coverage", "hypothesis"); key and salt never change once running."""
+
+    def __init__(
+        self,
+        *,
+        experiment: _experiment_pb2.Experiment | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "experiment", b"experiment", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateExperimentRequest: _TypeAlias = UpdateExperimentRequest  # noqa: Y015
+
+@_typing.final
+class UpdateExperimentResponse(_message.Message):
+    """UpdateExperimentResponse holds the changed experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    NEW_PHASE_FIELD_NUMBER: _builtins.int
+    new_phase: _builtins.bool
+    """new_phase is true when the change started a new phase."""
+    @_builtins.property
+    def experiment(self) -> _experiment_pb2.Experiment:
+        """experiment is the experiment after the change."""
+
+    def __init__(
+        self,
+        *,
+        experiment: _experiment_pb2.Experiment | None = ...,
+        new_phase: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment", "new_phase", b"new_phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateExperimentResponse: _TypeAlias = UpdateExperimentResponse  # noqa: Y015
 
 @_typing.final
 class GetExperimentRequest(_message.Message):
@@ -243,57 +185,31 @@ class ListExperimentsRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    @_typing.final
-    class LabelSelectorEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    STATES_FIELD_NUMBER: _builtins.int
-    TYPE_FIELD_NUMBER: _builtins.int
-    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
-    type: _experiment_pb2.ExperimentType.ValueType
-    """type keeps only experiments of this type; unspecified means all."""
+    model_name: _builtins.str
+    """model_name keeps experiments on this model; empty means all."""
     page_size: _builtins.int
-    """page_size is the maximum number of experiments to return; 0 means a server default."""
+    """page_size is the most experiments returned; 0 means 100."""
     page_token: _builtins.str
     """page_token is the next_page_token of a previous call; empty for the first page."""
     @_builtins.property
-    def states(self) -> _containers.RepeatedScalarFieldContainer[_experiment_pb2.ExperimentState.ValueType]:
-        """states keeps only experiments in these states; empty means all."""
-
-    @_builtins.property
-    def label_selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """label_selector keeps only experiments carrying all these labels."""
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_experiment_pb2.ExperimentStatus.ValueType]:
+        """statuses keeps experiments in these statuses; empty means all."""
 
     def __init__(
         self,
         *,
-        states: _abc.Iterable[_experiment_pb2.ExperimentState.ValueType] | None = ...,
-        type: _experiment_pb2.ExperimentType.ValueType = ...,
-        label_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        statuses: _abc.Iterable[_experiment_pb2.ExperimentStatus.ValueType] | None = ...,
+        model_name: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_selector", b"label_selector", "page_size", b"page_size", "page_token", b"page_token", "states", b"states", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -311,7 +227,7 @@ class ListExperimentsResponse(_message.Message):
     """next_page_token fetches the next page; empty when there are no more."""
     @_builtins.property
     def experiments(self) -> _containers.RepeatedCompositeFieldContainer[_experiment_pb2.Experiment]:
-        """experiments are the experiments of this page."""
+        """experiments are the experiments of this page, by key."""
 
     def __init__(
         self,
@@ -329,7 +245,181 @@ Global___ListExperimentsResponse: _TypeAlias = ListExperimentsResponse  # noqa: 
 
 @_typing.final
 class StartExperimentRequest(_message.Message):
-    """StartExperimentRequest asks to start an experiment."""
+    """StartExperimentRequest starts an experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """key is the experiment key."""
+    expected_version: _builtins.int
+    """expected_version must equal the current version."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExperimentRequest: _TypeAlias = StartExperimentRequest  # noqa: Y015
+
+@_typing.final
+class StartExperimentResponse(_message.Message):
+    """StartExperimentResponse holds the started experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiment(self) -> _experiment_pb2.Experiment:
+        """experiment is the experiment, RUNNING."""
+
+    def __init__(
+        self,
+        *,
+        experiment: _experiment_pb2.Experiment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartExperimentResponse: _TypeAlias = StartExperimentResponse  # noqa: Y015
+
+@_typing.final
+class StopExperimentRequest(_message.Message):
+    """StopExperimentRequest stops an experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """key is the experiment key."""
+    expected_version: _builtins.int
+    """expected_version must equal the current version."""
+    reason: _builtins.str
+    """reason is why."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "key", b"key", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopExperimentRequest: _TypeAlias = StopExperimentRequest  # noqa: Y015
+
+@_typing.final
+class StopExperimentResponse(_message.Message):
+    """StopExperimentResponse holds the stopped experiment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiment(self) -> _experiment_pb2.Experiment:
+        """experiment is the experiment, STOPPED."""
+
+    def __init__(
+        self,
+        *,
+        experiment: _experiment_pb2.Experiment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopExperimentResponse: _TypeAlias = StopExperimentResponse  # noqa: Y015
+
+@_typing.final
+class DecideExperimentRequest(_message.Message):
+    """DecideExperimentRequest takes a decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """key is the experiment key."""
+    expected_version: _builtins.int
+    """expected_version must equal the current version."""
+    action: _experiment_pb2.DecisionAction.ValueType
+    """action overrides the recommendation; UNSPECIFIED takes the recommendation of the current results.
+    CONTINUE is refused. An override needs a reason.
+    """
+    arm: _builtins.str
+    """arm is the arm to ship when action is SHIP_TREATMENT."""
+    reason: _builtins.str
+    """reason explains the decision; required for an override."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        expected_version: _builtins.int = ...,
+        action: _experiment_pb2.DecisionAction.ValueType = ...,
+        arm: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "arm", b"arm", "expected_version", b"expected_version", "key", b"key", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideExperimentRequest: _TypeAlias = DecideExperimentRequest  # noqa: Y015
+
+@_typing.final
+class DecideExperimentResponse(_message.Message):
+    """DecideExperimentResponse holds the decision."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiment(self) -> _experiment_pb2.Experiment:
+        """experiment is the experiment, DECIDED."""
+
+    @_builtins.property
+    def results(self) -> _results_pb2.ExperimentResults:
+        """results are the results the decision was taken on."""
+
+    def __init__(
+        self,
+        *,
+        experiment: _experiment_pb2.Experiment | None = ...,
+        results: _results_pb2.ExperimentResults | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment", "results", b"results"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideExperimentResponse: _TypeAlias = DecideExperimentResponse  # noqa: Y015
+
+@_typing.final
+class ListAuditEntriesRequest(_message.Message):
+    """ListAuditEntriesRequest asks for an experiment's changes."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -347,85 +437,71 @@ class StartExperimentRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StartExperimentRequest: _TypeAlias = StartExperimentRequest  # noqa: Y015
+Global___ListAuditEntriesRequest: _TypeAlias = ListAuditEntriesRequest  # noqa: Y015
 
 @_typing.final
-class StartExperimentResponse(_message.Message):
-    """StartExperimentResponse holds the started experiment."""
+class ListAuditEntriesResponse(_message.Message):
+    """ListAuditEntriesResponse lists an experiment's changes."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def experiment(self) -> _experiment_pb2.Experiment:
-        """experiment is the experiment, in state RUNNING."""
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """entries are the changes, oldest first."""
 
     def __init__(
         self,
         *,
-        experiment: _experiment_pb2.Experiment | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___StartExperimentResponse: _TypeAlias = StartExperimentResponse  # noqa: Y015
-
-@_typing.final
-class StopExperimentRequest(_message.Message):
-    """StopExperimentRequest asks to stop an experiment."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    KEY_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    WINNING_ARM_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
-    """key is the experiment key."""
-    reason: _builtins.str
-    """reason is why the experiment is stopped."""
-    winning_arm: _builtins.str
-    """winning_arm, when set, concludes the experiment and serves this arm to all eligible units."""
-    def __init__(
-        self,
-        *,
-        key: _builtins.str = ...,
-        reason: _builtins.str = ...,
-        winning_arm: _builtins.str = ...,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "reason", b"reason", "winning_arm", b"winning_arm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StopExperimentRequest: _TypeAlias = StopExperimentRequest  # noqa: Y015
+Global___ListAuditEntriesResponse: _TypeAlias = ListAuditEntriesResponse  # noqa: Y015
 
 @_typing.final
-class StopExperimentResponse(_message.Message):
-    """StopExperimentResponse holds the stopped experiment."""
+class AuditEntry(_message.Message):
+    """AuditEntry is one change of an experiment."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    AT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """version is the experiment version the change produced."""
+    action: _builtins.str
+    """action names the change: create, update, start, stop, decide, reweight."""
+    identity: _builtins.str
+    """identity is the authenticated caller ("bandit" for the service's own re-weighting)."""
+    detail: _builtins.str
+    """detail describes the change in one line (the fields changed, the new weights, the reason)."""
     @_builtins.property
-    def experiment(self) -> _experiment_pb2.Experiment:
-        """experiment is the experiment, in state STOPPED or CONCLUDED."""
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """at is when it happened."""
 
     def __init__(
         self,
         *,
-        experiment: _experiment_pb2.Experiment | None = ...,
+        version: _builtins.int = ...,
+        action: _builtins.str = ...,
+        identity: _builtins.str = ...,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        detail: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "at", b"at", "detail", b"detail", "identity", b"identity", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___StopExperimentResponse: _TypeAlias = StopExperimentResponse  # noqa: Y015
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
 
 @_typing.final
 class AssignRequest(_message.Message):
@@ -435,122 +511,55 @@ class AssignRequest(_message.Message):
 
     UNITS_FIELD_NUMBER: _builtins.int
     EXPERIMENT_KEYS_FIELD_NUMBER: _builtins.int
-    LOG_EXPOSURES_FIELD_NUMBER: _builtins.int
-    log_exposures: _builtins.bool
-    """log_exposures records an exposure event for every in-experiment assignment returned."""
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name restricts to experiments on this model; empty means all."""
     @_builtins.property
-    def units(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssignmentUnit]:
+    def units(self) -> _containers.RepeatedCompositeFieldContainer[_assignment_pb2.AssignmentUnit]:
         """units are the units to assign."""
 
     @_builtins.property
     def experiment_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """experiment_keys are the experiments to assign to; empty means every running or concluded experiment."""
+        """experiment_keys restricts the experiments; empty means every running experiment."""
 
     def __init__(
         self,
         *,
-        units: _abc.Iterable[Global___AssignmentUnit] | None = ...,
+        units: _abc.Iterable[_assignment_pb2.AssignmentUnit] | None = ...,
         experiment_keys: _abc.Iterable[_builtins.str] | None = ...,
-        log_exposures: _builtins.bool = ...,
+        model_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_keys", b"experiment_keys", "log_exposures", b"log_exposures", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_keys", b"experiment_keys", "model_name", b"model_name", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AssignRequest: _TypeAlias = AssignRequest  # noqa: Y015
 
 @_typing.final
-class AssignmentUnit(_message.Message):
-    """AssignmentUnit is one unit to assign."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    @_typing.final
-    class UnitIdsEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        value: _builtins.str
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _builtins.str = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    @_typing.final
-    class AttributesEntry(_message.Message):
-        DESCRIPTOR: _descriptor.Descriptor
-
-        KEY_FIELD_NUMBER: _builtins.int
-        VALUE_FIELD_NUMBER: _builtins.int
-        key: _builtins.str
-        @_builtins.property
-        def value(self) -> _values_pb2.Value: ...
-        def __init__(
-            self,
-            *,
-            key: _builtins.str = ...,
-            value: _values_pb2.Value | None = ...,
-        ) -> None: ...
-        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
-        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-        def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-    UNIT_IDS_FIELD_NUMBER: _builtins.int
-    ATTRIBUTES_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def unit_ids(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """unit_ids maps unit type to id, e.g. {"user_id": "42"}; each experiment uses its own unit_type."""
-
-    @_builtins.property
-    def attributes(self) -> _containers.MessageMap[_builtins.str, _values_pb2.Value]:
-        """attributes are evaluated by targeting conditions."""
-
-    def __init__(
-        self,
-        *,
-        unit_ids: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
-        attributes: _abc.Mapping[_builtins.str, _values_pb2.Value] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "unit_ids", b"unit_ids"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AssignmentUnit: _TypeAlias = AssignmentUnit  # noqa: Y015
-
-@_typing.final
 class AssignResponse(_message.Message):
-    """AssignResponse holds the assignments, one entry per requested unit in request order."""
+    """AssignResponse holds one entry per unit, in request order."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     UNITS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    revision: _builtins.int
+    """revision is the configuration revision assigned from."""
     @_builtins.property
     def units(self) -> _containers.RepeatedCompositeFieldContainer[Global___UnitAssignments]:
-        """units holds the assignments of each unit."""
+        """units are the assignments of each unit."""
 
     def __init__(
         self,
         *,
         units: _abc.Iterable[Global___UnitAssignments] | None = ...,
+        revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,19 +567,19 @@ Global___AssignResponse: _TypeAlias = AssignResponse  # noqa: Y015
 
 @_typing.final
 class UnitAssignments(_message.Message):
-    """UnitAssignments are the assignments of one unit."""
+    """UnitAssignments are one unit's assignments, one per experiment considered."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ASSIGNMENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___Assignment]:
-        """assignments holds one entry per experiment considered."""
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[_assignment_pb2.Assignment]:
+        """assignments are in experiment key order."""
 
     def __init__(
         self,
         *,
-        assignments: _abc.Iterable[Global___Assignment] | None = ...,
+        assignments: _abc.Iterable[_assignment_pb2.Assignment] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -581,98 +590,58 @@ class UnitAssignments(_message.Message):
 Global___UnitAssignments: _TypeAlias = UnitAssignments  # noqa: Y015
 
 @_typing.final
-class Assignment(_message.Message):
-    """Assignment is the result of assigning one unit to one experiment."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
-    EXPERIMENT_VERSION_FIELD_NUMBER: _builtins.int
-    IN_EXPERIMENT_FIELD_NUMBER: _builtins.int
-    ARM_NAME_FIELD_NUMBER: _builtins.int
-    PAYLOAD_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    experiment_key: _builtins.str
-    """experiment_key is the experiment."""
-    experiment_version: _builtins.int
-    """experiment_version is the experiment version used."""
-    in_experiment: _builtins.bool
-    """in_experiment is true when the unit is part of the experiment's analysis."""
-    arm_name: _builtins.str
-    """arm_name is the arm assigned, or the winning arm when concluded; empty when no arm applies."""
-    reason: Global___AssignmentReason.ValueType
-    """reason says why the unit is or is not in the experiment."""
-    @_builtins.property
-    def payload(self) -> _experiment_pb2.ArmPayload:
-        """payload is the arm's payload; unset when no arm applies."""
-
-    def __init__(
-        self,
-        *,
-        experiment_key: _builtins.str = ...,
-        experiment_version: _builtins.int = ...,
-        in_experiment: _builtins.bool = ...,
-        arm_name: _builtins.str = ...,
-        payload: _experiment_pb2.ArmPayload | None = ...,
-        reason: Global___AssignmentReason.ValueType = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_name", b"arm_name", "experiment_key", b"experiment_key", "experiment_version", b"experiment_version", "in_experiment", b"in_experiment", "payload", b"payload", "reason", b"reason"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Assignment: _TypeAlias = Assignment  # noqa: Y015
-
-@_typing.final
 class WatchExperimentsRequest(_message.Message):
-    """WatchExperimentsRequest opens an experiment configuration stream."""
+    """WatchExperimentsRequest is one message from a gateway: a subscription first, then acks."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    CLIENT_ID_FIELD_NUMBER: _builtins.int
-    EXPERIMENT_KEYS_FIELD_NUMBER: _builtins.int
-    client_id: _builtins.str
-    """client_id identifies the watching gateway."""
+    SUBSCRIBE_FIELD_NUMBER: _builtins.int
+    ACK_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def experiment_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """experiment_keys restricts the stream to these experiments; empty means all."""
+    def subscribe(self) -> _assignment_pb2.ConfigSubscription:
+        """subscribe opens the stream; it must be the first message and is sent once."""
+
+    @_builtins.property
+    def ack(self) -> _assignment_pb2.ConfigAck:
+        """ack accepts or rejects one revision."""
 
     def __init__(
         self,
         *,
-        client_id: _builtins.str = ...,
-        experiment_keys: _abc.Iterable[_builtins.str] | None = ...,
+        subscribe: _assignment_pb2.ConfigSubscription | None = ...,
+        ack: _assignment_pb2.ConfigAck | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "subscribe", b"subscribe"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "experiment_keys", b"experiment_keys"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "kind", b"kind", "subscribe", b"subscribe"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["subscribe", "ack"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___WatchExperimentsRequest: _TypeAlias = WatchExperimentsRequest  # noqa: Y015
 
 @_typing.final
 class WatchExperimentsResponse(_message.Message):
-    """WatchExperimentsResponse is one stream message; the first is always a snapshot, and one may be resent at any time."""
+    """WatchExperimentsResponse is one configuration stream message."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SNAPSHOT_FIELD_NUMBER: _builtins.int
     UPDATE_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def snapshot(self) -> Global___ExperimentSnapshot:
-        """snapshot is the full set of experiments; it replaces everything the client holds."""
+    def snapshot(self) -> _assignment_pb2.AssignmentConfig:
+        """snapshot is the whole configuration; it replaces what the gateway holds."""
 
     @_builtins.property
-    def update(self) -> Global___ExperimentUpdate:
-        """update is a change to apply to the current set."""
+    def update(self) -> _assignment_pb2.ExperimentConfigUpdate:
+        """update changes the configuration at its base_revision."""
 
     def __init__(
         self,
         *,
-        snapshot: Global___ExperimentSnapshot | None = ...,
-        update: Global___ExperimentUpdate | None = ...,
+        snapshot: _assignment_pb2.AssignmentConfig | None = ...,
+        update: _assignment_pb2.ExperimentConfigUpdate | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "snapshot", b"snapshot", "update", b"update"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -685,246 +654,146 @@ class WatchExperimentsResponse(_message.Message):
 Global___WatchExperimentsResponse: _TypeAlias = WatchExperimentsResponse  # noqa: Y015
 
 @_typing.final
-class ExperimentSnapshot(_message.Message):
-    """ExperimentSnapshot is the full set of non-draft experiments matching the watch."""
+class LogExposuresRequest(_message.Message):
+    """LogExposuresRequest carries exposures."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    REVISION_FIELD_NUMBER: _builtins.int
-    EXPERIMENTS_FIELD_NUMBER: _builtins.int
-    GENERATED_AT_FIELD_NUMBER: _builtins.int
-    revision: _builtins.int
-    """revision is the configuration revision; it increases with every change."""
+    EXPOSURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def experiments(self) -> _containers.RepeatedCompositeFieldContainer[_experiment_pb2.Experiment]:
-        """experiments are the experiments in state RUNNING, STOPPED or CONCLUDED."""
-
-    @_builtins.property
-    def generated_at(self) -> _timestamp_pb2.Timestamp:
-        """generated_at is when the snapshot was produced."""
+    def exposures(self) -> _containers.RepeatedCompositeFieldContainer[_assignment_pb2.Exposure]:
+        """exposures are recorded once per exposure_id."""
 
     def __init__(
         self,
         *,
-        revision: _builtins.int = ...,
-        experiments: _abc.Iterable[_experiment_pb2.Experiment] | None = ...,
-        generated_at: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiments", b"experiments", "generated_at", b"generated_at", "revision", b"revision"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ExperimentSnapshot: _TypeAlias = ExperimentSnapshot  # noqa: Y015
-
-@_typing.final
-class ExperimentUpdate(_message.Message):
-    """ExperimentUpdate is a change to the experiment set; each experiment given replaces the client's copy."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    REVISION_FIELD_NUMBER: _builtins.int
-    UPSERTED_EXPERIMENTS_FIELD_NUMBER: _builtins.int
-    REMOVED_KEYS_FIELD_NUMBER: _builtins.int
-    revision: _builtins.int
-    """revision is the configuration revision after this update."""
-    @_builtins.property
-    def upserted_experiments(self) -> _containers.RepeatedCompositeFieldContainer[_experiment_pb2.Experiment]:
-        """upserted_experiments are experiments added or replaced whole."""
-
-    @_builtins.property
-    def removed_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """removed_keys are experiments no longer in the set."""
-
-    def __init__(
-        self,
-        *,
-        revision: _builtins.int = ...,
-        upserted_experiments: _abc.Iterable[_experiment_pb2.Experiment] | None = ...,
-        removed_keys: _abc.Iterable[_builtins.str] | None = ...,
+        exposures: _abc.Iterable[_assignment_pb2.Exposure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["removed_keys", b"removed_keys", "revision", b"revision", "upserted_experiments", b"upserted_experiments"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exposures", b"exposures"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ExperimentUpdate: _TypeAlias = ExperimentUpdate  # noqa: Y015
+Global___LogExposuresRequest: _TypeAlias = LogExposuresRequest  # noqa: Y015
+
+@_typing.final
+class LogExposuresResponse(_message.Message):
+    """LogExposuresResponse says what was recorded."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    REJECTIONS_FIELD_NUMBER: _builtins.int
+    accepted: _builtins.int
+    """accepted is the number of exposures recorded now."""
+    duplicates: _builtins.int
+    """duplicates is the number already recorded before (retries, other replicas)."""
+    @_builtins.property
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_assignment_pb2.RowRejection]:
+        """rejections are the refused rows."""
+
+    def __init__(
+        self,
+        *,
+        accepted: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        rejections: _abc.Iterable[_assignment_pb2.RowRejection] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "duplicates", b"duplicates", "rejections", b"rejections"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogExposuresResponse: _TypeAlias = LogExposuresResponse  # noqa: Y015
 
 @_typing.final
 class LogOutcomesRequest(_message.Message):
-    """LogOutcomesRequest is one message of an event stream."""
+    """LogOutcomesRequest is one batch of outcomes."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EVENTS_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    OUTCOMES_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """batch_id is the client's id for the batch, echoed in its acknowledgement."""
     @_builtins.property
-    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExperimentEvent]:
-        """events are the events to record."""
+    def outcomes(self) -> _containers.RepeatedCompositeFieldContainer[_assignment_pb2.Outcome]:
+        """outcomes are the rows."""
 
     def __init__(
         self,
         *,
-        events: _abc.Iterable[Global___ExperimentEvent] | None = ...,
+        batch_id: _builtins.str = ...,
+        outcomes: _abc.Iterable[_assignment_pb2.Outcome] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "outcomes", b"outcomes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogOutcomesRequest: _TypeAlias = LogOutcomesRequest  # noqa: Y015
 
 @_typing.final
-class ExperimentEvent(_message.Message):
-    """ExperimentEvent is one exposure or outcome."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    EVENT_ID_FIELD_NUMBER: _builtins.int
-    TYPE_FIELD_NUMBER: _builtins.int
-    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
-    UNIT_TYPE_FIELD_NUMBER: _builtins.int
-    UNIT_ID_FIELD_NUMBER: _builtins.int
-    ARM_NAME_FIELD_NUMBER: _builtins.int
-    METRIC_NAME_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
-    EVENT_TIME_FIELD_NUMBER: _builtins.int
-    event_id: _builtins.str
-    """event_id is a client-chosen unique id; repeated ids are recorded once."""
-    type: Global___EventType.ValueType
-    """type is exposure or outcome."""
-    experiment_key: _builtins.str
-    """experiment_key is the experiment; for outcomes empty means every experiment the unit is exposed to."""
-    unit_type: _builtins.str
-    """unit_type is the kind of unit id, e.g. "user_id"."""
-    unit_id: _builtins.str
-    """unit_id is the unit."""
-    arm_name: _builtins.str
-    """arm_name is the arm; required for exposures, optional for outcomes."""
-    metric_name: _builtins.str
-    """metric_name is the metric observed (outcomes only)."""
-    value: _builtins.float
-    """value is the observed value (outcomes only); use 1 for a conversion."""
-    @_builtins.property
-    def event_time(self) -> _timestamp_pb2.Timestamp:
-        """event_time is when the event happened."""
-
-    def __init__(
-        self,
-        *,
-        event_id: _builtins.str = ...,
-        type: Global___EventType.ValueType = ...,
-        experiment_key: _builtins.str = ...,
-        unit_type: _builtins.str = ...,
-        unit_id: _builtins.str = ...,
-        arm_name: _builtins.str = ...,
-        metric_name: _builtins.str = ...,
-        value: _builtins.float = ...,
-        event_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_name", b"arm_name", "event_id", b"event_id", "event_time", b"event_time", "experiment_key", b"experiment_key", "metric_name", b"metric_name", "type", b"type", "unit_id", b"unit_id", "unit_type", b"unit_type", "value", b"value"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ExperimentEvent: _TypeAlias = ExperimentEvent  # noqa: Y015
-
-@_typing.final
 class LogOutcomesResponse(_message.Message):
-    """LogOutcomesResponse summarises a whole event stream."""
+    """LogOutcomesResponse acknowledges one batch once it is durably recorded."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
-    DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
-    REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
     REJECTIONS_FIELD_NUMBER: _builtins.int
-    accepted_count: _builtins.int
-    """accepted_count is the number of events recorded."""
-    duplicate_count: _builtins.int
-    """duplicate_count is the number of events ignored because their event_id was already recorded."""
-    rejected_count: _builtins.int
-    """rejected_count is the number of events not recorded; exact even if rejections is capped."""
+    batch_id: _builtins.str
+    """batch_id is the batch acknowledged."""
+    accepted: _builtins.int
+    """accepted is the number of rows recorded now."""
+    duplicates: _builtins.int
+    """duplicates is the number of rows whose outcome_id was recorded before."""
     @_builtins.property
-    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventRejection]:
-        """rejections describe rejected events, possibly capped to a server limit."""
+    def rejections(self) -> _containers.RepeatedCompositeFieldContainer[_assignment_pb2.RowRejection]:
+        """rejections are the refused rows, each with its reason."""
 
     def __init__(
         self,
         *,
-        accepted_count: _builtins.int = ...,
-        duplicate_count: _builtins.int = ...,
-        rejected_count: _builtins.int = ...,
-        rejections: _abc.Iterable[Global___EventRejection] | None = ...,
+        batch_id: _builtins.str = ...,
+        accepted: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        rejections: _abc.Iterable[_assignment_pb2.RowRejection] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count", "rejected_count", b"rejected_count", "rejections", b"rejections"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_id", b"batch_id", "duplicates", b"duplicates", "rejections", b"rejections"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___LogOutcomesResponse: _TypeAlias = LogOutcomesResponse  # noqa: Y015
 
 @_typing.final
-class EventRejection(_message.Message):
-    """EventRejection explains why one event was not recorded."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    EVENT_INDEX_FIELD_NUMBER: _builtins.int
-    EVENT_ID_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    DETAIL_FIELD_NUMBER: _builtins.int
-    event_index: _builtins.int
-    """event_index is the 0-based position of the event in the stream, across messages."""
-    event_id: _builtins.str
-    """event_id is the event's id."""
-    reason: Global___EventRejectionReason.ValueType
-    """reason classifies the rejection."""
-    detail: _builtins.str
-    """detail explains the rejection in one line."""
-    def __init__(
-        self,
-        *,
-        event_index: _builtins.int = ...,
-        event_id: _builtins.str = ...,
-        reason: Global___EventRejectionReason.ValueType = ...,
-        detail: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "event_id", b"event_id", "event_index", b"event_index", "reason", b"reason"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___EventRejection: _TypeAlias = EventRejection  # noqa: Y015
-
-@_typing.final
 class GetResultsRequest(_message.Message):
-    """GetResultsRequest asks for the analysis of one experiment."""
+    """GetResultsRequest asks for the analysis of one phase."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
-    METRIC_NAMES_FIELD_NUMBER: _builtins.int
-    experiment_key: _builtins.str
-    """experiment_key is the experiment."""
-    @_builtins.property
-    def metric_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """metric_names restricts the comparisons to these metrics; empty means all."""
-
+    KEY_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """key is the experiment key."""
+    phase: _builtins.int
+    """phase is the phase; 0 means the current (or last) phase."""
     def __init__(
         self,
         *,
-        experiment_key: _builtins.str = ...,
-        metric_names: _abc.Iterable[_builtins.str] | None = ...,
+        key: _builtins.str = ...,
+        phase: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_key", b"experiment_key", "metric_names", b"metric_names"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "phase", b"phase"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -932,14 +801,14 @@ Global___GetResultsRequest: _TypeAlias = GetResultsRequest  # noqa: Y015
 
 @_typing.final
 class GetResultsResponse(_message.Message):
-    """GetResultsResponse holds the analysis of one experiment."""
+    """GetResultsResponse holds the analysis."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _results_pb2.ExperimentResults:
-        """results are the per-arm aggregates, comparisons, SRM check and decision."""
+        """results are the analysed results."""
 
     def __init__(
         self,
@@ -953,3 +822,99 @@ class GetResultsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetResultsResponse: _TypeAlias = GetResultsResponse  # noqa: Y015
+
+@_typing.final
+class GetResultsHistoryRequest(_message.Message):
+    """GetResultsHistoryRequest asks for one metric's lift over time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """key is the experiment key."""
+    phase: _builtins.int
+    """phase is the phase; 0 means the current (or last) phase."""
+    metric: _builtins.str
+    """metric is the metric; empty means the first."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        phase: _builtins.int = ...,
+        metric: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "metric", b"metric", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultsHistoryRequest: _TypeAlias = GetResultsHistoryRequest  # noqa: Y015
+
+@_typing.final
+class GetResultsHistoryResponse(_message.Message):
+    """GetResultsHistoryResponse is a metric's lift over time, per treatment arm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POINTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def points(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistoryPoint]:
+        """points are in time order."""
+
+    def __init__(
+        self,
+        *,
+        points: _abc.Iterable[Global___HistoryPoint] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["points", b"points"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetResultsHistoryResponse: _TypeAlias = GetResultsHistoryResponse  # noqa: Y015
+
+@_typing.final
+class HistoryPoint(_message.Message):
+    """HistoryPoint is one treatment arm's lift at one time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    ARM_NAME_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    RELATIVE_LIFT_FIELD_NUMBER: _builtins.int
+    SEQUENTIAL_INTERVAL_FIELD_NUMBER: _builtins.int
+    arm_name: _builtins.str
+    """arm_name is the treatment arm."""
+    units: _builtins.int
+    """units is the number of units in both arms then."""
+    relative_lift: _builtins.float
+    """relative_lift is the lift then."""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp:
+        """at is when the sufficient statistics were recorded."""
+
+    @_builtins.property
+    def sequential_interval(self) -> _results_pb2.Interval:
+        """sequential_interval is the always-valid confidence sequence then."""
+
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        arm_name: _builtins.str = ...,
+        units: _builtins.int = ...,
+        relative_lift: _builtins.float = ...,
+        sequential_interval: _results_pb2.Interval | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at", "sequential_interval", b"sequential_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_name", b"arm_name", "at", b"at", "relative_lift", b"relative_lift", "sequential_interval", b"sequential_interval", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistoryPoint: _TypeAlias = HistoryPoint  # noqa: Y015

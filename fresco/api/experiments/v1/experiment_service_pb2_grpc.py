@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class ExperimentServiceStub:
-    """ExperimentService runs A/B tests and bandits: configuration, assignment, event collection and analysis.
+    """ExperimentService runs A/B tests and bandits: configuration, assignment, exposures, outcomes, analysis and decisions.
     """
 
     def __init__(self, channel):
@@ -39,6 +39,11 @@ class ExperimentServiceStub:
                 '/fresco.experiments.v1.ExperimentService/CreateExperiment',
                 request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.CreateExperimentRequest.SerializeToString,
                 response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.CreateExperimentResponse.FromString,
+                _registered_method=True)
+        self.UpdateExperiment = channel.unary_unary(
+                '/fresco.experiments.v1.ExperimentService/UpdateExperiment',
+                request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.UpdateExperimentRequest.SerializeToString,
+                response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.UpdateExperimentResponse.FromString,
                 _registered_method=True)
         self.GetExperiment = channel.unary_unary(
                 '/fresco.experiments.v1.ExperimentService/GetExperiment',
@@ -60,17 +65,32 @@ class ExperimentServiceStub:
                 request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.StopExperimentRequest.SerializeToString,
                 response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.StopExperimentResponse.FromString,
                 _registered_method=True)
+        self.DecideExperiment = channel.unary_unary(
+                '/fresco.experiments.v1.ExperimentService/DecideExperiment',
+                request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.DecideExperimentRequest.SerializeToString,
+                response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.DecideExperimentResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEntries = channel.unary_unary(
+                '/fresco.experiments.v1.ExperimentService/ListAuditEntries',
+                request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.ListAuditEntriesRequest.SerializeToString,
+                response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.ListAuditEntriesResponse.FromString,
+                _registered_method=True)
         self.Assign = channel.unary_unary(
                 '/fresco.experiments.v1.ExperimentService/Assign',
                 request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.AssignRequest.SerializeToString,
                 response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.AssignResponse.FromString,
                 _registered_method=True)
-        self.WatchExperiments = channel.unary_stream(
+        self.WatchExperiments = channel.stream_stream(
                 '/fresco.experiments.v1.ExperimentService/WatchExperiments',
                 request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.WatchExperimentsRequest.SerializeToString,
                 response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.WatchExperimentsResponse.FromString,
                 _registered_method=True)
-        self.LogOutcomes = channel.stream_unary(
+        self.LogExposures = channel.unary_unary(
+                '/fresco.experiments.v1.ExperimentService/LogExposures',
+                request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogExposuresRequest.SerializeToString,
+                response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogExposuresResponse.FromString,
+                _registered_method=True)
+        self.LogOutcomes = channel.stream_stream(
                 '/fresco.experiments.v1.ExperimentService/LogOutcomes',
                 request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogOutcomesRequest.SerializeToString,
                 response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogOutcomesResponse.FromString,
@@ -80,14 +100,26 @@ class ExperimentServiceStub:
                 request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsRequest.SerializeToString,
                 response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsResponse.FromString,
                 _registered_method=True)
+        self.GetResultsHistory = channel.unary_unary(
+                '/fresco.experiments.v1.ExperimentService/GetResultsHistory',
+                request_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsHistoryRequest.SerializeToString,
+                response_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsHistoryResponse.FromString,
+                _registered_method=True)
 
 
 class ExperimentServiceServicer:
-    """ExperimentService runs A/B tests and bandits: configuration, assignment, event collection and analysis.
+    """ExperimentService runs A/B tests and bandits: configuration, assignment, exposures, outcomes, analysis and decisions.
     """
 
     def CreateExperiment(self, request, context):
-        """CreateExperiment creates an experiment in state DRAFT.
+        """CreateExperiment creates an experiment in DRAFT.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateExperiment(self, request, context):
+        """UpdateExperiment changes the fields named by the mask, guarded by expected_version; a weight change starts a phase.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,42 +140,72 @@ class ExperimentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StartExperiment(self, request, context):
-        """StartExperiment moves a DRAFT experiment to RUNNING.
+        """StartExperiment moves a DRAFT experiment to RUNNING and publishes it to gateways.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StopExperiment(self, request, context):
-        """StopExperiment ends assignment: CONCLUDED with a winning arm, otherwise STOPPED.
+        """StopExperiment moves a RUNNING experiment to STOPPED; gateways stop assigning it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecideExperiment(self, request, context):
+        """DecideExperiment takes a decision on a STOPPED or RUNNING experiment (stopping it); SHIP_TREATMENT promotes the
+        arm's version through the model manager's gates and rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEntries(self, request, context):
+        """ListAuditEntries lists the changes of an experiment, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Assign(self, request, context):
-        """Assign assigns many units to one or many experiments in one call.
+        """Assign assigns many units in one call, from the same configuration gateways watch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def WatchExperiments(self, request, context):
-        """WatchExperiments streams experiment configurations: a full snapshot first, then updates.
+    def WatchExperiments(self, request_iterator, context):
+        """WatchExperiments streams the assignment configuration to a gateway: a snapshot first (or the updates after its
+        resumed revision), then updates; the gateway acknowledges or rejects every revision on the same stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogExposures(self, request, context):
+        """LogExposures records exposures; ids already recorded count as duplicates, so retries are safe.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def LogOutcomes(self, request_iterator, context):
-        """LogOutcomes streams exposure and outcome events and answers once, after the client closes the stream.
+        """LogOutcomes records outcome batches; every batch is acknowledged with what was recorded and why rows were refused.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetResults(self, request, context):
-        """GetResults analyses an experiment and recommends a decision.
+        """GetResults analyses one phase of an experiment and recommends a decision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetResultsHistory(self, request, context):
+        """GetResultsHistory gives a metric's lift and confidence sequence over time, from recorded snapshots.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,6 +218,11 @@ def add_ExperimentServiceServicer_to_server(servicer, server):
                     servicer.CreateExperiment,
                     request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.CreateExperimentRequest.FromString,
                     response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.CreateExperimentResponse.SerializeToString,
+            ),
+            'UpdateExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateExperiment,
+                    request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.UpdateExperimentRequest.FromString,
+                    response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.UpdateExperimentResponse.SerializeToString,
             ),
             'GetExperiment': grpc.unary_unary_rpc_method_handler(
                     servicer.GetExperiment,
@@ -177,17 +244,32 @@ def add_ExperimentServiceServicer_to_server(servicer, server):
                     request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.StopExperimentRequest.FromString,
                     response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.StopExperimentResponse.SerializeToString,
             ),
+            'DecideExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideExperiment,
+                    request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.DecideExperimentRequest.FromString,
+                    response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.DecideExperimentResponse.SerializeToString,
+            ),
+            'ListAuditEntries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEntries,
+                    request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.ListAuditEntriesRequest.FromString,
+                    response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.ListAuditEntriesResponse.SerializeToString,
+            ),
             'Assign': grpc.unary_unary_rpc_method_handler(
                     servicer.Assign,
                     request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.AssignRequest.FromString,
                     response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.AssignResponse.SerializeToString,
             ),
-            'WatchExperiments': grpc.unary_stream_rpc_method_handler(
+            'WatchExperiments': grpc.stream_stream_rpc_method_handler(
                     servicer.WatchExperiments,
                     request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.WatchExperimentsRequest.FromString,
                     response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.WatchExperimentsResponse.SerializeToString,
             ),
-            'LogOutcomes': grpc.stream_unary_rpc_method_handler(
+            'LogExposures': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogExposures,
+                    request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogExposuresRequest.FromString,
+                    response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogExposuresResponse.SerializeToString,
+            ),
+            'LogOutcomes': grpc.stream_stream_rpc_method_handler(
                     servicer.LogOutcomes,
                     request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogOutcomesRequest.FromString,
                     response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogOutcomesResponse.SerializeToString,
@@ -196,6 +278,11 @@ def add_ExperimentServiceServicer_to_server(servicer, server):
                     servicer.GetResults,
                     request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsRequest.FromString,
                     response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsResponse.SerializeToString,
+            ),
+            'GetResultsHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetResultsHistory,
+                    request_deserializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsHistoryRequest.FromString,
+                    response_serializer=fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsHistoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -206,7 +293,7 @@ def add_ExperimentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ExperimentService:
-    """ExperimentService runs A/B tests and bandits: configuration, assignment, event collection and analysis.
+    """ExperimentService runs A/B tests and bandits: configuration, assignment, exposures, outcomes, analysis and decisions.
     """
 
     @staticmethod
@@ -226,6 +313,33 @@ class ExperimentService:
             '/fresco.experiments.v1.ExperimentService/CreateExperiment',
             fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.CreateExperimentRequest.SerializeToString,
             fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.CreateExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.experiments.v1.ExperimentService/UpdateExperiment',
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.UpdateExperimentRequest.SerializeToString,
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.UpdateExperimentResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -345,6 +459,60 @@ class ExperimentService:
             _registered_method=True)
 
     @staticmethod
+    def DecideExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.experiments.v1.ExperimentService/DecideExperiment',
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.DecideExperimentRequest.SerializeToString,
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.DecideExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEntries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.experiments.v1.ExperimentService/ListAuditEntries',
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.ListAuditEntriesRequest.SerializeToString,
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.ListAuditEntriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Assign(request,
             target,
             options=(),
@@ -372,7 +540,7 @@ class ExperimentService:
             _registered_method=True)
 
     @staticmethod
-    def WatchExperiments(request,
+    def WatchExperiments(request_iterator,
             target,
             options=(),
             channel_credentials=None,
@@ -382,12 +550,39 @@ class ExperimentService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
+        return grpc.experimental.stream_stream(
+            request_iterator,
             target,
             '/fresco.experiments.v1.ExperimentService/WatchExperiments',
             fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.WatchExperimentsRequest.SerializeToString,
             fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.WatchExperimentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogExposures(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.experiments.v1.ExperimentService/LogExposures',
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogExposuresRequest.SerializeToString,
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.LogExposuresResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -409,7 +604,7 @@ class ExperimentService:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_unary(
+        return grpc.experimental.stream_stream(
             request_iterator,
             target,
             '/fresco.experiments.v1.ExperimentService/LogOutcomes',
@@ -442,6 +637,33 @@ class ExperimentService:
             '/fresco.experiments.v1.ExperimentService/GetResults',
             fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsRequest.SerializeToString,
             fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetResultsHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.experiments.v1.ExperimentService/GetResultsHistory',
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsHistoryRequest.SerializeToString,
+            fresco_dot_experiments_dot_v1_dot_experiment__service__pb2.GetResultsHistoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,57 +27,85 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ExperimentServiceStub:
-    """ExperimentService runs A/B tests and bandits: configuration, assignment, event collection and analysis."""
+    """ExperimentService runs A/B tests and bandits: configuration, assignment, exposures, outcomes, analysis and decisions."""
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ExperimentServiceAsyncStub: ...
     CreateExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.CreateExperimentRequest, _experiment_service_pb2.CreateExperimentResponse]
-    """CreateExperiment creates an experiment in state DRAFT."""
+    """CreateExperiment creates an experiment in DRAFT."""
+    UpdateExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.UpdateExperimentRequest, _experiment_service_pb2.UpdateExperimentResponse]
+    """UpdateExperiment changes the fields named by the mask, guarded by expected_version; a weight change starts a phase."""
     GetExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.GetExperimentRequest, _experiment_service_pb2.GetExperimentResponse]
     """GetExperiment returns one experiment."""
     ListExperiments: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.ListExperimentsRequest, _experiment_service_pb2.ListExperimentsResponse]
     """ListExperiments lists experiments."""
     StartExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.StartExperimentRequest, _experiment_service_pb2.StartExperimentResponse]
-    """StartExperiment moves a DRAFT experiment to RUNNING."""
+    """StartExperiment moves a DRAFT experiment to RUNNING and publishes it to gateways."""
     StopExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.StopExperimentRequest, _experiment_service_pb2.StopExperimentResponse]
-    """StopExperiment ends assignment: CONCLUDED with a winning arm, otherwise STOPPED."""
+    """StopExperiment moves a RUNNING experiment to STOPPED; gateways stop assigning it."""
+    DecideExperiment: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.DecideExperimentRequest, _experiment_service_pb2.DecideExperimentResponse]
+    """DecideExperiment takes a decision on a STOPPED or RUNNING experiment (stopping it); SHIP_TREATMENT promotes the
+    arm's version through the model manager's gates and rollout.
+    """
+    ListAuditEntries: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.ListAuditEntriesRequest, _experiment_service_pb2.ListAuditEntriesResponse]
+    """ListAuditEntries lists the changes of an experiment, oldest first."""
     Assign: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.AssignRequest, _experiment_service_pb2.AssignResponse]
-    """Assign assigns many units to one or many experiments in one call."""
-    WatchExperiments: _grpc.UnaryStreamMultiCallable[_experiment_service_pb2.WatchExperimentsRequest, _experiment_service_pb2.WatchExperimentsResponse]
-    """WatchExperiments streams experiment configurations: a full snapshot first, then updates."""
-    LogOutcomes: _grpc.StreamUnaryMultiCallable[_experiment_service_pb2.LogOutcomesRequest, _experiment_service_pb2.LogOutcomesResponse]
-    """LogOutcomes streams exposure and outcome events and answers once, after the client closes the stream."""
+    """Assign assigns many units in one call, from the same configuration gateways watch."""
+    WatchExperiments: _grpc.StreamStreamMultiCallable[_experiment_service_pb2.WatchExperimentsRequest, _experiment_service_pb2.WatchExperimentsResponse]
+    """WatchExperiments streams the assignment configuration to a gateway: a snapshot first (or the updates after its
+    resumed revision), then updates; the gateway acknowledges or rejects every revision on the same stream.
+    """
+    LogExposures: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.LogExposuresRequest, _experiment_service_pb2.LogExposuresResponse]
+    """LogExposures records exposures; ids already recorded count as duplicates, so retries are safe."""
+    LogOutcomes: _grpc.StreamStreamMultiCallable[_experiment_service_pb2.LogOutcomesRequest, _experiment_service_pb2.LogOutcomesResponse]
+    """LogOutcomes records outcome batches; every batch is acknowledged with what was recorded and why rows were refused."""
     GetResults: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.GetResultsRequest, _experiment_service_pb2.GetResultsResponse]
-    """GetResults analyses an experiment and recommends a decision."""
+    """GetResults analyses one phase of an experiment and recommends a decision."""
+    GetResultsHistory: _grpc.UnaryUnaryMultiCallable[_experiment_service_pb2.GetResultsHistoryRequest, _experiment_service_pb2.GetResultsHistoryResponse]
+    """GetResultsHistory gives a metric's lift and confidence sequence over time, from recorded snapshots."""
 
 @_typing.type_check_only
 class ExperimentServiceAsyncStub(ExperimentServiceStub):
-    """ExperimentService runs A/B tests and bandits: configuration, assignment, event collection and analysis."""
+    """ExperimentService runs A/B tests and bandits: configuration, assignment, exposures, outcomes, analysis and decisions."""
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.CreateExperimentRequest, _experiment_service_pb2.CreateExperimentResponse]  # type: ignore[assignment]
-    """CreateExperiment creates an experiment in state DRAFT."""
+    """CreateExperiment creates an experiment in DRAFT."""
+    UpdateExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.UpdateExperimentRequest, _experiment_service_pb2.UpdateExperimentResponse]  # type: ignore[assignment]
+    """UpdateExperiment changes the fields named by the mask, guarded by expected_version; a weight change starts a phase."""
     GetExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.GetExperimentRequest, _experiment_service_pb2.GetExperimentResponse]  # type: ignore[assignment]
     """GetExperiment returns one experiment."""
     ListExperiments: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.ListExperimentsRequest, _experiment_service_pb2.ListExperimentsResponse]  # type: ignore[assignment]
     """ListExperiments lists experiments."""
     StartExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.StartExperimentRequest, _experiment_service_pb2.StartExperimentResponse]  # type: ignore[assignment]
-    """StartExperiment moves a DRAFT experiment to RUNNING."""
+    """StartExperiment moves a DRAFT experiment to RUNNING and publishes it to gateways."""
     StopExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.StopExperimentRequest, _experiment_service_pb2.StopExperimentResponse]  # type: ignore[assignment]
-    """StopExperiment ends assignment: CONCLUDED with a winning arm, otherwise STOPPED."""
+    """StopExperiment moves a RUNNING experiment to STOPPED; gateways stop assigning it."""
+    DecideExperiment: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.DecideExperimentRequest, _experiment_service_pb2.DecideExperimentResponse]  # type: ignore[assignment]
+    """DecideExperiment takes a decision on a STOPPED or RUNNING experiment (stopping it); SHIP_TREATMENT promotes the
+    arm's version through the model manager's gates and rollout.
+    """
+    ListAuditEntries: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.ListAuditEntriesRequest, _experiment_service_pb2.ListAuditEntriesResponse]  # type: ignore[assignment]
+    """ListAuditEntries lists the changes of an experiment, oldest first."""
     Assign: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.AssignRequest, _experiment_service_pb2.AssignResponse]  # type: ignore[assignment]
-    """Assign assigns many units to one or many experiments in one call."""
-    WatchExperiments: _aio.UnaryStreamMultiCallable[_experiment_service_pb2.WatchExperimentsRequest, _experiment_service_pb2.WatchExperimentsResponse]  # type: ignore[assignment]
-    """WatchExperiments streams experiment configurations: a full snapshot first, then updates."""
-    LogOutcomes: _aio.StreamUnaryMultiCallable[_experiment_service_pb2.LogOutcomesRequest, _experiment_service_pb2.LogOutcomesResponse]  # type: ignore[assignment]
-    """LogOutcomes streams exposure and outcome events and answers once, after the client closes the stream."""
+    """Assign assigns many units in one call, from the same configuration gateways watch."""
+    WatchExperiments: _aio.StreamStreamMultiCallable[_experiment_service_pb2.WatchExperimentsRequest, _experiment_service_pb2.WatchExperimentsResponse]  # type: ignore[assignment]
+    """WatchExperiments streams the assignment configuration to a gateway: a snapshot first (or the updates after its
+    resumed revision), then updates; the gateway acknowledges or rejects every revision on the same stream.
+    """
+    LogExposures: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.LogExposuresRequest, _experiment_service_pb2.LogExposuresResponse]  # type: ignore[assignment]
+    """LogExposures records exposures; ids already recorded count as duplicates, so retries are safe."""
+    LogOutcomes: _aio.StreamStreamMultiCallable[_experiment_service_pb2.LogOutcomesRequest, _experiment_service_pb2.LogOutcomesResponse]  # type: ignore[assignment]
+    """LogOutcomes records outcome batches; every batch is acknowledged with what was recorded and why rows were refused."""
     GetResults: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.GetResultsRequest, _experiment_service_pb2.GetResultsResponse]  # type: ignore[assignment]
-    """GetResults analyses an experiment and recommends a decision."""
+    """GetResults analyses one phase of an experiment and recommends a decision."""
+    GetResultsHistory: _aio.UnaryUnaryMultiCallable[_experiment_service_pb2.GetResultsHistoryRequest, _experiment_service_pb2.GetResultsHistoryResponse]  # type: ignore[assignment]
+    """GetResultsHistory gives a metric's lift and confidence sequence over time, from recorded snapshots."""
 
 class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
-    """ExperimentService runs A/B tests and bandits: configuration, assignment, event collection and analysis."""
+    """ExperimentService runs A/B tests and bandits: configuration, assignment, exposures, outcomes, analysis and decisions."""
 
     @_abc_1.abstractmethod
     def CreateExperiment(
@@ -85,7 +113,15 @@ class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experiment_service_pb2.CreateExperimentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_service_pb2.CreateExperimentResponse, _abc.Awaitable[_experiment_service_pb2.CreateExperimentResponse]]:
-        """CreateExperiment creates an experiment in state DRAFT."""
+        """CreateExperiment creates an experiment in DRAFT."""
+
+    @_abc_1.abstractmethod
+    def UpdateExperiment(
+        self,
+        request: _experiment_service_pb2.UpdateExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiment_service_pb2.UpdateExperimentResponse, _abc.Awaitable[_experiment_service_pb2.UpdateExperimentResponse]]:
+        """UpdateExperiment changes the fields named by the mask, guarded by expected_version; a weight change starts a phase."""
 
     @_abc_1.abstractmethod
     def GetExperiment(
@@ -109,7 +145,7 @@ class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experiment_service_pb2.StartExperimentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_service_pb2.StartExperimentResponse, _abc.Awaitable[_experiment_service_pb2.StartExperimentResponse]]:
-        """StartExperiment moves a DRAFT experiment to RUNNING."""
+        """StartExperiment moves a DRAFT experiment to RUNNING and publishes it to gateways."""
 
     @_abc_1.abstractmethod
     def StopExperiment(
@@ -117,7 +153,25 @@ class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experiment_service_pb2.StopExperimentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_service_pb2.StopExperimentResponse, _abc.Awaitable[_experiment_service_pb2.StopExperimentResponse]]:
-        """StopExperiment ends assignment: CONCLUDED with a winning arm, otherwise STOPPED."""
+        """StopExperiment moves a RUNNING experiment to STOPPED; gateways stop assigning it."""
+
+    @_abc_1.abstractmethod
+    def DecideExperiment(
+        self,
+        request: _experiment_service_pb2.DecideExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiment_service_pb2.DecideExperimentResponse, _abc.Awaitable[_experiment_service_pb2.DecideExperimentResponse]]:
+        """DecideExperiment takes a decision on a STOPPED or RUNNING experiment (stopping it); SHIP_TREATMENT promotes the
+        arm's version through the model manager's gates and rollout.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAuditEntries(
+        self,
+        request: _experiment_service_pb2.ListAuditEntriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiment_service_pb2.ListAuditEntriesResponse, _abc.Awaitable[_experiment_service_pb2.ListAuditEntriesResponse]]:
+        """ListAuditEntries lists the changes of an experiment, oldest first."""
 
     @_abc_1.abstractmethod
     def Assign(
@@ -125,23 +179,33 @@ class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experiment_service_pb2.AssignRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_service_pb2.AssignResponse, _abc.Awaitable[_experiment_service_pb2.AssignResponse]]:
-        """Assign assigns many units to one or many experiments in one call."""
+        """Assign assigns many units in one call, from the same configuration gateways watch."""
 
     @_abc_1.abstractmethod
     def WatchExperiments(
         self,
-        request: _experiment_service_pb2.WatchExperimentsRequest,
+        request_iterator: _MaybeAsyncIterator[_experiment_service_pb2.WatchExperimentsRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_experiment_service_pb2.WatchExperimentsResponse], _abc.AsyncIterator[_experiment_service_pb2.WatchExperimentsResponse]]:
-        """WatchExperiments streams experiment configurations: a full snapshot first, then updates."""
+        """WatchExperiments streams the assignment configuration to a gateway: a snapshot first (or the updates after its
+        resumed revision), then updates; the gateway acknowledges or rejects every revision on the same stream.
+        """
+
+    @_abc_1.abstractmethod
+    def LogExposures(
+        self,
+        request: _experiment_service_pb2.LogExposuresRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiment_service_pb2.LogExposuresResponse, _abc.Awaitable[_experiment_service_pb2.LogExposuresResponse]]:
+        """LogExposures records exposures; ids already recorded count as duplicates, so retries are safe."""
 
     @_abc_1.abstractmethod
     def LogOutcomes(
         self,
         request_iterator: _MaybeAsyncIterator[_experiment_service_pb2.LogOutcomesRequest],
         context: _ServicerContext,
-    ) -> _typing.Union[_experiment_service_pb2.LogOutcomesResponse, _abc.Awaitable[_experiment_service_pb2.LogOutcomesResponse]]:
-        """LogOutcomes streams exposure and outcome events and answers once, after the client closes the stream."""
+    ) -> _typing.Union[_abc.Iterator[_experiment_service_pb2.LogOutcomesResponse], _abc.AsyncIterator[_experiment_service_pb2.LogOutcomesResponse]]:
+        """LogOutcomes records outcome batches; every batch is acknowledged with what was recorded and why rows were refused."""
 
     @_abc_1.abstractmethod
     def GetResults(
@@ -149,6 +213,14 @@ class ExperimentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _experiment_service_pb2.GetResultsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_experiment_service_pb2.GetResultsResponse, _abc.Awaitable[_experiment_service_pb2.GetResultsResponse]]:
-        """GetResults analyses an experiment and recommends a decision."""
+        """GetResults analyses one phase of an experiment and recommends a decision."""
+
+    @_abc_1.abstractmethod
+    def GetResultsHistory(
+        self,
+        request: _experiment_service_pb2.GetResultsHistoryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_experiment_service_pb2.GetResultsHistoryResponse, _abc.Awaitable[_experiment_service_pb2.GetResultsHistoryResponse]]:
+        """GetResultsHistory gives a metric's lift and confidence sequence over time, from recorded snapshots."""
 
 def add_ExperimentServiceServicer_to_server(servicer: ExperimentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

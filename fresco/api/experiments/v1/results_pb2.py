@@ -26,31 +26,33 @@ from fresco.api.experiments.v1 import experiment_pb2 as fresco_dot_experiments_d
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fresco/experiments/v1/results.proto\x12\x15\x66resco.experiments.v1\x1a&fresco/experiments/v1/experiment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x90\x03\n\x11\x45xperimentResults\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperiment_version\x18\x02 \x01(\x03\x12/\n\x0b\x63omputed_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ontrol_arm\x18\x04 \x01(\t\x12.\n\x04\x61rms\x18\x05 \x03(\x0b\x32 .fresco.experiments.v1.ArmResult\x12\x39\n\x0b\x63omparisons\x18\x06 \x03(\x0b\x32$.fresco.experiments.v1.ArmComparison\x12\x43\n\x12sample_ratio_check\x18\x07 \x01(\x0b\x32\'.fresco.experiments.v1.SampleRatioCheck\x12\x31\n\x08\x64\x65\x63ision\x18\x08 \x01(\x0b\x32\x1f.fresco.experiments.v1.Decision\x12\x1e\n\x16required_units_per_arm\x18\t \x01(\x03\"\xa0\x01\n\tArmResult\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x11\n\texposures\x18\x03 \x01(\x03\x12\x0e\n\x06weight\x18\x04 \x01(\x01\x12\x18\n\x10probability_best\x18\x05 \x01(\x01\x12\x35\n\x07metrics\x18\x06 \x03(\x0b\x32$.fresco.experiments.v1.MetricSummary\"y\n\rMetricSummary\x12\x13\n\x0bmetric_name\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\x0c\n\x04mean\x18\x04 \x01(\x01\x12\x10\n\x08variance\x18\x05 \x01(\x01\x12\x17\n\x0f\x63onversion_rate\x18\x06 \x01(\x01\"\xe6\x03\n\rArmComparison\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\x13\n\x0b\x63ontrol_arm\x18\x02 \x01(\t\x12\x13\n\x0bmetric_name\x18\x03 \x01(\t\x12/\n\x04role\x18\x04 \x01(\x0e\x32!.fresco.experiments.v1.MetricRole\x12\x17\n\x0f\x61\x62solute_effect\x18\x05 \x01(\x01\x12\x17\n\x0frelative_effect\x18\x06 \x01(\x01\x12\x44\n\x11\x61\x62solute_interval\x18\x07 \x01(\x0b\x32).fresco.experiments.v1.ConfidenceInterval\x12\x44\n\x11relative_interval\x18\x08 \x01(\x0b\x32).fresco.experiments.v1.ConfidenceInterval\x12\x0f\n\x07p_value\x18\t \x01(\x01\x12\x43\n\x0btest_method\x18\n \x01(\x0e\x32..fresco.experiments.v1.SequentialTestingMethod\x12\x13\n\x0bsignificant\x18\x0b \x01(\x08\x12#\n\x1bprobability_to_beat_control\x18\x0c \x01(\x01\x12\x1a\n\x12guardrail_breached\x18\r \x01(\x08\"A\n\x12\x43onfidenceInterval\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\x12\r\n\x05level\x18\x03 \x01(\x01\"~\n\x10SampleRatioCheck\x12\x12\n\nchi_square\x18\x01 \x01(\x01\x12\x0f\n\x07p_value\x18\x02 \x01(\x01\x12\x10\n\x08mismatch\x18\x03 \x01(\x08\x12\x33\n\x04\x61rms\x18\x04 \x03(\x0b\x32%.fresco.experiments.v1.ArmSampleCount\"R\n\x0e\x41rmSampleCount\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\x16\n\x0e\x65xpected_units\x18\x02 \x01(\x01\x12\x16\n\x0eobserved_units\x18\x03 \x01(\x03\"f\n\x08\x44\x65\x63ision\x12\x35\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32%.fresco.experiments.v1.DecisionAction\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x13\n\x0bwinning_arm\x18\x03 \x01(\t*x\n\nMetricRole\x12\x1b\n\x17METRIC_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13METRIC_ROLE_PRIMARY\x10\x01\x12\x19\n\x15METRIC_ROLE_GUARDRAIL\x10\x02\x12\x19\n\x15METRIC_ROLE_SECONDARY\x10\x03*\xf2\x01\n\x0e\x44\x65\x63isionAction\x12\x1f\n\x1b\x44\x45\x43ISION_ACTION_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45\x43ISION_ACTION_CONTINUE\x10\x01\x12\x1c\n\x18\x44\x45\x43ISION_ACTION_SHIP_ARM\x10\x02\x12\x1c\n\x18\x44\x45\x43ISION_ACTION_ROLLBACK\x10\x03\x12\"\n\x1e\x44\x45\x43ISION_ACTION_STOP_NO_EFFECT\x10\x04\x12 \n\x1c\x44\x45\x43ISION_ACTION_INCONCLUSIVE\x10\x05\x12\x1f\n\x1b\x44\x45\x43ISION_ACTION_INVESTIGATE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fresco/experiments/v1/results.proto\x12\x15\x66resco.experiments.v1\x1a&fresco/experiments/v1/experiment.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x91\x03\n\x11\x45xperimentResults\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\x1a\n\x12\x65xperiment_version\x18\x02 \x01(\x03\x12\r\n\x05phase\x18\x03 \x01(\x05\x12/\n\x0b\x63omputed_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x63ontrol_arm\x18\x05 \x01(\t\x12.\n\x04\x61rms\x18\x06 \x03(\x0b\x32 .fresco.experiments.v1.ArmResult\x12\x34\n\x07metrics\x18\x07 \x03(\x0b\x32#.fresco.experiments.v1.MetricResult\x12=\n\x0csample_ratio\x18\x08 \x01(\x0b\x32\'.fresco.experiments.v1.SampleRatioCheck\x12\x31\n\x08\x64\x65\x63ision\x18\t \x01(\x0b\x32\x1f.fresco.experiments.v1.Decision\x12\x1b\n\x13running_for_seconds\x18\n \x01(\x01\"m\n\tArmResult\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x0e\n\x06weight\x18\x03 \x01(\x01\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x18\n\x10probability_best\x18\x05 \x01(\x01\"\xdd\x02\n\x0cMetricResult\x12\x13\n\x0bmetric_name\x18\x01 \x01(\t\x12/\n\x04role\x18\x02 \x01(\x0e\x32!.fresco.experiments.v1.MetricRole\x12/\n\x04kind\x18\x03 \x01(\x0e\x32!.fresco.experiments.v1.MetricKind\x12\x39\n\tdirection\x18\x04 \x01(\x0e\x32&.fresco.experiments.v1.MetricDirection\x12\x32\n\x04\x61rms\x18\x05 \x03(\x0b\x32$.fresco.experiments.v1.MetricSummary\x12\x36\n\x0b\x63omparisons\x18\x06 \x03(\x0b\x32!.fresco.experiments.v1.Comparison\x12/\n\x05power\x18\x07 \x01(\x0b\x32 .fresco.experiments.v1.PowerPlan\"\xf4\x01\n\rMetricSummary\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\r\n\x05units\x18\x02 \x01(\x03\x12\x0b\n\x03sum\x18\x03 \x01(\x01\x12\x13\n\x0bsum_squares\x18\x04 \x01(\x01\x12\x17\n\x0f\x64\x65nominator_sum\x18\x05 \x01(\x01\x12\x1f\n\x17\x64\x65nominator_sum_squares\x18\x06 \x01(\x01\x12\x11\n\tcross_sum\x18\x07 \x01(\x01\x12\x0c\n\x04mean\x18\x08 \x01(\x01\x12\x10\n\x08variance\x18\t \x01(\x01\x12\x15\n\radjusted_mean\x18\n \x01(\x01\x12\x1c\n\x14units_with_covariate\x18\x0b \x01(\x03\"(\n\x08Interval\x12\r\n\x05lower\x18\x01 \x01(\x01\x12\r\n\x05upper\x18\x02 \x01(\x01\"\xef\x02\n\nComparison\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\x17\n\x0f\x61\x62solute_effect\x18\x02 \x01(\x01\x12\x15\n\rrelative_lift\x18\x03 \x01(\x01\x12\x0f\n\x07p_value\x18\x04 \x01(\x01\x12\x31\n\x08interval\x18\x05 \x01(\x0b\x32\x1f.fresco.experiments.v1.Interval\x12\x1a\n\x12sequential_p_value\x18\x06 \x01(\x01\x12<\n\x13sequential_interval\x18\x07 \x01(\x0b\x32\x1f.fresco.experiments.v1.Interval\x12\x13\n\x0bsignificant\x18\x08 \x01(\x08\x12\x15\n\rcuped_applied\x18\t \x01(\x08\x12\x1a\n\x12variance_reduction\x18\n \x01(\x01\x12\x14\n\x0cnon_inferior\x18\x0b \x01(\x08\x12#\n\x1bprobability_to_beat_control\x18\x0c \x01(\x01\"f\n\tPowerPlan\x12!\n\x19minimum_detectable_effect\x18\x01 \x01(\x01\x12\x1e\n\x16required_units_per_arm\x18\x02 \x01(\x03\x12\x16\n\x0e\x61\x63hieved_power\x18\x03 \x01(\x01\"\x98\x01\n\x10SampleRatioCheck\x12\x12\n\nchi_square\x18\x01 \x01(\x01\x12\x0f\n\x07p_value\x18\x02 \x01(\x01\x12\x1e\n\x16max_relative_deviation\x18\x03 \x01(\x01\x12\x10\n\x08mismatch\x18\x04 \x01(\x08\x12-\n\x04\x61rms\x18\x05 \x03(\x0b\x32\x1f.fresco.experiments.v1.ArmCount\"L\n\x08\x41rmCount\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\x16\n\x0e\x65xpected_units\x18\x02 \x01(\x01\x12\x16\n\x0eobserved_units\x18\x03 \x01(\x03\"\x94\x01\n\x08\x44\x65\x63ision\x12\x35\n\x06\x61\x63tion\x18\x01 \x01(\x0e\x32%.fresco.experiments.v1.DecisionAction\x12\x0b\n\x03\x61rm\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x34\n\x06\x63hecks\x18\x04 \x03(\x0b\x32$.fresco.experiments.v1.DecisionCheck\"\xac\x01\n\rDecisionCheck\x12\x10\n\x08\x61rm_name\x18\x01 \x01(\t\x12\x33\n\tcriterion\x18\x02 \x01(\x0b\x32 .fresco.experiments.v1.Criterion\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x11\n\tthreshold\x18\x04 \x01(\x01\x12\x0e\n\x06passed\x18\x05 \x01(\x08\x12\x12\n\nconclusive\x18\x06 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fresco.experiments.v1.results_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METRICROLE']._serialized_start=1696
-  _globals['_METRICROLE']._serialized_end=1816
-  _globals['_DECISIONACTION']._serialized_start=1819
-  _globals['_DECISIONACTION']._serialized_end=2061
   _globals['_EXPERIMENTRESULTS']._serialized_start=136
-  _globals['_EXPERIMENTRESULTS']._serialized_end=536
+  _globals['_EXPERIMENTRESULTS']._serialized_end=537
   _globals['_ARMRESULT']._serialized_start=539
-  _globals['_ARMRESULT']._serialized_end=699
-  _globals['_METRICSUMMARY']._serialized_start=701
-  _globals['_METRICSUMMARY']._serialized_end=822
-  _globals['_ARMCOMPARISON']._serialized_start=825
-  _globals['_ARMCOMPARISON']._serialized_end=1311
-  _globals['_CONFIDENCEINTERVAL']._serialized_start=1313
-  _globals['_CONFIDENCEINTERVAL']._serialized_end=1378
-  _globals['_SAMPLERATIOCHECK']._serialized_start=1380
-  _globals['_SAMPLERATIOCHECK']._serialized_end=1506
-  _globals['_ARMSAMPLECOUNT']._serialized_start=1508
-  _globals['_ARMSAMPLECOUNT']._serialized_end=1590
-  _globals['_DECISION']._serialized_start=1592
-  _globals['_DECISION']._serialized_end=1694
+  _globals['_ARMRESULT']._serialized_end=648
+  _globals['_METRICRESULT']._serialized_start=651
+  _globals['_METRICRESULT']._serialized_end=1000
+  _globals['_METRICSUMMARY']._serialized_start=1003
+  _globals['_METRICSUMMARY']._serialized_end=1247
+  _globals['_INTERVAL']._serialized_start=1249
+  _globals['_INTERVAL']._serialized_end=1289
+  _globals['_COMPARISON']._serialized_start=1292
+  _globals['_COMPARISON']._serialized_end=1659
+  _globals['_POWERPLAN']._serialized_start=1661
+  _globals['_POWERPLAN']._serialized_end=1763
+  _globals['_SAMPLERATIOCHECK']._serialized_start=1766
+  _globals['_SAMPLERATIOCHECK']._serialized_end=1918
+  _globals['_ARMCOUNT']._serialized_start=1920
+  _globals['_ARMCOUNT']._serialized_end=1996
+  _globals['_DECISION']._serialized_start=1999
+  _globals['_DECISION']._serialized_end=2147
+  _globals['_DECISIONCHECK']._serialized_start=2150
+  _globals['_DECISIONCHECK']._serialized_end=2322
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,6 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
-from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -21,133 +20,69 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _MetricRole:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _MetricRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MetricRole.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    METRIC_ROLE_UNSPECIFIED: _MetricRole.ValueType  # 0
-    """METRIC_ROLE_UNSPECIFIED means the role is not set."""
-    METRIC_ROLE_PRIMARY: _MetricRole.ValueType  # 1
-    """METRIC_ROLE_PRIMARY is the decision metric."""
-    METRIC_ROLE_GUARDRAIL: _MetricRole.ValueType  # 2
-    """METRIC_ROLE_GUARDRAIL is a metric that must not degrade."""
-    METRIC_ROLE_SECONDARY: _MetricRole.ValueType  # 3
-    """METRIC_ROLE_SECONDARY is an informational metric."""
-
-class MetricRole(_MetricRole, metaclass=_MetricRoleEnumTypeWrapper):
-    """MetricRole is the role a metric plays in an experiment."""
-
-METRIC_ROLE_UNSPECIFIED: MetricRole.ValueType  # 0
-"""METRIC_ROLE_UNSPECIFIED means the role is not set."""
-METRIC_ROLE_PRIMARY: MetricRole.ValueType  # 1
-"""METRIC_ROLE_PRIMARY is the decision metric."""
-METRIC_ROLE_GUARDRAIL: MetricRole.ValueType  # 2
-"""METRIC_ROLE_GUARDRAIL is a metric that must not degrade."""
-METRIC_ROLE_SECONDARY: MetricRole.ValueType  # 3
-"""METRIC_ROLE_SECONDARY is an informational metric."""
-Global___MetricRole: _TypeAlias = MetricRole  # noqa: Y015
-
-class _DecisionAction:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _DecisionActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DecisionAction.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    DECISION_ACTION_UNSPECIFIED: _DecisionAction.ValueType  # 0
-    """DECISION_ACTION_UNSPECIFIED means no decision was computed."""
-    DECISION_ACTION_CONTINUE: _DecisionAction.ValueType  # 1
-    """DECISION_ACTION_CONTINUE means keep collecting data."""
-    DECISION_ACTION_SHIP_ARM: _DecisionAction.ValueType  # 2
-    """DECISION_ACTION_SHIP_ARM means a treatment arm won on the primary metric without breaching guardrails."""
-    DECISION_ACTION_ROLLBACK: _DecisionAction.ValueType  # 3
-    """DECISION_ACTION_ROLLBACK means a treatment is significantly worse or breached a guardrail."""
-    DECISION_ACTION_STOP_NO_EFFECT: _DecisionAction.ValueType  # 4
-    """DECISION_ACTION_STOP_NO_EFFECT means the effect is confidently smaller than the minimum detectable effect."""
-    DECISION_ACTION_INCONCLUSIVE: _DecisionAction.ValueType  # 5
-    """DECISION_ACTION_INCONCLUSIVE means the planned sample was reached without a significant result."""
-    DECISION_ACTION_INVESTIGATE: _DecisionAction.ValueType  # 6
-    """DECISION_ACTION_INVESTIGATE means a data-quality problem such as sample ratio mismatch invalidates results."""
-
-class DecisionAction(_DecisionAction, metaclass=_DecisionActionEnumTypeWrapper):
-    """DecisionAction is the recommended next step for an experiment."""
-
-DECISION_ACTION_UNSPECIFIED: DecisionAction.ValueType  # 0
-"""DECISION_ACTION_UNSPECIFIED means no decision was computed."""
-DECISION_ACTION_CONTINUE: DecisionAction.ValueType  # 1
-"""DECISION_ACTION_CONTINUE means keep collecting data."""
-DECISION_ACTION_SHIP_ARM: DecisionAction.ValueType  # 2
-"""DECISION_ACTION_SHIP_ARM means a treatment arm won on the primary metric without breaching guardrails."""
-DECISION_ACTION_ROLLBACK: DecisionAction.ValueType  # 3
-"""DECISION_ACTION_ROLLBACK means a treatment is significantly worse or breached a guardrail."""
-DECISION_ACTION_STOP_NO_EFFECT: DecisionAction.ValueType  # 4
-"""DECISION_ACTION_STOP_NO_EFFECT means the effect is confidently smaller than the minimum detectable effect."""
-DECISION_ACTION_INCONCLUSIVE: DecisionAction.ValueType  # 5
-"""DECISION_ACTION_INCONCLUSIVE means the planned sample was reached without a significant result."""
-DECISION_ACTION_INVESTIGATE: DecisionAction.ValueType  # 6
-"""DECISION_ACTION_INVESTIGATE means a data-quality problem such as sample ratio mismatch invalidates results."""
-Global___DecisionAction: _TypeAlias = DecisionAction  # noqa: Y015
-
 @_typing.final
 class ExperimentResults(_message.Message):
-    """ExperimentResults are the analysed results of one experiment."""
+    """ExperimentResults are the analysed results of one phase of an experiment."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
     EXPERIMENT_VERSION_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
     COMPUTED_AT_FIELD_NUMBER: _builtins.int
     CONTROL_ARM_FIELD_NUMBER: _builtins.int
     ARMS_FIELD_NUMBER: _builtins.int
-    COMPARISONS_FIELD_NUMBER: _builtins.int
-    SAMPLE_RATIO_CHECK_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATIO_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
-    REQUIRED_UNITS_PER_ARM_FIELD_NUMBER: _builtins.int
+    RUNNING_FOR_SECONDS_FIELD_NUMBER: _builtins.int
     experiment_key: _builtins.str
     """experiment_key is the experiment analysed."""
     experiment_version: _builtins.int
-    """experiment_version is the experiment version the analysis used."""
+    """experiment_version is the version the analysis used."""
+    phase: _builtins.int
+    """phase is the phase analysed."""
     control_arm: _builtins.str
     """control_arm is the arm comparisons are made against."""
-    required_units_per_arm: _builtins.int
-    """required_units_per_arm is the sample size per arm needed for the configured power and effect."""
+    running_for_seconds: _builtins.float
+    """running_for_seconds is how long the phase has run."""
     @_builtins.property
     def computed_at(self) -> _timestamp_pb2.Timestamp:
         """computed_at is when the results were computed."""
 
     @_builtins.property
     def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmResult]:
-        """arms holds per-arm aggregates, in experiment arm order."""
+        """arms are per-arm counts, in arm order."""
 
     @_builtins.property
-    def comparisons(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmComparison]:
-        """comparisons holds one entry per treatment arm and metric."""
+    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricResult]:
+        """metrics are per-metric summaries and comparisons, in metric order."""
 
     @_builtins.property
-    def sample_ratio_check(self) -> Global___SampleRatioCheck:
-        """sample_ratio_check tests whether observed units match the configured weights."""
+    def sample_ratio(self) -> Global___SampleRatioCheck:
+        """sample_ratio is the sample-ratio-mismatch check."""
 
     @_builtins.property
     def decision(self) -> Global___Decision:
-        """decision is the recommended next step."""
+        """decision is the recommendation, with every check of the rule as data."""
 
     def __init__(
         self,
         *,
         experiment_key: _builtins.str = ...,
         experiment_version: _builtins.int = ...,
+        phase: _builtins.int = ...,
         computed_at: _timestamp_pb2.Timestamp | None = ...,
         control_arm: _builtins.str = ...,
         arms: _abc.Iterable[Global___ArmResult] | None = ...,
-        comparisons: _abc.Iterable[Global___ArmComparison] | None = ...,
-        sample_ratio_check: Global___SampleRatioCheck | None = ...,
+        metrics: _abc.Iterable[Global___MetricResult] | None = ...,
+        sample_ratio: Global___SampleRatioCheck | None = ...,
         decision: Global___Decision | None = ...,
-        required_units_per_arm: _builtins.int = ...,
+        running_for_seconds: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["computed_at", b"computed_at", "decision", b"decision", "sample_ratio_check", b"sample_ratio_check"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["computed_at", b"computed_at", "decision", b"decision", "sample_ratio", b"sample_ratio"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "comparisons", b"comparisons", "computed_at", b"computed_at", "control_arm", b"control_arm", "decision", b"decision", "experiment_key", b"experiment_key", "experiment_version", b"experiment_version", "required_units_per_arm", b"required_units_per_arm", "sample_ratio_check", b"sample_ratio_check"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "computed_at", b"computed_at", "control_arm", b"control_arm", "decision", b"decision", "experiment_key", b"experiment_key", "experiment_version", b"experiment_version", "metrics", b"metrics", "phase", b"phase", "running_for_seconds", b"running_for_seconds", "sample_ratio", b"sample_ratio"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -155,233 +90,329 @@ Global___ExperimentResults: _TypeAlias = ExperimentResults  # noqa: Y015
 
 @_typing.final
 class ArmResult(_message.Message):
-    """ArmResult holds the aggregates of one arm."""
+    """ArmResult holds the counts of one arm."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ARM_NAME_FIELD_NUMBER: _builtins.int
     UNITS_FIELD_NUMBER: _builtins.int
-    EXPOSURES_FIELD_NUMBER: _builtins.int
     WEIGHT_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
     PROBABILITY_BEST_FIELD_NUMBER: _builtins.int
-    METRICS_FIELD_NUMBER: _builtins.int
     arm_name: _builtins.str
     """arm_name is the arm."""
     units: _builtins.int
-    """units is the number of distinct exposed units."""
-    exposures: _builtins.int
-    """exposures is the number of exposure events."""
+    """units is the number of distinct exposed units in the phase."""
     weight: _builtins.float
-    """weight is the arm's current traffic weight."""
+    """weight is the arm's current weight, as a share of the total."""
+    model_version: _builtins.int
+    """model_version is the arm's model version; 0 when none."""
     probability_best: _builtins.float
-    """probability_best is the posterior probability this arm is best on the primary metric (bandits)."""
-    @_builtins.property
-    def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricSummary]:
-        """metrics holds one summary per metric."""
-
+    """probability_best is the posterior probability that the arm is best on the reward (bandits) or the first
+    SUCCESS metric (A/B tests).
+    """
     def __init__(
         self,
         *,
         arm_name: _builtins.str = ...,
         units: _builtins.int = ...,
-        exposures: _builtins.int = ...,
         weight: _builtins.float = ...,
+        model_version: _builtins.int = ...,
         probability_best: _builtins.float = ...,
-        metrics: _abc.Iterable[Global___MetricSummary] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_name", b"arm_name", "exposures", b"exposures", "metrics", b"metrics", "probability_best", b"probability_best", "units", b"units", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_name", b"arm_name", "model_version", b"model_version", "probability_best", b"probability_best", "units", b"units", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ArmResult: _TypeAlias = ArmResult  # noqa: Y015
 
 @_typing.final
-class MetricSummary(_message.Message):
-    """MetricSummary aggregates one metric over the units of one arm."""
+class MetricResult(_message.Message):
+    """MetricResult summarises one metric in every arm and compares each treatment with control."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     METRIC_NAME_FIELD_NUMBER: _builtins.int
-    UNITS_FIELD_NUMBER: _builtins.int
-    SUM_FIELD_NUMBER: _builtins.int
-    MEAN_FIELD_NUMBER: _builtins.int
-    VARIANCE_FIELD_NUMBER: _builtins.int
-    CONVERSION_RATE_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    DIRECTION_FIELD_NUMBER: _builtins.int
+    ARMS_FIELD_NUMBER: _builtins.int
+    COMPARISONS_FIELD_NUMBER: _builtins.int
+    POWER_FIELD_NUMBER: _builtins.int
     metric_name: _builtins.str
     """metric_name is the metric."""
-    units: _builtins.int
-    """units is the number of units the aggregates are over."""
-    sum: _builtins.float
-    """sum is the sum of per-unit values."""
-    mean: _builtins.float
-    """mean is the mean per-unit value."""
-    variance: _builtins.float
-    """variance is the sample variance of per-unit values."""
-    conversion_rate: _builtins.float
-    """conversion_rate is the share of converting units (BINARY metrics only; equals mean)."""
+    role: _experiment_pb2.MetricRole.ValueType
+    """role is its role."""
+    kind: _experiment_pb2.MetricKind.ValueType
+    """kind is its kind."""
+    direction: _experiment_pb2.MetricDirection.ValueType
+    """direction is its direction."""
+    @_builtins.property
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricSummary]:
+        """arms are the per-arm summaries, in arm order."""
+
+    @_builtins.property
+    def comparisons(self) -> _containers.RepeatedCompositeFieldContainer[Global___Comparison]:
+        """comparisons are one per treatment arm against control."""
+
+    @_builtins.property
+    def power(self) -> Global___PowerPlan:
+        """power is the planned-sample calculation for this metric."""
+
     def __init__(
         self,
         *,
         metric_name: _builtins.str = ...,
+        role: _experiment_pb2.MetricRole.ValueType = ...,
+        kind: _experiment_pb2.MetricKind.ValueType = ...,
+        direction: _experiment_pb2.MetricDirection.ValueType = ...,
+        arms: _abc.Iterable[Global___MetricSummary] | None = ...,
+        comparisons: _abc.Iterable[Global___Comparison] | None = ...,
+        power: Global___PowerPlan | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["power", b"power"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "comparisons", b"comparisons", "direction", b"direction", "kind", b"kind", "metric_name", b"metric_name", "power", b"power", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricResult: _TypeAlias = MetricResult  # noqa: Y015
+
+@_typing.final
+class MetricSummary(_message.Message):
+    """MetricSummary is one metric's sufficient statistics and estimate in one arm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARM_NAME_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    SUM_FIELD_NUMBER: _builtins.int
+    SUM_SQUARES_FIELD_NUMBER: _builtins.int
+    DENOMINATOR_SUM_FIELD_NUMBER: _builtins.int
+    DENOMINATOR_SUM_SQUARES_FIELD_NUMBER: _builtins.int
+    CROSS_SUM_FIELD_NUMBER: _builtins.int
+    MEAN_FIELD_NUMBER: _builtins.int
+    VARIANCE_FIELD_NUMBER: _builtins.int
+    ADJUSTED_MEAN_FIELD_NUMBER: _builtins.int
+    UNITS_WITH_COVARIATE_FIELD_NUMBER: _builtins.int
+    arm_name: _builtins.str
+    """arm_name is the arm."""
+    units: _builtins.int
+    """units is n, the number of exposed units."""
+    sum: _builtins.float
+    """sum is Σx (the numerator for RATIO)."""
+    sum_squares: _builtins.float
+    """sum_squares is Σx²."""
+    denominator_sum: _builtins.float
+    """denominator_sum is Σy of a RATIO metric, or the CUPED covariate's Σy."""
+    denominator_sum_squares: _builtins.float
+    """denominator_sum_squares is Σy²."""
+    cross_sum: _builtins.float
+    """cross_sum is Σxy."""
+    mean: _builtins.float
+    """mean is the estimate: Σx/n, or Σx/Σy for RATIO."""
+    variance: _builtins.float
+    """variance is the per-unit variance of the estimate's numerator (delta-method variance for RATIO)."""
+    adjusted_mean: _builtins.float
+    """adjusted_mean is the CUPED-adjusted mean; equals mean without CUPED."""
+    units_with_covariate: _builtins.int
+    """units_with_covariate is the number of units that had pre-exposure data."""
+    def __init__(
+        self,
+        *,
+        arm_name: _builtins.str = ...,
         units: _builtins.int = ...,
         sum: _builtins.float = ...,
+        sum_squares: _builtins.float = ...,
+        denominator_sum: _builtins.float = ...,
+        denominator_sum_squares: _builtins.float = ...,
+        cross_sum: _builtins.float = ...,
         mean: _builtins.float = ...,
         variance: _builtins.float = ...,
-        conversion_rate: _builtins.float = ...,
+        adjusted_mean: _builtins.float = ...,
+        units_with_covariate: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_rate", b"conversion_rate", "mean", b"mean", "metric_name", b"metric_name", "sum", b"sum", "units", b"units", "variance", b"variance"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adjusted_mean", b"adjusted_mean", "arm_name", b"arm_name", "cross_sum", b"cross_sum", "denominator_sum", b"denominator_sum", "denominator_sum_squares", b"denominator_sum_squares", "mean", b"mean", "sum", b"sum", "sum_squares", b"sum_squares", "units", b"units", "units_with_covariate", b"units_with_covariate", "variance", b"variance"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MetricSummary: _TypeAlias = MetricSummary  # noqa: Y015
 
 @_typing.final
-class ArmComparison(_message.Message):
-    """ArmComparison compares one treatment arm with control on one metric."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ARM_NAME_FIELD_NUMBER: _builtins.int
-    CONTROL_ARM_FIELD_NUMBER: _builtins.int
-    METRIC_NAME_FIELD_NUMBER: _builtins.int
-    ROLE_FIELD_NUMBER: _builtins.int
-    ABSOLUTE_EFFECT_FIELD_NUMBER: _builtins.int
-    RELATIVE_EFFECT_FIELD_NUMBER: _builtins.int
-    ABSOLUTE_INTERVAL_FIELD_NUMBER: _builtins.int
-    RELATIVE_INTERVAL_FIELD_NUMBER: _builtins.int
-    P_VALUE_FIELD_NUMBER: _builtins.int
-    TEST_METHOD_FIELD_NUMBER: _builtins.int
-    SIGNIFICANT_FIELD_NUMBER: _builtins.int
-    PROBABILITY_TO_BEAT_CONTROL_FIELD_NUMBER: _builtins.int
-    GUARDRAIL_BREACHED_FIELD_NUMBER: _builtins.int
-    arm_name: _builtins.str
-    """arm_name is the treatment arm."""
-    control_arm: _builtins.str
-    """control_arm is the control arm."""
-    metric_name: _builtins.str
-    """metric_name is the metric compared."""
-    role: Global___MetricRole.ValueType
-    """role is the metric's role in the experiment."""
-    absolute_effect: _builtins.float
-    """absolute_effect is mean(treatment) - mean(control)."""
-    relative_effect: _builtins.float
-    """relative_effect is absolute_effect / mean(control)."""
-    p_value: _builtins.float
-    """p_value is the p-value; it is always-valid when test_method is sequential."""
-    test_method: _experiment_pb2.SequentialTestingMethod.ValueType
-    """test_method is the testing scheme the p-value and intervals come from."""
-    significant: _builtins.bool
-    """significant is true when p_value is below the (corrected) alpha."""
-    probability_to_beat_control: _builtins.float
-    """probability_to_beat_control is the posterior probability the treatment is better than control."""
-    guardrail_breached: _builtins.bool
-    """guardrail_breached is true when a guardrail metric degraded beyond its limit."""
-    @_builtins.property
-    def absolute_interval(self) -> Global___ConfidenceInterval:
-        """absolute_interval is the confidence interval of absolute_effect."""
-
-    @_builtins.property
-    def relative_interval(self) -> Global___ConfidenceInterval:
-        """relative_interval is the confidence interval of relative_effect."""
-
-    def __init__(
-        self,
-        *,
-        arm_name: _builtins.str = ...,
-        control_arm: _builtins.str = ...,
-        metric_name: _builtins.str = ...,
-        role: Global___MetricRole.ValueType = ...,
-        absolute_effect: _builtins.float = ...,
-        relative_effect: _builtins.float = ...,
-        absolute_interval: Global___ConfidenceInterval | None = ...,
-        relative_interval: Global___ConfidenceInterval | None = ...,
-        p_value: _builtins.float = ...,
-        test_method: _experiment_pb2.SequentialTestingMethod.ValueType = ...,
-        significant: _builtins.bool = ...,
-        probability_to_beat_control: _builtins.float = ...,
-        guardrail_breached: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["absolute_interval", b"absolute_interval", "relative_interval", b"relative_interval"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["absolute_effect", b"absolute_effect", "absolute_interval", b"absolute_interval", "arm_name", b"arm_name", "control_arm", b"control_arm", "guardrail_breached", b"guardrail_breached", "metric_name", b"metric_name", "p_value", b"p_value", "probability_to_beat_control", b"probability_to_beat_control", "relative_effect", b"relative_effect", "relative_interval", b"relative_interval", "role", b"role", "significant", b"significant", "test_method", b"test_method"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___ArmComparison: _TypeAlias = ArmComparison  # noqa: Y015
-
-@_typing.final
-class ConfidenceInterval(_message.Message):
-    """ConfidenceInterval is a two-sided interval at a confidence level."""
+class Interval(_message.Message):
+    """Interval is a two-sided interval."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LOWER_FIELD_NUMBER: _builtins.int
     UPPER_FIELD_NUMBER: _builtins.int
-    LEVEL_FIELD_NUMBER: _builtins.int
     lower: _builtins.float
     """lower is the lower bound."""
     upper: _builtins.float
     """upper is the upper bound."""
-    level: _builtins.float
-    """level is the confidence level, e.g. 0.95."""
     def __init__(
         self,
         *,
         lower: _builtins.float = ...,
         upper: _builtins.float = ...,
-        level: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["level", b"level", "lower", b"lower", "upper", b"upper"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lower", b"lower", "upper", b"upper"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ConfidenceInterval: _TypeAlias = ConfidenceInterval  # noqa: Y015
+Global___Interval: _TypeAlias = Interval  # noqa: Y015
+
+@_typing.final
+class Comparison(_message.Message):
+    """Comparison compares one treatment arm with control on one metric."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARM_NAME_FIELD_NUMBER: _builtins.int
+    ABSOLUTE_EFFECT_FIELD_NUMBER: _builtins.int
+    RELATIVE_LIFT_FIELD_NUMBER: _builtins.int
+    P_VALUE_FIELD_NUMBER: _builtins.int
+    INTERVAL_FIELD_NUMBER: _builtins.int
+    SEQUENTIAL_P_VALUE_FIELD_NUMBER: _builtins.int
+    SEQUENTIAL_INTERVAL_FIELD_NUMBER: _builtins.int
+    SIGNIFICANT_FIELD_NUMBER: _builtins.int
+    CUPED_APPLIED_FIELD_NUMBER: _builtins.int
+    VARIANCE_REDUCTION_FIELD_NUMBER: _builtins.int
+    NON_INFERIOR_FIELD_NUMBER: _builtins.int
+    PROBABILITY_TO_BEAT_CONTROL_FIELD_NUMBER: _builtins.int
+    arm_name: _builtins.str
+    """arm_name is the treatment arm."""
+    absolute_effect: _builtins.float
+    """absolute_effect is the treatment estimate minus control's (CUPED-adjusted when CUPED applies)."""
+    relative_lift: _builtins.float
+    """relative_lift is absolute_effect over control's estimate."""
+    p_value: _builtins.float
+    """p_value is the fixed-horizon p-value (Welch's t-test, or the two-proportion z-test)."""
+    sequential_p_value: _builtins.float
+    """sequential_p_value is the always-valid p-value of the confidence sequence."""
+    significant: _builtins.bool
+    """significant is true when the interval used for decisions excludes 0."""
+    cuped_applied: _builtins.bool
+    """cuped_applied is true when the estimate is CUPED-adjusted."""
+    variance_reduction: _builtins.float
+    """variance_reduction is 1 - Var(adjusted)/Var(raw) from CUPED; 0 without it."""
+    non_inferior: _builtins.bool
+    """non_inferior is true when a GUARDRAIL or LATENCY metric's bad end of the interval is within its margin."""
+    probability_to_beat_control: _builtins.float
+    """probability_to_beat_control is the (normal-approximation) posterior probability the treatment is better."""
+    @_builtins.property
+    def interval(self) -> Global___Interval:
+        """interval is the fixed-horizon confidence interval of relative_lift (delta method)."""
+
+    @_builtins.property
+    def sequential_interval(self) -> Global___Interval:
+        """sequential_interval is the always-valid confidence sequence of relative_lift."""
+
+    def __init__(
+        self,
+        *,
+        arm_name: _builtins.str = ...,
+        absolute_effect: _builtins.float = ...,
+        relative_lift: _builtins.float = ...,
+        p_value: _builtins.float = ...,
+        interval: Global___Interval | None = ...,
+        sequential_p_value: _builtins.float = ...,
+        sequential_interval: Global___Interval | None = ...,
+        significant: _builtins.bool = ...,
+        cuped_applied: _builtins.bool = ...,
+        variance_reduction: _builtins.float = ...,
+        non_inferior: _builtins.bool = ...,
+        probability_to_beat_control: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["interval", b"interval", "sequential_interval", b"sequential_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absolute_effect", b"absolute_effect", "arm_name", b"arm_name", "cuped_applied", b"cuped_applied", "interval", b"interval", "non_inferior", b"non_inferior", "p_value", b"p_value", "probability_to_beat_control", b"probability_to_beat_control", "relative_lift", b"relative_lift", "sequential_interval", b"sequential_interval", "sequential_p_value", b"sequential_p_value", "significant", b"significant", "variance_reduction", b"variance_reduction"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Comparison: _TypeAlias = Comparison  # noqa: Y015
+
+@_typing.final
+class PowerPlan(_message.Message):
+    """PowerPlan is the sample needed for the metric's minimum detectable effect."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MINIMUM_DETECTABLE_EFFECT_FIELD_NUMBER: _builtins.int
+    REQUIRED_UNITS_PER_ARM_FIELD_NUMBER: _builtins.int
+    ACHIEVED_POWER_FIELD_NUMBER: _builtins.int
+    minimum_detectable_effect: _builtins.float
+    """minimum_detectable_effect is the relative effect planned for."""
+    required_units_per_arm: _builtins.int
+    """required_units_per_arm is the per-arm sample for alpha and power at that effect, given control's variance."""
+    achieved_power: _builtins.float
+    """achieved_power is the power at the current sample for that effect."""
+    def __init__(
+        self,
+        *,
+        minimum_detectable_effect: _builtins.float = ...,
+        required_units_per_arm: _builtins.int = ...,
+        achieved_power: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["achieved_power", b"achieved_power", "minimum_detectable_effect", b"minimum_detectable_effect", "required_units_per_arm", b"required_units_per_arm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PowerPlan: _TypeAlias = PowerPlan  # noqa: Y015
 
 @_typing.final
 class SampleRatioCheck(_message.Message):
-    """SampleRatioCheck is a chi-square test of observed units per arm against configured weights."""
+    """SampleRatioCheck is a chi-square test of units per arm against the weights in force when they were assigned."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CHI_SQUARE_FIELD_NUMBER: _builtins.int
     P_VALUE_FIELD_NUMBER: _builtins.int
+    MAX_RELATIVE_DEVIATION_FIELD_NUMBER: _builtins.int
     MISMATCH_FIELD_NUMBER: _builtins.int
     ARMS_FIELD_NUMBER: _builtins.int
     chi_square: _builtins.float
-    """chi_square is the test statistic."""
+    """chi_square is the statistic."""
     p_value: _builtins.float
-    """p_value is the test p-value."""
+    """p_value is its p-value."""
+    max_relative_deviation: _builtins.float
+    """max_relative_deviation is the largest |observed - expected| / expected over arms."""
     mismatch: _builtins.bool
-    """mismatch is true when p_value is below the configured SRM threshold."""
+    """mismatch is true when p_value < threshold and max_relative_deviation > the minimum deviation, or an arm
+    expected to have units has none.
+    """
     @_builtins.property
-    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmSampleCount]:
-        """arms holds expected and observed units per arm."""
+    def arms(self) -> _containers.RepeatedCompositeFieldContainer[Global___ArmCount]:
+        """arms are expected and observed units per arm."""
 
     def __init__(
         self,
         *,
         chi_square: _builtins.float = ...,
         p_value: _builtins.float = ...,
+        max_relative_deviation: _builtins.float = ...,
         mismatch: _builtins.bool = ...,
-        arms: _abc.Iterable[Global___ArmSampleCount] | None = ...,
+        arms: _abc.Iterable[Global___ArmCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "chi_square", b"chi_square", "mismatch", b"mismatch", "p_value", b"p_value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arms", b"arms", "chi_square", b"chi_square", "max_relative_deviation", b"max_relative_deviation", "mismatch", b"mismatch", "p_value", b"p_value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SampleRatioCheck: _TypeAlias = SampleRatioCheck  # noqa: Y015
 
 @_typing.final
-class ArmSampleCount(_message.Message):
-    """ArmSampleCount is the expected and observed unit count of one arm."""
+class ArmCount(_message.Message):
+    """ArmCount is one arm's expected and observed units."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -391,9 +422,9 @@ class ArmSampleCount(_message.Message):
     arm_name: _builtins.str
     """arm_name is the arm."""
     expected_units: _builtins.float
-    """expected_units is the count implied by the configured weights."""
+    """expected_units is what the weights imply."""
     observed_units: _builtins.int
-    """observed_units is the count observed."""
+    """observed_units is what was exposed."""
     def __init__(
         self,
         *,
@@ -407,34 +438,88 @@ class ArmSampleCount(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ArmSampleCount: _TypeAlias = ArmSampleCount  # noqa: Y015
+Global___ArmCount: _TypeAlias = ArmCount  # noqa: Y015
 
 @_typing.final
 class Decision(_message.Message):
-    """Decision is the recommended next step and why."""
+    """Decision is the recommendation and every check behind it."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     ACTION_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
-    WINNING_ARM_FIELD_NUMBER: _builtins.int
-    action: Global___DecisionAction.ValueType
+    CHECKS_FIELD_NUMBER: _builtins.int
+    action: _experiment_pb2.DecisionAction.ValueType
     """action is the recommendation."""
+    arm: _builtins.str
+    """arm is the treatment to ship (SHIP_TREATMENT); empty otherwise."""
     reason: _builtins.str
-    """reason explains the recommendation in one line."""
-    winning_arm: _builtins.str
-    """winning_arm is the arm to ship when action is SHIP_ARM; empty otherwise."""
+    """reason explains it in one line."""
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___DecisionCheck]:
+        """checks are every criterion evaluated, per treatment arm."""
+
     def __init__(
         self,
         *,
-        action: Global___DecisionAction.ValueType = ...,
+        action: _experiment_pb2.DecisionAction.ValueType = ...,
+        arm: _builtins.str = ...,
         reason: _builtins.str = ...,
-        winning_arm: _builtins.str = ...,
+        checks: _abc.Iterable[Global___DecisionCheck] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "reason", b"reason", "winning_arm", b"winning_arm"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "arm", b"arm", "checks", b"checks", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+@_typing.final
+class DecisionCheck(_message.Message):
+    """DecisionCheck is one criterion evaluated for one treatment arm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARM_NAME_FIELD_NUMBER: _builtins.int
+    CRITERION_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    PASSED_FIELD_NUMBER: _builtins.int
+    CONCLUSIVE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    arm_name: _builtins.str
+    """arm_name is the treatment arm."""
+    value: _builtins.float
+    """value is the measured value compared with the threshold (a lift, a regression bound, a unit count, a p-value)."""
+    threshold: _builtins.float
+    """threshold is the threshold used."""
+    passed: _builtins.bool
+    """passed is whether the check passed."""
+    conclusive: _builtins.bool
+    """conclusive is true when more data cannot change a failed check (it failed significantly)."""
+    detail: _builtins.str
+    """detail explains the check in one line."""
+    @_builtins.property
+    def criterion(self) -> _experiment_pb2.Criterion:
+        """criterion is the criterion."""
+
+    def __init__(
+        self,
+        *,
+        arm_name: _builtins.str = ...,
+        criterion: _experiment_pb2.Criterion | None = ...,
+        value: _builtins.float = ...,
+        threshold: _builtins.float = ...,
+        passed: _builtins.bool = ...,
+        conclusive: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["criterion", b"criterion"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm_name", b"arm_name", "conclusive", b"conclusive", "criterion", b"criterion", "detail", b"detail", "passed", b"passed", "threshold", b"threshold", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecisionCheck: _TypeAlias = DecisionCheck  # noqa: Y015

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fresco.api.common.v1 import values_pb2 as fresco_dot_common_dot_v1_dot_values__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66resco/gateway/v1/gateway.proto\x12\x11\x66resco.gateway.v1\x1a\x1d\x66resco/common/v1/values.proto\"\xa5\x02\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x41\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32/.fresco.gateway.v1.PredictRequest.FeaturesEntry\x12\x30\n\x0b\x65ntity_keys\x18\x04 \x03(\x0b\x32\x1b.fresco.common.v1.EntityKey\x12\x0f\n\x07unit_id\x18\x05 \x01(\t\x12\x0f\n\x07outputs\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1aH\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.fresco.common.v1.Value:\x02\x38\x01\"\xd8\x02\n\x0fPredictResponse\x12@\n\x07outputs\x18\x01 \x03(\x0b\x32/.fresco.gateway.v1.PredictResponse.OutputsEntry\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0e\x65xperiment_arm\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x18\n\x10imputed_features\x18\x08 \x03(\t\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x17\n\x0f\x66\x61llback_reason\x18\n \x01(\t\x1aH\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.fresco.common.v1.Tensor:\x02\x38\x01\"J\n\x13PredictBatchRequest\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.fresco.gateway.v1.PredictRequest\"M\n\x14PredictBatchResponse\x12\x35\n\tresponses\x18\x01 \x03(\x0b\x32\".fresco.gateway.v1.PredictResponse2\xc3\x01\n\x0eGatewayService\x12P\n\x07Predict\x12!.fresco.gateway.v1.PredictRequest\x1a\".fresco.gateway.v1.PredictResponse\x12_\n\x0cPredictBatch\x12&.fresco.gateway.v1.PredictBatchRequest\x1a\'.fresco.gateway.v1.PredictBatchResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66resco/gateway/v1/gateway.proto\x12\x11\x66resco.gateway.v1\x1a\x1d\x66resco/common/v1/values.proto\"\xaa\x04\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x41\n\x08\x66\x65\x61tures\x18\x03 \x03(\x0b\x32/.fresco.gateway.v1.PredictRequest.FeaturesEntry\x12\x30\n\x0b\x65ntity_keys\x18\x04 \x03(\x0b\x32\x1b.fresco.common.v1.EntityKey\x12\x0f\n\x07unit_id\x18\x05 \x01(\t\x12\x0f\n\x07outputs\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12@\n\x08unit_ids\x18\x08 \x03(\x0b\x32..fresco.gateway.v1.PredictRequest.UnitIdsEntry\x12\x45\n\nattributes\x18\t \x03(\x0b\x32\x31.fresco.gateway.v1.PredictRequest.AttributesEntry\x1aH\n\rFeaturesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.fresco.common.v1.Value:\x02\x38\x01\x1a.\n\x0cUnitIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1aJ\n\x0f\x41ttributesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.fresco.common.v1.Value:\x02\x38\x01\"\x8f\x03\n\x0fPredictResponse\x12@\n\x07outputs\x18\x01 \x03(\x0b\x32/.fresco.gateway.v1.PredictResponse.OutputsEntry\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x16\n\x0e\x65xperiment_arm\x18\x04 \x01(\t\x12\x10\n\x08trace_id\x18\x05 \x01(\t\x12\x10\n\x08\x66\x61llback\x18\x06 \x01(\x08\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x18\n\x10imputed_features\x18\x08 \x03(\t\x12\x10\n\x08\x64\x65graded\x18\t \x01(\x08\x12\x17\n\x0f\x66\x61llback_reason\x18\n \x01(\t\x12\x35\n\x0b\x65xperiments\x18\x0b \x03(\x0b\x32 .fresco.gateway.v1.ExperimentArm\x1aH\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.fresco.common.v1.Tensor:\x02\x38\x01\"\xcd\x01\n\rExperimentArm\x12\x16\n\x0e\x65xperiment_key\x18\x01 \x01(\t\x12\r\n\x05phase\x18\x02 \x01(\x05\x12\x0b\n\x03\x61rm\x18\x03 \x01(\t\x12\x44\n\nparameters\x18\x04 \x03(\x0b\x32\x30.fresco.gateway.v1.ExperimentArm.ParametersEntry\x12\x0f\n\x07\x65xposed\x18\x05 \x01(\x08\x1a\x31\n\x0fParametersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x13PredictBatchRequest\x12\x33\n\x08requests\x18\x01 \x03(\x0b\x32!.fresco.gateway.v1.PredictRequest\"M\n\x14PredictBatchResponse\x12\x35\n\tresponses\x18\x01 \x03(\x0b\x32\".fresco.gateway.v1.PredictResponse2\xc3\x01\n\x0eGatewayService\x12P\n\x07Predict\x12!.fresco.gateway.v1.PredictRequest\x1a\".fresco.gateway.v1.PredictResponse\x12_\n\x0cPredictBatch\x12&.fresco.gateway.v1.PredictBatchRequest\x1a\'.fresco.gateway.v1.PredictBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST_FEATURESENTRY']._loaded_options = None
   _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTREQUEST_UNITIDSENTRY']._loaded_options = None
+  _globals['_PREDICTREQUEST_UNITIDSENTRY']._serialized_options = b'8\001'
+  _globals['_PREDICTREQUEST_ATTRIBUTESENTRY']._loaded_options = None
+  _globals['_PREDICTREQUEST_ATTRIBUTESENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._loaded_options = None
   _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_options = b'8\001'
+  _globals['_EXPERIMENTARM_PARAMETERSENTRY']._loaded_options = None
+  _globals['_EXPERIMENTARM_PARAMETERSENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTREQUEST']._serialized_start=86
-  _globals['_PREDICTREQUEST']._serialized_end=379
-  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=307
-  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_end=379
-  _globals['_PREDICTRESPONSE']._serialized_start=382
-  _globals['_PREDICTRESPONSE']._serialized_end=726
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=654
-  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=726
-  _globals['_PREDICTBATCHREQUEST']._serialized_start=728
-  _globals['_PREDICTBATCHREQUEST']._serialized_end=802
-  _globals['_PREDICTBATCHRESPONSE']._serialized_start=804
-  _globals['_PREDICTBATCHRESPONSE']._serialized_end=881
-  _globals['_GATEWAYSERVICE']._serialized_start=884
-  _globals['_GATEWAYSERVICE']._serialized_end=1079
+  _globals['_PREDICTREQUEST']._serialized_end=640
+  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_start=444
+  _globals['_PREDICTREQUEST_FEATURESENTRY']._serialized_end=516
+  _globals['_PREDICTREQUEST_UNITIDSENTRY']._serialized_start=518
+  _globals['_PREDICTREQUEST_UNITIDSENTRY']._serialized_end=564
+  _globals['_PREDICTREQUEST_ATTRIBUTESENTRY']._serialized_start=566
+  _globals['_PREDICTREQUEST_ATTRIBUTESENTRY']._serialized_end=640
+  _globals['_PREDICTRESPONSE']._serialized_start=643
+  _globals['_PREDICTRESPONSE']._serialized_end=1042
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_start=970
+  _globals['_PREDICTRESPONSE_OUTPUTSENTRY']._serialized_end=1042
+  _globals['_EXPERIMENTARM']._serialized_start=1045
+  _globals['_EXPERIMENTARM']._serialized_end=1250
+  _globals['_EXPERIMENTARM_PARAMETERSENTRY']._serialized_start=1201
+  _globals['_EXPERIMENTARM_PARAMETERSENTRY']._serialized_end=1250
+  _globals['_PREDICTBATCHREQUEST']._serialized_start=1252
+  _globals['_PREDICTBATCHREQUEST']._serialized_end=1326
+  _globals['_PREDICTBATCHRESPONSE']._serialized_start=1328
+  _globals['_PREDICTBATCHRESPONSE']._serialized_end=1405
+  _globals['_GATEWAYSERVICE']._serialized_start=1408
+  _globals['_GATEWAYSERVICE']._serialized_end=1603
 # @@protoc_insertion_point(module_scope)

@@ -46,6 +46,47 @@ class PredictRequest(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class UnitIdsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class AttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> _values_pb2.Value: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _values_pb2.Value | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     MODEL_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     FEATURES_FIELD_NUMBER: _builtins.int
@@ -53,6 +94,8 @@ class PredictRequest(_message.Message):
     UNIT_ID_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    UNIT_IDS_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the name of the model to predict with."""
     version: _builtins.str
@@ -73,6 +116,14 @@ class PredictRequest(_message.Message):
     def outputs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """outputs restrict the answer to these model outputs; empty means all outputs."""
 
+    @_builtins.property
+    def unit_ids(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """unit_ids are the caller's ids by unit type (e.g. {"user_id": "42"}); experiments hash the one of their unit type."""
+
+    @_builtins.property
+    def attributes(self) -> _containers.MessageMap[_builtins.str, _values_pb2.Value]:
+        """attributes are what experiment targeting conditions test (country, platform, ...)."""
+
     def __init__(
         self,
         *,
@@ -83,10 +134,12 @@ class PredictRequest(_message.Message):
         unit_id: _builtins.str = ...,
         outputs: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        unit_ids: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        attributes: _abc.Mapping[_builtins.str, _values_pb2.Value] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_keys", b"entity_keys", "features", b"features", "model", b"model", "outputs", b"outputs", "request_id", b"request_id", "unit_id", b"unit_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "entity_keys", b"entity_keys", "features", b"features", "model", b"model", "outputs", b"outputs", "request_id", b"request_id", "unit_id", b"unit_id", "unit_ids", b"unit_ids", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -129,6 +182,7 @@ class PredictResponse(_message.Message):
     IMPUTED_FEATURES_FIELD_NUMBER: _builtins.int
     DEGRADED_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    EXPERIMENTS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """model is the model that answered."""
     model_version: _builtins.str
@@ -153,6 +207,10 @@ class PredictResponse(_message.Message):
     def imputed_features(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """imputed_features are the feature refs whose value the feature service imputed by the feature's null policy."""
 
+    @_builtins.property
+    def experiments(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExperimentArm]:
+        """experiments are the experiment arms this request was assigned to; the first also fills experiment_arm."""
+
     def __init__(
         self,
         *,
@@ -166,14 +224,75 @@ class PredictResponse(_message.Message):
         imputed_features: _abc.Iterable[_builtins.str] | None = ...,
         degraded: _builtins.bool = ...,
         fallback_reason: _builtins.str = ...,
+        experiments: _abc.Iterable[Global___ExperimentArm] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "experiment_arm", b"experiment_arm", "fallback", b"fallback", "fallback_reason", b"fallback_reason", "imputed_features", b"imputed_features", "model", b"model", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["degraded", b"degraded", "experiment_arm", b"experiment_arm", "experiments", b"experiments", "fallback", b"fallback", "fallback_reason", b"fallback_reason", "imputed_features", b"imputed_features", "model", b"model", "model_version", b"model_version", "outputs", b"outputs", "request_id", b"request_id", "trace_id", b"trace_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PredictResponse: _TypeAlias = PredictResponse  # noqa: Y015
+
+@_typing.final
+class ExperimentArm(_message.Message):
+    """ExperimentArm is one experiment's arm for a request."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParametersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EXPERIMENT_KEY_FIELD_NUMBER: _builtins.int
+    PHASE_FIELD_NUMBER: _builtins.int
+    ARM_FIELD_NUMBER: _builtins.int
+    PARAMETERS_FIELD_NUMBER: _builtins.int
+    EXPOSED_FIELD_NUMBER: _builtins.int
+    experiment_key: _builtins.str
+    """experiment_key is the experiment."""
+    phase: _builtins.int
+    """phase is the experiment's phase."""
+    arm: _builtins.str
+    """arm is the arm assigned."""
+    exposed: _builtins.bool
+    """exposed is true when the arm's version answered (and an exposure was logged); false after a fallback."""
+    @_builtins.property
+    def parameters(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """parameters are the arm's parameters."""
+
+    def __init__(
+        self,
+        *,
+        experiment_key: _builtins.str = ...,
+        phase: _builtins.int = ...,
+        arm: _builtins.str = ...,
+        parameters: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        exposed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arm", b"arm", "experiment_key", b"experiment_key", "exposed", b"exposed", "parameters", b"parameters", "phase", b"phase"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExperimentArm: _TypeAlias = ExperimentArm  # noqa: Y015
 
 @_typing.final
 class PredictBatchRequest(_message.Message):

@@ -1,6 +1,6 @@
 """The frozen assignment specification: which arm of an experiment a unit gets, the same in every language.
 
-Version 1 of the specification (every implementation reproduces `experiment_service/spec/assignment_vectors.json`):
+Version 1 of the specification (every implementation reproduces `fresco/experiments/assignment_vectors.json`):
 
 - **Bucket.** `bucket(seed, unit) = fnv1a32(decimal(fnv1a32(utf8(seed + unit)))) mod 10000`, GrowthBook's v2 hash:
   32-bit FNV-1a (offset basis 2166136261, prime 16777619) over the UTF-8 bytes of seed and unit joined with no

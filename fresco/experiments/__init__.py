@@ -1,0 +1,1 @@
+"""What gateways, the experiment service and clients share about experiments: the assignment specification."""
