@@ -84,6 +84,7 @@ class ExposureLog:
         self._task: asyncio.Task[None] | None = None
         self.dropped_total = 0  # exposures lost: the queue was full, or the service refused them for good
         self.sent_total = 0
+        self.failed_attempts = 0  # sends that failed in a way worth retrying (the batch stayed queued)
         self.dropped = Counter(
             "fresco_gateway_exposures_dropped",
             "Exposures not delivered, by reason (queue_full, refused: an RPC error not worth retrying, "
@@ -167,6 +168,7 @@ class ExposureLog:
                     await self.send_batch(stub)
                     delay = self._backoff_s[0]
             except aio.AioRpcError as err:
+                self.failed_attempts += 1
                 log.info(
                     "exposures to %s not sent (%s): %d queued, retrying in %.1fs",
                     self._address,

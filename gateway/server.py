@@ -7,6 +7,9 @@ import socket
 from functools import partial
 
 from chassis.server import ServiceApp
+from gateway.experiment_arms import ExperimentArms
+from gateway.experiment_watch import ExperimentWatcher
+from gateway.exposures import ExposureLog
 from gateway.features import FeatureClient
 from gateway.limits import Limits
 from gateway.metric_windows import MetricWindows, WindowReporter
@@ -46,9 +49,9 @@ class Gateway:
         self.reporter: WindowReporter | None = None
         windows = None
         chooser = RouteChooser(routes)
+        gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
         if settings.model_manager_address:
             manager_channel = partial(self.app.client_channel, token_file=settings.model_manager_token_file)
-            gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
             self.watcher = watcher = RouteWatcher(
                 manager_channel,
                 settings.model_manager_address,
@@ -68,7 +71,10 @@ class Gateway:
                 self.app.registry,
                 max_attempts=settings.report_attempts,
             )
-        self.pipeline = PredictionPipeline(chooser, self.predictors, self.features, limits, self.offload, windows)
+        self.experiments = self._experiments(settings, gateway_id)
+        self.pipeline = PredictionPipeline(
+            chooser, self.predictors, self.features, limits, self.offload, windows, self.experiments
+        )
         if self.watcher is not None:
             self.pipeline.calls.shadow = ShadowMirror(
                 self.pipeline.calls.shadow_call,
@@ -86,9 +92,35 @@ class Gateway:
             self.app.on_stop(self.reporter.close)
         if self.watcher is not None:
             self.app.on_stop(self.watcher.close)
+        if self.experiment_watcher is not None:
+            self.app.on_stop(self.experiment_watcher.close)
+        if self.exposures is not None:
+            self.app.on_stop(self.exposures.close)
         self.app.on_stop(self.offload.close)
         if self.features is not None:
             self.app.on_stop(self.features.close)
+
+    def _experiments(self, settings: GatewaySettings, gateway_id: str) -> ExperimentArms | None:
+        """Assignment from the experiment service's configuration stream, exposures sent back to it."""
+        self.experiment_watcher: ExperimentWatcher | None = None
+        self.exposures: ExposureLog | None = None
+        if not settings.experiment_service:
+            return None
+        channel = partial(self.app.client_channel, token_file=settings.experiment_service_token_file)
+        backoff = (0.1, settings.route_backoff_max_s)
+        self.experiment_watcher = watcher = ExperimentWatcher(
+            channel, settings.experiment_service, gateway_id, settings.state_dir, self.app.registry, backoff
+        )
+        self.exposures = ExposureLog(
+            channel,
+            settings.experiment_service,
+            gateway_id,
+            self.app.registry,
+            queue_size=settings.exposure_queue,
+            backoff_s=backoff,
+        )
+        watcher.on_connect(self.exposures.wake)
+        return ExperimentArms(lambda: watcher.evaluator, self.app.registry, exposures=self.exposures)
 
 
 def build_server(settings: GatewaySettings) -> Gateway:
@@ -102,3 +134,7 @@ async def start_background(gateway: Gateway) -> None:
         gateway.watcher.start()
     if gateway.reporter is not None:
         gateway.reporter.start()
+    if gateway.experiment_watcher is not None:
+        gateway.experiment_watcher.start()
+    if gateway.exposures is not None:
+        gateway.exposures.start()
