@@ -251,6 +251,15 @@ def start_suite(
     return suite
 
 
+def experiment_args(suite: Suite, token_file: Path) -> list[str]:
+    """The gateway's flags for the suite's experiment service, when one was started: assignment configuration
+    from it, exposures to it (with a token allowed to log them)."""
+    for service in suite.services:
+        if service.module == "experiment_service":
+            return ["--experiment-service", service.address, "--experiment-service-token-file", str(token_file)]
+    return []
+
+
 def start_platform(root: Path, auth: LocalAuth, env: Mapping[str, str] | None = None, window_s: float = 10.0) -> Suite:
     """The model manager (SQLite and artifacts under `root/manager`), a predictor that joins its fleet with an
     empty repository, and a gateway routed by the manager's WatchRoutes, on free loopback ports, healthy, auth on:
@@ -315,6 +324,7 @@ def start_platform(root: Path, auth: LocalAuth, env: Mapping[str, str] | None = 
                     str(root / "gateway-state"),
                     "--port",
                     "0",
+                    *experiment_args(suite, auth.control_token_file),
                     *auth_args,
                 ],
                 env=extra,

@@ -99,14 +99,11 @@ class ExperimentArms:
 
     def routed_version(self, table: RouteTable | None, model: str, arms: Sequence[Assigned]) -> str:
         """The model version the query's arms route it to: the first arm with a version (by experiment key);
-        "" when no arm names one or the route cannot serve it (then it is counted)."""
+        "" when no arm names one or the route cannot serve it."""
         for assigned in arms:
             if assigned.model_version:
                 version = str(assigned.model_version)
-                if RouteChooser.routable(table, model, version):
-                    return version
-                self.unroutable.labels(assigned.experiment_key).inc()
-                return ""
+                return version if RouteChooser.routable(table, model, version) else ""
         return ""
 
     def results(self, arms: Sequence[Assigned], routed: str, answered_version: str, fallback: bool) -> list[ArmResult]:
@@ -117,6 +114,8 @@ class ExperimentArms:
         now = time.time_ns()
         for assigned in arms:
             own = str(assigned.model_version) if assigned.model_version else ""
+            if own and not routed:
+                self.unroutable.labels(assigned.experiment_key).inc()
             exposed = answered and (not own or own == routed == answered_version)
             if exposed and self.exposures is not None:
                 self.exposures.offer(assigned, now)
