@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,9 +19,11 @@ from fresco.api.experiments.v1 import experiment_pb2 as xpb
 from fresco.api.experiments.v1 import experiment_service_pb2 as pb
 from fresco.experiments.evaluator import Assigned, Evaluator
 from fresco.experiments.exposure import exposure_id
+from gateway.experiment_arms import ExperimentArms
 from gateway.experiment_watch import STATE_FILE, apply, evaluator_of, load_config, save_config
 from gateway.exposures import ExposureLog
 from gateway.watch_stream import Resync
+from model_manager.routes import Endpoint, ModelRoute, RouteTable, VersionRoute
 
 
 def experiment(key: str, *versions: int, salt: str = "") -> apb.ExperimentConfig:
@@ -152,3 +155,27 @@ def test_an_empty_configuration_assigns_no_one() -> None:
     held = apply(None, snapshot(1))
     assert isinstance(held, Evaluator)
     assert not held.assign({"user_id": "u"}, {}, "m")
+
+
+def test_an_arm_is_exposed_only_when_its_version_answered() -> None:
+    registry = CollectorRegistry()
+    log = ExposureLog(aio.insecure_channel, closed_address(), "gw-1", registry)
+    arms = ExperimentArms(lambda: None, registry, exposures=log)
+    endpoint = Endpoint("127.0.0.1", 9)
+    route = ModelRoute("m", (VersionRoute("1", 100, (endpoint,)), VersionRoute("2", 0, (endpoint,))), "seed")
+    table = RouteTable(1, (route,))
+    versioned, parameters = assigned("u1", "arm2"), replace(assigned("u2", "p"), model_version=0)
+    versioned = replace(versioned, model_version=2)
+    assert arms.routed_version(table, "m", [parameters, versioned]) == "2", "the first arm with a version routes"
+    assert arms.routed_version(table, "m", [replace(versioned, model_version=3)]) == "", "not in the route"
+    assert arms.routed_version(None, "m", [versioned]) == "", "no managed route"
+
+    def exposed(routed: str, answered: str, fallback: bool = False) -> list[bool]:
+        return [r.exposed for r in arms.results([versioned, parameters], routed, answered, fallback)]
+
+    assert exposed("2", "2") == [True, True]
+    assert exposed("2", "1", fallback=True) == [False, False], "a fallback is not an exposure"
+    assert exposed("2", "") == [False, False], "nor is the static answer"
+    assert exposed("", "1") == [False, True], "an unroutable arm is not exposed; parameters are, by any answer"
+    assert registry.get_sample_value("fresco_gateway_experiment_unroutable_total", {"experiment": "a"}) == 1
+    assert log.queued() == 2, "each exposure queued once"
