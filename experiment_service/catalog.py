@@ -16,7 +16,7 @@ from experiment_service.validation import check_key
 from fresco.api.experiments.v1 import assignment_pb2 as apb
 from fresco.api.experiments.v1 import experiment_pb2 as xpb
 from fresco.api.experiments.v1 import experiment_service_pb2 as spb
-from fresco.experiments.evaluator import config_of
+from fresco.experiments.evaluator import Evaluator, config_of
 
 Listener = Callable[[apb.AssignmentConfig], None]
 
@@ -32,13 +32,21 @@ class ExperimentCatalog:
         self._revision = 0
         self._configs: dict[str, apb.ExperimentConfig] = {}
         self._listeners: list[Listener] = []
+        self._evaluator = Evaluator()
+
+    @property
+    def evaluator(self) -> Evaluator:
+        """Assigns from the current configuration (what gateways assign from once they applied it)."""
+        return self._evaluator
 
     async def load(self) -> apb.AssignmentConfig:
         """Read the running experiments and the configuration revision back from the store."""
         revision, running = await asyncio.to_thread(self.store.running)
         self._revision = revision
         self._configs = {e.key: config_of(e, allocation) for e, allocation in running}
-        return self.config()
+        config = self.config()
+        self._evaluator = Evaluator(config)
+        return config
 
     def config(self) -> apb.AssignmentConfig:
         """The current assignment configuration: every running experiment, by key."""
@@ -137,6 +145,7 @@ class ExperimentCatalog:
             self._configs.pop(e.key, None)
         self._revision = committed.revision
         config = self.config()
+        self._evaluator = Evaluator(config)
         for listener in list(self._listeners):
             listener(config)
 

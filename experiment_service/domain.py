@@ -6,14 +6,19 @@ from dataclasses import dataclass
 
 from chassis.errors import Unavailable
 from experiment_service.catalog import ExperimentCatalog
+from experiment_service.config_hub import ConfigHub
 from experiment_service.store import ExperimentStore
+from fresco.experiments.evaluator import StickyArms
 
 
 @dataclass(frozen=True)
 class Domain:
-    """The service's domain objects: the catalog (and its store). Other RPC groups add theirs as fields."""
+    """The service's domain objects: the catalog (and its store), the configuration hub gateways watch and the
+    store keeping bandit units on their first arm. Other RPC groups add theirs as fields."""
 
     catalog: ExperimentCatalog
+    hub: ConfigHub
+    sticky: StickyArms | None = None  # None: bandit experiments cannot be assigned here
 
     @property
     def store(self) -> ExperimentStore:

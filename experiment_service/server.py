@@ -8,6 +8,7 @@ import logging
 from chassis.errors import Unavailable
 from chassis.server import ServiceApp
 from experiment_service.catalog import ExperimentCatalog
+from experiment_service.config_hub import ConfigHub
 from experiment_service.domain import Domain
 from experiment_service.service import METHOD_ROLES, SERVICE, ExperimentServicer
 from experiment_service.settings import ExperimentServiceSettings
@@ -26,7 +27,10 @@ class ExperimentService:
         # Abstract until every RPC group joins: the missing ones answer UNIMPLEMENTED (the generated base).
         self.servicer = ExperimentServicer()  # type: ignore[abstract]
         pb_grpc.add_ExperimentServiceServicer_to_server(self.servicer, self.app.server)
+        self.servicer.max_assign_units = settings.max_assign_units
         self.store: ExperimentStore | None = None
+        self.hub = ConfigHub()
+        self.app.on_drain(self._stop_streaming)
         self.app.on_stop(self._close)
 
     async def ready(self) -> None:
@@ -35,7 +39,10 @@ class ExperimentService:
         store = self.store = await self._connect()
         catalog = ExperimentCatalog(store)
         config = await catalog.load()
-        self.servicer.domain = Domain(catalog)
+        if config.revision:  # gateways holding the last revision published resume from it
+            self.hub.seed(config)
+        catalog.on_publish(self.hub.publish)
+        self.servicer.domain = Domain(catalog, self.hub)
         log.info(
             "experiment service ready: registry on %s, %d running at revision %d",
             store.engine.url.drivername, len(config.experiments), config.revision,
@@ -49,6 +56,10 @@ class ExperimentService:
             except Unavailable as err:
                 log.warning("database not reachable, retrying in %.1fs: %s", self.settings.connect_retry_s, err)
                 await asyncio.sleep(self.settings.connect_retry_s)
+
+    async def _stop_streaming(self) -> None:
+        # Watch streams never end by themselves: they would hold the drain for its whole grace period.
+        self.hub.close()
 
     async def _close(self) -> None:
         if self.store is not None:

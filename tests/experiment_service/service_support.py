@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
 
+from fresco.api.experiments.v1 import assignment_pb2 as apb
 from fresco.api.experiments.v1 import experiment_pb2 as xpb
 from fresco.api.experiments.v1 import experiment_service_pb2 as pb
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
@@ -68,3 +70,33 @@ def create_and_start(stub: pb_grpc.ExperimentServiceStub, e: xpb.Experiment) -> 
     created = stub.CreateExperiment(pb.CreateExperimentRequest(experiment=e)).experiment
     started = stub.StartExperiment(pb.StartExperimentRequest(key=created.key, expected_version=created.version))
     return started.experiment
+
+
+class Gateway:
+    """One WatchExperiments stream as a gateway drives it: requests queued, responses read one at a time (the
+    call's deadline bounds every read)."""
+
+    def __init__(self, stub: pb_grpc.ExperimentServiceStub, gateway_id: str = "", resume: int = 0) -> None:
+        self.requests: queue.Queue[pb.WatchExperimentsRequest | None] = queue.Queue()
+        if gateway_id:
+            subscription = apb.ConfigSubscription(gateway_id=gateway_id, resume_from_revision=resume)
+            self.requests.put(pb.WatchExperimentsRequest(subscribe=subscription))
+
+        def requests() -> Iterator[pb.WatchExperimentsRequest]:
+            while (request := self.requests.get()) is not None:
+                yield request
+
+        self.call = stub.WatchExperiments(requests(), timeout=60)
+
+    def next(self) -> pb.WatchExperimentsResponse:
+        response: pb.WatchExperimentsResponse = next(self.call)
+        return response
+
+    def ack(self, revision: int, accepted: bool = True, error: str = "") -> None:
+        self.requests.put(
+            pb.WatchExperimentsRequest(ack=apb.ConfigAck(revision=revision, accepted=accepted, error=error))
+        )
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.call.cancel()
