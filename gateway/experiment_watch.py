@@ -80,6 +80,8 @@ def apply(evaluator: Evaluator | None, response: pb.WatchExperimentsResponse) ->
         if evaluator is None or update.base_revision != evaluator.revision:
             held = f"the held revision {evaluator.revision}" if evaluator is not None else "a held configuration"
             raise Resync(f"update.base_revision: expected {held}, got {update.base_revision}")
+        if update.revision == update.base_revision and not update.upserted and not update.removed_keys:
+            return evaluator  # the revision held is current (a resumed stream with nothing new)
         if update.revision <= update.base_revision:
             raise InvalidArgument(
                 f"update.revision: expected more than the base revision {update.base_revision}, got {update.revision}"

@@ -54,6 +54,7 @@ def test_a_snapshot_replaces_and_updates_apply_at_their_base_revision() -> None:
     assert arm.model_version == 6
     replaced = apply(held, update(5, 4, experiment("b", 7)))
     assert [a.name for a in replaced.config.experiments[0].arms] == ["arm7"]
+    assert apply(replaced, update(5, 5)) is replaced, "a resumed stream with nothing new: the held revision is current"
     assert apply(replaced, snapshot(9, experiment("z"))).keys() == ["z"]
 
 
