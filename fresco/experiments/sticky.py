@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import sqlite3
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -138,7 +139,7 @@ class SqliteStickyArms:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn, time.monotonic() + self.busy_timeout_s)
             # NORMAL: a commit survives a crash of the process, not a power loss. A claim forgotten that way is
             # proposed again by the same hash under the same weights, so fsyncing every request is not worth it.
             conn.execute("PRAGMA synchronous=NORMAL")
@@ -198,6 +199,19 @@ class SqliteStickyArms:
 
         await asyncio.get_running_loop().run_in_executor(self._executor, shut)
         self._executor.shutdown(wait=True)
+
+
+def _enable_wal(conn: sqlite3.Connection, deadline: float) -> None:
+    # Switching a new file to WAL fails at once with SQLITE_BUSY, without the busy handler, while another process
+    # opens it too: retried here until the busy timeout.
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _select(conn: sqlite3.Connection, group: tuple[str, int, str], units: list[str]) -> dict[str, tuple[str, int]]:
