@@ -7,15 +7,15 @@ Posteriors (one per arm, independent):
 - MEAN rewards: the mean's posterior is Normal(m_n, v / (n + K0)) with m_n = (K0·m0 + n·x̄) / (K0 + n), where
   m0 and s0² are the mean and variance pooled over all arms and K0 = 1 pseudo-unit (a weak prior: an arm with
   no data is as uncertain as a single unit). The unit variance v shrinks the arm's sample variance towards s0²
-  with the same one pseudo-unit, v = ((n − 1)·s² + K0·s0²) / (n − 1 + K0), floored at `VARIANCE_FLOOR`
+  with the same pseudo-unit, v = ((n − 1)·s² + K0·s0²) / (max(n − 1, 0) + K0), floored at `VARIANCE_FLOOR`
   relative to the squared scale of the data, so that small or constant samples never give a zero-width
   posterior.
 
 probability_best[i] is the share of `draws` joint draws in which arm i is the best (the highest, or the lowest
-for METRIC_DIRECTION_DECREASE). The weights are those probabilities under a floor (as GrowthBook does): every
-arm whose share falls under `min_share` gets exactly `min_share`, and the rest is shared among the other arms in
-proportion to their probabilities (repeated until no arm is under the floor). While any arm has fewer than
-`min_units` units, the weights in force stay (`reweighted` is False) and only the probabilities are reported.
+for METRIC_DIRECTION_DECREASE). The weights are those probabilities under a floor: every arm whose share falls
+under `min_share` gets exactly `min_share`, and the rest is shared among the other arms in proportion to their
+probabilities (repeated until no arm is under the floor). While any arm has fewer than `min_units` units, the
+weights in force stay (`reweighted` is False) and only the probabilities are reported.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from fresco.api.experiments.v1 import experiment_pb2 as xpb
 
 PRIOR_UNITS = 1.0  # K0: the weight of the pooled prior of a Gaussian arm, in units
 VARIANCE_FLOOR = 1e-12  # the least unit variance of a Gaussian arm, relative to max(1, mean²) of the data
+DEFAULT_MIN_SHARE = 0.05  # BanditSettings.min_arm_share when 0
+DEFAULT_MIN_UNITS = 100  # BanditSettings.min_units_per_arm when 0
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,11 @@ class BanditWeights:
     weights: tuple[float, ...]  # the weights to publish: sum 1, each at least the floor share
     probability_best: tuple[float, ...]  # P(arm is best | data), from the seeded draws; sums to 1
     reweighted: bool  # False while some arm has fewer than min_units units: `weights` are the current ones
+
+
+def limits(settings: xpb.BanditSettings) -> tuple[float, int]:
+    """(min_share, min_units) of a bandit's settings, with the contract's defaults for zeros."""
+    return settings.min_arm_share or DEFAULT_MIN_SHARE, settings.min_units_per_arm or DEFAULT_MIN_UNITS
 
 
 def seed_for(key: str, phase: int, allocation: int) -> int:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import pytest
 
-from experiment_service.bandit import ArmReward, BanditWeights, floored, seed_for, thompson
+from experiment_service.bandit import ArmReward, BanditWeights, floored, limits, seed_for, thompson
 from fresco.api.experiments.v1 import experiment_pb2 as xpb
 
 PROPORTION, MEAN = xpb.METRIC_KIND_PROPORTION, xpb.METRIC_KIND_MEAN
@@ -159,6 +159,11 @@ def test_the_seed_is_stable_across_processes() -> None:
     # A SHA-256 of the identity, not Python's per-process salted hash(): this value holds everywhere.
     assert seed_for("checkout-bandit", 2, 5) == 12679370218657863340
     assert len({seed_for("k", p, a) for p in (1, 2) for a in (0, 1, 2)}) == 6
+
+
+def test_limits_take_the_contracts_defaults_for_zeros() -> None:
+    assert limits(xpb.BanditSettings()) == (0.05, 100)
+    assert limits(xpb.BanditSettings(min_arm_share=0.1, min_units_per_arm=500)) == (0.1, 500)
 
 
 @pytest.mark.parametrize(
