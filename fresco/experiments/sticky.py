@@ -94,9 +94,9 @@ class RedisStickyArms:
             try:
                 replies = await pipe.execute()
                 break
-            except NoScriptError:
+            except NoScriptError as exc:
                 if attempt:
-                    raise
+                    raise Unavailable(f"redis: the claim script is missing after loading it: {exc}") from exc
                 await self._load_script()  # a new or restarted Redis, or one whose scripts were flushed
             except (RedisError, OSError) as exc:
                 raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc

@@ -170,7 +170,6 @@ async def test_processes_racing_on_the_same_units_agree(
 async def test_redis_claims_with_one_script_call_per_batch(redis_server: RedisServer) -> None:
     async with Redis.from_url(redis_server.url, decode_responses=True) as client:
         store = RedisStickyArms(client, prefix=f"test:{uuid.uuid4().hex[:10]}:")
-        await client.script_flush()  # as after a restart: the store loads its script again
         await store.claim("exp", 1, "user_id", {"u0": ("arm0", 0)})
 
         async def evalsha_calls() -> int:
@@ -182,6 +181,25 @@ async def test_redis_claims_with_one_script_call_per_batch(redis_server: RedisSe
         assert await evalsha_calls() - before == 3  # 500 units a script, all in one pipelined round trip
         assert got["u0"] == ("arm0", 0)
         assert got["u1199"] == ("arm1", 0)
+
+
+async def test_arms_survive_a_redis_restart_and_the_script_is_loaded_again(tmp_path: Path) -> None:
+    with RedisServer(data_dir=tmp_path / "redis", appendonly=True) as server:
+        async with Redis.from_url(server.url) as client:
+            store = RedisStickyArms(client)
+            first = await store.claim("exp", 1, "user_id", {u: ("arm0", 0) for u in units(10)})
+            await asyncio.to_thread(server.restart)  # a new process: no scripts cached, the arms in its AOF
+            proposals = {u: ("arm1", 1) for u in units(20)}
+            deadline = asyncio.get_running_loop().time() + 30
+            while True:  # the client's connection died with the old process; its pool reconnects
+                try:
+                    got = await store.claim("exp", 1, "user_id", proposals)
+                    break
+                except Unavailable:
+                    assert asyncio.get_running_loop().time() < deadline, "no claim went through after the restart"
+                    await asyncio.sleep(0.05)
+            assert {u: got[u] for u in units(10)} == first
+            assert {got[u] for u in units(10, 10)} == {("arm1", 1)}
 
 
 async def test_redis_ttl_is_renewed_by_every_claim(redis_server: RedisServer) -> None:
