@@ -62,7 +62,8 @@ def decode(value: str | bytes) -> tuple[str, int]:
 
 
 class RedisStickyArms:
-    """Units' first arms under `<prefix><experiment>:<phase>:<unit type>:<unit id>`; one round trip per claim
+    """Units' first arms under `<prefix>{<experiment>}:<phase>:<unit type>:<unit id>` (the braces are a Redis Cluster
+    hash tag: one experiment's units share a slot, so one script may touch many); one round trip per claim
     (one script per SCRIPT_KEYS units, pipelined). The caller owns the client. A TTL, when given, is renewed
     at every claim of the unit. Redis errors become chassis Unavailable("redis: ...")."""
 
@@ -75,7 +76,7 @@ class RedisStickyArms:
 
     def key(self, experiment_key: str, phase: int, unit_type: str, unit_id: str) -> str:
         """The Redis key of one unit's arm."""
-        return f"{self.prefix}{experiment_key}:{phase}:{unit_type}:{unit_id}"
+        return f"{self.prefix}{{{experiment_key}}}:{phase}:{unit_type}:{unit_id}"
 
     async def claim(
         self, experiment_key: str, phase: int, unit_type: str, proposals: Mapping[str, tuple[str, int]]
