@@ -5,8 +5,15 @@ from __future__ import annotations
 import os
 import socket
 from functools import partial
+from pathlib import Path
+from typing import Final
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from chassis.server import ServiceApp
+from fresco.experiments.sticky import RedisStickyArms, SqliteStickyArms, StickyArms
 from gateway.experiment_arms import ExperimentArms
 from gateway.experiment_watch import ExperimentWatcher
 from gateway.exposures import ExposureLog
@@ -23,6 +30,9 @@ from gateway.service import METHOD_ROLES, SERVICE_NAME, GatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.shadow import ShadowMirror
 from model_manager.routes import DEFAULT_WINDOW_S
+
+STICKY_FILE: Final = "sticky.db"
+_STICKY_TIMEOUT_S: Final = 1.0
 
 
 class Gateway:
@@ -120,7 +130,27 @@ class Gateway:
             backoff_s=backoff,
         )
         watcher.on_connect(self.exposures.wake)
-        return ExperimentArms(lambda: watcher.evaluator, self.app.registry, exposures=self.exposures)
+        return ExperimentArms(lambda: watcher.evaluator, self.app.registry, self._sticky(settings), self.exposures)
+
+    def _sticky(self, settings: GatewaySettings) -> StickyArms:
+        """Where bandit units keep their first arm: Redis shared by the gateways, else SQLite in the state dir."""
+        if settings.sticky_redis_url:
+            # Short timeouts: a claim is on the request path, and a failed one leaves the request out of the bandits.
+            client = Redis.from_url(
+                settings.sticky_redis_url,
+                socket_connect_timeout=_STICKY_TIMEOUT_S,
+                socket_timeout=_STICKY_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 1),
+            )
+            self.app.on_stop(client.aclose)
+            return RedisStickyArms(client)
+        path: Path | str = ":memory:"
+        if settings.state_dir is not None:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            path = settings.state_dir / STICKY_FILE
+        store = SqliteStickyArms(path)
+        self.app.on_stop(store.close)
+        return store
 
 
 def build_server(settings: GatewaySettings) -> Gateway:

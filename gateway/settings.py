@@ -62,6 +62,9 @@ class GatewaySettings(ServiceSettings):
     experiment_service_token_file: FilePath | None = None
     """File holding the token presented to the experiment service (one allowed to log exposures); default: the
     peer token."""
+    sticky_redis_url: str | None = None
+    """Redis URL where bandit units keep their first arm, shared by every gateway; default: SQLite in --state-dir
+    (in memory without one), for this host's gateways only."""
     exposure_queue: int = Field(default=10_000, ge=1)
     """Exposures waiting to be sent at most (kept while the experiment service is down); more are dropped and
     counted."""
