@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from grpc import aio
+from prometheus_client import CollectorRegistry
 
 from fresco.api.experiments.v1 import assignment_pb2 as apb
 from fresco.api.experiments.v1 import experiment_pb2 as xpb
@@ -19,7 +20,9 @@ from fresco.api.experiments.v1 import experiment_service_pb2 as pb
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from fresco.experiments.evaluator import Evaluator
 from fresco.suite import ServiceProcess
+from gateway.experiment_watch import ExperimentWatcher
 from gateway.route_watch import save_table
 from tests.experiment_service.service_support import experiment, service_args
 from tests.integration import features_of
@@ -28,6 +31,7 @@ from tests.model_manager.gateway_world import MODEL, Predictors, closed_port, me
 pytestmark = pytest.mark.integration
 UNITS = [f"user-{i}" for i in range(40)]
 WAIT_S = 60.0
+APPLIED = "fresco_gateway_experiment_config_messages_applied_total"
 
 
 async def started(process: ServiceProcess) -> ServiceProcess:
@@ -222,3 +226,31 @@ async def test_assignment_goes_on_while_the_service_is_down_and_after_a_gateway_
     finally:
         await gateway.close()
         await service.close()
+
+
+async def test_an_update_on_another_revision_is_rejected_and_the_watcher_resubscribes(service: Service) -> None:
+    """The watcher in this process against the real service: after refusing an update based on a revision it does
+    not hold, it subscribes again from the revision it holds and gets the configuration whole."""
+    registry = CollectorRegistry()
+    watcher = ExperimentWatcher(aio.insecure_channel, service.process.address, "gw-resync", None, registry)
+    watcher.start()
+    try:
+        await service.start(ab("exp-one"))
+
+        async def at(revision: int) -> bool:
+            return watcher.evaluator is not None and watcher.evaluator.revision == revision
+
+        await eventually(lambda: at(1), "the first snapshot")
+        # The held configuration diverges from what the service sent (as after a lost message).
+        watcher.current = Evaluator(apb.AssignmentConfig())
+        await service.start(ab("exp-two"))
+        await eventually(lambda: at(2), "the configuration after the resubscription")
+        assert watcher.evaluator is not None
+        assert watcher.evaluator.keys() == ["exp-one", "exp-two"]
+        [(revision, error)] = watcher.rejected
+        assert revision == 2
+        assert "update.base_revision: expected the held revision 0, got 1" in error
+        kinds = {kind: registry.get_sample_value(APPLIED, {"kind": kind}) for kind in ("snapshot", "update")}
+        assert kinds == {"snapshot": 2, "update": 0}, "the first snapshot, then one after the resubscription"
+    finally:
+        await watcher.close()
