@@ -10,17 +10,20 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from prometheus_client import CollectorRegistry, Counter
 
 from fresco.api.common.v1 import values_pb2
 from fresco.experiments.evaluator import Assigned, Evaluator, StickyArms
 from gateway.exposures import ExposureLog
+from gateway.offload import Offload
 from gateway.route_choice import RouteChooser
 from model_manager.routes import RouteTable
 
 log = logging.getLogger(__name__)
+# Assigning one unit in one experiment (three hashes, targeting) costs about as much as handling this many bytes.
+_WEIGHT_PER_ASSIGNMENT: Final = 256
 
 
 class Assignable(Protocol):
@@ -42,6 +45,13 @@ class ArmResult:
 
     assigned: Assigned
     exposed: bool
+
+
+def _hash(evaluator: Evaluator, queries: Sequence[Assignable]) -> list[list[Assigned]]:
+    return [
+        [] if q.version else [a for a in evaluator.assign(q.unit_ids, q.attributes, q.model) if a.assigned]
+        for q in queries
+    ]
 
 
 class ExperimentArms:
@@ -69,16 +79,14 @@ class ExperimentArms:
             registry=registry,
         )
 
-    async def assign(self, queries: Sequence[Assignable]) -> list[list[Assigned]]:
+    async def assign(self, queries: Sequence[Assignable], offload: Offload | None = None) -> list[list[Assigned]]:
         """Each query's arms (the experiments it is in, by key), from one configuration for the whole request;
-        none for a query that pins a version."""
+        none for a query that pins a version. A large request hashes in `offload`'s worker."""
         evaluator = self.evaluator()  # read once: a configuration published meanwhile applies to the next request
         if evaluator is None or not len(evaluator):
             return [[] for _ in queries]
-        arms = [
-            [] if q.version else [a for a in evaluator.assign(q.unit_ids, q.attributes, q.model) if a.assigned]
-            for q in queries
-        ]
+        weight = _WEIGHT_PER_ASSIGNMENT * len(queries) * len(evaluator)
+        arms = await offload.run(weight, _hash, evaluator, queries) if offload else _hash(evaluator, queries)
         if any(a.sticky for query_arms in arms for a in query_arms):
             arms = await self._settle(evaluator, arms)
         return arms

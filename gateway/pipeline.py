@@ -127,7 +127,7 @@ class PredictionPipeline:
                 "from (start it with --feature-service HOST:PORT); send named features instead"
             )
         # Assigned once, before any retry: a redone call answers the same arms.
-        arms = await self.experiments.assign(queries) if self.experiments else [[] for _ in queries]
+        arms = await self.experiments.assign(queries, self.offload) if self.experiments else [[] for _ in queries]
         try:
             return await self._predict(queries, arms, budget, retry=True)
         except StaleSignature:

@@ -12,6 +12,7 @@ from typing import Any, TypeAlias
 import grpc
 from grpc import aio
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from chassis.auth import method_roles
 from chassis.tracing import trace_id_of
@@ -57,23 +58,25 @@ def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -
 
 def annotate(span: trace.Span, predictions: Sequence[Prediction]) -> None:
     """The experiment arms of a call on its span: the first as attributes, every distinct one as an event."""
+    if not span.is_recording():
+        return
     seen: set[tuple[str, int, str, bool]] = set()
     for prediction in predictions:
         for result in prediction.experiments:
             a = result.assigned
-            if not seen:
-                span.set_attributes(
-                    {"fresco.experiment.key": a.experiment_key, "fresco.experiment.arm": a.arm_name,
-                     "fresco.experiment.phase": a.phase, "fresco.experiment.exposed": result.exposed}
-                )  # fmt: skip
             identity = (a.experiment_key, a.phase, a.arm_name, result.exposed)
-            if identity not in seen:
-                seen.add(identity)
-                span.add_event(
-                    "fresco.experiment",
-                    {"fresco.experiment.key": a.experiment_key, "fresco.experiment.arm": a.arm_name,
-                     "fresco.experiment.phase": a.phase, "fresco.experiment.exposed": result.exposed},
-                )  # fmt: skip
+            if identity in seen:
+                continue
+            attributes: dict[str, AttributeValue] = {
+                "fresco.experiment.key": a.experiment_key,
+                "fresco.experiment.arm": a.arm_name,
+                "fresco.experiment.phase": a.phase,
+                "fresco.experiment.exposed": result.exposed,
+            }
+            if not seen:
+                span.set_attributes(attributes)
+            seen.add(identity)
+            span.add_event("fresco.experiment", attributes)
 
 
 def _decode_one(data: bytes, limits: Limits) -> tuple[pb.PredictRequest, list[Query]]:
