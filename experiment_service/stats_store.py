@@ -127,8 +127,8 @@ class Snapshot:
 
 
 def unit_key(unit_type: str, unit_id: str) -> str:
-    """One string per unit; the separator cannot appear in either part (they are validated printable text)."""
-    return f"{unit_type}\x1f{unit_id}"
+    """One string per unit: the type's length first, so no two (type, id) pairs share a key."""
+    return f"{len(unit_type)}:{unit_type}:{unit_id}"
 
 
 def metric_value(metric: MetricPlan, num: float) -> float:
