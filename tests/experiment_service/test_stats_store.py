@@ -18,7 +18,7 @@ from experiment_service.stats_store import ExposureRow, OutcomeRow, StatsStore, 
 from experiment_service.sufficient import SufficientStats
 from fresco.servers import RedisServer
 from fresco.servers.pytest_plugin import redis_server
-from tests.experiments.stats_support import (
+from tests.experiment_service.stats_support import (
     T0,
     Reference,
     covariate,
@@ -213,3 +213,20 @@ async def test_snapshots_are_spaced_while_outcomes_arrive_and_taken_on_demand(op
     history = await store.snapshots("checkout", 1)
     assert history[-1].arms["control"]["spend"] == stats(1, [7.0])
     assert len(history) == 3
+
+
+async def test_fractional_values_keep_full_precision(open_store: Opener) -> None:
+    store = await open_store()
+    p = plan()
+    rng = random.Random(7)
+    rows: list[ExposureRow | OutcomeRow] = [exposure(f"u{u}", "treatment") for u in range(10)]
+    rows += [outcome(f"o{i}", f"u{i % 10}", "spend", rng.uniform(-5.0, 5.0) / 3.0) for i in range(60)]
+    reference = Reference(p)
+    reference.add(rows)
+    await store.record_exposures(p, [r for r in rows if isinstance(r, ExposureRow)], T0)
+    await store.record_outcomes(p, [r for r in rows if isinstance(r, OutcomeRow)], T0)
+    got = (await store.arm_stats("checkout", 1))["treatment"]["spend"]
+    want = reference.arm_stats()["treatment"]["spend"]
+    assert got.n == want.n
+    for name in ("sx", "sxx"):
+        assert getattr(got, name) == pytest.approx(getattr(want, name), rel=1e-12, abs=1e-12)

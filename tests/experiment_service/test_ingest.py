@@ -19,7 +19,7 @@ from experiment_service.sufficient import SufficientStats
 from fresco.api.experiments.v1 import assignment_pb2 as apb
 from fresco.api.experiments.v1 import experiment_pb2 as epb
 from fresco.api.experiments.v1 import experiment_service_pb2 as spb
-from tests.experiments.stats_support import T0, experiment, exposure_proto_id
+from tests.experiment_service.stats_support import T0, experiment, exposure_proto_id
 
 R = apb.RejectionReason
 NOW = T0 + timedelta(days=3)
