@@ -116,7 +116,17 @@ class Decisions:
         )
         if action == SHIP:
             record.promotion_operation = await self._promote(experiment, results, arm, record.reason)
-        decided = await self.catalog.decide(key, expected_version, record, identity)
+        try:
+            decided = await self.catalog.decide(key, expected_version, record, identity)
+        except Aborted as err:
+            if not record.promotion_operation:
+                raise
+            # A change (a bandit re-weighting) won the race after the promotion started: the promotion stands,
+            # so the decision is recorded on the current version rather than left without its experiment.
+            current = await self.catalog.get(key)
+            if current is None or current.status not in DECIDABLE:
+                raise Aborted(f"{err}; the promotion {record.promotion_operation} was started already") from None
+            decided = await self.catalog.decide(key, current.version, record, identity)
         return decided, results
 
     @staticmethod

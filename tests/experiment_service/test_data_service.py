@@ -25,10 +25,18 @@ from fresco.servers import RedisServer
 from fresco.servers.pytest_plugin import redis_server
 from fresco.suite import ServiceProcess
 from tests.experiment_service.service_support import create_and_start, experiment, running, stub_for
+from tests.rpc import outcome
 
 __all__ = ["redis_server"]
 pytestmark = pytest.mark.integration
 R = apb.RejectionReason
+CALLER_ERRORS = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ABORTED,
+}
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +269,42 @@ def test_replicas_on_one_redis_add_up(tmp_path: Path, redis_server: RedisServer)
         assert revenue(a, key) == expected
         assert revenue(b, key) == expected
     assert not (tmp_path / "one" / "stats.db").exists()  # Redis held the statistics, not the state dir
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    key=texts,
+    phase=st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    metric=texts,
+    action=st.integers(min_value=-3, max_value=2**31 - 1) | st.sampled_from([0, 1, 2, 3]),
+    arm=texts,
+    reason=texts,
+    version=st.integers(min_value=-5, max_value=5),
+)
+def test_fuzzed_reads_and_decisions_get_a_clear_status(
+    stub: pb_grpc.ExperimentServiceStub,
+    fuzz_experiment: xpb.Experiment,
+    key: str,
+    phase: int,
+    metric: str,
+    action: int,
+    arm: str,
+    reason: str,
+    version: int,
+) -> None:
+    calls = [
+        lambda: stub.GetResults(pb.GetResultsRequest(key=key, phase=phase)),
+        lambda: stub.GetResultsHistory(pb.GetResultsHistoryRequest(key=key, phase=phase, metric=metric)),
+        # Drawing "fuzz" at its version with KEEP_CONTROL and a reason decides it: a valid answer too.
+        lambda: stub.DecideExperiment(
+            pb.DecideExperimentRequest(
+                key=key,
+                expected_version=version,
+                action=action,
+                arm=arm,
+                reason=reason,  # type: ignore[arg-type]
+            )
+        ),
+    ]
+    for call in calls:
+        assert outcome(call) in CALLER_ERRORS
