@@ -56,6 +56,11 @@ class MetricData:
         """−1 when a decrease is the improvement."""
         return -1.0 if self.spec.direction == experiment_pb2.METRIC_DIRECTION_DECREASE else 1.0
 
+    @property
+    def binary(self) -> bool:
+        """Whether unit values are 0/1."""
+        return self.spec.kind == experiment_pb2.METRIC_KIND_PROPORTION
+
 
 def metric_data(spec: experiment_pb2.MetricSpec, stats: Sequence[SufficientStats]) -> MetricData:
     """Estimate one metric in every arm; CUPED applies to PROPORTION/MEAN metrics with covariate data that varies."""
@@ -288,5 +293,5 @@ def compare_point(
     settings = Significance.of(experiment)
     d = metric_data(spec, [control, treatment])
     rho_squared = tuned_rho_squared(settings.alpha, 2 * settings.planned_units_per_arm)
-    c = contrast(take(d.used, 0), take(d.used, 1), d.method, settings.alpha, rho_squared, d.sign)
+    c = contrast(take(d.used, 0), take(d.used, 1), d.method, settings.alpha, rho_squared, d.sign, d.binary)
     return float(c.fixed.lift), float(c.sequential_interval[0]), float(c.sequential_interval[1])

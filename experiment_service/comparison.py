@@ -24,6 +24,11 @@ from fresco.api.experiments.v1 import experiment_pb2
 
 PROPORTION = experiment_pb2.METRIC_KIND_PROPORTION
 RATIO = experiment_pb2.METRIC_KIND_RATIO
+# The central limit theorem behind the confidence sequences needs a sample: until every arm has this many units
+# (and a proportion this many units with and without the event), the sequence is unbounded. Without the burn-in,
+# a 90/10 split peeked at from its first 100 units rejects a true null in ~6% of runs at alpha = 5%.
+SEQUENTIAL_MIN_UNITS = 100
+SEQUENTIAL_MIN_EVENTS = 10
 
 
 def method_for(kind: int, cuped_applied: bool) -> Method:
@@ -66,17 +71,35 @@ class Contrast:
     probability_to_beat_control: FloatArray
 
 
+def burned_in(moments: Moments, binary: bool) -> npt.NDArray[np.bool_]:
+    """Whether an arm has the sample the confidence sequence needs."""
+    ready = moments.n >= SEQUENTIAL_MIN_UNITS
+    if binary:
+        events = moments.n * moments.mean
+        ready = ready & (np.minimum(events, moments.n - events) >= SEQUENTIAL_MIN_EVENTS - 1e-9)
+    return np.asarray(ready, dtype=np.bool_)
+
+
 def contrast(
-    control: Moments, treatment: Moments, method: Method, alpha: float, rho_squared: float, sign: float
+    control: Moments,
+    treatment: Moments,
+    method: Method,
+    alpha: float,
+    rho_squared: float,
+    sign: float,
+    binary: bool = False,
 ) -> Contrast:
-    """Compare; the sequence runs on n = both arms' units. `sign` is −1 when a decrease is better."""
+    """Compare; the sequence runs on n = both arms' units. `sign` is −1 when a decrease is better; `binary` says the
+    values are 0/1 (a PROPORTION), whose sequence also waits for events."""
     test = fixed_test(control, treatment, alpha, method)
     n = control.n + treatment.n
+    ready = burned_in(control, binary) & burned_in(treatment, binary)
+    se = np.where(ready, test.lift_se, np.inf)
     return Contrast(
         fixed=test,
         interval=test.lift_interval(),
-        sequential_interval=confidence_sequence(test.lift, test.lift_se, n, rho_squared, alpha),
-        sequential_p_value=always_valid_p_value(test.lift, test.lift_se, n, rho_squared),
+        sequential_interval=confidence_sequence(test.lift, se, n, rho_squared, alpha),
+        sequential_p_value=always_valid_p_value(test.lift, se, n, rho_squared),
         probability_to_beat_control=probability_better(test.effect, test.se, sign),
     )
 

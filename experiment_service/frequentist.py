@@ -145,5 +145,6 @@ def probability_better(effect: npt.ArrayLike, se: npt.ArrayLike, sign: float) ->
     """Normal-approximation posterior (flat prior) that sign·effect > 0: Φ(sign·effect / se)."""
     better, se_ = sign * as_array(effect), as_array(se)
     z = ratio_or(better, se_, 0.0)
-    z = np.where(se_ == 0, np.sign(better) * np.inf, np.where(np.isfinite(se_), z, 0.0))
+    certain = np.where(better > 0, np.inf, np.where(better < 0, -np.inf, 0.0))
+    z = np.where(se_ == 0, certain, np.where(np.isfinite(se_), z, 0.0))
     return as_array(stats.norm.cdf(z))
