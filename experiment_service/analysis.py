@@ -157,6 +157,9 @@ def probability_best(used: Moments, sign: float, seed: int) -> list[float]:
     sd = np.sqrt(used.var_of_mean)
     if not np.all(np.isfinite(sd)):
         return [1.0 / k] * k
+    if not np.any(sd > 0):
+        top = (used.mean * sign == np.max(used.mean * sign)).astype(float)
+        return list(top / top.sum())
     if k == 2:
         from experiment_service.frequentist import probability_better
 
