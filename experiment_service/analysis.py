@@ -14,7 +14,7 @@ from experiment_service import power, srm
 from experiment_service.comparison import arm_moments, contrast, excludes_zero, method_for, take
 from experiment_service.cuped import Adjusted, cuped, variance_reduction
 from experiment_service.decision import decide, improvement_bounds, margin_of
-from experiment_service.frequentist import Method, Moments
+from experiment_service.frequentist import Method, Moments, probability_better
 from experiment_service.sequential import tuned_rho_squared
 from experiment_service.significance import Significance
 from experiment_service.sufficient import SufficientStats
@@ -123,8 +123,7 @@ def _comparison(
         probability_to_beat_control=float(c.probability_to_beat_control),
     )
     if data.spec.role in GUARDING_ROLES:
-        metric = results_pb2.MetricResult(direction=data.spec.direction)
-        _, worst, _ = improvement_bounds(metric, comparison, settings.fixed_horizon)
+        _, worst, _ = improvement_bounds(data.spec.direction, comparison, settings.fixed_horizon)
         comparison.non_inferior = worst > -margin_of(data.spec)
     return comparison
 
@@ -161,8 +160,6 @@ def probability_best(used: Moments, sign: float, seed: int) -> list[float]:
         top = (used.mean * sign == np.max(used.mean * sign)).astype(float)
         return list(top / top.sum())
     if k == 2:
-        from experiment_service.frequentist import probability_better
-
         first = float(probability_better(used.mean[0] - used.mean[1], np.hypot(sd[0], sd[1]), sign))
         return [first, 1.0 - first]
     draws = np.random.default_rng(seed).normal(used.mean, sd, size=(BEST_ARM_DRAWS, k)) * sign
@@ -287,14 +284,21 @@ def analyse(
 
 
 def compare_point(
-    experiment: experiment_pb2.Experiment, metric_name: str, control: SufficientStats, treatment: SufficientStats
+    experiment: experiment_pb2.Experiment,
+    metric_name: str,
+    control: SufficientStats,
+    treatment: SufficientStats,
+    *,
+    units: tuple[int, int] = (0, 0),
 ) -> tuple[float, float, float]:
-    """(relative lift, sequential lower, sequential upper) of treatment against control, for the results history."""
+    """(relative lift, sequential lower, sequential upper) of treatment against control, for the results history.
+
+    `units` are the arms' exposed units when the statistics leave out units without outcomes (as in analyse)."""
     spec = next((m for m in experiment.metrics if m.name == metric_name), None)
     if spec is None:
         raise ValueError(f"metric_name {metric_name!r} is not a metric of experiment {experiment.key!r}")
     settings = Significance.of(experiment)
-    d = metric_data(spec, [control, treatment])
+    d = metric_data(spec, [control.with_units(units[0]), treatment.with_units(units[1])])
     rho_squared = tuned_rho_squared(settings.alpha, 2 * settings.planned_units_per_arm)
     c = contrast(take(d.used, 0), take(d.used, 1), d.method, settings.alpha, rho_squared, d.sign, d.binary)
     return float(c.fixed.lift), float(c.sequential_interval[0]), float(c.sequential_interval[1])

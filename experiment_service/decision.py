@@ -41,12 +41,10 @@ def rule_of(experiment: experiment_pb2.Experiment) -> list[experiment_pb2.Criter
     return criteria
 
 
-def improvement_bounds(
-    metric: results_pb2.MetricResult, comparison: results_pb2.Comparison, fixed: bool
-) -> tuple[float, float, float]:
+def improvement_bounds(direction: int, comparison: results_pb2.Comparison, fixed: bool) -> tuple[float, float, float]:
     """(point, worst, best) relative improvement: the lift turned so that positive is better, with its interval."""
     interval = comparison.interval if fixed else comparison.sequential_interval
-    if metric.direction == experiment_pb2.METRIC_DIRECTION_DECREASE:
+    if direction == experiment_pb2.METRIC_DIRECTION_DECREASE:
         return -comparison.relative_lift, -interval.upper, -interval.lower
     return comparison.relative_lift, interval.lower, interval.upper
 
@@ -80,7 +78,7 @@ def _check(
     if metric is None or comparison is None:
         check.detail = f"criterion names metric {criterion.metric!r}, which the experiment does not measure"
         return check
-    point, worst, best = improvement_bounds(metric, comparison, fixed)
+    point, worst, best = improvement_bounds(metric.direction, comparison, fixed)
     which = "fixed-horizon" if fixed else "always-valid"
     if criterion.kind == experiment_pb2.CRITERION_KIND_MIN_LIFT:
         significant = worst > 0
@@ -105,19 +103,12 @@ def _check(
 
 def _best(arms: Sequence[str], experiment: experiment_pb2.Experiment, results: results_pb2.ExperimentResults) -> str:
     """The arm with the largest improvement on the first SUCCESS metric (the first arm when there is none)."""
-    success = next(
-        (
-            m
-            for m in results.metrics
-            if m.role in (experiment_pb2.METRIC_ROLE_SUCCESS, experiment_pb2.METRIC_ROLE_UNSPECIFIED)
-        ),
-        None,
-    )
+    roles = (experiment_pb2.METRIC_ROLE_SUCCESS, experiment_pb2.METRIC_ROLE_UNSPECIFIED)
+    success = next((m for m in results.metrics if m.role in roles), None)
     if success is None:
         return arms[0]
-    lifts = {
-        c.arm_name: improvement_bounds(success, c, experiment.statistics.fixed_horizon)[0] for c in success.comparisons
-    }
+    fixed = experiment.statistics.fixed_horizon
+    lifts = {c.arm_name: improvement_bounds(success.direction, c, fixed)[0] for c in success.comparisons}
     return max(arms, key=lambda arm: lifts.get(arm, float("-inf")))
 
 
@@ -146,12 +137,13 @@ def decide(
         decision.reason = f"{decision.arm} passed every criterion"
     elif not waiting and treatments and len(failed) == len(treatments):
         decision.action = Action.DECISION_ACTION_KEEP_CONTROL
-        decision.reason = "every treatment failed a criterion conclusively"
+        first = {arm: next(c for c in decision.checks if c.arm_name == arm and c.conclusive) for arm in failed}
+        named = ", ".join(f"{arm}: {c.criterion.metric or Kind.Name(c.criterion.kind)}" for arm, c in first.items())
+        decision.reason = f"every treatment failed a criterion conclusively ({named})"
     elif at_limit:
         decision.action = Action.DECISION_ACTION_KEEP_CONTROL
-        decision.reason = (
-            f"maximum duration reached with no treatment shipped ({waiting or 'none passed every criterion'})"
-        )
+        why = waiting or "none passed every criterion"
+        decision.reason = f"maximum duration reached with no treatment shipped ({why})"
     else:
         decision.action = Action.DECISION_ACTION_CONTINUE
         decision.reason = waiting or "no treatment has passed every criterion or failed one conclusively yet"

@@ -144,6 +144,11 @@ def test_units_without_outcomes_count_as_zeros() -> None:
     assert spend.arms[0].units == 1_000
     assert spend.comparisons[0].p_value == 1.0
     assert math.isinf(spend.comparisons[0].sequential_interval.upper)
+    a, b = arms[0].metrics["converted"], arms[1].metrics["converted"]
+    sequence = results.metrics[0].comparisons[0].sequential_interval
+    assert compare_point(experiment(), "converted", a, b, units=(1_000, 1_000)) == pytest.approx(
+        (0.5, sequence.lower, sequence.upper)
+    )
 
 
 def test_an_empty_phase_continues_without_alarms() -> None:

@@ -109,6 +109,7 @@ def test_the_default_template_ships_a_treatment_that_passes_every_criterion() ->
 def test_a_significantly_worse_business_kpi_keeps_control() -> None:
     results = run(michelangelo(), arm("treatment", 10_000, 0.83, 101.0, 9.5))
     assert results.decision.action == KEEP
+    assert results.decision.reason == "every treatment failed a criterion conclusively (treatment: revenue)"
     revenue = checks(results)["revenue"]
     assert not revenue.passed
     assert revenue.conclusive
