@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 from google.protobuf.duration_pb2 import Duration
 
 from experiment_service.analysis import ArmData, analyse
@@ -206,3 +207,35 @@ def test_the_maximum_duration_counts_from_the_experiment_start() -> None:
     treatment = arm("treatment", 10_000, 0.83, 101.0, 10.3, revenue_sd=20.0)
     # The phase has run one day, the experiment twenty.
     assert run(experiment, treatment, days=1).decision.action == KEEP
+
+
+def test_aa_runs_through_analyse_rarely_ship_and_real_improvements_do() -> None:
+    # End to end through analyse at the planned sample, 50/50: an A/A experiment must not ship (both success
+    # metrics would need a false positive, so ~0 of 300 runs), a treatment 2× better than the MDEs must ship.
+    rng = np.random.default_rng(12)
+    experiment = michelangelo()
+    experiment.phases[0].weights[:] = [50.0, 50.0]
+    n, runs = 10_000, 300
+    shipped = {0.0: 0, 1.0: 0}
+    for lift in shipped:
+        for _ in range(runs):
+            arms = []
+            for name, factor in (("control", 0.0), ("treatment", lift)):
+                accuracy = rng.binomial(n, 0.80 * (1 + 0.04 * factor)) / n
+                latency = rng.normal(100.0, 30.0 / np.sqrt(n))
+                revenue = rng.normal(10.0 * (1 + 0.10 * factor), 4.0 / np.sqrt(n))
+                arms.append(
+                    ArmData(
+                        name,
+                        {
+                            "accuracy": proportion_stats(n, accuracy),
+                            "latency_ms": mean_stats(n, latency, 30.0),
+                            "revenue": mean_stats(n, revenue, 4.0),
+                        },
+                        {0: n},
+                    )
+                )
+            action = analyse(experiment, 1, arms, 86_400, NOW).decision.action
+            shipped[lift] += action == SHIP
+    assert shipped[0.0] <= 3
+    assert shipped[1.0] >= 0.9 * runs
