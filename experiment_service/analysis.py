@@ -248,8 +248,11 @@ def analyse(
         )
 
     best = [1.0 / len(names)] * len(names)
-    reward = experiment.bandit.reward_metric if experiment.type == experiment_pb2.EXPERIMENT_TYPE_BANDIT else ""
-    chosen = data.get(reward) or next(
+    chosen = None
+    if experiment.type == experiment_pb2.EXPERIMENT_TYPE_BANDIT and experiment.metrics:
+        # A bandit's reward metric, the first metric when unset (as the bandit itself reads it).
+        chosen = data.get(experiment.bandit.reward_metric or experiment.metrics[0].name)
+    chosen = chosen or next(
         (data[m.name] for m in experiment.metrics if m.role in SUCCESS_ROLES), next(iter(data.values()), None)
     )
     if chosen is not None:

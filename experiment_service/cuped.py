@@ -44,7 +44,7 @@ def cuped(
     t = theta[..., np.newaxis]
     ybar = ratio_or(sy_.sum(axis=-1), n_.sum(axis=-1), 0.0)[..., np.newaxis]
     xbar = ratio_or(sx_, n_, 0.0)
-    adjusted_mean = xbar - t * (ratio_or(sy_, n_, 0.0) - ybar)
+    adjusted_mean = np.where(n_ > 0, xbar - t * (ratio_or(sy_, n_, 0.0) - ybar), 0.0)
     usable = n_ >= 2
     raw_var = np.where(usable, np.maximum(ratio_or(cxx, n_ - 1, np.inf), 0.0), np.inf)
     adjusted_var = np.where(usable, np.maximum(ratio_or(cxx - 2 * t * cxy + t * t * cyy, n_ - 1, np.inf), 0.0), np.inf)

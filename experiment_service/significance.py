@@ -29,6 +29,11 @@ class Significance:
     def of(cls, experiment: experiment_pb2.Experiment) -> Significance:
         """The experiment's settings, defaults where unset."""
         s = experiment.statistics
+        for name, value in (("alpha", s.alpha), ("power", s.power), ("srm_p_value", s.srm_p_value)):
+            if not 0 <= value < 1:
+                raise ValueError(f"statistics.{name} is {value}, expected a probability in (0, 1) or 0 for the default")
+        if s.srm_min_deviation < 0:
+            raise ValueError(f"statistics.srm_min_deviation is {s.srm_min_deviation}, expected >= 0")
         return cls(
             alpha=s.alpha or DEFAULT_ALPHA,
             power=s.power or DEFAULT_POWER,

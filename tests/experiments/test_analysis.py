@@ -209,5 +209,7 @@ def test_bad_input_names_the_field() -> None:
         analyse(experiment(), 1, [ArmData("z")], 0.0, NOW)
     with pytest.raises(ValueError, match="control_arm 'x'"):
         analyse(experiment(control_arm="x"), 1, [], 0.0, NOW)
+    with pytest.raises(ValueError, match=r"statistics.alpha is 1.5"):
+        analyse(experiment(statistics=pb.StatisticsSettings(alpha=1.5)), 1, [], 0.0, NOW)
     with pytest.raises(ValueError, match="allocation 3"):
         analyse(experiment(), 1, [ArmData("a", {}, {3: 10})], 0.0, NOW)
