@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from chassis.errors import Unavailable
@@ -199,9 +202,22 @@ class RedisStats:
         self.snapshot_every_us = int(snapshot_every_s * 1_000_000)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, snapshot_every_s: float = 60.0) -> RedisStats:
-        """A store on a new connection pool to `url`."""
-        return cls(Redis.from_url(url), prefix=prefix, snapshot_every_s=snapshot_every_s)
+    def from_url(
+        cls, url: str, *, prefix: str = DEFAULT_PREFIX, snapshot_every_s: float = 60.0, timeout_s: float = 5.0
+    ) -> RedisStats:
+        """A store on a new connection pool to `url`; a call fails (UNAVAILABLE) within about `timeout_s`."""
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=32,
+            timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_keepalive=True,
+            # One immediate retry on a connection error replaces a pooled connection a restarted Redis closed; a
+            # retried batch that did run answers its rows as duplicates, never counting them twice.
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        )
+        return cls(Redis.from_pool(pool), prefix=prefix, snapshot_every_s=snapshot_every_s)
 
     async def close(self) -> None:
         """Close the connection pool."""

@@ -308,3 +308,29 @@ def test_fuzzed_reads_and_decisions_get_a_clear_status(
     ]
     for call in calls:
         assert outcome(call) in CALLER_ERRORS
+
+
+def test_outcomes_sent_while_redis_is_down_are_refused_then_recorded_once(tmp_path: Path) -> None:
+    redis = RedisServer(data_dir=tmp_path / "redis", appendonly=True).start()
+    try:
+        with running(tmp_path / "service", "--redis-url", redis.url) as service, stub_for(service) as stub:
+            key = f"outage-{uuid.uuid4().hex[:8]}"
+            e = create_and_start(stub, revenue_test(key))
+            uids = ["u0", "u1", "u2", "u3"]
+            assert stub.LogExposures(pb.LogExposuresRequest(exposures=exposures(e, uids))).accepted == 4
+            before = pb.LogOutcomesRequest(batch_id="before", outcomes=[purchase(key, "a0", "u0", 2.0)])
+            assert [a.accepted for a in stub.LogOutcomes(iter([before]))] == [1]
+
+            redis.stop()  # a clean stop: the append-only file keeps everything acknowledged
+            during = pb.LogOutcomesRequest(batch_id="during", outcomes=[purchase(key, "b1", "u1", 3.0)])
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.LogOutcomes(iter([during])))
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "stats redis" in (caught.value.details() or "")
+
+            redis.start()
+            answers = list(stub.LogOutcomes(iter([before, during])))  # the unanswered batch, and one answered
+            assert [(a.batch_id, a.accepted, a.duplicates) for a in answers] == [("before", 0, 1), ("during", 1, 0)]
+            assert revenue(stub, key) == {"arm0": (2, 2.0), "arm1": (2, 3.0)}
+    finally:
+        redis.close()
