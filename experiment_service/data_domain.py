@@ -3,7 +3,10 @@ in Redis with --redis-url, else SQLite in the state directory; promotions throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from chassis.errors import Unavailable
 from chassis.server import ServiceApp
@@ -18,6 +21,8 @@ from experiment_service.stats_redis import RedisStats
 from experiment_service.stats_sqlite import SqliteStats
 from experiment_service.stats_store import StatsStore
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class DataDomain:
@@ -28,6 +33,7 @@ class DataDomain:
     results: Results
     decisions: Decisions
     promoter: ModelManagerPromoter | None
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def open(cls, settings: ExperimentServiceSettings, app: ServiceApp, catalog: ExperimentCatalog) -> DataDomain:
@@ -51,6 +57,25 @@ class DataDomain:
         where = "redis" if isinstance(self.stats, RedisStats) else "sqlite"
         manager = self.promoter.address if self.promoter else "none (shipping a version is refused)"
         return f"statistics in {where}, model manager {manager}"
+
+    async def next_request(self, requests: AsyncIterator[T]) -> T | None:
+        """The stream's next request; None at its end, or once the service is stopping (between batches)."""
+        if self.stopping.is_set():
+            return None
+        following = asyncio.ensure_future(anext(requests, None))
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if following.done():
+            return following.result()
+        following.cancel()
+        return None
+
+    def stop_streams(self) -> None:
+        """End the outcome streams at their next batch boundary: a drain need not wait for idle clients."""
+        self.stopping.set()
 
     async def close(self) -> None:
         """Close the store and the channel."""

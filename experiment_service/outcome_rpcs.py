@@ -8,6 +8,7 @@ from typing import Any, TypeAlias
 
 from grpc import aio
 
+from chassis.errors import Unavailable
 from experiment_service.data_domain import DataHolder
 from fresco.api.experiments.v1 import experiment_service_pb2 as pb
 
@@ -20,8 +21,11 @@ class OutcomeRpcs(DataHolder):
     async def LogOutcomes(
         self, request_iterator: AsyncIterator[pb.LogOutcomesRequest], context: Context
     ) -> AsyncIterator[pb.LogOutcomesResponse]:
-        ingest = self._data().ingest
-        async for batch in request_iterator:
+        data = self._data()
+        requests = aiter(request_iterator)
+        while (batch := await data.next_request(requests)) is not None:
             # A bad row is refused inside its batch's answer; only an unreachable store ends the stream (UNAVAILABLE),
             # leaving that batch unanswered for the client to resend.
-            yield await ingest.log_outcomes(batch)
+            yield await data.ingest.log_outcomes(batch)
+        if data.stopping.is_set():
+            raise Unavailable("experiment service is stopping: reconnect and resend the batches not answered")

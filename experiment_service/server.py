@@ -62,6 +62,8 @@ class ExperimentService:
     async def _stop_streaming(self) -> None:
         # Watch streams never end by themselves: they would hold the drain for its whole grace period.
         self.hub.close()
+        if self.data is not None:
+            self.data.stop_streams()
 
     async def _close(self) -> None:
         if self.data is not None:

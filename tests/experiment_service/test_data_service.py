@@ -24,7 +24,7 @@ from fresco.experiments.exposure import exposure_id
 from fresco.servers import RedisServer
 from fresco.servers.pytest_plugin import redis_server
 from fresco.suite import ServiceProcess
-from tests.experiment_service.service_support import create_and_start, experiment, running, stub_for
+from tests.experiment_service.service_support import create_and_start, experiment, running, service_args, stub_for
 from tests.rpc import outcome
 
 __all__ = ["redis_server"]
@@ -334,3 +334,25 @@ def test_outcomes_sent_while_redis_is_down_are_refused_then_recorded_once(tmp_pa
             assert revenue(stub, key) == {"arm0": (2, 2.0), "arm1": (2, 3.0)}
     finally:
         redis.close()
+
+
+async def test_an_idle_outcome_stream_ends_unavailable_when_the_service_stops(tmp_path: Path) -> None:
+    process = ServiceProcess("experiment_service", service_args(tmp_path)).start()
+    try:
+        process.wait_healthy(60)
+        async with grpc.aio.insecure_channel(process.address) as channel:
+            stream = Stream(channel)
+            stream.send(pb.LogOutcomesRequest(batch_id="one", outcomes=[purchase("nope", "o1", "u1", 1.0)]))
+            answer = await stream.read()
+            assert (answer.batch_id, [r.reason for r in answer.rejections]) == (
+                "one",
+                [R.REJECTION_REASON_UNKNOWN_EXPERIMENT],
+            )
+            code = await asyncio.to_thread(process.stop)  # the client stays connected, sending nothing
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stream.read()
+    finally:
+        process.stop()
+    assert code == 0
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "experiment service is stopping: reconnect and resend" in (caught.value.details() or "")
