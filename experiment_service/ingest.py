@@ -192,6 +192,9 @@ class Ingest:
     ) -> tuple[str, OutcomeRow]:
         _required(row, ("outcome_id", "experiment_key", "unit_type", "unit_id", "event"))
         experiment = self._experiment(row.experiment_key, found)
+        if row.kind not in apb.OutcomeKind.values():
+            detail = f"kind: expected OUTCOME_KIND_OUTCOME or OUTCOME_KIND_COVARIATE, got {row.kind}"
+            raise Refused(R.REJECTION_REASON_INVALID_VALUE, detail)
         if row.count < 0:
             raise Refused(R.REJECTION_REASON_NEGATIVE_COUNT, f"count: expected 0 (one) or more, got {row.count}")
         amount = row.value * (row.count or 1)

@@ -141,9 +141,12 @@ async def test_outcomes_are_refused_with_their_reason_and_the_rest_acknowledged(
         outcome("o12", "u1", at_h=25.0),  # in phase 2, where u1 is not
         outcome("o13", "u1", value=1e308, count=10),  # overflows to inf
         outcome("o1", "u1", value=30.0),  # a retry within the batch
+        outcome("o14", "u1", kind=9),
+        outcome("c1", "u1", event="spend", value=4.0, at_h=-3.0, kind=apb.OUTCOME_KIND_COVARIATE),
+        outcome("c2", "u1", event="click", value=4.0, at_h=-3.0, kind=apb.OUTCOME_KIND_COVARIATE),
     ]
     response = await ingest.log_outcomes(spb.LogOutcomesRequest(batch_id="b1", outcomes=rows))
-    assert (response.batch_id, response.accepted, response.duplicates) == ("b1", 3, 1)
+    assert (response.batch_id, response.accepted, response.duplicates) == ("b1", 4, 1)
     assert reasons(response) == {
         2: R.REJECTION_REASON_NEGATIVE_COUNT,
         3: R.REJECTION_REASON_UNKNOWN_EXPERIMENT,
@@ -156,13 +159,19 @@ async def test_outcomes_are_refused_with_their_reason_and_the_rest_acknowledged(
         10: R.REJECTION_REASON_NOT_RUNNING,
         12: R.REJECTION_REASON_UNIT_NOT_EXPOSED,
         13: R.REJECTION_REASON_INVALID_VALUE,
+        15: R.REJECTION_REASON_INVALID_VALUE,
+        17: R.REJECTION_REASON_UNKNOWN_EVENT,
     }
     details = {r.index: r.detail for r in response.rejections}
     assert details[2] == "count: expected 0 (one) or more, got -2"
     assert details[6].startswith("event: no metric of 'checkout' uses 'hover'")
     assert details[9] == "outcome_id: required, got an empty value"
+    assert details[15] == "kind: expected OUTCOME_KIND_OUTCOME or OUTCOME_KIND_COVARIATE, got 9"
+    assert details[17] == "event: no metric of 'checkout' has 'click' as its CUPED covariate"
     assert (await store.arm_stats("checkout", 1))["control"]["revenue"] == SufficientStats(1, 45.0, 2025.0)
     assert (await store.arm_stats("checkout", 2))["treatment"]["converted"] == SufficientStats(1, 1.0, 1.0)
+    # The covariate, 3 h before u1's exposure, is in its CUPED window: y = 4 for the spend metric.
+    assert (await store.arm_stats("checkout", 1))["control"]["spend"] == SufficientStats(1, sy=4.0, syy=16.0, n_y=1)
 
 
 def test_the_phase_of_an_outcome_is_the_one_in_force_at_its_time() -> None:
