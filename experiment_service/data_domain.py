@@ -41,7 +41,7 @@ class DataDomain:
         stats: StatsStore
         every = settings.stats_snapshot_every_s
         if settings.redis_url:
-            stats = RedisStats.from_url(settings.redis_url, prefix=settings.redis_prefix, snapshot_every_s=every)
+            stats = RedisStats.from_url(settings.redis_url, prefix=settings.stats_redis_prefix, snapshot_every_s=every)
         else:
             stats = await SqliteStats.open(settings.state_dir / "stats.db", snapshot_every_s=every)
         promoter = None

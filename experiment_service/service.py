@@ -43,5 +43,4 @@ class ExperimentServicer(
     DecisionRpcs,
     pb_grpc.ExperimentServiceServicer,
 ):
-    """fresco.experiments.v1.ExperimentService: each RPC group in its mixin; methods not built yet answer
-    UNIMPLEMENTED (the generated base)."""
+    """fresco.experiments.v1.ExperimentService: each RPC group in its mixin."""

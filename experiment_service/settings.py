@@ -32,7 +32,7 @@ class ExperimentServiceSettings(ServiceSettings):
     """Redis URL of the per-arm statistics (e.g. redis://host:6379/0), shared by every replica of the service;
     empty means SQLite at <state-dir>/stats.db (one replica). Run Redis with appendonly for acknowledged rows to
     survive a Redis crash."""
-    redis_prefix: str = "fresco:stats:"
+    stats_redis_prefix: str = "fresco:stats:"
     """Prefix of the statistics keys in Redis."""
     stats_snapshot_every_s: float = Field(default=60.0, gt=0)
     """While rows arrive, seconds between the snapshots of arm statistics the results history is drawn from."""
