@@ -50,7 +50,8 @@ class DataDomain:
             channel = app.client_channel(address, token_file=settings.model_manager_token_file)
             promoter = ModelManagerPromoter(channel, address, settings.model_manager_timeout_s)
         results = Results(catalog, stats)
-        return cls(stats, Ingest(catalog.get, stats), results, Decisions(catalog, results, promoter), promoter)
+        ingest = Ingest(catalog.get, stats, allocations=catalog.allocations)
+        return cls(stats, ingest, results, Decisions(catalog, results, promoter), promoter)
 
     def describe(self) -> str:
         """One line for the start-up log."""

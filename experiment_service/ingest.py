@@ -4,7 +4,7 @@ the rest recorded in the statistics store experiment by experiment, and the batc
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -15,6 +15,7 @@ from fresco.api.experiments.v1 import experiment_service_pb2 as spb
 from fresco.experiments.exposure import exposure_id
 
 ExperimentLookup = Callable[[str], Awaitable[epb.Experiment | None]]
+AllocationLookup = Callable[[str, int], Awaitable[Mapping[int, object]]]
 Clock = Callable[[], datetime]
 R = apb.RejectionReason
 PLAN_CACHE = 1024
@@ -71,10 +72,18 @@ class _Tally:
 class Ingest:
     """Checks and records exposures and outcomes; `experiments` is the catalog's lookup by key."""
 
-    def __init__(self, experiments: ExperimentLookup, store: StatsWriter, clock: Clock = _now) -> None:
+    def __init__(
+        self,
+        experiments: ExperimentLookup,
+        store: StatsWriter,
+        clock: Clock = _now,
+        allocations: AllocationLookup | None = None,
+    ) -> None:
         self.experiments = experiments
         self.store = store
         self.clock = clock
+        # The catalog's allocations of a phase: an exposure under any other would break the sample-ratio check.
+        self.allocations = allocations
         self._plans: dict[tuple[str, int], StatsPlan] = {}
 
     async def log_exposures(self, rows: Sequence[apb.Exposure]) -> spb.LogExposuresResponse:
@@ -90,7 +99,10 @@ class Ingest:
                 tally.refuse(index, row.exposure_id, refused.reason, refused.detail)
                 continue
             groups.setdefault(key, []).append((index, checked))
+        await self._check_allocations(groups, tally, rows)
         for key, items in groups.items():
+            if not items:
+                continue
             experiment = found[key]
             assert experiment is not None
             verdicts = await self.store.record_exposures(self._plan(experiment), [r for _, r in items], now)
@@ -128,6 +140,27 @@ class Ingest:
             duplicates=tally.duplicates,
             rejections=tally.rejections,
         )
+
+    async def _check_allocations(
+        self, groups: dict[str, list[tuple[int, ExposureRow]]], tally: _Tally, rows: Sequence[apb.Exposure]
+    ) -> None:
+        if self.allocations is None:
+            return
+        known: dict[tuple[str, int], set[int]] = {}
+        for key, items in groups.items():
+            kept = []
+            for index, row in items:
+                if (key, row.phase) not in known:
+                    known[(key, row.phase)] = set(await self.allocations(key, row.phase)) or {0}
+                allowed = known[(key, row.phase)]
+                if row.allocation in allowed:
+                    kept.append((index, row))
+                    continue
+                detail = (
+                    f"allocation: phase {row.phase} of {key!r} has allocations {sorted(allowed)}, not {row.allocation}"
+                )
+                tally.refuse(index, rows[index].exposure_id, R.REJECTION_REASON_UNKNOWN_PHASE, detail)
+            groups[key] = kept
 
     def _plan(self, experiment: epb.Experiment) -> StatsPlan:
         # Plans are cached by (key, version): an experiment's metrics and phases change only with its version.

@@ -58,9 +58,8 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
     await catalog.load()
     stats = await SqliteStats.open(tmp_path / "stats.db", snapshot_every_s=60.0)
     results = Results(catalog, stats, clock=clock)
-    yield World(
-        clock, catalog, stats, Ingest(catalog.get, stats, clock=clock), results, Decisions(catalog, results, None)
-    )
+    ingest = Ingest(catalog.get, stats, clock=clock, allocations=catalog.allocations)
+    yield World(clock, catalog, stats, ingest, results, Decisions(catalog, results, None))
     await stats.close()
     store.close()
 
@@ -126,6 +125,15 @@ async def test_results_see_what_was_recorded_per_arm(world: World) -> None:
     assert [c.observed_units for c in results.sample_ratio.arms] == [40, 40]
     assert not results.sample_ratio.mismatch
     assert results.running_for_seconds == 120.0
+    stray = apb.Exposure(
+        exposure_id=exposure_id("checkout", 1, "user_id", "late", "control"), experiment_key="checkout", phase=1,
+        unit_type="user_id", unit_id="late", arm_name="control", allocation=7,
+    )  # fmt: skip
+    refused = await world.ingest.log_exposures([stray])  # an allocation the catalog never made
+    assert [(r.reason, r.detail) for r in refused.rejections] == [
+        (apb.REJECTION_REASON_UNKNOWN_PHASE, "allocation: phase 1 of 'checkout' has allocations [0], not 7")
+    ]
+    assert (await world.results.results("checkout")).arms[0].units == 40
     with pytest.raises(NotFound, match="key: no experiment 'nope'"):
         await world.results.results("nope")
     with pytest.raises(NotFound, match="phase: experiment 'checkout' has no phase 4"):
