@@ -95,14 +95,17 @@ class Results:
         units = await self.stats.units_by_allocation(key, number)
         weights = await self.catalog.allocations(key, number)
         arms = [ArmData(a.name, sums.get(a.name, {}), units.get(a.name, {})) for a in experiment.arms]
-        return analyse(
-            experiment,
-            number,
-            arms,
-            running_for(experiment, chosen, now),
-            now,
-            weights_by_allocation=weights or None,
-        )
+        try:
+            return analyse(
+                experiment,
+                number,
+                arms,
+                running_for(experiment, chosen, now),
+                now,
+                weights_by_allocation=weights or None,
+            )
+        except ValueError as err:  # recorded data the configuration no longer describes (e.g. arms renamed)
+            raise FailedPrecondition(f"phase: phase {number} of {key!r} cannot be analysed: {err}") from None
 
     async def history(self, key: str, phase: int = 0, metric: str = "") -> spb.GetResultsHistoryResponse:
         """One metric's lift and confidence sequence per treatment arm at every snapshot of the phase."""
@@ -125,7 +128,10 @@ class Results:
                 other = snapshot.arms.get(arm, {}).get(metric)
                 if base is None or other is None or base.n < 2 or other.n < 2 or base.sx == 0:
                     continue  # no relative lift before both arms have units and control has a non-zero mean
-                lift, lower, upper = compare_point(experiment, metric, base, other)
+                try:
+                    lift, lower, upper = compare_point(experiment, metric, base, other)
+                except ValueError as err:
+                    raise FailedPrecondition(f"metric: {metric!r} of {key!r} cannot be compared: {err}") from None
                 if not math.isfinite(lift):
                     continue
                 # An interval bound stays infinite while the sample is too small for the confidence sequence.
