@@ -356,3 +356,18 @@ async def test_an_idle_outcome_stream_ends_unavailable_when_the_service_stops(tm
     assert code == 0
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "experiment service is stopping: reconnect and resend" in (caught.value.details() or "")
+
+
+def test_acknowledged_rows_survive_a_restart(tmp_path: Path) -> None:
+    key = f"restart-{uuid.uuid4().hex[:8]}"
+    with running(tmp_path) as service, stub_for(service) as stub:
+        e = create_and_start(stub, revenue_test(key))
+        assert stub.LogExposures(pb.LogExposuresRequest(exposures=exposures(e, ["u0", "u1"]))).accepted == 2
+        batch = pb.LogOutcomesRequest(batch_id="b", outcomes=[purchase(key, "o0", "u0", 4.0)])
+        assert [a.accepted for a in stub.LogOutcomes(iter([batch]))] == [1]
+        before = revenue(stub, key)
+    with running(tmp_path) as service, stub_for(service) as stub:
+        assert revenue(stub, key) == before == {"arm0": (1, 4.0), "arm1": (1, 0.0)}
+        assert [a.duplicates for a in stub.LogOutcomes(iter([batch]))] == [1]
+        history = stub.GetResultsHistory(pb.GetResultsHistoryRequest(key=key)).points
+        assert history == []  # one unit per arm: no lift to draw yet, but no failure either
