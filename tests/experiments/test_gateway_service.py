@@ -188,12 +188,13 @@ async def test_the_gateway_follows_experiments_started_and_stopped(
         await gateway.close()
 
 
-async def test_assignment_goes_on_while_the_service_is_down_and_after_a_gateway_restart(
+async def test_assignment_and_exposures_go_on_while_the_service_is_down_and_after_a_gateway_restart(
     tmp_path: Path, gateway_state: Path, predictors: Predictors
 ) -> None:
     service = Service(await start_service(tmp_path / "service"))
     port = port_of(service.process)
     gateway = await start_gateway(gateway_state, service.process.address, predictors)
+    early, late = UNITS[:20], UNITS[20:]
     try:
         await service.start(ab("exp-outage"))
 
@@ -201,27 +202,42 @@ async def test_assignment_goes_on_while_the_service_is_down_and_after_a_gateway_
             return (await gateway.predict(UNITS[0])).experiment_arm != ""
 
         await eventually(assigned, "the gateway to assign the started experiment")
-        before = await gateway.arms(UNITS)
+        before = await gateway.arms(early)
+
+        async def sent(count: int) -> bool:
+            return gateway.metric("fresco_gateway_exposures_sent_total") == count
+
+        await eventually(lambda: sent(len(early)), "the early units' exposures to be sent")
         await service.close()
 
-        # The service is down: the same arms, from the configuration held.
-        assert await gateway.arms(UNITS) == before
-        queued = gateway.metric("fresco_gateway_exposures_queued")
-        assert queued == len(UNITS), "each unit's exposure waits for the service"
+        # The service is down: the same arms, from the configuration held; the late units' exposures wait.
+        assert await gateway.arms(early) == before
+        before += await gateway.arms(late)
+        assert gateway.metric("fresco_gateway_exposures_queued") == len(late)
         await gateway.close()
 
-        # A restarted gateway assigns from its state directory before the service answers.
+        # A restarted gateway assigns from its state directory before the service answers. It remembers no
+        # exposure sent, so every unit's is queued again (the late ones were lost with the old process's queue).
         gateway = await start_gateway(gateway_state, f"127.0.0.1:{port}", predictors)
         assert await gateway.arms(UNITS) == before
         assert (gateway.metric("fresco_gateway_experiment_config_staleness_seconds") or 0) > 0
+        assert gateway.metric("fresco_gateway_exposures_queued") == len(UNITS)
 
-        # The service comes back on its port: the gateway resumes its stream.
+        # The service comes back on its port: the stream resumes and the queue is sent; the early units' exposures,
+        # sent twice, are counted once.
         service = Service(await start_service(tmp_path / "service", port))
 
         async def current() -> bool:
             return gateway.metric("fresco_gateway_experiment_config_staleness_seconds") == 0
 
         await eventually(current, "the gateway to resume the configuration stream")
+        await eventually(lambda: sent(len(UNITS)), "the queued exposures to be sent")
+        assert gateway.metric("fresco_gateway_exposures_queued") == 0
+        assert gateway.metric("fresco_gateway_exposures_duplicates_total") == len(early)
+        results = await service.stub.GetResults(pb.GetResultsRequest(key="exp-outage"), timeout=30)
+        units = {arm.arm_name: arm.units for arm in results.results.arms}
+        assert units == {name: sum(arm == name for arm, _ in before) for name in units}
+        assert sum(units.values()) == len(UNITS)
         assert await gateway.arms(UNITS) == before
     finally:
         await gateway.close()
