@@ -21,7 +21,7 @@ from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from fresco.experiments.evaluator import Evaluator
-from fresco.suite import ServiceProcess
+from fresco.suite import ServiceProcess, issue_local_tokens, start_platform
 from gateway.experiment_watch import ExperimentWatcher
 from gateway.route_watch import save_table
 from tests.experiment_service.service_support import experiment, service_args
@@ -270,3 +270,25 @@ async def test_an_update_on_another_revision_is_rejected_and_the_watcher_resubsc
         assert kinds == {"snapshot": 2, "update": 0}, "the first snapshot, then one after the resubscription"
     finally:
         await watcher.close()
+
+
+async def test_the_platforms_gateway_watches_the_experiment_service_with_auth_on(tmp_path: Path) -> None:
+    auth = issue_local_tokens(tmp_path / "auth")
+    suite = await asyncio.to_thread(start_platform, tmp_path, auth, None, 1.0, True)
+    try:
+        gateway = suite.service("gateway")
+        service = suite.service("experiment_service")
+        with auth.admin.channel(service.address) as channel:
+            stub = pb_grpc.ExperimentServiceStub(channel)
+            admin = auth.admin.metadata()
+            created = stub.CreateExperiment(pb.CreateExperimentRequest(experiment=ab("exp-auth")), metadata=admin)
+            start = pb.StartExperimentRequest(key="exp-auth", expected_version=created.experiment.version)
+            await asyncio.to_thread(stub.StartExperiment, start, metadata=admin)
+
+        async def watched() -> bool:
+            return metric(gateway, "fresco_gateway_experiment_config_revision") == 1
+
+        await eventually(watched, "the platform's gateway to apply the configuration")
+        assert metric(gateway, "fresco_gateway_experiment_config_staleness_seconds") == 0
+    finally:
+        await asyncio.to_thread(suite.stop)
