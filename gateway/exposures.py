@@ -1,5 +1,5 @@
-"""Exposure logging: each (experiment, phase, unit, arm) is offered once per gateway (a bounded LRU of
-the deterministic ids recently queued; replicas sending the same id are deduplicated by the service),
+"""Exposure logging: each (experiment, phase, unit, arm) is queued once per gateway (a bounded LRU of the
+fields the deterministic id hashes; replicas send the same id, which the service counts once),
 into a bounded queue that the request only ever offers to. A background sender sends batches with
 LogExposures and keeps a batch queued until the service answered it: while the service is down
 nothing is lost until the queue is full; past that, exposures are dropped and counted."""
@@ -78,7 +78,8 @@ class ExposureLog:
         self._remembered = remembered
         self._backoff_s = backoff_s
         self._queue: deque[apb.Exposure] = deque()
-        self._recent: OrderedDict[str, None] = OrderedDict()  # ids queued or sent, oldest first
+        # (experiment, phase, unit type, unit, arm) queued or sent, oldest first: the exposure id's fields.
+        self._recent: OrderedDict[tuple[str, int, str, str, str], None] = OrderedDict()
         self._ready = asyncio.Event()  # something queued
         self._woken = asyncio.Event()  # the service is back: retry without waiting out the backoff
         self._task: asyncio.Task[None] | None = None
@@ -113,8 +114,8 @@ class ExposureLog:
     def offer(self, assigned: Assigned, at_ns: int | None = None) -> bool:
         """Queue the exposure of an arm that answered unless it was queued recently; never waits.
         False when it was a repeat or the queue was full (then counted as dropped)."""
-        exposure = exposure_of(assigned, self.source, time.time_ns() if at_ns is None else at_ns)
-        key = exposure.exposure_id
+        a = assigned
+        key = (a.experiment_key, a.phase, a.unit_type, a.unit_id, a.arm_name)  # what the exposure id hashes
         if key in self._recent:
             self._recent.move_to_end(key)
             return False
@@ -123,7 +124,7 @@ class ExposureLog:
             self.dropped.labels("queue_full").inc()
             self.dropped_total += 1
             return False
-        self._queue.append(exposure)
+        self._queue.append(exposure_of(assigned, self.source, time.time_ns() if at_ns is None else at_ns))
         self._recent[key] = None
         while len(self._recent) > self._remembered:
             self._recent.popitem(last=False)
