@@ -76,11 +76,12 @@ def metric_table(metric: rpb.MetricResult, control: str) -> Table:
         table.add_column(column, justify="left" if column in ("arm", "notes") else "right")
     comparisons = {c.arm_name: c for c in metric.comparisons}
     guarded = metric.role in GUARDED_ROLES
+    cuped = any(c.cuped_applied for c in metric.comparisons)
     for summary in metric.arms:
         mean = number(summary.mean)
-        comparison = comparisons.get(summary.arm_name)
-        if comparison is not None and comparison.cuped_applied:
+        if cuped:
             mean = f"{number(summary.adjusted_mean)} (raw {number(summary.mean)})"
+        comparison = comparisons.get(summary.arm_name)
         if comparison is None:
             name = summary.arm_name + (" (control)" if summary.arm_name == control else "")
             table.add_row(escape(name), f"{summary.units:,}", mean, *["-"] * 6, "")
