@@ -31,6 +31,10 @@ class FailedPrecondition(FrescoError):
     """The system is not in a state where the request can be served (e.g. not configured)."""
 
 
+class Aborted(FrescoError):
+    """A concurrent change won: the expected version is stale; read again and retry."""
+
+
 class Unavailable(FrescoError):
     """A dependency or the requested model is not ready now (loading, warming, down); retry later."""
 

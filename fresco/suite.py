@@ -193,6 +193,13 @@ class Suite:
             raise
         return service
 
+    def service(self, module: str) -> ServiceProcess:
+        """The running service started as `python -m <module>`; KeyError when there is none."""
+        for service in self.services:
+            if service.module == module:
+                return service
+        raise KeyError(f"{module}: not started in this suite (started: {[s.module for s in self.services]})")
+
     def stop(self) -> dict[str, int | None]:
         """Stop every service, newest first; their exit codes by module."""
         codes = {}
@@ -251,10 +258,17 @@ def start_suite(
     return suite
 
 
-def start_platform(root: Path, auth: LocalAuth, env: Mapping[str, str] | None = None, window_s: float = 10.0) -> Suite:
+def start_platform(
+    root: Path,
+    auth: LocalAuth,
+    env: Mapping[str, str] | None = None,
+    window_s: float = 10.0,
+    experiments: bool = False,
+) -> Suite:
     """The model manager (SQLite and artifacts under `root/manager`), a predictor that joins its fleet with an
-    empty repository, and a gateway routed by the manager's WatchRoutes, on free loopback ports, healthy, auth on:
-    models reach the predictor only through the manager."""
+    empty repository, with `experiments` the experiment service (its state under `root/experiments`), and a gateway
+    routed by the manager's WatchRoutes, on free loopback ports, healthy, auth on: models reach the predictor only
+    through the manager. Services start in that order (`Suite.service(module)` finds one by name)."""
     suite = Suite()
     extra = dict(env or {})
     auth_args = auth.service_args()
@@ -301,6 +315,23 @@ def start_platform(root: Path, auth: LocalAuth, env: Mapping[str, str] | None = 
                 log_path=root / "predictor.log",
             )
         )
+        if experiments:
+            suite.start(
+                ServiceProcess(
+                    "experiment_service",
+                    [
+                        "--state-dir",
+                        str(root / "experiments"),
+                        "--port",
+                        "0",
+                        "--peer-token-file",
+                        control,
+                        *auth_args,
+                    ],
+                    env=extra,
+                    log_path=root / "experiment_service.log",
+                )
+            )
         suite.start(
             ServiceProcess(
                 "gateway",

@@ -22,6 +22,7 @@ from fresco.api.models.v1 import model_manager_service_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as regpb
 from model_manager import route_codec, route_hub
 from model_manager.actions import FINISHED, Action, Do, State
+from model_manager.holds import HoldStore
 from model_manager.model_serving import static_answer
 from model_manager.ports import FleetPort, RouteHubPort
 from model_manager.promotions import Promotions
@@ -109,8 +110,10 @@ class RolloutController:
         clock: Clock = time.time,
         metrics: MetricsConfig | None = None,
         gates: Promotions | None = None,
+        holds: HoldStore | None = None,
     ) -> None:
         self.store, self.registry, self.fleet, self.hub, self.ads = store, registry, fleet, hub, ads
+        self.holds = holds  # versions held for experiment arms: kept warm and routed at weight 0
         self.gates = gates  # the promotions a gated rollout waits for
         self._gate_watches: set[str] = set()  # operation ids watched now
         self.clock = clock
@@ -360,8 +363,8 @@ class RolloutController:
         self.fleet.retain(self.wants)
 
     def _serving(self) -> dict[str, ModelServing]:
-        """Each model's production version, configured fallback (the deployment's, else the model's) and static
-        answer."""
+        """Each model's production version, configured fallback (the deployment's, else the model's), static answer
+        and held versions."""
         deployed: dict[str, int] = {}
         token = ""
         while True:
@@ -371,12 +374,14 @@ class RolloutController:
             token = dpage.next_page_token
             if not token:
                 break
+        held = self.holds.held() if self.holds is not None else {}
         out: dict[str, ModelServing] = {}
         while True:
             page = self.registry.list_models(500, token)
             for m in page.items:
                 answer = static_answer(f"{m.name}.static_fallback", m.static_fallback)
-                out[m.name] = ModelServing(m.production_version, deployed.get(m.name) or m.fallback_version, answer)
+                fallback = deployed.get(m.name) or m.fallback_version
+                out[m.name] = ModelServing(m.production_version, fallback, answer, held.get(m.name, frozenset()))
             token = page.next_page_token
             if not token:
                 return out

@@ -42,6 +42,7 @@ class ModelServing:
     production: int = 0
     fallback: int = 0
     static_answer: StaticAnswer = ()
+    held: frozenset[int] = frozenset()  # versions held for experiment arms: warm, routed at weight 0
 
 
 @dataclass(frozen=True)
@@ -63,10 +64,11 @@ class Desired:
     scored: int | None = None
     score_output: str = ""
     score_bounds: tuple[float, ...] = ()
+    held: frozenset[int] = frozenset()
 
     def kept(self) -> set[int]:
-        """The versions this route keeps loaded: those it routes to, and its configured fallback."""
-        out = set(self.route.versions())
+        """The versions this route keeps loaded: those it routes to, its configured fallback and held versions."""
+        out = set(self.route.versions()) | self.held
         if self.keep_fallback and self.fallback is not None:
             out.add(self.fallback)
         return out
@@ -90,7 +92,7 @@ def basis_points(route: Route, order: list[int]) -> dict[int, int]:
 def model_route(desired: Desired, endpoints: EndpointsOf, names: NameOf = _same_name) -> ModelRoute | None:
     """One model's route on the replicas where its versions are warm; None when no live version has one."""
     route = desired.route
-    versions = set(route.versions())
+    versions = set(route.versions()) | desired.held  # held versions: weight 0, reachable by pinned requests only
     if desired.fallback is not None:
         versions.add(desired.fallback)
     order = sorted(versions, key=lambda v: (v != desired.baseline, v))
@@ -137,14 +139,15 @@ def wanted(serving: Mapping[str, ModelServing], latest: Iterable[Rollout]) -> li
         if s.production:
             out[model] = Desired(
                 model, Route({s.production: 100.0}, {}), s.production, fallback=s.fallback or None,
-                keep_fallback=bool(s.fallback), static_answer=s.static_answer, scored=s.production,
+                keep_fallback=bool(s.fallback), static_answer=s.static_answer, scored=s.production, held=s.held,
             )  # fmt: skip
     for r in latest:
         spec = r.spec
         s = serving.get(spec.model, ModelServing())
         output = spec.analysis.score_output if spec.analysis is not None else ""
         base = Desired(spec.model, r.route(), spec.baseline, keep_fallback=bool(s.fallback),
-                       static_answer=s.static_answer, scored=spec.version, score_output=output)  # fmt: skip
+                       static_answer=s.static_answer, scored=spec.version, score_output=output,
+                       held=s.held)  # fmt: skip
         if r.state in ACTIVE or r.state is State.ROLLING_BACK:
             out[spec.model] = replace(base, fallback=s.fallback or spec.baseline, rollout_id=r.rollout_id)
         elif r.route().weights and (spec.model not in out or out[spec.model].baseline in (spec.version, spec.baseline)):

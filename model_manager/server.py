@@ -15,6 +15,7 @@ from model_manager.controller import RolloutController
 from model_manager.fleet import Fleet
 from model_manager.gate_schema import FeatureCatalog
 from model_manager.gates import GateRunner
+from model_manager.holds import HoldStore
 from model_manager.loader import PredictorLoader, RegistryArtifacts
 from model_manager.operations import OperationStore
 from model_manager.ports import FleetPort, RouteHubPort
@@ -77,10 +78,12 @@ class ModelManager:
         self.servicer.domain = Domain(registry, VersionUploads(registry, store), fleet=self.own_fleet)
         self.servicer.promotions = await self._promotions(registry, store)
         rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
+        holds = await asyncio.to_thread(HoldStore, registry.engine, registry)
         metrics = MetricsConfig(window_seconds=self.settings.metrics_window_s)
         self.controller = RolloutController(
-            rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions
-        )
+            rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions,
+            holds=holds,
+        )  # fmt: skip
         await self.controller.start()
         # The latency gate keeps a version it loaded only while a route or rollout uses it.
         promotions = self.servicer.promotions

@@ -21,6 +21,7 @@ from model_manager.callers import caller_identity
 from model_manager.fleet import Fleet
 from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
+from model_manager.hold_rpcs import HoldRpcs
 from model_manager.model_rpcs import ModelRpcs
 from model_manager.registry import Registry
 from model_manager.rollout_rpcs import RolloutRpcs
@@ -38,7 +39,7 @@ METHOD_ROLES = method_roles(
             "CreateModel", "UpdateModel", "UploadModelVersion", "SetModelAlias", "DeleteModelAlias",
             "PromoteModelVersion", "DeployModelVersion", "PauseRollout", "ResumeRollout", "AbortRollout",
             "PromoteRollout", "RetryRollout", "UndoRollout", "ApplyDeployment", "ReportMetrics", "RegisterPredictor",
-            "PredictorHeartbeat",
+            "PredictorHeartbeat", "HoldVersions",
         )
     },
     reads=[
@@ -68,7 +69,9 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
         yield request.chunk
 
 
-class ModelManagerServicer(ModelRpcs, FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, pb_grpc.ModelManagerServiceServicer):
+class ModelManagerServicer(
+    HoldRpcs, ModelRpcs, FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, pb_grpc.ModelManagerServiceServicer
+):
     """fresco.models.v1.ModelManagerService: the registry's RPCs here; the fleet's, the promotion gates', the route
     stream's and the rollouts' in the mixins."""
 

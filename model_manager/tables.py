@@ -118,12 +118,13 @@ def _sqlite_pragmas(dbapi_connection: sqlite3.Connection, _record: Any) -> None:
     cursor.close()
 
 
-def open_engine(url: str) -> Engine:
-    """An engine for `url` (sqlite+pysqlite:///file or postgresql+psycopg://...), its tables created if missing."""
+def open_engine(url: str, tables: sa.MetaData = metadata) -> Engine:
+    """An engine for `url` (sqlite+pysqlite:///file or postgresql+psycopg://...), the registry's tables (or
+    `tables`, another service's) created if missing."""
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = sa.create_engine(url, pool_pre_ping=True)
-    metadata.create_all(engine)
+    tables.create_all(engine)
     return engine

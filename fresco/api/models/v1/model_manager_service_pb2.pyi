@@ -2184,3 +2184,105 @@ class ListPredictorsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListPredictorsResponse: _TypeAlias = ListPredictorsResponse  # noqa: Y015
+
+@_typing.final
+class HoldVersionsRequest(_message.Message):
+    """HoldVersionsRequest sets (or, with no versions, releases) one holder's hold on versions of a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model."""
+    holder: _builtins.str
+    """holder names who holds the versions, e.g. "experiment:checkout-ranker"; each holder has at most one hold per model."""
+    reason: _builtins.str
+    """reason is recorded in the audit log."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """versions are the versions to keep loaded and routable at weight 0; empty releases the hold."""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        versions: _abc.Iterable[_builtins.int] | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "model_name", b"model_name", "reason", b"reason", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldVersionsRequest: _TypeAlias = HoldVersionsRequest  # noqa: Y015
+
+@_typing.final
+class HoldVersionsResponse(_message.Message):
+    """HoldVersionsResponse lists the model's holds after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOLDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def holds(self) -> _containers.RepeatedCompositeFieldContainer[Global___VersionHold]:
+        """holds are every holder's hold on the model."""
+
+    def __init__(
+        self,
+        *,
+        holds: _abc.Iterable[Global___VersionHold] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holds", b"holds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HoldVersionsResponse: _TypeAlias = HoldVersionsResponse  # noqa: Y015
+
+@_typing.final
+class VersionHold(_message.Message):
+    """VersionHold is one holder's hold on versions of a model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    UPDATED_BY_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model."""
+    holder: _builtins.str
+    """holder is who holds the versions."""
+    updated_by: _builtins.str
+    """updated_by is the identity that set the hold."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """versions are the versions held."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """updated_at is when it was set."""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        versions: _abc.Iterable[_builtins.int] | None = ...,
+        updated_by: _builtins.str = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["holder", b"holder", "model_name", b"model_name", "updated_at", b"updated_at", "updated_by", b"updated_by", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VersionHold: _TypeAlias = VersionHold  # noqa: Y015

@@ -170,6 +170,11 @@ class ModelManagerServiceStub:
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesResponse.FromString,
                 _registered_method=True)
+        self.HoldVersions = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/HoldVersions',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.HoldVersionsRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.HoldVersionsResponse.FromString,
+                _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/fresco.models.v1.ModelManagerService/ReportMetrics',
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ReportMetricsRequest.SerializeToString,
@@ -388,6 +393,14 @@ class ModelManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldVersions(self, request, context):
+        """HoldVersions keeps versions of a model loaded and routable at weight 0 for a holder (an experiment's arms):
+        reachable only by requests pinned to them. An empty list releases the holder's hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportMetrics(self, request, context):
         """ReportMetrics receives per-version metric windows from a gateway for rollout analysis.
         """
@@ -553,6 +566,11 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     servicer.WatchRoutes,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesResponse.SerializeToString,
+            ),
+            'HoldVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldVersions,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.HoldVersionsRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.HoldVersionsResponse.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
@@ -1305,6 +1323,33 @@ class ModelManagerService:
             '/fresco.models.v1.ModelManagerService/WatchRoutes',
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesRequest.SerializeToString,
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.WatchRoutesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/HoldVersions',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.HoldVersionsRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.HoldVersionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,10 @@ class ModelManagerServiceStub:
     """WatchRoutes streams the routing table to a gateway: a snapshot first, then updates, each with a revision.
     The gateway acknowledges or rejects every revision on the same stream and resumes from its last one.
     """
+    HoldVersions: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.HoldVersionsRequest, _model_manager_service_pb2.HoldVersionsResponse]
+    """HoldVersions keeps versions of a model loaded and routable at weight 0 for a holder (an experiment's arms):
+    reachable only by requests pinned to them. An empty list releases the holder's hold.
+    """
     ReportMetrics: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ReportMetricsRequest, _model_manager_service_pb2.ReportMetricsResponse]
     """ReportMetrics receives per-version metric windows from a gateway for rollout analysis."""
     RegisterPredictor: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.RegisterPredictorRequest, _model_manager_service_pb2.RegisterPredictorResponse]
@@ -166,6 +170,10 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     WatchRoutes: _aio.StreamStreamMultiCallable[_model_manager_service_pb2.WatchRoutesRequest, _model_manager_service_pb2.WatchRoutesResponse]  # type: ignore[assignment]
     """WatchRoutes streams the routing table to a gateway: a snapshot first, then updates, each with a revision.
     The gateway acknowledges or rejects every revision on the same stream and resumes from its last one.
+    """
+    HoldVersions: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.HoldVersionsRequest, _model_manager_service_pb2.HoldVersionsResponse]  # type: ignore[assignment]
+    """HoldVersions keeps versions of a model loaded and routable at weight 0 for a holder (an experiment's arms):
+    reachable only by requests pinned to them. An empty list releases the holder's hold.
     """
     ReportMetrics: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ReportMetricsRequest, _model_manager_service_pb2.ReportMetricsResponse]  # type: ignore[assignment]
     """ReportMetrics receives per-version metric windows from a gateway for rollout analysis."""
@@ -399,6 +407,16 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_model_manager_service_pb2.WatchRoutesResponse], _abc.AsyncIterator[_model_manager_service_pb2.WatchRoutesResponse]]:
         """WatchRoutes streams the routing table to a gateway: a snapshot first, then updates, each with a revision.
         The gateway acknowledges or rejects every revision on the same stream and resumes from its last one.
+        """
+
+    @_abc_1.abstractmethod
+    def HoldVersions(
+        self,
+        request: _model_manager_service_pb2.HoldVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.HoldVersionsResponse, _abc.Awaitable[_model_manager_service_pb2.HoldVersionsResponse]]:
+        """HoldVersions keeps versions of a model loaded and routable at weight 0 for a holder (an experiment's arms):
+        reachable only by requests pinned to them. An empty list releases the holder's hold.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,71 @@
+"""Wiring of the experiment service: the registry database behind the servicer, on the chassis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from chassis.errors import Unavailable
+from chassis.server import ServiceApp
+from experiment_service.catalog import ExperimentCatalog
+from experiment_service.config_hub import ConfigHub
+from experiment_service.domain import Domain
+from experiment_service.service import METHOD_ROLES, SERVICE, ExperimentServicer
+from experiment_service.settings import ExperimentServiceSettings
+from experiment_service.store import ExperimentStore
+from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class ExperimentService:
+    """A built experiment service: its server, and once ready its store and catalog."""
+
+    def __init__(self, settings: ExperimentServiceSettings) -> None:
+        self.settings = settings
+        self.app = ServiceApp("experiment_service", settings, [SERVICE.full_name], method_roles=METHOD_ROLES)
+        # Abstract until every RPC group joins: the missing ones answer UNIMPLEMENTED (the generated base).
+        self.servicer = ExperimentServicer()  # type: ignore[abstract]
+        pb_grpc.add_ExperimentServiceServicer_to_server(self.servicer, self.app.server)
+        self.servicer.max_assign_units = settings.max_assign_units
+        self.store: ExperimentStore | None = None
+        self.hub = ConfigHub()
+        self.app.on_drain(self._stop_streaming)
+        self.app.on_stop(self._close)
+
+    async def ready(self) -> None:
+        """Reach the database (retrying), read the running experiments back; then serve."""
+        self.settings.state_dir.mkdir(parents=True, exist_ok=True)
+        store = self.store = await self._connect()
+        catalog = ExperimentCatalog(store)
+        config = await catalog.load()
+        if config.revision:  # gateways holding the last revision published resume from it
+            self.hub.seed(config)
+        catalog.on_publish(self.hub.publish)
+        self.servicer.domain = Domain(catalog, self.hub)
+        log.info(
+            "experiment service ready: registry on %s, %d running at revision %d",
+            store.engine.url.drivername, len(config.experiments), config.revision,
+        )  # fmt: skip
+
+    async def _connect(self) -> ExperimentStore:
+        url = self.settings.registry_url()
+        while True:
+            try:
+                return await asyncio.to_thread(ExperimentStore.open, url)
+            except Unavailable as err:
+                log.warning("database not reachable, retrying in %.1fs: %s", self.settings.connect_retry_s, err)
+                await asyncio.sleep(self.settings.connect_retry_s)
+
+    async def _stop_streaming(self) -> None:
+        # Watch streams never end by themselves: they would hold the drain for its whole grace period.
+        self.hub.close()
+
+    async def _close(self) -> None:
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+
+
+def build_server(settings: ExperimentServiceSettings) -> ExperimentService:
+    """The experiment service, bound (port 0 picks a free port) but not started."""
+    return ExperimentService(settings)
