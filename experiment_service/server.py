@@ -9,6 +9,7 @@ from chassis.errors import Unavailable
 from chassis.server import ServiceApp
 from experiment_service.catalog import ExperimentCatalog
 from experiment_service.config_hub import ConfigHub
+from experiment_service.data_domain import DataDomain
 from experiment_service.domain import Domain
 from experiment_service.service import METHOD_ROLES, SERVICE, ExperimentServicer
 from experiment_service.settings import ExperimentServiceSettings
@@ -24,11 +25,11 @@ class ExperimentService:
     def __init__(self, settings: ExperimentServiceSettings) -> None:
         self.settings = settings
         self.app = ServiceApp("experiment_service", settings, [SERVICE.full_name], method_roles=METHOD_ROLES)
-        # Abstract until every RPC group joins: the missing ones answer UNIMPLEMENTED (the generated base).
-        self.servicer = ExperimentServicer()  # type: ignore[abstract]
+        self.servicer = ExperimentServicer()
         pb_grpc.add_ExperimentServiceServicer_to_server(self.servicer, self.app.server)
         self.servicer.max_assign_units = settings.max_assign_units
         self.store: ExperimentStore | None = None
+        self.data: DataDomain | None = None
         self.hub = ConfigHub()
         self.app.on_drain(self._stop_streaming)
         self.app.on_stop(self._close)
@@ -42,10 +43,11 @@ class ExperimentService:
         if config.revision:  # gateways holding the last revision published resume from it
             self.hub.seed(config)
         catalog.on_publish(self.hub.publish)
-        self.servicer.domain = Domain(catalog, self.hub)
+        data = self.data = await DataDomain.open(self.settings, self.app, catalog)
+        self.servicer.domain = Domain(catalog, self.hub, data=data)
         log.info(
-            "experiment service ready: registry on %s, %d running at revision %d",
-            store.engine.url.drivername, len(config.experiments), config.revision,
+            "experiment service ready: registry on %s, %d running at revision %d; %s",
+            store.engine.url.drivername, len(config.experiments), config.revision, data.describe(),
         )  # fmt: skip
 
     async def _connect(self) -> ExperimentStore:
@@ -60,8 +62,12 @@ class ExperimentService:
     async def _stop_streaming(self) -> None:
         # Watch streams never end by themselves: they would hold the drain for its whole grace period.
         self.hub.close()
+        if self.data is not None:
+            self.data.stop_streams()
 
     async def _close(self) -> None:
+        if self.data is not None:
+            await self.data.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, FilePath
 from pydantic_settings import SettingsConfigDict
 
 from chassis.settings import ServiceSettings
@@ -27,6 +27,22 @@ class ExperimentServiceSettings(ServiceSettings):
     """At start, seconds between attempts to reach the database (health stays NOT_SERVING meanwhile)."""
     max_assign_units: int = Field(default=10_000, ge=1)
     """Most units one Assign call may carry."""
+
+    redis_url: str = ""
+    """Redis URL of the per-arm statistics (e.g. redis://host:6379/0), shared by every replica of the service;
+    empty means SQLite at <state-dir>/stats.db (one replica). Run Redis with appendonly for acknowledged rows to
+    survive a Redis crash."""
+    stats_redis_prefix: str = "fresco:stats:"
+    """Prefix of the statistics keys in Redis."""
+    stats_snapshot_every_s: float = Field(default=60.0, gt=0)
+    """While rows arrive, seconds between the snapshots of arm statistics the results history is drawn from."""
+    model_manager_address: str = ""
+    """host:port of the model manager: a SHIP_TREATMENT decision promotes the arm's version there through its gates.
+    Empty: such decisions are refused."""
+    model_manager_token_file: FilePath | None = None
+    """File holding the token presented to the model manager (a deployer's, to promote); default: the peer token."""
+    model_manager_timeout_s: float = Field(default=10.0, gt=0)
+    """Deadline of a call to the model manager."""
 
     def registry_url(self) -> str:
         """The database URL to use."""

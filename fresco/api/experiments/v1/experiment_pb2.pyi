@@ -622,7 +622,7 @@ class MetricSpec(_message.Message):
     minimum_detectable_effect: _builtins.float
     """minimum_detectable_effect is the smallest relative change worth detecting, e.g. 0.02; it drives the power calculation."""
     non_inferiority_margin: _builtins.float
-    """non_inferiority_margin is the largest relative worsening a guardrail or latency metric tolerates, e.g. 0.10."""
+    """non_inferiority_margin is the largest relative worsening a guardrail or latency metric tolerates; 0 means 0.10."""
     cap: _builtins.float
     """cap, when positive, caps each unit's value at it before it is aggregated (winsorising outliers)."""
     @_builtins.property
