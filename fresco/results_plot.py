@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
@@ -51,12 +52,15 @@ def plot_history(
         mde = -minimum_detectable_effect if direction == xpb.METRIC_DIRECTION_DECREASE else minimum_detectable_effect
         axes.axhline(mde, color="grey", linestyle="--", linewidth=1.0, label=f"MDE {mde * 100:+.3g}%")
     axes.yaxis.set_major_formatter(PercentFormatter(1.0))
+    # Concise labels read well from a few seconds of data (tests, demos) to weeks.
+    locator = AutoDateLocator()  # type: ignore[no-untyped-call]  # matplotlib.dates has no annotations
+    axes.xaxis.set_major_locator(locator)
+    axes.xaxis.set_major_formatter(ConciseDateFormatter(locator))  # type: ignore[no-untyped-call]
     axes.set_xlabel("time (UTC)")
     axes.set_ylabel("relative lift vs control")
     axes.set_title(title)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best", fontsize="small")
-    figure.autofmt_xdate()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")

@@ -4,6 +4,7 @@ the lifecycle with expected versions, phases and the audit log, and each failure
 from __future__ import annotations
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -12,6 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from fresco.api.experiments.v1 import assignment_pb2 as apb
+from fresco.api.experiments.v1 import experiment_service_pb2 as spb
+from fresco.api.experiments.v1 import experiment_service_pb2_grpc as spb_grpc
+from fresco.experiments.exposure import exposure_id
 from fresco.suite import LocalAuth, ServiceProcess, issue_local_tokens
 
 pytestmark = pytest.mark.integration
@@ -178,3 +183,109 @@ def test_failures_print_one_line_with_the_status(service: ServiceProcess, auth: 
     assert zero.returncode == 1
     assert flat(zero.stderr).startswith("update failed: INVALID_ARGUMENT:")
     assert "arms" in zero.stderr
+
+
+RESULTS_FILE = """
+key: cli-results
+hypothesis: v2 is more accurate and no slower
+model: demo
+unit_type: user_id
+arms: [{name: control, version: 1}, {name: treatment, version: 2}]
+min_units_per_arm: 100
+metrics:
+  - {name: accuracy, kind: proportion, mde: 0.02}
+  - {name: latency_ms, role: latency, kind: mean, direction: decrease, margin: 0.1}
+"""
+
+
+def feed(service: ServiceProcess, auth: LocalAuth, key: str, units: range, seed: int) -> dict[str, list[float]]:
+    """Assign `units` through the service, expose each to its arm and send seeded outcomes (treatment more
+    accurate); each arm's accuracy values as sent."""
+    rng = random.Random(seed)
+    accuracy: dict[str, list[float]] = {"control": [], "treatment": []}
+    with auth.admin.channel(service.address) as channel:
+        stub = spb_grpc.ExperimentServiceStub(channel)
+        metadata = auth.admin.metadata()
+        wanted = [apb.AssignmentUnit(unit_ids={"user_id": f"u{u}"}) for u in units]
+        assigned = stub.Assign(spb.AssignRequest(units=wanted, experiment_keys=[key]), metadata=metadata, timeout=30)
+        exposures, outcomes = [], []
+        for u, unit in zip(units, assigned.units, strict=True):
+            (a,) = unit.assignments
+            arm, uid = a.arm_name, f"u{u}"
+            exposures.append(
+                apb.Exposure(
+                    exposure_id=exposure_id(key, a.phase, "user_id", uid, arm),
+                    experiment_key=key,
+                    phase=a.phase,
+                    unit_type="user_id",
+                    unit_id=uid,
+                    arm_name=arm,
+                    allocation=a.allocation,
+                )
+            )
+            correct = 1.0 if rng.random() < (0.55 if arm == "control" else 0.75) else 0.0
+            accuracy[arm].append(correct)
+            for event, value in (("accuracy", correct), ("latency_ms", rng.gauss(40.0, 4.0))):
+                outcomes.append(
+                    apb.Outcome(
+                        outcome_id=f"{event}-{uid}",
+                        experiment_key=key,
+                        unit_type="user_id",
+                        unit_id=uid,
+                        event=event,
+                        value=value,
+                    )
+                )
+        logged = stub.LogExposures(spb.LogExposuresRequest(exposures=exposures), metadata=metadata, timeout=30)
+        assert (logged.accepted, list(logged.rejections)) == (len(exposures), [])
+        batch = spb.LogOutcomesRequest(batch_id=f"batch-{seed}", outcomes=outcomes)
+        (ack,) = list(stub.LogOutcomes(iter([batch]), metadata=metadata, timeout=30))
+        assert (ack.batch_id, ack.accepted, list(ack.rejections)) == (batch.batch_id, len(outcomes), [])
+    return accuracy
+
+
+def test_results_plot_and_a_decision(service: ServiceProcess, auth: LocalAuth, tmp_path: Path) -> None:
+    key = "cli-results"
+    path = tmp_path / "results.yaml"
+    path.write_text(RESULTS_FILE)
+    ok(fresco(service, auth, "create", str(path), "--start"))
+    first = feed(service, auth, key, range(0, 400), seed=1)
+    shown = ok(fresco(service, auth, "results", key))
+    units = {arm: len(values) for arm, values in first.items()}
+    assert re.search(rf"│ control \(control\)\s+│ v1\s+│\s+{units['control']:,} │\s+50\.00% │", shown), shown
+
+    second = feed(service, auth, key, range(400, 1000), seed=2)
+    accuracy = {arm: first[arm] + second[arm] for arm in first}
+    plot = tmp_path / "lift.png"
+    shown = ok(fresco(service, auth, "results", key, "--plot", str(plot)))
+    units = {arm: len(values) for arm, values in accuracy.items()}
+    assert re.search(rf"│ treatment\s+│ v2\s+│\s+{units['treatment']:,} │\s+50\.00% │", shown), shown
+    assert "accuracy (success, proportion, higher is better)" in shown
+    assert "latency_ms (latency, mean, lower is better)" in shown
+    rates = {arm: sum(values) / len(values) for arm, values in accuracy.items()}
+    lift = rates["treatment"] / rates["control"] - 1
+    table = shown[shown.index("accuracy (success") : shown.index("latency_ms (latency")]
+    treatment = next(line for line in table.splitlines() if line.startswith("│ treatment"))
+    assert f"{lift * 100:+.2f}%" in treatment
+    assert f"{rates['treatment']:.4g}" in treatment
+    assert "sample ratio: ok" in flat(shown)
+    assert "decision:" in shown
+    assert re.search(r"│ treatment\s+│ min_lift accuracy >= \+2\.00%\s+│ [+-][\d.]+% │\s+\+2\.00% │ (pass|FAIL)", shown)
+    assert re.search(r"│ treatment\s+│ max_regression latency_ms <= 10\.00%", shown)
+    # Three snapshots (one per GetResults) make the history: a valid PNG with the treatment's line and band.
+    plotted = flat(shown.splitlines()[-1])
+    assert re.fullmatch(rf"plotted accuracy for 1 treatment arm\(s\), (\d+) points: {re.escape(str(plot))}", plotted)
+    assert int(plotted.split(", ")[1].split()[0]) >= 2
+    data = plot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) > 20_000
+
+    decided = ok(fresco(service, auth, "decide", key, "--action", "keep", "--reason", "the team keeps v1 for now"))
+    assert f"{key} DECIDED: KEEP_CONTROL" in flat(decided)
+    assert "the team keeps v1 for now" in flat(decided)
+    shown = flat(ok(fresco(service, auth, "show", key)))
+    assert "status DECIDED" in shown
+    assert "decision KEEP_CONTROL" in shown
+    late = fresco(service, auth, "decide", key, "--action", "keep", "--reason", "again")
+    assert late.returncode == 1
+    assert flat(late.stderr).startswith("decide failed: FAILED_PRECONDITION:")
