@@ -280,6 +280,12 @@ def test_results_plot_and_a_decision(service: ServiceProcess, auth: LocalAuth, t
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(data) > 20_000
 
+    # The recommendation ships the treatment, which needs the model manager this service was not given.
+    assert "decision: SHIP_TREATMENT treatment" in shown
+    recommended = fresco(service, auth, "decide", key)
+    assert recommended.returncode == 1
+    assert flat(recommended.stderr).startswith("decide failed: FAILED_PRECONDITION:")
+    assert "--model-manager-address" in recommended.stderr
     decided = ok(fresco(service, auth, "decide", key, "--action", "keep", "--reason", "the team keeps v1 for now"))
     assert f"{key} DECIDED: KEEP_CONTROL" in flat(decided)
     assert "the team keeps v1 for now" in flat(decided)
