@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,7 @@ min_units_per_arm: 100
 metrics:
   - {name: accuracy, kind: proportion, mde: 0.02}
   - {name: latency_ms, role: latency, kind: mean, direction: decrease, margin: 0.1}
+  - {name: kpi, kind: mean, mde: 0.05, cuped: {covariate: kpi, window: 1d}}
 """
 
 
@@ -225,7 +227,21 @@ def feed(service: ServiceProcess, auth: LocalAuth, key: str, units: range, seed:
             )
             correct = 1.0 if rng.random() < (0.55 if arm == "control" else 0.75) else 0.0
             accuracy[arm].append(correct)
-            for event, value in (("accuracy", correct), ("latency_ms", rng.gauss(40.0, 4.0))):
+            # The unit's KPI before exposure predicts it after (CUPED's covariate); the treatment adds 20%.
+            before = rng.gauss(100.0, 20.0)
+            kpi = before * (1.2 if arm == "treatment" else 1.0) + rng.gauss(0.0, 5.0)
+            covariate = apb.Outcome(
+                outcome_id=f"kpi-before-{uid}",
+                experiment_key=key,
+                unit_type="user_id",
+                unit_id=uid,
+                event="kpi",
+                value=before,
+                kind=apb.OUTCOME_KIND_COVARIATE,
+            )
+            covariate.occurred_at.FromDatetime(datetime.now(UTC) - timedelta(hours=1))
+            outcomes.append(covariate)
+            for event, value in (("accuracy", correct), ("latency_ms", rng.gauss(40.0, 4.0)), ("kpi", kpi)):
                 outcomes.append(
                     apb.Outcome(
                         outcome_id=f"{event}-{uid}",
@@ -268,6 +284,10 @@ def test_results_plot_and_a_decision(service: ServiceProcess, auth: LocalAuth, t
     treatment = next(line for line in table.splitlines() if line.startswith("│ treatment"))
     assert f"{lift * 100:+.2f}%" in treatment
     assert f"{rates['treatment']:.4g}" in treatment
+    kpi = shown[shown.index("kpi (success") :]
+    treated = next(line for line in kpi.splitlines() if line.startswith("│ treatment"))
+    assert re.search(r"CUPED: variance -\d+\.\d%", treated), treated
+    assert f"{units['treatment']:,}/{units['treatment']:,} units with prior data" in treated
     assert "sample ratio: ok" in flat(shown)
     assert "decision:" in shown
     assert re.search(r"│ treatment\s+│ min_lift accuracy >= \+2\.00%\s+│ [+-][\d.]+% │\s+\+2\.00% │ (pass|FAIL)", shown)
