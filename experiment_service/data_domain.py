@@ -48,7 +48,9 @@ class DataDomain:
         if settings.model_manager_address:
             address = settings.model_manager_address
             channel = app.client_channel(address, token_file=settings.model_manager_token_file)
-            promoter = ModelManagerPromoter(channel, address, settings.model_manager_timeout_s)
+            promoter = ModelManagerPromoter(
+                channel, address, settings.model_manager_timeout_s, settings.ship_canary_dwell_s
+            )
         results = Results(catalog, stats)
         ingest = Ingest(catalog.get, stats, allocations=catalog.allocations)
         return cls(stats, ingest, results, Decisions(catalog, results, promoter), promoter)

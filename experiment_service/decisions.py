@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from chassis.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
+from experiment_service.promoter import Shipment
 from experiment_service.results import Results
 from fresco.api.experiments.v1 import experiment_pb2 as epb
 from fresco.api.experiments.v1 import results_pb2 as rpb
@@ -32,10 +33,10 @@ class Catalog(Protocol):
 
 
 class Promoter(Protocol):
-    """Promotes a model version through the model manager's gates; the operation id."""
+    """Ships a model version through the model manager's gates and a rollout."""
 
-    async def promote(self, model_name: str, version: int, reason: str) -> str:
-        """Start the promotion; errors are the manager's, mapped to domain errors."""
+    async def promote(self, model_name: str, version: int, reason: str) -> Shipment:
+        """Start the gates and the rollout; errors are the manager's, mapped to domain errors."""
         ...
 
 
@@ -115,17 +116,18 @@ class Decisions:
             overridden=overridden,
         )
         if action == SHIP:
-            record.promotion_operation = await self._promote(experiment, results, arm, record.reason)
+            shipped = await self._promote(experiment, results, arm, record.reason)
+            record.promotion_operation, record.rollout_id = shipped.operation_id, shipped.rollout_id
         try:
             decided = await self.catalog.decide(key, expected_version, record, identity)
         except Aborted as err:
-            if not record.promotion_operation:
+            if not record.rollout_id:
                 raise
             # A change (a bandit re-weighting) won the race after the promotion started: the promotion stands,
             # so the decision is recorded on the current version rather than left without its experiment.
             current = await self.catalog.get(key)
             if current is None or current.status not in DECIDABLE:
-                raise Aborted(f"{err}; the promotion {record.promotion_operation} was started already") from None
+                raise Aborted(f"{err}; the rollout {record.rollout_id} was started already") from None
             decided = await self.catalog.decide(key, current.version, record, identity)
         return decided, results
 
@@ -147,10 +149,12 @@ class Decisions:
             raise InvalidArgument(f"arm: expected a treatment arm of {experiment.key!r} ({treatments}), got {arm!r}")
         return arm
 
-    async def _promote(self, experiment: epb.Experiment, results: rpb.ExperimentResults, arm: str, why: str) -> str:
+    async def _promote(
+        self, experiment: epb.Experiment, results: rpb.ExperimentResults, arm: str, why: str
+    ) -> Shipment:
         chosen = next(a for a in experiment.arms if a.name == arm)
         if not experiment.model_name or not chosen.model_version:
-            return ""  # a parameter-only arm: nothing for the model manager to promote
+            return Shipment("", "")  # a parameter-only arm: nothing for the model manager to promote
         if self.promoter is None:
             raise FailedPrecondition(
                 f"arm: shipping {arm!r} promotes version {chosen.model_version} of {experiment.model_name}, but "

@@ -37,12 +37,15 @@ class ExperimentServiceSettings(ServiceSettings):
     stats_snapshot_every_s: float = Field(default=60.0, gt=0)
     """While rows arrive, seconds between the snapshots of arm statistics the results history is drawn from."""
     model_manager_address: str = ""
-    """host:port of the model manager: a SHIP_TREATMENT decision promotes the arm's version there through its gates.
-    Empty: such decisions are refused."""
+    """host:port of the model manager: a running experiment holds its arms' versions there (warm, routable at
+    weight 0), and a SHIP_TREATMENT decision declares the arm's version in the model's deployment (its gates, then
+    its rollout). Empty: arms route only to versions served anyway, and such decisions are refused."""
     model_manager_token_file: FilePath | None = None
     """File holding the token presented to the model manager (a deployer's, to promote); default: the peer token."""
     model_manager_timeout_s: float = Field(default=10.0, gt=0)
     """Deadline of a call to the model manager."""
+    ship_canary_dwell_s: float = Field(default=60.0, gt=0)
+    """When a shipped version's model has no deployment yet, its canary holds 10% then 50% this long each."""
 
     def registry_url(self) -> str:
         """The database URL to use."""

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.integration
 
 @dataclass(frozen=True)
 class Platform:
-    """A model manager with two versions of `model`, and an experiment service that promotes through it."""
+    """A model manager with two versions of `model` (v1 in production), and an experiment service that ships through
+    it."""
 
     manager: mpb_grpc.ModelManagerServiceStub
     experiments: pb_grpc.ExperimentServiceStub
@@ -57,6 +58,12 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
             model = f"ranker-{uuid.uuid4().hex[:6]}"
             v1 = upload(stub, model, models.good, metadata=metadata)
             v2 = upload(stub, model, models.good, metadata=metadata)
+            # v1 is production: the experiment's control, the baseline a shipped version's canary starts from.
+            to_production = mpb.PromoteModelVersionRequest(
+                model_name=model, version=v1, target_stage=rpb.MODEL_STAGE_PRODUCTION, reason="the control"
+            )
+            promoted = stub.PromoteModelVersion(to_production, metadata=metadata).operation
+            assert wait_done(stub, promoted.operation_id).stage == rpb.MODEL_STAGE_PRODUCTION
             yield Platform(stub, pb_grpc.ExperimentServiceStub(channel), metadata, model, (v1, v2))
     finally:
         assert manager.stop() == 0, manager.output()
@@ -124,17 +131,26 @@ def test_a_clear_winner_is_promoted_through_the_managers_gates(platform: Platfor
     assert (record.action, record.arm, record.overridden) == (xpb.DECISION_ACTION_SHIP_TREATMENT, "treatment", False)
     assert decided.results.decision.action == xpb.DECISION_ACTION_SHIP_TREATMENT
     assert record.promotion_operation
+    assert record.rollout_id
 
+    # The model had no deployment: shipping declared one, whose rollout waits for the version's gates.
+    deployment = p.manager.GetDeployment(mpb.GetDeploymentRequest(model_name=p.model), metadata=p.metadata)
+    assert (deployment.deployment.version, deployment.deployment.rollout_id) == (p.versions[1], record.rollout_id)
+    assert deployment.deployment.updated_by == "control-plane"  # the experiment service's own token
+    rollout = p.manager.GetRolloutStatus(
+        mpb.GetRolloutStatusRequest(rollout_id=record.rollout_id), metadata=p.metadata
+    ).rollout
+    assert rollout.gate_operation_id == record.promotion_operation
+    assert rollout.strategy.HasField("canary")
     operation = p.manager.GetOperation(
         mpb.GetOperationRequest(operation_id=record.promotion_operation), metadata=p.metadata
     ).operation
     assert (operation.model_name, operation.version) == (p.model, p.versions[1])
-    assert operation.target_stage == rpb.MODEL_STAGE_PRODUCTION
     assert f"experiment {key} " in operation.reason
     assert "converted +" in operation.reason
     assert operation.requested_by == "control-plane"  # the experiment service's own token, not the caller's
     done = wait_done(p.manager, operation.operation_id)
-    assert (done.state, done.stage) == (rpb.OPERATION_STATE_SUCCEEDED, rpb.MODEL_STAGE_PRODUCTION)
+    assert (done.state, done.stage) == (rpb.OPERATION_STATE_SUCCEEDED, rpb.MODEL_STAGE_CANDIDATE)
     assert done.gate_results  # the gates ran: nothing bypassed them
 
 
