@@ -139,13 +139,14 @@ def criterion_text(criterion: xpb.Criterion) -> str:
 
 
 def decision_record_text(record: xpb.DecisionRecord) -> str:
-    """A decision taken, e.g. "SHIP_TREATMENT treatment (phase 1) by alice at ...: reason"."""
+    """A decision taken, e.g. "SHIP_TREATMENT treatment (phase 1) by alice at ...; rollout r-1: reason"."""
     text = action_name(record.action) + (f" {record.arm}" if record.arm else "")
     text += f" (phase {record.phase})" if record.phase else ""
     text += " overriding the recommendation" if record.overridden else ""
     text += f" by {record.decided_by}" if record.decided_by else ""
     text += f" at {when(record.decided_at)}" if record.decided_at.seconds else ""
-    text += f"; promotion {record.promotion_operation}" if record.promotion_operation else ""
+    text += f"; gates: operation {record.promotion_operation}" if record.promotion_operation else ""
+    text += f"; rollout {record.rollout_id}" if record.rollout_id else ""
     return f"{text}: {record.reason}" if record.reason else text
 
 

@@ -353,9 +353,11 @@ def test_list_summary_decision_and_criterion_texts() -> None:
         decided_at=at(7300),
         promotion_operation="op-7",
         phase=2,
+        rollout_id="r-3",
     )
     assert decision_record_text(record) == (
-        "SHIP_TREATMENT treatment (phase 2) by alice at 2026-09-21 16:15:00; promotion op-7: every check passed"
+        "SHIP_TREATMENT treatment (phase 2) by alice at 2026-09-21 16:15:00; gates: operation op-7; rollout r-3: "
+        "every check passed"
     )
     assert criterion_text(xpb.Criterion(kind=xpb.CRITERION_KIND_MIN_UNITS, threshold=500)) == "min_units >= 500"
     exists = xpb.TargetingCondition(attribute="vip", operator=xpb.CONDITION_OPERATOR_EXISTS)
