@@ -56,14 +56,22 @@ def _list_value(array: np.ndarray) -> values_pb2.Value:
 
 
 def predict_request(
-    model: str, features: Mapping[str, FeatureInput], version: str = "", request_id: str = ""
+    model: str,
+    features: Mapping[str, FeatureInput],
+    version: str = "",
+    request_id: str = "",
+    unit_ids: Mapping[str, str] | None = None,
+    attributes: Mapping[str, FeatureInput] | None = None,
 ) -> pb.PredictRequest:
-    """A PredictRequest for one row of named features."""
+    """A PredictRequest for one row of named features; `unit_ids` (by unit type) and `attributes` place it in the
+    gateway's experiments."""
     return pb.PredictRequest(
         model=model,
         version=version,
         features={name: to_value(value) for name, value in features.items()},
         request_id=request_id,
+        unit_ids=dict(unit_ids or {}),
+        attributes={name: to_value(value) for name, value in (attributes or {}).items()},
     )
 
 
