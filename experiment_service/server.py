@@ -14,6 +14,7 @@ from experiment_service.service import METHOD_ROLES, SERVICE, ExperimentServicer
 from experiment_service.settings import ExperimentServiceSettings
 from experiment_service.store import ExperimentStore
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
+from fresco.experiments.sticky import SqliteStickyArms
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,7 @@ class ExperimentService:
         pb_grpc.add_ExperimentServiceServicer_to_server(self.servicer, self.app.server)
         self.servicer.max_assign_units = settings.max_assign_units
         self.store: ExperimentStore | None = None
+        self.sticky: SqliteStickyArms | None = None
         self.hub = ConfigHub()
         self.app.on_drain(self._stop_streaming)
         self.app.on_stop(self._close)
@@ -42,7 +44,9 @@ class ExperimentService:
         if config.revision:  # gateways holding the last revision published resume from it
             self.hub.seed(config)
         catalog.on_publish(self.hub.publish)
-        self.servicer.domain = Domain(catalog, self.hub)
+        # Bandit units keep their first arm in the state directory (gateways keep theirs the same way).
+        self.sticky = SqliteStickyArms(self.settings.state_dir / "sticky.db")
+        self.servicer.domain = Domain(catalog, self.hub, sticky=self.sticky)
         log.info(
             "experiment service ready: registry on %s, %d running at revision %d",
             store.engine.url.drivername, len(config.experiments), config.revision,
@@ -62,6 +66,8 @@ class ExperimentService:
         self.hub.close()
 
     async def _close(self) -> None:
+        if self.sticky is not None:
+            await self.sticky.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 
