@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from chassis.errors import Unavailable
 from experiment_service.catalog import ExperimentCatalog
 from experiment_service.config_hub import ConfigHub
 from experiment_service.store import ExperimentStore
 from fresco.experiments.evaluator import StickyArms
+
+if TYPE_CHECKING:
+    from experiment_service.data_domain import DataDomain
 
 
 @dataclass(frozen=True)
@@ -19,6 +23,7 @@ class Domain:
     catalog: ExperimentCatalog
     hub: ConfigHub
     sticky: StickyArms | None = None  # None: bandit experiments cannot be assigned here
+    data: DataDomain | None = None  # exposures, outcomes, results and decisions (experiment_service.data_domain)
 
     @property
     def store(self) -> ExperimentStore:

@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from redis.asyncio import Redis
+
 from chassis.errors import Unavailable
 from chassis.server import ServiceApp
 from experiment_service.catalog import ExperimentCatalog
 from experiment_service.config_hub import ConfigHub
+from experiment_service.data_domain import DataDomain
 from experiment_service.domain import Domain
+from experiment_service.reweighting import BanditLoop
 from experiment_service.service import METHOD_ROLES, SERVICE, ExperimentServicer
 from experiment_service.settings import ExperimentServiceSettings
 from experiment_service.store import ExperimentStore
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
-from fresco.experiments.sticky import SqliteStickyArms
+from fresco.experiments.sticky import RedisStickyArms, SqliteStickyArms
 
 log = logging.getLogger(__name__)
 
@@ -25,12 +29,13 @@ class ExperimentService:
     def __init__(self, settings: ExperimentServiceSettings) -> None:
         self.settings = settings
         self.app = ServiceApp("experiment_service", settings, [SERVICE.full_name], method_roles=METHOD_ROLES)
-        # Abstract until every RPC group joins: the missing ones answer UNIMPLEMENTED (the generated base).
-        self.servicer = ExperimentServicer()  # type: ignore[abstract]
+        self.servicer = ExperimentServicer()
         pb_grpc.add_ExperimentServiceServicer_to_server(self.servicer, self.app.server)
         self.servicer.max_assign_units = settings.max_assign_units
         self.store: ExperimentStore | None = None
-        self.sticky: SqliteStickyArms | None = None
+        self.data: DataDomain | None = None
+        self.sticky: RedisStickyArms | SqliteStickyArms | None = None
+        self.bandits: BanditLoop | None = None
         self.hub = ConfigHub()
         self.app.on_drain(self._stop_streaming)
         self.app.on_stop(self._close)
@@ -44,12 +49,14 @@ class ExperimentService:
         if config.revision:  # gateways holding the last revision published resume from it
             self.hub.seed(config)
         catalog.on_publish(self.hub.publish)
-        # Bandit units keep their first arm in the state directory (gateways keep theirs the same way).
-        self.sticky = SqliteStickyArms(self.settings.state_dir / "sticky.db")
-        self.servicer.domain = Domain(catalog, self.hub, sticky=self.sticky)
+        data = self.data = await DataDomain.open(self.settings, self.app, catalog)
+        self.sticky = self._sticky()
+        self.servicer.domain = Domain(catalog, self.hub, sticky=self.sticky, data=data)
+        self.bandits = BanditLoop(catalog, data.stats, tick_s=self.settings.bandit_tick_s)
+        self.bandits.start()
         log.info(
-            "experiment service ready: registry on %s, %d running at revision %d",
-            store.engine.url.drivername, len(config.experiments), config.revision,
+            "experiment service ready: registry on %s, %d running at revision %d; %s",
+            store.engine.url.drivername, len(config.experiments), config.revision, data.describe(),
         )  # fmt: skip
 
     async def _connect(self) -> ExperimentStore:
@@ -61,13 +68,29 @@ class ExperimentService:
                 log.warning("database not reachable, retrying in %.1fs: %s", self.settings.connect_retry_s, err)
                 await asyncio.sleep(self.settings.connect_retry_s)
 
+    def _sticky(self) -> RedisStickyArms | SqliteStickyArms:
+        # Bandit units keep their first arm in Redis with --redis-url (shared with gateways given the same Redis),
+        # else in the state directory.
+        if self.settings.redis_url:
+            return RedisStickyArms(Redis.from_url(self.settings.redis_url))
+        return SqliteStickyArms(self.settings.state_dir / "sticky.db")
+
     async def _stop_streaming(self) -> None:
-        # Watch streams never end by themselves: they would hold the drain for its whole grace period.
+        # No re-weighting decided on the way out; and watch streams never end by themselves: they would hold the
+        # drain for its whole grace period.
+        if self.bandits is not None:
+            await self.bandits.stop()
         self.hub.close()
+        if self.data is not None:
+            self.data.stop_streams()
 
     async def _close(self) -> None:
-        if self.sticky is not None:
+        if isinstance(self.sticky, SqliteStickyArms):
             await self.sticky.close()
+        elif self.sticky is not None:
+            await self.sticky.client.aclose()
+        if self.data is not None:
+            await self.data.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 

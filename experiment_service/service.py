@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from chassis.auth import Role, method_roles
 from experiment_service.assign_rpcs import AssignRpcs
+from experiment_service.decision_rpcs import DecisionRpcs
+from experiment_service.exposure_rpcs import ExposureRpcs
+from experiment_service.outcome_rpcs import OutcomeRpcs
 from experiment_service.registry_rpcs import RegistryRpcs
+from experiment_service.result_rpcs import ResultRpcs
 from experiment_service.watch_rpcs import WatchRpcs
 from fresco.api.experiments.v1 import experiment_service_pb2 as pb
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
@@ -29,6 +33,14 @@ METHOD_ROLES = method_roles(
 )  # fmt: skip
 
 
-class ExperimentServicer(RegistryRpcs, WatchRpcs, AssignRpcs, pb_grpc.ExperimentServiceServicer):
-    """fresco.experiments.v1.ExperimentService: each RPC group in its mixin; methods not built yet answer
-    UNIMPLEMENTED (the generated base)."""
+class ExperimentServicer(
+    RegistryRpcs,
+    WatchRpcs,
+    AssignRpcs,
+    ExposureRpcs,
+    OutcomeRpcs,
+    ResultRpcs,
+    DecisionRpcs,
+    pb_grpc.ExperimentServiceServicer,
+):
+    """fresco.experiments.v1.ExperimentService: each RPC group in its mixin."""

@@ -324,6 +324,8 @@ def start_platform(
                         str(root / "experiments"),
                         "--port",
                         "0",
+                        "--model-manager-address",  # a ship decision promotes there, with the control token
+                        manager.address,
                         "--peer-token-file",
                         control,
                         *auth_args,

@@ -281,5 +281,6 @@ class Deployments:
                 f"deployment.version: version {version} of {model} is validating with no operation running; "
                 "promote it again"
             )
-        request = PromoteRequest(model, version, Stage.CANDIDATE, spec.gates, reason=reason)
+        gates = spec.gates if spec.gates.ByteSize() else None  # set but empty: the manager's configured gates
+        request = PromoteRequest(model, version, Stage.CANDIDATE, gates, reason=reason)
         return (await promotions.start(request, identity)).operation_id

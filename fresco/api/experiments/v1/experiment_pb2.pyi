@@ -872,6 +872,7 @@ class DecisionRecord(_message.Message):
     PROMOTION_OPERATION_FIELD_NUMBER: _builtins.int
     PHASE_FIELD_NUMBER: _builtins.int
     OVERRIDDEN_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     action: Global___DecisionAction.ValueType
     """action is what was decided."""
     arm: _builtins.str
@@ -881,11 +882,15 @@ class DecisionRecord(_message.Message):
     decided_by: _builtins.str
     """decided_by is the identity that took it."""
     promotion_operation: _builtins.str
-    """promotion_operation is the model manager operation promoting the shipped version; empty when none."""
+    """promotion_operation is the model manager operation running the shipped version's gates; empty when none ran
+    (the version had passed them already).
+    """
     phase: _builtins.int
     """phase is the phase whose results the decision used."""
     overridden: _builtins.bool
     """overridden is true when the action differs from the recommendation of the results."""
+    rollout_id: _builtins.str
+    """rollout_id is the model manager rollout that brings the shipped version in (after its gates); empty when none."""
     @_builtins.property
     def decided_at(self) -> _timestamp_pb2.Timestamp:
         """decided_at is when it was taken."""
@@ -901,10 +906,11 @@ class DecisionRecord(_message.Message):
         promotion_operation: _builtins.str = ...,
         phase: _builtins.int = ...,
         overridden: _builtins.bool = ...,
+        rollout_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decided_at", b"decided_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "arm", b"arm", "decided_at", b"decided_at", "decided_by", b"decided_by", "overridden", b"overridden", "phase", b"phase", "promotion_operation", b"promotion_operation", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "arm", b"arm", "decided_at", b"decided_at", "decided_by", b"decided_by", "overridden", b"overridden", "phase", b"phase", "promotion_operation", b"promotion_operation", "reason", b"reason", "rollout_id", b"rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

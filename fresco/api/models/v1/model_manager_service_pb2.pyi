@@ -1590,7 +1590,9 @@ class Deployment(_message.Message):
 
     @_builtins.property
     def gates(self) -> _registry_pb2.PromotionGates:
-        """gates are the promotion gates the version must pass before any traffic; unset runs none."""
+        """gates are the promotion gates the version must pass before any traffic; unset runs none, and set but empty runs
+        the manager's configured gates.
+        """
 
     @_builtins.property
     def aliases(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
