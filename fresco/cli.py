@@ -24,6 +24,7 @@ from fresco.api.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from fresco.cli_apply import apply as apply_command
 from fresco.cli_apply import diff as diff_command
 from fresco.cli_audit import audit as audit_command
+from fresco.cli_experiments import app as experiments_app
 from fresco.cli_features import app as features_app
 from fresco.cli_manager import connect
 from fresco.cli_models import app as models_app
@@ -51,6 +52,7 @@ from model_manager.loader import predictor_model_name
 app = typer.Typer(
     help="Fresco: an open ML serving platform on your machine.", no_args_is_help=True, add_completion=False
 )
+app.add_typer(experiments_app, name="experiments")
 app.add_typer(features_app, name="features")
 app.add_typer(models_app, name="models")
 app.add_typer(rollout_app, name="rollout")

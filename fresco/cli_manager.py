@@ -33,6 +33,7 @@ TokenFileOption = Annotated[
     ),
 ]
 errors = Console(stderr=True)
+Metadata = tuple[tuple[str, str], ...]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Manager:
     """A blocking stub of the model manager and the per-call metadata carrying the token."""
 
     stub: pb_grpc.ModelManagerServiceStub
-    metadata: tuple[tuple[str, str], ...]
+    metadata: Metadata
 
 
 def security(token_file: Path | None) -> ClientSecurity:
@@ -52,17 +53,25 @@ def security(token_file: Path | None) -> ClientSecurity:
 
 
 @contextmanager
-def connect(address: str, token_file: Path | None, what: str) -> Iterator[Manager]:
-    """A manager for the body of the block; a gRPC error in it is printed as `<what> failed: CODE: details`
-    and exits 1."""
+def open_channel(address: str, token_file: Path | None, what: str) -> Iterator[tuple[grpc.Channel, Metadata]]:
+    """A channel to any Fresco service and the per-call metadata for the body of the block; a gRPC error in it
+    is printed as `<what> failed: CODE: details` and exits 1."""
     client = security(token_file)
     channel = client.channel(address, channel_options(DEFAULT_MAX_MESSAGE_BYTES))
     try:
-        yield Manager(pb_grpc.ModelManagerServiceStub(channel), client.metadata())
+        yield channel, client.metadata()
     except grpc.RpcError as err:
         fail(what, err)
     finally:
         channel.close()
+
+
+@contextmanager
+def connect(address: str, token_file: Path | None, what: str) -> Iterator[Manager]:
+    """A manager for the body of the block; a gRPC error in it is printed as `<what> failed: CODE: details`
+    and exits 1."""
+    with open_channel(address, token_file, what) as (channel, metadata):
+        yield Manager(pb_grpc.ModelManagerServiceStub(channel), metadata)
 
 
 def fail(what: str, err: grpc.RpcError) -> None:

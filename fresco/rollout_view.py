@@ -42,7 +42,8 @@ _VERDICT_STYLE = {
 }
 
 
-def _enum_name(enum: object, value: int, prefix: str) -> str:
+def enum_name(enum: object, value: int, prefix: str) -> str:
+    """An enum value's name without its prefix; the number for a value this client does not know."""
     try:
         return enum.Name(value).removeprefix(prefix)  # type: ignore[attr-defined, no-any-return]
     except ValueError:  # open enums: a newer server may send values this client does not know
@@ -51,32 +52,34 @@ def _enum_name(enum: object, value: int, prefix: str) -> str:
 
 def state_name(state: int) -> str:
     """ROLLOUT_STATE_ROLLED_BACK as "ROLLED_BACK"."""
-    return _enum_name(ro.RolloutState, state, "ROLLOUT_STATE_")
+    return enum_name(ro.RolloutState, state, "ROLLOUT_STATE_")
 
 
 def verdict_name(verdict: int) -> str:
     """ANALYSIS_VERDICT_FAILED as "FAILED"."""
-    return _enum_name(ro.AnalysisVerdict, verdict, "ANALYSIS_VERDICT_")
+    return enum_name(ro.AnalysisVerdict, verdict, "ANALYSIS_VERDICT_")
 
 
 def check_name(check: int) -> str:
     """ANALYSIS_CHECK_ERROR_RATE as "error_rate"."""
-    return _enum_name(ro.AnalysisCheck, check, "ANALYSIS_CHECK_").lower()
+    return enum_name(ro.AnalysisCheck, check, "ANALYSIS_CHECK_").lower()
 
 
 def stage_name(stage: int) -> str:
     """MODEL_STAGE_PRODUCTION as "production"."""
-    return _enum_name(rpb.ModelStage, stage, "MODEL_STAGE_").lower()
+    return enum_name(rpb.ModelStage, stage, "MODEL_STAGE_").lower()
 
 
 def duration_text(duration: duration_pb2.Duration) -> str:
-    """A duration as "500ms", "45s", "5m", "1h30m"."""
+    """A duration as "500ms", "45s", "5m", "1h30m", "14d"."""
     total = duration.seconds + duration.nanos / 1e9
     if total < 1 and total > 0:
         return f"{total * 1000:g}ms"
-    hours, rest = divmod(int(total), 3600)
+    days, rest = divmod(int(total), 86400)
+    hours, rest = divmod(rest, 3600)
     minutes, seconds = divmod(rest, 60)
-    parts = [f"{hours}h" if hours else "", f"{minutes}m" if minutes else "", f"{seconds}s" if seconds else ""]
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    parts.append(f"{seconds}s" if seconds else "")
     return "".join(parts) or "0s"
 
 
@@ -160,7 +163,7 @@ def decision_text(result: ro.AnalysisResult) -> str:
 
 def event_text(event: ro.RolloutEvent) -> str:
     """One event of the history, e.g. "10:02:03 ROLLED_BACK (ROLLED_BACK) step 2: error_rate ... by alice"."""
-    kind = _enum_name(ro.RolloutEventType, event.type, "ROLLOUT_EVENT_TYPE_")
+    kind = enum_name(ro.RolloutEventType, event.type, "ROLLOUT_EVENT_TYPE_")
     text = f"{clock(event.time)} {kind} → {state_name(event.state)} at step {event.step_index + 1}"
     if event.reason:
         text += f": {event.reason}"
@@ -246,7 +249,7 @@ def _numeric(result: rpb.GateResult) -> bool:
 
 def operation_text(operation: rpb.Operation) -> str:
     """Where a promotion is, e.g. "promote demo v2 to production: SUCCEEDED, stage production"."""
-    state = _enum_name(rpb.OperationState, operation.state, "OPERATION_STATE_")
+    state = enum_name(rpb.OperationState, operation.state, "OPERATION_STATE_")
     text = (
         f"{operation.kind or 'operation'} {operation.model_name} v{operation.version} to "
         f"{stage_name(operation.target_stage)}: {state}, stage {stage_name(operation.stage)}"
@@ -280,7 +283,7 @@ def audit_table(records: Sequence[rpb.AuditRecord]) -> Table:
 
 def apply_lines(response: pb.ApplyDeploymentResponse, dry_run: bool) -> list[str]:
     """What applying one model's deployment did (or would do): the outcome, the message and each change."""
-    outcome = _enum_name(pb.ApplyOutcome, response.outcome, "APPLY_OUTCOME_")
+    outcome = enum_name(pb.ApplyOutcome, response.outcome, "APPLY_OUTCOME_")
     deployment = response.deployment
     verb = "would be" if dry_run else "is"
     head = (

@@ -258,6 +258,16 @@ def start_suite(
     return suite
 
 
+def experiment_args(suite: Suite, token_file: Path) -> list[str]:
+    """The gateway's flags for the suite's experiment service, when one was started: assignment configuration
+    from it, exposures to it (with a token allowed to log them)."""
+    try:
+        service = suite.service("experiment_service")
+    except KeyError:
+        return []
+    return ["--experiment-service", service.address, "--experiment-service-token-file", str(token_file)]
+
+
 def start_platform(
     root: Path,
     auth: LocalAuth,
@@ -348,6 +358,7 @@ def start_platform(
                     str(root / "gateway-state"),
                     "--port",
                     "0",
+                    *experiment_args(suite, auth.control_token_file),
                     *auth_args,
                 ],
                 env=extra,

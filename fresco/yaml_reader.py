@@ -12,8 +12,8 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2
 
 T = TypeVar("T")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h)$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)$")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 class Reader:
@@ -84,7 +84,7 @@ class Reader:
     def duration(self, key: str) -> duration_pb2.Duration | None:
         if not self.has(key):
             return None
-        seconds = self.get(key, _seconds, 'a duration such as "30s", "5m", "1h", "500ms" or seconds >= 0', None)
+        seconds = self.get(key, _seconds, 'a duration such as "30s", "5m", "1h", "14d", "500ms" or seconds >= 0', None)
         if seconds is None:
             return None
         out = duration_pb2.Duration()

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field, replace
 from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.common.v1 import values_pb2
 from fresco.api.gateway.v1 import gateway_pb2 as pb
+from fresco.experiments.evaluator import Assigned
 from gateway.assembly import FeatureValue, ModelSignature, from_proto
 from gateway.budget import Budget
+from gateway.experiment_arms import ArmResult, ExperimentArms
 from gateway.features import FeatureClient, entity_identity, merge_entity_keys, needed_refs, usable_values
 from gateway.limits import Limits
 from gateway.metric_windows import MetricWindows
@@ -38,6 +40,8 @@ class Query:
     outputs: tuple[str, ...] = ()
     unit_id: str = ""
     entity: values_pb2.EntityKey | None = None
+    unit_ids: dict[str, str] = field(default_factory=dict)  # by unit type, for experiments
+    attributes: dict[str, values_pb2.Value] = field(default_factory=dict)  # for experiment targeting
 
     @classmethod
     def from_proto(cls, request: pb.PredictRequest, label: str, limits: Limits | None = None) -> Query:
@@ -55,6 +59,8 @@ class Query:
             outputs=tuple(request.outputs),
             unit_id=request.unit_id,
             entity=merge_entity_keys(request.entity_keys) if request.entity_keys else None,
+            unit_ids=dict(request.unit_ids),
+            attributes=dict(request.attributes),
         )
 
 
@@ -70,7 +76,7 @@ class Prediction:
     model: str
     model_version: str
     outputs: dict[str, values_pb2.Tensor] = field(default_factory=dict)
-    experiment_arm: str = ""
+    experiments: list[ArmResult] = field(default_factory=list)
     fallback: bool = False
     fallback_reason: str = ""
     imputed_features: list[str] = field(default_factory=list)
@@ -97,8 +103,10 @@ class PredictionPipeline:
         limits: Limits | None = None,
         offload: Offload | None = None,
         windows: MetricWindows | None = None,
+        experiments: ExperimentArms | None = None,
     ) -> None:
         self.features = features
+        self.experiments = experiments
         self.chooser = routes if isinstance(routes, RouteChooser) else RouteChooser(routes)
         self.predictors = predictors
         self.limits = limits or Limits()
@@ -118,18 +126,27 @@ class PredictionPipeline:
                 f"{with_keys[0].label}.entity_keys: this gateway has no feature service to fetch entity features "
                 "from (start it with --feature-service HOST:PORT); send named features instead"
             )
+        # Assigned once, before any retry: a redone call answers the same arms.
+        arms = await self.experiments.assign(queries, self.offload) if self.experiments else [[] for _ in queries]
         try:
-            return await self._predict(queries, budget, retry=True)
+            return await self._predict(queries, arms, budget, retry=True)
         except StaleSignature:
-            return await self._predict(queries, budget, retry=False)
+            return await self._predict(queries, arms, budget, retry=False)
 
-    async def _predict(self, queries: Sequence[Query], budget: Budget, retry: bool) -> list[Prediction]:
+    async def _predict(
+        self, queries: Sequence[Query], arms: list[list[Assigned]], budget: Budget, retry: bool
+    ) -> list[Prediction]:
         started = time.perf_counter()
         chooser = self.chooser
         table = chooser.table()  # one table for the whole request, whatever is published meanwhile
+        experiments = self.experiments
+        routed = [
+            experiments.routed_version(table, q.model, query_arms) if experiments and query_arms else ""
+            for q, query_arms in zip(queries, arms, strict=True)
+        ]
         groups: dict[GroupKey, list[int]] = {}
         for index, query in enumerate(queries):
-            target = chooser.target(table, query.model, query.version, query.unit_id)
+            target = chooser.target(table, query.model, query.version or routed[index], query.unit_id)
             groups.setdefault((target, query.outputs), []).append(index)
         keys = list(groups)
         # Static routes pick their endpoint once per group, round-robin, as they always did.
@@ -178,7 +195,14 @@ class PredictionPipeline:
                 self.calls.mirror(table, target, labels, queries[indices[0]].unit_id, rows, outputs, per_row)
 
         await asyncio.gather(*(run(k, a) for k, a in zip(keys, attempts, strict=True)))
-        return [answer for answer in answers if answer is not None]
+        predictions = [answer for answer in answers if answer is not None]
+        if experiments is not None:  # only once every group answered: a failed request exposes no one
+            for prediction, query_arms, version in zip(predictions, arms, routed, strict=True):
+                if query_arms:
+                    prediction.experiments = experiments.results(
+                        query_arms, version, prediction.model_version, prediction.fallback
+                    )
+        return predictions
 
     async def _with_entity_features(
         self,

@@ -77,6 +77,17 @@ class RouteChooser:
         """The managed table a request is served under, read once per request."""
         return self.managed()
 
+    @staticmethod
+    def routable(table: RouteTable | None, model: str, version: str) -> bool:
+        """Whether the managed table routes `version` of `model` to an endpoint (weight 0 counts: an experiment
+        arm or a pinned call may still go there)."""
+        if table is None or not version:
+            return False
+        try:
+            return bool(table.route(model).version(version).endpoints)
+        except UnknownRoute:
+            return False
+
     def target(self, table: RouteTable | None, model: str, version: str, unit_id: str) -> Target:
         """Where a request for `model` goes (`version` pinned by the caller, or "")."""
         if table is None:

@@ -5,8 +5,18 @@ from __future__ import annotations
 import os
 import socket
 from functools import partial
+from pathlib import Path
+from typing import Final
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from chassis.server import ServiceApp
+from fresco.experiments.sticky import RedisStickyArms, SqliteStickyArms, StickyArms
+from gateway.experiment_arms import ExperimentArms
+from gateway.experiment_watch import ExperimentWatcher
+from gateway.exposures import ExposureLog
 from gateway.features import FeatureClient
 from gateway.limits import Limits
 from gateway.metric_windows import MetricWindows, WindowReporter
@@ -20,6 +30,9 @@ from gateway.service import METHOD_ROLES, SERVICE_NAME, GatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.shadow import ShadowMirror
 from model_manager.routes import DEFAULT_WINDOW_S
+
+STICKY_FILE: Final = "sticky.db"
+_STICKY_TIMEOUT_S: Final = 1.0
 
 
 class Gateway:
@@ -46,9 +59,9 @@ class Gateway:
         self.reporter: WindowReporter | None = None
         windows = None
         chooser = RouteChooser(routes)
+        gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
         if settings.model_manager_address:
             manager_channel = partial(self.app.client_channel, token_file=settings.model_manager_token_file)
-            gateway_id = settings.gateway_id or f"{socket.gethostname()}-{os.getpid()}"
             self.watcher = watcher = RouteWatcher(
                 manager_channel,
                 settings.model_manager_address,
@@ -68,7 +81,10 @@ class Gateway:
                 self.app.registry,
                 max_attempts=settings.report_attempts,
             )
-        self.pipeline = PredictionPipeline(chooser, self.predictors, self.features, limits, self.offload, windows)
+        self.experiments = self._experiments(settings, gateway_id)
+        self.pipeline = PredictionPipeline(
+            chooser, self.predictors, self.features, limits, self.offload, windows, self.experiments
+        )
         if self.watcher is not None:
             self.pipeline.calls.shadow = ShadowMirror(
                 self.pipeline.calls.shadow_call,
@@ -86,9 +102,55 @@ class Gateway:
             self.app.on_stop(self.reporter.close)
         if self.watcher is not None:
             self.app.on_stop(self.watcher.close)
+        if self.experiment_watcher is not None:
+            self.app.on_stop(self.experiment_watcher.close)
+        if self.exposures is not None:
+            self.app.on_stop(self.exposures.close)
         self.app.on_stop(self.offload.close)
         if self.features is not None:
             self.app.on_stop(self.features.close)
+
+    def _experiments(self, settings: GatewaySettings, gateway_id: str) -> ExperimentArms | None:
+        """Assignment from the experiment service's configuration stream, exposures sent back to it."""
+        self.experiment_watcher: ExperimentWatcher | None = None
+        self.exposures: ExposureLog | None = None
+        if not settings.experiment_service:
+            return None
+        channel = partial(self.app.client_channel, token_file=settings.experiment_service_token_file)
+        backoff = (0.1, settings.route_backoff_max_s)
+        self.experiment_watcher = watcher = ExperimentWatcher(
+            channel, settings.experiment_service, gateway_id, settings.state_dir, self.app.registry, backoff
+        )
+        self.exposures = ExposureLog(
+            channel,
+            settings.experiment_service,
+            gateway_id,
+            self.app.registry,
+            queue_size=settings.exposure_queue,
+            backoff_s=backoff,
+        )
+        watcher.on_connect(self.exposures.wake)
+        return ExperimentArms(lambda: watcher.evaluator, self.app.registry, self._sticky(settings), self.exposures)
+
+    def _sticky(self, settings: GatewaySettings) -> StickyArms:
+        """Where bandit units keep their first arm: Redis shared by the gateways, else SQLite in the state dir."""
+        if settings.sticky_redis_url:
+            # Short timeouts: a claim is on the request path, and a failed one leaves the request out of the bandits.
+            client = Redis.from_url(
+                settings.sticky_redis_url,
+                socket_connect_timeout=_STICKY_TIMEOUT_S,
+                socket_timeout=_STICKY_TIMEOUT_S,
+                retry=Retry(NoBackoff(), 1),
+            )
+            self.app.on_stop(client.aclose)
+            return RedisStickyArms(client)
+        path: Path | str = ":memory:"
+        if settings.state_dir is not None:
+            settings.state_dir.mkdir(parents=True, exist_ok=True)
+            path = settings.state_dir / STICKY_FILE
+        store = SqliteStickyArms(path)
+        self.app.on_stop(store.close)
+        return store
 
 
 def build_server(settings: GatewaySettings) -> Gateway:
@@ -102,3 +164,7 @@ async def start_background(gateway: Gateway) -> None:
         gateway.watcher.start()
     if gateway.reporter is not None:
         gateway.reporter.start()
+    if gateway.experiment_watcher is not None:
+        gateway.experiment_watcher.start()
+    if gateway.exposures is not None:
+        gateway.exposures.start()

@@ -12,6 +12,7 @@ from typing import Any, TypeAlias
 import grpc
 from grpc import aio
 from opentelemetry import trace
+from opentelemetry.util.types import AttributeValue
 
 from chassis.auth import method_roles
 from chassis.tracing import trace_id_of
@@ -30,11 +31,22 @@ METHOD_ROLES = method_roles(
 
 
 def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -> pb.PredictResponse:
+    arms = [
+        pb.ExperimentArm(
+            experiment_key=r.assigned.experiment_key,
+            phase=r.assigned.phase,
+            arm=r.assigned.arm_name,
+            parameters=r.assigned.parameters,
+            exposed=r.exposed,
+        )
+        for r in prediction.experiments
+    ]
     return pb.PredictResponse(
         outputs=prediction.outputs,
         model=prediction.model,
         model_version=prediction.model_version,
-        experiment_arm=prediction.experiment_arm,
+        experiment_arm=arms[0].arm if arms else "",
+        experiments=arms,
         trace_id=trace_id,
         fallback=prediction.fallback,
         fallback_reason=prediction.fallback_reason,
@@ -42,6 +54,29 @@ def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -
         imputed_features=prediction.imputed_features,
         degraded=prediction.degraded,
     )
+
+
+def annotate(span: trace.Span, predictions: Sequence[Prediction]) -> None:
+    """The experiment arms of a call on its span: the first as attributes, every distinct one as an event."""
+    if not span.is_recording():
+        return
+    seen: set[tuple[str, int, str, bool]] = set()
+    for prediction in predictions:
+        for result in prediction.experiments:
+            a = result.assigned
+            identity = (a.experiment_key, a.phase, a.arm_name, result.exposed)
+            if identity in seen:
+                continue
+            attributes: dict[str, AttributeValue] = {
+                "fresco.experiment.key": a.experiment_key,
+                "fresco.experiment.arm": a.arm_name,
+                "fresco.experiment.phase": a.phase,
+                "fresco.experiment.exposed": result.exposed,
+            }
+            if not seen:
+                span.set_attributes(attributes)
+            seen.add(identity)
+            span.add_event("fresco.experiment", attributes)
 
 
 def _decode_one(data: bytes, limits: Limits) -> tuple[pb.PredictRequest, list[Query]]:
@@ -70,14 +105,18 @@ class GatewayServicer:
         offload, limits = self.pipeline.offload, self.pipeline.limits
         request, queries = await offload.run(len(data), _decode_one, data, limits)
         (prediction,) = await self.pipeline.predict(queries, budget)
-        return _encode(prediction, request, trace_id_of(trace.get_current_span()))
+        span = trace.get_current_span()
+        annotate(span, (prediction,))
+        return _encode(prediction, request, trace_id_of(span))
 
     async def PredictBatch(self, data: bytes, context: Context) -> bytes:
         budget = Budget(context.time_remaining())
         offload, limits = self.pipeline.offload, self.pipeline.limits
         requests, queries = await offload.run(len(data), _decode_batch, data, limits)
         predictions = await self.pipeline.predict(queries, budget)
-        trace_id = trace_id_of(trace.get_current_span())
+        span = trace.get_current_span()
+        annotate(span, predictions)
+        trace_id = trace_id_of(span)
         return await offload.run(len(data), _encode_batch, predictions, requests, trace_id)
 
     def handlers(self) -> grpc.GenericRpcHandler:

@@ -56,3 +56,15 @@ class GatewaySettings(ServiceSettings):
     """Deadline of one mirrored call, its own, never the caller's."""
     report_attempts: int = Field(default=6, ge=1)
     """Attempts to report a metric window (retried with the same id) before it is dropped and counted."""
+    experiment_service: str | None = None
+    """host:port of the experiment service: the assignment configuration comes from its WatchExperiments stream
+    (kept in --state-dir) and exposures go to it. Without it the gateway assigns no experiments."""
+    experiment_service_token_file: FilePath | None = None
+    """File holding the token presented to the experiment service (one allowed to log exposures); default: the
+    peer token."""
+    sticky_redis_url: str | None = None
+    """Redis URL where bandit units keep their first arm, shared by every gateway; default: SQLite in --state-dir
+    (in memory without one), for this host's gateways only."""
+    exposure_queue: int = Field(default=10_000, ge=1)
+    """Exposures waiting to be sent at most (kept while the experiment service is down); more are dropped and
+    counted."""

@@ -186,13 +186,15 @@ def test_strategy_step_and_traffic() -> None:
 def test_durations() -> None:
     assert [
         duration_text(duration_pb2.Duration(seconds=s, nanos=n))
-        for s, n in ((0, 0), (0, 500_000_000), (45, 0), (300, 0), (3661, 0))
+        for s, n in ((0, 0), (0, 500_000_000), (45, 0), (300, 0), (3661, 0), (14 * 86400, 0), (90061, 0))
     ] == [
         "0s",
         "500ms",
         "45s",
         "5m",
         "1h1m1s",
+        "14d",
+        "1d1h1m1s",
     ]
 
 
