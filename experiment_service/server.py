@@ -5,16 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from redis.asyncio import Redis
+
 from chassis.errors import Unavailable
 from chassis.server import ServiceApp
 from experiment_service.catalog import ExperimentCatalog
 from experiment_service.config_hub import ConfigHub
 from experiment_service.data_domain import DataDomain
 from experiment_service.domain import Domain
+from experiment_service.reweighting import BanditLoop
 from experiment_service.service import METHOD_ROLES, SERVICE, ExperimentServicer
 from experiment_service.settings import ExperimentServiceSettings
 from experiment_service.store import ExperimentStore
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as pb_grpc
+from fresco.experiments.sticky import RedisStickyArms, SqliteStickyArms
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ class ExperimentService:
         self.servicer.max_assign_units = settings.max_assign_units
         self.store: ExperimentStore | None = None
         self.data: DataDomain | None = None
+        self.sticky: RedisStickyArms | SqliteStickyArms | None = None
+        self.bandits: BanditLoop | None = None
         self.hub = ConfigHub()
         self.app.on_drain(self._stop_streaming)
         self.app.on_stop(self._close)
@@ -44,7 +50,10 @@ class ExperimentService:
             self.hub.seed(config)
         catalog.on_publish(self.hub.publish)
         data = self.data = await DataDomain.open(self.settings, self.app, catalog)
-        self.servicer.domain = Domain(catalog, self.hub, data=data)
+        self.sticky = self._sticky()
+        self.servicer.domain = Domain(catalog, self.hub, sticky=self.sticky, data=data)
+        self.bandits = BanditLoop(catalog, data.stats, tick_s=self.settings.bandit_tick_s)
+        self.bandits.start()
         log.info(
             "experiment service ready: registry on %s, %d running at revision %d; %s",
             store.engine.url.drivername, len(config.experiments), config.revision, data.describe(),
@@ -59,13 +68,27 @@ class ExperimentService:
                 log.warning("database not reachable, retrying in %.1fs: %s", self.settings.connect_retry_s, err)
                 await asyncio.sleep(self.settings.connect_retry_s)
 
+    def _sticky(self) -> RedisStickyArms | SqliteStickyArms:
+        # Bandit units keep their first arm in Redis with --redis-url (shared with gateways given the same Redis),
+        # else in the state directory.
+        if self.settings.redis_url:
+            return RedisStickyArms(Redis.from_url(self.settings.redis_url))
+        return SqliteStickyArms(self.settings.state_dir / "sticky.db")
+
     async def _stop_streaming(self) -> None:
-        # Watch streams never end by themselves: they would hold the drain for its whole grace period.
+        # No re-weighting decided on the way out; and watch streams never end by themselves: they would hold the
+        # drain for its whole grace period.
+        if self.bandits is not None:
+            await self.bandits.stop()
         self.hub.close()
         if self.data is not None:
             self.data.stop_streams()
 
     async def _close(self) -> None:
+        if isinstance(self.sticky, SqliteStickyArms):
+            await self.sticky.close()
+        elif self.sticky is not None:
+            await self.sticky.client.aclose()
         if self.data is not None:
             await self.data.close()
         if self.store is not None:

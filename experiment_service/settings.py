@@ -29,9 +29,10 @@ class ExperimentServiceSettings(ServiceSettings):
     """Most units one Assign call may carry."""
 
     redis_url: str = ""
-    """Redis URL of the per-arm statistics (e.g. redis://host:6379/0), shared by every replica of the service;
-    empty means SQLite at <state-dir>/stats.db (one replica). Run Redis with appendonly for acknowledged rows to
-    survive a Redis crash."""
+    """Redis URL of the per-arm statistics and of bandit units' first arms (e.g. redis://host:6379/0), shared by
+    every replica of the service (and by gateways given the same Redis); empty means SQLite at <state-dir>/stats.db
+    and <state-dir>/sticky.db (one replica). Run Redis with appendonly for acknowledged rows to survive a Redis
+    crash."""
     stats_redis_prefix: str = "fresco:stats:"
     """Prefix of the statistics keys in Redis."""
     stats_snapshot_every_s: float = Field(default=60.0, gt=0)
@@ -46,6 +47,9 @@ class ExperimentServiceSettings(ServiceSettings):
     """Deadline of a call to the model manager."""
     ship_canary_dwell_s: float = Field(default=60.0, gt=0)
     """When a shipped version's model has no deployment yet, its canary holds 10% then 50% this long each."""
+
+    bandit_tick_s: float = Field(default=1.0, gt=0)
+    """Seconds between checks of which running bandits are due for re-weighting (each on its update_interval)."""
 
     def registry_url(self) -> str:
         """The database URL to use."""

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Final
 
 from chassis.errors import InvalidArgument
+from experiment_service.bandit import limits
 from fresco.api.experiments.v1 import experiment_pb2 as xpb
 from fresco.experiments.assignment import BUCKETS
 from fresco.experiments.targeting import problems as targeting_problems
@@ -15,7 +16,6 @@ from fresco.experiments.targeting import problems as targeting_problems
 KEY: Final = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 MAX_KEY: Final = 128
 MAX_NAME: Final = 256
-DEFAULT_MIN_ARM_SHARE: Final = 0.05
 _BANDIT_KINDS: Final = {xpb.METRIC_KIND_UNSPECIFIED, xpb.METRIC_KIND_PROPORTION, xpb.METRIC_KIND_MEAN}
 _METRIC_CRITERIA: Final = {xpb.CRITERION_KIND_MIN_LIFT, xpb.CRITERION_KIND_MAX_REGRESSION}
 
@@ -170,11 +170,6 @@ def reward_metric(e: xpb.Experiment) -> xpb.MetricSpec | None:
     return next((m for m in e.metrics if m.name == name), None)
 
 
-def min_arm_share(e: xpb.Experiment) -> float:
-    """The floor share of every bandit arm (0 in the configuration means the default)."""
-    return e.bandit.min_arm_share or DEFAULT_MIN_ARM_SHARE
-
-
 def _bandit(e: xpb.Experiment) -> Iterator[str]:
     b = e.bandit
     metric = reward_metric(e)
@@ -186,8 +181,8 @@ def _bandit(e: xpb.Experiment) -> Iterator[str]:
     share = b.min_arm_share
     if not (math.isfinite(share) and 0 <= share < 1):
         yield f"bandit.min_arm_share: expected a share in [0, 1), got {share}"
-    elif e.arms and min_arm_share(e) * len(e.arms) > 1:
-        yield f"bandit.min_arm_share: {min_arm_share(e)} for each of {len(e.arms)} arms exceeds the whole (at most 1)"
+    elif e.arms and (floor := limits(b)[0]) * len(e.arms) > 1:
+        yield f"bandit.min_arm_share: {floor} for each of {len(e.arms)} arms exceeds the whole (at most 1)"
     if b.min_units_per_arm < 0:
         yield f"bandit.min_units_per_arm: expected a count ≥ 0, got {b.min_units_per_arm}"
     if b.update_interval.seconds < 0 or b.update_interval.nanos < 0:
