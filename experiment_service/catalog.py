@@ -4,12 +4,14 @@ the assignment configuration every change of a running experiment publishes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from chassis.errors import NotFound
+from chassis.errors import FrescoError, NotFound
 from experiment_service import lifecycle
 from experiment_service.store import Change, Committed, ExperimentStore, now_us
 from experiment_service.validation import check_key
@@ -19,6 +21,22 @@ from fresco.api.experiments.v1 import experiment_service_pb2 as spb
 from fresco.experiments.evaluator import Evaluator, config_of
 
 Listener = Callable[[apb.AssignmentConfig], None]
+log = logging.getLogger(__name__)
+
+
+class VersionHolds(Protocol):
+    """Where a running experiment's arm versions are held warm and routable (the model manager's HoldVersions)."""
+
+    async def hold(self, model_name: str, experiment_key: str, versions: Sequence[int], reason: str) -> None:
+        """Hold exactly `versions` for the experiment; none releases them."""
+        ...
+
+
+def held_versions(experiment: xpb.Experiment) -> frozenset[int]:
+    """The versions a running experiment routes its arms to; none when it is not running."""
+    if experiment.status != lifecycle.RUNNING or not experiment.model_name:
+        return frozenset()
+    return frozenset(a.model_version for a in experiment.arms if a.model_version)
 
 
 class ExperimentCatalog:
@@ -33,6 +51,7 @@ class ExperimentCatalog:
         self._configs: dict[str, apb.ExperimentConfig] = {}
         self._listeners: list[Listener] = []
         self._evaluator = Evaluator()
+        self.holds: VersionHolds | None = None  # the model manager, when the service has one
 
     @property
     def evaluator(self) -> Evaluator:
@@ -132,10 +151,25 @@ class ExperimentCatalog:
         async with self._lock:
             current = await self.require(key)
             change = make(current, self._clock())
+            before, after = held_versions(current), held_versions(change.experiment)
+            if self.holds is not None and after and after != before:
+                # Held before the change commits: an experiment never runs with an arm the model manager refused
+                # (an unknown or rejected version), and gateways never get a configuration whose arms are cold.
+                await self.holds.hold(change.experiment.model_name, key, sorted(after), change.action)
             committed = await asyncio.to_thread(self.store.commit, change)
             if committed.revision:
                 self._publish(committed)
+            if self.holds is not None and before and not after:
+                await self._release(change.experiment, change.action)
         return _Done(committed.experiment, change.new_phase is not None and current.status == lifecycle.RUNNING)
+
+    async def _release(self, experiment: xpb.Experiment, why: str) -> None:
+        """Let the model manager unload the arms' versions; a failure only keeps them warm longer, so it is logged."""
+        assert self.holds is not None
+        try:
+            await self.holds.hold(experiment.model_name, experiment.key, [], why)
+        except FrescoError as err:
+            log.warning("experiment %s: its arm versions stay held in the model manager: %s", experiment.key, err)
 
     def _publish(self, committed: Committed) -> None:
         e = committed.experiment

@@ -50,6 +50,7 @@ class ExperimentService:
             self.hub.seed(config)
         catalog.on_publish(self.hub.publish)
         data = self.data = await DataDomain.open(self.settings, self.app, catalog)
+        catalog.holds = data.promoter  # arms' versions held in the model manager while running
         self.sticky = self._sticky()
         self.servicer.domain = Domain(catalog, self.hub, sticky=self.sticky, data=data)
         self.bandits = BanditLoop(catalog, data.stats, tick_s=self.settings.bandit_tick_s)

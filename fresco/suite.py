@@ -274,9 +274,11 @@ def start_platform(
     env: Mapping[str, str] | None = None,
     window_s: float = 10.0,
     experiments: bool = False,
+    experiment_flags: Sequence[str] = (),
 ) -> Suite:
     """The model manager (SQLite and artifacts under `root/manager`), a predictor that joins its fleet with an
-    empty repository, with `experiments` the experiment service (its state under `root/experiments`), and a gateway
+    empty repository, with `experiments` the experiment service (its state under `root/experiments`, `experiment_flags`
+    added to its flags), and a gateway
     routed by the manager's WatchRoutes, on free loopback ports, healthy, auth on: models reach the predictor only
     through the manager. Services start in that order (`Suite.service(module)` finds one by name)."""
     suite = Suite()
@@ -338,6 +340,7 @@ def start_platform(
                         manager.address,
                         "--peer-token-file",
                         control,
+                        *experiment_flags,
                         *auth_args,
                     ],
                     env=extra,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from chassis.errors import FailedPrecondition, InvalidArgument
+from chassis.errors import FailedPrecondition, FrescoError, InvalidArgument
 from fresco.api.models.v1 import model_manager_service_pb2 as mpb
 from model_manager.lifecycle import Stage
 from model_manager.registry import Registry, database_errors
@@ -101,10 +101,17 @@ class HoldStore:
 
     @database_errors
     def held(self) -> dict[str, frozenset[int]]:
-        """Each model's held versions, over all holders."""
+        """Each model's held versions that may serve, over all holders."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(holds.c.model_name, holds.c.versions)).all()
         out: dict[str, set[int]] = {}
         for model, versions in rows:
             out.setdefault(model, set()).update(int(v) for v in versions)
-        return {model: frozenset(versions) for model, versions in out.items()}
+        return {model: frozenset(v for v in versions if self._may_serve(model, v)) for model, versions in out.items()}
+
+    def _may_serve(self, model: str, version: int) -> bool:
+        """A held version its gates rejected since (or that is gone) leaves the routes: arms never reach it."""
+        try:
+            return self.registry.get_version(model, version).stage is not Stage.REJECTED
+        except FrescoError:
+            return False

@@ -1,5 +1,6 @@
 """DecideExperiment against a real model manager, auth on everywhere: a clear winner's version is promoted through
-the manager's gates with a reason citing the experiment, and a refused promotion leaves the experiment undecided."""
+the manager's gates and its rollout, with a reason citing the experiment; an arm on an unknown version cannot start,
+and a version its gates rejected is not shipped."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -21,7 +23,7 @@ from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.experiments.exposure import exposure_id
 from fresco.suite import LocalAuth, ServiceProcess, issue_local_tokens
 from tests.experiment_service.service_support import running
-from tests.model_manager.gate_support import train_models, upload, wait_done
+from tests.model_manager.gate_support import backtest_gate, train_models, upload, wait_done
 
 pytestmark = pytest.mark.integration
 
@@ -36,6 +38,8 @@ class Platform:
     metadata: tuple[tuple[str, str], ...]
     model: str
     versions: tuple[int, int]
+    worse: int  # a third version, trained on scrambled labels
+    dataset: Path
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,9 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
             )
             promoted = stub.PromoteModelVersion(to_production, metadata=metadata).operation
             assert wait_done(stub, promoted.operation_id).stage == rpb.MODEL_STAGE_PRODUCTION
-            yield Platform(stub, pb_grpc.ExperimentServiceStub(channel), metadata, model, (v1, v2))
+            v3 = upload(stub, model, models.worse, metadata=metadata)
+            experiments = pb_grpc.ExperimentServiceStub(channel)
+            yield Platform(stub, experiments, metadata, model, (v1, v2), v3, models.dataset)
     finally:
         assert manager.stop() == 0, manager.output()
 
@@ -154,18 +160,37 @@ def test_a_clear_winner_is_promoted_through_the_managers_gates(platform: Platfor
     assert done.gate_results  # the gates ran: nothing bypassed them
 
 
-def test_a_refused_promotion_leaves_the_experiment_undecided(platform: Platform) -> None:
+def test_an_arm_on_an_unknown_version_cannot_start(platform: Platform) -> None:
     p = platform
     key = f"ghost-{uuid.uuid4().hex[:6]}"
-    e = start(p, key, (p.versions[0], 99))  # the manager has no version 99
-    feed(p, e, (0.3, 0.3), 10)
-    request = pb.DecideExperimentRequest(
+    with pytest.raises(grpc.RpcError) as caught:
+        start(p, key, (p.versions[0], 99))  # the manager has no version 99: it cannot hold it for the arm
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "model manager" in (caught.value.details() or "")
+    assert "99" in (caught.value.details() or "")
+    after = p.experiments.GetExperiment(pb.GetExperimentRequest(key=key), metadata=p.metadata).experiment
+    assert after.status == xpb.EXPERIMENT_STATUS_DRAFT
+
+
+def test_a_version_its_gates_rejected_is_not_shipped_and_the_experiment_stays_undecided(platform: Platform) -> None:
+    p = platform
+    key = f"worse-{uuid.uuid4().hex[:6]}"
+    e = start(p, key, (p.versions[0], p.worse))
+    # The treatment's version then fails its backtest (trained on scrambled labels): the registry rejects it.
+    gates = rpb.PromotionGates(backtest=backtest_gate(p.dataset))
+    request = mpb.PromoteModelVersionRequest(
+        model_name=p.model, version=p.worse, target_stage=rpb.MODEL_STAGE_CANDIDATE, gates=gates, reason="backtest"
+    )
+    operation = p.manager.PromoteModelVersion(request, metadata=p.metadata).operation
+    assert wait_done(p.manager, operation.operation_id).state == rpb.OPERATION_STATE_FAILED
+    feed(p, e, (0.1, 0.6), 200)
+    decide = pb.DecideExperimentRequest(
         key=key, expected_version=e.version, action=xpb.DECISION_ACTION_SHIP_TREATMENT, reason="ship anyway"
     )
     with pytest.raises(grpc.RpcError) as caught:
-        p.experiments.DecideExperiment(request, metadata=p.metadata)
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    assert "model manager" in (caught.value.details() or "")
+        p.experiments.DecideExperiment(decide, metadata=p.metadata)
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "rejected" in (caught.value.details() or "")
     after = p.experiments.GetExperiment(pb.GetExperimentRequest(key=key), metadata=p.metadata).experiment
     assert (after.status, after.version) == (xpb.EXPERIMENT_STATUS_RUNNING, e.version)
     assert not after.HasField("decision")

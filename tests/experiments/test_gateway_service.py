@@ -281,7 +281,13 @@ async def test_the_platforms_gateway_watches_the_experiment_service_with_auth_on
         with auth.admin.channel(service.address) as channel:
             stub = pb_grpc.ExperimentServiceStub(channel)
             admin = auth.admin.metadata()
-            created = stub.CreateExperiment(pb.CreateExperimentRequest(experiment=ab("exp-auth")), metadata=admin)
+            # Parameter arms: the platform's manager has no model whose versions an arm could hold.
+            params = ab("exp-auth")
+            params.model_name = ""
+            for arm in params.arms:
+                arm.model_version = 0
+                arm.parameters["ranker"] = arm.name
+            created = stub.CreateExperiment(pb.CreateExperimentRequest(experiment=params), metadata=admin)
             start = pb.StartExperimentRequest(key="exp-auth", expected_version=created.experiment.version)
             await asyncio.to_thread(stub.StartExperiment, start, metadata=admin)
 

@@ -68,7 +68,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[ExportedModel, Exp
 def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Suite, LocalAuth]]:
     root = tmp_path_factory.mktemp("platform")
     auth = issue_local_tokens(root / "auth")
-    suite = start_platform(root, auth, window_s=0.5, experiments=True, experiment_args=("--ship-canary-dwell-s", "1"))
+    suite = start_platform(root, auth, window_s=0.5, experiments=True, experiment_flags=("--ship-canary-dwell-s", "1"))
     try:
         yield suite, auth
     finally:

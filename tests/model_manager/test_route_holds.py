@@ -36,6 +36,10 @@ async def test_held_versions_are_warm_and_routed_at_weight_zero_until_released(t
 
         await stub.HoldVersions(pb.HoldVersionsRequest(model_name=model, holder="experiment:b", versions=[2, 3]))
         await route_where(hub, model, lambda r: weights(r) == {"1": 10000, "2": 0, "3": 0})
+        mm.registry.set_stage(model, 3, Stage.REJECTED, "tester")  # its gates failed since: arms never reach it
+        mm.controller.wake()  # type: ignore[union-attr]
+        await route_where(hub, model, lambda r: weights(r) == {"1": 10000, "2": 0})
+        assert (model, 3) not in fleet.retained
         await stub.HoldVersions(pb.HoldVersionsRequest(model_name=model, holder="experiment:b"))
         await route_where(hub, model, lambda r: weights(r) == {"1": 10000, "2": 0})  # a still holds 2
         released = await stub.HoldVersions(pb.HoldVersionsRequest(model_name=model, holder="experiment:a"))
