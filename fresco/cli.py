@@ -19,12 +19,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fresco import demo as traffic_demo
-from fresco import story
+from fresco import story, story_experiment
 from fresco.api.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from fresco.cli_apply import apply as apply_command
 from fresco.cli_apply import diff as diff_command
 from fresco.cli_audit import audit as audit_command
 from fresco.cli_experiments import app as experiments_app
+from fresco.cli_experiments import connect as connect_experiments
 from fresco.cli_features import app as features_app
 from fresco.cli_manager import connect
 from fresco.cli_models import app as models_app
@@ -44,6 +45,7 @@ from fresco.training import (
     demo_dataset,
     train_better_classifier,
     train_classifier,
+    train_tiny_classifier,
     write_failing_model,
     write_holdout,
 )
@@ -207,24 +209,26 @@ def demo(
     check: Annotated[int, typer.Option(min=0, help="Answers to check against onnxruntime in process.")] = 200,
     window_s: Annotated[float, typer.Option(min=0.5, help="Length of the gateways' metric windows, seconds.")] = 2.0,
 ) -> None:
-    """Run the model manager, a predictor and a gateway; register v1 and serve it; canary a better v2 to 100%
-    through its gates; watch a bad v3 roll back on its own; then stop."""
+    """Run the model manager, a predictor, the experiment service and a gateway; register v1 and serve it; canary a
+    better v2 to 100% through its gates; watch a bad v3 roll back on its own; run an A/B experiment of v2 against a
+    tiny v4 and decide it; then stop."""
     root = Path(tempfile.mkdtemp(prefix="fresco-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     versions = _train_versions(root / "models")
     v1 = versions.v1
     console.print(
-        f"trained {v1.name} v1, v2 and a deliberately bad v3: MLP classifiers on {len(v1.feature_names)} features "
+        f"trained {v1.name} v1, v2, a deliberately bad v3 and a tiny v4: MLP classifiers on {len(v1.feature_names)} "
+        "features "
         f"({', '.join(v1.feature_names)}) into ONNX input {v1.input_name!r}"
     )
     problems: list[str] = []
-    console.print("starting the model manager, a predictor in its fleet and a gateway routed by it …")
+    console.print("starting the model manager, a predictor in its fleet, the experiment service and a gateway …")
     suite: Suite | None = None
     try:
         auth = issue_local_tokens(root / "auth")
-        suite = start_platform(root, auth, window_s=window_s)
+        suite = start_platform(root, auth, window_s=window_s, experiments=True)
         console.print(endpoints_table(suite))
-        manager, predictor, gateway = (service.address for service in suite.services)
+        manager, predictor, experiments, gateway = (service.address for service in suite.services)
         with connect(manager, auth.admin_token_file, "demo") as m:
             problems += story.act_one(m, v1, console)
             if not problems:
@@ -232,6 +236,12 @@ def demo(
                 problems += _check_auth(predictor, predictor_model_name(v1.name, 1), auth)
                 rows = demo_dataset().holdout_features
                 problems += story.acts_two_and_three(m, gateway, versions, rows, window_s, console)
+            if not problems and versions.v4 is not None:
+                data = demo_dataset()
+                with connect_experiments(experiments, auth.admin_token_file, "demo") as x:
+                    problems += story_experiment.act_four(
+                        m, x, gateway, versions.v4, data.holdout_features, data.holdout_labels, console
+                    )
     except ServiceFailed as err:
         problems.append(f"Fresco did not start: {err}")
     except KeyboardInterrupt:
@@ -248,7 +258,8 @@ def demo(
         raise typer.Exit(EXIT_INTERRUPTED if "interrupted" in problems else 1)
     console.print(
         "[green]demo passed[/green]: v1 served and every checked answer matches; v2 passed its gates and "
-        "its canary; v3 was rolled back on its own; no live request failed"
+        "its canary; v3 was rolled back on its own; no live request failed; the A/B experiment kept v2 over the "
+        "tiny v4"
     )
     if workdir is None:
         shutil.rmtree(root, ignore_errors=True)
@@ -258,7 +269,8 @@ def _train_versions(repository: Path) -> story.Versions:
     v1 = train_classifier(repository)
     v2 = train_better_classifier(repository)
     v3 = write_failing_model(v1, repository)
-    return story.Versions(v1, v2, v3, write_holdout(repository.parent / "holdout.parquet"))
+    v4 = train_tiny_classifier(repository)
+    return story.Versions(v1, v2, v3, write_holdout(repository.parent / "holdout.parquet"), v4)
 
 
 def _run_traffic(address: str, model: ExportedModel, requests: int, concurrency: int, check: int) -> list[str]:

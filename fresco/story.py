@@ -205,12 +205,13 @@ def canary(steps: list[float], dwell_s: float, window_s: float) -> ro.RolloutStr
 
 @dataclass(frozen=True)
 class Versions:
-    """The three versions of the story, as written into the demo's model directory."""
+    """The versions of the story, as written into the demo's model directory."""
 
     v1: ExportedModel
     v2: ExportedModel
     v3: ExportedModel
     holdout: Path
+    v4: ExportedModel | None = None  # the tiny model of the A/B experiment
 
 
 def act_one(m: Manager, v1: ExportedModel, console: Console) -> list[str]:
