@@ -156,20 +156,28 @@ class ExperimentCatalog:
                 # Held before the change commits: an experiment never runs with an arm the model manager refused
                 # (an unknown or rejected version), and gateways never get a configuration whose arms are cold.
                 await self.holds.hold(change.experiment.model_name, key, sorted(after), change.action)
-            committed = await asyncio.to_thread(self.store.commit, change)
+            try:
+                committed = await asyncio.to_thread(self.store.commit, change)
+            except BaseException:
+                if self.holds is not None and after and after != before:
+                    # Not committed (another replica changed it first, the database is down): the stored experiment
+                    # still runs on what it held before, or on nothing.
+                    await self._rehold(current, before, "not committed: " + change.action)
+                raise
             if committed.revision:
                 self._publish(committed)
             if self.holds is not None and before and not after:
-                await self._release(change.experiment, change.action)
+                await self._rehold(change.experiment, frozenset(), change.action)
         return _Done(committed.experiment, change.new_phase is not None and current.status == lifecycle.RUNNING)
 
-    async def _release(self, experiment: xpb.Experiment, why: str) -> None:
-        """Let the model manager unload the arms' versions; a failure only keeps them warm longer, so it is logged."""
+    async def _rehold(self, experiment: xpb.Experiment, versions: frozenset[int], why: str) -> None:
+        """Hold exactly `versions` (none: let the model manager unload the arms' versions); a failure is logged."""
         assert self.holds is not None
         try:
-            await self.holds.hold(experiment.model_name, experiment.key, [], why)
+            await self.holds.hold(experiment.model_name, experiment.key, sorted(versions), why)
         except FrescoError as err:
-            log.warning("experiment %s: its arm versions stay held in the model manager: %s", experiment.key, err)
+            log.warning("experiment %s: its arm versions stay held as they were in the model manager: %s",
+                        experiment.key, err)  # fmt: skip
 
     def _publish(self, committed: Committed) -> None:
         e = committed.experiment
