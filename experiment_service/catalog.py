@@ -148,6 +148,11 @@ class ExperimentCatalog:
         return change.experiment
 
     async def _change(self, key: str, make: Callable[[xpb.Experiment, int], Change]) -> _Done:
+        # Shielded: a caller that goes away (its deadline, a cancelled RPC) while the commit runs in its thread, which
+        # commits all the same, must not leave the change unpublished or its holds half done.
+        return await asyncio.shield(self._apply(key, make))
+
+    async def _apply(self, key: str, make: Callable[[xpb.Experiment, int], Change]) -> _Done:
         async with self._lock:
             current = await self.require(key)
             change = make(current, self._clock())

@@ -3,11 +3,14 @@ another replica of the service committed first, so the stored experiment still r
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from grpc import aio
 
 from chassis.errors import Aborted
@@ -96,3 +99,42 @@ async def test_an_arm_change_that_loses_the_race_keeps_the_running_arms_held(rep
     assert stored is not None
     assert [a.model_version for a in stored.arms] == [1, 2]
     assert r.held(created.key) == [1, 2]  # the arms still route to 1 and 2: both stay warm and routable
+
+
+async def test_a_start_cancelled_while_it_commits_is_still_published(tmp_path: Path) -> None:
+    # A caller's deadline cancels the RPC while the commit runs in its worker thread, which commits all the same:
+    # the running experiment must still reach the configuration gateways assign from.
+    store = ExperimentStore.open(sqlite_url(tmp_path / "experiments.db"))
+    loop = asyncio.get_running_loop()
+    task: asyncio.Task[xpb.Experiment] | None = None
+    armed = False
+
+    def clock() -> int:  # called as the change is made, right before it commits
+        nonlocal armed
+        armed = task is not None
+        return now_us()
+
+    def began(_: object) -> None:  # in the commit's worker thread: the caller goes away while it commits
+        nonlocal armed
+        if armed and task is not None:
+            armed = False
+            loop.call_soon_threadsafe(task.cancel)
+
+    sa.event.listen(store.engine, "begin", began)
+    catalog = ExperimentCatalog(store, clock=clock)
+    await catalog.load()
+    try:
+        created = await catalog.create(experiment("cancelled"), "alice")
+        task = asyncio.create_task(catalog.start(created.key, created.version, "alice"))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 10
+        while [e.key for e in catalog.config().experiments] != ["cancelled"]:
+            stored = await catalog.get("cancelled")
+            assert time.monotonic() < deadline, f"stored {stored and stored.status}, not published"
+            await asyncio.sleep(0.02)
+        stored = await catalog.get("cancelled")
+        assert stored is not None
+        assert stored.status == xpb.EXPERIMENT_STATUS_RUNNING
+    finally:
+        store.close()
