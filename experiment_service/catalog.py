@@ -67,6 +67,17 @@ class ExperimentCatalog:
         self._evaluator = Evaluator(config)
         return config
 
+    async def refresh(self) -> bool:
+        """Publish what other replicas of the service committed on the same database since; whether it did."""
+        async with self._lock:
+            return await self._follow()
+
+    async def _follow(self) -> bool:
+        if await asyncio.to_thread(self.store.revision) <= self._revision:
+            return False
+        self._announce(await self.load())
+        return True
+
     def config(self) -> apb.AssignmentConfig:
         """The current assignment configuration: every running experiment, by key."""
         generated = Timestamp()
@@ -169,8 +180,10 @@ class ExperimentCatalog:
                     # still runs on what it held before, or on nothing.
                     await self._rehold(current, before, "not committed: " + change.action)
                 raise
-            if committed.revision:
+            if committed.revision == self._revision + 1:
                 self._publish(committed)
+            elif committed.revision:  # another replica published in between: all of it is read back
+                await self._follow()
             if self.holds is not None and before and not after:
                 await self._rehold(change.experiment, frozenset(), change.action)
         return _Done(committed.experiment, change.new_phase is not None and current.status == lifecycle.RUNNING)
@@ -193,6 +206,9 @@ class ExperimentCatalog:
         self._revision = committed.revision
         config = self.config()
         self._evaluator = Evaluator(config)
+        self._announce(config)
+
+    def _announce(self, config: apb.AssignmentConfig) -> None:
         for listener in list(self._listeners):
             listener(config)
 

@@ -212,6 +212,12 @@ class ExperimentStore:
             return {r.allocation: tuple(float(w) for w in r.weights) for r in conn.execute(query)}
 
     @database_errors
+    def revision(self) -> int:
+        """The configuration revision last published."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(config_state.c.revision)).scalar() or 0)
+
+    @database_errors
     def running(self) -> tuple[int, list[tuple[xpb.Experiment, int]]]:
         """The configuration revision and every running experiment with its current allocation."""
         with self.engine.connect() as conn:
