@@ -72,6 +72,15 @@ class ExperimentCatalog:
         async with self._lock:
             return await self._follow()
 
+    async def catch_up(self, revision: int) -> None:
+        """Publish past `revision`, one a gateway holds from before this registry (its database restored or started
+        afresh): gateways refuse a snapshot below the revision they hold."""
+        async with self._lock:
+            await self._follow()
+            if revision > self._revision:
+                await asyncio.to_thread(self.store.advance_revision, revision + 1)
+                await self._follow()
+
     async def _follow(self) -> bool:
         if await asyncio.to_thread(self.store.revision) <= self._revision:
             return False
