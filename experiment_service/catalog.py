@@ -67,6 +67,26 @@ class ExperimentCatalog:
         self._evaluator = Evaluator(config)
         return config
 
+    async def refresh(self) -> bool:
+        """Publish what other replicas of the service committed on the same database since; whether it did."""
+        async with self._lock:
+            return await self._follow()
+
+    async def catch_up(self, revision: int) -> None:
+        """Publish past `revision`, one a gateway holds from before this registry (its database restored or started
+        afresh): gateways refuse a snapshot below the revision they hold."""
+        async with self._lock:
+            await self._follow()
+            if revision > self._revision:
+                await asyncio.to_thread(self.store.advance_revision, revision + 1)
+                await self._follow()
+
+    async def _follow(self) -> bool:
+        if await asyncio.to_thread(self.store.revision) <= self._revision:
+            return False
+        self._announce(await self.load())
+        return True
+
     def config(self) -> apb.AssignmentConfig:
         """The current assignment configuration: every running experiment, by key."""
         generated = Timestamp()
@@ -148,6 +168,11 @@ class ExperimentCatalog:
         return change.experiment
 
     async def _change(self, key: str, make: Callable[[xpb.Experiment, int], Change]) -> _Done:
+        # Shielded: a caller that goes away (its deadline, a cancelled RPC) while the commit runs in its thread, which
+        # commits all the same, must not leave the change unpublished or its holds half done.
+        return await asyncio.shield(self._apply(key, make))
+
+    async def _apply(self, key: str, make: Callable[[xpb.Experiment, int], Change]) -> _Done:
         async with self._lock:
             current = await self.require(key)
             change = make(current, self._clock())
@@ -156,20 +181,30 @@ class ExperimentCatalog:
                 # Held before the change commits: an experiment never runs with an arm the model manager refused
                 # (an unknown or rejected version), and gateways never get a configuration whose arms are cold.
                 await self.holds.hold(change.experiment.model_name, key, sorted(after), change.action)
-            committed = await asyncio.to_thread(self.store.commit, change)
-            if committed.revision:
+            try:
+                committed = await asyncio.to_thread(self.store.commit, change)
+            except BaseException:
+                if self.holds is not None and after and after != before:
+                    # Not committed (another replica changed it first, the database is down): the stored experiment
+                    # still runs on what it held before, or on nothing.
+                    await self._rehold(current, before, "not committed: " + change.action)
+                raise
+            if committed.revision == self._revision + 1:
                 self._publish(committed)
+            elif committed.revision:  # another replica published in between: all of it is read back
+                await self._follow()
             if self.holds is not None and before and not after:
-                await self._release(change.experiment, change.action)
+                await self._rehold(change.experiment, frozenset(), change.action)
         return _Done(committed.experiment, change.new_phase is not None and current.status == lifecycle.RUNNING)
 
-    async def _release(self, experiment: xpb.Experiment, why: str) -> None:
-        """Let the model manager unload the arms' versions; a failure only keeps them warm longer, so it is logged."""
+    async def _rehold(self, experiment: xpb.Experiment, versions: frozenset[int], why: str) -> None:
+        """Hold exactly `versions` (none: let the model manager unload the arms' versions); a failure is logged."""
         assert self.holds is not None
         try:
-            await self.holds.hold(experiment.model_name, experiment.key, [], why)
+            await self.holds.hold(experiment.model_name, experiment.key, sorted(versions), why)
         except FrescoError as err:
-            log.warning("experiment %s: its arm versions stay held in the model manager: %s", experiment.key, err)
+            log.warning("experiment %s: its arm versions stay held as they were in the model manager: %s",
+                        experiment.key, err)  # fmt: skip
 
     def _publish(self, committed: Committed) -> None:
         e = committed.experiment
@@ -180,6 +215,9 @@ class ExperimentCatalog:
         self._revision = committed.revision
         config = self.config()
         self._evaluator = Evaluator(config)
+        self._announce(config)
+
+    def _announce(self, config: apb.AssignmentConfig) -> None:
         for listener in list(self._listeners):
             listener(config)
 

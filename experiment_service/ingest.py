@@ -57,6 +57,17 @@ def phase_at(experiment: epb.Experiment, at: datetime) -> int:
     return 0
 
 
+def phase_end(experiment: epb.Experiment, number: int) -> datetime | None:
+    """When phase `number` ended (the next phase started, or the experiment stopped); None while it runs."""
+    phase = next((p for p in experiment.phases if p.number == number), None)
+    if phase is not None and phase.HasField("ended_at"):
+        return phase.ended_at.ToDatetime(UTC)
+    last = max((p.number for p in experiment.phases), default=0)
+    if number == last and experiment.HasField("stopped_at"):
+        return experiment.stopped_at.ToDatetime(UTC)
+    return None
+
+
 @dataclass
 class _Tally:
     """What a batch did, row by row."""
@@ -217,6 +228,12 @@ class Ingest:
             detail = f"exposure_id: expected {expected}, the id of the row's key, phase, unit and arm"
             raise Refused(R.REJECTION_REASON_BAD_EXPOSURE_ID, detail)
         at = row.exposed_at.ToDatetime(UTC) if row.HasField("exposed_at") else now
+        ended = phase_end(experiment, row.phase)
+        if ended is not None and at >= ended:
+            # Its outcomes would count in no phase it was exposed in (see phase_at): as a unit it could only dilute.
+            detail = f"exposed_at: phase {row.phase} of {row.experiment_key!r} ended at {ended.isoformat()}"
+            detail += f", before {at.isoformat()}"
+            raise Refused(R.REJECTION_REASON_NOT_RUNNING, detail)
         unit = unit_key(row.unit_type, row.unit_id)
         return row.experiment_key, ExposureRow(row.phase, unit, row.arm_name, row.allocation, to_us(at))
 

@@ -36,6 +36,7 @@ class ExperimentService:
         self.data: DataDomain | None = None
         self.sticky: RedisStickyArms | SqliteStickyArms | None = None
         self.bandits: BanditLoop | None = None
+        self._following: asyncio.Task[None] | None = None
         self.hub = ConfigHub()
         self.app.on_drain(self._stop_streaming)
         self.app.on_stop(self._close)
@@ -55,6 +56,7 @@ class ExperimentService:
         self.servicer.domain = Domain(catalog, self.hub, sticky=self.sticky, data=data)
         self.bandits = BanditLoop(catalog, data.stats, tick_s=self.settings.bandit_tick_s)
         self.bandits.start()
+        self._following = asyncio.create_task(self._follow(catalog), name="follow-registry")
         log.info(
             "experiment service ready: registry on %s, %d running at revision %d; %s",
             store.engine.url.drivername, len(config.experiments), config.revision, data.describe(),
@@ -69,6 +71,15 @@ class ExperimentService:
                 log.warning("database not reachable, retrying in %.1fs: %s", self.settings.connect_retry_s, err)
                 await asyncio.sleep(self.settings.connect_retry_s)
 
+    async def _follow(self, catalog: ExperimentCatalog) -> None:
+        # Other replicas on the same database publish their changes to their own gateways; this one reads them back.
+        while True:
+            await asyncio.sleep(self.settings.follow_s)
+            try:
+                await catalog.refresh()
+            except Exception as err:  # noqa: BLE001 (the database is down: the configuration held keeps serving)
+                log.warning("could not read the registry's configuration revision: %s", err)
+
     def _sticky(self) -> RedisStickyArms | SqliteStickyArms:
         # Bandit units keep their first arm in Redis with --redis-url (shared with gateways given the same Redis),
         # else in the state directory.
@@ -81,6 +92,9 @@ class ExperimentService:
         # drain for its whole grace period.
         if self.bandits is not None:
             await self.bandits.stop()
+        if self._following is not None:
+            self._following.cancel()
+            await asyncio.gather(self._following, return_exceptions=True)
         self.hub.close()
         if self.data is not None:
             self.data.stop_streams()

@@ -51,6 +51,10 @@ class ExperimentServiceSettings(ServiceSettings):
     bandit_tick_s: float = Field(default=1.0, gt=0)
     """Seconds between checks of which running bandits are due for re-weighting (each on its update_interval)."""
 
+    follow_s: float = Field(default=1.0, gt=0)
+    """Seconds between reads of the registry's configuration revision: what other replicas of the service on the
+    same database committed reaches this replica's gateways."""
+
     def registry_url(self) -> str:
         """The database URL to use."""
         return self.database_url or sqlite_url(self.state_dir / "experiments.db")

@@ -212,6 +212,22 @@ class ExperimentStore:
             return {r.allocation: tuple(float(w) for w in r.weights) for r in conn.execute(query)}
 
     @database_errors
+    def revision(self) -> int:
+        """The configuration revision last published."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(config_state.c.revision)).scalar() or 0)
+
+    @database_errors
+    def advance_revision(self, at_least: int) -> None:
+        """Raise the configuration revision to `at_least` unless it is there already."""
+        with self.engine.begin() as conn:
+            current = conn.execute(sa.select(config_state.c.revision)).scalar()
+            if current is None:
+                conn.execute(config_state.insert().values(id=_CONFIG_ROW, revision=at_least))
+            elif current < at_least:
+                conn.execute(config_state.update().where(config_state.c.id == _CONFIG_ROW).values(revision=at_least))
+
+    @database_errors
     def running(self) -> tuple[int, list[tuple[xpb.Experiment, int]]]:
         """The configuration revision and every running experiment with its current allocation."""
         with self.engine.connect() as conn:

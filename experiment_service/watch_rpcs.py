@@ -30,6 +30,8 @@ class WatchRpcs(DomainHolder):
         if hub.closed:
             raise Unavailable("experiment service is stopping: watch the configuration again from its next start")
         subscription: apb.ConfigSubscription = revision_stream.subscription(await anext(request_iterator, None))
+        if subscription.resume_from_revision > hub.current.revision:
+            await self._domain().catalog.catch_up(subscription.resume_from_revision)
         watcher = hub.connect(subscription.gateway_id, ())
         stream = RevisionStream(
             hub,

@@ -229,3 +229,23 @@ def test_fuzzed_rows_are_answered_never_raised(
             await store.close()
 
     asyncio.run(run())
+
+
+async def test_an_exposure_after_its_phase_ended_is_refused(world: World) -> None:
+    # A gateway still on the old configuration answers after the phase ended (a weight change, a stop): the unit's
+    # outcomes from then on count in no phase it was exposed in, so as a unit of the old phase it could only dilute.
+    ingest, store, _ = world
+    rows = [
+        exposure("late", at_h=30),  # phase 1 of checkout ended at 24 h, when phase 2 started
+        exposure("in-time", at_h=23),
+        exposure("after-stop", key="stopped", at_h=6),  # stopped at 5 h
+        exposure("before-stop", key="stopped", at_h=4),
+    ]
+    response = await ingest.log_exposures(rows)
+    assert response.accepted == 2
+    assert reasons(response) == {0: R.REJECTION_REASON_NOT_RUNNING, 2: R.REJECTION_REASON_NOT_RUNNING}
+    assert all(r.detail.startswith("exposed_at: phase 1 of ") for r in response.rejections)
+    assert (await store.arm_stats("checkout", 1))["control"]["revenue"] == SufficientStats(n=1)
+    assert (await store.arm_stats("stopped", 1))["control"]["revenue"] == SufficientStats(n=1)
+    late = await ingest.log_outcomes(spb.LogOutcomesRequest(outcomes=[outcome("o-late", "late", at_h=31)]))
+    assert reasons(late) == {0: R.REJECTION_REASON_UNIT_NOT_EXPOSED}  # what made its exposure only dilute

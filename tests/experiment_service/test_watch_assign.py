@@ -74,8 +74,9 @@ def test_watch_snapshot_updates_acks_and_resume(tmp_path: Path) -> None:
         assert (update.base_revision, update.revision, list(update.removed_keys)) == (2, 4, ["exp-two"])
         assert [e.key for e in update.upserted] == ["exp-one"]
         resumed.close()
-        unknown = Gateway(stub, "gw-3", resume=999)  # not a revision this service published: a snapshot
-        assert unknown.next().snapshot.revision == 4
+        unknown = Gateway(stub, "gw-3", resume=999)  # not a revision this service published: a snapshot past it
+        snapshot = unknown.next().snapshot
+        assert (snapshot.revision, keys_of(snapshot)) == (1000, ["exp-one"])
         unknown.close()
 
         bad = Gateway(stub)
