@@ -22,6 +22,8 @@ from fresco.experiments.evaluator import Evaluator, config_of
 
 Listener = Callable[[apb.AssignmentConfig], None]
 log = logging.getLogger(__name__)
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
 
 
 class VersionHolds(Protocol):
@@ -52,6 +54,7 @@ class ExperimentCatalog:
         self._listeners: list[Listener] = []
         self._evaluator = Evaluator()
         self.holds: VersionHolds | None = None  # the model manager, when the service has one
+        self._retries: dict[str, asyncio.Task[None]] = {}  # holds being retried while the model manager is down
 
     @property
     def evaluator(self) -> Evaluator:
@@ -177,6 +180,7 @@ class ExperimentCatalog:
             current = await self.require(key)
             change = make(current, self._clock())
             before, after = held_versions(current), held_versions(change.experiment)
+            self._cancel_retry(key)  # this change decides what is held now
             if self.holds is not None and after and after != before:
                 # Held before the change commits: an experiment never runs with an arm the model manager refused
                 # (an unknown or rejected version), and gateways never get a configuration whose arms are cold.
@@ -198,13 +202,46 @@ class ExperimentCatalog:
         return _Done(committed.experiment, change.new_phase is not None and current.status == lifecycle.RUNNING)
 
     async def _rehold(self, experiment: xpb.Experiment, versions: frozenset[int], why: str) -> None:
-        """Hold exactly `versions` (none: let the model manager unload the arms' versions); a failure is logged."""
+        """Hold exactly `versions` (none: let the model manager unload the arms' versions). A failure (the manager
+        down) is logged and retried in the background, with backoff, until it succeeds or a later change of the
+        experiment decides its holds: a release is never silently dropped."""
         assert self.holds is not None
         try:
             await self.holds.hold(experiment.model_name, experiment.key, sorted(versions), why)
         except FrescoError as err:
-            log.warning("experiment %s: its arm versions stay held as they were in the model manager: %s",
+            log.warning("experiment %s: its arm versions stay held as they were in the model manager, retrying: %s",
                         experiment.key, err)  # fmt: skip
+            self._retries[experiment.key] = asyncio.create_task(self._retry_hold(experiment, versions, why))
+
+    async def _retry_hold(self, experiment: xpb.Experiment, versions: frozenset[int], why: str) -> None:
+        assert self.holds is not None
+        delay = RETRY_FIRST_S
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.holds.hold(experiment.model_name, experiment.key, sorted(versions), why)
+            except FrescoError as err:
+                log.warning("experiment %s: holding %s in the model manager failed again: %s",
+                            experiment.key, sorted(versions), err)  # fmt: skip
+                delay = min(delay * 2, RETRY_MAX_S)
+                continue
+            self._retries.pop(experiment.key, None)
+            log.info("experiment %s: the model manager now holds %s for it", experiment.key, sorted(versions))
+            return
+
+    def _cancel_retry(self, key: str) -> None:
+        task = self._retries.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    def pending_holds(self) -> list[str]:
+        """The experiments whose holds are being retried."""
+        return sorted(self._retries)
+
+    async def close(self) -> None:
+        """Stop retrying holds (the process is stopping)."""
+        for key in list(self._retries):
+            self._cancel_retry(key)
 
     def _publish(self, committed: Committed) -> None:
         e = committed.experiment

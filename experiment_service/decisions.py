@@ -3,6 +3,8 @@ the model manager to promote the arm's version through its gates first, and only
 
 from __future__ import annotations
 
+import asyncio
+from collections import defaultdict
 from typing import Protocol
 
 from chassis.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
@@ -67,11 +69,26 @@ class Decisions:
         self.catalog = catalog
         self.results = results
         self.promoter = promoter
+        self._deciding: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     async def decide(
         self, key: str, expected_version: int, action: int, arm: str, reason: str, identity: str
     ) -> tuple[epb.Experiment, rpb.ExperimentResults]:
-        """The decided experiment and the results the decision was taken on."""
+        """The decided experiment and the results the decision was taken on.
+
+        One decision of an experiment at a time (a second one then finds it DECIDED), and shielded: a caller that goes
+        away after the model manager started shipping must not leave the experiment running without its decision."""
+        return await asyncio.shield(self._decide_one(key, expected_version, action, arm, reason, identity))
+
+    async def _decide_one(
+        self, key: str, expected_version: int, action: int, arm: str, reason: str, identity: str
+    ) -> tuple[epb.Experiment, rpb.ExperimentResults]:
+        async with self._deciding[key]:
+            return await self._decide(key, expected_version, action, arm, reason, identity)
+
+    async def _decide(
+        self, key: str, expected_version: int, action: int, arm: str, reason: str, identity: str
+    ) -> tuple[epb.Experiment, rpb.ExperimentResults]:
         if not key:
             raise InvalidArgument("key: expected an experiment key")
         if action not in epb.DecisionAction.values():

@@ -98,6 +98,8 @@ class ExperimentService:
         self.hub.close()
         if self.data is not None:
             self.data.stop_streams()
+        if self.servicer.domain is not None:
+            await self.servicer.domain.catalog.close()
 
     async def _close(self) -> None:
         if isinstance(self.sticky, SqliteStickyArms):

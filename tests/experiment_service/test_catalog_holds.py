@@ -1,11 +1,12 @@
-"""The catalog's version holds in a real (in-process) model manager when a change fails to commit after its hold:
-another replica of the service committed first, so the stored experiment still runs on what it held before."""
+"""The catalog's version holds in a real (in-process) model manager when a change fails to commit after its hold
+(another replica of the service committed first, so the stored experiment still runs on what it held before), and
+when a release fails (the manager unreachable: it is retried until taken)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import sqlalchemy as sa
 from grpc import aio
 
-from chassis.errors import Aborted
+from chassis.errors import Aborted, Unavailable
+from experiment_service import catalog as catalog_module
 from experiment_service import lifecycle
 from experiment_service.catalog import ExperimentCatalog
 from experiment_service.promoter import ModelManagerPromoter, holder
@@ -138,3 +140,41 @@ async def test_a_start_cancelled_while_it_commits_is_still_published(tmp_path: P
         assert stored.status == xpb.EXPERIMENT_STATUS_RUNNING
     finally:
         store.close()
+
+
+class FlakyHolds:
+    """The real holds, but the model manager unreachable for the next `down` calls (as the channel reports it)."""
+
+    def __init__(self, real: ModelManagerPromoter, down: int = 0) -> None:
+        self.real, self.down, self.calls = real, down, 0
+
+    async def hold(self, model_name: str, experiment_key: str, versions: Sequence[int], reason: str) -> None:
+        self.calls += 1
+        if self.down:
+            self.down -= 1
+            raise Unavailable("model manager 127.0.0.1:1: connection refused")
+        await self.real.hold(model_name, experiment_key, versions, reason)
+
+
+async def test_a_release_that_fails_is_retried_until_the_manager_takes_it(
+    replicas: Replicas, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(catalog_module, "RETRY_FIRST_S", 0.05)
+    r = replicas
+    real = r.a.holds
+    assert isinstance(real, ModelManagerPromoter)
+    created = await r.a.create(experiment("release-later", model_name=r.model), "alice")
+    running = await r.a.start(created.key, created.version, "alice")
+    assert r.held(created.key) == [1, 2]
+    flaky = FlakyHolds(real, down=2)
+    r.a.holds = flaky
+    stopped = await r.a.stop(created.key, running.version, "done", "alice")  # the release fails: the stop stands
+    assert stopped.status == xpb.EXPERIMENT_STATUS_STOPPED
+    assert r.held(created.key) == [1, 2]
+    assert r.a.pending_holds() == [created.key]
+    deadline = time.monotonic() + 10
+    while r.held(created.key):
+        assert time.monotonic() < deadline, f"still held after {flaky.calls} attempts"
+        await asyncio.sleep(0.02)
+    assert flaky.calls == 3  # two refused, the third released
+    assert r.a.pending_holds() == []

@@ -3,6 +3,7 @@ recorded, the history follows the snapshots, and a decision is refused, overridd
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from chassis.errors import Aborted, FailedPrecondition, InvalidArgument, NotFoun
 from experiment_service.catalog import ExperimentCatalog
 from experiment_service.decisions import Decisions
 from experiment_service.ingest import Ingest
+from experiment_service.promoter import Shipment
 from experiment_service.results import Results
 from experiment_service.stats_sqlite import SqliteStats
 from experiment_service.stats_store import to_us
@@ -205,3 +207,49 @@ async def test_a_clear_winner_ships_without_an_override(world: World) -> None:
     assert (record.action, record.arm, record.overridden) == (epb.DECISION_ACTION_SHIP_TREATMENT, "treatment", False)
     assert record.reason == results.decision.reason
     assert record.promotion_operation == ""
+
+
+class GatedPromoter:
+    """Stands in for the model manager's side of shipping: records each shipment and holds it until released, so
+    two decisions can overlap there."""
+
+    def __init__(self) -> None:
+        self.shipped: list[tuple[str, int]] = []
+        self.release = asyncio.Event()
+
+    async def promote(self, model_name: str, version: int, reason: str) -> Shipment:
+        self.shipped.append((model_name, version))
+        await self.release.wait()
+        return Shipment(f"op-{version}", f"rollout-{version}")
+
+
+async def test_two_overlapping_decisions_ship_one_arm_and_a_cancelled_caller_still_gets_it_recorded(
+    world: World,
+) -> None:
+    promoter = GatedPromoter()
+    decisions = Decisions(world.catalog, world.results, promoter)
+    e = ab_test("race", versions=(1, 2))
+    e.arms.add(name="other", weight=0.5, model_version=3)
+    e = await started(world, e)
+    await feed(world, e, (0.1, 0.6, 0.6), 200)
+    ship = epb.DECISION_ACTION_SHIP_TREATMENT
+    first = asyncio.create_task(decisions.decide("race", e.version, ship, "treatment", "ship treatment", "alice"))
+    while not promoter.shipped:  # noqa: ASYNC110 (polls the recorder the first decision writes to)
+        await asyncio.sleep(0.01)
+    second = asyncio.create_task(decisions.decide("race", e.version, ship, "other", "ship other", "bob"))
+    await asyncio.sleep(0.05)
+    first.cancel()  # alice's deadline: the shipment already started must still be recorded
+    promoter.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(Aborted, match="expected_version"):
+        await second  # it waited for the first, then found the experiment changed (decided)
+    assert promoter.shipped == [("ranker", 2)], "one decision at a time: the second never shipped its arm"
+    stored = await world.catalog.get("race")
+    assert stored is not None
+    assert stored.status == epb.EXPERIMENT_STATUS_DECIDED
+    assert (stored.decision.arm, stored.decision.rollout_id, stored.decision.decided_by) == (
+        "treatment",
+        "rollout-2",
+        "alice",
+    )
