@@ -4,18 +4,16 @@ Blocking sqlite3 calls run on a thread of their own, off the event loop."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 from chassis.errors import Unavailable
+from chassis.sqlite_threads import SqliteThreads
 from experiment_service.stats_store import (
     Delta,
     ExposureRow,
@@ -93,10 +91,7 @@ class SqliteStats:
         self.path = path
         self.snapshot_every_us = int(snapshot_every_s * 1_000_000)
         self.busy_timeout_s = busy_timeout_s
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="stats-write")
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="stats-read")
-        self._local = threading.local()
-        self._closed = False
+        self._threads = SqliteThreads(path, "stats sqlite", busy_timeout_s)
 
     @classmethod
     async def open(cls, path: Path, *, snapshot_every_s: float = 60.0) -> SqliteStats:
@@ -106,42 +101,12 @@ class SqliteStats:
         except OSError as err:
             raise Unavailable(f"stats sqlite: cannot create the directory of {path}: {err.strerror}") from err
         store = cls(path, snapshot_every_s=snapshot_every_s)
-        await store._run(store._writer, lambda conn: conn.executescript(_SCHEMA))
+        await store._threads.write(lambda conn: conn.executescript(_SCHEMA))
         return store
-
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL fsyncs the WAL at every commit: an acknowledged batch survives a crash or power loss.
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-        return conn
-
-    async def _run(self, pool: ThreadPoolExecutor, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise Unavailable(f"stats sqlite: {self.path} is closed")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, lambda: work(self._connection()))
-        except sqlite3.Error as err:
-            raise Unavailable(f"stats sqlite: {self.path}: {err}") from err
 
     async def close(self) -> None:
         """Finish pending work and close the connections."""
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        for pool in (self._writer, self._reader):
-            await loop.run_in_executor(pool, self._close_local)  # a connection closes on the thread that made it
-            await loop.run_in_executor(None, pool.shutdown)
-
-    def _close_local(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        await self._threads.close()
 
     # --- writes --------------------------------------------------------------------------------------------
 
@@ -155,7 +120,7 @@ class SqliteStats:
                 batch.finish(to_us(now), self.snapshot_every_us)
             return verdicts
 
-        return await self._run(self._writer, work) if rows else []
+        return await self._threads.write(work) if rows else []
 
     async def record_outcomes(self, plan: StatsPlan, rows: Sequence[OutcomeRow], now: datetime) -> list[Verdict]:
         """Record outcome and covariate rows of one experiment in one transaction; one verdict per row."""
@@ -167,7 +132,7 @@ class SqliteStats:
                 batch.finish(to_us(now), self.snapshot_every_us)
             return verdicts
 
-        return await self._run(self._writer, work) if rows else []
+        return await self._threads.write(work) if rows else []
 
     async def snapshot(self, key: str, phase: int, now: datetime) -> bool:
         """Snapshot the phase now if it changed since its last snapshot."""
@@ -176,13 +141,13 @@ class SqliteStats:
             with _transaction(conn):
                 return _maybe_snapshot(conn, key, phase, to_us(now), 0)
 
-        return await self._run(self._writer, work)
+        return await self._threads.write(work)
 
     # --- reads ---------------------------------------------------------------------------------------------
 
     async def arm_stats(self, key: str, phase: int) -> dict[str, dict[str, SufficientStats]]:
         """Arm -> metric -> statistics of one phase."""
-        return await self._run(self._reader, lambda conn: _arm_stats(conn, key, phase))
+        return await self._threads.read(lambda conn: _arm_stats(conn, key, phase))
 
     async def units_by_allocation(self, key: str, phase: int) -> dict[str, dict[int, int]]:
         """Arm -> allocation -> exposed units of one phase."""
@@ -194,7 +159,7 @@ class SqliteStats:
                 out.setdefault(arm, {})[int(allocation)] = int(units)
             return out
 
-        return await self._run(self._reader, work)
+        return await self._threads.read(work)
 
     async def snapshots(self, key: str, phase: int) -> list[Snapshot]:
         """The phase's snapshots, oldest first."""
@@ -206,7 +171,7 @@ class SqliteStats:
                 for at, body in conn.execute(query, (key, phase))
             ]
 
-        return await self._run(self._reader, work)
+        return await self._threads.read(work)
 
 
 class _Batch:

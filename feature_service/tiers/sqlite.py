@@ -3,16 +3,14 @@ Redis nor Cassandra. Every blocking sqlite3 call runs on a thread of its own, of
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 from chassis.errors import Unavailable
+from chassis.sqlite_threads import SqliteThreads
 from feature_service.records import FORMAT, Record, latest
 
 T = TypeVar("T")
@@ -47,28 +45,7 @@ class SQLiteTier:
         self.busy_timeout_s = busy_timeout_s
         # One writer thread serialises transactions; a separate reader thread keeps reads flowing during
         # long writes (WAL lets readers and one writer work at once). Each thread owns its connection.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="sqlite-write")
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="sqlite-read")
-        self._local = threading.local()
-        self._closed = False
-
-    def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            # FULL fsyncs the WAL at every commit: an acknowledged write survives a crash or power loss.
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-        return conn
-
-    async def _run(self, pool: ThreadPoolExecutor, work: Callable[[sqlite3.Connection], T]) -> T:
-        if self._closed:
-            raise Unavailable(f"sqlite: {self.path} is closed")
-        try:
-            return await asyncio.get_running_loop().run_in_executor(pool, lambda: work(self._connection()))
-        except sqlite3.Error as err:  # disk full, file locked past the busy timeout, I/O errors
-            raise Unavailable(f"sqlite: {self.path}: {err}") from err
+        self._threads = SqliteThreads(path, "sqlite", busy_timeout_s)
 
     async def connect(self) -> None:
         """Open the file (creating it and its tables if needed)."""
@@ -76,12 +53,12 @@ class SQLiteTier:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise Unavailable(f"sqlite: cannot create the directory of {self.path}: {err.strerror}") from err
-        await self._run(self._writer, lambda conn: conn.executescript(_SCHEMA))
-        await self._run(self._writer, _upgrade_records)
+        await self._threads.write(lambda conn: conn.executescript(_SCHEMA))
+        await self._threads.write(_upgrade_records)
 
     async def read(self, keys_by_view: Mapping[str, Sequence[str]]) -> dict[str, list[Record | None]]:
         """For each view, the records of its keys in order; None for keys never written."""
-        return await self._run(self._reader, lambda conn: _read(conn, keys_by_view))
+        return await self._threads.read(lambda conn: _read(conn, keys_by_view))
 
     async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> dict[str, Record]:
         """Store rows in one transaction, each only where it supersedes the stored record (a conditional
@@ -103,7 +80,7 @@ class SQLiteTier:
                 found = _read(conn, {view: keys}, transaction=False)[view]
             return {key: record for key, record in zip(keys, found, strict=True) if record is not None}
 
-        return await self._run(self._writer, work)
+        return await self._threads.write(work)
 
     async def keys(self, view: str) -> AsyncIterator[str]:
         """Every key stored for a view, page by page."""
@@ -114,7 +91,7 @@ class SQLiteTier:
 
         after = ""
         while True:
-            page = await self._run(self._reader, page_after(after))
+            page = await self._threads.read(page_after(after))
             for key in page:
                 yield key
             if len(page) < KEYS_PAGE:
@@ -132,7 +109,7 @@ class SQLiteTier:
                     (view, data),
                 )
 
-        await self._run(self._writer, work)
+        await self._threads.write(work)
 
     async def load_statistics(self, view: str) -> bytes | None:
         """A view's latest materialisation statistics, if any."""
@@ -141,24 +118,11 @@ class SQLiteTier:
             row = conn.execute("SELECT data FROM statistics WHERE view = ?", (view,)).fetchone()
             return None if row is None else bytes(row[0])
 
-        return await self._run(self._reader, work)
+        return await self._threads.read(work)
 
     async def close(self) -> None:
         """Close every connection (each on its own thread) and stop the threads."""
-        if self._closed:
-            return
-        loop = asyncio.get_running_loop()
-        for pool in (self._writer, self._reader):
-            await loop.run_in_executor(pool, self._close_own_connection)
-        self._closed = True
-        self._writer.shutdown(wait=True)
-        self._reader.shutdown(wait=True)
-
-    def _close_own_connection(self) -> None:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        await self._threads.close()
 
 
 @contextmanager

@@ -80,7 +80,7 @@ async def test_the_file_is_in_wal_mode_with_full_sync(tier) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     finally:
         conn.close()
-    synchronous = await tier._run(tier._writer, lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
+    synchronous = await tier._threads.write(lambda c: c.execute("PRAGMA synchronous").fetchone()[0])
     assert synchronous == 2  # FULL
 
 
