@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,7 @@ import pytest
 
 from chassis.errors import Unavailable
 from experiment_service.stats_redis import RedisStats
-from experiment_service.stats_store import Verdict
+from experiment_service.stats_store import MAX_AMOUNT, Verdict
 from fresco.servers import RedisServer
 from fresco.servers.pytest_plugin import redis_server
 from tests.experiment_service.stats_support import T0, Reference, covariate, exposure, outcome, plan
@@ -127,3 +128,17 @@ async def test_a_batch_refused_unavailable_after_redis_ran_it_counts_once_when_r
     reference.add([*first, *later, *rows])
     assert await store.arm_stats("checkout", 1) == reference.arm_stats()
     assert await store.units_by_allocation("checkout", 1) == {"control": {0: 1}, "treatment": {0: 1}}
+
+
+async def test_the_largest_accepted_amounts_never_fail_the_script_midway(store: RedisStats) -> None:
+    # A script that fails after its first write keeps what it wrote: amounts are bounded so that none can fail.
+    p = plan()
+    shown = [exposure("u1", "control"), exposure("u2", "treatment")]
+    assert await store.record_exposures(p, shown, T0) == [A, A]
+    rows = [outcome(f"o{i}", f"u{i % 2 + 1}", "spend", MAX_AMOUNT * (-1) ** (i // 2)) for i in range(40)]
+    rows += [outcome(f"v{i}", "u1", event, MAX_AMOUNT) for i, event in enumerate(["view", "click"] * 20)]
+    assert await store.record_outcomes(p, rows, T0) == [A] * len(rows)
+    stats = await store.arm_stats("checkout", 1)
+    values = [getattr(s, name) for arm in stats.values() for s in arm.values() for name in ("sx", "sxx", "sy", "sxy")]
+    assert all(math.isfinite(v) for v in values)
+    assert stats["control"]["ctr"].sx == pytest.approx(20 * MAX_AMOUNT, rel=1e-12)
