@@ -8,7 +8,16 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from experiment_service.stats_store import ExposureRow, OutcomeRow, StatsPlan, StatsWriter, Verdict, to_us, unit_key
+from experiment_service.stats_store import (
+    MAX_AMOUNT,
+    ExposureRow,
+    OutcomeRow,
+    StatsPlan,
+    StatsWriter,
+    Verdict,
+    to_us,
+    unit_key,
+)
 from fresco.api.experiments.v1 import assignment_pb2 as apb
 from fresco.api.experiments.v1 import experiment_pb2 as epb
 from fresco.api.experiments.v1 import experiment_service_pb2 as spb
@@ -248,8 +257,9 @@ class Ingest:
         if row.count < 0:
             raise Refused(R.REJECTION_REASON_NEGATIVE_COUNT, f"count: expected 0 (one) or more, got {row.count}")
         amount = row.value * (row.count or 1)
-        if not math.isfinite(amount):
-            detail = f"value: expected a finite number (times count), got {row.value!r} x {row.count or 1}"
+        if not math.isfinite(amount) or abs(amount) > MAX_AMOUNT:
+            expected = f"a finite number of magnitude at most {MAX_AMOUNT:g} (times count)"
+            detail = f"value: expected {expected}, got {row.value!r} x {row.count or 1}"
             raise Refused(R.REJECTION_REASON_INVALID_VALUE, detail)
         at = row.occurred_at.ToDatetime(UTC) if row.HasField("occurred_at") else now
         plan = self._plan(experiment)

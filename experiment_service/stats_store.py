@@ -25,6 +25,9 @@ PROPORTION = epb.METRIC_KIND_PROPORTION
 MEAN = epb.METRIC_KIND_MEAN
 RATIO = epb.METRIC_KIND_RATIO
 DEFAULT_CUPED_WINDOW_US = 14 * 24 * 3600 * 1_000_000
+# The largest |amount| a row may carry. Larger finite amounts overflow a square or a sum to infinity: SQLite would
+# keep an infinite sum, and Redis fails its script midway, a batch half recorded and every resend failing too.
+MAX_AMOUNT = 1e100
 Slot = Literal["x", "y"]
 
 

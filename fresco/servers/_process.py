@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import ctypes
+import os
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -58,10 +60,30 @@ def require_binary(name: str, install_hint: str) -> str:
     return found
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the parent dies, so a killed test run leaves no 1 GiB JVM."""
+# Runs in the child instead of a preexec_fn: switches user, asks for SIGKILL when the parent dies (after the user
+# switch, which would clear it), then execs the server. A preexec_fn (or user=/group=) makes subprocess fork() rather
+# than vfork(); fork() runs gRPC's at-fork handlers, which restart its poller threads in the child, and those abort
+# the child (SIGABRT/SIGSEGV, now and then) once close_fds closes their epoll fd before the exec: a test process with
+# a live gRPC channel then saw a server "exit with code -6" at start. This launcher keeps the fork a vfork.
+_LAUNCHER = """
+import ctypes, os, sys
+uid, gid, parent = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+if uid >= 0:
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+if os.getppid() != parent:
+    sys.exit("parent exited before the server started")
+os.execvp(sys.argv[4], sys.argv[4:])
+"""
+
+
+def launch_command(command: Sequence[str], user: tuple[int, int] | None = None) -> list[str]:
+    """`command` behind the launcher: run as `user` (uid, gid) if given, and SIGKILLed when this process dies."""
     # PR_SET_PDEATHSIG fires when the thread that forked exits: start servers from a thread that outlives them.
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    uid, gid = user if user is not None else (-1, -1)
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(uid), str(gid), str(os.getpid()), *command]
 
 
 class ServerProcess:
@@ -109,16 +131,11 @@ class ServerProcess:
         with self.log_path.open("ab") as log:
             # Its own session: a terminal's Ctrl-C reaches only the parent, which then stops it cleanly.
             self._process = subprocess.Popen(
-                self._command(),
+                launch_command(self._command(), user),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                # The user switch happens before preexec_fn, which matters: a uid change clears the death signal.
-                preexec_fn=_die_with_parent,
-                user=None if user is None else user[0],
-                group=None if user is None else user[1],
-                extra_groups=None if user is None else [],
             )
         try:
             self._wait_ready(time.monotonic() + (self.start_timeout_s if timeout is None else timeout))

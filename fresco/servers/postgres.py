@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fresco.servers._process import ServerError, ServerProcess, free_port, require_binary
+from fresco.servers._process import ServerError, ServerProcess, free_port, launch_command, require_binary
 
 _INSTALL_HINT = "apt-get install -y postgresql"
 SUPERUSER = "fresco"
@@ -88,13 +88,10 @@ class PostgresServer(ServerProcess):
             return
         initdb = [str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", SUPERUSER, "--auth=trust", "--no-sync"]
         result = subprocess.run(
-            [*initdb, "--encoding=UTF8"],
+            launch_command([*initdb, "--encoding=UTF8"], user),  # as the user, without forking gRPC's threads
             cwd=self.base_dir,
             capture_output=True,
             text=True,
-            user=None if user is None else user[0],
-            group=None if user is None else user[1],
-            extra_groups=None if user is None else [],
             check=False,
         )
         if result.returncode != 0:

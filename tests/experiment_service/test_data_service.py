@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -322,13 +323,18 @@ def test_outcomes_sent_while_redis_is_down_are_refused_then_recorded_once(tmp_pa
             assert [a.accepted for a in stub.LogOutcomes(iter([before]))] == [1]
 
             redis.stop()  # a clean stop: the append-only file keeps everything acknowledged
-            during = pb.LogOutcomesRequest(batch_id="during", outcomes=[purchase(key, "b1", "u1", 3.0)])
-            with pytest.raises(grpc.RpcError) as caught:
-                list(stub.LogOutcomes(iter([during])))
-            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "stats redis" in (caught.value.details() or "")
+            with socket.socket() as held:
+                # Held bound, never listening, while Redis is down: connections are refused and no other process
+                # can take the port; Redis binds beside it again (both SO_REUSEADDR).
+                held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                held.bind((redis.host, redis.port))
+                during = pb.LogOutcomesRequest(batch_id="during", outcomes=[purchase(key, "b1", "u1", 3.0)])
+                with pytest.raises(grpc.RpcError) as caught:
+                    list(stub.LogOutcomes(iter([during])))
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "stats redis" in (caught.value.details() or "")
+                redis.start()
 
-            redis.start()
             answers = list(stub.LogOutcomes(iter([before, during])))  # the unanswered batch, and one answered
             assert [(a.batch_id, a.accepted, a.duplicates) for a in answers] == [("before", 0, 1), ("during", 1, 0)]
             assert revenue(stub, key) == {"arm0": (2, 2.0), "arm1": (2, 3.0)}

@@ -144,6 +144,7 @@ async def test_outcomes_are_refused_with_their_reason_and_the_rest_acknowledged(
         outcome("o14", "u1", kind=9),
         outcome("c1", "u1", event="spend", value=4.0, at_h=-3.0, kind=apb.OUTCOME_KIND_COVARIATE),
         outcome("c2", "u1", event="click", value=4.0, at_h=-3.0, kind=apb.OUTCOME_KIND_COVARIATE),
+        outcome("o15", "u1", value=-1e99, count=30),  # finite, but sums of its square could overflow
     ]
     response = await ingest.log_outcomes(spb.LogOutcomesRequest(batch_id="b1", outcomes=rows))
     assert (response.batch_id, response.accepted, response.duplicates) == ("b1", 4, 1)
@@ -161,6 +162,7 @@ async def test_outcomes_are_refused_with_their_reason_and_the_rest_acknowledged(
         13: R.REJECTION_REASON_INVALID_VALUE,
         15: R.REJECTION_REASON_INVALID_VALUE,
         17: R.REJECTION_REASON_UNKNOWN_EVENT,
+        18: R.REJECTION_REASON_INVALID_VALUE,
     }
     details = {r.index: r.detail for r in response.rejections}
     assert details[2] == "count: expected 0 (one) or more, got -2"
@@ -168,6 +170,7 @@ async def test_outcomes_are_refused_with_their_reason_and_the_rest_acknowledged(
     assert details[9] == "outcome_id: required, got an empty value"
     assert details[15] == "kind: expected OUTCOME_KIND_OUTCOME or OUTCOME_KIND_COVARIATE, got 9"
     assert details[17] == "event: no metric of 'checkout' has 'click' as its CUPED covariate"
+    assert details[18] == "value: expected a finite number of magnitude at most 1e+100 (times count), got -1e+99 x 30"
     assert (await store.arm_stats("checkout", 1))["control"]["revenue"] == SufficientStats(1, 45.0, 2025.0)
     assert (await store.arm_stats("checkout", 2))["treatment"]["converted"] == SufficientStats(1, 1.0, 1.0)
     # The covariate, 3 h before u1's exposure, is in its CUPED window: y = 4 for the spend metric.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -22,7 +23,6 @@ from fresco.api.experiments.v1 import experiment_pb2 as xpb
 from fresco.experiments.evaluator import Evaluator, config_of
 from fresco.experiments.sticky import RedisStickyArms, SqliteStickyArms, StickyArms
 from fresco.servers import RedisServer
-from fresco.servers._process import free_port
 from fresco.servers.pytest_plugin import redis_server
 
 __all__ = ["redis_server"]
@@ -209,9 +209,9 @@ async def test_redis_ttl_is_renewed_by_every_claim(redis_server: RedisServer) ->
         key = store.key("exp", 1, "user_id", "u1")
         assert 3500 < await client.ttl(key) <= 3600
         assert await client.get(key) == b"0:arm0"
-        await client.expire(key, 5)
+        await client.expire(key, 600)  # long enough to outlast any stall of a loaded machine before the claim
         assert await store.claim("exp", 1, "user_id", {"u1": ("arm1", 1)}) == {"u1": ("arm0", 0)}
-        assert await client.ttl(key) > 5
+        assert await client.ttl(key) > 600
         no_ttl = RedisStickyArms(client, prefix=store.prefix)
         await no_ttl.claim("exp", 1, "user_id", {"u2": ("arm0", 0)})
         assert await client.ttl(no_ttl.key("exp", 1, "user_id", "u2")) == -1
@@ -220,10 +220,13 @@ async def test_redis_ttl_is_renewed_by_every_claim(redis_server: RedisServer) ->
 
 
 async def test_an_unreachable_or_closed_store_is_unavailable(tmp_path: Path) -> None:
-    client = Redis(port=free_port(), socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
-    with pytest.raises(Unavailable, match="redis"):
-        await RedisStickyArms(client).claim("exp", 1, "user_id", {"u1": ("arm0", 0)})
-    await client.aclose()
+    # A port held bound but not listening refuses every connection; a port merely free a moment ago could be taken.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        client = Redis(port=held.getsockname()[1], socket_connect_timeout=2, retry=Retry(NoBackoff(), 0))
+        with pytest.raises(Unavailable, match="redis"):
+            await RedisStickyArms(client).claim("exp", 1, "user_id", {"u1": ("arm0", 0)})
+        await client.aclose()
     store = SqliteStickyArms(tmp_path / "arms.db")
     await store.close()
     with pytest.raises(Unavailable, match="closed"):
