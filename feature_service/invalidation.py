@@ -137,7 +137,9 @@ class Invalidator:
 
     async def _run(self) -> None:
         delay = self.backoff_s[0]
-        while True:
+        # Ends once closing, even when a cancellation is swallowed inside redis-py's connect (seen against a
+        # Redis that refuses connections: the loop went on retrying and close() waited for it forever).
+        while not self._closing:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
@@ -160,6 +162,8 @@ class Invalidator:
                 if was_subscribed and not self._closing:
                     self.losses += 1
                     self._call(self._on_lost)
+            if self._closing:
+                return
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_s[1])
 
@@ -218,7 +222,9 @@ class Invalidator:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._flush(), flush_timeout_s)
         if self._task is not None:
-            self._task.cancel()
+            while not self._task.done():  # a cancellation redis-py swallowed is sent again; _closing ends the loop
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=0.5)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
