@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 from chassis.errors import Unavailable
-from chassis.sqlite_threads import SqliteThreads
+from chassis.sqlite_threads import SqliteThreads, immediate_transaction
 from experiment_service.stats_store import (
     Delta,
     ExposureRow,
@@ -72,18 +71,6 @@ CREATE INDEX IF NOT EXISTS snapshots_by_phase ON snapshots (experiment, phase, a
 """
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    # IMMEDIATE takes the write lock up front: two stores on one file never interleave a batch.
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 class SqliteStats:
     """StatsStore over one SQLite file; `snapshot_every_s` spaces the snapshots writes take."""
 
@@ -114,7 +101,7 @@ class SqliteStats:
         """Record exposures of one experiment in one transaction; one verdict per row."""
 
         def work(conn: sqlite3.Connection) -> list[Verdict]:
-            with _transaction(conn):
+            with immediate_transaction(conn):
                 batch = _Batch(conn, plan)
                 verdicts = [batch.expose(row) for row in rows]
                 batch.finish(to_us(now), self.snapshot_every_us)
@@ -126,7 +113,7 @@ class SqliteStats:
         """Record outcome and covariate rows of one experiment in one transaction; one verdict per row."""
 
         def work(conn: sqlite3.Connection) -> list[Verdict]:
-            with _transaction(conn):
+            with immediate_transaction(conn):
                 batch = _Batch(conn, plan)
                 verdicts = [batch.covariate(row) if row.covariate else batch.outcome(row) for row in rows]
                 batch.finish(to_us(now), self.snapshot_every_us)
@@ -138,7 +125,7 @@ class SqliteStats:
         """Snapshot the phase now if it changed since its last snapshot."""
 
         def work(conn: sqlite3.Connection) -> bool:
-            with _transaction(conn):
+            with immediate_transaction(conn):
                 return _maybe_snapshot(conn, key, phase, to_us(now), 0)
 
         return await self._threads.write(work)

@@ -4,13 +4,12 @@ Redis nor Cassandra. Every blocking sqlite3 call runs on a thread of its own, of
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from chassis.errors import Unavailable
-from chassis.sqlite_threads import SqliteThreads
+from chassis.sqlite_threads import SqliteThreads, immediate_transaction
 from feature_service.records import FORMAT, Record, latest
 
 T = TypeVar("T")
@@ -70,7 +69,7 @@ class SQLiteTier:
         keys = [key for _, key, _ in data]
 
         def work(conn: sqlite3.Connection) -> dict[str, Record]:
-            with _transaction(conn):
+            with immediate_transaction(conn):
                 conn.executemany(
                     "INSERT INTO records (view, entity, record) VALUES (?, ?, ?) "
                     "ON CONFLICT (view, entity) DO UPDATE SET record = excluded.record "
@@ -102,7 +101,7 @@ class SQLiteTier:
         """Store a view's latest materialisation statistics."""
 
         def work(conn: sqlite3.Connection) -> None:
-            with _transaction(conn):
+            with immediate_transaction(conn):
                 conn.execute(
                     "INSERT INTO statistics (view, data) VALUES (?, ?) "
                     "ON CONFLICT (view) DO UPDATE SET data = excluded.data",
@@ -125,22 +124,10 @@ class SQLiteTier:
         await self._threads.close()
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (the connection runs in autocommit mode)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def _upgrade_records(conn: sqlite3.Connection) -> None:
     """Re-encode records of the format before writes were ordered by event time, so they compare with new ones
     (once per file: its user_version says it is done)."""
-    with _transaction(conn):
+    with immediate_transaction(conn):
         if conn.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
             return
         old = conn.execute("SELECT view, entity, record FROM records WHERE substr(record, 1, 1) != ?", (FORMAT,))
