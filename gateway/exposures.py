@@ -2,19 +2,23 @@
 fields the deterministic id hashes; replicas send the same id, which the service counts once),
 into a bounded queue that the request only ever offers to. A background sender sends batches with
 LogExposures and keeps a batch queued until the service answered it: while the service is down
-nothing is lost until the queue is full; past that, exposures are dropped and counted."""
+nothing is lost until the queue is full; past that, exposures are dropped and counted. What is still
+queued when the gateway stops is kept in its state directory and queued again at its next start."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Final
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -26,6 +30,7 @@ from fresco.experiments.exposure import exposure_id
 
 log = logging.getLogger(__name__)
 _SEND_TIMEOUT_S: Final = 5.0
+PENDING_FILE: Final = "exposures-pending.pb"  # in the state directory: what a stop left unsent
 # The service is down, overloaded or not serving exposures yet: the batch stays queued and is sent again.
 RETRIED: Final = frozenset(
     {
@@ -69,8 +74,10 @@ class ExposureLog:
         batch_size: int = 500,
         remembered: int = 100_000,
         backoff_s: tuple[float, float] = (0.1, 5.0),
+        state_dir: Path | None = None,
     ) -> None:
         self._channel_factory = channel_factory
+        self._pending_file = state_dir / PENDING_FILE if state_dir is not None else None
         self._address = address
         self.source = source
         self.queue_size = queue_size
@@ -136,11 +143,46 @@ class ExposureLog:
         self._woken.set()
 
     def start(self) -> None:
-        """Send in the background until `close`."""
+        """Queue again what an earlier run left unsent, then send in the background until `close`."""
+        self._reload()
         self._task = asyncio.create_task(self._run(), name="exposures")
 
+    def _reload(self) -> None:
+        path = self._pending_file
+        if path is None or not path.exists():
+            return
+        try:
+            left = pb.LogExposuresRequest.FromString(path.read_bytes()).exposures
+        except (OSError, DecodeError) as err:
+            log.warning("exposures left unsent by the last run are unreadable, dropped: %s", err)
+            path.unlink(missing_ok=True)
+            return
+        room = max(self.queue_size - len(self._queue), 0)
+        self._queue.extend(left[:room])
+        if len(left) > room:
+            self.dropped.labels("queue_full").inc(len(left) - room)
+            self.dropped_total += len(left) - room
+        path.unlink()  # queued now: a graceful stop writes what is still unsent again
+        log.info("%d exposures left unsent by the last run queued again", min(len(left), room))
+        if self._queue:
+            self._ready.set()
+
+    def _keep(self) -> None:
+        """Write what is still queued to the state directory (atomically), for the next start."""
+        if self._pending_file is None:
+            return
+        tmp = self._pending_file.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(pb.LogExposuresRequest(exposures=list(self._queue)).SerializeToString())
+            os.replace(tmp, self._pending_file)
+        except OSError as err:
+            log.warning("%d exposures unsent at stop could not be kept: %s", len(self._queue), err)
+            return
+        log.info("%d exposures unsent at stop kept in %s", len(self._queue), self._pending_file)
+
     async def close(self) -> None:
-        """Stop sending after one last attempt; exposures still queued then are lost."""
+        """Stop sending after a last attempt (two seconds at most); what is still queued then is kept in the state
+        directory (without one, it is lost)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -148,11 +190,15 @@ class ExposureLog:
             return
         channel = self._channel_factory(self._address)
         try:
-            await self.send_batch(pb_grpc.ExperimentServiceStub(channel), timeout_s=1.0)
+            deadline = time.monotonic() + 2.0
+            while self._queue and time.monotonic() < deadline:
+                await self.send_batch(pb_grpc.ExperimentServiceStub(channel), timeout_s=1.0)
         except aio.AioRpcError as err:
             log.info("%d exposures unsent at stop (%s)", len(self._queue), err.code().name)
         finally:
             await channel.close()
+        if self._queue:
+            self._keep()
 
     async def _run(self) -> None:
         delay = self._backoff_s[0]

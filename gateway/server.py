@@ -128,6 +128,7 @@ class Gateway:
             self.app.registry,
             queue_size=settings.exposure_queue,
             backoff_s=backoff,
+            state_dir=settings.state_dir,
         )
         watcher.on_connect(self.exposures.wake)
         return ExperimentArms(lambda: watcher.evaluator, self.app.registry, self._sticky(settings), self.exposures)

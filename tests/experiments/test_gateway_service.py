@@ -216,24 +216,26 @@ async def test_assignment_and_exposures_go_on_while_the_service_is_down_and_afte
         assert gateway.metric("fresco_gateway_exposures_queued") == len(late)
         await gateway.close()
 
-        # A restarted gateway assigns from its state directory before the service answers. It remembers no
-        # exposure sent, so every unit's is queued again (the late ones were lost with the old process's queue).
+        # A restarted gateway assigns from its state directory before the service answers, and queues again the late
+        # units' exposures the old process kept there at its stop. It remembers no exposure sent, so every unit's
+        # is queued again by its new request too.
         gateway = await start_gateway(gateway_state, f"127.0.0.1:{port}", predictors)
+        assert gateway.metric("fresco_gateway_exposures_queued") == len(late)
         assert await gateway.arms(UNITS) == before
         assert (gateway.metric("fresco_gateway_experiment_config_staleness_seconds") or 0) > 0
-        assert gateway.metric("fresco_gateway_exposures_queued") == len(UNITS)
+        assert gateway.metric("fresco_gateway_exposures_queued") == len(late) + len(UNITS)
 
-        # The service comes back on its port: the stream resumes and the queue is sent; the early units' exposures,
-        # sent twice, are counted once.
+        # The service comes back on its port: the stream resumes and the queue is sent; every exposure sent twice
+        # (the early units', and the late units' kept and queued again) is counted once.
         service = Service(await start_service(tmp_path / "service", port))
 
         async def current() -> bool:
             return gateway.metric("fresco_gateway_experiment_config_staleness_seconds") == 0
 
         await eventually(current, "the gateway to resume the configuration stream")
-        await eventually(lambda: sent(len(UNITS)), "the queued exposures to be sent")
+        await eventually(lambda: sent(len(late) + len(UNITS)), "the queued exposures to be sent")
         assert gateway.metric("fresco_gateway_exposures_queued") == 0
-        assert gateway.metric("fresco_gateway_exposures_duplicates_total") == len(early)
+        assert gateway.metric("fresco_gateway_exposures_duplicates_total") == len(early) + len(late)
         results = await service.stub.GetResults(pb.GetResultsRequest(key="exp-outage"), timeout=30)
         units = {arm.arm_name: arm.units for arm in results.results.arms}
         assert units == {name: sum(arm == name for arm, _ in before) for name in units}

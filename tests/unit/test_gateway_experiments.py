@@ -21,7 +21,7 @@ from fresco.experiments.evaluator import Assigned, Evaluator
 from fresco.experiments.exposure import exposure_id
 from gateway.experiment_arms import ExperimentArms
 from gateway.experiment_watch import STATE_FILE, apply, evaluator_of, load_config, save_config
-from gateway.exposures import ExposureLog
+from gateway.exposures import PENDING_FILE, ExposureLog
 from gateway.watch_stream import Resync
 from model_manager.routes import Endpoint, ModelRoute, RouteTable, VersionRoute
 
@@ -150,6 +150,34 @@ async def test_exposures_stay_queued_while_the_service_is_down() -> None:
     finally:
         await log.close()
     assert log.queued() == 3, "nothing is dropped at stop either: the last attempt failed"
+
+
+async def test_exposures_unsent_at_stop_are_kept_and_queued_again_at_the_next_start(tmp_path: Path) -> None:
+    address = closed_address()
+    first = ExposureLog(aio.insecure_channel, address, "gw-1", CollectorRegistry(), backoff_s=(0.01, 0.05),
+                        state_dir=tmp_path)  # fmt: skip
+    for unit in ("u1", "u2", "u3"):
+        first.offer(assigned(unit), at_ns=7_000_000_000)
+    first.start()
+    await first.close()  # the service is down: the last attempt fails
+    assert (tmp_path / PENDING_FILE).is_file()
+
+    registry = CollectorRegistry()
+    again = ExposureLog(aio.insecure_channel, address, "gw-1", registry, queue_size=2, backoff_s=(0.01, 0.05),
+                        state_dir=tmp_path)  # fmt: skip
+    again.start()
+    try:
+        assert again.queued() == 2, "queued again, as far as the queue has room"
+        assert again.dropped_total == 1
+        assert registry.get_sample_value("fresco_gateway_exposures_dropped_total", {"reason": "queue_full"}) == 1
+        kept = list(again._queue)
+        assert [e.unit_id for e in kept] == ["u1", "u2"]
+        assert {e.exposed_at.ToNanoseconds() for e in kept} == {7_000_000_000}, "stamped when they happened"
+        assert kept[0].exposure_id == exposure_id("a", 2, "user_id", "u1", "arm1")
+        assert not (tmp_path / PENDING_FILE).exists(), "taken back: a second start does not queue them twice"
+    finally:
+        await again.close()
+    assert (tmp_path / PENDING_FILE).is_file(), "still unsent at this stop: kept again"
 
 
 def test_an_empty_configuration_assigns_no_one() -> None:
