@@ -10,7 +10,7 @@ from datetime import datetime
 
 import numpy as np
 
-from experiment_service import power, srm
+from experiment_service import bandit, power, srm
 from experiment_service.comparison import arm_moments, contrast, excludes_zero, method_for, take
 from experiment_service.cuped import Adjusted, cuped, variance_reduction
 from experiment_service.decision import decide, improvement_bounds, margin_of
@@ -183,6 +183,30 @@ def _ordered(experiment: experiment_pb2.Experiment, arms: Sequence[ArmData]) -> 
     return [by_name.get(name, ArmData(name)) for name in names]
 
 
+def _bandit_best(
+    experiment: experiment_pb2.Experiment, phase: int, ordered: Sequence[ArmData], allocation: int
+) -> list[float] | None:
+    """A bandit's P(arm is best) from the posterior its re-weighting draws from (Beta or Gaussian arms; seeded by the
+    allocation in force), so the results show what the weights come from; None for an A/B test."""
+    if experiment.type != experiment_pb2.EXPERIMENT_TYPE_BANDIT or not experiment.metrics:
+        return None
+    name = experiment.bandit.reward_metric or experiment.metrics[0].name
+    spec = next((m for m in experiment.metrics if m.name == name), None)
+    if spec is None or spec.kind == experiment_pb2.METRIC_KIND_RATIO:
+        return None
+    rewards = []
+    for arm in ordered:
+        stats = arm.metrics.get(name, SufficientStats()).with_units(arm.units)
+        rewards.append(bandit.ArmReward(arm.name, stats.n, stats.sx, stats.sxx))
+    min_share, min_units = bandit.limits(experiment.bandit)
+    seed = bandit.seed_for(experiment.key, phase, allocation)
+    try:
+        chosen = bandit.thompson(rewards, spec.kind, spec.direction, min_share, min_units, seed)
+    except ValueError:  # settings the registry refuses (e.g. a floor too high for the arms): the normal approximation
+        return None
+    return list(chosen.probability_best)
+
+
 def control_index(experiment: experiment_pb2.Experiment) -> int:
     """The index of the control arm (the first arm when control_arm is empty)."""
     names = [a.name for a in experiment.arms]
@@ -248,14 +272,13 @@ def analyse(
         )
 
     best = [1.0 / len(names)] * len(names)
-    chosen = None
-    if experiment.type == experiment_pb2.EXPERIMENT_TYPE_BANDIT and experiment.metrics:
-        # A bandit's reward metric, the first metric when unset (as the bandit itself reads it).
-        chosen = data.get(experiment.bandit.reward_metric or experiment.metrics[0].name)
-    chosen = chosen or next(
+    bandit_best = _bandit_best(experiment, phase, ordered, max(weights))
+    chosen = next(
         (data[m.name] for m in experiment.metrics if m.role in SUCCESS_ROLES), next(iter(data.values()), None)
     )
-    if chosen is not None:
+    if bandit_best is not None:
+        best = bandit_best
+    elif chosen is not None:
         best = probability_best(chosen.used, chosen.sign, zlib.crc32(f"{experiment.key}/{phase}".encode()))
     for i, (arm, spec_arm) in enumerate(zip(ordered, experiment.arms, strict=True)):
         results.arms.append(

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from experiment_service import bandit
 from experiment_service.analysis import ArmData, analyse, compare_point
 from experiment_service.sufficient import SufficientStats
 from fresco.api.experiments.v1 import experiment_pb2 as pb
@@ -180,6 +181,19 @@ def test_bandit_sample_ratio_follows_the_weights_of_each_allocation() -> None:
     assert analyse(bandit, 2, arms, 60.0, NOW, weights_by_allocation=flat).sample_ratio.mismatch
     skewed = [ArmData("a", {}, {0: 1_000, 1: 8_800}), ArmData("b", {}, {0: 1_000, 1: 1_200})]
     assert analyse(bandit, 2, skewed, 60.0, NOW, weights_by_allocation=weights).sample_ratio.mismatch
+
+
+def test_a_bandits_probability_best_is_the_posterior_its_weights_come_from() -> None:
+    settings = pb.BanditSettings(reward_metric="converted", min_arm_share=0.1, min_units_per_arm=50)
+    bandit_experiment = experiment(type=pb.EXPERIMENT_TYPE_BANDIT, bandit=settings)
+    stats = {"a": SufficientStats(n=300, sx=30, sxx=30), "b": SufficientStats(n=300, sx=45, sxx=45)}
+    arms = [ArmData(name, {"converted": s}, {0: 100, 3: 200}) for name, s in stats.items()]
+    results = analyse(bandit_experiment, 1, arms, 60.0, NOW, weights_by_allocation={0: (0.5, 0.5), 3: (0.3, 0.7)})
+    rewards = [bandit.ArmReward(name, s.n, s.sx, s.sxx) for name, s in stats.items()]
+    drawn = bandit.thompson(rewards, pb.METRIC_KIND_PROPORTION, pb.METRIC_DIRECTION_INCREASE, 0.1, 50,
+                            bandit.seed_for(bandit_experiment.key, 1, 3))  # fmt: skip
+    assert [a.probability_best for a in results.arms] == list(drawn.probability_best)
+    assert results.arms[1].probability_best > 0.9  # 15% against 10% over 300 units each
 
 
 def test_probability_best_of_three_arms_is_deterministic_and_follows_the_direction() -> None:
