@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Protocol
 
 from fresco.api.common.v1 import values_pb2
@@ -59,56 +60,63 @@ class Assigned:
         )
 
 
-@dataclass(frozen=True)
 class _Compiled:
-    """One experiment's configuration with its arm ranges worked out once."""
+    """One experiment's configuration with everything assigning reads worked out once (seeds, ranges, each arm's
+    assignment), so a request only hashes and builds one `Assigned` per experiment."""
 
-    config: apb.ExperimentConfig
-    bounds: tuple[int, ...]
-    coverage_end: int
-    namespace_seed: str
-    namespace_range: tuple[int, int]
-    arms: Mapping[str, xpb.Arm]
-
-    @classmethod
-    def of(cls, config: apb.ExperimentConfig) -> _Compiled:
+    def __init__(self, config: apb.ExperimentConfig) -> None:
+        self.config = config
         ns = config.namespace if config.HasField("namespace") and config.namespace.id else None
-        return cls(
-            config=config,
-            bounds=arm_bounds([arm.weight for arm in config.arms]),
-            coverage_end=round(config.coverage * BUCKETS),
-            namespace_seed="ns:" + ns.id if ns else "",
-            namespace_range=(ns.start, ns.end) if ns else (0, BUCKETS),
-            arms={arm.name: arm for arm in config.arms},
-        )
+        self.unit_type = config.unit_type
+        self.targeting = list(config.targeting)
+        self.bounds = arm_bounds([arm.weight for arm in config.arms])
+        self.coverage_end = round(config.coverage * BUCKETS)
+        self.namespace_seed = "ns:" + ns.id if ns else ""
+        self.namespace_range = (ns.start, ns.end) if ns else (0, BUCKETS)
+        self.coverage_seed = "cov:" + config.salt
+        self.arm_seed = "arm:" + config.salt
+        self.sticky = config.type == xpb.EXPERIMENT_TYPE_BANDIT
+        self.arms = {arm.name: arm for arm in config.arms}
+        # Parameters read-only: one mapping serves every assignment to the arm.
+        self._ordered = [(arm.name, arm.model_version, MappingProxyType(dict(arm.parameters))) for arm in config.arms]
+        self._left_out = {  # a reason, for a unit left out, with its id filled in per request
+            reason: Assigned(config.key, config.version, config.phase, reason, config.unit_type)
+            for reason in (
+                apb.ASSIGNMENT_REASON_MISSING_UNIT_ID,
+                apb.ASSIGNMENT_REASON_TARGETING_MISMATCH,
+                apb.ASSIGNMENT_REASON_OUTSIDE_NAMESPACE,
+                apb.ASSIGNMENT_REASON_OUTSIDE_COVERAGE,
+            )
+        }
 
     def assign(self, unit_ids: Mapping[str, str], attributes: Mapping[str, values_pb2.Value]) -> Assigned:
-        c = self.config
-        base = Assigned(c.key, c.version, c.phase, apb.ASSIGNMENT_REASON_MISSING_UNIT_ID, c.unit_type)
-        unit = unit_ids.get(c.unit_type, "")
+        unit = unit_ids.get(self.unit_type, "")
         if not unit:
-            return base
-        base = replace(base, unit_id=unit)
-        if not matches(c.targeting, attributes):
-            return replace(base, reason=apb.ASSIGNMENT_REASON_TARGETING_MISMATCH)
+            return self._left_out[apb.ASSIGNMENT_REASON_MISSING_UNIT_ID]
+        if self.targeting and not matches(self.targeting, attributes):
+            return replace(self._left_out[apb.ASSIGNMENT_REASON_TARGETING_MISMATCH], unit_id=unit)
         if self.namespace_seed:
             start, end = self.namespace_range
             if not start <= bucket(self.namespace_seed, unit) < end:
-                return replace(base, reason=apb.ASSIGNMENT_REASON_OUTSIDE_NAMESPACE)
-        if bucket("cov:" + c.salt, unit) >= self.coverage_end:
-            return replace(base, reason=apb.ASSIGNMENT_REASON_OUTSIDE_COVERAGE)
-        position = bucket("arm:" + c.salt, unit)
-        arm = c.arms[next(i for i, end in enumerate(self.bounds) if position < end)]
-        return self.with_arm(replace(base, reason=apb.ASSIGNMENT_REASON_ASSIGNED, allocation=c.allocation), arm)
+                return replace(self._left_out[apb.ASSIGNMENT_REASON_OUTSIDE_NAMESPACE], unit_id=unit)
+        if bucket(self.coverage_seed, unit) >= self.coverage_end:
+            return replace(self._left_out[apb.ASSIGNMENT_REASON_OUTSIDE_COVERAGE], unit_id=unit)
+        position = bucket(self.arm_seed, unit)
+        index = next(i for i, end in enumerate(self.bounds) if position < end)
+        return self._assigned(unit, index, self.config.allocation)
 
-    def with_arm(self, assigned: Assigned, arm: xpb.Arm) -> Assigned:
-        return replace(
-            assigned,
-            arm_name=arm.name,
-            model_version=arm.model_version,
-            parameters=dict(arm.parameters),
-            sticky=self.config.type == xpb.EXPERIMENT_TYPE_BANDIT,
-        )
+    def _assigned(self, unit: str, index: int, allocation: int) -> Assigned:
+        name, version, parameters = self._ordered[index]
+        c = self.config
+        return Assigned(
+            c.key, c.version, c.phase, apb.ASSIGNMENT_REASON_ASSIGNED, self.unit_type, unit, name, version,
+            parameters, allocation, self.sticky,
+        )  # fmt: skip
+
+    def with_arm(self, assigned: Assigned, name: str, allocation: int) -> Assigned | None:
+        """`assigned` moved to the arm called `name` (a bandit unit's stored arm); None when the arm is gone."""
+        index = next((i for i, (arm, _, _) in enumerate(self._ordered) if arm == name), None)
+        return None if index is None else self._assigned(assigned.unit_id, index, allocation)
 
 
 class Evaluator:
@@ -117,7 +125,7 @@ class Evaluator:
     def __init__(self, config: apb.AssignmentConfig | None = None) -> None:
         self.config = config or apb.AssignmentConfig()
         self.revision = self.config.revision
-        self._compiled = {e.key: _Compiled.of(e) for e in sorted(self.config.experiments, key=lambda e: e.key)}
+        self._compiled = {e.key: _Compiled(e) for e in sorted(self.config.experiments, key=lambda e: e.key)}
         self._by_model: dict[str, list[_Compiled]] = {}
         for compiled in self._compiled.values():
             self._by_model.setdefault(compiled.config.model_name, []).append(compiled)
@@ -164,9 +172,7 @@ class Evaluator:
         for a in assigned:
             if a.sticky and a.assigned:
                 arm_name, allocation = stored[(a.experiment_key, a.phase, a.unit_type)][a.unit_id]
-                arm = self.arm(a.experiment_key, arm_name)
-                if arm is not None:
-                    a = self._compiled[a.experiment_key].with_arm(replace(a, allocation=allocation), arm)
+                a = self._compiled[a.experiment_key].with_arm(a, arm_name, allocation) or a
             out.append(a)
         return out
 
