@@ -7,6 +7,7 @@ import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
 from experiment_service.stats_store import (
     MAX_AMOUNT,
@@ -22,6 +23,9 @@ from fresco.api.experiments.v1 import assignment_pb2 as apb
 from fresco.api.experiments.v1 import experiment_pb2 as epb
 from fresco.api.experiments.v1 import experiment_service_pb2 as spb
 from fresco.experiments.exposure import exposure_id
+
+Row = TypeVar("Row")  # a row as received
+Checked = TypeVar("Checked")  # the row once checked
 
 ExperimentLookup = Callable[[str], Awaitable[epb.Experiment | None]]
 AllocationLookup = Callable[[str, int], Awaitable[Mapping[int, object]]]
@@ -111,14 +115,7 @@ class Ingest:
         now = self.clock()
         tally = _Tally()
         found = await self._lookup({row.experiment_key for row in rows if row.experiment_key})
-        groups: dict[str, list[tuple[int, ExposureRow]]] = {}
-        for index, row in enumerate(rows):
-            try:
-                key, checked = self._exposure(row, found, now)
-            except Refused as refused:
-                tally.refuse(index, row.exposure_id, refused.reason, refused.detail)
-                continue
-            groups.setdefault(key, []).append((index, checked))
+        groups = _grouped(rows, lambda row: self._exposure(row, found, now), lambda row: row.exposure_id, tally)
         await self._check_allocations(groups, tally, rows)
         for key, items in groups.items():
             if not items:
@@ -139,14 +136,7 @@ class Ingest:
         tally = _Tally()
         rows = batch.outcomes
         found = await self._lookup({row.experiment_key for row in rows if row.experiment_key})
-        groups: dict[str, list[tuple[int, OutcomeRow]]] = {}
-        for index, row in enumerate(rows):
-            try:
-                key, checked = self._outcome(row, found, now)
-            except Refused as refused:
-                tally.refuse(index, row.outcome_id, refused.reason, refused.detail)
-                continue
-            groups.setdefault(key, []).append((index, checked))
+        groups = _grouped(rows, lambda row: self._outcome(row, found, now), lambda row: row.outcome_id, tally)
         for key, items in groups.items():
             experiment = found[key]
             assert experiment is not None
@@ -281,3 +271,18 @@ class Ingest:
             detail = f"event: no metric of {row.experiment_key!r} uses {row.event!r}; expected one of {events}"
             raise Refused(R.REJECTION_REASON_UNKNOWN_EVENT, detail)
         return row.experiment_key, OutcomeRow(row.outcome_id, unit, row.event, amount, to_us(at), phase)
+
+
+def _grouped(
+    rows: Sequence[Row], check: Callable[[Row], tuple[str, Checked]], id_of: Callable[[Row], str], tally: _Tally
+) -> dict[str, list[tuple[int, Checked]]]:
+    """The rows that pass `check`, with their index, by experiment key; each refused row is tallied with its reason."""
+    groups: dict[str, list[tuple[int, Checked]]] = {}
+    for index, row in enumerate(rows):
+        try:
+            key, checked = check(row)
+        except Refused as refused:
+            tally.refuse(index, id_of(row), refused.reason, refused.detail)
+            continue
+        groups.setdefault(key, []).append((index, checked))
+    return groups
