@@ -86,7 +86,7 @@ class FeatureService:
         self.settings = settings
         self.app = ServiceApp("feature_service", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         self.metrics = FeatureMetrics(self.app.registry)
-        self.servicer = FeatureServicer()
+        self.servicer = FeatureServicer()  # type: ignore[abstract]  # GetFeatureParity lands with issue 10
         pb_grpc.add_FeatureServiceServicer_to_server(self.servicer, self.app.server)
         self.store: TieredStore | None = None
         self._poller: asyncio.Task[None] | None = None

@@ -77,7 +77,7 @@ def materialize_response(outcome: MaterializeOutcome) -> pb.MaterializeResponse:
 METHOD_ROLES = method_roles(
     pb.DESCRIPTOR.services_by_name["FeatureService"],
     writes={"PushFeatures": Role.DEPLOYER, "Materialize": Role.DEPLOYER},
-    reads=["GetFeatures", "ListFeatureViews", "GetFeatureView", "GetFeatureViewStatistics"],
+    reads=["GetFeatures", "ListFeatureViews", "GetFeatureView", "GetFeatureViewStatistics", "GetFeatureParity"],
 )
 
 

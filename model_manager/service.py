@@ -39,13 +39,14 @@ METHOD_ROLES = method_roles(
             "CreateModel", "UpdateModel", "UploadModelVersion", "SetModelAlias", "DeleteModelAlias",
             "PromoteModelVersion", "DeployModelVersion", "PauseRollout", "ResumeRollout", "AbortRollout",
             "PromoteRollout", "RetryRollout", "UndoRollout", "ApplyDeployment", "ReportMetrics", "RegisterPredictor",
-            "PredictorHeartbeat", "HoldVersions",
+            "PredictorHeartbeat", "HoldVersions", "LogLabels",
         )
     },
     reads=[
         "GetModel", "ListModels", "GetModelVersion", "ListModelVersions", "ListAuditRecords",
         "GetRolloutStatus", "ListRollouts", "WatchRollout", "WatchRoutes", "GetOperation", "WatchOperation",
-        "GetDeployment", "ListDeployments", "ListPredictors",
+        "GetDeployment", "ListDeployments", "ListPredictors", "GetModelMonitor", "GetPredictionQuality",
+        "GetSafetyScore",
     ],
 )  # fmt: skip
 

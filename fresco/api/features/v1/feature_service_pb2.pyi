@@ -857,3 +857,55 @@ class GetFeatureViewStatisticsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetFeatureViewStatisticsResponse: _TypeAlias = GetFeatureViewStatisticsResponse  # noqa: Y015
+
+@_typing.final
+class GetFeatureParityRequest(_message.Message):
+    """GetFeatureParityRequest asks for online-offline parity counts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_REFS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def feature_refs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """feature_refs restricts the answer to these "view:feature" refs; empty means every feature checked so far."""
+
+    def __init__(
+        self,
+        *,
+        feature_refs: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feature_refs", b"feature_refs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureParityRequest: _TypeAlias = GetFeatureParityRequest  # noqa: Y015
+
+@_typing.final
+class GetFeatureParityResponse(_message.Message):
+    """GetFeatureParityResponse holds one entry per feature checked, in ref order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURES_FIELD_NUMBER: _builtins.int
+    SAMPLE_RATE_FIELD_NUMBER: _builtins.int
+    sample_rate: _builtins.float
+    """sample_rate is the share of served entities sampled for the check."""
+    @_builtins.property
+    def features(self) -> _containers.RepeatedCompositeFieldContainer[_statistics_pb2.FeatureParity]:
+        """features are the parity counts per feature."""
+
+    def __init__(
+        self,
+        *,
+        features: _abc.Iterable[_statistics_pb2.FeatureParity] | None = ...,
+        sample_rate: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["features", b"features", "sample_rate", b"sample_rate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetFeatureParityResponse: _TypeAlias = GetFeatureParityResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class FeatureServiceStub:
                 request_serializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureViewStatisticsRequest.SerializeToString,
                 response_deserializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureViewStatisticsResponse.FromString,
                 _registered_method=True)
+        self.GetFeatureParity = channel.unary_unary(
+                '/fresco.features.v1.FeatureService/GetFeatureParity',
+                request_serializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureParityRequest.SerializeToString,
+                response_deserializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureParityResponse.FromString,
+                _registered_method=True)
 
 
 class FeatureServiceServicer:
@@ -117,6 +122,14 @@ class FeatureServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetFeatureParity(self, request, context):
+        """GetFeatureParity returns, per feature, how often sampled served values matched the offline path (the view's
+        offline source resolved by the same null policy) for the same entity and time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeatureServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +162,11 @@ def add_FeatureServiceServicer_to_server(servicer, server):
                     servicer.GetFeatureViewStatistics,
                     request_deserializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureViewStatisticsRequest.FromString,
                     response_serializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureViewStatisticsResponse.SerializeToString,
+            ),
+            'GetFeatureParity': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFeatureParity,
+                    request_deserializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureParityRequest.FromString,
+                    response_serializer=fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureParityResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +332,33 @@ class FeatureService:
             '/fresco.features.v1.FeatureService/GetFeatureViewStatistics',
             fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureViewStatisticsRequest.SerializeToString,
             fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureViewStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFeatureParity(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.features.v1.FeatureService/GetFeatureParity',
+            fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureParityRequest.SerializeToString,
+            fresco_dot_features_dot_v1_dot_feature__service__pb2.GetFeatureParityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class FeatureServiceStub:
     """GetFeatureView returns one feature view definition."""
     GetFeatureViewStatistics: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureViewStatisticsRequest, _feature_service_pb2.GetFeatureViewStatisticsResponse]
     """GetFeatureViewStatistics returns the latest materialisation statistics of one view."""
+    GetFeatureParity: _grpc.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureParityRequest, _feature_service_pb2.GetFeatureParityResponse]
+    """GetFeatureParity returns, per feature, how often sampled served values matched the offline path (the view's
+    offline source resolved by the same null policy) for the same entity and time.
+    """
 
 @_typing.type_check_only
 class FeatureServiceAsyncStub(FeatureServiceStub):
@@ -77,6 +81,10 @@ class FeatureServiceAsyncStub(FeatureServiceStub):
     """GetFeatureView returns one feature view definition."""
     GetFeatureViewStatistics: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureViewStatisticsRequest, _feature_service_pb2.GetFeatureViewStatisticsResponse]  # type: ignore[assignment]
     """GetFeatureViewStatistics returns the latest materialisation statistics of one view."""
+    GetFeatureParity: _aio.UnaryUnaryMultiCallable[_feature_service_pb2.GetFeatureParityRequest, _feature_service_pb2.GetFeatureParityResponse]  # type: ignore[assignment]
+    """GetFeatureParity returns, per feature, how often sampled served values matched the offline path (the view's
+    offline source resolved by the same null policy) for the same entity and time.
+    """
 
 class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
     """FeatureService serves online features, ingests fresh values and loads offline data into the online store."""
@@ -135,5 +143,15 @@ class FeatureServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_feature_service_pb2.GetFeatureViewStatisticsResponse, _abc.Awaitable[_feature_service_pb2.GetFeatureViewStatisticsResponse]]:
         """GetFeatureViewStatistics returns the latest materialisation statistics of one view."""
+
+    @_abc_1.abstractmethod
+    def GetFeatureParity(
+        self,
+        request: _feature_service_pb2.GetFeatureParityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_feature_service_pb2.GetFeatureParityResponse, _abc.Awaitable[_feature_service_pb2.GetFeatureParityResponse]]:
+        """GetFeatureParity returns, per feature, how often sampled served values matched the offline path (the view's
+        offline source resolved by the same null policy) for the same entity and time.
+        """
 
 def add_FeatureServiceServicer_to_server(servicer: FeatureServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fresco/features/v1/statistics.proto\x12\x12\x66resco.features.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x02\n\x15\x46\x65\x61tureViewStatistics\x12\x14\n\x0c\x66\x65\x61ture_view\x18\x01 \x01(\t\x12/\n\x0b\x63omputed_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsource_uri\x18\x03 \x01(\t\x12\x11\n\trow_count\x18\x04 \x01(\x03\x12\x32\n\x0emin_event_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0emax_event_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32%.fresco.features.v1.FeatureStatistics\"\xd7\x01\n\x11\x46\x65\x61tureStatistics\x12\x14\n\x0c\x66\x65\x61ture_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x12\n\nnull_count\x18\x03 \x01(\x03\x12\x11\n\tnull_rate\x18\x04 \x01(\x01\x12\x36\n\x07numeric\x18\x05 \x01(\x0b\x32%.fresco.features.v1.NumericStatistics\x12>\n\x0b\x63\x61tegorical\x18\x06 \x01(\x0b\x32).fresco.features.v1.CategoricalStatistics\"\xb2\x01\n\x11NumericStatistics\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0e\n\x06stddev\x18\x02 \x01(\x01\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\x12\x33\n\x0bpercentiles\x18\x05 \x03(\x0b\x32\x1e.fresco.features.v1.Percentile\x12\x30\n\thistogram\x18\x06 \x01(\x0b\x32\x1d.fresco.features.v1.Histogram\"-\n\nPercentile\x12\x10\n\x08quantile\x18\x01 \x01(\x01\x12\r\n\x05value\x18\x02 \x01(\x01\"9\n\tHistogram\x12\x15\n\rbucket_bounds\x18\x01 \x03(\x01\x12\x15\n\rbucket_counts\x18\x02 \x03(\x03\"j\n\x15\x43\x61tegoricalStatistics\x12\x16\n\x0e\x64istinct_count\x18\x01 \x01(\x03\x12\x39\n\x0etop_categories\x18\x02 \x03(\x0b\x32!.fresco.features.v1.CategoryCount\"?\n\rCategoryCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fresco/features/v1/statistics.proto\x12\x12\x66resco.features.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa6\x02\n\x15\x46\x65\x61tureViewStatistics\x12\x14\n\x0c\x66\x65\x61ture_view\x18\x01 \x01(\t\x12/\n\x0b\x63omputed_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nsource_uri\x18\x03 \x01(\t\x12\x11\n\trow_count\x18\x04 \x01(\x03\x12\x32\n\x0emin_event_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0emax_event_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x08\x66\x65\x61tures\x18\x07 \x03(\x0b\x32%.fresco.features.v1.FeatureStatistics\"\xd7\x01\n\x11\x46\x65\x61tureStatistics\x12\x14\n\x0c\x66\x65\x61ture_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x12\n\nnull_count\x18\x03 \x01(\x03\x12\x11\n\tnull_rate\x18\x04 \x01(\x01\x12\x36\n\x07numeric\x18\x05 \x01(\x0b\x32%.fresco.features.v1.NumericStatistics\x12>\n\x0b\x63\x61tegorical\x18\x06 \x01(\x0b\x32).fresco.features.v1.CategoricalStatistics\"\xc6\x01\n\x11NumericStatistics\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0e\n\x06stddev\x18\x02 \x01(\x01\x12\x0b\n\x03min\x18\x03 \x01(\x01\x12\x0b\n\x03max\x18\x04 \x01(\x01\x12\x33\n\x0bpercentiles\x18\x05 \x03(\x0b\x32\x1e.fresco.features.v1.Percentile\x12\x30\n\thistogram\x18\x06 \x01(\x0b\x32\x1d.fresco.features.v1.Histogram\x12\x12\n\nkll_sketch\x18\x07 \x01(\x0c\"-\n\nPercentile\x12\x10\n\x08quantile\x18\x01 \x01(\x01\x12\r\n\x05value\x18\x02 \x01(\x01\"9\n\tHistogram\x12\x15\n\rbucket_bounds\x18\x01 \x03(\x01\x12\x15\n\rbucket_counts\x18\x02 \x03(\x03\"j\n\x15\x43\x61tegoricalStatistics\x12\x16\n\x0e\x64istinct_count\x18\x01 \x01(\x03\x12\x39\n\x0etop_categories\x18\x02 \x03(\x0b\x32!.fresco.features.v1.CategoryCount\"?\n\rCategoryCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x10\n\x08\x66raction\x18\x03 \x01(\x01\"t\n\rFeatureParity\x12\x13\n\x0b\x66\x65\x61ture_ref\x18\x01 \x01(\t\x12\x0f\n\x07\x63hecked\x18\x02 \x01(\x03\x12\x12\n\nmismatched\x18\x03 \x01(\x03\x12\x17\n\x0fmissing_offline\x18\x04 \x01(\x03\x12\x10\n\x08\x65xamples\x18\x05 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATURESTATISTICS']._serialized_start=390
   _globals['_FEATURESTATISTICS']._serialized_end=605
   _globals['_NUMERICSTATISTICS']._serialized_start=608
-  _globals['_NUMERICSTATISTICS']._serialized_end=786
-  _globals['_PERCENTILE']._serialized_start=788
-  _globals['_PERCENTILE']._serialized_end=833
-  _globals['_HISTOGRAM']._serialized_start=835
-  _globals['_HISTOGRAM']._serialized_end=892
-  _globals['_CATEGORICALSTATISTICS']._serialized_start=894
-  _globals['_CATEGORICALSTATISTICS']._serialized_end=1000
-  _globals['_CATEGORYCOUNT']._serialized_start=1002
-  _globals['_CATEGORYCOUNT']._serialized_end=1065
+  _globals['_NUMERICSTATISTICS']._serialized_end=806
+  _globals['_PERCENTILE']._serialized_start=808
+  _globals['_PERCENTILE']._serialized_end=853
+  _globals['_HISTOGRAM']._serialized_start=855
+  _globals['_HISTOGRAM']._serialized_end=912
+  _globals['_CATEGORICALSTATISTICS']._serialized_start=914
+  _globals['_CATEGORICALSTATISTICS']._serialized_end=1020
+  _globals['_CATEGORYCOUNT']._serialized_start=1022
+  _globals['_CATEGORYCOUNT']._serialized_end=1085
+  _globals['_FEATUREPARITY']._serialized_start=1087
+  _globals['_FEATUREPARITY']._serialized_end=1203
 # @@protoc_insertion_point(module_scope)

@@ -131,6 +131,7 @@ class NumericStatistics(_message.Message):
     MAX_FIELD_NUMBER: _builtins.int
     PERCENTILES_FIELD_NUMBER: _builtins.int
     HISTOGRAM_FIELD_NUMBER: _builtins.int
+    KLL_SKETCH_FIELD_NUMBER: _builtins.int
     mean: _builtins.float
     """mean is the arithmetic mean."""
     stddev: _builtins.float
@@ -139,6 +140,8 @@ class NumericStatistics(_message.Message):
     """min is the smallest value."""
     max: _builtins.float
     """max is the largest value."""
+    kll_sketch: _builtins.bytes
+    """kll_sketch is an Apache DataSketches kll_doubles_sketch (k=200) of the values, serialized; empty when not kept."""
     @_builtins.property
     def percentiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___Percentile]:
         """percentiles are quantiles in ascending order (typically p01, p05, p10, p25, p50, p75, p90, p95, p99)."""
@@ -156,10 +159,11 @@ class NumericStatistics(_message.Message):
         max: _builtins.float = ...,
         percentiles: _abc.Iterable[Global___Percentile] | None = ...,
         histogram: Global___Histogram | None = ...,
+        kll_sketch: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram", "max", b"max", "mean", b"mean", "min", b"min", "percentiles", b"percentiles", "stddev", b"stddev"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["histogram", b"histogram", "kll_sketch", b"kll_sketch", "max", b"max", "mean", b"mean", "min", b"min", "percentiles", b"percentiles", "stddev", b"stddev"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -278,3 +282,43 @@ class CategoryCount(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CategoryCount: _TypeAlias = CategoryCount  # noqa: Y015
+
+@_typing.final
+class FeatureParity(_message.Message):
+    """FeatureParity is how often served values of one feature matched the offline path for the same entity and time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEATURE_REF_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    MISMATCHED_FIELD_NUMBER: _builtins.int
+    MISSING_OFFLINE_FIELD_NUMBER: _builtins.int
+    EXAMPLES_FIELD_NUMBER: _builtins.int
+    feature_ref: _builtins.str
+    """feature_ref is "view:feature"."""
+    checked: _builtins.int
+    """checked is the number of sampled served values compared."""
+    mismatched: _builtins.int
+    """mismatched is how many differed from the offline value."""
+    missing_offline: _builtins.int
+    """missing_offline is how many had no offline row at or before the served time (pushed values, for instance)."""
+    @_builtins.property
+    def examples(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """examples are recent mismatches, one line each: entity, served time, online and offline values."""
+
+    def __init__(
+        self,
+        *,
+        feature_ref: _builtins.str = ...,
+        checked: _builtins.int = ...,
+        mismatched: _builtins.int = ...,
+        missing_offline: _builtins.int = ...,
+        examples: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "examples", b"examples", "feature_ref", b"feature_ref", "mismatched", b"mismatched", "missing_offline", b"missing_offline"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FeatureParity: _TypeAlias = FeatureParity  # noqa: Y015

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from fresco.api.features.v1 import statistics_pb2 as _statistics_pb2
 from fresco.api.models.v1 import fleet_pb2 as _fleet_pb2
+from fresco.api.models.v1 import monitoring_pb2 as _monitoring_pb2
 from fresco.api.models.v1 import registry_pb2 as _registry_pb2
 from fresco.api.models.v1 import rollout_pb2 as _rollout_pb2
 from fresco.api.models.v1 import routing_pb2 as _routing_pb2
@@ -370,6 +371,8 @@ class UploadModelVersionMetadata(_message.Message):
     BACKEND_HINTS_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    DRIFT_POLICY_FIELD_NUMBER: _builtins.int
+    TEST_REPORT_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the existing model the version belongs to."""
     format: _registry_pb2.ModelFormat.ValueType
@@ -414,6 +417,14 @@ class UploadModelVersionMetadata(_message.Message):
     def backend_hints(self) -> _registry_pb2.BackendHints:
         """backend_hints tell predictors how to serve the version."""
 
+    @_builtins.property
+    def drift_policy(self) -> _registry_pb2.DriftPolicy:
+        """drift_policy is the version's drift thresholds; unset means the defaults."""
+
+    @_builtins.property
+    def test_report(self) -> _registry_pb2.TestReport:
+        """test_report is the model's unit-test evidence; the registry stores its summary (and refuses unreadable XML)."""
+
     def __init__(
         self,
         *,
@@ -432,10 +443,12 @@ class UploadModelVersionMetadata(_message.Message):
         backend_hints: _registry_pb2.BackendHints | None = ...,
         version: _builtins.int = ...,
         reason: _builtins.str = ...,
+        drift_policy: _registry_pb2.DriftPolicy | None = ...,
+        test_report: _registry_pb2.TestReport | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "lineage", b"lineage", "report", b"report", "signature", b"signature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "drift_policy", b"drift_policy", "lineage", b"lineage", "report", b"report", "signature", b"signature", "test_report", b"test_report"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "description", b"description", "expected_sha256", b"expected_sha256", "expected_size_bytes", b"expected_size_bytes", "format", b"format", "framework", b"framework", "labels", b"labels", "lineage", b"lineage", "model_name", b"model_name", "reason", b"reason", "report", b"report", "signature", b"signature", "source_run", b"source_run", "training_statistics", b"training_statistics", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "description", b"description", "drift_policy", b"drift_policy", "expected_sha256", b"expected_sha256", "expected_size_bytes", b"expected_size_bytes", "format", b"format", "framework", b"framework", "labels", b"labels", "lineage", b"lineage", "model_name", b"model_name", "reason", b"reason", "report", b"report", "signature", b"signature", "source_run", b"source_run", "test_report", b"test_report", "training_statistics", b"training_statistics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2288,3 +2301,243 @@ class VersionHold(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VersionHold: _TypeAlias = VersionHold  # noqa: Y015
+
+@_typing.final
+class GetModelMonitorRequest(_message.Message):
+    """GetModelMonitorRequest asks for the live health of a model's versions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """versions restricts the answer to these versions; empty means every version that reported in the last day."""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        versions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelMonitorRequest: _TypeAlias = GetModelMonitorRequest  # noqa: Y015
+
+@_typing.final
+class GetModelMonitorResponse(_message.Message):
+    """GetModelMonitorResponse holds one entry per version, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[_monitoring_pb2.VersionMonitor]:
+        """versions are the monitored versions."""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[_monitoring_pb2.VersionMonitor] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetModelMonitorResponse: _TypeAlias = GetModelMonitorResponse  # noqa: Y015
+
+@_typing.final
+class LogLabelsRequest(_message.Message):
+    """LogLabelsRequest is one batch of labels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LABELS_FIELD_NUMBER: _builtins.int
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """batch_id identifies the batch in the acknowledgement; a batch sent again is counted once per label."""
+    @_builtins.property
+    def labels(self) -> _containers.RepeatedCompositeFieldContainer[_monitoring_pb2.Label]:
+        """labels are the batch's labels."""
+
+    def __init__(
+        self,
+        *,
+        labels: _abc.Iterable[_monitoring_pb2.Label] | None = ...,
+        batch_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "labels", b"labels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogLabelsRequest: _TypeAlias = LogLabelsRequest  # noqa: Y015
+
+@_typing.final
+class LogLabelsResponse(_message.Message):
+    """LogLabelsResponse acknowledges one batch once its accepted labels are durable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """batch_id is the acknowledged batch."""
+    accepted: _builtins.int
+    """accepted is the number of labels joined to a prediction (a repeated identical label counts as accepted)."""
+    @_builtins.property
+    def rejected(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedLabel]:
+        """rejected has one entry per refused label."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        accepted: _builtins.int = ...,
+        rejected: _abc.Iterable[Global___RejectedLabel] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "batch_id", b"batch_id", "rejected", b"rejected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LogLabelsResponse: _TypeAlias = LogLabelsResponse  # noqa: Y015
+
+@_typing.final
+class RejectedLabel(_message.Message):
+    """RejectedLabel is one refused label and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """index is the label's position in its batch."""
+    reason: _monitoring_pb2.LabelRejection.ValueType
+    """reason is why it was refused."""
+    detail: _builtins.str
+    """detail says what was expected, naming the field."""
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        reason: _monitoring_pb2.LabelRejection.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "index", b"index", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectedLabel: _TypeAlias = RejectedLabel  # noqa: Y015
+
+@_typing.final
+class GetPredictionQualityRequest(_message.Message):
+    """GetPredictionQualityRequest asks for a model's prediction quality from late labels."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model."""
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """versions restricts the answer to these versions; empty means every version with predictions kept."""
+
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        versions: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name", "versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPredictionQualityRequest: _TypeAlias = GetPredictionQualityRequest  # noqa: Y015
+
+@_typing.final
+class GetPredictionQualityResponse(_message.Message):
+    """GetPredictionQualityResponse holds one entry per version, newest first."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedCompositeFieldContainer[_monitoring_pb2.VersionQuality]:
+        """versions are the versions judged."""
+
+    def __init__(
+        self,
+        *,
+        versions: _abc.Iterable[_monitoring_pb2.VersionQuality] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["versions", b"versions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPredictionQualityResponse: _TypeAlias = GetPredictionQualityResponse  # noqa: Y015
+
+@_typing.final
+class GetSafetyScoreRequest(_message.Message):
+    """GetSafetyScoreRequest asks for a model family's safety score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model family."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_name", b"model_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSafetyScoreRequest: _TypeAlias = GetSafetyScoreRequest  # noqa: Y015
+
+@_typing.final
+class GetSafetyScoreResponse(_message.Message):
+    """GetSafetyScoreResponse holds the score."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAFETY_SCORE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def safety_score(self) -> _monitoring_pb2.SafetyScore:
+        """safety_score is the score with its parts."""
+
+    def __init__(
+        self,
+        *,
+        safety_score: _monitoring_pb2.SafetyScore | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["safety_score", b"safety_score"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["safety_score", b"safety_score"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetSafetyScoreResponse: _TypeAlias = GetSafetyScoreResponse  # noqa: Y015

@@ -195,6 +195,26 @@ class ModelManagerServiceStub:
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsResponse.FromString,
                 _registered_method=True)
+        self.GetModelMonitor = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/GetModelMonitor',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetModelMonitorRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetModelMonitorResponse.FromString,
+                _registered_method=True)
+        self.LogLabels = channel.stream_stream(
+                '/fresco.models.v1.ModelManagerService/LogLabels',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.LogLabelsRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.LogLabelsResponse.FromString,
+                _registered_method=True)
+        self.GetPredictionQuality = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/GetPredictionQuality',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetPredictionQualityRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetPredictionQualityResponse.FromString,
+                _registered_method=True)
+        self.GetSafetyScore = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/GetSafetyScore',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreResponse.FromString,
+                _registered_method=True)
 
 
 class ModelManagerServiceServicer:
@@ -429,6 +449,34 @@ class ModelManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelMonitor(self, request, context):
+        """GetModelMonitor returns the live drift, null rates and parity of a model's versions per feature and score.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogLabels(self, request_iterator, context):
+        """LogLabels takes late labels keyed by prediction request id, acknowledging each batch once it is durable.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPredictionQuality(self, request, context):
+        """GetPredictionQuality returns accuracy, AUC, log-loss or MAE, calibration and entropy per version and window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSafetyScore(self, request, context):
+        """GetSafetyScore returns a model family's safety score with each part and what it is missing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -591,6 +639,26 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     servicer.ListPredictors,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsResponse.SerializeToString,
+            ),
+            'GetModelMonitor': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelMonitor,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetModelMonitorRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetModelMonitorResponse.SerializeToString,
+            ),
+            'LogLabels': grpc.stream_stream_rpc_method_handler(
+                    servicer.LogLabels,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.LogLabelsRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.LogLabelsResponse.SerializeToString,
+            ),
+            'GetPredictionQuality': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPredictionQuality,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetPredictionQualityRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetPredictionQualityResponse.SerializeToString,
+            ),
+            'GetSafetyScore': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSafetyScore,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1458,6 +1526,114 @@ class ModelManagerService:
             '/fresco.models.v1.ModelManagerService/ListPredictors',
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsRequest.SerializeToString,
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.ListPredictorsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelMonitor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/GetModelMonitor',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetModelMonitorRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetModelMonitorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogLabels(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fresco.models.v1.ModelManagerService/LogLabels',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.LogLabelsRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.LogLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPredictionQuality(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/GetPredictionQuality',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetPredictionQualityRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetPredictionQualityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSafetyScore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/GetSafetyScore',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

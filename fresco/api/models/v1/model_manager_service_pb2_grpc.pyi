@@ -105,6 +105,14 @@ class ModelManagerServiceStub:
     """PredictorHeartbeat renews a predictor's lease and reports its health, memory and loaded models."""
     ListPredictors: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListPredictorsRequest, _model_manager_service_pb2.ListPredictorsResponse]
     """ListPredictors lists the registered predictors with their last report."""
+    GetModelMonitor: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetModelMonitorRequest, _model_manager_service_pb2.GetModelMonitorResponse]
+    """GetModelMonitor returns the live drift, null rates and parity of a model's versions per feature and score."""
+    LogLabels: _grpc.StreamStreamMultiCallable[_model_manager_service_pb2.LogLabelsRequest, _model_manager_service_pb2.LogLabelsResponse]
+    """LogLabels takes late labels keyed by prediction request id, acknowledging each batch once it is durable."""
+    GetPredictionQuality: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetPredictionQualityRequest, _model_manager_service_pb2.GetPredictionQualityResponse]
+    """GetPredictionQuality returns accuracy, AUC, log-loss or MAE, calibration and entropy per version and window."""
+    GetSafetyScore: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetSafetyScoreRequest, _model_manager_service_pb2.GetSafetyScoreResponse]
+    """GetSafetyScore returns a model family's safety score with each part and what it is missing."""
 
 @_typing.type_check_only
 class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
@@ -183,6 +191,14 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     """PredictorHeartbeat renews a predictor's lease and reports its health, memory and loaded models."""
     ListPredictors: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.ListPredictorsRequest, _model_manager_service_pb2.ListPredictorsResponse]  # type: ignore[assignment]
     """ListPredictors lists the registered predictors with their last report."""
+    GetModelMonitor: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetModelMonitorRequest, _model_manager_service_pb2.GetModelMonitorResponse]  # type: ignore[assignment]
+    """GetModelMonitor returns the live drift, null rates and parity of a model's versions per feature and score."""
+    LogLabels: _aio.StreamStreamMultiCallable[_model_manager_service_pb2.LogLabelsRequest, _model_manager_service_pb2.LogLabelsResponse]  # type: ignore[assignment]
+    """LogLabels takes late labels keyed by prediction request id, acknowledging each batch once it is durable."""
+    GetPredictionQuality: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetPredictionQualityRequest, _model_manager_service_pb2.GetPredictionQualityResponse]  # type: ignore[assignment]
+    """GetPredictionQuality returns accuracy, AUC, log-loss or MAE, calibration and entropy per version and window."""
+    GetSafetyScore: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetSafetyScoreRequest, _model_manager_service_pb2.GetSafetyScoreResponse]  # type: ignore[assignment]
+    """GetSafetyScore returns a model family's safety score with each part and what it is missing."""
 
 class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelManagerService is the model registry, the rollout controller and the source of gateway routes."""
@@ -450,5 +466,37 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_manager_service_pb2.ListPredictorsResponse, _abc.Awaitable[_model_manager_service_pb2.ListPredictorsResponse]]:
         """ListPredictors lists the registered predictors with their last report."""
+
+    @_abc_1.abstractmethod
+    def GetModelMonitor(
+        self,
+        request: _model_manager_service_pb2.GetModelMonitorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.GetModelMonitorResponse, _abc.Awaitable[_model_manager_service_pb2.GetModelMonitorResponse]]:
+        """GetModelMonitor returns the live drift, null rates and parity of a model's versions per feature and score."""
+
+    @_abc_1.abstractmethod
+    def LogLabels(
+        self,
+        request_iterator: _MaybeAsyncIterator[_model_manager_service_pb2.LogLabelsRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_model_manager_service_pb2.LogLabelsResponse], _abc.AsyncIterator[_model_manager_service_pb2.LogLabelsResponse]]:
+        """LogLabels takes late labels keyed by prediction request id, acknowledging each batch once it is durable."""
+
+    @_abc_1.abstractmethod
+    def GetPredictionQuality(
+        self,
+        request: _model_manager_service_pb2.GetPredictionQualityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.GetPredictionQualityResponse, _abc.Awaitable[_model_manager_service_pb2.GetPredictionQualityResponse]]:
+        """GetPredictionQuality returns accuracy, AUC, log-loss or MAE, calibration and entropy per version and window."""
+
+    @_abc_1.abstractmethod
+    def GetSafetyScore(
+        self,
+        request: _model_manager_service_pb2.GetSafetyScoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.GetSafetyScoreResponse, _abc.Awaitable[_model_manager_service_pb2.GetSafetyScoreResponse]]:
+        """GetSafetyScore returns a model family's safety score with each part and what it is missing."""
 
 def add_ModelManagerServiceServicer_to_server(servicer: ModelManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

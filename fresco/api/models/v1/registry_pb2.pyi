@@ -112,6 +112,8 @@ class _GateTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GateType.Val
     """GATE_TYPE_BACKTEST scores a labelled data set and compares a metric to thresholds."""
     GATE_TYPE_LATENCY: _GateType.ValueType  # 3
     """GATE_TYPE_LATENCY measures inference latency against a budget."""
+    GATE_TYPE_DRIFT: _GateType.ValueType  # 4
+    """GATE_TYPE_DRIFT checks live feature and score drift against the version's training statistics."""
 
 class GateType(_GateType, metaclass=_GateTypeEnumTypeWrapper):
     """GateType is the kind of a promotion gate."""
@@ -124,6 +126,8 @@ GATE_TYPE_BACKTEST: GateType.ValueType  # 2
 """GATE_TYPE_BACKTEST scores a labelled data set and compares a metric to thresholds."""
 GATE_TYPE_LATENCY: GateType.ValueType  # 3
 """GATE_TYPE_LATENCY measures inference latency against a budget."""
+GATE_TYPE_DRIFT: GateType.ValueType  # 4
+"""GATE_TYPE_DRIFT checks live feature and score drift against the version's training statistics."""
 Global___GateType: _TypeAlias = GateType  # noqa: Y015
 
 class _OperationState:
@@ -157,6 +161,30 @@ OPERATION_STATE_SUCCEEDED: OperationState.ValueType  # 3
 OPERATION_STATE_FAILED: OperationState.ValueType  # 4
 """OPERATION_STATE_FAILED means it finished without doing what was asked (e.g. a gate failed); see error."""
 Global___OperationState: _TypeAlias = OperationState  # noqa: Y015
+
+class _ModelTask:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelTaskEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelTask.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_TASK_UNSPECIFIED: _ModelTask.ValueType  # 0
+    """MODEL_TASK_UNSPECIFIED means inferred: binary classification when scores lie in [0, 1] and labels are 0/1."""
+    MODEL_TASK_BINARY_CLASSIFICATION: _ModelTask.ValueType  # 1
+    """MODEL_TASK_BINARY_CLASSIFICATION judges a positive-class probability against 0/1 labels."""
+    MODEL_TASK_REGRESSION: _ModelTask.ValueType  # 2
+    """MODEL_TASK_REGRESSION judges a predicted value against a numeric target."""
+
+class ModelTask(_ModelTask, metaclass=_ModelTaskEnumTypeWrapper):
+    """ModelTask says how predictions are judged against labels."""
+
+MODEL_TASK_UNSPECIFIED: ModelTask.ValueType  # 0
+"""MODEL_TASK_UNSPECIFIED means inferred: binary classification when scores lie in [0, 1] and labels are 0/1."""
+MODEL_TASK_BINARY_CLASSIFICATION: ModelTask.ValueType  # 1
+"""MODEL_TASK_BINARY_CLASSIFICATION judges a positive-class probability against 0/1 labels."""
+MODEL_TASK_REGRESSION: ModelTask.ValueType  # 2
+"""MODEL_TASK_REGRESSION judges a predicted value against a numeric target."""
+Global___ModelTask: _TypeAlias = ModelTask  # noqa: Y015
 
 @_typing.final
 class Model(_message.Message):
@@ -368,6 +396,8 @@ class ModelVersion(_message.Message):
     BACKEND_HINTS_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    DRIFT_POLICY_FIELD_NUMBER: _builtins.int
+    TEST_SUMMARY_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the model this version belongs to."""
     version: _builtins.int
@@ -430,6 +460,14 @@ class ModelVersion(_message.Message):
     def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """aliases are the model aliases that point at this version."""
 
+    @_builtins.property
+    def drift_policy(self) -> Global___DriftPolicy:
+        """drift_policy is the version's drift thresholds; unset means the defaults."""
+
+    @_builtins.property
+    def test_summary(self) -> Global___TestSummary:
+        """test_summary is what the registry read from the test report the version was registered with; unset when none."""
+
     def __init__(
         self,
         *,
@@ -454,10 +492,12 @@ class ModelVersion(_message.Message):
         backend_hints: Global___BackendHints | None = ...,
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         created_by: _builtins.str = ...,
+        drift_policy: Global___DriftPolicy | None = ...,
+        test_summary: Global___TestSummary | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "created_at", b"created_at", "lineage", b"lineage", "report", b"report", "signature", b"signature", "stage_updated_at", b"stage_updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backend_hints", b"backend_hints", "created_at", b"created_at", "drift_policy", b"drift_policy", "lineage", b"lineage", "report", b"report", "signature", b"signature", "stage_updated_at", b"stage_updated_at", "test_summary", b"test_summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "artifact_uri", b"artifact_uri", "backend_hints", b"backend_hints", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "format", b"format", "framework", b"framework", "gate_results", b"gate_results", "labels", b"labels", "lineage", b"lineage", "model_name", b"model_name", "report", b"report", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "source_run", b"source_run", "stage", b"stage", "stage_updated_at", b"stage_updated_at", "training_statistics", b"training_statistics", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "artifact_uri", b"artifact_uri", "backend_hints", b"backend_hints", "created_at", b"created_at", "created_by", b"created_by", "description", b"description", "drift_policy", b"drift_policy", "format", b"format", "framework", b"framework", "gate_results", b"gate_results", "labels", b"labels", "lineage", b"lineage", "model_name", b"model_name", "report", b"report", "sha256", b"sha256", "signature", b"signature", "size_bytes", b"size_bytes", "source_run", b"source_run", "stage", b"stage", "stage_updated_at", b"stage_updated_at", "test_summary", b"test_summary", "training_statistics", b"training_statistics", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -956,6 +996,7 @@ class PromotionGates(_message.Message):
     SCHEMA_FIELD_NUMBER: _builtins.int
     BACKTEST_FIELD_NUMBER: _builtins.int
     LATENCY_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def schema(self) -> Global___SchemaGate:
         """schema configures the schema gate."""
@@ -968,20 +1009,53 @@ class PromotionGates(_message.Message):
     def latency(self) -> Global___LatencyGate:
         """latency configures the latency gate."""
 
+    @_builtins.property
+    def drift(self) -> Global___DriftGate:
+        """drift configures the drift gate."""
+
     def __init__(
         self,
         *,
         schema: Global___SchemaGate | None = ...,
         backtest: Global___BacktestGate | None = ...,
         latency: Global___LatencyGate | None = ...,
+        drift: Global___DriftGate | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backtest", b"backtest", "latency", b"latency", "schema", b"schema"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backtest", b"backtest", "drift", b"drift", "latency", b"latency", "schema", b"schema"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest", b"backtest", "latency", b"latency", "schema", b"schema"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backtest", b"backtest", "drift", b"drift", "latency", b"latency", "schema", b"schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PromotionGates: _TypeAlias = PromotionGates  # noqa: Y015
+
+@_typing.final
+class DriftGate(_message.Message):
+    """DriftGate blocks a promotion while the model's live inputs (and the version's own scores, when it served) drift
+    beyond the version's drift policy against its training statistics.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WINDOW_FIELD_NUMBER: _builtins.int
+    REQUIRE_LIVE_DATA_FIELD_NUMBER: _builtins.int
+    window: _builtins.str
+    """window is the sliding window judged: "5m", "1h" or "1d"; empty means "1h"."""
+    require_live_data: _builtins.bool
+    """require_live_data fails the gate when no window holds min_rows values; otherwise too little data passes with a note."""
+    def __init__(
+        self,
+        *,
+        window: _builtins.str = ...,
+        require_live_data: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["require_live_data", b"require_live_data", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftGate: _TypeAlias = DriftGate  # noqa: Y015
 
 @_typing.final
 class SchemaGate(_message.Message):
@@ -1422,3 +1496,185 @@ class BacktestReport(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___BacktestReport: _TypeAlias = BacktestReport  # noqa: Y015
+
+@_typing.final
+class DriftLimits(_message.Message):
+    """DriftLimits are the drift thresholds of one feature or score; an unset field takes the default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_PSI_FIELD_NUMBER: _builtins.int
+    MAX_KS_FIELD_NUMBER: _builtins.int
+    MAX_JS_FIELD_NUMBER: _builtins.int
+    MAX_NULL_RATE_INCREASE_FIELD_NUMBER: _builtins.int
+    MAX_OUT_OF_RANGE_RATE_FIELD_NUMBER: _builtins.int
+    max_psi: _builtins.float
+    """max_psi is the largest acceptable population stability index; default 0.1."""
+    max_ks: _builtins.float
+    """max_ks is the largest acceptable Kolmogorov-Smirnov distance; default 0.1."""
+    max_js: _builtins.float
+    """max_js is the largest acceptable Jensen-Shannon distance (base 2, in [0, 1]); default 0.1."""
+    max_null_rate_increase: _builtins.float
+    """max_null_rate_increase is the largest acceptable rise of the null rate over training's, absolute; default 0.05."""
+    max_out_of_range_rate: _builtins.float
+    """max_out_of_range_rate is the largest acceptable share of values outside training's [min, max]; default 0.05."""
+    def __init__(
+        self,
+        *,
+        max_psi: _builtins.float | None = ...,
+        max_ks: _builtins.float | None = ...,
+        max_js: _builtins.float | None = ...,
+        max_null_rate_increase: _builtins.float | None = ...,
+        max_out_of_range_rate: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_js", b"_max_js", "_max_ks", b"_max_ks", "_max_null_rate_increase", b"_max_null_rate_increase", "_max_out_of_range_rate", b"_max_out_of_range_rate", "_max_psi", b"_max_psi", "max_js", b"max_js", "max_ks", b"max_ks", "max_null_rate_increase", b"max_null_rate_increase", "max_out_of_range_rate", b"max_out_of_range_rate", "max_psi", b"max_psi"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_js", b"_max_js", "_max_ks", b"_max_ks", "_max_null_rate_increase", b"_max_null_rate_increase", "_max_out_of_range_rate", b"_max_out_of_range_rate", "_max_psi", b"_max_psi", "max_js", b"max_js", "max_ks", b"max_ks", "max_null_rate_increase", b"max_null_rate_increase", "max_out_of_range_rate", b"max_out_of_range_rate", "max_psi", b"max_psi"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_js: _TypeAlias = _typing.Literal["max_js"]  # noqa: Y015
+    _WhichOneofArgType__max_js: _TypeAlias = _typing.Literal["_max_js", b"_max_js"]  # noqa: Y015
+    _WhichOneofReturnType__max_ks: _TypeAlias = _typing.Literal["max_ks"]  # noqa: Y015
+    _WhichOneofArgType__max_ks: _TypeAlias = _typing.Literal["_max_ks", b"_max_ks"]  # noqa: Y015
+    _WhichOneofReturnType__max_null_rate_increase: _TypeAlias = _typing.Literal["max_null_rate_increase"]  # noqa: Y015
+    _WhichOneofArgType__max_null_rate_increase: _TypeAlias = _typing.Literal["_max_null_rate_increase", b"_max_null_rate_increase"]  # noqa: Y015
+    _WhichOneofReturnType__max_out_of_range_rate: _TypeAlias = _typing.Literal["max_out_of_range_rate"]  # noqa: Y015
+    _WhichOneofArgType__max_out_of_range_rate: _TypeAlias = _typing.Literal["_max_out_of_range_rate", b"_max_out_of_range_rate"]  # noqa: Y015
+    _WhichOneofReturnType__max_psi: _TypeAlias = _typing.Literal["max_psi"]  # noqa: Y015
+    _WhichOneofArgType__max_psi: _TypeAlias = _typing.Literal["_max_psi", b"_max_psi"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_js) -> _WhichOneofReturnType__max_js | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_ks) -> _WhichOneofReturnType__max_ks | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_null_rate_increase) -> _WhichOneofReturnType__max_null_rate_increase | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_out_of_range_rate) -> _WhichOneofReturnType__max_out_of_range_rate | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_psi) -> _WhichOneofReturnType__max_psi | None: ...
+
+Global___DriftLimits: _TypeAlias = DriftLimits  # noqa: Y015
+
+@_typing.final
+class DriftPolicy(_message.Message):
+    """DriftPolicy is a version's drift thresholds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OverridesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___DriftLimits: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___DriftLimits | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEFAULTS_FIELD_NUMBER: _builtins.int
+    OVERRIDES_FIELD_NUMBER: _builtins.int
+    MIN_ROWS_FIELD_NUMBER: _builtins.int
+    TASK_FIELD_NUMBER: _builtins.int
+    min_rows: _builtins.int
+    """min_rows is the least non-null values a window needs before its drift is judged; 0 means 1000."""
+    task: Global___ModelTask.ValueType
+    """task says how late labels are judged."""
+    @_builtins.property
+    def defaults(self) -> Global___DriftLimits:
+        """defaults apply to every feature and score without an override."""
+
+    @_builtins.property
+    def overrides(self) -> _containers.MessageMap[_builtins.str, Global___DriftLimits]:
+        """overrides are per feature ref or output name."""
+
+    def __init__(
+        self,
+        *,
+        defaults: Global___DriftLimits | None = ...,
+        overrides: _abc.Mapping[_builtins.str, Global___DriftLimits] | None = ...,
+        min_rows: _builtins.int = ...,
+        task: Global___ModelTask.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["defaults", b"defaults", "min_rows", b"min_rows", "overrides", b"overrides", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DriftPolicy: _TypeAlias = DriftPolicy  # noqa: Y015
+
+@_typing.final
+class TestReport(_message.Message):
+    """TestReport is the test evidence a version is registered with."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JUNIT_XML_FIELD_NUMBER: _builtins.int
+    COVERAGE_XML_FIELD_NUMBER: _builtins.int
+    junit_xml: _builtins.bytes
+    """junit_xml is a JUnit XML report (a <testsuite> or <testsuites> document) of the model's unit tests."""
+    coverage_xml: _builtins.bytes
+    """coverage_xml is a Cobertura XML coverage report (as coverage.py's `coverage xml` writes)."""
+    def __init__(
+        self,
+        *,
+        junit_xml: _builtins.bytes = ...,
+        coverage_xml: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["coverage_xml", b"coverage_xml", "junit_xml", b"junit_xml"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestReport: _TypeAlias = TestReport  # noqa: Y015
+
+@_typing.final
+class TestSummary(_message.Message):
+    """TestSummary is what the registry read from a version's test report."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TESTS_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    LINE_COVERAGE_FIELD_NUMBER: _builtins.int
+    tests: _builtins.int
+    """tests is the number of test cases."""
+    failures: _builtins.int
+    """failures is the number of failed test cases."""
+    errors: _builtins.int
+    """errors is the number of test cases that errored."""
+    skipped: _builtins.int
+    """skipped is the number of skipped test cases."""
+    line_coverage: _builtins.float
+    """line_coverage is the covered share of lines in [0, 1]; unset without a coverage report."""
+    def __init__(
+        self,
+        *,
+        tests: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        errors: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        line_coverage: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_line_coverage", b"_line_coverage", "line_coverage", b"line_coverage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_line_coverage", b"_line_coverage", "errors", b"errors", "failures", b"failures", "line_coverage", b"line_coverage", "skipped", b"skipped", "tests", b"tests"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__line_coverage: _TypeAlias = _typing.Literal["line_coverage"]  # noqa: Y015
+    _WhichOneofArgType__line_coverage: _TypeAlias = _typing.Literal["_line_coverage", b"_line_coverage"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__line_coverage) -> _WhichOneofReturnType__line_coverage | None: ...
+
+Global___TestSummary: _TypeAlias = TestSummary  # noqa: Y015

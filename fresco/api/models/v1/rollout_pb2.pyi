@@ -128,6 +128,8 @@ class _AnalysisCheckEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Analysi
     """ANALYSIS_CHECK_LATENCY_P99_RATIO is the candidate's p99 over the baseline's."""
     ANALYSIS_CHECK_SHADOW_DISAGREEMENT: _AnalysisCheck.ValueType  # 9
     """ANALYSIS_CHECK_SHADOW_DISAGREEMENT is the fraction of mirrored answers that disagree with the served ones."""
+    ANALYSIS_CHECK_FEATURE_DRIFT: _AnalysisCheck.ValueType  # 10
+    """ANALYSIS_CHECK_FEATURE_DRIFT is the largest PSI of the version's inputs and scores against its training statistics."""
 
 class AnalysisCheck(_AnalysisCheck, metaclass=_AnalysisCheckEnumTypeWrapper):
     """AnalysisCheck is a metric compared against a threshold during rollout analysis."""
@@ -152,6 +154,8 @@ ANALYSIS_CHECK_LATENCY_P99_RATIO: AnalysisCheck.ValueType  # 8
 """ANALYSIS_CHECK_LATENCY_P99_RATIO is the candidate's p99 over the baseline's."""
 ANALYSIS_CHECK_SHADOW_DISAGREEMENT: AnalysisCheck.ValueType  # 9
 """ANALYSIS_CHECK_SHADOW_DISAGREEMENT is the fraction of mirrored answers that disagree with the served ones."""
+ANALYSIS_CHECK_FEATURE_DRIFT: AnalysisCheck.ValueType  # 10
+"""ANALYSIS_CHECK_FEATURE_DRIFT is the largest PSI of the version's inputs and scores against its training statistics."""
 Global___AnalysisCheck: _TypeAlias = AnalysisCheck  # noqa: Y015
 
 class _RolloutEventType:
@@ -472,6 +476,7 @@ class AnalysisThresholds(_message.Message):
     MAX_SHADOW_DISAGREEMENT_FIELD_NUMBER: _builtins.int
     INCONCLUSIVE_LIMIT_FIELD_NUMBER: _builtins.int
     ALPHA_FIELD_NUMBER: _builtins.int
+    MAX_FEATURE_PSI_FIELD_NUMBER: _builtins.int
     max_error_rate: _builtins.float
     """max_error_rate is the largest acceptable fraction of failed requests, in [0, 1]."""
     max_latency_p99_ms: _builtins.float
@@ -494,6 +499,10 @@ class AnalysisThresholds(_message.Message):
     """max_shadow_disagreement is the largest acceptable fraction of mirrored answers that disagree."""
     alpha: _builtins.float
     """alpha is the significance level of the sequential tests; 0 means 0.05."""
+    max_feature_psi: _builtins.float
+    """max_feature_psi, when set, fails the analysis when any input or score of the version drifts beyond it (judged
+    over the step's windows with at least the drift policy's min_rows values).
+    """
     @_builtins.property
     def inconclusive_limit(self) -> _duration_pb2.Duration:
         """inconclusive_limit is how long a step holds on too few samples before the rollout pauses; unset means 30 minutes."""
@@ -513,15 +522,18 @@ class AnalysisThresholds(_message.Message):
         max_shadow_disagreement: _builtins.float | None = ...,
         inconclusive_limit: _duration_pb2.Duration | None = ...,
         alpha: _builtins.float = ...,
+        max_feature_psi: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_error_ratio", b"_max_error_ratio", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_p99_ratio", b"_max_latency_p99_ratio", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "_max_shadow_disagreement", b"_max_shadow_disagreement", "inconclusive_limit", b"inconclusive_limit", "max_error_rate", b"max_error_rate", "max_error_ratio", b"max_error_ratio", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_p99_ratio", b"max_latency_p99_ratio", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift", "max_shadow_disagreement", b"max_shadow_disagreement"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_error_ratio", b"_max_error_ratio", "_max_feature_psi", b"_max_feature_psi", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_p99_ratio", b"_max_latency_p99_ratio", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "_max_shadow_disagreement", b"_max_shadow_disagreement", "inconclusive_limit", b"inconclusive_limit", "max_error_rate", b"max_error_rate", "max_error_ratio", b"max_error_ratio", "max_feature_psi", b"max_feature_psi", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_p99_ratio", b"max_latency_p99_ratio", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift", "max_shadow_disagreement", b"max_shadow_disagreement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_error_ratio", b"_max_error_ratio", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_p99_ratio", b"_max_latency_p99_ratio", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "_max_shadow_disagreement", b"_max_shadow_disagreement", "alpha", b"alpha", "inconclusive_limit", b"inconclusive_limit", "max_error_rate", b"max_error_rate", "max_error_ratio", b"max_error_ratio", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_p99_ratio", b"max_latency_p99_ratio", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift", "max_shadow_disagreement", b"max_shadow_disagreement", "min_samples", b"min_samples", "score_output", b"score_output"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate", "_max_error_ratio", b"_max_error_ratio", "_max_feature_psi", b"_max_feature_psi", "_max_latency_p99_ms", b"_max_latency_p99_ms", "_max_latency_p99_ratio", b"_max_latency_p99_ratio", "_max_mean_abs_score_diff", b"_max_mean_abs_score_diff", "_max_prediction_psi", b"_max_prediction_psi", "_max_score_mean_shift", b"_max_score_mean_shift", "_max_shadow_disagreement", b"_max_shadow_disagreement", "alpha", b"alpha", "inconclusive_limit", b"inconclusive_limit", "max_error_rate", b"max_error_rate", "max_error_ratio", b"max_error_ratio", "max_feature_psi", b"max_feature_psi", "max_latency_p99_ms", b"max_latency_p99_ms", "max_latency_p99_ratio", b"max_latency_p99_ratio", "max_mean_abs_score_diff", b"max_mean_abs_score_diff", "max_prediction_psi", b"max_prediction_psi", "max_score_mean_shift", b"max_score_mean_shift", "max_shadow_disagreement", b"max_shadow_disagreement", "min_samples", b"min_samples", "score_output", b"score_output"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_error_rate: _TypeAlias = _typing.Literal["max_error_rate"]  # noqa: Y015
     _WhichOneofArgType__max_error_rate: _TypeAlias = _typing.Literal["_max_error_rate", b"_max_error_rate"]  # noqa: Y015
     _WhichOneofReturnType__max_error_ratio: _TypeAlias = _typing.Literal["max_error_ratio"]  # noqa: Y015
     _WhichOneofArgType__max_error_ratio: _TypeAlias = _typing.Literal["_max_error_ratio", b"_max_error_ratio"]  # noqa: Y015
+    _WhichOneofReturnType__max_feature_psi: _TypeAlias = _typing.Literal["max_feature_psi"]  # noqa: Y015
+    _WhichOneofArgType__max_feature_psi: _TypeAlias = _typing.Literal["_max_feature_psi", b"_max_feature_psi"]  # noqa: Y015
     _WhichOneofReturnType__max_latency_p99_ms: _TypeAlias = _typing.Literal["max_latency_p99_ms"]  # noqa: Y015
     _WhichOneofArgType__max_latency_p99_ms: _TypeAlias = _typing.Literal["_max_latency_p99_ms", b"_max_latency_p99_ms"]  # noqa: Y015
     _WhichOneofReturnType__max_latency_p99_ratio: _TypeAlias = _typing.Literal["max_latency_p99_ratio"]  # noqa: Y015
@@ -538,6 +550,8 @@ class AnalysisThresholds(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_rate) -> _WhichOneofReturnType__max_error_rate | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_error_ratio) -> _WhichOneofReturnType__max_error_ratio | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_feature_psi) -> _WhichOneofReturnType__max_feature_psi | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_latency_p99_ms) -> _WhichOneofReturnType__max_latency_p99_ms | None: ...
     @_typing.overload

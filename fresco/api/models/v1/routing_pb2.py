@@ -23,11 +23,12 @@ _sym_db = _symbol_database.Default()
 
 
 from fresco.api.features.v1 import statistics_pb2 as fresco_dot_features_dot_v1_dot_statistics__pb2
+from fresco.api.models.v1 import monitoring_pb2 as fresco_dot_models_dot_v1_dot_monitoring__pb2
 from fresco.api.models.v1 import registry_pb2 as fresco_dot_models_dot_v1_dot_registry__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66resco/models/v1/routing.proto\x12\x10\x66resco.models.v1\x1a#fresco/features/v1/statistics.proto\x1a\x1f\x66resco/models/v1/registry.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x01\n\nRouteTable\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x06routes\x18\x02 \x03(\x0b\x32\x1c.fresco.models.v1.ModelRoute\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07metrics\x18\x04 \x01(\x0b\x32\x1f.fresco.models.v1.MetricsConfig\"I\n\rMetricsConfig\x12 \n\x18latency_bucket_bounds_ms\x18\x01 \x03(\x01\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\"\xbc\x01\n\x0bRouteUpdate\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x35\n\x0fupserted_routes\x18\x02 \x03(\x0b\x32\x1c.fresco.models.v1.ModelRoute\x12\x1b\n\x13removed_model_names\x18\x03 \x03(\t\x12\x15\n\rbase_revision\x18\x04 \x01(\x03\x12\x30\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.fresco.models.v1.MetricsConfig\"\xe4\x02\n\nModelRoute\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12.\n\x07targets\x18\x03 \x03(\x0b\x32\x1d.fresco.models.v1.RouteTarget\x12/\n\x07shadows\x18\x04 \x03(\x0b\x32\x1e.fresco.models.v1.ShadowTarget\x12\x32\n\x08\x66\x61llback\x18\x05 \x01(\x0b\x32 .fresco.models.v1.FallbackTarget\x12\x39\n\x0fstatic_fallback\x18\x06 \x01(\x0b\x32 .fresco.models.v1.StaticFallback\x12\x19\n\x11\x61\x63tive_rollout_id\x18\x07 \x01(\t\x12\x12\n\nsplit_seed\x18\x08 \x01(\t\x12\x14\n\x0cscore_output\x18\t \x01(\t\x12\x1b\n\x13score_bucket_bounds\x18\n \x03(\x01\"\xb9\x01\n\x0bRouteTarget\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x1c\n\x14predictor_model_name\x18\x03 \x01(\t\x12\x36\n\tendpoints\x18\x04 \x03(\x0b\x32#.fresco.models.v1.PredictorEndpoint\x12\x33\n\tsignature\x18\x05 \x01(\x0b\x32 .fresco.models.v1.ModelSignature\"\xc2\x01\n\x0cShadowTarget\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0emirror_percent\x18\x02 \x01(\x01\x12\x1c\n\x14predictor_model_name\x18\x03 \x01(\t\x12\x36\n\tendpoints\x18\x04 \x03(\x0b\x32#.fresco.models.v1.PredictorEndpoint\x12\x33\n\tsignature\x18\x05 \x01(\x0b\x32 .fresco.models.v1.ModelSignature\"\xac\x01\n\x0e\x46\x61llbackTarget\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1c\n\x14predictor_model_name\x18\x02 \x01(\t\x12\x36\n\tendpoints\x18\x03 \x03(\x0b\x32#.fresco.models.v1.PredictorEndpoint\x12\x33\n\tsignature\x18\x04 \x01(\x0b\x32 .fresco.models.v1.ModelSignature\"\xaa\x01\n\x11PredictorEndpoint\x12\x14\n\x0cpredictor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12?\n\x06labels\x18\x03 \x03(\x0b\x32/.fresco.models.v1.PredictorEndpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xfc\x04\n\rMetricsWindow\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\x06 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x03\x12\x16\n\x0e\x66\x61llback_count\x18\x08 \x01(\x03\x12\x31\n\x07latency\x18\t \x01(\x0b\x32 .fresco.models.v1.LatencySummary\x12\x38\n\x0bpredictions\x18\n \x03(\x0b\x32#.fresco.models.v1.PredictionSummary\x12\x11\n\twindow_id\x18\x0b \x01(\t\x12\x16\n\x0eroute_revision\x18\x0c \x01(\x03\x12H\n\rstatus_counts\x18\r \x03(\x0b\x32\x31.fresco.models.v1.MetricsWindow.StatusCountsEntry\x12:\n\x10score_histograms\x18\x0e \x03(\x0b\x32 .fresco.models.v1.ScoreHistogram\x12=\n\x11shadow_comparison\x18\x0f \x01(\x0b\x32\".fresco.models.v1.ShadowComparison\x1a\x33\n\x11StatusCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"W\n\x0eScoreHistogram\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x30\n\thistogram\x18\x02 \x01(\x0b\x32\x1d.fresco.features.v1.Histogram\"^\n\x10ShadowComparison\x12\x10\n\x08\x63ompared\x18\x01 \x01(\x03\x12\x11\n\tdisagreed\x18\x02 \x01(\x03\x12\x14\n\x0c\x61\x62s_diff_sum\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x03\"\x82\x01\n\x0eLatencySummary\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0e\n\x06max_ms\x18\x04 \x01(\x01\x12\x30\n\thistogram\x18\x05 \x01(\x0b\x32\x1d.fresco.features.v1.Histogram\"r\n\x11PredictionSummary\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x39\n\nstatistics\x18\x03 \x01(\x0b\x32%.fresco.features.v1.NumericStatisticsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66resco/models/v1/routing.proto\x12\x10\x66resco.models.v1\x1a#fresco/features/v1/statistics.proto\x1a!fresco/models/v1/monitoring.proto\x1a\x1f\x66resco/models/v1/registry.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb0\x01\n\nRouteTable\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12,\n\x06routes\x18\x02 \x03(\x0b\x32\x1c.fresco.models.v1.ModelRoute\x12\x30\n\x0cgenerated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x07metrics\x18\x04 \x01(\x0b\x32\x1f.fresco.models.v1.MetricsConfig\"I\n\rMetricsConfig\x12 \n\x18latency_bucket_bounds_ms\x18\x01 \x03(\x01\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\x01\"\xbc\x01\n\x0bRouteUpdate\x12\x10\n\x08revision\x18\x01 \x01(\x03\x12\x35\n\x0fupserted_routes\x18\x02 \x03(\x0b\x32\x1c.fresco.models.v1.ModelRoute\x12\x1b\n\x13removed_model_names\x18\x03 \x03(\t\x12\x15\n\rbase_revision\x18\x04 \x01(\x03\x12\x30\n\x07metrics\x18\x05 \x01(\x0b\x32\x1f.fresco.models.v1.MetricsConfig\"\xe4\x02\n\nModelRoute\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12.\n\x07targets\x18\x03 \x03(\x0b\x32\x1d.fresco.models.v1.RouteTarget\x12/\n\x07shadows\x18\x04 \x03(\x0b\x32\x1e.fresco.models.v1.ShadowTarget\x12\x32\n\x08\x66\x61llback\x18\x05 \x01(\x0b\x32 .fresco.models.v1.FallbackTarget\x12\x39\n\x0fstatic_fallback\x18\x06 \x01(\x0b\x32 .fresco.models.v1.StaticFallback\x12\x19\n\x11\x61\x63tive_rollout_id\x18\x07 \x01(\t\x12\x12\n\nsplit_seed\x18\x08 \x01(\t\x12\x14\n\x0cscore_output\x18\t \x01(\t\x12\x1b\n\x13score_bucket_bounds\x18\n \x03(\x01\"\xb9\x01\n\x0bRouteTarget\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x1c\n\x14predictor_model_name\x18\x03 \x01(\t\x12\x36\n\tendpoints\x18\x04 \x03(\x0b\x32#.fresco.models.v1.PredictorEndpoint\x12\x33\n\tsignature\x18\x05 \x01(\x0b\x32 .fresco.models.v1.ModelSignature\"\xc2\x01\n\x0cShadowTarget\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x16\n\x0emirror_percent\x18\x02 \x01(\x01\x12\x1c\n\x14predictor_model_name\x18\x03 \x01(\t\x12\x36\n\tendpoints\x18\x04 \x03(\x0b\x32#.fresco.models.v1.PredictorEndpoint\x12\x33\n\tsignature\x18\x05 \x01(\x0b\x32 .fresco.models.v1.ModelSignature\"\xac\x01\n\x0e\x46\x61llbackTarget\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1c\n\x14predictor_model_name\x18\x02 \x01(\t\x12\x36\n\tendpoints\x18\x03 \x03(\x0b\x32#.fresco.models.v1.PredictorEndpoint\x12\x33\n\tsignature\x18\x04 \x01(\x0b\x32 .fresco.models.v1.ModelSignature\"\xaa\x01\n\x11PredictorEndpoint\x12\x14\n\x0cpredictor_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12?\n\x06labels\x18\x03 \x03(\x0b\x32/.fresco.models.v1.PredictorEndpoint.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x97\x06\n\rMetricsWindow\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0e\n\x06shadow\x18\x03 \x01(\x08\x12\x30\n\x0cwindow_start\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nwindow_end\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrequest_count\x18\x06 \x01(\x03\x12\x13\n\x0b\x65rror_count\x18\x07 \x01(\x03\x12\x16\n\x0e\x66\x61llback_count\x18\x08 \x01(\x03\x12\x31\n\x07latency\x18\t \x01(\x0b\x32 .fresco.models.v1.LatencySummary\x12\x38\n\x0bpredictions\x18\n \x03(\x0b\x32#.fresco.models.v1.PredictionSummary\x12\x11\n\twindow_id\x18\x0b \x01(\t\x12\x16\n\x0eroute_revision\x18\x0c \x01(\x03\x12H\n\rstatus_counts\x18\r \x03(\x0b\x32\x31.fresco.models.v1.MetricsWindow.StatusCountsEntry\x12:\n\x10score_histograms\x18\x0e \x03(\x0b\x32 .fresco.models.v1.ScoreHistogram\x12=\n\x11shadow_comparison\x18\x0f \x01(\x0b\x32\".fresco.models.v1.ShadowComparison\x12\x35\n\x0evalue_sketches\x18\x10 \x03(\x0b\x32\x1d.fresco.models.v1.ValueSketch\x12>\n\x12prediction_records\x18\x11 \x03(\x0b\x32\".fresco.models.v1.PredictionRecord\x12\"\n\x1aprediction_records_dropped\x18\x12 \x01(\x03\x1a\x33\n\x11StatusCountsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"W\n\x0eScoreHistogram\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\x30\n\thistogram\x18\x02 \x01(\x0b\x32\x1d.fresco.features.v1.Histogram\"^\n\x10ShadowComparison\x12\x10\n\x08\x63ompared\x18\x01 \x01(\x03\x12\x11\n\tdisagreed\x18\x02 \x01(\x03\x12\x14\n\x0c\x61\x62s_diff_sum\x18\x03 \x01(\x01\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x03\"\x82\x01\n\x0eLatencySummary\x12\x0e\n\x06p50_ms\x18\x01 \x01(\x01\x12\x0e\n\x06p90_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x03 \x01(\x01\x12\x0e\n\x06max_ms\x18\x04 \x01(\x01\x12\x30\n\thistogram\x18\x05 \x01(\x0b\x32\x1d.fresco.features.v1.Histogram\"r\n\x11PredictionSummary\x12\x13\n\x0boutput_name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x39\n\nstatistics\x18\x03 \x01(\x0b\x32%.fresco.features.v1.NumericStatisticsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,34 +39,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREDICTORENDPOINT_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_METRICSWINDOW_STATUSCOUNTSENTRY']._loaded_options = None
   _globals['_METRICSWINDOW_STATUSCOUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_ROUTETABLE']._serialized_start=156
-  _globals['_ROUTETABLE']._serialized_end=332
-  _globals['_METRICSCONFIG']._serialized_start=334
-  _globals['_METRICSCONFIG']._serialized_end=407
-  _globals['_ROUTEUPDATE']._serialized_start=410
-  _globals['_ROUTEUPDATE']._serialized_end=598
-  _globals['_MODELROUTE']._serialized_start=601
-  _globals['_MODELROUTE']._serialized_end=957
-  _globals['_ROUTETARGET']._serialized_start=960
-  _globals['_ROUTETARGET']._serialized_end=1145
-  _globals['_SHADOWTARGET']._serialized_start=1148
-  _globals['_SHADOWTARGET']._serialized_end=1342
-  _globals['_FALLBACKTARGET']._serialized_start=1345
-  _globals['_FALLBACKTARGET']._serialized_end=1517
-  _globals['_PREDICTORENDPOINT']._serialized_start=1520
-  _globals['_PREDICTORENDPOINT']._serialized_end=1690
-  _globals['_PREDICTORENDPOINT_LABELSENTRY']._serialized_start=1645
-  _globals['_PREDICTORENDPOINT_LABELSENTRY']._serialized_end=1690
-  _globals['_METRICSWINDOW']._serialized_start=1693
-  _globals['_METRICSWINDOW']._serialized_end=2329
-  _globals['_METRICSWINDOW_STATUSCOUNTSENTRY']._serialized_start=2278
-  _globals['_METRICSWINDOW_STATUSCOUNTSENTRY']._serialized_end=2329
-  _globals['_SCOREHISTOGRAM']._serialized_start=2331
-  _globals['_SCOREHISTOGRAM']._serialized_end=2418
-  _globals['_SHADOWCOMPARISON']._serialized_start=2420
-  _globals['_SHADOWCOMPARISON']._serialized_end=2514
-  _globals['_LATENCYSUMMARY']._serialized_start=2517
-  _globals['_LATENCYSUMMARY']._serialized_end=2647
-  _globals['_PREDICTIONSUMMARY']._serialized_start=2649
-  _globals['_PREDICTIONSUMMARY']._serialized_end=2763
+  _globals['_ROUTETABLE']._serialized_start=191
+  _globals['_ROUTETABLE']._serialized_end=367
+  _globals['_METRICSCONFIG']._serialized_start=369
+  _globals['_METRICSCONFIG']._serialized_end=442
+  _globals['_ROUTEUPDATE']._serialized_start=445
+  _globals['_ROUTEUPDATE']._serialized_end=633
+  _globals['_MODELROUTE']._serialized_start=636
+  _globals['_MODELROUTE']._serialized_end=992
+  _globals['_ROUTETARGET']._serialized_start=995
+  _globals['_ROUTETARGET']._serialized_end=1180
+  _globals['_SHADOWTARGET']._serialized_start=1183
+  _globals['_SHADOWTARGET']._serialized_end=1377
+  _globals['_FALLBACKTARGET']._serialized_start=1380
+  _globals['_FALLBACKTARGET']._serialized_end=1552
+  _globals['_PREDICTORENDPOINT']._serialized_start=1555
+  _globals['_PREDICTORENDPOINT']._serialized_end=1725
+  _globals['_PREDICTORENDPOINT_LABELSENTRY']._serialized_start=1680
+  _globals['_PREDICTORENDPOINT_LABELSENTRY']._serialized_end=1725
+  _globals['_METRICSWINDOW']._serialized_start=1728
+  _globals['_METRICSWINDOW']._serialized_end=2519
+  _globals['_METRICSWINDOW_STATUSCOUNTSENTRY']._serialized_start=2468
+  _globals['_METRICSWINDOW_STATUSCOUNTSENTRY']._serialized_end=2519
+  _globals['_SCOREHISTOGRAM']._serialized_start=2521
+  _globals['_SCOREHISTOGRAM']._serialized_end=2608
+  _globals['_SHADOWCOMPARISON']._serialized_start=2610
+  _globals['_SHADOWCOMPARISON']._serialized_end=2704
+  _globals['_LATENCYSUMMARY']._serialized_start=2707
+  _globals['_LATENCYSUMMARY']._serialized_end=2837
+  _globals['_PREDICTIONSUMMARY']._serialized_start=2839
+  _globals['_PREDICTIONSUMMARY']._serialized_end=2953
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from fresco.api.features.v1 import statistics_pb2 as _statistics_pb2
+from fresco.api.models.v1 import monitoring_pb2 as _monitoring_pb2
 from fresco.api.models.v1 import registry_pb2 as _registry_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -416,6 +417,9 @@ class MetricsWindow(_message.Message):
     STATUS_COUNTS_FIELD_NUMBER: _builtins.int
     SCORE_HISTOGRAMS_FIELD_NUMBER: _builtins.int
     SHADOW_COMPARISON_FIELD_NUMBER: _builtins.int
+    VALUE_SKETCHES_FIELD_NUMBER: _builtins.int
+    PREDICTION_RECORDS_FIELD_NUMBER: _builtins.int
+    PREDICTION_RECORDS_DROPPED_FIELD_NUMBER: _builtins.int
     model_name: _builtins.str
     """model_name is the model observed."""
     version: _builtins.int
@@ -432,6 +436,8 @@ class MetricsWindow(_message.Message):
     """window_id is unique per gateway window, so a retried report is counted once."""
     route_revision: _builtins.int
     """route_revision is the route revision the requests were served under."""
+    prediction_records_dropped: _builtins.int
+    """prediction_records_dropped counts predictions not kept because the window's record cap was reached."""
     @_builtins.property
     def window_start(self) -> _timestamp_pb2.Timestamp:
         """window_start is the inclusive start of the window."""
@@ -460,6 +466,14 @@ class MetricsWindow(_message.Message):
     def shadow_comparison(self) -> Global___ShadowComparison:
         """shadow_comparison compares mirrored answers with the answers served; on shadow windows only."""
 
+    @_builtins.property
+    def value_sketches(self) -> _containers.RepeatedCompositeFieldContainer[_monitoring_pb2.ValueSketch]:
+        """value_sketches summarise each input feature and the score output over the rows of the window."""
+
+    @_builtins.property
+    def prediction_records(self) -> _containers.RepeatedCompositeFieldContainer[_monitoring_pb2.PredictionRecord]:
+        """prediction_records are the window's predictions kept for joining late labels (live windows only)."""
+
     def __init__(
         self,
         *,
@@ -478,10 +492,13 @@ class MetricsWindow(_message.Message):
         status_counts: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         score_histograms: _abc.Iterable[Global___ScoreHistogram] | None = ...,
         shadow_comparison: Global___ShadowComparison | None = ...,
+        value_sketches: _abc.Iterable[_monitoring_pb2.ValueSketch] | None = ...,
+        prediction_records: _abc.Iterable[_monitoring_pb2.PredictionRecord] | None = ...,
+        prediction_records_dropped: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["latency", b"latency", "shadow_comparison", b"shadow_comparison", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_count", b"error_count", "fallback_count", b"fallback_count", "latency", b"latency", "model_name", b"model_name", "predictions", b"predictions", "request_count", b"request_count", "route_revision", b"route_revision", "score_histograms", b"score_histograms", "shadow", b"shadow", "shadow_comparison", b"shadow_comparison", "status_counts", b"status_counts", "version", b"version", "window_end", b"window_end", "window_id", b"window_id", "window_start", b"window_start"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_count", b"error_count", "fallback_count", b"fallback_count", "latency", b"latency", "model_name", b"model_name", "prediction_records", b"prediction_records", "prediction_records_dropped", b"prediction_records_dropped", "predictions", b"predictions", "request_count", b"request_count", "route_revision", b"route_revision", "score_histograms", b"score_histograms", "shadow", b"shadow", "shadow_comparison", b"shadow_comparison", "status_counts", b"status_counts", "value_sketches", b"value_sketches", "version", b"version", "window_end", b"window_end", "window_id", b"window_id", "window_start", b"window_start"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
