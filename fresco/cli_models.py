@@ -68,6 +68,16 @@ def _json(option: str, path: Path | None, message: M) -> M:
         raise typer.BadParameter(str(err), param_hint=option) from None
 
 
+def _read(option: str, path: Path | None) -> bytes:
+    """A file's bytes, or none."""
+    if path is None:
+        return b""
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise typer.BadParameter(str(err), param_hint=option) from None
+
+
 def sha256_of(path: Path) -> tuple[str, int]:
     """The hex SHA-256 and size of a file, read in chunks."""
     digest, size = hashlib.sha256(), 0
@@ -113,6 +123,16 @@ def register(
     backend: Annotated[str, typer.Option(help='Preferred backend, e.g. "onnxruntime".')] = "",
     expected_memory_bytes: Annotated[int, typer.Option(min=0, help="Memory one loaded copy takes; 0 if unknown.")] = 0,
     reason: Annotated[str, typer.Option(help="Why, for the audit log.")] = "",
+    junit_xml: Annotated[
+        Path | None,
+        typer.Option(dir_okay=False, help="The model's unit-test report (JUnit XML), for the safety score."),
+    ] = None,
+    coverage_xml: Annotated[
+        Path | None, typer.Option(dir_okay=False, help="The unit tests' line coverage (Cobertura XML, `coverage xml`).")
+    ] = None,
+    drift_policy: Annotated[
+        Path | None, typer.Option(help="The version's drift thresholds as DriftPolicy JSON; the defaults without.")
+    ] = None,
 ) -> None:
     """Upload an artifact as a new version (its sha256 checked by the registry) and print the version."""
     evaluation = _json("--report", report, rpb.TrainingReport())
@@ -145,6 +165,14 @@ def register(
         version=version,
         reason=reason,
     )
+    if drift_policy is not None:
+        metadata.drift_policy.CopyFrom(_json("--drift-policy", drift_policy, rpb.DriftPolicy()))
+    if junit_xml is not None or coverage_xml is not None:
+        metadata.test_report.CopyFrom(
+            rpb.TestReport(
+                junit_xml=_read("--junit-xml", junit_xml), coverage_xml=_read("--coverage-xml", coverage_xml)
+            )
+        )
 
     def run(m: Manager) -> rpb.ModelVersion:
         try:

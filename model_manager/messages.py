@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chassis.errors import InvalidArgument
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import registry_pb2 as rpb
+from model_manager import test_reports
 from model_manager.lifecycle import Stage
 from model_manager.records import AuditEntry, Lineage, ModelRecord, ModelSpec, VersionRecord, VersionSpec
 
@@ -83,6 +84,8 @@ def version_spec(meta: pb.UploadModelVersionMetadata) -> VersionSpec:
         training_statistics=tuple(meta.training_statistics),
         report=meta.report,
         backend_hints=meta.backend_hints,
+        drift_policy=meta.drift_policy if meta.HasField("drift_policy") else None,
+        test_summary=test_reports.summarize(meta.test_report) if meta.HasField("test_report") else None,
     )
 
 
@@ -133,6 +136,8 @@ def version_message(record: VersionRecord) -> rpb.ModelVersion:
         aliases=record.aliases,
         created_by=record.created_by,
         gate_results=record.gate_results,
+        drift_policy=record.drift_policy,
+        test_summary=record.test_summary,
     )
 
 

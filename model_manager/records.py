@@ -57,6 +57,8 @@ class VersionSpec:
     training_statistics: tuple[spb.FeatureStatistics, ...] = ()
     report: rpb.TrainingReport = field(default_factory=rpb.TrainingReport)
     backend_hints: rpb.BackendHints = field(default_factory=rpb.BackendHints)
+    drift_policy: rpb.DriftPolicy | None = None  # None: the defaults
+    test_summary: rpb.TestSummary | None = None  # read from the test report; None without one
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class VersionRecord:
     stage_updated_us: int
     # The checks of the latest promotion gates run on the version (empty before any).
     gate_results: tuple[rpb.GateResult, ...] = ()
+    drift_policy: rpb.DriftPolicy | None = None  # None: registered without one, the defaults apply
+    test_summary: rpb.TestSummary | None = None  # None: registered without a test report
 
 
 @dataclass(frozen=True)

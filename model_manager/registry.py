@@ -31,7 +31,16 @@ from model_manager.records import (
     VersionRecord,
     VersionSpec,
 )
-from model_manager.tables import aliases, audit, gate_results, model_serving, models, open_engine, versions
+from model_manager.tables import (
+    aliases,
+    audit,
+    gate_results,
+    model_serving,
+    models,
+    open_engine,
+    version_evidence,
+    versions,
+)
 
 DEFAULT_PAGE_SIZE = 100
 P = ParamSpec("P")
@@ -281,6 +290,14 @@ class Registry:
             if spec.version:
                 raise
             raise _LostRace() from None
+        if spec.drift_policy is not None or spec.test_summary is not None:
+            evidence = rpb.ModelVersion(drift_policy=spec.drift_policy, test_summary=spec.test_summary)
+            row_id = conn.execute(
+                sa.select(versions.c.id).where(versions.c.model_id == model.id, versions.c.version == number)
+            ).scalar_one()
+            conn.execute(
+                version_evidence.insert().values(version_id=row_id, data=evidence.SerializeToString(deterministic=True))
+            )
         # Optimistic: the model row moves only from the latest number this transaction read.
         moved = conn.execute(
             models.update()
@@ -552,6 +569,8 @@ class Registry:
 
     def _version(self, conn: Connection, model: Row[Any], row: Row[Any]) -> VersionRecord:
         gates = conn.execute(sa.select(gate_results.c.results).where(gate_results.c.version_id == row.id)).scalar()
+        blob = conn.execute(sa.select(version_evidence.c.data).where(version_evidence.c.version_id == row.id)).scalar()
+        evidence = rpb.ModelVersion.FromString(blob) if blob is not None else rpb.ModelVersion()
         pointing = conn.execute(
             sa.select(aliases.c.alias)
             .where(aliases.c.model_id == model.id, aliases.c.version == row.version)
@@ -579,6 +598,8 @@ class Registry:
             created_us=row.created_us,
             stage_updated_us=row.stage_updated_us,
             gate_results=tuple(rpb.ModelVersion.FromString(gates).gate_results) if gates is not None else (),
+            drift_policy=evidence.drift_policy if evidence.HasField("drift_policy") else None,
+            test_summary=evidence.test_summary if evidence.HasField("test_summary") else None,
         )
 
 

@@ -244,6 +244,34 @@ def model_spec(spec: ModelSpec, field: str = "model") -> None:
     signature(f"{field}.signature", spec.signature)
 
 
+LIMIT_FIELDS = ("max_psi", "max_ks", "max_js", "max_null_rate_increase", "max_out_of_range_rate")
+
+
+def drift_limits(field: str, limits: rpb.DriftLimits) -> None:
+    """Each limit that is set: a finite number of 0 or more."""
+    for name in LIMIT_FIELDS:
+        if limits.HasField(name):  # type: ignore[arg-type]  # the names are DriftLimits' optional fields
+            value = getattr(limits, name)
+            if not math.isfinite(value) or value < 0:
+                raise InvalidArgument(f"{field}.{name}: expected a finite number of 0 or more, got {value}")
+
+
+def drift_policy(field: str, policy: rpb.DriftPolicy) -> None:
+    """Limits finite and 0 or more, min_rows 0 or more, overrides named, and a known task."""
+    drift_limits(f"{field}.defaults", policy.defaults)
+    if len(policy.overrides) > MAX_FEATURES:
+        raise InvalidArgument(f"{field}.overrides: expected at most {MAX_FEATURES}, got {len(policy.overrides)}")
+    for name, limits in policy.overrides.items():
+        if not name.strip():
+            raise InvalidArgument(f"{field}.overrides: expected non-empty feature or output names, got {name!r}")
+        text(f"{field}.overrides key", name)
+        drift_limits(f"{field}.overrides[{name}]", limits)
+    if policy.min_rows < 0:
+        raise InvalidArgument(f"{field}.min_rows: expected 0 (the default, 1000) or more, got {policy.min_rows}")
+    if policy.task not in rpb.ModelTask.values():
+        raise InvalidArgument(f"{field}.task: expected a ModelTask, got {policy.task}")
+
+
 def version_spec(spec: VersionSpec, field: str = "metadata") -> VersionSpec:
     """Refuse a version to register that is not valid; the spec with its digests lower-cased."""
     model_name(f"{field}.model_name", spec.model_name)
@@ -268,6 +296,8 @@ def version_spec(spec: VersionSpec, field: str = "metadata") -> VersionSpec:
     training_statistics(f"{field}.training_statistics", spec.training_statistics)
     report(f"{field}.report", spec.report)
     backend_hints(f"{field}.backend_hints", spec.backend_hints)
+    if spec.drift_policy is not None:
+        drift_policy(f"{field}.drift_policy", spec.drift_policy)
     if expected == spec.expected_sha256 and dataset == lineage.dataset_sha256:
         return spec
     return replace(spec, expected_sha256=expected, lineage=replace(lineage, dataset_sha256=dataset))

@@ -26,6 +26,7 @@ from model_manager.rollout_rpcs import RolloutRuntime
 from model_manager.rollout_store import RolloutStore
 from model_manager.route_hub import RouteHub
 from model_manager.routes import MetricsConfig
+from model_manager.safety_sources import SafetySources
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
 from model_manager.uploads import VersionUploads
@@ -79,6 +80,7 @@ class ModelManager:
         self.servicer.promotions = await self._promotions(registry, store)
         rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
         holds = await asyncio.to_thread(HoldStore, registry.engine, registry)
+        self.servicer.safety = SafetySources(registry, rollout_store)
         metrics = MetricsConfig(window_seconds=self.settings.metrics_window_s)
         self.controller = RolloutController(
             rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions,

@@ -26,6 +26,7 @@ from model_manager.model_rpcs import ModelRpcs
 from model_manager.registry import Registry
 from model_manager.rollout_rpcs import RolloutRpcs
 from model_manager.route_rpcs import RouteRpcs
+from model_manager.safety_rpcs import SafetyRpcs
 from model_manager.uploads import VersionUploads
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
@@ -71,7 +72,14 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
 
 
 class ModelManagerServicer(
-    HoldRpcs, ModelRpcs, FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, pb_grpc.ModelManagerServiceServicer
+    HoldRpcs,
+    ModelRpcs,
+    FleetRpcs,
+    GateRpcs,
+    RouteRpcs,
+    RolloutRpcs,
+    SafetyRpcs,
+    pb_grpc.ModelManagerServiceServicer,
 ):
     """fresco.models.v1.ModelManagerService: the registry's RPCs here; the fleet's, the promotion gates', the route
     stream's and the rollouts' in the mixins."""

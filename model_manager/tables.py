@@ -70,6 +70,15 @@ gate_results = sa.Table(
     sa.Column("updated_us", sa.BigInteger, nullable=False),
 )
 
+# The evidence a version is registered with: a serialized ModelVersion carrying only drift_policy and test_summary
+# (field presence kept). A table of its own, so databases created before it gain it from create_all.
+version_evidence = sa.Table(
+    "version_evidence",
+    metadata,
+    sa.Column("version_id", sa.Integer, sa.ForeignKey("model_versions.id"), primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 aliases = sa.Table(
     "model_aliases",
     metadata,
