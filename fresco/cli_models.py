@@ -17,11 +17,14 @@ from rich.table import Table
 
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
+from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 from fresco.cli_model_update import update
 from fresco.cli_promote import promote, rollback
+from fresco.cli_report import report as model_report
 from fresco.rollout_view import stage_name, when
+from fresco.safety_view import safety_table
 
 app = typer.Typer(
     help="The model registry: register versions, list and show them, move aliases, update, promote, roll back.",
@@ -257,7 +260,7 @@ def show(
         console.print_json(json_format.MessageToJson(found, preserving_proto_field_name=True))
         return
 
-    def run(m: Manager) -> tuple[rpb.Model, list[rpb.ModelVersion]]:
+    def run(m: Manager) -> tuple[rpb.Model, list[rpb.ModelVersion], mpb.SafetyScore | None]:
         model = m.stub.GetModel(pb.GetModelRequest(name=name), timeout=TIMEOUT_S, metadata=m.metadata).model
         found: list[rpb.ModelVersion] = []
         token = ""
@@ -268,9 +271,17 @@ def show(
             found.extend(page.model_versions)
             token = page.next_page_token
             if not token:
-                return model, found
+                break
+        try:
+            request = pb.GetSafetyScoreRequest(model_name=name)
+            score = m.stub.GetSafetyScore(request, timeout=TIMEOUT_S, metadata=m.metadata).safety_score
+        except grpc.RpcError as err:  # a manager without the RPC still shows the model
+            if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            score = None
+        return model, found, score
 
-    model, versions = _call("show", service, token_file, run)
+    model, versions, score = _call("show", service, token_file, run)
     console.print(f"[bold]{escape(model.name)}[/bold] owner {escape(model.owner or '-')}: {escape(model.description)}")
     table = Table(title=f"Versions of {escape(model.name)}")
     for column in ("version", "stage", "aliases", "sha256", "bytes", "code commit", "created by", "created"):
@@ -287,6 +298,10 @@ def show(
             when(v.created_at),
         )
     console.print(table)
+    if score is None:
+        console.print("safety score: not available from this model manager")
+    else:
+        console.print(safety_table(score))
 
 
 @app.command()
@@ -328,3 +343,4 @@ def alias(
 app.command()(update)
 app.command()(promote)
 app.command()(rollback)
+app.command("report")(model_report)
