@@ -198,5 +198,5 @@ def build(
 
 
 def psi_series(monitor: mpb.VersionMonitor) -> list[tuple[str, Sequence[float]]]:
-    """(name, PSI history) of each monitored feature and score with any history."""
-    return [(f.name, list(f.psi_history)) for f in monitor.features if f.psi_history]
+    """(name, PSI history) of each monitored feature and score with any judged bucket."""
+    return [(f.name, list(f.psi_history)) for f in monitor.features if any(math.isfinite(x) for x in f.psi_history)]
