@@ -56,13 +56,13 @@ class SafetySources:
 
     def evidence(self, model_name: str) -> safety.FamilyEvidence:
         """The family's evidence; NOT_FOUND for an unknown model."""
-        self.registry.get_model(model_name)
+        versions = self._versions(model_name)  # first: an unknown model is NOT_FOUND naming model_name
         live: Mapping[int, Set[str]] = {}
         if self.monitors is not None:
             live = self.monitors.live_names(model_name, self._clock() - safety.LIVE_WINDOW_S)
         return safety.FamilyEvidence(
             model_name=model_name,
-            versions=self._versions(model_name),
+            versions=versions,
             production_since_us=self._production_since(model_name),
             mirrored_since_s=self._mirrored_since(model_name),
             live_names=live,

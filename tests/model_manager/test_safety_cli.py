@@ -94,6 +94,7 @@ def test_register_stores_the_summary_and_policy_and_show_prints_the_score(
         with pytest.raises(grpc.RpcError) as bad:
             stub.GetSafetyScore(pb.GetSafetyScoreRequest(model_name="no such/name"))
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    assert (unknown.value.details() or "").startswith("model_name: no model named 'nobody'")
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "model_name" in (bad.value.details() or "")
     parts = {p.name: p for p in score.parts}
