@@ -1,0 +1,117 @@
+"""The value sketches a metric window carries: checked once on arrival, kept as the bytes received (so a retried
+window compares equal), and merged per name on demand."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from fresco.api.models.v1 import monitoring_pb2 as mpb
+from fresco.monitoring.sketches import ColumnSketch, SketchError
+
+MAX_NAME_CHARS = 256  # the monitor store's name column
+FEATURE = int(mpb.VALUE_SKETCH_KIND_FEATURE)
+SCORE = int(mpb.VALUE_SKETCH_KIND_SCORE)
+KIND_NAMES = {FEATURE: "feature", SCORE: "score"}
+
+# (kind, name): a feature and an output may share a name without mixing.
+SketchKey = tuple[int, str]
+
+
+class SketchDecodeError(ValueError):
+    """A sketch that cannot be read; the message names the field."""
+
+
+@dataclass(frozen=True)
+class WindowSketch:
+    """One feature's or output's sketch in one window: the ValueSketch bytes, and the checked sketch they hold."""
+
+    name: str
+    kind: int
+    data: bytes
+    sketch: ColumnSketch = field(compare=False, repr=False, hash=False)
+
+    @classmethod
+    def of(cls, message: mpb.ValueSketch) -> WindowSketch:
+        """A received sketch, checked; SketchDecodeError naming the field when it cannot be read."""
+        if len(message.name) > MAX_NAME_CHARS:
+            raise SketchDecodeError(f"name: expected at most {MAX_NAME_CHARS} characters, got {len(message.name)}")
+        try:
+            sketch = ColumnSketch.from_proto(message)
+        except SketchError as err:
+            raise SketchDecodeError(str(err)) from None
+        return cls(message.name, int(message.kind), message.SerializeToString(deterministic=True), sketch)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> WindowSketch:
+        """A sketch from the bytes `data` kept."""
+        message = mpb.ValueSketch()
+        try:
+            message.ParseFromString(data)
+        except DecodeError as err:
+            raise SketchDecodeError(f"value_sketch: expected a serialized ValueSketch: {err}") from None
+        return cls.of(message)
+
+    @property
+    def key(self) -> SketchKey:
+        """(kind, name)."""
+        return (self.kind, self.name)
+
+    def to_text(self) -> str:
+        """The bytes as base64, for JSON."""
+        return base64.b64encode(self.data).decode("ascii")
+
+    @classmethod
+    def from_text(cls, text: str) -> WindowSketch:
+        """The inverse of `to_text`."""
+        return cls.from_bytes(base64.b64decode(text.encode("ascii"), validate=True))
+
+
+def decode_sketches(
+    messages: Sequence[mpb.ValueSketch], field_name: str = "value_sketches"
+) -> tuple[WindowSketch, ...]:
+    """A window's sketches, checked: each readable, no (kind, name) twice; ValueError naming the field."""
+    out: list[WindowSketch] = []
+    seen: set[SketchKey] = set()
+    for i, message in enumerate(messages):
+        try:
+            sketch = WindowSketch.of(message)
+        except SketchDecodeError as err:
+            raise SketchDecodeError(f"{field_name}[{i}].{err}") from None
+        if sketch.key in seen:
+            raise SketchDecodeError(f"{field_name}[{i}].name: {sketch.name!r} is listed twice for the same kind")
+        seen.add(sketch.key)
+        out.append(sketch)
+    return tuple(out)
+
+
+def sketches_to_list(sketches: Iterable[WindowSketch]) -> list[str]:
+    """JSON-ready: base64 of each sketch's bytes."""
+    return [s.to_text() for s in sketches]
+
+
+def sketches_from_list(items: Iterable[Any]) -> tuple[WindowSketch, ...]:
+    """The inverse of `sketches_to_list`."""
+    return tuple(WindowSketch.from_text(str(text)) for text in items)
+
+
+def merge_sketches(groups: Iterable[Iterable[WindowSketch]]) -> dict[SketchKey, ColumnSketch]:
+    """Every sketch of the same (kind, name) merged into a fresh one; the inputs stay as they are."""
+    merged: dict[SketchKey, ColumnSketch] = {}
+    for group in groups:
+        for s in group:
+            target = merged.get(s.key)
+            if target is None:
+                merged[s.key] = s.sketch.copy()
+            else:
+                target.merge(s.sketch)
+    return merged
+
+
+def by_name(merged: Mapping[SketchKey, ColumnSketch], kind: int) -> dict[str, ColumnSketch]:
+    """The merged sketches of one kind, by name."""
+    return {name: sketch for (k, name), sketch in merged.items() if k == kind}
