@@ -45,10 +45,12 @@ def test_training_statistics_carry_deciles_a_sketch_and_exact_moments() -> None:
     assert (stats_.count, stats_.null_count) == (1001, 1)
     numeric = stats_.numeric
     assert (numeric.min, numeric.max, numeric.mean) == (0.0, 999.0, 499.5)
-    assert len(numeric.histogram.bucket_bounds) == 9 and sum(numeric.histogram.bucket_counts) == 1000
+    assert len(numeric.histogram.bucket_bounds) == 9
+    assert sum(numeric.histogram.bucket_counts) == 1000
     assert numeric.kll_sketch
     categorical = feature_statistics("v:c", ["a", "b", "a", None]).categorical
-    assert categorical.distinct_count == 2 and [c.value for c in categorical.top_categories] == ["a", "b"]
+    assert categorical.distinct_count == 2
+    assert [c.value for c in categorical.top_categories] == ["a", "b"]
 
 
 def test_same_distribution_is_quiet_and_a_half_sd_shift_breaches_psi_and_ks(
@@ -56,20 +58,25 @@ def test_same_distribution_is_quiet_and_a_half_sd_shift_breaches_psi_and_ks(
 ) -> None:
     rng = np.random.default_rng(SEED + 1)
     quiet = measure(sketch_of("v:x", rng.normal(size=2000)), normal_training, DEFAULT_LIMITS)
-    assert quiet.judged and quiet.breached == ()
-    assert quiet.psi is not None and quiet.psi < 0.03
+    assert quiet.judged
+    assert quiet.breached == ()
+    assert quiet.psi is not None
+    assert quiet.psi < 0.03
     shifted_values = rng.normal(loc=0.5, size=2000)
     shifted = measure(sketch_of("v:x", shifted_values), normal_training, DEFAULT_LIMITS)
     assert {PSI, KS} <= set(shifted.breached)
     # KS from the sketches is within twice the KLL rank error (0.0133 at k=200) of the exact two-sample statistic.
     exact = stats.ks_2samp(shifted_values, np.random.default_rng(SEED).normal(size=100_000)).statistic
-    assert shifted.ks is not None and abs(shifted.ks - exact) < 0.027
+    assert shifted.ks is not None
+    assert abs(shifted.ks - exact) < 0.027
 
 
 def test_a_window_with_too_few_values_is_not_judged(normal_training: statistics_pb2.FeatureStatistics) -> None:
     drift = measure(sketch_of("v:x", np.full(200, 9.0)), normal_training, DEFAULT_LIMITS)
-    assert not drift.judged and drift.breached == ()
-    assert drift.psi is not None and drift.psi > 1  # measured, shown, but not acted on
+    assert not drift.judged
+    assert drift.breached == ()
+    assert drift.psi is not None
+    assert drift.psi > 1
     assert "fewer than the 1000 needed" in drift.note
 
 
@@ -91,7 +98,9 @@ def test_categories_compare_over_training_categories_and_count_unseen_ones() -> 
     rng = np.random.default_rng(SEED + 3)
     training = feature_statistics("v:c", rng.choice(["a", "b", "c"], p=[0.5, 0.3, 0.2], size=50_000).tolist())
     same = measure(sketch_of("v:c", rng.choice(["a", "b", "c"], p=[0.5, 0.3, 0.2], size=2000)), training, Limits())
-    assert same.breached == () and same.ks is None and same.out_of_range == 0.0
+    assert same.breached == ()
+    assert same.ks is None
+    assert same.out_of_range == 0.0
     moved = rng.choice(["a", "b", "c", "zz"], p=[0.2, 0.3, 0.2, 0.3], size=2000)
     drift = measure(sketch_of("v:c", moved), training, Limits())
     assert {PSI, JS, OUT_OF_RANGE} <= set(drift.breached)
@@ -100,7 +109,9 @@ def test_categories_compare_over_training_categories_and_count_unseen_ones() -> 
 
 def test_without_training_statistics_nothing_is_judged() -> None:
     drift = measure(sketch_of("v:new", np.zeros(5000)), None, DEFAULT_LIMITS)
-    assert not drift.judged and drift.breached == () and "no training statistics" in drift.note
+    assert not drift.judged
+    assert drift.breached == ()
+    assert "no training statistics" in drift.note
 
 
 def test_a_histogram_without_a_sketch_still_gives_psi_and_a_binned_ks() -> None:
@@ -109,7 +120,9 @@ def test_a_histogram_without_a_sketch_still_gives_psi_and_a_binned_ks() -> None:
     training.numeric.histogram.bucket_counts.extend([250, 250, 250, 250])
     training.numeric.min, training.numeric.max = 0.0, 1.0
     drift = measure(sketch_of("score", np.linspace(0.76, 1.0, 1000)), training, DEFAULT_LIMITS)
-    assert drift.ks == pytest.approx(0.75) and drift.psi is not None and drift.psi > 1
+    assert drift.ks == pytest.approx(0.75)
+    assert drift.psi is not None
+    assert drift.psi > 1
     assert PSI in drift.breached
 
 
@@ -120,7 +133,8 @@ def test_policy_defaults_and_overrides_apply_per_name() -> None:
     assert limits_for(policy, "v:x") == Limits(max_psi=0.2, max_ks=0.05)
     assert limits_for(policy, "v:y") == Limits(max_psi=0.2)
     assert limits_for(None, "v:y") == DEFAULT_LIMITS
-    assert min_rows(policy) == 500 and min_rows(None) == DEFAULT_MIN_ROWS
+    assert min_rows(policy) == 500
+    assert min_rows(None) == DEFAULT_MIN_ROWS
 
 
 def test_false_alarm_rate_at_the_default_thresholds_is_what_the_readme_states(
@@ -177,9 +191,13 @@ def test_measures_and_the_wire_form_carry_values_thresholds_and_breaches(
 ) -> None:
     drift = measure(sketch_of("v:x", np.random.default_rng(1).normal(loc=1.0, size=1000)), normal_training, Limits())
     message = drift.to_proto("5m", 10**9, 2 * 10**9, Limits())
-    assert message.window == "5m" and message.judged and message.drifted
-    assert message.window_start.seconds == 1 and message.window_end.seconds == 2
+    assert message.window == "5m"
+    assert message.judged
+    assert message.drifted
+    assert message.window_start.seconds == 1
+    assert message.window_end.seconds == 2
     by_statistic = {m.statistic: m for m in message.measures}
-    assert by_statistic[PSI].breached and by_statistic[PSI].threshold == 0.1
+    assert by_statistic[PSI].breached
+    assert by_statistic[PSI].threshold == 0.1
     assert by_statistic[JS].value == drift.js
     assert message.served_min == drift.served_min

@@ -37,7 +37,8 @@ def test_text_and_booleans_are_counted_per_category() -> None:
     sketch.add(["x", "y", "x"])
     sketch.add([True, False, True])
     assert sketch.categories == {"x": 2, "y": 1, "true": 2, "false": 1}
-    assert sketch.count == 6 and sketch.kll.is_empty()
+    assert sketch.count == 6
+    assert sketch.kll.is_empty()
 
 
 def test_merging_is_the_sketch_of_all_values() -> None:
@@ -62,7 +63,8 @@ def test_the_wire_form_round_trips_and_caps_categories() -> None:
     sketch.add([0.5, None, float("inf")])
     message = sketch.to_proto()
     assert len(message.categories) == MAX_CATEGORIES
-    assert message.categories[0].value == "c0" and message.categories[0].count == 6
+    assert message.categories[0].value == "c0"
+    assert message.categories[0].count == 6
     assert message.other_category_count == 10
     back = ColumnSketch.from_proto(message)
     assert (back.name, back.kind, back.count, back.null_count, back.invalid_count) == ("score", SCORE, 82, 1, 1)
