@@ -196,7 +196,7 @@ def test_measures_and_the_wire_form_carry_values_thresholds_and_breaches(
     assert message.drifted
     assert message.window_start.seconds == 1
     assert message.window_end.seconds == 2
-    by_statistic = {m.statistic: m for m in message.measures}
+    by_statistic = {int(m.statistic): m for m in message.measures}
     assert by_statistic[PSI].breached
     assert by_statistic[PSI].threshold == 0.1
     assert by_statistic[JS].value == drift.js
