@@ -12,7 +12,8 @@ from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.monitoring.drift import Drift, Limits, limits_for, measure, min_rows
-from fresco.monitoring.sketches import ColumnSketch
+from fresco.monitoring.kll_bytes import kll_problem
+from fresco.monitoring.sketches import KLL_K, ColumnSketch
 from model_manager import messages
 from model_manager.monitor_store import BUCKET_S, DAY_S, WINDOWS, MonitorStore
 from model_manager.records import VersionRecord
@@ -42,7 +43,7 @@ class VersionBasis:
         return cls(
             model=record.model_name,
             version=record.version,
-            training={s.feature_name: s for s in record.training_statistics},
+            training={s.feature_name: _readable(s) for s in record.training_statistics},
             policy=policy,
             inputs=inputs,
             outputs=tuple(t.name for t in signature.outputs),
@@ -70,6 +71,18 @@ class VersionBasis:
             setattr(policy.defaults, name, getattr(defaults, name))
         policy.min_rows = self.min_rows()
         return policy
+
+
+def _readable(stats: spb.FeatureStatistics) -> spb.FeatureStatistics:
+    """The statistics without a KLL sketch the library could not read safely (registered before the check existed):
+    drift then bins on the histogram."""
+    sketch = stats.numeric.kll_sketch
+    if not sketch or kll_problem(sketch, KLL_K) is None:
+        return stats
+    clean = spb.FeatureStatistics()
+    clean.CopyFrom(stats)
+    clean.numeric.kll_sketch = b""
+    return clean
 
 
 def ordered(keys: Iterable[SketchKey], basis: VersionBasis) -> list[SketchKey]:

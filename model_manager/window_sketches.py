@@ -11,7 +11,8 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from fresco.api.models.v1 import monitoring_pb2 as mpb
-from fresco.monitoring.sketches import ColumnSketch, SketchError
+from fresco.monitoring.kll_bytes import kll_problem
+from fresco.monitoring.sketches import KLL_K, ColumnSketch, SketchError
 
 MAX_NAME_CHARS = 256  # the monitor store's name column
 FEATURE = int(mpb.VALUE_SKETCH_KIND_FEATURE)
@@ -40,10 +41,15 @@ class WindowSketch:
         """A received sketch, checked; SketchDecodeError naming the field when it cannot be read."""
         if len(message.name) > MAX_NAME_CHARS:
             raise SketchDecodeError(f"name: expected at most {MAX_NAME_CHARS} characters, got {len(message.name)}")
+        problem = kll_problem(message.kll_sketch, KLL_K) if message.kll_sketch else None
+        if problem is not None:  # checked before the library reads it: malformed bytes crash it on first use
+            raise SketchDecodeError(f"kll_sketch: expected a DataSketches kll_doubles_sketch: {problem}")
         try:
             sketch = ColumnSketch.from_proto(message)
         except SketchError as err:
             raise SketchDecodeError(str(err)) from None
+        except (IndexError, ValueError, RuntimeError) as err:  # what the library raises for bytes it refuses
+            raise SketchDecodeError(f"kll_sketch: expected a DataSketches kll_doubles_sketch: {err}") from None
         return cls(message.name, int(message.kind), message.SerializeToString(deterministic=True), sketch)
 
     @classmethod
