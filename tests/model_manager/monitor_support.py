@@ -10,11 +10,16 @@ import numpy as np
 
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import monitoring_pb2 as mpb
+from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.api.models.v1 import routing_pb2 as rtpb
 from fresco.monitoring.sketches import ColumnSketch
 from fresco.monitoring.training import feature_statistics
+from model_manager.lifecycle import Stage
+from model_manager.records import ModelSpec, VersionSpec
+from model_manager.registry import Registry
 from model_manager.window_sketches import WindowSketch
 from model_manager.windows import LATENCY_BOUNDS_MS, Histogram, MetricWindow
+from tests.model_manager.registry_support import artifact
 
 FEATURE = mpb.VALUE_SKETCH_KIND_FEATURE
 SCORE = mpb.VALUE_SKETCH_KIND_SCORE
@@ -99,3 +104,44 @@ def training(seed: int = 1, rows: int = 20_000) -> tuple[spb.FeatureStatistics, 
 def sketches_of(columns: Mapping[str, np.ndarray]) -> list[mpb.ValueSketch]:
     """One feature sketch per column."""
     return [sketch(name, values) for name, values in columns.items()]
+
+
+def monitored_signature() -> rpb.ModelSignature:
+    """Three features into one input, a probability out."""
+    return rpb.ModelSignature(
+        inputs=[rpb.TensorSpec(name="features", datatype="FP32", shape=[-1, len(REFS)])],
+        outputs=[rpb.TensorSpec(name="probability", datatype="FP32", shape=[-1, 1])],
+        feature_refs=list(REFS),
+        feature_input="features",
+    )
+
+
+def scores(seed: int, rows: int) -> np.ndarray:
+    """Seeded scores in [0, 1]."""
+    return np.random.default_rng(seed).beta(2.0, 5.0, size=rows)
+
+
+def register(
+    registry: Registry, versions: Sequence[int] = (1,), *, production: int | None = 1, stage: Stage = Stage.CANDIDATE
+) -> str:
+    """A model whose versions were trained on standard normal features and Beta(2, 5) scores."""
+    name = f"m-{uuid.uuid4().hex[:8]}"
+    registry.create_model(ModelSpec(name=name, owner="risk", signature=monitored_signature()), "tester")
+    stats = (*training(), feature_statistics("probability", scores(2, 20_000)))
+    for v in versions:
+        content = f"{name}-{v}".encode()
+        spec = VersionSpec(
+            model_name=name,
+            version=v,
+            format="onnx",
+            expected_sha256=artifact(content).sha256,
+            signature=monitored_signature(),
+            training_statistics=stats,
+        )
+        registry.register_version(spec, artifact(content), "tester")
+        if stage is not Stage.REGISTERED or v == production:
+            for s in (Stage.VALIDATING, Stage.CANDIDATE):
+                registry.set_stage(name, v, s, "tester")
+    if production is not None:
+        registry.set_stage(name, production, Stage.PRODUCTION, "tester")
+    return name
