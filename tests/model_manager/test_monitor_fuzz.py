@@ -55,10 +55,12 @@ def test_corrupted_kll_bytes_are_refused_or_safe_to_use(base: int, cut: int, fli
     kll = ColumnSketch("x").to_proto()
     kll.kll_sketch = bytes(data)
     kll.count = 10**9  # the count check comes after the bytes are read: any count does here
+    refused = ""
     try:
         WindowSketch.of(kll)
     except SketchDecodeError as err:
-        assert str(err).startswith(("kll_sketch:", "count:")), err
+        refused = str(err)
+    assert not refused or refused.startswith(("kll_sketch:", "count:")), refused
     if kll_problem(bytes(data), KLL_K) is None:
         try:
             s = ColumnSketch.from_proto(mpb.ValueSketch(name="x", kind=1, kll_sketch=bytes(data), count=0))
@@ -106,7 +108,11 @@ def test_arbitrary_sketch_fields_are_accepted_consistent_or_refused_naming_the_f
     try:
         window = decode_window(w, "gw", LATENCY_BOUNDS_MS)
     except WindowError as err:
-        assert str(err).startswith("value_sketches[0]."), err
+        refused = str(err)
+    else:
+        refused = ""
+    if refused:
+        assert refused.startswith("value_sketches[0]."), refused
         return
     (decoded,) = window.sketches
     parts = decoded.sketch.null_count + decoded.sketch.invalid_count + decoded.sketch.numeric_count()
