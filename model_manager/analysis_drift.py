@@ -28,8 +28,6 @@ def feature_psi(sketches: Mapping[SketchKey, ColumnSketch], basis: VersionBasis 
         return FeaturePsi((), 0, 0, "no training statistics to compare with")
     compared = {key: s for key, s in sketches.items() if key[1] in basis.training}
     need = basis.min_rows()
-    if not compared:
-        return FeaturePsi((), 0, need, "no sketch of a name with training statistics")
     judged: list[tuple[float, str, int]] = []
     most = 0
     for (_, name), sketch in compared.items():
