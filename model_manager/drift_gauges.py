@@ -15,6 +15,7 @@ from fresco.monitoring.drift import Drift
 from model_manager.drift_monitor import DriftMonitor, VersionBasis
 from model_manager.monitor_store import DAY_S
 from model_manager.window_sketches import KIND_NAMES
+from model_manager.windows import MetricWindow
 
 log = logging.getLogger(__name__)
 LABELS = ("model", "version", "feature", "kind", "window")
@@ -80,6 +81,7 @@ class DriftRefresher:
         gauges: DriftGauges,
         basis_of: Callable[[str, int], VersionBasis | None],
         interval_s: float,
+        backlog: list[MetricWindow] | None = None,
     ) -> None:
         self.monitor = monitor
         self.gauges = gauges
@@ -87,9 +89,13 @@ class DriftRefresher:
         self.interval_s = interval_s
         self._task: asyncio.Task[None] | None = None
         self._pruned_at = -math.inf
+        self._backlog = backlog or []  # windows to merge (once) before the first refresh
 
     def refresh(self) -> int:
         """Blocking: sets every gauge now; how many versions were refreshed."""
+        if self._backlog:
+            self.monitor.store.add(self._backlog)
+            self._backlog = []
         now = self.monitor.clock()
         if now - self._pruned_at >= PRUNE_EVERY_S:
             self.monitor.store.prune()

@@ -99,13 +99,13 @@ class ModelManager:
         assert promotions is not None
         promotions.runner.in_use = self.controller.uses
         self.servicer.rollouts = RolloutRuntime.of(self.controller, self.ads)
-        # Windows stored but not merged (a crash between the two) are merged now; the store counts each id once.
-        await asyncio.to_thread(monitor_store.add, self.controller.ledger.windows())
         self.servicer.rollouts.verbs.monitor = monitor_store
         self.servicer.monitors = monitors
+        # Its first pass merges the windows stored but not merged (a crash between the two; each id counts once).
         self.drift_refresher = DriftRefresher(
-            monitors.drift, self.drift_gauges, monitors.basis_or_none, settings.drift_refresh_s
-        )
+            monitors.drift, self.drift_gauges, monitors.basis_or_none, settings.drift_refresh_s,
+            backlog=self.controller.ledger.windows(),
+        )  # fmt: skip
         self.drift_refresher.start()
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
 
