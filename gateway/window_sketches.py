@@ -5,6 +5,7 @@ feature, so per-value work is numpy's and the KLL sketch's, never a Python loop 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -130,12 +131,12 @@ class WindowSketches:
             buffer.clear()
 
     def keep(self, predictions: Sequence[tuple[str, str]], scores: Sequence[float | None], time_ns: int) -> None:
-        """Records of one batch's predictions, (request id, unit id) each, up to the cap; rows without a
-        score (their answer left the score output out) have nothing to join a label to."""
+        """Records of one batch's predictions, (request id, unit id) each, up to the cap; a row without a finite
+        score (its answer left the score output out, or the model answered NaN) has nothing a label could judge."""
         records = [
             (request_id, time_ns, score, unit_id)
             for (request_id, unit_id), score in zip(predictions, scores, strict=True)
-            if score is not None
+            if score is not None and math.isfinite(score)
         ]
         room = max(self._record_cap - len(self.records), 0)
         self.records.extend(records[:room])

@@ -113,15 +113,16 @@ def test_rows_beyond_a_block_are_sketched_once_each() -> None:
 
 def test_predictions_are_kept_up_to_the_cap_and_the_rest_counted() -> None:
     observed = windows(record_cap=3)
-    ids = [("a", "u1"), ("b", ""), ("c", "u3")]
-    observed.record(LIVE, METRICS, "OK", 1.0, count=3, scores=[0.2, None, 0.8], score_output="p", predictions=ids)
+    ids = [("a", "u1"), ("b", ""), ("c", "u3"), ("nan", "")]
+    scores = [0.2, None, 0.8, float("nan")]
+    observed.record(LIVE, METRICS, "OK", 1.0, count=4, scores=scores, score_output="p", predictions=ids)
     observed.record(
         LIVE, METRICS, "OK", 1.0, count=3, scores=[0.5, 0.6, 0.7], score_output="p",
         predictions=[("d", ""), ("e", ""), ("f", "")],
     )  # fmt: skip
     (window,) = observed.roll()
     records = [(r.request_id, r.score, r.unit_id) for r in window.prediction_records]
-    assert records == [("a", 0.2, "u1"), ("c", 0.8, "u3"), ("d", 0.5, "")]  # "b" had no score to join a label to
+    assert records == [("a", 0.2, "u1"), ("c", 0.8, "u3"), ("d", 0.5, "")]  # "b" had no score, "nan" no finite one
     assert window.prediction_records_dropped == 2
     first = window.prediction_records[0].time.ToNanoseconds()
     assert window.window_start.ToNanoseconds() <= first <= window.window_end.ToNanoseconds()
