@@ -16,7 +16,7 @@ from fresco.api.models.v1 import routing_pb2
 from fresco.monitoring.sketches import FEATURE, MAX_CATEGORIES, SCORE, ColumnSketch, category_of
 from gateway.assembly import InputSpec, ModelSignature
 
-BLOCK_ROWS: Final = 256  # rows buffered per input (or score output) before they are sketched
+BLOCK_ROWS: Final = 1024  # rows buffered per input (or score output) before they are sketched
 # Distinct categories held per sketch before the rarest are folded into "other": bounds memory when a
 # text feature takes a new value per request; the 64 shipped per window are far within it.
 KEPT_CATEGORIES: Final = 16 * MAX_CATEGORIES
@@ -48,6 +48,8 @@ def _columns(spec: InputSpec, blocks: list[np.ndarray]) -> list[tuple[str, np.nd
         tables = [block.reshape(len(block), -1) for block in blocks]
         if all(table.shape[1] == width for table in tables):
             table = tables[0] if len(tables) == 1 else np.concatenate(tables)
+            if table.dtype.kind in "fiu" and spec.datatype != "BF16":  # one conversion: each column contiguous
+                table = np.ascontiguousarray(table.T, dtype=np.float64).T
             return list(zip(spec.feature_names, table.T, strict=True))
     return [(spec.name, np.concatenate([block.reshape(-1) for block in blocks]))]
 

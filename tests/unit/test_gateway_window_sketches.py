@@ -94,7 +94,7 @@ def test_rows_beyond_a_block_are_sketched_once_each() -> None:
     values = [float(i) for i in range(BLOCK_ROWS * 3)]
     observed = windows()
     sent = 0
-    for size in (1, 64, 3, 200, 1, 64, 200):  # blocks fill and flush across batches of any size
+    for size in (1, 64, 3, BLOCK_ROWS - 5, 1, 64, BLOCK_ROWS, 200):  # blocks fill and flush across batches
         batch = values[sent : sent + size]
         observed.record(
             LIVE, METRICS, "OK", 1.0, count=len(batch), scores=batch, score_output="p",
