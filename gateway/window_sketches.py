@@ -17,6 +17,9 @@ from fresco.monitoring.sketches import FEATURE, MAX_CATEGORIES, SCORE, ColumnSke
 from gateway.assembly import InputSpec, ModelSignature
 
 BLOCK_ROWS: Final = 1024  # rows buffered per input (or score output) before they are sketched
+# An input whose features are not named and which holds more values per row than this (an image, an embedding, a
+# long list of text) is not sketched: one distribution of all its values says little, and it would cost per value.
+MAX_UNNAMED_VALUES_PER_ROW: Final = 256
 # Distinct categories held per sketch before the rarest are folded into "other": bounds memory when a
 # text feature takes a new value per request; the 64 shipped per window are far within it.
 KEPT_CATEGORIES: Final = 16 * MAX_CATEGORIES
@@ -99,6 +102,8 @@ class WindowSketches:
         for spec in called.signature.inputs:
             array = called.inputs.get(spec.name)
             if array is None or array.ndim == 0 or not len(array):
+                continue
+            if not spec.feature_names and array.size > MAX_UNNAMED_VALUES_PER_ROW * len(array):
                 continue
             pending = self._inputs.get(spec.name)
             if pending is not None and pending.spec is not spec and pending.spec != spec:

@@ -163,6 +163,17 @@ def test_a_text_feature_with_a_new_value_per_request_stays_bounded() -> None:
     assert message.count == total
 
 
+def test_a_large_unnamed_input_is_not_sketched_but_named_features_are() -> None:
+    signature = ModelSignature(
+        "m", (InputSpec("image", "FP32", (-1, 32, 32)), InputSpec("x", "FP32", (-1, 1), ("v",))), ("p",)
+    )
+    inputs = {"image": np.zeros((2, 32, 32), dtype=np.float32), "x": np.ones((2, 1), dtype=np.float32)}
+    observed = windows()
+    observed.record(LIVE, METRICS, "OK", 1.0, count=2, called=Called(signature, inputs))
+    (window,) = observed.roll()
+    assert [(s.name, s.count) for s in window.value_sketches] == [("v", 2)]
+
+
 def test_a_shadow_window_carries_the_score_sketch_only() -> None:
     observed = windows()
     shadow = WindowKey("fraud", "3", 5, shadow=True)
