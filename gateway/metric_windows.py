@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 _REPORT_TIMEOUT_S: Final = 5.0
 _NAP_S: Final = 0.5  # the longest the reporter sleeps before it looks at the window length again
 DEFAULT_RECORD_CAP: Final = 10_000
+# Windows per ReportMetrics call are sent in calls of at most this many bytes: windows holding prediction records
+# weigh up to about a megabyte each, and those piled up while the manager was down must not exceed the message limit.
+REPORT_BYTES: Final = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,8 @@ class MetricWindows:
 
 class WindowReporter:
     """Sends closed windows with ReportMetrics every window length; a failed report is retried with
-    the same window ids, and a window still unsent after `max_attempts` is dropped and counted."""
+    the same window ids, and a window still unsent after `max_attempts` is dropped and counted. Windows go in
+    calls of at most `max_report_bytes` (a single larger window alone)."""
 
     def __init__(
         self,
@@ -236,6 +240,7 @@ class WindowReporter:
         registry: CollectorRegistry,
         max_attempts: int = 6,
         max_pending: int = 10_000,
+        max_report_bytes: int = REPORT_BYTES,
     ) -> None:
         self.windows = windows
         self._channel = channel_factory(address)
@@ -244,6 +249,7 @@ class WindowReporter:
         self._window_s = window_s
         self._max_attempts = max_attempts
         self._max_pending = max_pending
+        self._max_report_bytes = max_report_bytes
         self.pending: list[tuple[routing_pb2.MetricsWindow, int]] = []  # (window, failed attempts)
         self.sent_ids: list[str] = []
         self.dropped = PromCounter(
@@ -271,20 +277,35 @@ class WindowReporter:
             overflow = len(self.pending) - self._max_pending
             self.dropped.inc(overflow)
             self.pending = self.pending[overflow:]
-        if not self.pending:
-            return
-        request = pb.ReportMetricsRequest(gateway_id=self._gateway_id, windows=[w for w, _ in self.pending])
-        try:
-            await self._stub.ReportMetrics(request, timeout=_REPORT_TIMEOUT_S)
-        except aio.AioRpcError as err:
-            kept = [(w, n + 1) for w, n in self.pending if n + 1 < self._max_attempts]
-            self.dropped.inc(len(self.pending) - len(kept))
-            log.info("metric report failed (%s): %d windows kept for retry", err.code().name, len(kept))
-            self.pending = kept
-            return
-        self.sent_ids.extend(w.window_id for w, _ in self.pending)
+        pending, self.pending = self.pending, []
+        for start, end in self._calls(pending):
+            windows = pending[start:end]
+            request = pb.ReportMetricsRequest(gateway_id=self._gateway_id, windows=[w for w, _ in windows])
+            try:
+                await self._stub.ReportMetrics(request, timeout=_REPORT_TIMEOUT_S)
+            except aio.AioRpcError as err:  # this call's windows and the rest wait for the next flush
+                rest = pending[start:]
+                kept = [(w, n + 1) for w, n in rest if n + 1 < self._max_attempts]
+                self.dropped.inc(len(rest) - len(kept))
+                log.info("metric report failed (%s): %d windows kept for retry", err.code().name, len(kept))
+                self.pending = kept + self.pending
+                break
+            self.sent_ids.extend(w.window_id for w, _ in windows)
         del self.sent_ids[:-1000]
-        self.pending = []
+
+    def _calls(self, pending: list[tuple[routing_pb2.MetricsWindow, int]]) -> list[tuple[int, int]]:
+        """(start, end) of the pending windows each ReportMetrics call sends, each call within the byte budget."""
+        calls: list[tuple[int, int]] = []
+        start = size = 0
+        for index, (window, _) in enumerate(pending):
+            weight = window.ByteSize()
+            if index > start and size + weight > self._max_report_bytes:
+                calls.append((start, index))
+                start, size = index, 0
+            size += weight
+        if start < len(pending):
+            calls.append((start, len(pending)))
+        return calls
 
     async def close(self) -> None:
         """Stop reporting, after one last attempt."""

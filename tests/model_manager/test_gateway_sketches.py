@@ -11,12 +11,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from grpc import aio
+from prometheus_client import CollectorRegistry
 
 from fresco.api.common.v1 import values_pb2
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.models.v1 import routing_pb2
 from fresco.monitoring.sketches import FEATURE, SCORE, ColumnSketch
-from model_manager.routes import Shadow
+from gateway.metric_windows import MetricWindows, WindowKey, WindowReporter
+from model_manager.routes import MetricsConfig, Shadow
 from tests.model_manager.gateway_world import (
     MODEL,
     Predictors,
@@ -61,17 +64,19 @@ async def gateway(manager: RouteManager, tmp_path: Path) -> AsyncIterator[Runnin
         await running.close()
 
 
-def received(manager: RouteManager) -> list[routing_pb2.MetricsWindow]:
-    """Every window the manager received, each id once (a retried report brings the same ids again)."""
+def received(manager: RouteManager, refused: int = 0) -> list[routing_pb2.MetricsWindow]:
+    """Every window the manager accepted (after the first `refused` reports), each id once (a retried report
+    brings the same ids again)."""
     unique: dict[str, routing_pb2.MetricsWindow] = {}
-    for report in manager.servicer.reports:
+    for report in manager.servicer.reports[refused:]:
         for window in report.windows:
             unique.setdefault(window.window_id, window)
     return list(unique.values())
 
 
-def requests(manager: RouteManager, version_number: int, shadow: bool = False) -> int:
-    return sum(w.request_count for w in received(manager) if w.version == version_number and w.shadow == shadow)
+def requests(manager: RouteManager, version_number: int, shadow: bool = False, refused: int = 0) -> int:
+    windows = received(manager, refused)
+    return sum(w.request_count for w in windows if w.version == version_number and w.shadow == shadow)
 
 
 def merged(windows: list[routing_pb2.MetricsWindow]) -> dict[tuple[int, str], ColumnSketch]:
@@ -126,8 +131,8 @@ async def test_windows_sketch_each_feature_and_the_score_and_keep_each_predictio
     odd_answer = await gateway.stub.Predict(odd, timeout=30)
     assert odd_answer.model_version == "1"
 
-    await wait_until(lambda: requests(manager, 1) == len(rows) + 1, "every prediction reported", WAIT_S)
-    windows = [w for w in received(manager) if w.version == 1]
+    await wait_until(lambda: requests(manager, 1, refused=1) == len(rows) + 1, "every prediction reported", WAIT_S)
+    windows = [w for w in received(manager, refused=1) if w.version == 1]
     sketches = merged(windows)
     names = predictors.references["1"].model.feature_names
     assert {name for kind, name in sketches if kind == FEATURE} == set(names)
@@ -151,6 +156,11 @@ async def test_windows_sketch_each_feature_and_the_score_and_keep_each_predictio
     assert set(got) - set(kept) <= {odd_answer.request_id}
     assert sum(len(w.prediction_records) for w in windows) == len(got)  # each prediction kept once
     assert sum(w.prediction_records_dropped for w in windows) == 0
+    # The refused report's windows came again whole under their ids: the manager counts each sketch once.
+    refused = {w.window_id: w for w in manager.servicer.reports[0].windows}
+    again = [w for r in manager.servicer.reports[1:] for w in r.windows if w.window_id in refused]
+    assert again
+    assert all(w == refused[w.window_id] for w in again)
 
 
 async def test_fallback_answers_count_under_the_version_that_answered_and_static_ones_keep_nothing(
@@ -234,3 +244,34 @@ async def test_the_record_cap_counts_what_it_leaves_out_and_sketches_can_be_turn
         assert not [s for w in windows for s in w.value_sketches]
     finally:
         await gateway.close()
+
+
+async def test_windows_heavy_with_records_are_reported_in_calls_within_the_byte_budget(manager) -> None:
+    windows = MetricWindows("gw-heavy")
+    for number in range(1, 7):
+        windows.record(
+            WindowKey(MODEL, str(number), 1), MetricsConfig(), "OK", 1.0, count=500, scores=[0.5] * 500,
+            score_output="p", predictions=[(f"{number}-{i:05d}", "") for i in range(500)],
+        )  # fmt: skip
+    closed = windows.roll()
+    budget = 2 * max(w.ByteSize() for w in closed) + 1  # two windows per call, never three
+    reporter = WindowReporter(
+        windows, aio.insecure_channel, manager.address, "gw-heavy", lambda: 60.0, CollectorRegistry(),
+        max_report_bytes=budget,
+    )  # fmt: skip
+    reporter.pending = [(w, 0) for w in closed]
+    manager.servicer.fail_reports = 1  # the first call fails: every window waits for the next flush
+    try:
+        await reporter.flush()
+        assert len(manager.servicer.reports) == 1
+        assert len(reporter.pending) == 6
+        await reporter.flush()
+    finally:
+        await reporter.close()
+    sent = manager.servicer.reports[1:]
+    assert [len(r.windows) for r in sent] == [2, 2, 2]
+    assert all(r.ByteSize() <= budget + 64 for r in sent)  # the budget counts windows; the request adds its id
+    ids = [w.window_id for r in sent for w in r.windows]
+    assert len(set(ids)) == 6
+    assert sum(len(w.prediction_records) for r in sent for w in r.windows) == 3000
+    assert not reporter.pending
