@@ -25,6 +25,7 @@ from feature_service.records import entity_key
 from fresco.api.common.v1 import values_pb2 as vpb
 from fresco.api.features.v1 import feature_service_pb2 as pb
 from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
+from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.cli_features import app as features_cli
 from fresco.features import parse_definitions, resolve_rows
 from fresco.features.statistics import baselines, summarize
@@ -165,12 +166,12 @@ def get(stub: pb_grpc.FeatureServiceStub, ids: list[int]) -> pb.GetFeaturesRespo
     return response
 
 
-def parity(stub: pb_grpc.FeatureServiceStub, refs: list[str] | None = None) -> dict[str, pb.FeatureParity]:
+def parity(stub: pb_grpc.FeatureServiceStub, refs: list[str] | None = None) -> dict[str, spb.FeatureParity]:
     response = stub.GetFeatureParity(pb.GetFeatureParityRequest(feature_refs=refs or []), timeout=10)
     return {f.feature_ref: f for f in response.features}
 
 
-def wait_checked(stub: pb_grpc.FeatureServiceStub, expected: int) -> dict[str, pb.FeatureParity]:
+def wait_checked(stub: pb_grpc.FeatureServiceStub, expected: int) -> dict[str, spb.FeatureParity]:
     """Poll until every ref has `expected` checks (the check runs in the background)."""
     deadline = time.monotonic() + 60
     while True:
@@ -181,7 +182,7 @@ def wait_checked(stub: pb_grpc.FeatureServiceStub, expected: int) -> dict[str, p
         time.sleep(0.05)
 
 
-def summary(counts: dict[str, pb.FeatureParity]) -> dict[str, tuple[int, int, int]]:
+def summary(counts: dict[str, spb.FeatureParity]) -> dict[str, tuple[int, int, int]]:
     return {ref: (c.checked, c.mismatched, c.missing_offline) for ref, c in counts.items()}
 
 
