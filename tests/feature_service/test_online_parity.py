@@ -352,5 +352,19 @@ def test_a_new_materialisation_is_read_again(workdir, materialised) -> None:
             counts = wait_checked(stub, 21)
             assert summary(counts)["customer:income"] == (21, 0, 0)
             assert summary(counts)["customer:history"] == (21, 0, 0)
+            # Without imputation a null is served as null: the offline side then takes the raw value too.
+            nulls = [i for i in range(20, 30) if customers(seed=5)[i]["income"] is None]
+            assert nulls
+            request = pb.GetFeaturesRequest(
+                entity_keys=customer_keys(nulls), feature_refs=["customer:income"], disable_imputation=True
+            )
+            assert [v.WhichOneof("kind") for v in stub.GetFeatures(request, timeout=30).columns[0].values] == [
+                None
+            ] * len(nulls)
+            deadline = time.monotonic() + 60
+            while parity(stub, ["customer:income"])["customer:income"].checked < 21 + len(nulls):
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert summary(parity(stub, ["customer:income"])) == {"customer:income": (21 + len(nulls), 0, 0)}
     finally:
         assert service.stop() == 0
