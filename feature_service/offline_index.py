@@ -52,6 +52,7 @@ class OfflineIndex:
     kept_from: float
     entities: dict[str, _Rows] = field(default_factory=dict)
     truncated: bool = False  # more entities were sampled than max_entities: the ones not held are unknown
+    arrivals: set[int] = field(default_factory=set)  # the arrival time (µs) of the records of each source read
     unread: list[str] = field(default_factory=list)  # sources that could not be read, with why
 
     def holds(self, key: str) -> bool:
@@ -99,6 +100,7 @@ def build_index(
             log.warning("parity: source of view %s not read: %s", entry.view.name, err)
             index.unread.append(f"{source.path}: {err}")
             continue
+        index.arrivals.add(micros(source.materialized_at))
         for key, record in rows:
             held = by_key.get(key)
             if held is None:

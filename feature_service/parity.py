@@ -30,7 +30,7 @@ from feature_service import convert
 from feature_service.materialize import Materializer
 from feature_service.offline_index import OfflineIndex, OfflineRow, build_index, empty_index, sources_of
 from feature_service.reader import Catalog, Column, FeatureQuery, Served, ServedViews, ViewEntry
-from feature_service.records import micros
+from feature_service.records import Record, micros
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.features.definitions import Definitions, FeatureView
 from fresco.features.policy import Baseline, resolve_rows
@@ -52,6 +52,7 @@ class Sample:
     key: str
     served_at: float
     event_ts: float | None  # the served record's event time; None when no record was found
+    written_ts: float | None  # its arrival: a materialisation's rows all carry that materialisation's time
     ttl: float | None
     impute: bool
     stored: bytes | None  # the view's statistics blob the answer was served under (its sources and baselines)
@@ -159,9 +160,22 @@ class ParityChecker:
             for i in chosen:
                 if columns[refs[0]].statuses[i] == _UNAVAILABLE:  # nothing was served to compare
                     continue
+                record = seen.records[i]
+                event_ts, written_ts = (
+                    (record.event_ts, record.written_ts) if isinstance(record, Record) else (None, None)
+                )
                 values = {query.refs[j].feature.name: columns[j].values[i] for j in refs}
                 sample = Sample(
-                    view, keys[i], now, seen.event_ts[i], seen.ttl, query.impute, entry.stored, entry.baselines, values
+                    view,
+                    keys[i],
+                    now,
+                    event_ts,
+                    written_ts,
+                    seen.ttl,
+                    query.impute,
+                    entry.stored,
+                    entry.baselines,
+                    values,
                 )
                 try:
                     self.queue.put_nowait(sample)
@@ -212,7 +226,7 @@ class ParityChecker:
         # A record dated ahead of the clock (accepted within max_future_s) is served already: look up to it.
         at = max(sample.served_at, sample.event_ts or sample.served_at)
         row = index.lookup(sample.key, at)
-        if row is None or (sample.event_ts is not None and micros(sample.event_ts) > micros(row.event_ts)):
+        if row is None or self._not_from_files(sample, index, row):
             for name in sample.values:
                 self._count(sample.view, name, MISSING_OFFLINE)
             return
@@ -228,6 +242,16 @@ class ParityChecker:
                 f"{entity} at {convert.utc(sample.served_at)}: online {online!r}, offline {offline!r} "
                 f"(offline row of {convert.utc(row.event_ts)})"
             )
+
+    @staticmethod
+    def _not_from_files(sample: Sample, index: OfflineIndex, row: OfflineRow) -> bool:
+        """Whether the served record is one the files do not hold though they have a row then: newer than the
+        row, or as new but not written by a materialisation read here (a push with the same event time wins
+        by its later arrival)."""
+        if sample.event_ts is None or sample.written_ts is None:
+            return False
+        served, offline = micros(sample.event_ts), micros(row.event_ts)
+        return served > offline or (served == offline and micros(sample.written_ts) not in index.arrivals)
 
     def _offline_values(self, entry: ViewEntry, index: OfflineIndex, row: OfflineRow, sample: Sample) -> dict[str, Any]:
         """The offline row as served at the sample's time: expired by the same TTL rule, resolved by policy."""

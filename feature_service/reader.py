@@ -228,10 +228,10 @@ class ServedObserver(Protocol):
 
 @dataclass(frozen=True)
 class ServedView:
-    """How one view's records were served to a query: per entity the record's event time (None when no
-    record was found or the store failed), and the age past which a record was served as expired."""
+    """How one view's records were served to a query: per entity the record read (a Record, None when no
+    record was found, or the store's failure), and the age past which a record was served as expired."""
 
-    event_ts: Sequence[float | None]
+    records: Sequence[object]
     ttl: float | None
 
 
@@ -254,13 +254,13 @@ class FeatureReader:
         result = await self.store.read(unique)
         now = time.time()
         per_view = {}
-        ttls = {}
+        served: dict[str, ServedView] = {}
         for name, entry in {r.view.view.name: r.view for r in query.refs}.items():
-            ttl = ttls[name] = (
-                query.max_staleness_s if query.max_staleness_s is not None else entry.view.ttl_seconds or None
-            )
+            ttl = query.max_staleness_s if query.max_staleness_s is not None else entry.view.ttl_seconds or None
             by_key = dict(zip(unique[name], result.records[name], strict=True))
-            per_view[name] = _entity_states([by_key[k] for k in query.keys_by_view[name]], ttl, now)
+            records = [by_key[k] for k in query.keys_by_view[name]]
+            per_view[name] = _entity_states(records, ttl, now)
+            served[name] = ServedView(records, ttl)
         tiers = {view: served_tier(result, view) for view in per_view}
         columns = []
         for ref in query.refs:
@@ -275,7 +275,6 @@ class FeatureReader:
         if self.metrics is not None:
             self.metrics.read_failures(result.failed_tiers)
         if self.observer is not None:
-            served = {name: ServedView(stamps, ttls[name]) for name, (_, _, stamps) in per_view.items()}
             self.observer.offer(query, served, columns, now)
         return FeatureAnswer(columns, result.degraded, list(result.served_tiers), list(result.failed_tiers))
 

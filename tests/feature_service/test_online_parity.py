@@ -6,6 +6,8 @@ samples without touching the answers; bad refs get INVALID_ARGUMENT or NOT_FOUND
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import urllib.request
 import zlib
@@ -64,6 +66,8 @@ REFS = [f"customer:{name}" for name in FEATURES] + ["risk:score"]
 ENTITIES = 120
 PUSHED = [10_000 + i for i in range(4)]  # entities only ever pushed
 OVERWRITTEN = 0  # a materialised entity pushed a newer value
+SAME_TIME = 1  # a materialised entity pushed other values with the event time of its file row
+FILE_TIME = float(int(time.time()))  # whole seconds: a pushed Timestamp carries the file's time exactly
 
 
 def customers(seed: int) -> list[dict[str, Any]]:
@@ -116,7 +120,7 @@ def base() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def files(workdir: Path, latest: list[dict[str, Any]]) -> tuple[Path, Path]:
-    now = time.time()
+    now = FILE_TIME
     older = [row | {"event_timestamp": now - 7200} for row in customers(seed=6)]
     newer = [row | {"event_timestamp": now - 60} for row in latest]
     path = workdir / "customers.parquet"
@@ -143,6 +147,7 @@ def materialised(workdir: Path, files: tuple[Path, Path]) -> None:
                 response = stub.Materialize(pb.MaterializeRequest(feature_view=view, source_uri=str(path)), timeout=60)
                 assert response.rows_rejected == 0
             push(stub, [OVERWRITTEN, *PUSHED])
+            push(stub, [SAME_TIME], FILE_TIME - 60)
     finally:
         assert service.stop() == 0
 
@@ -194,12 +199,12 @@ def metric(service: ServiceProcess, name: str, labels: str) -> float:
     return 0.0
 
 
-def push(stub: pb_grpc.FeatureServiceStub, ids: list[int]) -> None:
+def push(stub: pb_grpc.FeatureServiceStub, ids: list[int], event_ts: float | None = None) -> None:
     rows = [
         pb.FeatureRow(
             entity_key=customer_keys([i])[0],
             features={"income": vpb.Value(double_value=1.5), "channel": vpb.Value(string_value="store")},
-            event_timestamp=convert.timestamp_of(time.time()),
+            event_timestamp=convert.timestamp_of(time.time() if event_ts is None else event_ts),
         )
         for i in ids
     ]
@@ -216,18 +221,19 @@ def test_parity_across_policy_change_and_restart(workdir, materialised, latest, 
             answer = get(stub, ids)
             counts = wait_checked(stub, len(ids))
             # Same policies: nothing differs; pushed values have no offline row at their time.
-            pushed = len(PUSHED) + 1
+            pushed = len(PUSHED) + 2
             want = {ref: (len(ids), 0, pushed) for ref in REFS[:-1]}
             want["risk:score"] = (len(ids), 0, len(PUSHED))  # the risk view's rows are expired: both impute
             assert summary(counts) == want
             assert metric(service, "fresco_feature_parity_checks_total", 'feature="income",outcome="match"') == (
-                ENTITIES - 1
+                ENTITIES - 2
             )
             # The answers are those of the policy: sampling every entity did not change them.
             served = {c.feature_ref: [convert.from_value(v) for v in c.values] for c in answer.columns}
-            expected = resolve_rows(VIEW, latest[1:], base)
+            expected = resolve_rows(VIEW, latest[2:], base)
             for name in FEATURES:
-                assert served[f"customer:{name}"][1:ENTITIES] == [r[name] for r in expected], name
+                assert served[f"customer:{name}"][2:ENTITIES] == [r[name] for r in expected], name
+            assert served["customer:channel"][:2] == ["store", "store"]
     finally:
         assert service.stop() == 0
 
@@ -245,12 +251,12 @@ def test_parity_across_policy_change_and_restart(workdir, materialised, latest, 
             stub = pb_grpc.FeatureServiceStub(channel)
             get(stub, ids)
             counts = wait_checked(stub, len(ids))
-            compared = latest[1:]  # entity 0 was pushed over: missing offline
+            compared = latest[2:]  # entities 0 and 1 were pushed over: missing offline
             nulls = {name: sum(row[name] is None for row in compared) for name in FEATURES}
             assert min(nulls["income"], nulls["channel"]) > 0
-            want = {ref: (len(ids), 0, len(PUSHED) + 1) for ref in REFS[:-1]}
-            want["customer:income"] = (len(ids), nulls["income"], len(PUSHED) + 1)
-            want["customer:channel"] = (len(ids), nulls["channel"], len(PUSHED) + 1)
+            want = {ref: (len(ids), 0, len(PUSHED) + 2) for ref in REFS[:-1]}
+            want["customer:income"] = (len(ids), nulls["income"], len(PUSHED) + 2)
+            want["customer:channel"] = (len(ids), nulls["channel"], len(PUSHED) + 2)
             want["risk:score"] = (len(ids), 0, len(PUSHED))
             assert summary(counts) == want
             # The online and offline answers of the examples are those of the two policies.
@@ -267,7 +273,7 @@ def test_parity_across_policy_change_and_restart(workdir, materialised, latest, 
             assert [cell for cell in line if cell.isdigit()] == [
                 str(len(ids)),
                 str(nulls["channel"]),
-                str(len(PUSHED) + 1),
+                str(len(PUSHED) + 2),
             ]
     finally:
         assert service.stop() == 0
@@ -275,7 +281,7 @@ def test_parity_across_policy_change_and_restart(workdir, materialised, latest, 
 
 def test_full_queue_drops_samples_not_answers(workdir, materialised) -> None:
     """Half the entities sampled by their key's hash, a queue of one: one checked, the others dropped."""
-    ids = list(range(1, ENTITIES))
+    ids = list(range(2, ENTITIES))
     sampled = [i for i in ids if zlib.crc32(entity_key([i]).encode()) < 2**31]
     assert 0 < len(sampled) < len(ids)
     reference = start(workdir, "features.yaml", "--parity-sample-rate", "0")
@@ -344,7 +350,7 @@ def test_a_new_materialisation_is_read_again(workdir, materialised) -> None:
     try:
         with grpc.insecure_channel(service.address) as channel:
             stub = pb_grpc.FeatureServiceStub(channel)
-            get(stub, [1, 2])
+            get(stub, [2, 3])
             wait_checked(stub, 2)
             stub.Materialize(pb.MaterializeRequest(feature_view="customer", source_uri=str(path)), timeout=60)
             answer = get(stub, list(range(1, 20)))
@@ -368,3 +374,18 @@ def test_a_new_materialisation_is_read_again(workdir, materialised) -> None:
             assert summary(parity(stub, ["customer:income"])) == {"customer:income": (21 + len(nulls), 0, 0)}
     finally:
         assert service.stop() == 0
+
+
+def test_offline_definitions_must_define_every_served_feature(workdir) -> None:
+    (workdir / "partial.yaml").write_text(DEFINITIONS.replace("      - {name: note, type: string}\n", ""))
+    args = [
+        "--definitions",
+        str(workdir / "features.yaml"),
+        "--parity-offline-definitions",
+        str(workdir / "partial.yaml"),
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "feature_service", *args, "--port", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "partial.yaml: view 'customer' lacks served feature(s) ['note']" in done.stderr
