@@ -113,8 +113,6 @@ class ParityChecker:
         self.counts: dict[tuple[str, str], Counts] = {}
         self.indexes: dict[str, OfflineIndex] = {}
         self._task: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.checks = Counter(
             "fresco_feature_parity_checks",
             "Sampled served feature values compared with the offline path, by view, feature and outcome "
@@ -181,8 +179,6 @@ class ParityChecker:
                     self.queue.put_nowait(sample)
                 except asyncio.QueueFull:
                     self.dropped.labels("queue_full").inc()
-                    continue
-                self._idle.clear()
 
     # --- the background check -------------------------------------------------------------------------
 
@@ -195,10 +191,6 @@ class ParityChecker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    async def drained(self) -> None:
-        """Wait until every queued sample is checked."""
-        await self._idle.wait()
-
     async def _run(self) -> None:
         while True:
             sample = await self.queue.get()
@@ -207,8 +199,6 @@ class ParityChecker:
             except Exception:  # the checker must outlive any one sample
                 log.exception("parity: checking a sample of %s failed", sample.view)
                 self.dropped.labels("error").inc()
-            if self.queue.empty():
-                self._idle.set()
 
     async def check(self, sample: Sample) -> None:
         """Compare one sample with the offline path and count the outcome of each of its features."""
