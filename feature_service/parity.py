@@ -128,6 +128,7 @@ class ParityChecker:
             registry=registry,
         )
         self._children: dict[tuple[str, str, str], Any] = {}
+        self._queue_full = self.dropped.labels("queue_full")
 
     # --- the request path -----------------------------------------------------------------------------
 
@@ -158,6 +159,9 @@ class ParityChecker:
             for i in chosen:
                 if columns[refs[0]].statuses[i] == _UNAVAILABLE:  # nothing was served to compare
                     continue
+                if self.queue.full():  # before building the sample: an overloaded checker costs the answer nothing
+                    self._queue_full.inc()
+                    continue
                 record = seen.records[i]
                 event_ts, written_ts = (
                     (record.event_ts, record.written_ts) if isinstance(record, Record) else (None, None)
@@ -175,10 +179,7 @@ class ParityChecker:
                     entry.baselines,
                     values,
                 )
-                try:
-                    self.queue.put_nowait(sample)
-                except asyncio.QueueFull:
-                    self.dropped.labels("queue_full").inc()
+                self.queue.put_nowait(sample)  # not full: nothing else runs in between
 
     # --- the background check -------------------------------------------------------------------------
 
