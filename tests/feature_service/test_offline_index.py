@@ -1,23 +1,28 @@
 """The parity check's offline index over real files: point-in-time lookups, history kept, the entity cap,
-sources that moved or changed, the sources a view remembers, and how served and offline values compare."""
+sources that moved or changed, the sources a view remembers, how served and offline values compare, and
+the outcome of each kind of served record."""
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
+from prometheus_client import CollectorRegistry
 
+from feature_service import convert
 from feature_service.materialize import Materializer
 from feature_service.offline_index import HISTORY_S, OfflineIndex, build_index
-from feature_service.parity import same
+from feature_service.parity import ParityChecker, Sample, same
 from feature_service.reader import Catalog
 from feature_service.records import entity_key
 from feature_service.sources import MAX_SOURCES, Source, remembered
 from feature_service.tiers.sqlite import SQLiteTier
+from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.features import parse_definitions
 
 DEFINITIONS = """
@@ -152,3 +157,55 @@ def test_views_remember_their_latest_sources_once_each() -> None:
 )
 def test_served_and_offline_values_compare(online: object, offline: object, equal: bool) -> None:
     assert same(online, offline) is equal
+
+
+def sample(catalog: Catalog, key: str, served_at: float, event_ts: float | None, **values: object) -> Sample:
+    entry = catalog.views["customer"]
+    written = None if event_ts is None else NOW + 1  # a push's arrival, unless a test says otherwise
+    return Sample("customer", key, served_at, event_ts, written, None, True, entry.stored, {}, values)
+
+
+def counts(checker: ParityChecker) -> dict[str, tuple[int, int, int]]:
+    return {f"{v}:{f}": (c.checked, c.mismatched, c.missing_offline) for (v, f), c in checker.counts.items()}
+
+
+async def test_check_outcomes_stale_samples_and_uncovered_entities(catalog: Catalog, tmp_path: Path) -> None:
+    source = write(tmp_path / "a.parquet", [(1, 1.0, 30, NOW - 100), (2, 2.0, 40, NOW + 100), (3, 3.0, 50, NOW - 100)])
+    catalog.set_statistics("customer", convert.encode_statistics(spb.FeatureViewStatistics(), {}, [source.to_dict()]))
+    registry = CollectorRegistry()
+    checker = ParityChecker(catalog, materializer(catalog, tmp_path), registry, sample_rate=1, max_entities=2)
+    one, two, three = (entity_key([i]) for i in (1, 2, 3))
+    from_file = sample(catalog, one, NOW, NOW - 100, income=1.0, age=31)
+    await checker.check(replace(from_file, written_ts=source.materialized_at))
+    assert counts(checker) == {"customer:income": (1, 0, 0), "customer:age": (1, 1, 0)}
+    assert list(checker.counts[("customer", "age")].examples) == [
+        f"customer_id=1 at {convert.utc(NOW)}: online 31, offline 30 (offline row of {convert.utc(NOW - 100)})"
+    ]
+    # The same event time but pushed (another arrival): not the file's record. A newer one neither.
+    await checker.check(from_file)
+    await checker.check(sample(catalog, one, NOW, NOW - 50, income=9.0))
+    assert counts(checker)["customer:income"] == (3, 0, 2)
+    # A record dated ahead of the served time, from the file: looked up at its own time.
+    await checker.check(replace(sample(catalog, two, NOW, NOW + 100, income=2.0), written_ts=source.materialized_at))
+    assert counts(checker)["customer:income"] == (4, 0, 2)
+    # Nothing served where the file has a live row: lost data is a mismatch.
+    await checker.check(sample(catalog, one, NOW, None, income=None))
+    assert counts(checker)["customer:income"] == (5, 1, 2)
+    # Entity 3 is beyond the index's two entities; a sample served under other statistics is stale.
+    await checker.check(sample(catalog, three, NOW, NOW - 100, income=3.0))
+    old = sample(catalog, one, NOW, NOW - 100, income=1.0)
+    catalog.set_statistics("customer", convert.encode_statistics(spb.FeatureViewStatistics(), {"age": 1}, []))
+    await checker.check(old)
+    dropped = [
+        registry.get_sample_value("fresco_feature_parity_samples_dropped_total", {"reason": reason})
+        for reason in ("not_indexed", "stale")
+    ]
+    assert dropped == [1.0, 1.0]
+    assert counts(checker)["customer:income"] == (5, 1, 2)
+    assert (
+        registry.get_sample_value(
+            "fresco_feature_parity_checks_total",
+            {"view": "customer", "feature": "income", "outcome": "missing_offline"},
+        )
+        == 2.0
+    )
