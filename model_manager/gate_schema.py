@@ -104,11 +104,10 @@ class FeatureCatalog:
             raise
         return reply.feature_view
 
-    async def parity(self, refs: Sequence[str]) -> list[spb.FeatureParity]:
-        """Online-offline parity counts of these feature refs (GetFeatureParity); gRPC errors propagate."""
-        reply = await self._stub.GetFeatureParity(
-            fpb.GetFeatureParityRequest(feature_refs=refs), timeout=self._timeout_s
-        )
+    async def parity(self) -> list[spb.FeatureParity]:
+        """Online-offline parity counts of every feature checked so far (GetFeatureParity); gRPC errors propagate."""
+        # Every ref, not the model's: one the feature service does not serve would fail the whole call (NOT_FOUND).
+        reply = await self._stub.GetFeatureParity(fpb.GetFeatureParityRequest(), timeout=self._timeout_s)
         return list(reply.features)
 
 

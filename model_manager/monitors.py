@@ -72,7 +72,7 @@ class ModelMonitors:
             response.notes.append("parity: no feature service configured (--feature-service); shown without parity")
             return response
         try:
-            found = {p.feature_ref: p for p in await self.catalog.parity(refs)}
+            found = {p.feature_ref: p for p in await self.catalog.parity()}
         except aio.AioRpcError as err:
             response.notes.append(
                 f"parity: feature service {self.catalog.address} answered {err.code().name} "
