@@ -115,10 +115,13 @@ class DriftMonitor:
         return {name: self.store.window(basis.model, basis.version, length, at) for name, length in WINDOWS.items()}
 
     def drifts(self, basis: VersionBasis, now: float | None = None) -> dict[str, dict[SketchKey, Drift]]:
-        """Each window's drift by (kind, name), for the names with values in it."""
+        """Each window's drift by (kind, name), for every name with values in any window (none in this one: a
+        window of no values, so a gauge never shows what has left the window)."""
+        windows = self.windows(basis, now)
+        keys = {key for merged in windows.values() for key in merged}
         return {
-            window: {key: basis.judge(sketch) for key, sketch in merged.items()}
-            for window, merged in self.windows(basis, now).items()
+            window: {key: basis.judge(merged.get(key) or ColumnSketch(key[1], key[0])) for key in keys}
+            for window, merged in windows.items()
         }
 
     def version_monitor(self, basis: VersionBasis, stage: rpb.ModelStage.ValueType) -> mpb.VersionMonitor:
