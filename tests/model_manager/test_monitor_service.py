@@ -3,16 +3,19 @@ value sketches, counted once, drift shown on the shifted feature only, bad input
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from pathlib import Path
 
 import grpc
 import pytest
+import sqlalchemy as sa
 
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
+from model_manager.monitor_store import monitor_buckets, monitor_windows
 from tests.model_manager.monitor_support import (
     REFS,
     SCORE,
@@ -126,3 +129,31 @@ async def test_a_bad_sketch_is_rejected_naming_the_field_and_the_rest_is_kept(tm
         assert "value_sketches[0].kll_sketch" in reply.rejected[1]
         answer = await stub.GetModelMonitor(pb.GetModelMonitorRequest(model_name=model))
         assert answer.versions[0].features[0].windows[0].count == 100
+
+
+async def test_a_restart_keeps_the_history_and_merges_windows_a_crash_left_unmerged(tmp_path: Path) -> None:
+    async with manager(tmp_path, LocalFleet(), LocalHub(), drift_refresh_s=300) as (mm, stub):
+        assert mm.registry is not None
+        model = register(mm.registry)
+        report = pb.ReportMetricsRequest(gateway_id="gw-1", windows=[drifted_window(model, 1, seed=5)])  # type: ignore[list-item]
+        assert (await stub.ReportMetrics(report)).accepted_windows == 1
+        before = await stub.GetModelMonitor(pb.GetModelMonitorRequest(model_name=model))
+    async with manager(tmp_path, LocalFleet(), LocalHub(), drift_refresh_s=300) as (mm, stub):
+        after = await stub.GetModelMonitor(pb.GetModelMonitorRequest(model_name=model))
+        assert after.versions[0].features[1].windows[2].count == 2000
+        assert list(after.versions[0].drifted_features) == list(before.versions[0].drifted_features)
+        assert mm.registry is not None
+        with mm.registry.engine.begin() as conn:  # as if the manager had died between the ledger and the store
+            conn.execute(sa.delete(monitor_buckets))
+            conn.execute(sa.delete(monitor_windows))
+    async with manager(tmp_path, LocalFleet(), LocalHub(), drift_refresh_s=300) as (mm, stub):
+        deadline = time.monotonic() + 30
+        while True:
+            again = await stub.GetModelMonitor(pb.GetModelMonitorRequest(model_name=model, versions=[1]))
+            if again.versions[0].features[1].windows[2].count == 2000:
+                break
+            assert time.monotonic() < deadline, "the stored window was never merged again"
+            await asyncio.sleep(0.05)
+        assert (await stub.ReportMetrics(report)).duplicate_windows == 1
+        once = await stub.GetModelMonitor(pb.GetModelMonitorRequest(model_name=model, versions=[1]))
+        assert once.versions[0].features[1].windows[2].count == 2000, "merged once, the retry not again"
