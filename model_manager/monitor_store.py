@@ -132,8 +132,8 @@ class MonitorStore:
         A mirrored window's feature sketches are left out: they are copies of live requests counted already."""
         with self._lock:
             fresh: dict[str, MetricWindow] = {}
-            for w in windows:
-                if w.window_id not in self._fed and w.window_id not in fresh and w.end > self._horizon:
+            for w in windows:  # a window without sketches has nothing to merge: no id to keep either
+                if w.sketches and w.window_id not in self._fed and w.window_id not in fresh and w.end > self._horizon:
                     fresh[w.window_id] = w
             if not fresh:
                 return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -29,28 +29,23 @@ class SketchDecodeError(ValueError):
 
 @dataclass(frozen=True)
 class WindowSketch:
-    """One feature's or output's sketch in one window: the ValueSketch bytes, and the checked sketch they hold."""
+    """One feature's or output's sketch in one window, as the checked ValueSketch bytes: windows are kept for hours,
+    and the bytes take a fraction of the memory of the decoded sketch (decoded again when merged)."""
 
     name: str
     kind: int
     data: bytes
-    sketch: ColumnSketch = field(compare=False, repr=False, hash=False)
 
     @classmethod
     def of(cls, message: mpb.ValueSketch) -> WindowSketch:
         """A received sketch, checked; SketchDecodeError naming the field when it cannot be read."""
-        if len(message.name) > MAX_NAME_CHARS:
-            raise SketchDecodeError(f"name: expected at most {MAX_NAME_CHARS} characters, got {len(message.name)}")
-        problem = kll_problem(message.kll_sketch, KLL_K) if message.kll_sketch else None
-        if problem is not None:  # checked before the library reads it: malformed bytes crash it on first use
-            raise SketchDecodeError(f"kll_sketch: expected a DataSketches kll_doubles_sketch: {problem}")
-        try:
-            sketch = ColumnSketch.from_proto(message)
-        except SketchError as err:
-            raise SketchDecodeError(str(err)) from None
-        except (IndexError, ValueError, RuntimeError) as err:  # what the library raises for bytes it refuses
-            raise SketchDecodeError(f"kll_sketch: expected a DataSketches kll_doubles_sketch: {err}") from None
-        return cls(message.name, int(message.kind), message.SerializeToString(deterministic=True), sketch)
+        _decode(message)
+        return cls(message.name, int(message.kind), message.SerializeToString(deterministic=True))
+
+    @property
+    def sketch(self) -> ColumnSketch:
+        """The sketch, decoded anew (the caller owns it)."""
+        return ColumnSketch.from_proto(mpb.ValueSketch.FromString(self.data))
 
     @classmethod
     def from_bytes(cls, data: bytes) -> WindowSketch:
@@ -75,6 +70,22 @@ class WindowSketch:
     def from_text(cls, text: str) -> WindowSketch:
         """The inverse of `to_text`."""
         return cls.from_bytes(base64.b64decode(text.encode("ascii"), validate=True))
+
+
+def _decode(message: mpb.ValueSketch) -> ColumnSketch:
+    """A received sketch, checked; SketchDecodeError naming the field when it cannot be read."""
+    if len(message.name) > MAX_NAME_CHARS:
+        raise SketchDecodeError(f"name: expected at most {MAX_NAME_CHARS} characters, got {len(message.name)}")
+    problem = kll_problem(message.kll_sketch, KLL_K) if message.kll_sketch else None
+    if problem is not None:  # checked before the library reads it: malformed bytes crash it on first use
+        raise SketchDecodeError(f"kll_sketch: expected a DataSketches kll_doubles_sketch: {problem}")
+    try:
+        sketch = ColumnSketch.from_proto(message)
+    except SketchError as err:
+        raise SketchDecodeError(str(err)) from None
+    except (IndexError, ValueError, RuntimeError) as err:  # what the library raises for bytes it refuses
+        raise SketchDecodeError(f"kll_sketch: expected a DataSketches kll_doubles_sketch: {err}") from None
+    return sketch
 
 
 def decode_sketches(
@@ -112,7 +123,7 @@ def merge_sketches(groups: Iterable[Iterable[WindowSketch]]) -> dict[SketchKey, 
         for s in group:
             target = merged.get(s.key)
             if target is None:
-                merged[s.key] = s.sketch.copy()
+                merged[s.key] = s.sketch
             else:
                 target.merge(s.sketch)
     return merged
