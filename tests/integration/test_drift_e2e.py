@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -160,3 +161,16 @@ def test_injected_drift_on_one_feature_is_flagged_in_the_first_window_and_on_no_
     assert [n for n in version.drifted_features if n in features] == [SHIFTED]
     history = list(features[SHIFTED].psi_history)
     assert any(not math.isnan(v) and v > 0.1 for v in history[-2:]), "the current 5-minute bucket shows it"
+
+    # The same verdict on the manager's /metrics, once its background refresh has run.
+    def breached() -> dict[str, float]:
+        text = urllib.request.urlopen(platform.suite.services[0].metrics_url, timeout=10).read().decode()
+        wanted = ("fresco_feature_drift_breached{", f'model="{MODEL}"', 'window="5m"', 'kind="feature"')
+        out = {}
+        for line in text.splitlines():
+            if all(part in line for part in wanted):
+                out[line.split('feature="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    gauges = poll(breached, lambda found: len(found) == len(model.feature_names), timeout_s=60, every_s=0.5)
+    assert {name for name, value in gauges.items() if value == 1.0} == {SHIFTED}
