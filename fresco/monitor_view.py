@@ -64,7 +64,7 @@ def null_cell(window: mpb.FeatureDriftWindow) -> Text:
         return Text("—", style="dim")
     rise = _measure(window, _NULL)
     style = "bold red" if rise is not None and rise.breached else ""
-    return Text(f"{window.null_rate:.1%} vs {window.training_null_rate:.1%}", style=style)
+    return Text(f"{window.null_rate:.1%} ({window.training_null_rate:.1%})", style=style)
 
 
 def parity_cell(feature: mpb.FeatureMonitor) -> Text:
@@ -85,18 +85,21 @@ def _policy_line(version: mpb.VersionMonitor) -> str:
 
 
 def version_table(model: str, version: mpb.VersionMonitor) -> RenderableType:
-    """One version's features and scores."""
+    """One version's features and scores: the windows, then the last day's history (a table of its own, so the
+    sparklines keep their width in a terminal of 120 columns)."""
     title = f"{escape(model)} v{version.version} ({stage_name(version.stage)})"
     table = Table(title=title, title_justify="left", caption=_policy_line(version), caption_justify="left")
-    table.add_column("feature")
-    table.add_column("kind")
+    history = Table(title="last day, oldest first", title_justify="left")
+    for t in (table, history):
+        t.add_column("feature", no_wrap=True)
+        t.add_column("kind")
     for window in WINDOWS:
-        table.add_column(f"{window} PSI/KS/JS", justify="right")
-    table.add_column(f"null {POLICY_WINDOW} vs training", justify="right")
+        table.add_column(f"{window} PSI/KS/JS", justify="right", no_wrap=True)
+    table.add_column(f"null {POLICY_WINDOW} (training)", justify="right", no_wrap=True)
     table.add_column(f"values {POLICY_WINDOW}", justify="right")
     table.add_column("parity checked/mismatched", justify="right")
-    table.add_column("PSI, last day")
-    table.add_column("null rate, last day")
+    history.add_column("PSI per 5 minutes", no_wrap=True)
+    history.add_column("null rate per 5 minutes", no_wrap=True)
     for feature in version.features:
         windows = {w.window: w for w in feature.windows}
         hour = windows.get(POLICY_WINDOW, mpb.FeatureDriftWindow())
@@ -104,17 +107,22 @@ def version_table(model: str, version: mpb.VersionMonitor) -> RenderableType:
         top = 2 * limit.threshold if limit is not None and limit.threshold > 0 else 0.2
         kind = "score" if feature.kind == mpb.VALUE_SKETCH_KIND_SCORE else "feature"
         drifted = feature.name in version.drifted_features
+        name = Text(feature.name, style="bold red" if drifted else "")
         table.add_row(
-            Text(feature.name, style="bold red" if drifted else ""),
+            name,
             kind,
             *(drift_cell(windows.get(w, mpb.FeatureDriftWindow())) for w in WINDOWS),
             null_cell(hour),
             str(hour.count),
             parity_cell(feature),
+        )
+        history.add_row(
+            name,
+            kind,
             Text(sparkline(list(feature.psi_history), top), style="red" if drifted else "cyan"),
             Text(sparkline(list(feature.null_rate_history), 1.0), style="magenta"),
         )
-    return table
+    return Group(table, history)
 
 
 def monitor_view(model: str, response: pb.GetModelMonitorResponse) -> RenderableType:

@@ -69,7 +69,9 @@ class ModelMonitors:
         if not refs:
             return response
         if self.catalog is None:
-            response.notes.append("parity: no feature service configured (--feature-service); shown without parity")
+            response.notes.append(
+                "parity: no feature service configured (--feature-service-address); shown without parity"
+            )
             return response
         try:
             found = {p.feature_ref: p for p in await self.catalog.parity()}

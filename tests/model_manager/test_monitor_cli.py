@@ -43,11 +43,15 @@ async def test_monitor_prints_each_feature_with_the_drifted_one_named(tmp_path: 
         code, out, err = await fresco(mm.app.address, "monitor", model)
         assert code == 0, err
         assert f"{model} v1 (production)" in out
-        rows = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 5}
-        assert set(rows) >= {"users:age", "users:spend", "users:visits", "probability"}
-        assert "2000" in rows["users:age"]
-        assert "0.0% vs 0.0%" in rows["users:spend"]
-        assert any(block in rows["users:spend"] for block in BLOCKS), "a sparkline of the PSI history"
+        rows: dict[str, list[str]] = {}  # each name's row in the windows' table, then in the history's
+        for line in out.splitlines():
+            if line.startswith("│"):
+                rows.setdefault(line.split("│")[1].strip(), []).append(line)
+        assert set(rows) == {"users:age", "users:spend", "users:visits", "probability"}
+        assert "2000" in rows["users:age"][0]
+        assert "0.0% (0.0%)" in rows["users:spend"][0]
+        assert "█" in rows["users:spend"][1], "the PSI history's sparkline, at its top"
+        assert not any(block in rows["users:age"][1] for block in BLOCKS[2:]), "low PSI, low blocks"
         assert "drifted (1h): users:spend" in out
         assert "note: parity: no feature service configured" in out
 
