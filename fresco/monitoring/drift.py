@@ -22,7 +22,8 @@ from scipy.spatial.distance import jensenshannon
 
 from fresco.api.features.v1 import statistics_pb2
 from fresco.api.models.v1 import monitoring_pb2, registry_pb2
-from fresco.monitoring.sketches import ColumnSketch
+from fresco.monitoring.kll_bytes import kll_problem
+from fresco.monitoring.sketches import KLL_K, ColumnSketch
 
 DEFAULT_MIN_ROWS: Final = 1000
 DECILES: Final = tuple(i / 10 for i in range(1, 10))
@@ -162,8 +163,8 @@ def js_distance(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def _training_kll(numeric: statistics_pb2.NumericStatistics) -> datasketches.kll_doubles_sketch | None:
-    if not numeric.kll_sketch:
-        return None
+    if not numeric.kll_sketch or kll_problem(numeric.kll_sketch, KLL_K) is not None:
+        return None  # checked first: corrupt bytes can crash the library; the histogram serves instead
     try:
         sketch = datasketches.kll_doubles_sketch.deserialize(numeric.kll_sketch)
     except (ValueError, RuntimeError, IndexError, MemoryError):  # a corrupt sketch: fall back to the histogram
