@@ -162,15 +162,22 @@ def test_injected_drift_on_one_feature_is_flagged_in_the_first_window_and_on_no_
     history = list(features[SHIFTED].psi_history)
     assert any(not math.isnan(v) and v > 0.1 for v in history[-2:]), "the current 5-minute bucket shows it"
 
-    # The same verdict on the manager's /metrics, once its background refresh has run.
-    def breached() -> dict[str, float]:
+    # The same verdict on the manager's /metrics, once its background refresh has run over all the rows (an earlier
+    # refresh may have seen a partial, unjudged window: wait for the values gauge to count every row).
+    def gauge(name: str) -> dict[str, float]:
         text = urllib.request.urlopen(platform.suite.services[0].metrics_url, timeout=10).read().decode()
-        wanted = ("fresco_feature_drift_breached{", f'model="{MODEL}"', 'window="5m"', 'kind="feature"')
+        wanted = (f"{name}{{", f'model="{MODEL}"', 'window="5m"', 'kind="feature"')
         out = {}
         for line in text.splitlines():
             if all(part in line for part in wanted):
                 out[line.split('feature="', 1)[1].split('"', 1)[0]] = float(line.rsplit(" ", 1)[1])
         return out
 
-    gauges = poll(breached, lambda found: len(found) == len(model.feature_names), timeout_s=60, every_s=0.5)
+    def refreshed() -> dict[str, float]:
+        values = gauge("fresco_feature_drift_values")
+        if len(values) < len(model.feature_names) or any(v != ROWS for v in values.values()):
+            return {}
+        return gauge("fresco_feature_drift_breached")
+
+    gauges = poll(refreshed, lambda found: len(found) == len(model.feature_names), timeout_s=60, every_s=0.5)
     assert {name for name, value in gauges.items() if value == 1.0} == {SHIFTED}
