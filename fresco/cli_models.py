@@ -21,6 +21,7 @@ from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 from fresco.cli_model_update import update
+from fresco.cli_monitor import monitor
 from fresco.cli_promote import promote, rollback
 from fresco.cli_report import report as model_report
 from fresco.rollout_view import stage_name, when
@@ -343,4 +344,5 @@ def alias(
 app.command()(update)
 app.command()(promote)
 app.command()(rollback)
+app.command()(monitor)
 app.command("report")(model_report)

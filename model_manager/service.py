@@ -23,6 +23,7 @@ from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
 from model_manager.hold_rpcs import HoldRpcs
 from model_manager.model_rpcs import ModelRpcs
+from model_manager.monitor_rpcs import MonitorRpcs
 from model_manager.registry import Registry
 from model_manager.rollout_rpcs import RolloutRpcs
 from model_manager.route_rpcs import RouteRpcs
@@ -78,6 +79,7 @@ class ModelManagerServicer(
     GateRpcs,
     RouteRpcs,
     RolloutRpcs,
+    MonitorRpcs,
     SafetyRpcs,
     pb_grpc.ModelManagerServiceServicer,
 ):
