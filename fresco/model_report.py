@@ -147,7 +147,9 @@ def collect(m: Manager, model_name: str, number: int) -> ModelReport:
     def monitor() -> mpb.VersionMonitor | None:
         request = pb.GetModelMonitorRequest(model_name=model_name, versions=[number])
         answer = m.stub.GetModelMonitor(request, timeout=TIMEOUT_S, metadata=m.metadata)
-        return next((x for x in answer.versions if x.version == number), None)
+        found = next((x for x in answer.versions if x.version == number), None)
+        # A version asked for by number is answered even without data: its windows are then all empty.
+        return found if found is not None and has_live_data(found) else None
 
     def safety() -> mpb.SafetyScore:
         request = pb.GetSafetyScoreRequest(model_name=model_name)
@@ -173,7 +175,7 @@ def build(
     if quality.value is None and not quality.missing:
         quality = Fetched(None, "prediction quality: no labelled predictions for this version")
     if monitor.value is None and not monitor.missing:
-        monitor = Fetched(None, "no live data: no sketches reported for this version")
+        monitor = Fetched(None, "no live data: no sketches reported for this version in the last day")
     backtest = stored_backtest(version)
     calibrations: dict[str, rpb.Calibration] = {}
     if version.report.calibration.bins:
@@ -195,6 +197,11 @@ def build(
         safety=safety,
         calibrations=calibrations,
     )
+
+
+def has_live_data(monitor: mpb.VersionMonitor) -> bool:
+    """Whether any window of any feature or score saw a value."""
+    return any(w.count > 0 for f in monitor.features for w in f.windows)
 
 
 def psi_series(monitor: mpb.VersionMonitor) -> list[tuple[str, Sequence[float]]]:

@@ -7,18 +7,21 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import safety
 from model_manager.lifecycle import Stage
+from model_manager.monitor_store import MonitorStore
 from model_manager.plans import CanaryStep, RolloutSpec, Strategy
 from model_manager.registry import Registry
 from model_manager.rollout import Rollout
 from model_manager.rollout_store import RolloutStore
 from model_manager.safety_sources import SafetySources, mirrored
 from model_manager.tables import open_engine, sqlite_url
+from tests.model_manager.monitor_support import SCORE, sketch, window
 from tests.model_manager.registry_support import artifact, model_spec, version_spec
 from tests.model_manager.rollout_driver import Controller, FakeClock
 
@@ -203,6 +206,27 @@ def test_monitoring_counts_live_monitors_training_statistics_and_a_drift_rule(fa
         "no training statistics to compare against",
     )
     assert evidence.drift_rules == ["FeatureDrift"]
+
+
+def test_monitoring_reads_live_monitors_from_the_drift_store(family: Family) -> None:
+    store = MonitorStore(family.registry.engine, clock=family.clock)
+    now = family.clock.now
+    values = np.linspace(0.0, 1.0, 50)
+    store.add(
+        [
+            window(FAMILY, 3, [sketch("users:age", values), sketch("probability", values, SCORE)], start=now - 600),
+            window(FAMILY, 3, [sketch("users:spend", values)], start=now - 2 * 3600),  # over an hour ago
+            window(FAMILY, 2, [sketch("users:spend", values)], start=now - 60),  # v2 is archived
+        ]
+    )
+    sources = SafetySources(family.registry, family.rollouts, store, clock=family.clock)
+    part = safety.monitoring(sources.evidence(FAMILY))
+    assert (part.covered, part.total) == (2, 4)
+    assert part.missing == (
+        "v3 feature users:spend: no live drift monitor (no sketches in the last 1 h); "
+        "no training statistics to compare against",
+        "alert rules: none loaded reads fresco_feature_drift_* (give the manager --alert-rules)",
+    )
 
 
 def test_a_family_without_production_scores_zero_where_nothing_counts(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ writing a page whose sections and images parse back."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +22,10 @@ from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.suite import ServiceProcess
+from tests.model_manager.monitor_support import SCORE, message, scores, sketch, sketches_of, traffic
+from tests.model_manager.monitor_support import register as register_monitored
 from tests.model_manager.registry_support import report, signature, statistics
+from tests.model_manager.rollout_support import LocalFleet, LocalHub, manager
 from tests.model_manager.test_registry_evidence import COBERTURA, JUNIT
 from tests.unit.test_model_report import Page
 
@@ -55,14 +60,14 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths["passing.xml"].write_bytes(PASSING)
     paths["coverage.xml"].write_bytes(COBERTURA)
     paths["bad.xml"].write_bytes(b"<testsuite tests='3'")
-    for name, message in (
+    for name, content in (
         ("policy.json", rpb.DriftPolicy(defaults=rpb.DriftLimits(max_psi=0.2), min_rows=200)),
         ("statistics.json", spb.FeatureViewStatistics(features=statistics())),
         ("report.json", report()),
         ("signature.json", signature()),
     ):
         paths[name] = root / name
-        paths[name].write_text(json_format.MessageToJson(message))
+        paths[name].write_text(json_format.MessageToJson(content))
     return paths
 
 
@@ -147,3 +152,32 @@ def test_report_writes_a_self_contained_page(service: ServiceProcess, files: dic
     assert missing.returncode == 1
     assert "NOT_FOUND" in missing.stderr
     assert not (tmp_path / "none.html").exists()
+
+
+async def test_live_sketches_cover_monitoring_and_draw_the_drift_since_release(tmp_path: Path) -> None:
+    async with manager(tmp_path / "mm", LocalFleet(), LocalHub(), drift_refresh_s=300) as (mm, stub):
+        assert mm.registry is not None
+        model = register_monitored(mm.registry)  # v1 in production, trained on the three features and the score
+        columns = traffic(8, 2000, {"users:spend": 0.7})
+        sketches = [*sketches_of({k: v for k, v in columns.items() if k != "users:visits"}),
+                    sketch("probability", scores(8, 2000), SCORE)]  # fmt: skip
+        window = message(model, 1, sketches, end=time.time() - 1)
+        assert (await stub.ReportMetrics(pb.ReportMetricsRequest(gateway_id="gw", windows=[window]))).accepted_windows
+        score = (await stub.GetSafetyScore(pb.GetSafetyScoreRequest(model_name=model))).safety_score
+        monitoring = {p.name: p for p in score.parts}["monitoring"]
+        assert (monitoring.covered, monitoring.total) == (3, 5)  # users:visits sent nothing; no alert rules
+        assert monitoring.missing[0] == "v1 feature users:visits: no live drift monitor (no sketches in the last 1 h)"
+
+        out = tmp_path / "v1.html"
+        env = {**os.environ, "FRESCO_MODEL_MANAGER": mm.app.address}
+        process = await asyncio.create_subprocess_exec(
+            *FRESCO, "report", model, "1", "--html", str(out), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 120)
+        assert process.returncode == 0, err.decode()
+    page = Page(out.read_text())
+    assert [section for section, _ in page.images] == ["drift"]  # no importance or calibration registered
+    assert "no live data" not in page.text["drift"]
+    assert "drifted: users:spend" in page.text["drift"]
+    assert "users:visits" in page.text["drift"]
