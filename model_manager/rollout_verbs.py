@@ -10,6 +10,7 @@ import asyncio
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.models.v1 import routing_pb2 as rtpb
@@ -23,6 +24,9 @@ from model_manager.reconcile import Applied, Outcome, apply
 from model_manager.rollout import RolloutError
 from model_manager.window_codec import decode_window
 from model_manager.windows import Admission, WindowError
+
+if TYPE_CHECKING:
+    from model_manager.quality_store import QualityStore
 
 # Stages a version may be rolled out from: it passed its gates (candidate), or it served before.
 DEPLOYABLE = frozenset({Stage.CANDIDATE, Stage.PRODUCTION, Stage.ARCHIVED})
@@ -49,6 +53,8 @@ class RolloutVerbs:
         self.controller = controller
         self.registry = controller.registry
         self.store = controller.store
+        # Where the prediction records of reported windows are kept for late labels; None: not kept.
+        self.quality: QualityStore | None = None
 
     # --- reading ------------------------------------------------------------------------------------------
 
@@ -188,6 +194,7 @@ class RolloutVerbs:
         accepted = duplicates = 0
         rejected: list[str] = []
         keep = []
+        fed: list[rtpb.MetricsWindow] = []
         async with c.lock:
             for i, message in enumerate(windows):
                 name = message.window_id or f"windows[{i}]"
@@ -205,9 +212,12 @@ class RolloutVerbs:
                 else:
                     duplicates += 1
                 keep.append(window.to_dict())  # duplicates too: a retry after a failed store stores them now
+                fed.append(message)
             await asyncio.to_thread(self.store.add_windows, keep)
         if accepted:
             c.wake()
+        if self.quality is not None:  # duplicates too, for the same reason: a prediction kept already is left as is
+            await self.quality.add_windows(fed)
         return Reported(accepted, duplicates, tuple(rejected))
 
     def _running(self) -> RolloutController:

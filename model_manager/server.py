@@ -19,8 +19,11 @@ from model_manager.holds import HoldStore
 from model_manager.loader import PredictorLoader, RegistryArtifacts
 from model_manager.operations import OperationStore
 from model_manager.ports import FleetPort, RouteHubPort
+from model_manager.prediction_store import PredictionStore
 from model_manager.predictors import Predictors
 from model_manager.promotions import Promotions
+from model_manager.quality_metrics import QualityMetrics
+from model_manager.quality_store import QualityStore
 from model_manager.registry import Registry
 from model_manager.rollout_rpcs import RolloutRuntime
 from model_manager.rollout_store import RolloutStore
@@ -57,6 +60,8 @@ class ModelManager:
         self.ads.add_to_server(self.app.server)
         self.registry: Registry | None = None
         self.controller: RolloutController | None = None
+        self.quality_metrics = QualityMetrics(self.app.registry)
+        self.quality_task: asyncio.Task[None] | None = None
         self.app.on_drain(self._stop_deciding)
         self.app.on_stop(self._close)
 
@@ -90,6 +95,7 @@ class ModelManager:
         assert promotions is not None
         promotions.runner.in_use = self.controller.uses
         self.servicer.rollouts = RolloutRuntime.of(self.controller, self.ads)
+        await self._quality(registry)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
 
     def _fleet(self, registry: Registry, store: ArtifactStore) -> Fleet:
@@ -135,6 +141,15 @@ class ModelManager:
         self.app.on_stop(promotions.close)
         return promotions
 
+    async def _quality(self, registry: Registry) -> None:
+        predictions = await asyncio.to_thread(PredictionStore, registry.engine)
+        retention = self.settings.prediction_retention_s
+        quality = QualityStore(predictions, registry, retention_s=retention, metrics=self.quality_metrics)
+        self.servicer.quality = quality
+        assert self.servicer.rollouts is not None
+        self.servicer.rollouts.verbs.quality = quality
+        self.quality_task = asyncio.create_task(quality.run(self.settings.quality_refresh_s))
+
     async def _connect(self) -> Registry:
         url = self.settings.registry_url()
         while True:
@@ -152,6 +167,10 @@ class ModelManager:
         # they never end by themselves, and would hold the drain for its whole grace period. So do the xDS streams.
         self.route_hub.close()
         self.ads.close()
+        if self.servicer.quality is not None:
+            self.servicer.quality.stopping.set()
+        if self.quality_task is not None:
+            self.quality_task.cancel()
         if self.controller is not None:
             await self.controller.stop()
         if self.own_fleet is not None:

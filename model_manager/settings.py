@@ -53,6 +53,11 @@ class ModelManagerSettings(ServiceSettings):
     latency_warmup_requests: int = Field(default=20, ge=0)
     """Untimed requests the latency gate sends first when its request does not say (warmup_requests 0)."""
 
+    prediction_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    """Seconds a served prediction is kept for its late label (and its quality judged); older ones are forgotten."""
+    quality_refresh_s: float = Field(default=30.0, gt=0)
+    """How often the prediction quality gauges are recomputed and old predictions forgotten, in seconds."""
+
     @field_validator("default_gates_json")
     @classmethod
     def _gates_parse(cls, value: str) -> str:
