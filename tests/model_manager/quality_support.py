@@ -56,7 +56,7 @@ def reasons(response: pb.LogLabelsResponse) -> dict[int, str]:
 def offline_ece(labels: np.ndarray, scores: np.ndarray) -> float:
     """Expected calibration error over 10 equal-width bins [k/10, (k+1)/10), the last one closed."""
     edges = [k / 10 for k in range(1, 10)]
-    bins = sum((scores >= e).astype(int) for e in edges)
+    bins = np.sum([scores >= e for e in edges], axis=0)
     gap = 0.0
     for b in range(10):
         inside = bins == b
