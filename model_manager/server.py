@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from chassis.errors import Unavailable
@@ -84,6 +85,7 @@ class ModelManager:
         self.servicer.promotions = await self._promotions(registry, store)
         rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
         holds = await asyncio.to_thread(HoldStore, registry.engine, registry)
+        predictions = await asyncio.to_thread(PredictionStore, registry.engine)
         metrics = MetricsConfig(window_seconds=self.settings.metrics_window_s)
         self.controller = RolloutController(
             rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions,
@@ -95,7 +97,7 @@ class ModelManager:
         assert promotions is not None
         promotions.runner.in_use = self.controller.uses
         self.servicer.rollouts = RolloutRuntime.of(self.controller, self.ads)
-        await self._quality(registry)
+        self._quality(registry, predictions)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
 
     def _fleet(self, registry: Registry, store: ArtifactStore) -> Fleet:
@@ -141,8 +143,7 @@ class ModelManager:
         self.app.on_stop(promotions.close)
         return promotions
 
-    async def _quality(self, registry: Registry) -> None:
-        predictions = await asyncio.to_thread(PredictionStore, registry.engine)
+    def _quality(self, registry: Registry, predictions: PredictionStore) -> None:
         retention = self.settings.prediction_retention_s
         quality = QualityStore(predictions, registry, retention_s=retention, metrics=self.quality_metrics)
         self.servicer.quality = quality
@@ -171,6 +172,8 @@ class ModelManager:
             self.servicer.quality.stopping.set()
         if self.quality_task is not None:
             self.quality_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.quality_task
         if self.controller is not None:
             await self.controller.stop()
         if self.own_fleet is not None:
