@@ -194,7 +194,7 @@ class RolloutVerbs:
         accepted = duplicates = 0
         rejected: list[str] = []
         keep = []
-        fed: list[rtpb.MetricsWindow] = []
+        reported: list[rtpb.MetricsWindow] = []
         async with c.lock:
             for i, message in enumerate(windows):
                 name = message.window_id or f"windows[{i}]"
@@ -212,12 +212,12 @@ class RolloutVerbs:
                 else:
                     duplicates += 1
                 keep.append(window.to_dict())  # duplicates too: a retry after a failed store stores them now
-                fed.append(message)
+                reported.append(message)
             await asyncio.to_thread(self.store.add_windows, keep)
         if accepted:
             c.wake()
         if self.quality is not None:  # duplicates too, for the same reason: a prediction kept already is left as is
-            await self.quality.add_windows(fed)
+            await self.quality.add_windows(reported)
         return Reported(accepted, duplicates, tuple(rejected))
 
     def _running(self) -> RolloutController:
