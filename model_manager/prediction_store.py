@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,6 +35,8 @@ predictions = sa.Table(
     sa.Column("request_id", sa.String(MAX_REQUEST_ID), primary_key=True),
     sa.Column("time_us", sa.BigInteger, nullable=False, index=True),
     sa.Column("score", sa.Double, nullable=False),
+    # The predictive entropy of the score read as a probability, so a window's mean is one SQL aggregate.
+    sa.Column("entropy", sa.Double, nullable=False),
     sa.Column("unit_id", sa.String(256), nullable=False),
     sa.Column("label", sa.Double, nullable=True),  # NULL until the label arrives
     sa.Column("observed_us", sa.BigInteger, nullable=True),
@@ -52,6 +55,7 @@ class Prediction:
     request_id: str
     time_us: int
     score: float
+    entropy: float
     unit_id: str = ""
 
 
@@ -75,8 +79,20 @@ class Labelling:
 
 
 @dataclass(frozen=True)
+class Summary:
+    """Aggregates of a version's predictions: (count, entropy sum) per window asked for; the smallest and largest
+    score, the number of labels other than 0 and 1, and the earliest time, over the widest window (None if empty)."""
+
+    windows: list[tuple[int, float]]
+    min_score: float | None
+    max_score: float | None
+    non_binary_labels: int
+    earliest_us: int | None
+
+
+@dataclass(frozen=True)
 class VersionRows:
-    """A version's kept predictions: time, score and label (NaN when none yet), in one order."""
+    """Labelled predictions of a version: time, score and label, in one order."""
 
     time_us: npt.NDArray[np.int64]
     score: Array
@@ -105,6 +121,7 @@ class PredictionStore:
                 "request_id": p.request_id,
                 "time_us": p.time_us,
                 "score": p.score,
+                "entropy": p.entropy,
                 "unit_id": p.unit_id,
             }
             for p in fresh.values()
@@ -144,18 +161,53 @@ class PredictionStore:
                 conn.execute(query.values(label=item.value, observed_us=item.observed_us, labelled_us=now_us))
 
     @database_errors
-    def rows(self, model: str, version: int) -> VersionRows:
-        """Every kept prediction of a version (the retention bounds how many)."""
+    def labelled(self, model: str, version: int, since_us: int | None = None) -> VersionRows:
+        """The labelled predictions of a version made at or after `since_us` (all when None)."""
         t = predictions.c
-        query = sa.select(t.time_us, t.score, t.label).where(t.model_name == model, t.version == version)
+        query = sa.select(t.time_us, t.score, t.label).where(
+            t.model_name == model, t.version == version, t.label.is_not(None)
+        )
+        if since_us is not None:
+            query = query.where(t.time_us >= since_us)
         with self.engine.connect() as conn:
             fetched = conn.execute(query).all()
         times = np.fromiter((r.time_us for r in fetched), dtype=np.int64, count=len(fetched))
         scores = np.fromiter((r.score for r in fetched), dtype=np.float64, count=len(fetched))
-        labels = np.fromiter(
-            (np.nan if r.label is None else r.label for r in fetched), dtype=np.float64, count=len(fetched)
-        )
+        labels = np.fromiter((r.label for r in fetched), dtype=np.float64, count=len(fetched))
         return VersionRows(times, scores, labels)
+
+    @database_errors
+    def summary(self, model: str, version: int, starts: Sequence[int | None]) -> Summary:
+        """Counts and entropy sums of a version's predictions made at or after each start (None: all), and what its
+        task is inferred from, over the widest of them; one aggregate query."""
+        t = predictions.c
+        columns: list[sa.ColumnElement[Any]] = []
+        for start in starts:
+            inside = sa.true() if start is None else t.time_us >= start
+            columns.append(sa.func.coalesce(sa.func.sum(sa.case((inside, 1), else_=0)), 0))
+            columns.append(sa.func.coalesce(sa.func.sum(sa.case((inside, t.entropy), else_=0.0)), 0.0))
+        not_binary = sa.and_(t.label.is_not(None), t.label != 0.0, t.label != 1.0)
+        columns += [
+            sa.func.min(t.score),
+            sa.func.max(t.score),
+            sa.func.coalesce(sa.func.sum(sa.case((not_binary, 1), else_=0)), 0),
+            sa.func.min(t.time_us),
+        ]
+        query = sa.select(*columns).where(t.model_name == model, t.version == version)
+        if None not in starts and starts:
+            query = query.where(t.time_us >= min(s for s in starts if s is not None))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).one()
+        n = 2 * len(starts)
+        windows = [(int(row[i]), float(row[i + 1])) for i in range(0, n, 2)]
+        low, high, non_binary, earliest = row[n], row[n + 1], int(row[n + 2]), row[n + 3]
+        return Summary(
+            windows,
+            None if low is None else float(low),
+            None if high is None else float(high),
+            non_binary,
+            None if earliest is None else int(earliest),
+        )
 
     @database_errors
     def versions(self, model: str) -> list[int]:

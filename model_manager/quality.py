@@ -1,11 +1,16 @@
 """Prediction quality of one version from its kept predictions and late labels, per window of prediction time.
 
-Exact: every metric is computed on all the window's rows (numpy), reusing the evaluation metrics of the promotion
-gates. The work per version is linear in its kept predictions (bounded by the retention times the gateways' record
-rate), plus a sort for the AUC.
+Exact: counts and mean entropy are SQL aggregates over the window's predictions (each row's entropy is stored with
+it); the other metrics are computed with numpy on every labelled row of the window, reusing the evaluation metrics of
+the promotion gates. So the work per version and window is one indexed scan in the database plus, in the manager,
+time and memory linear in its labelled predictions (bounded by the retention times the labelling rate) and a sort
+for the AUC.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -14,7 +19,7 @@ from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import metrics
 from model_manager.metrics import Array
-from model_manager.prediction_store import VersionRows
+from model_manager.prediction_store import Summary, VersionRows
 
 # Sliding windows by prediction time, shortest first; "all" is every prediction kept.
 WINDOWS: tuple[tuple[str, float | None], ...] = (("5m", 300.0), ("1h", 3600.0), ("1d", 86400.0), ("all", None))
@@ -23,25 +28,31 @@ REGRESSION = rpb.MODEL_TASK_REGRESSION
 THRESHOLD = 0.5
 
 
-def infer_task(declared: int, rows: VersionRows) -> int:
+def infer_task(declared: int, summary: Summary) -> int:
     """The declared task, else binary classification when every score lies in [0, 1] and every label is 0 or 1."""
     if declared != rpb.MODEL_TASK_UNSPECIFIED:
         return declared
-    labels = rows.label[~np.isnan(rows.label)]
-    scores_ok = bool(np.all((rows.score >= 0) & (rows.score <= 1)))
-    labels_ok = bool(np.all((labels == 0) | (labels == 1)))
-    return BINARY if scores_ok and labels_ok else REGRESSION
+    low, high = summary.min_score, summary.max_score
+    scores_ok = low is None or high is None or (low >= 0 and high <= 1)
+    return BINARY if scores_ok and summary.non_binary_labels == 0 else REGRESSION
 
 
-def mean_entropy(probabilities: Array) -> float:
-    """Mean binary predictive entropy in nats: -(p ln p + (1-p) ln(1-p)), 0 at p = 0 or 1."""
-    p = np.clip(probabilities, 0.0, 1.0)
-    return float(np.mean(_xlogx(p) + _xlogx(1.0 - p)) * -1.0)
+def entropies(scores: Array) -> Array:
+    """Binary predictive entropy in nats of each score read as a probability (clipped to [0, 1]):
+    -(p ln p + (1-p) ln(1-p)), 0 at p = 0 or 1."""
+    p = np.clip(scores, 0.0, 1.0)
+    return -(_xlogx(p) + _xlogx(1.0 - p))
 
 
 def _xlogx(x: Array) -> Array:
     safe = np.where(x > 0, x, 1.0)
     return np.where(x > 0, x * np.log(safe), 0.0)
+
+
+def starts(now_us: int, names: Sequence[str]) -> list[int | None]:
+    """Where each named window starts (None: "all", every prediction kept)."""
+    lengths = dict(WINDOWS)
+    return [None if lengths[n] is None else now_us - int(cast(float, lengths[n]) * 1e6) for n in names]
 
 
 def judge_window(task: int, scores: Array, labels: Array) -> tuple[dict[str, float], rpb.Calibration | None]:
@@ -64,29 +75,29 @@ def judge_window(task: int, scores: Array, labels: Array) -> tuple[dict[str, flo
     return found, calibration
 
 
-def quality(version: int, task: int, rows: VersionRows, now_us: int) -> mpb.VersionQuality:
-    """A version's quality over each window ending now, shortest first."""
+def quality(
+    version: int, task: int, names: Sequence[str], summary: Summary, labelled: VersionRows, now_us: int
+) -> mpb.VersionQuality:
+    """A version's quality over the named windows ending now, from the aggregates of its predictions and its
+    labelled rows (at least those of the widest window)."""
     answer = mpb.VersionQuality(version=version)
-    labelled = ~np.isnan(rows.label)
-    earliest = int(rows.time_us.min()) if rows.time_us.size else now_us
-    for name, length in WINDOWS:
-        start_us = earliest if length is None else now_us - int(length * 1e6)
-        inside = rows.time_us >= start_us if length is not None else np.ones(rows.time_us.size, dtype=bool)
-        judged = inside & labelled
-        found, calibration = judge_window(task, rows.score[judged], rows.label[judged])
+    earliest = now_us if summary.earliest_us is None else summary.earliest_us
+    for name, start, (count, entropy_sum) in zip(names, starts(now_us, names), summary.windows, strict=True):
+        inside = labelled.time_us >= (earliest if start is None else start)
+        found, calibration = judge_window(task, labelled.score[inside], labelled.label[inside])
         window = mpb.QualityWindow(
             window=name,
-            window_start=_stamp(min(start_us, now_us)),
+            window_start=_stamp(min(earliest if start is None else start, now_us)),
             window_end=_stamp(now_us),
             task=task,  # type: ignore[arg-type]
-            predictions=int(inside.sum()),
-            labelled=int(judged.sum()),
+            predictions=count,
+            labelled=int(inside.sum()),
             metrics=found,
         )
         if calibration is not None:
             window.calibration.CopyFrom(calibration)
-        if task == BINARY and inside.any():
-            window.mean_entropy = mean_entropy(rows.score[inside])
+        if task == BINARY and count:
+            window.mean_entropy = entropy_sum / count
         answer.windows.append(window)
     return answer
 

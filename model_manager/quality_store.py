@@ -10,6 +10,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from chassis.errors import InvalidArgument, NotFound
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import monitoring_pb2 as mpb
@@ -30,6 +32,9 @@ OUTCOMES = {
     R.LABEL_REJECTION_CONFLICTING_VALUE: "conflicting_value",
 }
 DAY_US = 86_400 * 1_000_000
+ALL_WINDOWS = tuple(name for name, _ in quality.WINDOWS)
+# The gauges show the sliding windows only: "all" would rescan the whole retention every refresh.
+GAUGE_WINDOWS = ("5m", "1h", "1d")
 
 
 def now_us() -> int:
@@ -46,13 +51,19 @@ def predictions_of(windows: Sequence[rtpb.MetricsWindow]) -> tuple[list[Predicti
         if window.shadow:
             continue
         end_us = window.window_end.ToMicroseconds()
-        for record in window.prediction_records:
-            if not record.request_id or len(record.request_id) > MAX_REQUEST_ID or not math.isfinite(record.score):
-                unusable += 1
-                continue
+        records = [
+            r
+            for r in window.prediction_records
+            if r.request_id and len(r.request_id) <= MAX_REQUEST_ID and math.isfinite(r.score)
+        ]
+        unusable += len(window.prediction_records) - len(records)
+        entropy = quality.entropies(np.array([r.score for r in records], dtype=np.float64))
+        for record, h in zip(records, entropy.tolist(), strict=True):
             at = record.time.ToMicroseconds() if record.HasField("time") else end_us
             kept.append(
-                Prediction(window.model_name, window.version, record.request_id, at, record.score, record.unit_id[:256])
+                Prediction(
+                    window.model_name, window.version, record.request_id, at, record.score, h, record.unit_id[:256]
+                )
             )
     return kept, unusable
 
@@ -176,11 +187,16 @@ class QualityStore:
 
     # --- quality ------------------------------------------------------------------------------------------
 
-    def version_quality(self, model: str, version: int, now: int) -> mpb.VersionQuality:
-        """One version's quality over its windows ending at `now` (blocking)."""
-        rows = self.store.rows(model, version)
-        task = quality.infer_task(self.declared_task(model, version), rows)
-        return quality.quality(version, task, rows, now)
+    def version_quality(
+        self, model: str, version: int, now: int, names: Sequence[str] = ALL_WINDOWS
+    ) -> mpb.VersionQuality:
+        """One version's quality over the named windows ending at `now` (blocking)."""
+        starts = quality.starts(now, names)
+        summary = self.store.summary(model, version, starts)
+        widest = None if None in starts else min(s for s in starts if s is not None)
+        labelled = self.store.labelled(model, version, widest)
+        task = quality.infer_task(self.declared_task(model, version), summary)
+        return quality.quality(version, task, names, summary, labelled, now)
 
     def answer(self, model: str, versions: Sequence[int]) -> pb.GetPredictionQualityResponse:
         """GetPredictionQuality's answer (blocking): NOT_FOUND for an unknown model."""
@@ -202,7 +218,7 @@ class QualityStore:
         if self.metrics is not None:
             published = {}
             for model, version in self.store.recent(now - DAY_US):
-                published[(model, version)] = self.version_quality(model, version, now)
+                published[(model, version)] = self.version_quality(model, version, now, GAUGE_WINDOWS)
             self.metrics.publish(published)
         return pruned
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from chassis.errors import InvalidArgument, NotFound
+from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager.prediction_store import PredictionStore
 from model_manager.quality_store import QualityStore
 from model_manager.registry import Registry
@@ -54,16 +55,17 @@ async def test_a_reported_prediction_is_kept_once_and_the_first_score_wins(quali
     # Shadow windows carry no records that count, and records without an id or a finite score are ignored.
     await quality.add_windows([window("churn", 1, [("r3", NOW_US, 0.5)], NOW_US, shadow=True)])
     await quality.add_windows([window("churn", 1, [("", NOW_US, 0.5), ("r4", NOW_US, math.nan)], NOW_US)])
-    rows = quality.store.rows("churn", 1)
-    assert sorted(zip(rows.score.tolist(), rows.time_us.tolist(), strict=True)) == [
-        (0.2, NOW_US),
-        (0.9, NOW_US - MINUTE_US),
-    ]
     answer = quality.answer("churn", [])
     assert [v.version for v in answer.versions] == [1]
     assert [(w.window, w.predictions, w.labelled) for w in answer.versions[0].windows] == [
         ("5m", 2, 0), ("1h", 2, 0), ("1d", 2, 0), ("all", 2, 0),
     ]  # fmt: skip
+    assert (await quality.log_labels(batch([("r1", 1), ("r2", 0), ("r3", 1), ("r4", 1)]))).accepted == 2
+    rows = quality.store.labelled("churn", 1)
+    assert sorted(zip(rows.score.tolist(), rows.time_us.tolist(), rows.label.tolist(), strict=True)) == [
+        (0.2, NOW_US, 0.0),
+        (0.9, NOW_US - MINUTE_US, 1.0),
+    ]
 
 
 async def test_each_refused_label_says_why_and_a_repeat_counts_once(quality: QualityStore) -> None:
@@ -86,8 +88,8 @@ async def test_each_refused_label_says_why_and_a_repeat_counts_once(quality: Qua
     assert reasons(conflicting) == {0: "conflicting_value"}
     all_time = quality.answer("churn", [1]).versions[0].windows[-1]
     assert (all_time.predictions, all_time.labelled) == (4, 2)
-    labels = quality.store.rows("churn", 1).label
-    assert sorted(labels[~np.isnan(labels)].tolist()) == [0.0, 1.0]  # r0 keeps 0, r1 keeps 1
+    rows = quality.store.labelled("churn", 1)
+    assert sorted(zip(rows.score.tolist(), rows.label.tolist(), strict=True)) == [(0.0, 0.0), (0.25, 1.0)]
 
 
 async def test_a_label_batch_for_another_model_joins_nothing(quality: QualityStore, registry: Registry) -> None:
@@ -123,6 +125,24 @@ async def test_windows_count_predictions_by_their_time(quality: QualityStore, cl
     assert windows[1].window_start.ToMicroseconds() == NOW_US - 60 * MINUTE_US
     assert windows[3].window_start.ToMicroseconds() == NOW_US - 3 * DAY_US
     assert all(w.metrics["accuracy"] == 1.0 and "auc" not in w.metrics for w in windows)  # one label value: no AUC
+
+
+async def test_the_task_is_inferred_from_the_scores_and_labels(quality: QualityStore) -> None:
+    await quality.add_windows([
+        window("churn", 1, [("a", NOW_US, 0.2), ("b", NOW_US, 0.8)], NOW_US),
+        window("churn", 2, [("c", NOW_US, 1.5), ("d", NOW_US, 0.5)], NOW_US),  # a score outside [0, 1]
+        window("churn", 3, [("e", NOW_US, 0.5), ("f", NOW_US, 0.5)], NOW_US),  # a label other than 0 and 1
+    ])  # fmt: skip
+    assert (await quality.log_labels(batch([("a", 0), ("b", 1), ("c", 1), ("d", 0), ("e", 2.5)]))).accepted == 5
+    answer = {v.version: v.windows[-1] for v in quality.answer("churn", []).versions}
+    assert {v: w.task for v, w in answer.items()} == {
+        1: rpb.MODEL_TASK_BINARY_CLASSIFICATION, 2: rpb.MODEL_TASK_REGRESSION, 3: rpb.MODEL_TASK_REGRESSION,
+    }  # fmt: skip
+    assert answer[1].metrics["accuracy"] == 1.0
+    assert answer[1].HasField("mean_entropy")
+    assert dict(answer[2].metrics) == {"mae": 0.5, "rmse": 0.5}
+    assert not answer[3].HasField("mean_entropy")
+    assert (answer[3].predictions, answer[3].labelled) == (2, 1)
 
 
 async def test_predictions_older_than_the_retention_are_forgotten(quality: QualityStore, clock: Clock) -> None:
