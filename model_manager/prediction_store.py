@@ -150,15 +150,23 @@ class PredictionStore:
     @database_errors
     def write_labels(self, labellings: Sequence[Labelling], now_us: int) -> None:
         """Give each labelling's unlabelled predictions its value, all in one transaction (durable when it returns)."""
-        if not labellings:
-            return
         t = predictions.c
         with self.engine.begin() as conn:
-            for item in labellings:
-                query = predictions.update().where(t.request_id == item.request_id, t.label.is_(None))
-                if item.model:
-                    query = query.where(t.model_name == item.model)
-                conn.execute(query.values(label=item.value, observed_us=item.observed_us, labelled_us=now_us))
+            for model in sorted({item.model for item in labellings}):
+                query = predictions.update().where(t.request_id == sa.bindparam("rid"), t.label.is_(None))
+                if model:
+                    query = query.where(t.model_name == model)
+                values = [
+                    {"rid": i.request_id, "value": i.value, "observed": i.observed_us}
+                    for i in labellings
+                    if i.model == model
+                ]
+                fields = {
+                    "label": sa.bindparam("value"),
+                    "observed_us": sa.bindparam("observed"),
+                    "labelled_us": now_us,
+                }
+                conn.execute(query.values(fields), values)
 
     @database_errors
     def labelled(self, model: str, version: int, since_us: int | None = None) -> VersionRows:
