@@ -15,7 +15,7 @@ from rich.markup import escape
 
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import monitoring_pb2 as mpb
-from fresco.cli_manager import Manager, ServiceOption, TokenFileOption, connect
+from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 
 console = Console()
 # Times a stream that broke (UNAVAILABLE) is reopened, resending the batches not acknowledged yet.
@@ -94,7 +94,11 @@ def send(manager: Manager, requests: list[pb.LogLabelsRequest]) -> Tally:
     for attempt in range(ATTEMPTS):
         answered: set[str] = set()
         try:
-            stream: Iterator[pb.LogLabelsResponse] = manager.stub.LogLabels(iter(pending), metadata=manager.metadata)
+            # A deadline that grows with the file: a manager that stops answering does not hang the command.
+            deadline = TIMEOUT_S + len(pending)
+            stream: Iterator[pb.LogLabelsResponse] = manager.stub.LogLabels(
+                iter(pending), timeout=deadline, metadata=manager.metadata
+            )
             for response in stream:
                 if response.batch_id in answered or response.batch_id not in first_rows:
                     continue
