@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
-import grpc
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -18,8 +17,6 @@ from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 
 console = Console()
-# Times a stream that broke (UNAVAILABLE) is reopened, resending the batches not acknowledged yet.
-ATTEMPTS = 3
 EXAMPLES = 3
 
 
@@ -86,29 +83,17 @@ def batches(name: str, tag: str, ids: Sequence[str], values: Sequence[float], si
 
 
 def send(manager: Manager, requests: list[pb.LogLabelsRequest]) -> Tally:
-    """Stream the batches; a broken stream is reopened with the batches not acknowledged (a label sent twice is
-    counted once)."""
+    """Stream the batches and add up the answers. A failed stream fails the command: running it again is safe, since
+    a label sent twice is counted once."""
     tally = Tally()
     first_rows = {r.batch_id: int(r.batch_id.rsplit(":", 1)[1]) + 1 for r in requests}
-    pending = list(requests)
-    for attempt in range(ATTEMPTS):
-        answered: set[str] = set()
-        try:
-            # A deadline that grows with the file: a manager that stops answering does not hang the command.
-            deadline = TIMEOUT_S + len(pending)
-            stream: Iterator[pb.LogLabelsResponse] = manager.stub.LogLabels(
-                iter(pending), timeout=deadline, metadata=manager.metadata
-            )
-            for response in stream:
-                if response.batch_id in answered or response.batch_id not in first_rows:
-                    continue
-                answered.add(response.batch_id)
-                tally.add(response, first_rows[response.batch_id])
-            return tally
-        except grpc.RpcError as err:
-            if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE or attempt == ATTEMPTS - 1:
-                raise
-            pending = [r for r in pending if r.batch_id not in answered]
+    # A deadline that grows with the file: a manager that stops answering does not hang the command.
+    deadline = TIMEOUT_S + len(requests)
+    stream: Iterator[pb.LogLabelsResponse] = manager.stub.LogLabels(
+        iter(requests), timeout=deadline, metadata=manager.metadata
+    )
+    for response in stream:
+        tally.add(response, first_rows[response.batch_id])
     return tally
 
 
