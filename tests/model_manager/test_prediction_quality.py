@@ -119,6 +119,9 @@ def test_late_labels_give_the_figures_an_offline_computation_gives(
     output = labels_cli(service, name, str(tmp_path / "labels.parquet"), "--request-id-column", "rid",
                         "--label-column", "outcome", "--batch-size", "128")  # fmt: skip
     assert f"{len(filed)} accepted, 0 rejected" in output
+    again = labels_cli(service, name, str(tmp_path / "labels.parquet"), "--request-id-column", "rid",
+                       "--label-column", "outcome")  # fmt: skip
+    assert f"{len(filed)} accepted, 0 rejected" in again, "a file sent again is accepted (and counted once)"
     (tmp_path / "reg.csv").write_text(
         "request_id,label\n" + "".join(f"{r},{v!r}\n" for r, v in zip(reg_ids, reg_truth.tolist(), strict=True))
     )
