@@ -22,6 +22,14 @@ from model_manager.registry import database_errors
 metadata = sa.MetaData()
 
 MAX_REQUEST_ID = 256
+
+
+def storable_id(request_id: str) -> bool:
+    """Whether a request id can be a key here: not empty, at most MAX_REQUEST_ID characters, and no NUL (which
+    PostgreSQL text cannot hold)."""
+    return 0 < len(request_id) <= MAX_REQUEST_ID and "\x00" not in request_id
+
+
 # Rows per statement when reading by request id: far below SQLite's and PostgreSQL's bound-parameter limits.
 LOOKUP_CHUNK = 500
 

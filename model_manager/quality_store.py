@@ -18,7 +18,7 @@ from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.api.models.v1 import routing_pb2 as rtpb
 from model_manager import messages, quality
-from model_manager.prediction_store import MAX_REQUEST_ID, Labelling, Match, Prediction, PredictionStore
+from model_manager.prediction_store import Labelling, Match, Prediction, PredictionStore, storable_id
 from model_manager.quality_metrics import QualityMetrics
 from model_manager.registry import Registry
 
@@ -43,29 +43,30 @@ def now_us() -> int:
 
 
 def predictions_of(windows: Sequence[rtpb.MetricsWindow]) -> tuple[list[Prediction], int]:
-    """The prediction records of live windows, and how many were unusable (no request id, one too long, or a score
-    that is not a finite number); a record without a time takes its window's end."""
+    """The prediction records of live windows, and how many were unusable (a request id that cannot be a key, or a
+    score that is not a finite number); a record without a time takes its window's end."""
     kept: list[Prediction] = []
     unusable = 0
     for window in windows:
         if window.shadow:
             continue
         end_us = window.window_end.ToMicroseconds()
-        records = [
-            r
-            for r in window.prediction_records
-            if r.request_id and len(r.request_id) <= MAX_REQUEST_ID and math.isfinite(r.score)
-        ]
+        records = [r for r in window.prediction_records if storable_id(r.request_id) and math.isfinite(r.score)]
         unusable += len(window.prediction_records) - len(records)
         entropy = quality.entropies(np.array([r.score for r in records], dtype=np.float64))
         for record, h in zip(records, entropy.tolist(), strict=True):
             at = record.time.ToMicroseconds() if record.HasField("time") else end_us
             kept.append(
                 Prediction(
-                    window.model_name, window.version, record.request_id, at, record.score, h, record.unit_id[:256]
+                    window.model_name, window.version, record.request_id, at, record.score, h, _unit(record.unit_id)
                 )
             )
     return kept, unusable
+
+
+def _unit(unit_id: str) -> str:
+    # Informational only: cut to the column's width, NULs dropped (PostgreSQL text cannot hold them).
+    return unit_id.replace("\x00", "")[:256]
 
 
 @dataclass
@@ -131,7 +132,7 @@ class QualityStore:
 
     def _decide(self, request: pb.LogLabelsRequest) -> _Batch:
         batch = _Batch(pb.LogLabelsResponse(batch_id=request.batch_id))
-        ids = [label.request_id for label in request.labels if 0 < len(label.request_id) <= MAX_REQUEST_ID]
+        ids = [label.request_id for label in request.labels if storable_id(label.request_id)]
         found = self.store.matches(ids, request.model_name)
         tasks: dict[tuple[str, int], int] = {}
         now = self.clock()

@@ -210,3 +210,24 @@ def test_fuzzed_label_batches_agree_with_a_reference(
         assert all(r.detail for r in answer.rejected)
     kept = {rid: store.store.matches([run + rid])[run + rid][0].label for rid in KNOWN}
     assert kept == {rid: reference.get(rid) for rid in KNOWN}
+
+
+text = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)  # any valid UTF-8: NUL, long, empty
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    records=st.lists(st.tuples(text, st.floats(), text), max_size=8),
+    labels=st.lists(st.tuples(text, st.floats()), max_size=8),
+)
+def test_any_text_is_kept_or_refused_never_an_error(
+    quality: QualityStore, records: list[tuple[str, float, str]], labels: list[tuple[str, float]]
+) -> None:
+    store = QualityStore(quality.store, quality.registry, retention_s=86400, clock=quality.clock)
+    reported = window("churn", 9, [(rid, NOW_US, score) for rid, score, _ in records], NOW_US)
+    for record, (_, _, unit) in zip(reported.prediction_records, records, strict=True):
+        record.unit_id = unit
+    asyncio.run(store.add_windows([reported]))
+    answer = asyncio.run(store.log_labels(batch(labels)))
+    assert answer.accepted + len(answer.rejected) == len(labels)
+    store.answer("churn", [9])
