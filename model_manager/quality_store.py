@@ -9,8 +9,10 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from chassis.errors import InvalidArgument, NotFound
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
@@ -32,6 +34,7 @@ OUTCOMES = {
     R.LABEL_REJECTION_CONFLICTING_VALUE: "conflicting_value",
 }
 DAY_US = 86_400 * 1_000_000
+MIN_SECONDS, MAX_SECONDS = -62_135_596_800, 253_402_300_799
 ALL_WINDOWS = tuple(name for name, _ in quality.WINDOWS)
 # The gauges show the sliding windows only: "all" would rescan the whole retention every refresh.
 GAUGE_WINDOWS = ("5m", "1h", "1d")
@@ -43,25 +46,36 @@ def now_us() -> int:
 
 
 def predictions_of(windows: Sequence[rtpb.MetricsWindow]) -> tuple[list[Prediction], int]:
-    """The prediction records of live windows, and how many were unusable (a request id that cannot be a key, or a
-    score that is not a finite number); a record without a time takes its window's end."""
+    """The prediction records of live windows, and how many were unusable (a request id that cannot be a key, a
+    score that is not a finite number, or a time out of range); a record without a time takes its window's end."""
     kept: list[Prediction] = []
     unusable = 0
     for window in windows:
         if window.shadow:
             continue
-        end_us = window.window_end.ToMicroseconds()
-        records = [r for r in window.prediction_records if storable_id(r.request_id) and math.isfinite(r.score)]
+        end_us = window.window_end.ToMicroseconds() if _valid(window.window_end) else None
+        records = [
+            r
+            for r in window.prediction_records
+            if storable_id(r.request_id)
+            and math.isfinite(r.score)
+            and (_valid(r.time) if r.HasField("time") else end_us is not None)
+        ]
         unusable += len(window.prediction_records) - len(records)
         entropy = quality.entropies(np.array([r.score for r in records], dtype=np.float64))
         for record, h in zip(records, entropy.tolist(), strict=True):
-            at = record.time.ToMicroseconds() if record.HasField("time") else end_us
+            at = record.time.ToMicroseconds() if record.HasField("time") else cast(int, end_us)
             kept.append(
                 Prediction(
                     window.model_name, window.version, record.request_id, at, record.score, h, _unit(record.unit_id)
                 )
             )
     return kept, unusable
+
+
+def _valid(stamp: Timestamp) -> bool:
+    # Years 1 to 9999, as google.protobuf.Timestamp allows: microseconds since the epoch then fit a BigInteger.
+    return MIN_SECONDS <= stamp.seconds <= MAX_SECONDS and 0 <= stamp.nanos < 1_000_000_000
 
 
 def _unit(unit_id: str) -> str:
@@ -143,6 +157,10 @@ class QualityStore:
                 continue
             if not math.isfinite(value):
                 batch.refuse(index, R.LABEL_REJECTION_INVALID_VALUE, f"value: expected a finite number, got {value}")
+                continue
+            if label.HasField("observed_at") and not _valid(label.observed_at):
+                detail = "observed_at: expected a time between the years 1 and 9999, or none"
+                batch.refuse(index, R.LABEL_REJECTION_INVALID_VALUE, detail)
                 continue
             matched = found.get(rid, [])
             if not matched:

@@ -213,21 +213,31 @@ def test_fuzzed_label_batches_agree_with_a_reference(
 
 
 text = st.text(st.characters(exclude_categories=("Cs",)), max_size=300)  # any valid UTF-8: NUL, long, empty
+seconds = st.integers(-(2**63), 2**63 - 1)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    records=st.lists(st.tuples(text, st.floats(), text), max_size=8),
-    labels=st.lists(st.tuples(text, st.floats()), max_size=8),
+    records=st.lists(st.tuples(text, st.floats(), text, seconds), max_size=8),
+    labels=st.lists(st.tuples(text, st.floats(), seconds), max_size=8),
+    end=seconds,
 )
-def test_any_text_is_kept_or_refused_never_an_error(
-    quality: QualityStore, records: list[tuple[str, float, str]], labels: list[tuple[str, float]]
+def test_any_text_or_time_is_kept_or_refused_never_an_error(
+    quality: QualityStore, records: list[tuple[str, float, str, int]], labels: list[tuple[str, float, int]], end: int
 ) -> None:
     store = QualityStore(quality.store, quality.registry, retention_s=86400, clock=quality.clock)
-    reported = window("churn", 9, [(rid, NOW_US, score) for rid, score, _ in records], NOW_US)
-    for record, (_, _, unit) in zip(reported.prediction_records, records, strict=True):
+    reported = window("churn", 9, [(rid, NOW_US, score) for rid, score, _, _ in records], NOW_US)
+    reported.window_end.seconds = end
+    for i, (record, (_, _, unit, at)) in enumerate(zip(reported.prediction_records, records, strict=True)):
         record.unit_id = unit
+        if i % 2:
+            record.time.seconds = at
+        else:  # no time: the window's end
+            record.ClearField("time")
     asyncio.run(store.add_windows([reported]))
-    answer = asyncio.run(store.log_labels(batch(labels)))
+    sent = batch([(rid, value) for rid, value, _ in labels])
+    for label, (_, _, at) in zip(sent.labels, labels, strict=True):
+        label.observed_at.seconds = at
+    answer = asyncio.run(store.log_labels(sent))
     assert answer.accepted + len(answer.rejected) == len(labels)
     store.answer("churn", [9])
