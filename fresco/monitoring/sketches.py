@@ -92,7 +92,8 @@ class ColumnSketch:
             self._add_categories(array.ravel())
         elif kind == "b":
             self.count += array.size
-            self.categories.update({"true": int(array.sum()), "false": int(array.size - array.sum())})
+            trues = int(array.sum())
+            self.categories.update({name: n for name, n in (("true", trues), ("false", array.size - trues)) if n})
         else:
             self._add_mixed(values)
 

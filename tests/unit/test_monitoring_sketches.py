@@ -41,6 +41,13 @@ def test_text_and_booleans_are_counted_per_category() -> None:
     assert sketch.kll.is_empty()
 
 
+def test_a_batch_of_one_boolean_value_lists_no_empty_category() -> None:
+    sketch = ColumnSketch("v:b")
+    sketch.add([True, True])
+    assert sketch.categories == {"true": 2}
+    assert ColumnSketch.from_proto(sketch.to_proto()).categories == {"true": 2}
+
+
 def test_merging_is_the_sketch_of_all_values() -> None:
     rng = np.random.default_rng(3)
     values = rng.normal(size=3000)
