@@ -5,6 +5,7 @@ the same rows; refusals per reason over the wire, and labels kept across a resta
 from __future__ import annotations
 
 import re
+import threading
 import time
 import urllib.request
 import uuid
@@ -214,8 +215,24 @@ def test_labels_are_kept_across_a_restart(tmp_path: Path) -> None:
             name = create(stub)
             now = time.time_ns() // 1000
             report(stub, [window(name, 1, [("a", now, 0.9), ("b", now, 0.4), ("c", now, 0.7)], now)])
-            (answer,) = log(stub, [batch([("a", 1), ("b", 1)], name)])
-            assert answer.accepted == 2
+            # A stream left open after its batch: the stop ends it (UNAVAILABLE, resend what was not answered)
+            # rather than waiting for the client.
+            idle = threading.Event()
+
+            def batches() -> Iterator[pb.LogLabelsRequest]:
+                yield batch([("a", 1), ("b", 1)], name)
+                idle.wait(60)
+
+            stream = stub.LogLabels(batches(), timeout=60)
+            try:
+                assert next(stream).accepted == 2
+                assert process.stop() == 0
+                with pytest.raises(grpc.RpcError) as ended:
+                    next(stream)
+            finally:
+                idle.set()
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "resend" in (ended.value.details() or "")
     finally:
         assert process.stop() == 0
     process = start(tmp_path)
