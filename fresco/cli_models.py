@@ -21,6 +21,7 @@ from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.cli_labels import labels
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 from fresco.cli_model_update import update
+from fresco.cli_monitor import monitor
 from fresco.cli_promote import promote, rollback
 from fresco.rollout_view import stage_name, when
 
@@ -301,4 +302,5 @@ def alias(
 app.command()(update)
 app.command()(promote)
 app.command()(rollback)
+app.command()(monitor)
 app.command()(labels)

@@ -18,6 +18,7 @@ from fresco.api.models.v1.model_manager_service_pb2 import Deployment
 from model_manager.actions import ACTIVE, State
 from model_manager.controller import Entry, RolloutController
 from model_manager.lifecycle import Stage
+from model_manager.monitor_store import MonitorStore
 from model_manager.plans import RolloutSpec
 from model_manager.promotions import PromoteRequest
 from model_manager.reconcile import Applied, Outcome, apply
@@ -53,6 +54,7 @@ class RolloutVerbs:
         self.controller = controller
         self.registry = controller.registry
         self.store = controller.store
+        self.monitor: MonitorStore | None = None  # where accepted windows' value sketches are merged
         # Where the prediction records of reported windows are kept for late labels; None: not kept.
         self.quality: QualityStore | None = None
 
@@ -194,6 +196,7 @@ class RolloutVerbs:
         accepted = duplicates = 0
         rejected: list[str] = []
         keep = []
+        fed = []
         reported: list[rtpb.MetricsWindow] = []
         async with c.lock:
             for i, message in enumerate(windows):
@@ -212,8 +215,11 @@ class RolloutVerbs:
                 else:
                     duplicates += 1
                 keep.append(window.to_dict())  # duplicates too: a retry after a failed store stores them now
+                fed.append(window)
                 reported.append(message)
             await asyncio.to_thread(self.store.add_windows, keep)
+        if self.monitor is not None and fed:  # counted once by id there too, so a retried report feeds it now
+            await asyncio.to_thread(self.monitor.add, fed)
         if accepted:
             c.wake()
         if self.quality is not None:  # duplicates too, for the same reason: a prediction kept already is left as is
