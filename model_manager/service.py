@@ -22,6 +22,7 @@ from model_manager.fleet import Fleet
 from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
 from model_manager.hold_rpcs import HoldRpcs
+from model_manager.label_rpcs import LabelRpcs
 from model_manager.model_rpcs import ModelRpcs
 from model_manager.monitor_rpcs import MonitorRpcs
 from model_manager.registry import Registry
@@ -80,6 +81,7 @@ class ModelManagerServicer(
     RouteRpcs,
     RolloutRpcs,
     MonitorRpcs,
+    LabelRpcs,
     SafetyRpcs,
     pb_grpc.ModelManagerServiceServicer,
 ):

@@ -57,6 +57,11 @@ class ModelManagerSettings(ServiceSettings):
     drift_refresh_s: float = Field(default=5.0, gt=0, le=300)
     """How often the drift gauges on /metrics are computed again from the merged sketches, in seconds."""
 
+    prediction_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    """Seconds a served prediction is kept for its late label (and its quality judged); older ones are forgotten."""
+    quality_refresh_s: float = Field(default=30.0, gt=0)
+    """How often the prediction quality gauges are recomputed and old predictions forgotten, in seconds."""
+
     @field_validator("default_gates_json")
     @classmethod
     def _gates_parse(cls, value: str) -> str:
