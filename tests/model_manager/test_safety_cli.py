@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import json_format
 
@@ -24,6 +25,8 @@ from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.suite import ServiceProcess
 from tests.model_manager.monitor_support import SCORE, message, scores, sketch, sketches_of, traffic
 from tests.model_manager.monitor_support import register as register_monitored
+from tests.model_manager.quality_support import batch
+from tests.model_manager.quality_support import window as records_window
 from tests.model_manager.registry_support import report, signature, statistics
 from tests.model_manager.rollout_support import LocalFleet, LocalHub, manager
 from tests.model_manager.test_registry_evidence import COBERTURA, JUNIT
@@ -163,6 +166,17 @@ async def test_live_sketches_cover_monitoring_and_draw_the_drift_since_release(t
                     sketch("probability", scores(8, 2000), SCORE)]  # fmt: skip
         window = message(model, 1, sketches, end=time.time() - 1)
         assert (await stub.ReportMetrics(pb.ReportMetricsRequest(gateway_id="gw", windows=[window]))).accepted_windows
+        now_us = int(time.time() * 1e6) - 2_000_000
+        predicted = scores(9, 300)
+        records = [(f"r-{i}", now_us, float(p)) for i, p in enumerate(predicted)]
+        answered = await stub.ReportMetrics(
+            pb.ReportMetricsRequest(gateway_id="gw", windows=[records_window(model, 1, records, now_us + 1_000_000)])
+        )
+        assert answered.accepted_windows == 1
+        outcomes = np.random.default_rng(10).random(300) < predicted
+        labels = batch([(f"r-{i}", float(y)) for i, y in enumerate(outcomes)], model=model)
+        acks = [a async for a in stub.LogLabels(iter([labels]))]
+        assert acks[0].accepted == 300
         score = (await stub.GetSafetyScore(pb.GetSafetyScoreRequest(model_name=model))).safety_score
         monitoring = {p.name: p for p in score.parts}["monitoring"]
         assert (monitoring.covered, monitoring.total) == (3, 5)  # users:visits sent nothing; no alert rules
@@ -177,7 +191,11 @@ async def test_live_sketches_cover_monitoring_and_draw_the_drift_since_release(t
         _, err = await asyncio.wait_for(process.communicate(), 120)
         assert process.returncode == 0, err.decode()
     page = Page(out.read_text())
-    assert [section for section, _ in page.images] == ["drift"]  # no importance or calibration registered
+    # No importance or training calibration was registered: the calibration drawn is the live one.
+    assert [section for section, _ in page.images] == ["calibration", "drift"]
+    assert "live (" in page.text["calibration"]
+    assert "accuracy" in page.text["metrics"]
+    assert "no labelled predictions" not in page.text["metrics"]
     assert "no live data" not in page.text["drift"]
     assert "drifted: users:spend" in page.text["drift"]
     assert "users:visits" in page.text["drift"]
