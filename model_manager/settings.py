@@ -9,7 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from chassis.errors import InvalidArgument
 from chassis.settings import ServiceSettings
-from model_manager import gate_config
+from model_manager import alert_rules, gate_config
 from model_manager.tables import sqlite_url
 
 
@@ -52,6 +52,8 @@ class ModelManagerSettings(ServiceSettings):
     """Requests the latency gate times when its request does not say (sample_requests 0)."""
     latency_warmup_requests: int = Field(default=20, ge=0)
     """Untimed requests the latency gate sends first when its request does not say (warmup_requests 0)."""
+    alert_rules: list[Path] = Field(default=[])
+    """Prometheus rule files whose alerting rules count as monitoring in the safety score (repeat the flag)."""
 
     @field_validator("default_gates_json")
     @classmethod
@@ -59,6 +61,15 @@ class ModelManagerSettings(ServiceSettings):
         try:
             gate_config.parse_defaults(value)
         except InvalidArgument as err:  # refused at start, with the reason, rather than on the first promotion
+            raise ValueError(str(err)) from err
+        return value
+
+    @field_validator("alert_rules")
+    @classmethod
+    def _rules_parse(cls, value: list[Path]) -> list[Path]:
+        try:
+            alert_rules.load_rules(value)
+        except alert_rules.AlertRulesError as err:  # refused at start, naming the file and the rule
             raise ValueError(str(err)) from err
         return value
 
