@@ -1,0 +1,127 @@
+"""The whole platform scraped by a real Prometheus: the model manager, a predictor, the experiment service, the
+gateway (fresco.suite.start_platform) and a feature service on its embedded SQLite store, every one's /metrics
+scraped each second; the shipped alert rules loaded with their `for:` shortened to seconds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from chassis.server import channel_options
+from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
+from fresco.api.common.v1 import values_pb2
+from fresco.api.experiments.v1 import experiment_pb2 as xpb
+from fresco.api.features.v1 import feature_service_pb2 as fpb
+from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
+from fresco.servers import PrometheusServer
+from fresco.servers.prometheus import fast_rules, scrape_target
+from fresco.suite import LocalAuth, ServiceProcess, Suite
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
+FAST_FOR_S = 4.0  # every alert's `for:` in the running Prometheus
+T = TypeVar("T")
+
+FEATURES = """
+entities:
+  - name: user
+    join_keys: [{name: user_id, type: int64}]
+feature_views:
+  - name: user_stats
+    entities: [user]
+    features:
+      - {name: visits, type: double}
+      - {name: spend, type: double}
+"""
+
+
+@dataclass(frozen=True)
+class World:
+    """The running platform, its admin's credentials and the Prometheus scraping it."""
+
+    suite: Suite
+    auth: LocalAuth
+    prometheus: PrometheusServer
+
+
+def start_feature_service(suite: Suite, root: Path, auth: LocalAuth) -> ServiceProcess:
+    """A feature service with one view, added to the suite (so it stops with it)."""
+    (root / "features.yaml").write_text(FEATURES)
+    args = ["--definitions", str(root / "features.yaml"), "--sqlite-path", str(root / "features.db"), "--port", "0"]
+    return suite.start(
+        ServiceProcess("feature_service", [*args, *auth.service_args()], log_path=root / "feature_service.log")
+    )
+
+
+def start_prometheus(suite: Suite, root: Path) -> PrometheusServer:
+    """Prometheus scraping every service of the suite (job = module), with the fast copy of the alert rules."""
+    rules = fast_rules(RULES, root / "alerts-fast.yml", for_s=FAST_FOR_S)
+    targets = {service.module: [scrape_target(service.metrics_url)] for service in suite.services}
+    assert all(targets.values()), targets
+    return PrometheusServer(targets, [rules], data_dir=root / "prometheus").start()
+
+
+def user(user_id: int) -> values_pb2.EntityKey:
+    return values_pb2.EntityKey(join_keys={"user_id": values_pb2.Value(int64_value=user_id)})
+
+
+def fetch_features(world: World, users: int = 20, reads: int = 10) -> None:
+    """Push `users` rows, then read them `reads` times: the memory tier misses once per key, then hits."""
+    address = world.suite.service("feature_service").address
+    with world.auth.admin.channel(address, channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
+        stub = fpb_grpc.FeatureServiceStub(channel)
+        metadata = world.auth.admin.metadata()
+        rows = [
+            fpb.FeatureRow(
+                entity_key=user(u),
+                features={"visits": values_pb2.Value(double_value=u), "spend": values_pb2.Value(double_value=2.0 * u)},
+            )
+            for u in range(users)
+        ]
+        pushed = stub.PushFeatures(iter([fpb.PushFeaturesRequest(feature_view="user_stats", rows=rows)]),
+                                   timeout=30, metadata=metadata)  # fmt: skip
+        assert (pushed.accepted_count, pushed.rejected_count) == (users, 0)
+        request = fpb.GetFeaturesRequest(
+            entity_keys=[user(u) for u in range(users + 2)],  # two unknown users: not_found values too
+            feature_refs=["user_stats:visits", "user_stats:spend"],
+        )
+        for _ in range(reads):
+            stub.GetFeatures(request, timeout=30, metadata=metadata)
+
+
+def ab_experiment(key: str, model: str) -> xpb.Experiment:
+    """A 50/50 test of v1 against v2 of `model`, units by user id."""
+    e = xpb.Experiment(
+        key=key, hypothesis="v2 converts better than v1", model_name=model, unit_type="user_id", coverage=1.0,
+        min_units_per_arm=100,
+    )  # fmt: skip
+    e.arms.add(name="control", weight=0.5, model_version=1)
+    e.arms.add(name="treatment", weight=0.5, model_version=2)
+    e.metrics.add(
+        name="converted", kind=xpb.METRIC_KIND_PROPORTION, event="purchase", role=xpb.METRIC_ROLE_SUCCESS,
+        minimum_detectable_effect=0.02,
+    )  # fmt: skip
+    return e
+
+
+def wait_for(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float, what: str) -> T:
+    """Call `read` until `done` holds on its value; fail naming `what` and the last value past the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = read()
+        if done(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not seen within {timeout_s}s; last:\n{value}")
+        time.sleep(0.1)
+
+
+def series(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The result of a successful query answer; [] for an error."""
+    if answer.get("status") != "success":
+        return []
+    result: list[dict[str, Any]] = answer["data"]["result"]
+    return result
