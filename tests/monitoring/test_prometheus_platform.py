@@ -18,7 +18,6 @@ from tests.integration.rollout_platform import (
     RPC_TIMEOUT_S,
     Traffic,
     Versions,
-    add_versions,
     admin,
     in_state,
     serve_first,
