@@ -22,6 +22,7 @@ from model_manager.ports import FleetPort, RouteHubPort
 from model_manager.predictors import Predictors
 from model_manager.promotions import Promotions
 from model_manager.registry import Registry
+from model_manager.rollout_metrics import register_rollout_metrics
 from model_manager.rollout_rpcs import RolloutRuntime
 from model_manager.rollout_store import RolloutStore
 from model_manager.route_hub import RouteHub
@@ -85,6 +86,7 @@ class ModelManager:
             holds=holds,
         )  # fmt: skip
         await self.controller.start()
+        register_rollout_metrics(self.app.registry, self.controller, self.route_hub)
         # The latency gate keeps a version it loaded only while a route or rollout uses it.
         promotions = self.servicer.promotions
         assert promotions is not None

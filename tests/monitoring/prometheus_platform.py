@@ -14,8 +14,13 @@ from chassis.server import channel_options
 from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
 from fresco.api.common.v1 import values_pb2
 from fresco.api.experiments.v1 import experiment_pb2 as xpb
+from fresco.api.experiments.v1 import experiment_service_pb2 as epb
+from fresco.api.experiments.v1 import experiment_service_pb2_grpc as epb_grpc
 from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
+from fresco.api.gateway.v1 import gateway_pb2 as gpb
+from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from fresco.client import predict_request
 from fresco.servers import PrometheusServer
 from fresco.servers.prometheus import fast_rules, scrape_target
 from fresco.suite import LocalAuth, ServiceProcess, Suite
@@ -125,3 +130,43 @@ def series(answer: dict[str, Any]) -> list[dict[str, Any]]:
         return []
     result: list[dict[str, Any]] = answer["data"]["result"]
     return result
+
+
+def run_experiment(world: World, model: str, feature_names: list[str], rows: Any, units: int = 200) -> int:
+    """Start an A/B test of v1 against v2 of `model` (v1 serving, v2 registered) and send `units` users through the
+    gateway once both arms answer; returns how many distinct users were exposed (each is one exposure)."""
+    options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+    metadata = world.auth.admin.metadata()
+    key = "dash-ab"
+    exposed: set[int] = set()
+    with (
+        world.auth.admin.channel(world.suite.service("experiment_service").address, options) as channel,
+        world.auth.admin.channel(world.suite.service("gateway").address, options) as gateway_channel,
+    ):
+        experiments = epb_grpc.ExperimentServiceStub(channel)
+        created = experiments.CreateExperiment(
+            epb.CreateExperimentRequest(experiment=ab_experiment(key, model)), metadata=metadata
+        ).experiment
+        experiments.StartExperiment(
+            epb.StartExperimentRequest(key=key, expected_version=created.version), metadata=metadata
+        )
+        gateway = gpb_grpc.GatewayServiceStub(gateway_channel)
+
+        def predict(unit: int) -> gpb.PredictResponse:
+            features = {name: float(v) for name, v in zip(feature_names, rows[unit % len(rows)], strict=True)}
+            request = predict_request(model, features, unit_ids={"user_id": f"u{unit}"})
+            answer: gpb.PredictResponse = gateway.Predict(request, timeout=30, metadata=metadata)
+            if answer.experiments and answer.experiments[0].exposed:
+                exposed.add(unit)
+            return answer
+
+        # The gateway follows the experiment (and the route holding v2) within moments of the start.
+        wait_for(
+            lambda: [predict(u) for u in range(10)],
+            lambda answers: any(a.experiments and a.experiments[0].exposed and a.model_version == "2" for a in answers),
+            60,
+            "the experiment's treatment arm answering",
+        )
+        for unit in range(units):
+            predict(unit)
+    return len(exposed)
