@@ -8,7 +8,7 @@ PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constra
 # fails to import). Reinstalling the owners of those files, pinned, puts them back.
 RESTORE_PROTOS := $(PIP_INSTALL) --force-reinstall --no-deps opentelemetry-proto googleapis-common-protos
 
-.PHONY: demo test test-deps lint proto install install-dev up clean bench-predictor bench-features
+.PHONY: demo test test-deps lint proto install install-dev up clean bench-predictor bench-features bench-gateway-sketches
 
 # The runtime install: enough for `fresco demo` and `fresco up`.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -53,6 +53,9 @@ bench-predictor: install
 # Fresco's feature service against Feast 0.67 on the same Redis, 100k entities × 40 features.
 bench-features: install
 	$(BIN)/python -m bench.features $(ARGS)
+
+bench-gateway-sketches: install
+	$(BIN)/python -m bench.gateway_sketches $(ARGS)
 
 proto: install-dev
 	$(BIN)/python scripts/gen_protos.py

@@ -8,7 +8,7 @@ from chassis.errors import InvalidArgument
 from chassis.logs import configure_logging
 from chassis.server import run, serve
 from chassis.settings import parse_settings
-from feature_service.server import build_server, load_catalog
+from feature_service.server import build_server, load_catalog, load_offline_views
 from feature_service.settings import FeatureServiceSettings
 
 EXIT_BAD_DEFINITIONS = 2
@@ -24,7 +24,7 @@ if __name__ == "__main__":
     configure_logging("feature_service", settings.log_level, settings.log_format)
     try:
         # A wrong definitions file will not fix itself: say so and exit rather than sit NOT_SERVING.
-        load_catalog(settings)
+        load_offline_views(settings, load_catalog(settings))
     except InvalidArgument as err:
         print(f"feature_service: {err}", file=sys.stderr, flush=True)
         sys.exit(EXIT_BAD_DEFINITIONS)

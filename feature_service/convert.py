@@ -346,11 +346,21 @@ def summary_to_proto(summary: FeatureSummary) -> spb.FeatureStatistics:
     return out
 
 
-def encode_statistics(statistics: spb.FeatureViewStatistics, modes: Mapping[str, Any]) -> bytes:
+def encode_statistics(
+    statistics: spb.FeatureViewStatistics, modes: Mapping[str, Any], sources: Sequence[Mapping[str, Any]] = ()
+) -> bytes:
     """What the durable tier keeps: the statistics and each feature's typed most frequent value
-    (the proto's categories are strings and numbers have no mode; imputation needs the real value)."""
-    data: bytes = msgpack.packb({"statistics": statistics.SerializeToString(), "modes": dict(modes)}, use_bin_type=True)
+    (the proto's categories are strings and numbers have no mode; imputation needs the real value), and the
+    files the view was materialised from (see feature_service.sources)."""
+    raw = {"statistics": statistics.SerializeToString(), "modes": dict(modes), "sources": [dict(s) for s in sources]}
+    data: bytes = msgpack.packb(raw, use_bin_type=True)
     return data
+
+
+def decode_sources(data: bytes) -> list[dict[str, Any]]:
+    """The materialised files recorded with stored statistics (none in blobs written before they were)."""
+    raw = msgpack.unpackb(data, raw=False)
+    return list(raw.get("sources", []))
 
 
 def decode_statistics(data: bytes) -> tuple[spb.FeatureViewStatistics, dict[str, Baseline]]:

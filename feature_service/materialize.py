@@ -26,6 +26,7 @@ from feature_service import convert
 from feature_service.metrics import FeatureMetrics
 from feature_service.reader import Catalog, Store, ViewEntry
 from feature_service.records import DurableTier, Record, arrival_time, entity_key
+from feature_service.sources import Source, remembered
 from feature_service.writer import Problem, Rejection, Rejections, Violation, check_event_time, check_features
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.features.policy import INT32_RANGE
@@ -109,6 +110,7 @@ class Materializer:
         async with self._locks.setdefault(spec.view, asyncio.Lock()):
             path = self.source_path(spec.source)
             report(MaterializeProgress("read", 0, 1))
+            stat = path.stat()  # before reading: a change while it is read makes parity distrust the file
             frame = await asyncio.to_thread(_load, entry, spec, path)
             report(MaterializeProgress("read", 1, 1))
             in_range = frame.in_range(spec.start_s, spec.end_s)
@@ -127,7 +129,11 @@ class Materializer:
             statistics, modes = await asyncio.to_thread(_statistics, entry, spec.source, checked.valid, frame)
             if not spec.dry_run:
                 # Saved last: another process watching the statistics knows every record is written when they change.
-                stored = convert.encode_statistics(statistics, modes)
+                source = _source(spec, path, stat.st_mtime_ns, stat.st_size, now)
+                previous = await self.durable.load_statistics(spec.view)
+                known = [Source.from_dict(s) for s in convert.decode_sources(previous)] if previous else []
+                sources = [s.to_dict() for s in remembered(known, source)]
+                stored = convert.encode_statistics(statistics, modes, sources)
                 await self.durable.save_statistics(spec.view, stored)
                 self.catalog.set_statistics(spec.view, stored)
             report(MaterializeProgress("statistics", 1, 1))
@@ -163,6 +169,31 @@ class Materializer:
         if not resolved.is_file():
             raise NotFound(f"source_uri: no file at {source}")
         return resolved
+
+    def read_valid(
+        self, entry: ViewEntry, source: Source, now: float, keep: Callable[[str], bool]
+    ) -> list[tuple[str, Record]]:
+        """A remembered source's rows as materialising it at `now` took them (in its window, valid, values
+        normalised), in file order, for the entity keys `keep` accepts (blocking: run it in a thread)."""
+        spec = MaterializeSpec(
+            view=entry.view.name,
+            source=source.path,
+            format="csv" if source.format == "csv" else "parquet",
+            join_key_columns=source.join_key_columns,
+            feature_columns=source.feature_columns,
+            event_timestamp_column=source.event_timestamp_column,
+            start_s=source.start_s,
+            end_s=source.end_s,
+        )
+        frame = _load(entry, spec, Path(source.path))
+        checked = _Checked(Rejections(0))
+        self._check_rows(entry, frame, frame.in_range(spec.start_s, spec.end_s), now, checked)
+        rows = []
+        for i in checked.valid:
+            key = entity_key([frame.keys[k.name][i] for k in entry.join_keys])
+            if keep(key):
+                rows.append((key, frame.record(entry, i, now)))
+        return rows
 
     def _check_rows(self, entry: ViewEntry, frame: _Frame, rows: Sequence[int], now: float, checked: _Checked) -> None:
         latest = checked.latest
@@ -214,6 +245,21 @@ class _Frame:
     def record(self, entry: ViewEntry, i: int, now: float) -> Record:
         features = {name: convert.normalize(f.type, self.features[name][i]) for name, f in entry.features.items()}
         return Record(features, self.event_ts[i] or now, now)
+
+
+def _source(spec: MaterializeSpec, path: Path, mtime_ns: int, size: int, now: float) -> Source:
+    return Source(
+        path=str(path),
+        format=spec.format or _FORMATS.get(path.suffix.lower(), "parquet"),
+        join_key_columns=dict(spec.join_key_columns),
+        feature_columns=dict(spec.feature_columns),
+        event_timestamp_column=spec.event_timestamp_column or "event_timestamp",
+        start_s=spec.start_s,
+        end_s=spec.end_s,
+        mtime_ns=mtime_ns,
+        size=size,
+        materialized_at=now,
+    )
 
 
 def _load(entry: ViewEntry, spec: MaterializeSpec, path: Path) -> _Frame:

@@ -130,17 +130,7 @@ class FeatureQuery:
         """Validate a request; errors name the field and what was expected."""
         if not request.feature_refs:
             raise InvalidArgument('feature_refs: expected at least one "view:feature" ref')
-        refs = []
-        for i, text in enumerate(request.feature_refs):
-            view_name, sep, feature_name = text.partition(":")
-            if not sep or not view_name or not feature_name or ":" in feature_name:
-                raise InvalidArgument(f'feature_refs[{i}]: expected "view:feature", got {text!r}')
-            entry = catalog.entry(view_name, f"feature_refs[{i}]")
-            feature = entry.features.get(feature_name)
-            if feature is None:
-                known = ", ".join(entry.features)
-                raise NotFound(f"feature_refs[{i}]: view {view_name!r} has no feature {feature_name!r} (has: {known})")
-            refs.append(Ref(text, entry, feature))
+        refs = [parse_ref(catalog, text, f"feature_refs[{i}]") for i, text in enumerate(request.feature_refs)]
         entities = request.entity_keys
         if len(entities) * len(refs) > max_values:
             raise InvalidArgument(
@@ -172,6 +162,19 @@ class FeatureQuery:
             staleness,
             not request.disable_imputation,
         )
+
+
+def parse_ref(catalog: Catalog, text: str, field_name: str) -> Ref:
+    """A "view:feature" ref of the catalog: InvalidArgument if malformed, NotFound if unknown, naming the field."""
+    view_name, sep, feature_name = text.partition(":")
+    if not sep or not view_name or not feature_name or ":" in feature_name:
+        raise InvalidArgument(f'{field_name}: expected "view:feature", got {text!r}')
+    entry = catalog.entry(view_name, field_name)
+    feature = entry.features.get(feature_name)
+    if feature is None:
+        known = ", ".join(entry.features)
+        raise NotFound(f"{field_name}: view {view_name!r} has no feature {feature_name!r} (has: {known})")
+    return Ref(text, entry, feature)
 
 
 def _storage_keys(entry: ViewEntry, entities: Sequence[vpb.EntityKey]) -> list[str]:
@@ -217,12 +220,33 @@ class FeatureAnswer:
 _LIVE, _NOT_FOUND, _EXPIRED, _UNAVAILABLE = range(4)
 
 
+class ServedObserver(Protocol):
+    """Sees every answer as served (the parity sampler): must be quick and never raise."""
+
+    def offer(self, query: FeatureQuery, served: ServedViews, columns: Sequence[Column], now: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class ServedView:
+    """How one view's records were served to a query: per entity the record read (a Record, None when no
+    record was found, or the store's failure), and the age past which a record was served as expired."""
+
+    records: Sequence[object]
+    ttl: float | None
+
+
+ServedViews = Mapping[str, ServedView]
+
+
 class FeatureReader:
     """Reads a query's records in one store call and resolves every value by its feature's policy."""
 
-    def __init__(self, store: Store, metrics: FeatureMetrics | None = None) -> None:
+    def __init__(
+        self, store: Store, metrics: FeatureMetrics | None = None, observer: ServedObserver | None = None
+    ) -> None:
         self.store = store
         self.metrics = metrics
+        self.observer = observer
 
     async def read(self, query: FeatureQuery) -> FeatureAnswer:
         """The columns of a query, with a status per value."""
@@ -230,10 +254,13 @@ class FeatureReader:
         result = await self.store.read(unique)
         now = time.time()
         per_view = {}
+        served: dict[str, ServedView] = {}
         for name, entry in {r.view.view.name: r.view for r in query.refs}.items():
             ttl = query.max_staleness_s if query.max_staleness_s is not None else entry.view.ttl_seconds or None
             by_key = dict(zip(unique[name], result.records[name], strict=True))
-            per_view[name] = _entity_states([by_key[k] for k in query.keys_by_view[name]], ttl, now)
+            records = [by_key[k] for k in query.keys_by_view[name]]
+            per_view[name] = _entity_states(records, ttl, now)
+            served[name] = ServedView(records, ttl)
         tiers = {view: served_tier(result, view) for view in per_view}
         columns = []
         for ref in query.refs:
@@ -247,6 +274,8 @@ class FeatureReader:
                 self.metrics.served(view, ref.feature.name, statuses)
         if self.metrics is not None:
             self.metrics.read_failures(result.failed_tiers)
+        if self.observer is not None:
+            self.observer.offer(query, served, columns, now)
         return FeatureAnswer(columns, result.degraded, list(result.served_tiers), list(result.failed_tiers))
 
 

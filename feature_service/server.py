@@ -13,6 +13,7 @@ from chassis.server import ServiceApp
 from feature_service.bloom import BloomFilters
 from feature_service.materialize import MaterializeProgress, Materializer
 from feature_service.metrics import FeatureMetrics
+from feature_service.parity import ParityChecker, offline_views
 from feature_service.reader import Catalog, FeatureReader
 from feature_service.records import DurableTier
 from feature_service.service import METHOD_ROLES, Domain, FeatureServicer, materialize_response, spec_from_proto
@@ -23,7 +24,7 @@ from feature_service.tiers.sqlite import SQLiteTier
 from feature_service.writer import FeatureWriter
 from fresco.api.features.v1 import feature_service_pb2 as pb
 from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
-from fresco.features.definitions import load_definitions
+from fresco.features.definitions import FeatureView, load_definitions
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
@@ -33,6 +34,14 @@ def load_catalog(settings: FeatureServiceSettings) -> Catalog:
     """The definitions file as a catalog (InvalidArgument naming the file and field if it is wrong)."""
     definitions = load_definitions(settings.definitions)
     return Catalog(definitions, settings.definitions.stat().st_mtime)
+
+
+def load_offline_views(settings: FeatureServiceSettings, catalog: Catalog) -> dict[str, FeatureView]:
+    """The views the parity check's offline side resolves with if they are not the served ones."""
+    path = settings.parity_offline_definitions
+    if path is None:
+        return {}
+    return offline_views(catalog, load_definitions(path), str(path))
 
 
 async def open_durable(settings: FeatureServiceSettings) -> DurableTier:
@@ -86,9 +95,10 @@ class FeatureService:
         self.settings = settings
         self.app = ServiceApp("feature_service", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         self.metrics = FeatureMetrics(self.app.registry)
-        self.servicer = FeatureServicer()  # type: ignore[abstract]  # GetFeatureParity lands with issue 10
+        self.servicer = FeatureServicer()
         pb_grpc.add_FeatureServiceServicer_to_server(self.servicer, self.app.server)
         self.store: TieredStore | None = None
+        self.parity: ParityChecker | None = None
         self._poller: asyncio.Task[None] | None = None
         self.app.on_stop(self._close)
 
@@ -100,9 +110,29 @@ class FeatureService:
         store = self.store = build_store(settings, durable, self.metrics.observe_tier)
         await catalog.refresh(durable)
         await store.start(list(catalog.views))
+        materializer = Materializer(
+            catalog,
+            store,
+            durable,
+            self.metrics,
+            chunk_rows=settings.materialize_chunk_rows,
+            max_rejections=settings.max_rejections_reported,
+            max_future_s=settings.max_future_s,
+            source_dirs=settings.materialize_source_dirs,
+        )
+        parity = self.parity = ParityChecker(
+            catalog,
+            materializer,
+            self.app.registry,
+            sample_rate=settings.parity_sample_rate,
+            queue_size=settings.parity_queue_size,
+            max_entities=settings.parity_max_entities,
+            offline_views=load_offline_views(settings, catalog),
+        )
+        parity.start()
         self.servicer.domain = Domain(
             catalog=catalog,
-            reader=FeatureReader(store, self.metrics),
+            reader=FeatureReader(store, self.metrics, parity),
             writer=FeatureWriter(
                 catalog,
                 store,
@@ -111,17 +141,9 @@ class FeatureService:
                 require_event_timestamp=settings.require_event_timestamp,
                 max_rejections=settings.max_rejections_reported,
             ),
-            materializer=Materializer(
-                catalog,
-                store,
-                durable,
-                self.metrics,
-                chunk_rows=settings.materialize_chunk_rows,
-                max_rejections=settings.max_rejections_reported,
-                max_future_s=settings.max_future_s,
-                source_dirs=settings.materialize_source_dirs,
-            ),
+            materializer=materializer,
             max_values=settings.max_values_per_get,
+            parity=parity,
         )
         self._poller = asyncio.create_task(self._follow_statistics(catalog, store, durable), name="statistics poll")
         log.info("feature service ready: %d views on %s", len(catalog.views), settings.backend)
@@ -149,6 +171,8 @@ class FeatureService:
                 log.exception("statistics poll failed")
 
     async def _close(self) -> None:
+        if self.parity is not None:
+            await self.parity.close()
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -12,6 +12,8 @@ from chassis.auth import Role, method_roles
 from chassis.errors import InvalidArgument, NotFound, Unavailable
 from feature_service import convert
 from feature_service.materialize import Format, MaterializeOutcome, Materializer, MaterializeSpec
+from feature_service.parity import ParityChecker
+from feature_service.parity_rpcs import ParityRpcs
 from feature_service.reader import Catalog, FeatureQuery, FeatureReader, ViewEntry, answer_to_proto
 from feature_service.writer import FeatureWriter, rejection_to_proto
 from fresco.api.features.v1 import feature_service_pb2 as pb
@@ -38,6 +40,7 @@ class Domain:
     writer: FeatureWriter
     materializer: Materializer
     max_values: int
+    parity: ParityChecker
 
 
 def spec_from_proto(request: pb.MaterializeRequest) -> MaterializeSpec:
@@ -81,8 +84,8 @@ METHOD_ROLES = method_roles(
 )
 
 
-class FeatureServicer(pb_grpc.FeatureServiceServicer):
-    """fresco.features.v1.FeatureService over the reader, writer, materializer and catalog."""
+class FeatureServicer(ParityRpcs, pb_grpc.FeatureServiceServicer):
+    """fresco.features.v1.FeatureService over the reader, writer, materializer, catalog and parity checker."""
 
     def __init__(self) -> None:
         self.domain: Domain | None = None
@@ -91,6 +94,10 @@ class FeatureServicer(pb_grpc.FeatureServiceServicer):
         if self.domain is None:
             raise Unavailable("feature service is starting: definitions, store or bloom filters not ready yet")
         return self.domain
+
+    def _parity_domain(self) -> tuple[ParityChecker, Catalog]:
+        domain = self._domain()
+        return domain.parity, domain.catalog
 
     async def GetFeatures(self, request: pb.GetFeaturesRequest, context: Context) -> pb.GetFeaturesResponse:
         domain = self._domain()

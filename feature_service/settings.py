@@ -63,3 +63,13 @@ class FeatureServiceSettings(ServiceSettings):
     bloom_refresh_s: float = Field(default=300.0, gt=0)
     """Seconds between rebuilds of the bloom filters from the durable tier: the bound on how long a key that
     is durable may be reported NOT_FOUND by a replica that missed its write (lost notice, crashed writer)."""
+    parity_sample_rate: float = Field(default=0.01, ge=0, le=1)
+    """Share of served entities whose values are compared with the offline path (online-offline parity),
+    chosen by a hash of the entity key (the same ones every time); 0 turns the check off."""
+    parity_queue_size: int = Field(default=10_000, ge=1)
+    """Sampled entities waiting for the parity check; when full, new samples are dropped (and counted)."""
+    parity_max_entities: int = Field(default=100_000, ge=1)
+    """Sampled entities whose offline rows the parity check holds in memory per view."""
+    parity_offline_definitions: Path | None = None
+    """Definitions the offline side of the parity check resolves with (e.g. the training pipeline's copy);
+    by default the served ones. Every served view and feature must be in it."""

@@ -172,6 +172,49 @@ def _in_process(request: pb.MaterializeRequest, overrides: dict[str, Any]) -> pb
         return asyncio.run(materialize_in_process(settings, request, report))
 
 
+@app.command()
+def parity(
+    service: Annotated[str, typer.Option(help="host:port of the running feature service.")],
+    ref: Annotated[
+        list[str] | None, typer.Option(help='A "view:feature" ref to show (default: every feature checked); repeat.')
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(envvar="FRESCO_TOKEN_FILE", help="File holding a bearer token (when the service has auth on)."),
+    ] = None,
+) -> None:
+    """Online-offline parity: per feature, sampled served values checked against the offline path."""
+    try:
+        security = ClientSecurity.from_env(token_file)
+    except (OSError, ValueError) as err:
+        raise typer.BadParameter(str(err), param_hint="--token-file") from None
+    try:
+        with security.channel(service) as channel:
+            response: pb.GetFeatureParityResponse = pb_grpc.FeatureServiceStub(channel).GetFeatureParity(
+                pb.GetFeatureParityRequest(feature_refs=ref or []), timeout=30, metadata=security.metadata()
+            )
+    except grpc.RpcError as err:
+        errors.print(f"[red]parity failed:[/red] {err.code().name}: {escape(str(err.details()))}")
+        raise typer.Exit(1) from None
+    console.print(parity_table(response))
+    for feature in response.features:
+        for example in feature.examples:
+            console.print(f"{escape(feature.feature_ref)}: {escape(example)}", highlight=False)
+
+
+def parity_table(response: pb.GetFeatureParityResponse) -> Table:
+    """One line per feature: values checked, mismatched (and their share of those compared), missing offline."""
+    table = Table(title=f"online-offline parity (sampling {response.sample_rate:.2%} of served entities)")
+    for column in ("feature", "checked", "mismatched", "mismatch rate", "missing offline"):
+        table.add_column(column, no_wrap=True)
+    for feature in response.features:
+        compared = feature.checked - feature.missing_offline
+        rate = f"{feature.mismatched / compared:.2%}" if compared else "-"
+        cells = [feature.feature_ref, str(feature.checked), str(feature.mismatched), rate, str(feature.missing_offline)]
+        table.add_row(*(escape(c) for c in cells))
+    return table
+
+
 def print_outcome(response: pb.MaterializeResponse, dry_run: bool) -> None:
     """Rows read, written and rejected, the first rejections, and the statistics table."""
     written = "would write" if dry_run else "wrote"

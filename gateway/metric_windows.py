@@ -1,7 +1,9 @@
 """What the gateway observed, in windows of about 10 s per (model, version, route revision, mirrored):
 latency histograms over the bounds the manager publishes, counts by status code name, score
-histograms over the route's score bounds, and shadow comparisons. Each closed window gets an id
-unique to this gateway process, so a retried report is counted once; `WindowReporter` sends them."""
+histograms over the route's score bounds, shadow comparisons, value sketches of the inputs and
+scores, and prediction records for late labels (`gateway.window_sketches`). Each closed window gets
+an id unique to this gateway process, so a retried report is counted once; `WindowReporter` sends
+them."""
 
 from __future__ import annotations
 
@@ -24,11 +26,16 @@ from fresco.api.features.v1 import statistics_pb2
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
 from fresco.api.models.v1 import routing_pb2
+from gateway.window_sketches import Called, WindowSketches
 from model_manager.routes import MetricsConfig
 
 log = logging.getLogger(__name__)
 _REPORT_TIMEOUT_S: Final = 5.0
 _NAP_S: Final = 0.5  # the longest the reporter sleeps before it looks at the window length again
+DEFAULT_RECORD_CAP: Final = 10_000
+# Windows per ReportMetrics call are sent in calls of at most this many bytes: windows holding prediction records
+# weigh up to about a megabyte each, and those piled up while the manager was down must not exceed the message limit.
+REPORT_BYTES: Final = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,7 @@ class _Window:
     latency_bounds: tuple[float, ...]
     score_output: str
     score_bounds: tuple[float, ...]
+    sketches: WindowSketches
     requests: int = 0
     errors: int = 0
     fallbacks: int = 0
@@ -112,6 +120,7 @@ class _Window:
                     dropped=self.dropped,
                 )
             )
+        self.sketches.fill(message)
         return message
 
 
@@ -123,7 +132,16 @@ def _bucket(bounds: Sequence[float], value: float) -> int:
 class MetricWindows:
     """The open windows of this gateway; `roll` closes them into messages with unique ids."""
 
-    def __init__(self, gateway_id: str, clock_ns: Callable[[], int] = time.time_ns) -> None:
+    def __init__(
+        self,
+        gateway_id: str,
+        clock_ns: Callable[[], int] = time.time_ns,
+        *,
+        value_sketches: bool = True,
+        record_cap: int = DEFAULT_RECORD_CAP,
+    ) -> None:
+        self.value_sketches = value_sketches
+        self.record_cap = record_cap
         self._prefix = f"{gateway_id}/{uuid.uuid4().hex[:12]}"  # a restart never reuses an id
         self._clock_ns = clock_ns
         self._sequence = itertools.count(1)
@@ -136,8 +154,16 @@ class MetricWindows:
         window = self._open.get(key)
         if window is None:
             window = self._open[key] = _Window(
-                key, self._start_ns, metrics.latency_bounds_ms, score_output, score_bounds
+                key,
+                self._start_ns,
+                metrics.latency_bounds_ms,
+                score_output,
+                score_bounds,
+                WindowSketches(self.record_cap),
             )
+        elif score_output and not window.score_output:  # opened by a comparison, before any score
+            window.score_output, window.score_bounds = score_output, score_bounds
+            window.score_counts = [0] * (len(score_bounds) + 1)
         return window
 
     def record(
@@ -147,22 +173,37 @@ class MetricWindows:
         status: str,
         latency_ms: float,
         *,
-        scores: Sequence[float] = (),
+        count: int = 1,
+        scores: Sequence[float | None] = (),
         score_output: str = "",
         score_bounds: tuple[float, ...] = (),
         fallback: bool = False,
+        called: Called | None = None,
+        predictions: Sequence[tuple[str, str]] = (),
     ) -> None:
-        """One request to `key`'s version: its status code name, latency and scores."""
+        """`count` requests to `key`'s version with one status code name and latency: the scores of their
+        answers (None for an answer without one), the inputs the version was called with, and the
+        predictions, (request id, unit id) per score, to keep for late labels (live windows)."""
         window = self._window(key, metrics, score_output, score_bounds)
-        window.requests += 1
-        window.statuses[status] += 1
-        window.errors += status != "OK"
-        window.fallbacks += fallback
-        window.latency_counts[_bucket(window.latency_bounds, latency_ms)] += 1
+        window.requests += count
+        window.statuses[status] += count
+        if status != "OK":
+            window.errors += count
+        if fallback:
+            window.fallbacks += count
+        window.latency_counts[_bucket(window.latency_bounds, latency_ms)] += count
         window.max_ms = max(window.max_ms, latency_ms)
+        present = [score for score in scores if score is not None]
         if window.score_bounds:
-            for score in scores:
+            for score in present:
                 window.score_counts[_bucket(window.score_bounds, score)] += 1
+        if self.value_sketches:
+            if present:
+                window.sketches.add_scores(window.score_output, present)
+            if called is not None:
+                window.sketches.add_inputs(called)
+        if predictions:
+            window.sketches.keep(predictions, scores, self._clock_ns())
 
     def compare(self, key: WindowKey, metrics: MetricsConfig, disagreed: bool, abs_diff: float) -> None:
         """One mirrored answer compared with the answer served."""
@@ -186,7 +227,8 @@ class MetricWindows:
 
 class WindowReporter:
     """Sends closed windows with ReportMetrics every window length; a failed report is retried with
-    the same window ids, and a window still unsent after `max_attempts` is dropped and counted."""
+    the same window ids, and a window still unsent after `max_attempts` is dropped and counted. Windows go in
+    calls of at most `max_report_bytes` (a single larger window alone)."""
 
     def __init__(
         self,
@@ -198,6 +240,7 @@ class WindowReporter:
         registry: CollectorRegistry,
         max_attempts: int = 6,
         max_pending: int = 10_000,
+        max_report_bytes: int = REPORT_BYTES,
     ) -> None:
         self.windows = windows
         self._channel = channel_factory(address)
@@ -206,6 +249,7 @@ class WindowReporter:
         self._window_s = window_s
         self._max_attempts = max_attempts
         self._max_pending = max_pending
+        self._max_report_bytes = max_report_bytes
         self.pending: list[tuple[routing_pb2.MetricsWindow, int]] = []  # (window, failed attempts)
         self.sent_ids: list[str] = []
         self.dropped = PromCounter(
@@ -233,20 +277,35 @@ class WindowReporter:
             overflow = len(self.pending) - self._max_pending
             self.dropped.inc(overflow)
             self.pending = self.pending[overflow:]
-        if not self.pending:
-            return
-        request = pb.ReportMetricsRequest(gateway_id=self._gateway_id, windows=[w for w, _ in self.pending])
-        try:
-            await self._stub.ReportMetrics(request, timeout=_REPORT_TIMEOUT_S)
-        except aio.AioRpcError as err:
-            kept = [(w, n + 1) for w, n in self.pending if n + 1 < self._max_attempts]
-            self.dropped.inc(len(self.pending) - len(kept))
-            log.info("metric report failed (%s): %d windows kept for retry", err.code().name, len(kept))
-            self.pending = kept
-            return
-        self.sent_ids.extend(w.window_id for w, _ in self.pending)
+        pending, self.pending = self.pending, []
+        for start, end in self._calls(pending):
+            windows = pending[start:end]
+            request = pb.ReportMetricsRequest(gateway_id=self._gateway_id, windows=[w for w, _ in windows])
+            try:
+                await self._stub.ReportMetrics(request, timeout=_REPORT_TIMEOUT_S)
+            except aio.AioRpcError as err:  # this call's windows and the rest wait for the next flush
+                rest = pending[start:]
+                kept = [(w, n + 1) for w, n in rest if n + 1 < self._max_attempts]
+                self.dropped.inc(len(rest) - len(kept))
+                log.info("metric report failed (%s): %d windows kept for retry", err.code().name, len(kept))
+                self.pending = kept + self.pending
+                break
+            self.sent_ids.extend(w.window_id for w, _ in windows)
         del self.sent_ids[:-1000]
-        self.pending = []
+
+    def _calls(self, pending: list[tuple[routing_pb2.MetricsWindow, int]]) -> list[tuple[int, int]]:
+        """(start, end) of the pending windows each ReportMetrics call sends, each call within the byte budget."""
+        calls: list[tuple[int, int]] = []
+        start = size = 0
+        for index, (window, _) in enumerate(pending):
+            weight = window.ByteSize()
+            if index > start and size + weight > self._max_report_bytes:
+                calls.append((start, index))
+                start, size = index, 0
+            size += weight
+        if start < len(pending):
+            calls.append((start, len(pending)))
+        return calls
 
     async def close(self) -> None:
         """Stop reporting, after one last attempt."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -25,6 +26,7 @@ from gateway.predictors import PredictorPool
 from gateway.route_choice import RouteChooser, Target
 from gateway.routed_calls import Attempt, RoutedCalls, StaleSignature, split_answer, static_outputs
 from gateway.routing import RouteTable
+from gateway.window_sketches import Called
 
 GroupKey = tuple[Target, tuple[str, ...]]
 
@@ -42,6 +44,8 @@ class Query:
     entity: values_pb2.EntityKey | None = None
     unit_ids: dict[str, str] = field(default_factory=dict)  # by unit type, for experiments
     attributes: dict[str, values_pb2.Value] = field(default_factory=dict)  # for experiment targeting
+    # The caller's, else one generated here (returned in the answer): late labels are joined by it.
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @classmethod
     def from_proto(cls, request: pb.PredictRequest, label: str, limits: Limits | None = None) -> Query:
@@ -61,6 +65,7 @@ class Query:
             entity=merge_entity_keys(request.entity_keys) if request.entity_keys else None,
             unit_ids=dict(request.unit_ids),
             attributes=dict(request.attributes),
+            request_id=request.request_id or uuid.uuid4().hex,
         )
 
 
@@ -76,6 +81,7 @@ class Prediction:
     model: str
     model_version: str
     outputs: dict[str, values_pb2.Tensor] = field(default_factory=dict)
+    request_id: str = ""
     experiments: list[ArmResult] = field(default_factory=list)
     fallback: bool = False
     fallback_reason: str = ""
@@ -165,17 +171,18 @@ class PredictionPipeline:
             rows = [served.rows[i] for i in indices]
             labels = [queries[i].label for i in indices]
             outputs = key[1]
-            response = None
+            answer = None
             if not attempt.static:
-                attempt, response = await self.calls.infer_or_fallback(
+                attempt, answer = await self.calls.infer_or_fallback(
                     table, attempt, rows, labels, outputs, budget, retry, started
                 )
             target = attempt.target
-            if response is None:  # the route's static answer: no version answered
+            if answer is None:  # the route's static answer: no version answered
                 assert target.route is not None
                 per_row = [static_outputs(target.route, outputs) for _ in indices]
                 version = ""
             else:
+                response = answer.response
                 weight = sum(len(raw) for raw in response.raw_output_contents)
                 per_row = await self.offload.run(weight, split_answer, response, attempt.endpoint, len(indices))
                 version = response.model_version
@@ -188,9 +195,18 @@ class PredictionPipeline:
                     fallback_reason=attempt.fallback_reason,
                     imputed_features=served.imputed[index],
                     degraded=served.degraded[index],
+                    request_id=queries[index].request_id,
                 )
-            if response is not None:
-                self.calls.observe(target, len(indices), "OK", started, per_row)
+            if answer is not None:  # counted under the version that answered (the fallback's, when it did)
+                self.calls.observe(
+                    target,
+                    len(indices),
+                    "OK",
+                    started,
+                    per_row,
+                    called=Called(attempt.pinned.signature, answer.inputs),
+                    predictions=[(queries[i].request_id, queries[i].unit_id) for i in indices],
+                )
             if not attempt.fallback_reason:
                 self.calls.mirror(table, target, labels, queries[indices[0]].unit_id, rows, outputs, per_row)
 

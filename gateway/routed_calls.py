@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+import numpy as np
+
 from chassis.errors import FailedPrecondition, FrescoError, NotFound, ResourceExhausted, Unavailable
 from chassis.status import status_for
 from fresco.api.common.v1 import values_pb2
@@ -21,6 +23,7 @@ from gateway.offload import BYTES_PER_VALUE, Offload
 from gateway.predictors import STALE_SUSPECTS, Pinned, PredictorPool, decode_outputs
 from gateway.route_choice import RouteChooser, Target
 from gateway.shadow import ShadowJob, ShadowMirror, score_of, score_output
+from gateway.window_sketches import Called
 from model_manager.routes import ModelRoute, StaticValue
 from model_manager.routes import RouteTable as ManagedTable
 
@@ -39,6 +42,14 @@ class Attempt:
     pinned: Pinned
     fallback_reason: str = ""
     static: bool = False  # the route's static answer, no version: nothing to call
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A version's inference answer and the input tensors it was called with."""
+
+    response: ipb.ModelInferResponse
+    inputs: dict[str, np.ndarray]
 
 
 class StaleSignature(Exception):
@@ -183,8 +194,8 @@ class RoutedCalls:
         budget: Budget,
         retry: bool,
         started: float,
-    ) -> tuple[Attempt, ipb.ModelInferResponse | None]:
-        """The attempt's answer, or its route's fallback version's, or (no response) its static answer;
+    ) -> tuple[Attempt, Answer | None]:
+        """The attempt's answer, or its route's fallback version's, or (no answer) its static answer;
         failures are counted."""
         count = len(rows)
         try:
@@ -198,7 +209,7 @@ class RoutedCalls:
                 return chosen, None
             fallback, reason = chosen
 
-            async def infer() -> tuple[Attempt, ipb.ModelInferResponse]:
+            async def infer() -> tuple[Attempt, Answer]:
                 spare = Attempt(fallback, *await self._pin_any(fallback, budget), fallback_reason=reason)
                 return await self._infer_any(spare, rows, labels, outputs, budget, retry=False)
 
@@ -216,7 +227,7 @@ class RoutedCalls:
         outputs: tuple[str, ...],
         budget: Budget,
         retry: bool,
-    ) -> tuple[Attempt, ipb.ModelInferResponse]:
+    ) -> tuple[Attempt, Answer]:
         """Inference at the pinned endpoint, failing over to the target's next endpoints when it is unreachable."""
         target, health = attempt.target, self.chooser.health
         order = list(target.endpoints)
@@ -240,7 +251,7 @@ class RoutedCalls:
                     raise StaleSignature(str(err)) from err
                 raise
             health.succeeded(endpoint)
-            return attempt, response
+            return attempt, Answer(response, inputs)
 
     def observe(
         self,
@@ -251,27 +262,30 @@ class RoutedCalls:
         answers: Sequence[dict[str, values_pb2.Tensor]] = (),
         *,
         fallback: bool = False,
+        called: Called | None = None,
+        predictions: Sequence[tuple[str, str]] = (),
     ) -> None:
         """Count requests to a managed route's version in the metric windows (`fallback`: answered by
-        the route's fallback instead)."""
+        the route's fallback instead), with the inputs an answering version was `called` with and the
+        `predictions` (request id, unit id) of its answers."""
         if self.windows is None or target.route is None:
             return
         route = target.route
         key = WindowKey(target.model, target.version, target.revision)
         latency_ms = (time.perf_counter() - started) * 1000
-        for index in range(count):
-            score = score_of(answers[index], route.score_output) if answers else None
-            name = score_output(answers[index], route.score_output) if answers else route.score_output
-            self.windows.record(
-                key,
-                target.metrics,
-                status,
-                latency_ms,
-                scores=() if score is None else (score,),
-                score_output=name,
-                score_bounds=route.score_bounds,
-                fallback=fallback,
-            )
+        self.windows.record(
+            key,
+            target.metrics,
+            status,
+            latency_ms,
+            count=count,
+            scores=[score_of(answer, route.score_output) for answer in answers],
+            score_output=score_output(answers[0], route.score_output) if answers else route.score_output,
+            score_bounds=route.score_bounds,
+            fallback=fallback,
+            called=called,
+            predictions=predictions,
+        )
 
     def mirror(
         self,

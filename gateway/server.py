@@ -71,7 +71,11 @@ class Gateway:
                 backoff_s=(0.1, settings.route_backoff_max_s),
             )
             chooser = RouteChooser(routes, lambda: watcher.table)
-            windows = MetricWindows(gateway_id)
+            windows = MetricWindows(
+                gateway_id,
+                value_sketches=settings.value_sketches,
+                record_cap=settings.prediction_records_per_window,
+            )
             self.reporter = WindowReporter(
                 windows,
                 manager_channel,

@@ -30,7 +30,7 @@ METHOD_ROLES = method_roles(
 )
 
 
-def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -> pb.PredictResponse:
+def _encode(prediction: Prediction, trace_id: str) -> pb.PredictResponse:
     arms = [
         pb.ExperimentArm(
             experiment_key=r.assigned.experiment_key,
@@ -50,7 +50,7 @@ def _encode(prediction: Prediction, request: pb.PredictRequest, trace_id: str) -
         trace_id=trace_id,
         fallback=prediction.fallback,
         fallback_reason=prediction.fallback_reason,
-        request_id=request.request_id,
+        request_id=prediction.request_id,
         imputed_features=prediction.imputed_features,
         degraded=prediction.degraded,
     )
@@ -79,18 +79,17 @@ def annotate(span: trace.Span, predictions: Sequence[Prediction]) -> None:
             span.add_event("fresco.experiment", attributes)
 
 
-def _decode_one(data: bytes, limits: Limits) -> tuple[pb.PredictRequest, list[Query]]:
-    request = parse_request(data, limits)
-    return request, decode_queries([request], ["request"], limits)
+def _decode_one(data: bytes, limits: Limits) -> list[Query]:
+    return decode_queries([parse_request(data, limits)], ["request"], limits)
 
 
-def _decode_batch(data: bytes, limits: Limits) -> tuple[list[pb.PredictRequest], list[Query]]:
+def _decode_batch(data: bytes, limits: Limits) -> list[Query]:
     requests = parse_batch(data, limits)
-    return requests, decode_queries(requests, [f"requests[{i}]" for i in range(len(requests))], limits)
+    return decode_queries(requests, [f"requests[{i}]" for i in range(len(requests))], limits)
 
 
-def _encode_batch(predictions: Sequence[Prediction], requests: Sequence[pb.PredictRequest], trace_id: str) -> bytes:
-    responses = [_encode(p, r, trace_id) for p, r in zip(predictions, requests, strict=True)]
+def _encode_batch(predictions: Sequence[Prediction], trace_id: str) -> bytes:
+    responses = [_encode(p, trace_id) for p in predictions]
     return pb.PredictBatchResponse(responses=responses).SerializeToString()
 
 
@@ -103,21 +102,21 @@ class GatewayServicer:
     async def Predict(self, data: bytes, context: Context) -> pb.PredictResponse:
         budget = Budget(context.time_remaining())  # first: decoding spends the caller's budget too
         offload, limits = self.pipeline.offload, self.pipeline.limits
-        request, queries = await offload.run(len(data), _decode_one, data, limits)
+        queries = await offload.run(len(data), _decode_one, data, limits)
         (prediction,) = await self.pipeline.predict(queries, budget)
         span = trace.get_current_span()
         annotate(span, (prediction,))
-        return _encode(prediction, request, trace_id_of(span))
+        return _encode(prediction, trace_id_of(span))
 
     async def PredictBatch(self, data: bytes, context: Context) -> bytes:
         budget = Budget(context.time_remaining())
         offload, limits = self.pipeline.offload, self.pipeline.limits
-        requests, queries = await offload.run(len(data), _decode_batch, data, limits)
+        queries = await offload.run(len(data), _decode_batch, data, limits)
         predictions = await self.pipeline.predict(queries, budget)
         span = trace.get_current_span()
         annotate(span, predictions)
         trace_id = trace_id_of(span)
-        return await offload.run(len(data), _encode_batch, predictions, requests, trace_id)
+        return await offload.run(len(data), _encode_batch, predictions, trace_id)
 
     def handlers(self) -> grpc.GenericRpcHandler:
         """The service's methods for `server.add_generic_rpc_handlers`: requests are left as bytes."""

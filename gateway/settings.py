@@ -56,6 +56,12 @@ class GatewaySettings(ServiceSettings):
     """Deadline of one mirrored call, its own, never the caller's."""
     report_attempts: int = Field(default=6, ge=1)
     """Attempts to report a metric window (retried with the same id) before it is dropped and counted."""
+    value_sketches: bool = True
+    """Sketch each routed version's inputs and score output in its metric windows, for drift
+    (`--no-value-sketches` turns it off, e.g. to measure what it costs)."""
+    prediction_records_per_window: int = Field(default=10_000, ge=0)
+    """Predictions kept per metric window and version (request id, time, score, unit id) for joining late
+    labels; more are counted in the window's prediction_records_dropped."""
     experiment_service: str | None = None
     """host:port of the experiment service: the assignment configuration comes from its WatchExperiments stream
     (kept in --state-dir) and exposures go to it. Without it the gateway assigns no experiments."""

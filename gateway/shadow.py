@@ -148,25 +148,24 @@ class ShadowMirror:
             status = status_for(err).name if isinstance(err, FrescoError) else "DEADLINE_EXCEEDED"
             if self._windows is not None:
                 latency = (time.perf_counter() - started) * 1000
-                for _ in job.rows:
-                    self._windows.record(key, job.metrics, status, latency)
+                self._windows.record(key, job.metrics, status, latency, count=len(job.rows))
             return
         latency = (time.perf_counter() - started) * 1000
         self.mirrored.labels(job.target.model).inc(len(answers))
         if self._windows is None:
             return
+        # Only the mirrored answers' scores are sketched: the inputs are the live version's, sketched there.
+        self._windows.record(
+            key,
+            job.metrics,
+            "OK",
+            latency,
+            count=len(answers),
+            scores=[score_of(mirrored, output) for mirrored in answers],
+            score_output=score_output(answers[0], output) if answers else output,
+            score_bounds=bounds,
+        )
         for served, mirrored in zip(job.served, answers, strict=True):
-            score = score_of(mirrored, output)
-            name = score_output(mirrored, output)
-            self._windows.record(
-                key,
-                job.metrics,
-                "OK",
-                latency,
-                scores=() if score is None else (score,),
-                score_output=name,
-                score_bounds=bounds,
-            )
             disagreed, diff = compare(served, mirrored, output)
             self._windows.compare(key, job.metrics, disagreed, diff)
 

@@ -19,6 +19,7 @@ from grpc import aio
 from prometheus_client.parser import text_string_to_metric_families
 
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
+from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from fresco.suite import ServiceProcess
 from fresco.training import train_classifier
 from model_manager.routes import Endpoint, MetricsConfig, ModelRoute, RouteTable, Shadow, StaticValue, VersionRoute
@@ -145,6 +146,23 @@ def closed_port() -> Endpoint:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     return Endpoint("127.0.0.1", port)
+
+
+class Running:
+    """A gateway process and a stub to it."""
+
+    def __init__(self, process: ServiceProcess) -> None:
+        self.process = process
+        self.channel = aio.insecure_channel(process.address)
+        self.stub = gpb_grpc.GatewayServiceStub(self.channel)
+
+    async def predict(self, row: np.ndarray, unit_id: str = "", pinned: str = "") -> gpb.PredictResponse:
+        response: gpb.PredictResponse = await self.stub.Predict(request(row, unit_id, pinned), timeout=30)
+        return response
+
+    async def close(self) -> None:
+        await self.channel.close()
+        await asyncio.to_thread(self.process.stop)
 
 
 class StalledPredictor:

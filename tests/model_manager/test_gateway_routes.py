@@ -13,14 +13,13 @@ import pytest
 from grpc import aio
 
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
-from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from fresco.api.models.v1 import routing_pb2
-from fresco.suite import ServiceProcess
 from model_manager.routes import Endpoint, Shadow
 from model_manager.split import rendezvous_order, sticky_version
 from tests.model_manager.gateway_world import (
     MODEL,
     Predictors,
+    Running,
     StalledPredictor,
     closed_port,
     metric,
@@ -50,23 +49,6 @@ async def manager() -> AsyncIterator[RouteManager]:
         yield running
     finally:
         await running.stop()
-
-
-class Running:
-    """A gateway process and a stub to it."""
-
-    def __init__(self, process: ServiceProcess) -> None:
-        self.process = process
-        self.channel = aio.insecure_channel(process.address)
-        self.stub = gpb_grpc.GatewayServiceStub(self.channel)
-
-    async def predict(self, row: np.ndarray, unit_id: str = "", pinned: str = "") -> gpb.PredictResponse:
-        response: gpb.PredictResponse = await self.stub.Predict(request(row, unit_id, pinned), timeout=30)
-        return response
-
-    async def close(self) -> None:
-        await self.channel.close()
-        await asyncio.to_thread(self.process.stop)
 
 
 @pytest.fixture

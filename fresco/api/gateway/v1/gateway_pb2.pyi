@@ -103,7 +103,7 @@ class PredictRequest(_message.Message):
     unit_id: _builtins.str
     """unit_id identifies the experiment unit (a user, a session) for sticky assignment."""
     request_id: _builtins.str
-    """request_id is an optional caller identifier, echoed back."""
+    """request_id is an optional caller identifier, echoed back; empty lets the gateway generate one."""
     @_builtins.property
     def features(self) -> _containers.MessageMap[_builtins.str, _values_pb2.Value]:
         """features are named feature values supplied by the caller."""
@@ -194,7 +194,7 @@ class PredictResponse(_message.Message):
     fallback: _builtins.bool
     """fallback is true when the answer came from the model's fallback instead of the model."""
     request_id: _builtins.str
-    """request_id echoes the request's request_id."""
+    """request_id is the request's request_id, or the one the gateway generated (32 hex digits); labels join by it."""
     degraded: _builtins.bool
     """degraded is true when a feature was imputed or the feature service answered from a fallback tier."""
     fallback_reason: _builtins.str
