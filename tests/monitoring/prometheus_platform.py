@@ -10,6 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
 from chassis.server import channel_options
 from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
 from fresco.api.common.v1 import values_pb2
@@ -50,12 +53,14 @@ class World:
     suite: Suite
     auth: LocalAuth
     prometheus: PrometheusServer
+    root: Path
 
 
 def start_feature_service(suite: Suite, root: Path, auth: LocalAuth) -> ServiceProcess:
     """A feature service with one view, added to the suite (so it stops with it)."""
     (root / "features.yaml").write_text(FEATURES)
     args = ["--definitions", str(root / "features.yaml"), "--sqlite-path", str(root / "features.db"), "--port", "0"]
+    args += ["--materialize-source-dirs", str(root), "--parity-sample-rate", "1"]  # every served entity checked
     return suite.start(
         ServiceProcess("feature_service", [*args, *auth.service_args()], log_path=root / "feature_service.log")
     )
@@ -73,24 +78,38 @@ def user(user_id: int) -> values_pb2.EntityKey:
     return values_pb2.EntityKey(join_keys={"user_id": values_pb2.Value(int64_value=user_id)})
 
 
-def fetch_features(world: World, users: int = 20, reads: int = 10) -> None:
-    """Push `users` rows, then read them `reads` times: the memory tier misses once per key, then hits."""
+def fetch_features(world: World, root: Path, users: int = 20, reads: int = 10) -> None:
+    """Materialise `users` rows from a Parquet file, push two more users, then read them all `reads` times: the
+    memory tier misses once per key, then hits; the parity check compares every served entity with the file."""
+    now = time.time()
+    table = pa.Table.from_pylist(
+        [{"user_id": u, "visits": float(u), "spend": 2.0 * u, "event_timestamp": now - 60} for u in range(users)],
+        schema=pa.schema([("user_id", pa.int64()), ("visits", pa.float64()), ("spend", pa.float64()),
+                          ("event_timestamp", pa.float64())]),
+    )  # fmt: skip
+    pq.write_table(table, root / "users.parquet")
     address = world.suite.service("feature_service").address
     with world.auth.admin.channel(address, channel_options(DEFAULT_MAX_MESSAGE_BYTES)) as channel:
         stub = fpb_grpc.FeatureServiceStub(channel)
         metadata = world.auth.admin.metadata()
+        materialized = stub.Materialize(
+            fpb.MaterializeRequest(feature_view="user_stats", source_uri=str(root / "users.parquet")),
+            timeout=60,
+            metadata=metadata,
+        )
+        assert (materialized.rows_written, materialized.rows_rejected) == (users, 0)
         rows = [
             fpb.FeatureRow(
                 entity_key=user(u),
                 features={"visits": values_pb2.Value(double_value=u), "spend": values_pb2.Value(double_value=2.0 * u)},
             )
-            for u in range(users)
+            for u in (users, users + 1)
         ]
         pushed = stub.PushFeatures(iter([fpb.PushFeaturesRequest(feature_view="user_stats", rows=rows)]),
                                    timeout=30, metadata=metadata)  # fmt: skip
-        assert (pushed.accepted_count, pushed.rejected_count) == (users, 0)
+        assert (pushed.accepted_count, pushed.rejected_count) == (2, 0)
         request = fpb.GetFeaturesRequest(
-            entity_keys=[user(u) for u in range(users + 2)],  # two unknown users: not_found values too
+            entity_keys=[user(u) for u in range(users + 4)],  # two unknown users: not_found values too
             feature_refs=["user_stats:visits", "user_stats:spend"],
         )
         for _ in range(reads):
