@@ -43,8 +43,9 @@ def test_promtool_rule_unit_tests_pass() -> None:
     ("alert", "change"),
     [
         ("FrescoPredictionErrorRateHigh", ("for: 3m", "for: 2m")),
-        ("FrescoModelAccuracyLow", (">= 100", ">= 10")),
+        ("FrescoModelAccuracyLow", (">= 100\n", ">= 10\n")),
         ("FrescoFeatureDrift", ("for: 1h", "for: 30m")),
+        ("FrescoFeatureDrift", (">= 1000\n", ">= 100\n")),
     ],
 )
 def test_a_changed_rule_fails_its_unit_tests(tmp_path: Path, alert: str, change: tuple[str, str]) -> None:
@@ -70,7 +71,11 @@ def test_the_manager_reads_every_alert_of_the_shipped_rules() -> None:
             "critical",
             frozenset({"fresco_model_accuracy", "fresco_model_labelled_predictions"}),
         ),
-        "FrescoFeatureDrift": (3600.0, "warning", frozenset({"fresco_feature_drift_psi"})),
+        "FrescoFeatureDrift": (
+            3600.0,
+            "warning",
+            frozenset({"fresco_feature_drift_psi", "fresco_feature_drift_values"}),
+        ),
         "FrescoFeatureCacheHitRateLow": (900.0, "warning", frozenset({"fresco_feature_tier_keys_total"})),
         "FrescoGpuUtilisationLow": (1800.0, "warning", frozenset({"fresco_gpu_utilization_ratio"})),
     }
