@@ -107,10 +107,12 @@ def test_a_failing_version_raises_the_error_rate_alert_pending_then_firing(
             request = pb.ApplyDeploymentRequest(deployment=deployment, reason="inject a fault")
             m.stub.ApplyDeployment(request, timeout=RPC_TIMEOUT_S, metadata=m.metadata)
             wait_rollout(m, model, in_state(ro.ROLLOUT_STATE_SUCCEEDED))
+            first = wait_for(lambda: error_alerts(world, model), lambda a: "3" in a, 90, "v3's alert")["3"]
             firing = wait_for(
-                lambda: error_alerts(world, model), lambda a: a.get("3", {}).get("state") == "firing", 90, "firing"
+                lambda: error_alerts(world, model), lambda a: a.get("3", {}).get("state") == "firing", 60, "firing"
             )
     alert = firing["3"]
+    assert alert["activeAt"] == first["activeAt"]  # one alert: active (pending) since then, firing after its for:
     assert alert["labels"] == {"alertname": ERROR_ALERT, "model": model, "version": "3", "severity": "critical"}
     assert float(alert["value"]) > 0.01
     assert alert["annotations"]["summary"].startswith(f"{model} v3: error rate ")
