@@ -20,6 +20,7 @@ from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 from fresco.cli_model_update import update
+from fresco.cli_monitor import monitor
 from fresco.cli_promote import promote, rollback
 from fresco.rollout_view import stage_name, when
 
@@ -300,3 +301,4 @@ def alias(
 app.command()(update)
 app.command()(promote)
 app.command()(rollback)
+app.command()(monitor)

@@ -28,6 +28,7 @@ from fresco.cli_promote import watch_operation
 from fresco.cli_rollout import watch_rollout
 from fresco.client import AsyncGatewayClient, predict_request
 from fresco.demo import row_features
+from fresco.monitoring.training import feature_statistics
 from fresco.rollout_view import rollout_summary
 from fresco.training import ExportedModel
 
@@ -135,8 +136,12 @@ def score_statistics(path: Path, rows: np.ndarray) -> spb.FeatureStatistics:
         scores.append(float(np.asarray(probabilities)[0, -1]))
     counts = np.bincount(np.searchsorted(SCORE_BOUNDS, scores, side="left"), minlength=len(SCORE_BOUNDS) + 1)
     histogram = spb.Histogram(bucket_bounds=SCORE_BOUNDS, bucket_counts=[int(c) for c in counts])
-    numeric = spb.NumericStatistics(mean=float(np.mean(scores)) if scores else 0.0, histogram=histogram)
-    return spb.FeatureStatistics(feature_name=SCORE_OUTPUT, count=len(scores), numeric=numeric)
+    if not scores:
+        return spb.FeatureStatistics(feature_name=SCORE_OUTPUT, numeric=spb.NumericStatistics(histogram=histogram))
+    # The range and the KLL sketch too: drift judges served scores outside [min, max] as out of range.
+    stats = feature_statistics(SCORE_OUTPUT, np.asarray(scores, dtype=np.float64))
+    stats.numeric.histogram.CopyFrom(histogram)  # the fixed bins routes and the score PSI check share
+    return stats
 
 
 def register(m: Manager, model: ExportedModel, path: Path, version: int, why: str, parent: int = 0) -> None:

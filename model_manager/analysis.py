@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, fields
 from statistics import NormalDist
 from typing import Any
 
+from model_manager.analysis_drift import feature_psi
+from model_manager.drift_monitor import VersionBasis
 from model_manager.windows import Histogram, VersionMetrics
 
 # Odds multipliers of the alternatives mixed by the sequential test: it is quickest to detect effects of this size.
@@ -60,6 +62,7 @@ class Check(enum.Enum):
     SCORE_PSI = "score_psi"
     SHADOW_DISAGREEMENT = "shadow_disagreement"
     SHADOW_MEAN_ABS_DIFF = "shadow_mean_abs_score_diff"
+    FEATURE_DRIFT = "feature_drift"
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class AnalysisSpec:
     score_output: str = ""
     max_shadow_disagreement: float | None = None
     max_mean_abs_score_diff: float | None = None
+    max_feature_psi: float | None = None
 
     def __post_init__(self) -> None:
         if self.min_samples < 1:
@@ -90,7 +94,7 @@ class AnalysisSpec:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v >= 1.0):
                 raise ValueError(f"{name}: expected a finite ratio of at least 1")
-        for name in ("max_latency_p99_ms", "max_score_psi"):
+        for name in ("max_latency_p99_ms", "max_score_psi", "max_feature_psi"):
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0.0):
                 raise ValueError(f"{name}: expected a finite positive number")
@@ -233,9 +237,15 @@ class _Judge:
     """Builds the decisions of one analysis round."""
 
     def __init__(
-        self, cand: VersionMetrics, base: VersionMetrics | None, spec: AnalysisSpec, reference: Histogram | None
+        self,
+        cand: VersionMetrics,
+        base: VersionMetrics | None,
+        spec: AnalysisSpec,
+        reference: Histogram | None,
+        drift_basis: VersionBasis | None = None,
     ) -> None:
         self.cand, self.base, self.spec, self.reference = cand, base, spec, reference
+        self.drift_basis = drift_basis
         self.log_bar = math.log(1.0 / spec.alpha)
 
     def decide(self, check: Check, verdict: Verdict, samples: int, detail: str, **kw: Any) -> Decision:
@@ -472,6 +482,27 @@ class _Judge:
             threshold=limit,
         )
 
+    def feature_drift(self, limit: float) -> Decision:
+        """The largest PSI of the candidate's inputs and scores in the step, of those with enough values."""
+        found = feature_psi(self.cand.sketches, self.drift_basis)
+        check = Check.FEATURE_DRIFT
+        if found.missing:
+            return self.decide(check, Verdict.ERROR, 0, f"feature psi: {found.missing}", threshold=limit)
+        need = found.min_rows
+        if not found.judged:
+            detail = f"feature psi: {found.most_values}/{need} values"
+            return self.decide(
+                check, Verdict.INCONCLUSIVE, found.most_values, detail, threshold=limit, min_samples=need
+            )
+        worst, name, n = found.judged[0]
+        over = [f"{what} {psi:.3f}" for psi, what, _ in found.judged if psi > limit]
+        if over:
+            detail = f"feature psi over the limit {limit:g}: {', '.join(over)}"
+        else:
+            detail = f"feature psi {worst:.3f} ({name}, n={n}) vs limit {limit:g} over {len(found.judged)} names"
+        verdict = Verdict.FAILED if over else Verdict.PASSED
+        return self.decide(check, verdict, n, detail, measured=worst, threshold=limit, min_samples=need)
+
 
 def _why(verdict: Verdict) -> str:
     if verdict is Verdict.FAILED:
@@ -488,12 +519,14 @@ def analyse(
     *,
     now: float,
     reference: Histogram | None = None,
+    drift_basis: VersionBasis | None = None,
 ) -> Analysis:
     """Judges `candidate` against `baseline` (None when no baseline serves alongside, e.g. after a blue-green flip).
 
-    `reference` is the training histogram of the score output for the PSI check.
+    `reference` is the training histogram of the score output for the PSI check; `drift_basis` the candidate's
+    training statistics and drift policy for the feature drift check (its sketches merged in `candidate`).
     """
-    judge = _Judge(candidate, baseline, spec, reference)
+    judge = _Judge(candidate, baseline, spec, reference, drift_basis)
     decisions: list[Decision | None] = [judge.samples()]
     if spec.max_error_rate is not None:
         decisions.append(judge.error_rate(spec.max_error_rate))
@@ -509,6 +542,8 @@ def analyse(
         decisions.append(judge.shadow(spec.max_shadow_disagreement))
     if spec.max_mean_abs_score_diff is not None:
         decisions.append(judge.shadow_mean_abs_diff(spec.max_mean_abs_score_diff))
+    if spec.max_feature_psi is not None:
+        decisions.append(judge.feature_drift(spec.max_feature_psi))
     kept = tuple(d for d in decisions if d is not None)
     verdict = combine(d.verdict for d in kept)
     if verdict is Verdict.FAILED and kept[0].verdict is not Verdict.PASSED:

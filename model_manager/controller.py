@@ -22,6 +22,7 @@ from fresco.api.models.v1 import model_manager_service_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as regpb
 from model_manager import route_codec, route_hub
 from model_manager.actions import FINISHED, Action, Do, State
+from model_manager.drift_monitor import VersionBasis
 from model_manager.holds import HoldStore
 from model_manager.model_serving import static_answer
 from model_manager.ports import FleetPort, RouteHubPort
@@ -135,6 +136,7 @@ class RolloutController:
         self._loop_task: asyncio.Task[None] | None = None
         self._pruned_at = 0.0
         self._bins: dict[tuple[str, int, str], tuple[str, tuple[float, ...]]] = {}
+        self._drift_bases: dict[tuple[str, int], VersionBasis] = {}
         self.wants: frozenset[tuple[str, int]] = frozenset()  # (model, version) routes and live rollouts keep loaded
 
     @property
@@ -250,7 +252,8 @@ class RolloutController:
                     deadline = _earliest(deadline, action.until)
                 elif action.do is Do.ANALYSE:
                     reference = await self._reference(action)
-                    analysis = run_analysis(action, self.ledger, self.clock(), reference)
+                    basis = await self._drift_basis(action)
+                    analysis = run_analysis(action, self.ledger, self.clock(), reference, basis)
                     progressed |= entry.rollout.observe(action.phase, analysis)
                 elif action.do is Do.WAIT:
                     deadline = _earliest(deadline, action.until)
@@ -275,6 +278,17 @@ class RolloutController:
         if key not in self._references:
             self._references[key] = await asyncio.to_thread(score_reference, self.registry, *key)
         return self._references[key]
+
+    async def _drift_basis(self, action: Action) -> VersionBasis | None:
+        """The training statistics and drift policy the feature drift check compares with, read once per version."""
+        spec = action.analysis
+        if spec is None or spec.max_feature_psi is None or action.version is None:
+            return None
+        key = (action.model, action.version)
+        if key not in self._drift_bases:
+            record = await asyncio.to_thread(self.registry.get_version, *key)
+            self._drift_bases[key] = VersionBasis.of(record)
+        return self._drift_bases[key]
 
     def _check_ack(self, entry: Entry, action: Action) -> bool:
         assert self.hub is not None

@@ -9,6 +9,7 @@ from google.protobuf import json_format
 from chassis.errors import InvalidArgument
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import schema
+from model_manager.gate_drift import window_of
 from model_manager.metrics import METRICS
 
 MAX_SAMPLES = 100_000
@@ -82,6 +83,11 @@ def validate(field: str, gates: rpb.PromotionGates) -> rpb.PromotionGates:
         _backtest(f"{field}.backtest", gates.backtest)
     if gates.HasField("latency"):
         _latency(f"{field}.latency", gates.latency)
+    if gates.HasField("drift"):
+        try:
+            window_of(gates.drift, f"{field}.drift")
+        except ValueError as err:
+            raise InvalidArgument(str(err)) from None
     return gates
 
 

@@ -13,6 +13,7 @@ from chassis.tensors import ONNX_TYPE
 from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
 from fresco.api.features.v1 import feature_view_pb2 as vpb
+from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager.backtest import BacktestError, load_session
 from model_manager.gate_results import check, error
@@ -102,6 +103,12 @@ class FeatureCatalog:
                 return None
             raise
         return reply.feature_view
+
+    async def parity(self) -> list[spb.FeatureParity]:
+        """Online-offline parity counts of every feature checked so far (GetFeatureParity); gRPC errors propagate."""
+        # Every ref, not the model's: one the feature service does not serve would fail the whole call (NOT_FOUND).
+        reply = await self._stub.GetFeatureParity(fpb.GetFeatureParityRequest(), timeout=self._timeout_s)
+        return list(reply.features)
 
 
 async def check_feature_refs(signature: rpb.ModelSignature, catalog: FeatureCatalog | None) -> rpb.GateResult:

@@ -12,9 +12,12 @@ from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import backtest
 from model_manager.artifacts import ArtifactStore
 from model_manager.backtest import BacktestError, DatasetMismatch
+from model_manager.drift_monitor import VersionBasis
+from model_manager.gate_drift import drift_gate
 from model_manager.gate_latency import ChannelFactory, PredictorFleet, latency_gate
 from model_manager.gate_results import check, error
 from model_manager.gate_schema import FeatureCatalog, check_artifact, check_feature_refs, check_outputs
+from model_manager.monitors import ModelMonitors
 from model_manager.records import VersionRecord
 from model_manager.registry import Registry
 from model_manager.thresholds import DEFAULT_MIN_SLICE_ROWS, Baseline, check_thresholds, thresholds_of
@@ -41,6 +44,8 @@ class GateRunner:
     latency_warmup: int = 20
     # Whether a route or rollout uses a version: then the copy the latency gate loaded stays when the gates end.
     in_use: Callable[[str, int], bool] = _unused
+    # The live sketches the drift gate judges (none: the drift gate reports an error).
+    monitors: ModelMonitors | None = None
     _measured: set[tuple[str, int]] = field(default_factory=set)
 
     async def run(self, version: VersionRecord, gates: rpb.PromotionGates, progress: Progress) -> list[rpb.GateResult]:
@@ -68,6 +73,10 @@ class GateRunner:
                     self.latency_warmup,
                 )
             )
+            await progress(results)
+        if gates.HasField("drift"):
+            basis = VersionBasis.of(version)
+            results.append(await asyncio.to_thread(drift_gate, gates.drift, basis, self.monitors))
             await progress(results)
         return results
 

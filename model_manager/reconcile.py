@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from model_manager.actions import ACTIVE, Action, Do, State
 from model_manager.analysis import Analysis, analyse
+from model_manager.drift_monitor import VersionBasis
 from model_manager.plans import RolloutSpec
 from model_manager.rollout import Clock, Rollout, RolloutError
 from model_manager.windows import Histogram, WindowLedger
@@ -67,8 +68,15 @@ def apply(current: Rollout | None, spec: RolloutSpec, generation: int, clock: Cl
     return Applied(Outcome.STARTED, new, "started")
 
 
-def run_analysis(action: Action, ledger: WindowLedger, now: float, reference: Histogram | None = None) -> Analysis:
-    """Runs the ANALYSE action on the windows reported under the step's route revision or later.
+def run_analysis(
+    action: Action,
+    ledger: WindowLedger,
+    now: float,
+    reference: Histogram | None = None,
+    drift_basis: VersionBasis | None = None,
+) -> Analysis:
+    """Runs the ANALYSE action on the windows reported under the step's route revision or later (with their value
+    sketches when the feature drift check runs, judged against `drift_basis`).
 
     The revision, not the clock, scopes the data: every window it selects was served with the step's
     weights, and the baseline's windows under the same revisions ran at the same time.
@@ -76,11 +84,14 @@ def run_analysis(action: Action, ledger: WindowLedger, now: float, reference: Hi
     if action.do is not Do.ANALYSE or action.version is None or action.analysis is None:
         raise ValueError("action: expected an ANALYSE action")
     rev = action.revision or 0
-    cand = ledger.merged(action.model, action.version, min_revision=rev, until=now, mirrored=action.mirrored)
+    sketches = action.analysis.max_feature_psi is not None
+    cand = ledger.merged(
+        action.model, action.version, min_revision=rev, until=now, mirrored=action.mirrored, sketches=sketches
+    )
     if action.with_mirror and not action.mirrored:
         mirrored = ledger.merged(action.model, action.version, min_revision=rev, until=now, mirrored=True)
         cand = replace(cand, shadow=mirrored.shadow)
     base = None
     if action.baseline is not None:
         base = ledger.merged(action.model, action.baseline, min_revision=rev, until=now)
-    return analyse(cand, base, action.analysis, now=now, reference=reference)
+    return analyse(cand, base, action.analysis, now=now, reference=reference, drift_basis=drift_basis)

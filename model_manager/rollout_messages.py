@@ -32,6 +32,7 @@ _CHECKS: dict[Check, rpb.AnalysisCheck.ValueType] = {
     Check.SCORE_PSI: rpb.ANALYSIS_CHECK_PREDICTION_PSI,
     Check.SHADOW_DISAGREEMENT: rpb.ANALYSIS_CHECK_SHADOW_DISAGREEMENT,
     Check.SHADOW_MEAN_ABS_DIFF: rpb.ANALYSIS_CHECK_MEAN_ABS_SCORE_DIFF,
+    Check.FEATURE_DRIFT: rpb.ANALYSIS_CHECK_FEATURE_DRIFT,
 }
 _VERDICTS: dict[Verdict, rpb.AnalysisVerdict.ValueType] = {
     Verdict.PASSED: rpb.ANALYSIS_VERDICT_PASSED,
@@ -84,6 +85,7 @@ _OPTIONAL_LIMITS = (
     ("max_score_psi", "max_prediction_psi"),
     ("max_shadow_disagreement", "max_shadow_disagreement"),
     ("max_mean_abs_score_diff", "max_mean_abs_score_diff"),
+    ("max_feature_psi", "max_feature_psi"),
 )
 
 

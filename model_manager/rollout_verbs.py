@@ -17,6 +17,7 @@ from fresco.api.models.v1.model_manager_service_pb2 import Deployment
 from model_manager.actions import ACTIVE, State
 from model_manager.controller import Entry, RolloutController
 from model_manager.lifecycle import Stage
+from model_manager.monitor_store import MonitorStore
 from model_manager.plans import RolloutSpec
 from model_manager.promotions import PromoteRequest
 from model_manager.reconcile import Applied, Outcome, apply
@@ -49,6 +50,7 @@ class RolloutVerbs:
         self.controller = controller
         self.registry = controller.registry
         self.store = controller.store
+        self.monitor: MonitorStore | None = None  # where accepted windows' value sketches are merged
 
     # --- reading ------------------------------------------------------------------------------------------
 
@@ -188,6 +190,7 @@ class RolloutVerbs:
         accepted = duplicates = 0
         rejected: list[str] = []
         keep = []
+        fed = []
         async with c.lock:
             for i, message in enumerate(windows):
                 name = message.window_id or f"windows[{i}]"
@@ -205,7 +208,10 @@ class RolloutVerbs:
                 else:
                     duplicates += 1
                 keep.append(window.to_dict())  # duplicates too: a retry after a failed store stores them now
+                fed.append(window)
             await asyncio.to_thread(self.store.add_windows, keep)
+        if self.monitor is not None and fed:  # counted once by id there too, so a retried report feeds it now
+            await asyncio.to_thread(self.monitor.add, fed)
         if accepted:
             c.wake()
         return Reported(accepted, duplicates, tuple(rejected))

@@ -11,6 +11,8 @@ from dataclasses import replace
 from chassis.errors import InvalidArgument
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.monitoring.kll_bytes import kll_problem
+from fresco.monitoring.sketches import KLL_K
 from model_manager.records import ModelSpec, VersionSpec
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -184,6 +186,9 @@ def training_statistics(field: str, features: Iterable[spb.FeatureStatistics]) -
                 previous = (p.quantile, p.value)
             if numeric.HasField("histogram"):
                 _histogram(f"{where}.numeric.histogram", numeric.histogram)
+            problem = kll_problem(numeric.kll_sketch, KLL_K) if numeric.kll_sketch else None
+            if problem is not None:  # drift reads it; malformed bytes would crash the manager, not just fail
+                raise InvalidArgument(f"{where}.numeric.kll_sketch: expected a kll_doubles_sketch: {problem}")
         if stats.HasField("categorical"):
             categorical = stats.categorical
             if categorical.distinct_count < 0:

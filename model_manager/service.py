@@ -23,6 +23,7 @@ from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
 from model_manager.hold_rpcs import HoldRpcs
 from model_manager.model_rpcs import ModelRpcs
+from model_manager.monitor_rpcs import MonitorRpcs
 from model_manager.registry import Registry
 from model_manager.rollout_rpcs import RolloutRpcs
 from model_manager.route_rpcs import RouteRpcs
@@ -71,7 +72,7 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
 
 
 class ModelManagerServicer(
-    HoldRpcs, ModelRpcs, FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, pb_grpc.ModelManagerServiceServicer
+    HoldRpcs, ModelRpcs, FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, MonitorRpcs, pb_grpc.ModelManagerServiceServicer
 ):
     """fresco.models.v1.ModelManagerService: the registry's RPCs here; the fleet's, the promotion gates', the route
     stream's and the rollouts' in the mixins."""

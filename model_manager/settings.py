@@ -43,15 +43,19 @@ class ModelManagerSettings(ServiceSettings):
     leftover_grace_s: float = Field(default=30.0, ge=0)
     """Seconds a copy no route, rollout or gate wants (say, left by a restarted manager) stays before it is unloaded."""
     feature_service_address: str = ""
-    """host:port of the feature service whose views the schema gate checks feature refs against; empty: none."""
+    """host:port of the feature service whose views the schema gate checks feature refs against, and whose parity
+    counts the model monitor shows; empty: none."""
     feature_service_timeout_s: float = Field(default=10.0, gt=0)
     """Deadline of each call the schema gate makes to the feature service."""
-    default_gates_json: str = '{"schema": {}}'
-    """The promotion gates run when a PromoteModelVersion request sets none: PromotionGates as protobuf JSON."""
+    default_gates_json: str = '{"schema": {}, "drift": {}}'
+    """The promotion gates run when a PromoteModelVersion request sets none: PromotionGates as protobuf JSON. The
+    drift gate passes (with a note) while too little live data is there to judge."""
     latency_sample_requests: int = Field(default=200, ge=1)
     """Requests the latency gate times when its request does not say (sample_requests 0)."""
     latency_warmup_requests: int = Field(default=20, ge=0)
     """Untimed requests the latency gate sends first when its request does not say (warmup_requests 0)."""
+    drift_refresh_s: float = Field(default=5.0, gt=0, le=300)
+    """How often the drift gauges on /metrics are computed again from the merged sketches, in seconds."""
     alert_rules: list[Path] = Field(default=[])
     """Prometheus rule files whose alerting rules count as monitoring in the safety score (repeat the flag)."""
 

@@ -6,6 +6,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import routing_pb2 as rtpb
+from model_manager.window_sketches import SketchDecodeError, decode_sketches
 from model_manager.windows import Histogram, MetricWindow, ShadowComparison, WindowError
 
 
@@ -37,6 +38,10 @@ def decode_window(message: rtpb.MetricsWindow, gateway_id: str, latency_bounds: 
         if score.output_name in scores:
             raise WindowError(f"score_histograms[{i}].output_name: {score.output_name!r} is listed twice")
         scores[score.output_name] = _histogram(f"score_histograms[{i}].histogram", score.histogram)
+    try:
+        sketches = decode_sketches(message.value_sketches)
+    except SketchDecodeError as err:
+        raise WindowError(str(err)) from None
     shadow = None
     if message.HasField("shadow_comparison"):
         c = message.shadow_comparison
@@ -54,4 +59,5 @@ def decode_window(message: rtpb.MetricsWindow, gateway_id: str, latency_bounds: 
         scores=scores,
         mirrored=message.shadow,
         shadow=shadow,
+        sketches=sketches,
     )

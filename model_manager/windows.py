@@ -9,6 +9,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fresco.monitoring.sketches import ColumnSketch
+from model_manager.window_sketches import (
+    SketchKey,
+    WindowSketch,
+    merge_sketches,
+    sketches_from_list,
+    sketches_to_list,
+)
+
 # Latency bucket upper bounds in milliseconds that the manager publishes to gateways; windows must use them so
 # histograms from every gateway merge exactly.
 LATENCY_BOUNDS_MS: tuple[float, ...] = (
@@ -163,6 +172,7 @@ class MetricWindow:
     scores: Mapping[str, Histogram] = field(default_factory=dict)
     mirrored: bool = False
     shadow: ShadowComparison | None = None
+    sketches: tuple[WindowSketch, ...] = ()  # one per input feature and score output, checked on arrival
 
     def __post_init__(self) -> None:
         if not self.window_id:
@@ -205,6 +215,7 @@ class MetricWindow:
             "scores": {k: h.to_dict() for k, h in self.scores.items()},
             "mirrored": self.mirrored,
             "shadow": None if self.shadow is None else vars(self.shadow).copy(),
+            "sketches": sketches_to_list(self.sketches),
         }
 
     @classmethod
@@ -223,6 +234,7 @@ class MetricWindow:
             scores={k: Histogram.from_dict(h) for k, h in d["scores"].items()},
             mirrored=bool(d["mirrored"]),
             shadow=None if d["shadow"] is None else ShadowComparison(**d["shadow"]),
+            sketches=sketches_from_list(d.get("sketches", ())),  # absent in windows stored before sketches
         )
 
 
@@ -239,6 +251,8 @@ class VersionMetrics:
     windows: int
     start: float | None
     end: float | None
+    # Value sketches merged per (kind, name); only when asked for (`sketches=True`), as merging them costs.
+    sketches: Mapping[SketchKey, ColumnSketch] = field(default_factory=dict)
 
     @property
     def requests(self) -> int:
@@ -282,6 +296,10 @@ class WindowLedger:
     def __len__(self) -> int:
         return len(self._windows)
 
+    def windows(self) -> list[MetricWindow]:
+        """Every window held."""
+        return list(self._windows.values())
+
     def add(self, window: MetricWindow) -> Admission:
         """Records a window once; a retry with the same id and content is a duplicate, other content an error."""
         seen = self._windows.get(window.window_id)
@@ -324,20 +342,29 @@ class WindowLedger:
         until: float = math.inf,
         min_revision: int = 0,
         mirrored: bool = False,
+        sketches: bool = False,
     ) -> VersionMetrics:
-        """Merges the windows of a version that lie wholly in [since, until] under route revision ≥ min_revision."""
+        """Merges the windows of a version that lie wholly in [since, until] under route revision ≥ min_revision;
+        with `sketches`, their value sketches too."""
         chosen = [
             w
             for w in self._by_version.get((model, version, mirrored), {}).values()
             if w.route_revision >= min_revision and w.start >= since and w.end <= until
         ]
-        return merge_windows(model, version, chosen, self.latency_bounds)
+        return merge_windows(model, version, chosen, self.latency_bounds, sketches=sketches)
 
 
 def merge_windows(
-    model: str, version: int, windows: Iterable[MetricWindow], latency_bounds: tuple[float, ...]
+    model: str,
+    version: int,
+    windows: Iterable[MetricWindow],
+    latency_bounds: tuple[float, ...],
+    *,
+    sketches: bool = False,
 ) -> VersionMetrics:
-    """Sums windows of one version: status counts, histograms per name, shadow comparisons, and their span."""
+    """Sums windows of one version: status counts, histograms per name, shadow comparisons, and their span (and
+    with `sketches`, merges their value sketches)."""
+    windows = list(windows)
     status: dict[str, int] = {}
     latency = Histogram.empty(latency_bounds)
     scores: dict[str, Histogram] = {}
@@ -356,4 +383,5 @@ def merge_windows(
             shadow = shadow.merge(w.shadow)
         start = w.start if start is None else min(start, w.start)
         end = w.end if end is None else max(end, w.end)
-    return VersionMetrics(model, version, status, latency, scores, shadow, count, start, end)
+    merged = merge_sketches(w.sketches for w in windows) if sketches else {}
+    return VersionMetrics(model, version, status, latency, scores, shadow, count, start, end, merged)

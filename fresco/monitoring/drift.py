@@ -22,7 +22,8 @@ from scipy.spatial.distance import jensenshannon
 
 from fresco.api.features.v1 import statistics_pb2
 from fresco.api.models.v1 import monitoring_pb2, registry_pb2
-from fresco.monitoring.sketches import ColumnSketch
+from fresco.monitoring.kll_bytes import kll_problem
+from fresco.monitoring.sketches import KLL_K, ColumnSketch
 
 DEFAULT_MIN_ROWS: Final = 1000
 DECILES: Final = tuple(i / 10 for i in range(1, 10))
@@ -162,8 +163,8 @@ def js_distance(expected: np.ndarray, actual: np.ndarray) -> float:
 
 
 def _training_kll(numeric: statistics_pb2.NumericStatistics) -> datasketches.kll_doubles_sketch | None:
-    if not numeric.kll_sketch:
-        return None
+    if not numeric.kll_sketch or kll_problem(numeric.kll_sketch, KLL_K) is not None:
+        return None  # checked first: corrupt bytes can crash the library; the histogram serves instead
     try:
         sketch = datasketches.kll_doubles_sketch.deserialize(numeric.kll_sketch)
     except (ValueError, RuntimeError, IndexError, MemoryError):  # a corrupt sketch: fall back to the histogram
@@ -196,13 +197,24 @@ def _numeric_bins(
     return expected, actual, ks
 
 
-def _outside(served: ColumnSketch, numeric: statistics_pb2.NumericStatistics) -> int:
+def training_range(numeric: statistics_pb2.NumericStatistics) -> tuple[float, float] | None:
+    """Training's [min, max]: from its KLL sketch, else from min and max when the statistics were computed in full
+    (percentiles present, or min < max); None when only a histogram was given (proto3 cannot tell an unset min)."""
+    trained = _training_kll(numeric)
+    if trained is not None:
+        return float(trained.get_min_value()), float(trained.get_max_value())
+    if numeric.percentiles or numeric.min < numeric.max:
+        return numeric.min, numeric.max
+    return None
+
+
+def _outside(served: ColumnSketch, span: tuple[float, float]) -> int:
     """Served finite numbers below training's min or above its max (estimated from the sketch)."""
     kll = served.kll
     if kll.is_empty():
         return 0
-    below: float = kll.get_rank(numeric.min, inclusive=False)
-    above: float = 1.0 - kll.get_rank(numeric.max, inclusive=True)
+    below: float = kll.get_rank(span[0], inclusive=False)
+    above: float = 1.0 - kll.get_rank(span[1], inclusive=True)
     numbers: int = kll.n
     return round((below + above) * numbers)
 
@@ -296,7 +308,11 @@ def _compare(
             if bins is None:
                 notes.append("training statistics carry no KLL sketch or histogram: no PSI, KS or JS")
         wrong_type = served.categorical_count()  # text where training saw numbers
-        return bins, _outside(served, training.numeric) + served.invalid_count + wrong_type
+        span = training_range(training.numeric)
+        if span is None:
+            notes.append("training statistics give no [min, max]: values out of range are not counted")
+            return bins, None
+        return bins, _outside(served, span) + served.invalid_count + wrong_type
     if training.HasField("categorical"):
         expected, actual, unseen = _categorical_bins(served, training.categorical, training.count - training.null_count)
         if unseen is None:

@@ -14,6 +14,7 @@ import datasketches
 import numpy as np
 
 from fresco.api.models.v1 import monitoring_pb2
+from fresco.monitoring.kll_bytes import kll_problem
 
 KLL_K: Final = 200  # rank error about 1.3% (99% confidence); serialized size stays under about 5 KB
 MAX_CATEGORIES: Final = 64  # categories shipped per sketch; the rest are counted as "other"
@@ -173,6 +174,8 @@ class ColumnSketch:
                 raise SketchError(f"{field}: expected a non-negative count, got {getattr(message, field)}")
         sketch = cls(message.name, message.kind)
         if message.kll_sketch:
+            if (problem := kll_problem(message.kll_sketch, KLL_K)) is not None:
+                raise SketchError(f"kll_sketch: {problem}")  # checked first: corrupt bytes can crash the library
             try:
                 sketch.kll = datasketches.kll_doubles_sketch.deserialize(message.kll_sketch)
             except (ValueError, RuntimeError, IndexError, MemoryError) as err:  # the library's corruption errors

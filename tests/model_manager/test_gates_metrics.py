@@ -205,7 +205,7 @@ def test_server_defaults_parse_from_json_and_are_checked() -> None:
 def test_the_manager_refuses_bad_default_gates_at_start() -> None:
     with pytest.raises(ValidationError, match=r"default_gates_json\.latency\.p99_budget_ms"):
         ModelManagerSettings(default_gates_json='{"latency": {}}')
-    assert ModelManagerSettings().default_gates_json == '{"schema": {}}'
+    assert ModelManagerSettings().default_gates_json == '{"schema": {}, "drift": {}}'
 
 
 def test_outputs_must_keep_the_production_names_types_and_shapes() -> None:

@@ -120,6 +120,11 @@ def test_a_histogram_without_a_sketch_still_gives_psi_and_a_binned_ks() -> None:
     training.numeric.histogram.bucket_counts.extend([250, 250, 250, 250])
     training.numeric.min, training.numeric.max = 0.0, 1.0
     drift = measure(sketch_of("score", np.linspace(0.76, 1.0, 1000)), training, DEFAULT_LIMITS)
+    assert drift.out_of_range == pytest.approx(0.0)  # min 0 and max 1 given: everything served is in range
+    training.numeric.min, training.numeric.max = 0.0, 0.0  # a histogram alone: no range to count against
+    drift = measure(sketch_of("score", np.linspace(0.76, 1.0, 1000)), training, DEFAULT_LIMITS)
+    assert drift.out_of_range is None
+    assert "no [min, max]" in drift.note
     assert drift.ks == pytest.approx(0.75)
     assert drift.psi is not None
     assert drift.psi > 1

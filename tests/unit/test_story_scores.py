@@ -25,3 +25,19 @@ def test_each_version_gets_a_score_histogram_over_the_shared_bins(tmp_path: Path
     broken = score_statistics(v3.path, v3.sample)
     scored = int(np.sum(np.abs(v1.sample[:, 0]) < 0.5))
     assert broken.count == sum(broken.numeric.histogram.bucket_counts) == scored
+
+
+def test_the_score_statistics_carry_the_range_drift_judges_served_scores_by(tmp_path: Path) -> None:
+    from fresco.api.models.v1 import monitoring_pb2 as mpb
+    from fresco.monitoring.drift import DEFAULT_LIMITS, measure
+    from fresco.monitoring.sketches import SCORE, ColumnSketch
+
+    v1 = train_classifier(tmp_path, "demo", 1, max_iter=50)
+    stats = score_statistics(v1.path, v1.sample)
+    assert 0.0 <= stats.numeric.min < stats.numeric.max <= 1.0
+    # The very scores training saw, served again.
+    message = mpb.ValueSketch(name=SCORE_OUTPUT, kind=SCORE, count=stats.count, kll_sketch=stats.numeric.kll_sketch)
+    served = ColumnSketch.from_proto(message)
+    drift = measure(served, stats, DEFAULT_LIMITS, min_rows=10)
+    assert drift.out_of_range == 0.0, "the same scores served are within training's range"
+    assert not drift.breached
