@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
@@ -23,10 +24,17 @@ from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
+from fresco.api.models.v1 import model_manager_service_pb2 as mpb
+from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.cli_manager import Manager
+from fresco.cli_models import sha256_of, upload_requests
 from fresco.client import predict_request
+from fresco.monitoring.training import feature_statistics
 from fresco.servers import PrometheusServer
 from fresco.servers.prometheus import fast_rules, scrape_target
+from fresco.story import score_statistics, signature
 from fresco.suite import LocalAuth, ServiceProcess, Suite
+from fresco.training import ExportedModel
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -189,3 +197,22 @@ def run_experiment(world: World, model: str, feature_names: list[str], rows: Any
         for unit in range(units):
             predict(unit)
     return len(exposed)
+
+
+def register_with_statistics(m: Manager, name: str, model: ExportedModel, version: int, train: np.ndarray) -> None:
+    """Upload a version with the training statistics of each input feature and of its score: the basis the model
+    manager measures drift against."""
+    statistics = [feature_statistics(n, train[:, i].astype(np.float64)) for i, n in enumerate(model.feature_names)]
+    statistics.append(score_statistics(model.path, model.sample))
+    digest, size = sha256_of(model.path)
+    metadata = mpb.UploadModelVersionMetadata(
+        model_name=name,
+        format=rpb.MODEL_FORMAT_ONNX,
+        signature=signature(model),
+        expected_sha256=digest,
+        expected_size_bytes=size,
+        version=version,
+        training_statistics=statistics,
+        reason="monitored version",
+    )
+    m.stub.UploadModelVersion(upload_requests(metadata, model.path), timeout=30, metadata=m.metadata)
