@@ -10,6 +10,7 @@ from typing import TypeVar
 
 from chassis.errors import Unavailable
 from chassis.server import ServiceApp
+from chassis.streams import next_or_stop
 from experiment_service.catalog import ExperimentCatalog
 from experiment_service.decisions import Decisions
 from experiment_service.domain import DomainHolder
@@ -63,18 +64,7 @@ class DataDomain:
 
     async def next_request(self, requests: AsyncIterator[T]) -> T | None:
         """The stream's next request; None at its end, or once the service is stopping (between batches)."""
-        if self.stopping.is_set():
-            return None
-        following = asyncio.ensure_future(anext(requests, None))
-        stop = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if following.done():
-            return following.result()
-        following.cancel()
-        return None
+        return await next_or_stop(requests, self.stopping)
 
     def stop_streams(self) -> None:
         """End the outcome streams at their next batch boundary: a drain need not wait for idle clients."""

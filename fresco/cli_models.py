@@ -18,6 +18,7 @@ from rich.table import Table
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import registry_pb2 as rpb
+from fresco.cli_labels import labels
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 from fresco.cli_model_update import update
 from fresco.cli_monitor import monitor
@@ -302,3 +303,4 @@ app.command()(update)
 app.command()(promote)
 app.command()(rollback)
 app.command()(monitor)
+app.command()(labels)

@@ -10,6 +10,7 @@ import asyncio
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.models.v1 import routing_pb2 as rtpb
@@ -24,6 +25,9 @@ from model_manager.reconcile import Applied, Outcome, apply
 from model_manager.rollout import RolloutError
 from model_manager.window_codec import decode_window
 from model_manager.windows import Admission, WindowError
+
+if TYPE_CHECKING:
+    from model_manager.quality_store import QualityStore
 
 # Stages a version may be rolled out from: it passed its gates (candidate), or it served before.
 DEPLOYABLE = frozenset({Stage.CANDIDATE, Stage.PRODUCTION, Stage.ARCHIVED})
@@ -51,6 +55,8 @@ class RolloutVerbs:
         self.registry = controller.registry
         self.store = controller.store
         self.monitor: MonitorStore | None = None  # where accepted windows' value sketches are merged
+        # Where the prediction records of reported windows are kept for late labels; None: not kept.
+        self.quality: QualityStore | None = None
 
     # --- reading ------------------------------------------------------------------------------------------
 
@@ -191,6 +197,7 @@ class RolloutVerbs:
         rejected: list[str] = []
         keep = []
         fed = []
+        reported: list[rtpb.MetricsWindow] = []
         async with c.lock:
             for i, message in enumerate(windows):
                 name = message.window_id or f"windows[{i}]"
@@ -209,11 +216,14 @@ class RolloutVerbs:
                     duplicates += 1
                 keep.append(window.to_dict())  # duplicates too: a retry after a failed store stores them now
                 fed.append(window)
+                reported.append(message)
             await asyncio.to_thread(self.store.add_windows, keep)
         if self.monitor is not None and fed:  # counted once by id there too, so a retried report feeds it now
             await asyncio.to_thread(self.monitor.add, fed)
         if accepted:
             c.wake()
+        if self.quality is not None:  # duplicates too, for the same reason: a prediction kept already is left as is
+            await self.quality.add_windows(reported)
         return Reported(accepted, duplicates, tuple(rejected))
 
     def _running(self) -> RolloutController:

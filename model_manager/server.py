@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from chassis.errors import Unavailable
@@ -22,8 +23,11 @@ from model_manager.monitor_store import MonitorStore
 from model_manager.monitors import ModelMonitors
 from model_manager.operations import OperationStore
 from model_manager.ports import FleetPort, RouteHubPort
+from model_manager.prediction_store import PredictionStore
 from model_manager.predictors import Predictors
 from model_manager.promotions import Promotions
+from model_manager.quality_metrics import QualityMetrics
+from model_manager.quality_store import QualityStore
 from model_manager.registry import Registry
 from model_manager.rollout_metrics import register_rollout_metrics
 from model_manager.rollout_rpcs import RolloutRuntime
@@ -64,6 +68,8 @@ class ModelManager:
         self.monitors: ModelMonitors | None = None
         self.drift_gauges = DriftGauges(self.app.registry)
         self.drift_refresher: DriftRefresher | None = None
+        self.quality_metrics = QualityMetrics(self.app.registry)
+        self.quality_task: asyncio.Task[None] | None = None
         self.app.on_drain(self._stop_deciding)
         self.app.on_stop(self._close)
 
@@ -89,6 +95,7 @@ class ModelManager:
         self.servicer.promotions = await self._promotions(registry, store, catalog, monitors)
         rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
         holds = await asyncio.to_thread(HoldStore, registry.engine, registry)
+        predictions = await asyncio.to_thread(PredictionStore, registry.engine)
         metrics = MetricsConfig(window_seconds=self.settings.metrics_window_s)
         self.controller = RolloutController(
             rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions,
@@ -109,6 +116,7 @@ class ModelManager:
             backlog=self.controller.ledger.windows(),
         )  # fmt: skip
         self.drift_refresher.start()
+        self._quality(registry, predictions)
         log.info("model manager ready: registry on %s, artifacts in %s", registry.engine.url.drivername, store.root)
 
     def _fleet(self, registry: Registry, store: ArtifactStore) -> Fleet:
@@ -160,6 +168,14 @@ class ModelManager:
         self.app.on_stop(promotions.close)
         return promotions
 
+    def _quality(self, registry: Registry, predictions: PredictionStore) -> None:
+        retention = self.settings.prediction_retention_s
+        quality = QualityStore(predictions, registry, retention_s=retention, metrics=self.quality_metrics)
+        self.servicer.quality = quality
+        assert self.servicer.rollouts is not None
+        self.servicer.rollouts.verbs.quality = quality
+        self.quality_task = asyncio.create_task(quality.run(self.settings.quality_refresh_s))
+
     async def _connect(self) -> Registry:
         url = self.settings.registry_url()
         while True:
@@ -177,8 +193,14 @@ class ModelManager:
         # they never end by themselves, and would hold the drain for its whole grace period. So do the xDS streams.
         self.route_hub.close()
         self.ads.close()
+        if self.servicer.quality is not None:  # label streams end at their next batch boundary
+            self.servicer.quality.stopping.set()
         if self.drift_refresher is not None:
             await self.drift_refresher.stop()
+        if self.quality_task is not None:
+            self.quality_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.quality_task
         if self.controller is not None:
             await self.controller.stop()
         if self.own_fleet is not None:

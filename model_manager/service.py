@@ -22,6 +22,7 @@ from model_manager.fleet import Fleet
 from model_manager.fleet_rpcs import FleetRpcs
 from model_manager.gate_rpcs import GateRpcs
 from model_manager.hold_rpcs import HoldRpcs
+from model_manager.label_rpcs import LabelRpcs
 from model_manager.model_rpcs import ModelRpcs
 from model_manager.monitor_rpcs import MonitorRpcs
 from model_manager.registry import Registry
@@ -72,7 +73,15 @@ async def _chunks(requests: AsyncIterator[pb.UploadModelVersionRequest]) -> Asyn
 
 
 class ModelManagerServicer(
-    HoldRpcs, ModelRpcs, FleetRpcs, GateRpcs, RouteRpcs, RolloutRpcs, MonitorRpcs, pb_grpc.ModelManagerServiceServicer
+    HoldRpcs,
+    ModelRpcs,
+    FleetRpcs,
+    GateRpcs,
+    RouteRpcs,
+    RolloutRpcs,
+    MonitorRpcs,
+    LabelRpcs,
+    pb_grpc.ModelManagerServiceServicer,
 ):
     """fresco.models.v1.ModelManagerService: the registry's RPCs here; the fleet's, the promotion gates', the route
     stream's and the rollouts' in the mixins."""

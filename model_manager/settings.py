@@ -59,6 +59,11 @@ class ModelManagerSettings(ServiceSettings):
     alert_rules: list[Path] = Field(default=[])
     """Prometheus rule files whose alerting rules count as monitoring in the safety score (repeat the flag)."""
 
+    prediction_retention_s: float = Field(default=7 * 86400.0, gt=0)
+    """Seconds a served prediction is kept for its late label (and its quality judged); older ones are forgotten."""
+    quality_refresh_s: float = Field(default=30.0, gt=0)
+    """How often the prediction quality gauges are recomputed and old predictions forgotten, in seconds."""
+
     @field_validator("default_gates_json")
     @classmethod
     def _gates_parse(cls, value: str) -> str:

@@ -89,3 +89,34 @@ def test_sparklines_fold_a_day_into_columns_and_leave_empty_buckets_blank() -> N
     assert sparkline([float("nan")] * 6 + [0.0] * 6 + [0.2] * 6, 0.2, width=3) == " ▁█"
     assert sparkline([0.1] * 289, 0.2) == "▅" * 42, "a day in at most SPARK_WIDTH columns of 7 buckets"
     assert sparkline([], 1.0) == ""
+
+
+async def test_monitor_prints_the_quality_late_labels_give(tmp_path: Path) -> None:
+    async with manager(tmp_path, LocalFleet(), LocalHub(), drift_refresh_s=300) as (mm, stub):
+        assert mm.registry is not None
+        model = register(mm.registry)
+        window = message(model, 1, sketches_of(traffic(8, 1000, {})), end=time.time() - 1)
+        now_us = int(time.time() * 1e6)
+        records = [("r1", 0.9), ("r2", 0.8), ("r3", 0.3), ("r4", 0.2)]
+        for request_id, score in records:
+            record = window.prediction_records.add(request_id=request_id, score=score)
+            record.time.FromMicroseconds(now_us - 2_000_000)
+        assert (await stub.ReportMetrics(pb.ReportMetricsRequest(gateway_id="gw", windows=[window]))).accepted_windows
+        labels = [mpb.Label(request_id=r, value=v) for r, v in (("r1", 1), ("r2", 0), ("r3", 0), ("r4", 0))]
+
+        async def batches():  # type: ignore[no-untyped-def]
+            yield pb.LogLabelsRequest(labels=labels, batch_id="b", model_name=model)
+
+        acks = [ack async for ack in stub.LogLabels(batches())]
+        assert sum(ack.accepted for ack in acks) == 4
+
+        code, out, err = await fresco(mm.app.address, "monitor", model)
+        assert code == 0, err
+        assert f"{model}: prediction quality from late labels" in out
+        rows = [line for line in out.splitlines() if line.startswith("│ v1") and "│ all" in line]
+        assert len(rows) == 1, out
+        cells = [cell.strip() for cell in rows[0].split("│")[1:-1]]
+        # version, window, task, predictions, labelled, accuracy (3 of 4 right at 0.5), auc (1.0: the positive
+        # scores highest), logloss, mae, rmse (classifier: none), ECE, entropy
+        assert cells[:7] == ["v1", "all", "binary", "4", "4", "0.750", "1.000"]
+        assert cells[8:10] == ["—", "—"]

@@ -2368,8 +2368,11 @@ class LogLabelsRequest(_message.Message):
 
     LABELS_FIELD_NUMBER: _builtins.int
     BATCH_ID_FIELD_NUMBER: _builtins.int
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """batch_id identifies the batch in the acknowledgement; a batch sent again is counted once per label."""
+    model_name: _builtins.str
+    """model_name restricts the join to that model's predictions; empty joins by request id across all models."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[_monitoring_pb2.Label]:
         """labels are the batch's labels."""
@@ -2379,10 +2382,11 @@ class LogLabelsRequest(_message.Message):
         *,
         labels: _abc.Iterable[_monitoring_pb2.Label] | None = ...,
         batch_id: _builtins.str = ...,
+        model_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "labels", b"labels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "labels", b"labels", "model_name", b"model_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
