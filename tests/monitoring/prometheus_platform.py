@@ -25,6 +25,7 @@ from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
 from fresco.api.gateway.v1 import gateway_pb2 as gpb
 from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
 from fresco.api.models.v1 import model_manager_service_pb2 as mpb
+from fresco.api.models.v1 import monitoring_pb2 as monpb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from fresco.cli_manager import Manager
 from fresco.cli_models import sha256_of, upload_requests
@@ -34,7 +35,7 @@ from fresco.servers import PrometheusServer
 from fresco.servers.prometheus import fast_rules, scrape_target
 from fresco.story import score_statistics, signature
 from fresco.suite import LocalAuth, ServiceProcess, Suite
-from fresco.training import ExportedModel
+from fresco.training import ExportedModel, demo_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "alerts.yml"
@@ -216,3 +217,31 @@ def register_with_statistics(m: Manager, name: str, model: ExportedModel, versio
         reason="monitored version",
     )
     m.stub.UploadModelVersion(upload_requests(metadata, model.path), timeout=30, metadata=m.metadata)
+
+
+def label_predictions(world: World, m: Manager, model: str, model_file: ExportedModel, n: int = 150) -> None:
+    """`n` held-out rows through the gateway (outside any experiment: v1 answers), each with a request id; once the
+    manager holds their prediction records, their true labels through LogLabels."""
+    data = demo_dataset()
+    rows, truth = data.holdout_features[:n], data.holdout_labels[:n]
+    options = channel_options(DEFAULT_MAX_MESSAGE_BYTES)
+    ids = []
+    with world.auth.admin.channel(world.suite.service("gateway").address, options) as channel:
+        gateway = gpb_grpc.GatewayServiceStub(channel)
+        for i, row in enumerate(rows):
+            features = {name: float(v) for name, v in zip(model_file.feature_names, row, strict=True)}
+            request = predict_request(model, features, request_id=f"labelled-{i}")
+            answer = gateway.Predict(request, timeout=30, metadata=world.auth.admin.metadata())
+            ids.append(answer.request_id)
+    quality = mpb.GetPredictionQualityRequest(model_name=model, versions=[1])
+    wait_for(
+        lambda: m.stub.GetPredictionQuality(quality, timeout=30, metadata=m.metadata),
+        lambda answer: bool(answer.versions) and max(w.predictions for w in answer.versions[0].windows) >= n,
+        60,
+        "the prediction records in the manager",
+    )
+    labels = [monpb.Label(request_id=r, value=float(v)) for r, v in zip(ids, truth, strict=True)]
+    (acknowledged,) = m.stub.LogLabels(
+        iter([mpb.LogLabelsRequest(labels=labels, batch_id="dashboards")]), timeout=30, metadata=m.metadata
+    )
+    assert (acknowledged.accepted, list(acknowledged.rejected)) == (n, [])
