@@ -7,6 +7,7 @@ from typing import Any, TypeAlias
 from grpc import aio
 
 from experiment_service.data_domain import DataHolder
+from experiment_service.exposure_metrics import ExposureMetrics
 from fresco.api.experiments.v1 import experiment_service_pb2 as pb
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
@@ -15,5 +16,10 @@ Context: TypeAlias = aio.ServicerContext[Any, Any]
 class ExposureRpcs(DataHolder):
     """LogExposures, for the servicer's bases."""
 
+    exposure_metrics: ExposureMetrics | None = None
+
     async def LogExposures(self, request: pb.LogExposuresRequest, context: Context) -> pb.LogExposuresResponse:
-        return await self._data().ingest.log_exposures(request.exposures)
+        answer = await self._data().ingest.log_exposures(request.exposures)
+        if self.exposure_metrics is not None:
+            self.exposure_metrics.observe(request.exposures, answer)
+        return answer

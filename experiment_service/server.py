@@ -13,6 +13,7 @@ from experiment_service.catalog import ExperimentCatalog
 from experiment_service.config_hub import ConfigHub
 from experiment_service.data_domain import DataDomain
 from experiment_service.domain import Domain
+from experiment_service.exposure_metrics import ExposureMetrics
 from experiment_service.reweighting import BanditLoop
 from experiment_service.service import METHOD_ROLES, SERVICE, ExperimentServicer
 from experiment_service.settings import ExperimentServiceSettings
@@ -32,6 +33,7 @@ class ExperimentService:
         self.servicer = ExperimentServicer()
         pb_grpc.add_ExperimentServiceServicer_to_server(self.servicer, self.app.server)
         self.servicer.max_assign_units = settings.max_assign_units
+        self.servicer.exposure_metrics = ExposureMetrics(self.app.registry)
         self.store: ExperimentStore | None = None
         self.data: DataDomain | None = None
         self.sticky: RedisStickyArms | SqliteStickyArms | None = None

@@ -14,18 +14,18 @@ default). The score is 100 times the mean of the four parts. Pure: the inputs ar
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
+from model_manager.alert_rules import AlertRule
 from model_manager.lifecycle import Stage
 from model_manager.records import VersionRecord
 
 MIN_LINE_COVERAGE = 0.8
 LIVE_WINDOW_S = 3600.0
-DRIFT_METRIC = re.compile(r"\bfresco_feature_drift_[A-Za-z0-9_]+")
+DRIFT_PREFIX = "fresco_feature_drift_"
 PARTS = ("offline_evaluation", "shadow", "unit_tests", "monitoring")
 # Versions that unit tests count: the ones that may still serve or be promoted.
 TESTED_STAGES = frozenset({Stage.REGISTERED, Stage.VALIDATING, Stage.CANDIDATE, Stage.PRODUCTION})
@@ -70,9 +70,9 @@ class Part:
         )
 
 
-def drift_rules(rules: Iterable[tuple[str, str]]) -> list[str]:
-    """The names of the (name, expr) alert rules that cover drift: their expression reads fresco_feature_drift_*."""
-    return [name for name, expr in rules if DRIFT_METRIC.search(expr)]
+def drift_rules(rules: Iterable[AlertRule]) -> list[str]:
+    """The names of the alert rules that cover drift: their expression reads a fresco_feature_drift_* series."""
+    return [rule.name for rule in rules if any(m.startswith(DRIFT_PREFIX) for m in rule.metrics)]
 
 
 def score(evidence: FamilyEvidence) -> tuple[float, tuple[Part, ...]]:

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 
 from fresco.api.models.v1 import monitoring_pb2 as mpb
 from model_manager import safety
+from model_manager.alert_rules import AlertRule
 from model_manager.plans import RolloutSpec, plan
 from model_manager.records import VersionRecord
 from model_manager.registry import Registry, database_errors
@@ -27,16 +28,6 @@ class LiveMonitors(Protocol):
         ...
 
 
-class RuleLike(Protocol):
-    """A loaded alert rule, as the safety score reads it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def expr(self) -> str: ...
-
-
 class SafetySources:
     """Everything the safety score of a family is computed from, read at the time of asking."""
 
@@ -45,7 +36,7 @@ class SafetySources:
         registry: Registry,
         rollouts: RolloutStore,
         monitors: LiveMonitors | None = None,
-        rules: Sequence[RuleLike] = (),
+        rules: Sequence[AlertRule] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.registry = registry
@@ -66,7 +57,7 @@ class SafetySources:
             production_since_us=self._production_since(model_name),
             mirrored_since_s=self._mirrored_since(model_name),
             live_names=live,
-            drift_rules=safety.drift_rules((r.name, r.expr) for r in self.rules),
+            drift_rules=safety.drift_rules(self.rules),
         )
 
     def score(self, model_name: str) -> mpb.SafetyScore:

@@ -10,7 +10,7 @@ from chassis.errors import Unavailable
 from chassis.server import ServiceApp
 from fresco.api.models.v1 import model_manager_service_pb2 as pb
 from fresco.api.models.v1 import model_manager_service_pb2_grpc as pb_grpc
-from model_manager import gate_config
+from model_manager import alert_rules, gate_config
 from model_manager.artifacts import ArtifactStore
 from model_manager.controller import RolloutController
 from model_manager.drift_gauges import DriftGauges, DriftRefresher
@@ -29,6 +29,7 @@ from model_manager.promotions import Promotions
 from model_manager.quality_metrics import QualityMetrics
 from model_manager.quality_store import QualityStore
 from model_manager.registry import Registry
+from model_manager.rollout_metrics import register_rollout_metrics
 from model_manager.rollout_rpcs import RolloutRuntime
 from model_manager.rollout_store import RolloutStore
 from model_manager.route_hub import RouteHub
@@ -96,13 +97,15 @@ class ModelManager:
         rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
         holds = await asyncio.to_thread(HoldStore, registry.engine, registry)
         predictions = await asyncio.to_thread(PredictionStore, registry.engine)
-        self.servicer.safety = SafetySources(registry, rollout_store, monitor_store)
+        rules = await asyncio.to_thread(alert_rules.load_rules, settings.alert_rules)  # checked at start already
+        self.servicer.safety = SafetySources(registry, rollout_store, monitor_store, rules)
         metrics = MetricsConfig(window_seconds=self.settings.metrics_window_s)
         self.controller = RolloutController(
             rollout_store, registry, self.fleet, self.hub, self.ads, metrics=metrics, gates=self.servicer.promotions,
             holds=holds,
         )  # fmt: skip
         await self.controller.start()
+        register_rollout_metrics(self.app.registry, self.controller, self.route_hub)
         # The latency gate keeps a version it loaded only while a route or rollout uses it.
         promotions = self.servicer.promotions
         assert promotions is not None

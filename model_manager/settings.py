@@ -9,7 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from chassis.errors import InvalidArgument
 from chassis.settings import ServiceSettings
-from model_manager import gate_config
+from model_manager import alert_rules, gate_config
 from model_manager.tables import sqlite_url
 
 
@@ -56,6 +56,8 @@ class ModelManagerSettings(ServiceSettings):
     """Untimed requests the latency gate sends first when its request does not say (warmup_requests 0)."""
     drift_refresh_s: float = Field(default=5.0, gt=0, le=300)
     """How often the drift gauges on /metrics are computed again from the merged sketches, in seconds."""
+    alert_rules: list[Path] = Field(default=[])
+    """Prometheus rule files whose alerting rules count as monitoring in the safety score (repeat the flag)."""
 
     prediction_retention_s: float = Field(default=7 * 86400.0, gt=0)
     """Seconds a served prediction is kept for its late label (and its quality judged); older ones are forgotten."""
@@ -68,6 +70,15 @@ class ModelManagerSettings(ServiceSettings):
         try:
             gate_config.parse_defaults(value)
         except InvalidArgument as err:  # refused at start, with the reason, rather than on the first promotion
+            raise ValueError(str(err)) from err
+        return value
+
+    @field_validator("alert_rules")
+    @classmethod
+    def _rules_parse(cls, value: list[Path]) -> list[Path]:
+        try:
+            alert_rules.load_rules(value)
+        except alert_rules.AlertRulesError as err:  # refused at start, naming the file and the rule
             raise ValueError(str(err)) from err
         return value
 

@@ -11,6 +11,7 @@ from chassis.server import ServiceApp
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.backends.base import BackendOptions
+from predictor.gpu_metrics import register_gpu_metrics
 from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore
 from predictor.peers import Peers, socket_path
@@ -43,6 +44,8 @@ class Predictor:
             # Queue and compute spans only when spans go somewhere: they cost as much as the model here.
             tracer=self.app.tracer if settings.tracing_exporter != "none" else None,
         )
+        if settings.worker_index is None:  # workers: the parent's merged /metrics exports the GPUs once
+            register_gpu_metrics(self.app.registry)
         self.peers: Peers | None = None
         if settings.peers_dir is not None and settings.worker_index is not None:
             # A worker of --workers N: siblings reach it on its own unix socket.

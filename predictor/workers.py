@@ -133,8 +133,11 @@ def _serve_metrics(settings: PredictorSettings, metrics_dir: Path) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
     from prometheus_client.multiprocess import MultiProcessCollector
 
+    from predictor.gpu_metrics import register_gpu_metrics
+
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+    register_gpu_metrics(registry)
     server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     return int(server.server_port)
 

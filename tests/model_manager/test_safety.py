@@ -13,6 +13,7 @@ import pytest
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager import safety
+from model_manager.alert_rules import load_rules
 from model_manager.lifecycle import Stage
 from model_manager.monitor_store import MonitorStore
 from model_manager.plans import CanaryStep, RolloutSpec, Strategy
@@ -26,6 +27,7 @@ from tests.model_manager.registry_support import artifact, model_spec, version_s
 from tests.model_manager.rollout_driver import Controller, FakeClock
 
 FAMILY = "fam"
+ALERTS = Path(__file__).parents[2] / "deploy" / "prometheus" / "alerts.yml"
 WHO = "tester"
 
 
@@ -190,22 +192,21 @@ def test_each_part_counts_covered_and_missing_items(family: Family) -> None:
 
 
 def test_monitoring_counts_live_monitors_training_statistics_and_a_drift_rule(family: Family) -> None:
-    sources = SafetySources(family.registry, family.rollouts, clock=family.clock)
+    rules = load_rules([ALERTS])  # the platform's rules: one of them reads the drift gauges
+    sources = SafetySources(family.registry, family.rollouts, rules=rules, clock=family.clock)
     evidence = replace(
         sources.evidence(FAMILY),
         live_names={3: {"users:age", "probability"}, 2: {"users:spend"}},  # v2 is archived: not counted
-        drift_rules=safety.drift_rules(
-            [("HighLatency", "histogram_quantile(0.99, fresco_model_request_seconds_bucket) > 0.05"),
-             ("FeatureDrift", "max by (model) (fresco_feature_drift_psi{window=\"1h\"}) > 0.1")]
-        ),
-    )  # fmt: skip
+    )
+    assert evidence.drift_rules == ["FrescoFeatureDrift"]
     part = safety.monitoring(evidence)
     assert (part.covered, part.total) == (3, 4)
     assert part.missing == (
         "v3 feature users:spend: no live drift monitor (no sketches in the last 1 h); "
         "no training statistics to compare against",
     )
-    assert evidence.drift_rules == ["FeatureDrift"]
+    latency_only = [r for r in rules if r.name == "FrescoPredictionLatencyP99High"]
+    assert safety.drift_rules(latency_only) == []
 
 
 def test_monitoring_reads_live_monitors_from_the_drift_store(family: Family) -> None:

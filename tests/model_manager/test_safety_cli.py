@@ -158,7 +158,9 @@ def test_report_writes_a_self_contained_page(service: ServiceProcess, files: dic
 
 
 async def test_live_sketches_cover_monitoring_and_draw_the_drift_since_release(tmp_path: Path) -> None:
-    async with manager(tmp_path / "mm", LocalFleet(), LocalHub(), drift_refresh_s=300) as (mm, stub):
+    alerts = Path(__file__).parents[2] / "deploy" / "prometheus" / "alerts.yml"
+    settings: dict[str, object] = {"drift_refresh_s": 300, "alert_rules": [alerts]}
+    async with manager(tmp_path / "mm", LocalFleet(), LocalHub(), **settings) as (mm, stub):
         assert mm.registry is not None
         model = register_monitored(mm.registry)  # v1 in production, trained on the three features and the score
         columns = traffic(8, 2000, {"users:spend": 0.7})
@@ -179,8 +181,10 @@ async def test_live_sketches_cover_monitoring_and_draw_the_drift_since_release(t
         assert acks[0].accepted == 300
         score = (await stub.GetSafetyScore(pb.GetSafetyScoreRequest(model_name=model))).safety_score
         monitoring = {p.name: p for p in score.parts}["monitoring"]
-        assert (monitoring.covered, monitoring.total) == (3, 5)  # users:visits sent nothing; no alert rules
-        assert monitoring.missing[0] == "v1 feature users:visits: no live drift monitor (no sketches in the last 1 h)"
+        assert (monitoring.covered, monitoring.total) == (4, 5)  # users:visits sent nothing; the rules cover drift
+        assert list(monitoring.missing) == [
+            "v1 feature users:visits: no live drift monitor (no sketches in the last 1 h)"
+        ]
 
         out = tmp_path / "v1.html"
         env = {**os.environ, "FRESCO_MODEL_MANAGER": mm.app.address}
