@@ -19,7 +19,14 @@ from model_manager.prediction_store import PredictionStore
 from model_manager.quality_store import QualityStore
 from model_manager.registry import Registry
 from tests.model_manager.quality_support import batch, check_binary, reasons, window
-from tests.model_manager.registry_support import database_url, model_spec, postgres_server, registry
+from tests.model_manager.registry_support import (
+    artifact,
+    database_url,
+    model_spec,
+    postgres_server,
+    registry,
+    version_spec,
+)
 
 __all__ = ["database_url", "postgres_server", "registry"]
 
@@ -143,6 +150,26 @@ async def test_the_task_is_inferred_from_the_scores_and_labels(quality: QualityS
     assert dict(answer[2].metrics) == {"mae": 0.5, "rmse": 0.5}
     assert not answer[3].HasField("mean_entropy")
     assert (answer[3].predictions, answer[3].labelled) == (2, 1)
+
+
+async def test_a_declared_task_judges_labels_and_predictions(quality: QualityStore, registry: Registry) -> None:
+    for version, task in ((1, rpb.MODEL_TASK_BINARY_CLASSIFICATION), (2, rpb.MODEL_TASK_REGRESSION)):
+        content = f"churn v{version}".encode()
+        spec = version_spec("churn", content, version=version, drift_policy=rpb.DriftPolicy(task=task))
+        registry.register_version(spec, artifact(content), "ana")
+    await quality.add_windows([
+        window("churn", 1, [("a", NOW_US, 0.2), ("b", NOW_US, 0.9)], NOW_US),
+        window("churn", 2, [("c", NOW_US, 0.2), ("d", NOW_US, 0.9)], NOW_US),
+    ])  # fmt: skip
+    answer = await quality.log_labels(batch([("a", 0.5), ("a", 0), ("b", 1), ("c", 0), ("d", 0)]))
+    assert reasons(answer) == {0: "invalid_value"}  # a binary classifier's label is 0 or 1
+    assert "binary classifier churn v1" in answer.rejected[0].detail
+    judged = {v.version: v.windows[-1] for v in quality.answer("churn", []).versions}
+    assert judged[1].task == rpb.MODEL_TASK_BINARY_CLASSIFICATION
+    assert judged[1].metrics["accuracy"] == 1.0
+    # Scores in [0, 1] and 0/1 labels would be inferred binary; the declared task says regression.
+    assert judged[2].task == rpb.MODEL_TASK_REGRESSION
+    assert dict(judged[2].metrics) == pytest.approx({"mae": 0.55, "rmse": np.sqrt((0.04 + 0.81) / 2)})
 
 
 async def test_predictions_older_than_the_retention_are_forgotten(quality: QualityStore, clock: Clock) -> None:
