@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fresco import demo as traffic_demo
-from fresco import story, story_experiment
+from fresco import story, story_experiment, story_monitor
 from fresco.api.inference import grpc_service_pb2, grpc_service_pb2_grpc
 from fresco.cli_apply import apply as apply_command
 from fresco.cli_apply import diff as diff_command
@@ -211,7 +211,8 @@ def demo(
 ) -> None:
     """Run the model manager, a predictor, the experiment service and a gateway; register v1 and serve it; canary a
     better v2 to 100% through its gates; watch a bad v3 roll back on its own; run an A/B experiment of v2 against a
-    tiny v4 and decide it; then stop."""
+    tiny v4 and decide it; join late labels to v2's answers, flag a feature that drifts and block a promotion on it,
+    and show the family's safety score; then stop."""
     root = Path(tempfile.mkdtemp(prefix="fresco-demo-")) if workdir is None else workdir
     root.mkdir(parents=True, exist_ok=True)
     versions = _train_versions(root / "models")
@@ -226,7 +227,9 @@ def demo(
     suite: Suite | None = None
     try:
         auth = issue_local_tokens(root / "auth")
-        suite = start_platform(root, auth, window_s=window_s, experiments=True)
+        rules = Path(__file__).resolve().parents[1] / "deploy" / "prometheus" / "alerts.yml"  # in a checkout
+        flags = ("--alert-rules", str(rules)) if rules.is_file() else ()
+        suite = start_platform(root, auth, window_s=window_s, experiments=True, manager_flags=flags)
         console.print(endpoints_table(suite))
         manager, predictor, experiments, gateway = (service.address for service in suite.services)
         with connect(manager, auth.admin_token_file, "demo") as m:
@@ -241,6 +244,10 @@ def demo(
                 with connect_experiments(experiments, auth.admin_token_file, "demo") as x:
                     problems += story_experiment.act_four(
                         m, x, gateway, versions.v4, data.holdout_features, data.holdout_labels, console
+                    )
+                if not problems:
+                    problems += story_monitor.act_five(
+                        m, gateway, versions.v2, data.holdout_features, data.holdout_labels, 4, console
                     )
     except ServiceFailed as err:
         problems.append(f"Fresco did not start: {err}")
@@ -259,7 +266,7 @@ def demo(
     console.print(
         "[green]demo passed[/green]: v1 served and every checked answer matches; v2 passed its gates and "
         "its canary; v3 was rolled back on its own; no live request failed; the A/B experiment kept v2 over the "
-        "tiny v4"
+        "tiny v4; late labels gave v2's accuracy; the drifted feature was flagged and blocked a promotion"
     )
     if workdir is None:
         shutil.rmtree(root, ignore_errors=True)

@@ -30,7 +30,7 @@ from fresco.client import AsyncGatewayClient, predict_request
 from fresco.demo import row_features
 from fresco.monitoring.training import feature_statistics
 from fresco.rollout_view import rollout_summary
-from fresco.training import ExportedModel
+from fresco.training import ExportedModel, demo_dataset
 
 MODEL = "demo"
 SCHEMA_ONLY = rpb.PromotionGates(schema=rpb.SchemaGate())
@@ -144,9 +144,15 @@ def score_statistics(path: Path, rows: np.ndarray) -> spb.FeatureStatistics:
     return stats
 
 
+def input_statistics(model: ExportedModel) -> list[spb.FeatureStatistics]:
+    """The training statistics of each input feature over the demo's 2,000 training rows, for drift monitoring."""
+    rows = demo_dataset(len(model.feature_names)).train_features.astype(np.float64)
+    return [feature_statistics(name, rows[:, i]) for i, name in enumerate(model.feature_names)]
+
+
 def register(m: Manager, model: ExportedModel, path: Path, version: int, why: str, parent: int = 0) -> None:
-    """Upload one version's artifact (sha256 checked by the registry) with its signature, lineage and the training
-    histogram of its score (for the PSI check)."""
+    """Upload one version's artifact (sha256 checked by the registry) with its signature, lineage, the training
+    statistics of its inputs (for drift) and of its score (for the PSI check)."""
     digest, size = sha256_of(path)
     metadata = pb.UploadModelVersionMetadata(
         model_name=MODEL,
@@ -158,7 +164,7 @@ def register(m: Manager, model: ExportedModel, path: Path, version: int, why: st
         version=version,
         reason=why,
         lineage=rpb.Lineage(parent_version=parent),
-        training_statistics=[score_statistics(path, model.sample)],
+        training_statistics=[*input_statistics(model), score_statistics(path, model.sample)],
     )
     reply = m.stub.UploadModelVersion(upload_requests(metadata, path), timeout=TIMEOUT_S, metadata=m.metadata)
     print(f"registered {MODEL} v{reply.model_version.version} (sha256 {reply.model_version.sha256[:12]}…): {why}")

@@ -275,12 +275,13 @@ def start_platform(
     window_s: float = 10.0,
     experiments: bool = False,
     experiment_flags: Sequence[str] = (),
+    manager_flags: Sequence[str] = (),
 ) -> Suite:
-    """The model manager (SQLite and artifacts under `root/manager`), a predictor that joins its fleet with an
-    empty repository, with `experiments` the experiment service (its state under `root/experiments`, `experiment_flags`
-    added to its flags), and a gateway
-    routed by the manager's WatchRoutes, on free loopback ports, healthy, auth on: models reach the predictor only
-    through the manager. Services start in that order (`Suite.service(module)` finds one by name)."""
+    """The model manager (SQLite and artifacts under `root/manager`, `manager_flags` added to its flags), a
+    predictor that joins its fleet with an empty repository, with `experiments` the experiment service (its state
+    under `root/experiments`, `experiment_flags` added to its flags), and a gateway routed by the manager's
+    WatchRoutes, on free loopback ports, healthy, auth on: models reach the predictor only through the manager.
+    Services start in that order (`Suite.service(module)` finds one by name)."""
     suite = Suite()
     extra = dict(env or {})
     auth_args = auth.service_args()
@@ -302,6 +303,7 @@ def start_platform(
                     "--peer-token-file",
                     control,
                     *auth_args,
+                    *manager_flags,
                 ],
                 env=extra,
                 log_path=root / "model_manager.log",

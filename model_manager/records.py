@@ -140,3 +140,10 @@ class Page(Generic[T]):
 
     items: list[T]
     next_page_token: str = ""
+
+
+def default_score_output(record: VersionRecord) -> str:
+    """The first output of the signature with a training histogram, else the first output."""
+    summarised = {s.feature_name for s in record.training_statistics if s.numeric.HasField("histogram")}
+    names = [o.name for o in record.signature.outputs]
+    return next((n for n in names if n in summarised), names[0] if names else "")

@@ -8,7 +8,7 @@ import logging
 from chassis.errors import FrescoError
 from model_manager.lifecycle import Stage
 from model_manager.plans import Strategy
-from model_manager.records import VersionRecord
+from model_manager.records import default_score_output
 from model_manager.registry import Registry
 from model_manager.rollout import Rollout
 from model_manager.windows import Histogram, WindowError
@@ -59,7 +59,7 @@ def score_reference(registry: Registry, model: str, version: int, output: str) -
         record = registry.get_version(model, version)
     except FrescoError:
         return None
-    name = output or _default_score_output(record)
+    name = output or default_score_output(record)
     for stat in record.training_statistics:
         if stat.feature_name == name and stat.numeric.HasField("histogram"):
             h = stat.numeric.histogram
@@ -77,13 +77,6 @@ def score_bins(registry: Registry, model: str, version: int, output: str) -> tup
         record = registry.get_version(model, version)
     except FrescoError:
         return output, ()
-    name = output or _default_score_output(record)
+    name = output or default_score_output(record)
     reference = score_reference(registry, model, version, name)
     return name, (reference.bounds if reference is not None else ())
-
-
-def _default_score_output(record: VersionRecord) -> str:
-    """The first output of the signature with a training histogram, else the first output."""
-    summarised = {s.feature_name for s in record.training_statistics if s.numeric.HasField("histogram")}
-    names = [o.name for o in record.signature.outputs]
-    return next((n for n in names if n in summarised), names[0] if names else "")

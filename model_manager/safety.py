@@ -21,7 +21,7 @@ from fresco.api.models.v1 import monitoring_pb2 as mpb
 from fresco.api.models.v1 import registry_pb2 as rpb
 from model_manager.alert_rules import AlertRule
 from model_manager.lifecycle import Stage
-from model_manager.records import VersionRecord
+from model_manager.records import VersionRecord, default_score_output
 
 MIN_LINE_COVERAGE = 0.8
 LIVE_WINDOW_S = 3600.0
@@ -164,8 +164,8 @@ def monitored_names(v: VersionRecord) -> list[tuple[str, str]]:
     if not features:
         features = [s.feature_name for s in v.training_statistics]
     items = [("feature", name) for name in features]
-    if signature.outputs:  # the score is the first output unless a route names another
-        items.append(("score", signature.outputs[0].name))
+    if score := default_score_output(v):  # the output routes sketch and compare unless a rollout names another
+        items.append(("score", score))
     return items
 
 
