@@ -21,8 +21,8 @@ BLOCK_ROWS: Final = 1024  # rows buffered per input (or score output) before the
 # long list of text) is not sketched: one distribution of all its values says little, and it would cost per value.
 MAX_UNNAMED_VALUES_PER_ROW: Final = 256
 # Distinct categories held per sketch before the rarest are folded into "other": bounds memory when a
-# text feature takes a new value per request; the 64 shipped per window are far within it.
-KEPT_CATEGORIES: Final = 16 * MAX_CATEGORIES
+# text feature takes a new value per request; the MAX_CATEGORIES shipped per window are within it.
+KEPT_CATEGORIES: Final = 2 * MAX_CATEGORIES
 
 Record = tuple[str, int, float, str]  # (request id, time ns, score, unit id)
 

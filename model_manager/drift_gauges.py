@@ -51,9 +51,11 @@ class DriftGauges:
     def put(self, model: str, version: int, window: str, kind: int, drift: Drift) -> None:
         """One name's drift over one window."""
         labels: Labels = (model, str(version), drift.name, KIND_NAMES.get(kind, "feature"), window)
-        self.psi.labels(*labels).set(_value(drift.psi))
-        self.ks.labels(*labels).set(_value(drift.ks))
-        self.js.labels(*labels).set(_value(drift.js))
+        # Unjudged distributions export NaN: alert rules on these gauges never fire on a window too small to judge.
+        judged = drift.distribution_judged
+        self.psi.labels(*labels).set(_value(drift.psi) if judged else math.nan)
+        self.ks.labels(*labels).set(_value(drift.ks) if judged else math.nan)
+        self.js.labels(*labels).set(_value(drift.js) if judged else math.nan)
         self.null_rate.labels(*labels).set(drift.null_rate if drift.count else math.nan)
         self.out_of_range.labels(*labels).set(_value(drift.out_of_range))
         self.breached.labels(*labels).set(1.0 if drift.judged and drift.breached else 0.0)

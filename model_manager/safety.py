@@ -148,6 +148,8 @@ def _test_gap(summary: rpb.TestSummary | None) -> str:
         return "registered without a test report"
     if summary.tests == 0:
         return "its test report holds no tests"
+    if summary.skipped >= summary.tests:
+        return f"every one of its {summary.tests} tests was skipped"
     if summary.failures or summary.errors:
         return f"{summary.failures} failed and {summary.errors} errored of {summary.tests} tests"
     if not summary.HasField("line_coverage"):

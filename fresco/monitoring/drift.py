@@ -28,6 +28,7 @@ from fresco.monitoring.sketches import KLL_K, ColumnSketch
 DEFAULT_MIN_ROWS: Final = 1000
 DECILES: Final = tuple(i / 10 for i in range(1, 10))
 EPSILON: Final = 1e-4  # proportions floor for PSI, so an empty bin stays finite
+CATEGORY_BINS: Final = 10  # training's most frequent categories get a bin each; the rest share one
 PSI: Final = int(monitoring_pb2.DRIFT_STATISTIC_PSI)
 KS: Final = int(monitoring_pb2.DRIFT_STATISTIC_KS)
 JS: Final = int(monitoring_pb2.DRIFT_STATISTIC_JS)
@@ -100,6 +101,7 @@ class Drift:
     judged: bool
     note: str
     breached: tuple[int, ...]
+    distribution_judged: bool = False  # PSI, KS and JS had min_rows values of the compared kind
 
     def values(self) -> dict[int, float]:
         """The statistics measured, by DriftStatistic."""
@@ -222,16 +224,18 @@ def _outside(served: ColumnSketch, span: tuple[float, float]) -> int:
 def _categorical_bins(
     served: ColumnSketch, categorical: statistics_pb2.CategoricalStatistics, training_values: int
 ) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """Training's and the served proportions over training's categories plus "the rest", and the served values
-    in categories training never saw (None when training's list is not complete)."""
-    names = [c.value for c in categorical.top_categories]
-    listed = np.asarray([c.count for c in categorical.top_categories], dtype=np.float64)
+    """Training's and the served proportions over training's CATEGORY_BINS most frequent categories plus one bin for
+    the rest (as decile bins do for numbers: many sparse bins would make PSI and JS noise), and the served values in
+    categories training never saw (None when that cannot be told: training's list or the served one incomplete)."""
+    top = sorted(categorical.top_categories, key=lambda c: -c.count)[:CATEGORY_BINS]
+    listed = np.asarray([c.count for c in top], dtype=np.float64)
     expected = np.append(listed, max(training_values - listed.sum(), 0.0))
     served_total = served.categorical_count()
-    in_listed = np.asarray([served.categories.get(name, 0) for name in names], dtype=np.float64)
+    in_listed = np.asarray([served.categories.get(c.value, 0) for c in top], dtype=np.float64)
     actual = np.append(in_listed, served_total - in_listed.sum())
-    complete = categorical.distinct_count == len(names) and len(names) > 0
-    unseen = int(served_total - in_listed.sum()) if complete else None
+    known = {c.value for c in categorical.top_categories}
+    complete = categorical.distinct_count == len(known) > 0 and served.other_categories == 0
+    unseen = sum(n for value, n in served.categories.items() if value not in known) if complete else None
     return expected / max(expected.sum(), 1.0), actual / max(actual.sum(), 1.0), unseen
 
 
@@ -293,6 +297,7 @@ def measure(
         judged=judged,
         note="; ".join(notes),
         breached=breached,
+        distribution_judged=distribution_judged,
     )
 
 
@@ -316,7 +321,7 @@ def _compare(
     if training.HasField("categorical"):
         expected, actual, unseen = _categorical_bins(served, training.categorical, training.count - training.null_count)
         if unseen is None:
-            notes.append("training lists only its top categories: unseen categories are not counted")
+            notes.append("training's or the served category list is incomplete: unseen categories are not counted")
             return (expected, actual, None), None
         numbers = served.numeric_count() + served.invalid_count  # numbers where training saw categories
         return (expected, actual, None), unseen + numbers

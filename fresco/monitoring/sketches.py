@@ -17,7 +17,7 @@ from fresco.api.models.v1 import monitoring_pb2
 from fresco.monitoring.kll_bytes import kll_problem
 
 KLL_K: Final = 200  # rank error about 1.3% (99% confidence); serialized size stays under about 5 KB
-MAX_CATEGORIES: Final = 64  # categories shipped per sketch; the rest are counted as "other"
+MAX_CATEGORIES: Final = 1024  # categories shipped per sketch (drift bins use training's top ones); the rest: "other"
 FEATURE: Final = monitoring_pb2.VALUE_SKETCH_KIND_FEATURE
 SCORE: Final = monitoring_pb2.VALUE_SKETCH_KIND_SCORE
 
@@ -87,7 +87,9 @@ class ColumnSketch:
             self._add_mixed(values)
             return
         kind = array.dtype.kind
-        if kind in "fiu":
+        if array.size == 0 or (kind in "US" and not all(isinstance(v, str | bytes) for v in values)):
+            self._add_mixed(values)  # empty lists (nulls), or numbers and booleans numpy turned into text
+        elif kind in "fiu":
             self.add_numbers(array.astype(np.float64, copy=False))
         elif kind in "US":
             self._add_categories(array.ravel())

@@ -107,6 +107,19 @@ def test_categories_compare_over_training_categories_and_count_unseen_ones() -> 
     assert drift.out_of_range == pytest.approx(np.mean(moved == "zz"))
 
 
+def test_many_categories_served_as_in_training_do_not_drift() -> None:
+    rng = np.random.default_rng(SEED + 6)
+    names = [f"c{i}" for i in range(200)]
+    training = feature_statistics("v:c", rng.choice(names, size=100_000).tolist())
+    alarms = 0
+    for _ in range(200):
+        served = ColumnSketch.from_proto(sketch_of("v:c", rng.choice(names, size=DEFAULT_MIN_ROWS)).to_proto())
+        drift = measure(served, training, DEFAULT_LIMITS)
+        alarms += bool(drift.breached)
+        assert drift.out_of_range == 0.0
+    assert alarms == 0
+
+
 def test_without_training_statistics_nothing_is_judged() -> None:
     drift = measure(sketch_of("v:new", np.zeros(5000)), None, DEFAULT_LIMITS)
     assert not drift.judged

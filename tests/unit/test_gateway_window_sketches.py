@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from chassis.errors import InvalidArgument
 from fresco.api.models.v1 import monitoring_pb2, routing_pb2
-from fresco.monitoring.sketches import ColumnSketch
+from fresco.monitoring.sketches import MAX_CATEGORIES, ColumnSketch
 from gateway.assembly import FeatureValue, InputSpec, ModelSignature, build_inputs
 from gateway.metric_windows import MetricWindows, WindowKey
 from gateway.window_sketches import BLOCK_ROWS, KEPT_CATEGORIES, Called
@@ -156,7 +156,7 @@ def test_a_text_feature_with_a_new_value_per_request_stays_bounded() -> None:
         observed.record(LIVE, METRICS, "OK", 1.0, count=64, called=called(batch, signature))  # type: ignore[arg-type]
     (window,) = observed.roll()
     (message,) = window.value_sketches
-    assert len(message.categories) <= 64
+    assert len(message.categories) <= MAX_CATEGORIES
     assert message.categories[0].value == "common"
     assert message.categories[0].count == total // 2
     assert sum(c.count for c in message.categories) + message.other_category_count == total

@@ -41,6 +41,16 @@ def test_text_and_booleans_are_counted_per_category() -> None:
     assert sketch.kll.is_empty()
 
 
+def test_numbers_among_text_stay_numbers_and_empty_lists_are_nulls() -> None:
+    sketch = ColumnSketch("v:x")
+    sketch.add(["n/a", 1.5, 2.5, True])
+    assert sketch.numeric_count() == 2
+    assert sketch.categories == {"n/a": 1, "true": 1}
+    empty = ColumnSketch("v:l")
+    empty.add([[], []])
+    assert (empty.count, empty.null_count) == (2, 2)
+
+
 def test_a_batch_of_one_boolean_value_lists_no_empty_category() -> None:
     sketch = ColumnSketch("v:b")
     sketch.add([True, True])
@@ -74,7 +84,8 @@ def test_the_wire_form_round_trips_and_caps_categories() -> None:
     assert message.categories[0].count == 6
     assert message.other_category_count == 10
     back = ColumnSketch.from_proto(message)
-    assert (back.name, back.kind, back.count, back.null_count, back.invalid_count) == ("score", SCORE, 82, 1, 1)
+    count = MAX_CATEGORIES + 10 + 5 + 3
+    assert (back.name, back.kind, back.count, back.null_count, back.invalid_count) == ("score", SCORE, count, 1, 1)
     assert back.kll.get_quantile(0.5) == 0.5
     assert back.categorical_count() == sketch.categorical_count()
 
