@@ -81,12 +81,28 @@ def _until(read: Callable[[], T], done: Callable[[T], bool], timeout_s: float = 
     return None
 
 
-def _label_batches(served: list[Served], truth: dict[str, int]) -> list[pb.LogLabelsRequest]:
-    labels = [mpb.Label(request_id=s.request_id, value=float(truth[s.request_id])) for s in served]
-    return [
-        pb.LogLabelsRequest(labels=labels[i : i + LABEL_BATCH], batch_id=f"demo:{i}", model_name=MODEL)
-        for i in range(0, len(labels), LABEL_BATCH)
-    ]
+def _send_labels(m: Manager, served: list[Served], truth: dict[str, int], timeout_s: float = 60.0) -> int:
+    """Send every label; those refused because their prediction record has not reached the manager yet (a gateway
+    reports its windows every few seconds) are sent again, as a labelling job would. How many were joined."""
+    pending = [mpb.Label(request_id=s.request_id, value=float(truth[s.request_id])) for s in served]
+    joined, attempt = 0, 0
+    deadline = time.monotonic() + timeout_s
+    while pending and time.monotonic() < deadline:
+        batches = [
+            pb.LogLabelsRequest(labels=pending[i : i + LABEL_BATCH], batch_id=f"demo:{attempt}:{i}", model_name=MODEL)
+            for i in range(0, len(pending), LABEL_BATCH)
+        ]
+        acks = {a.batch_id: a for a in m.stub.LogLabels(iter(batches), timeout=TIMEOUT_S, metadata=m.metadata)}
+        retry = []
+        for batch in batches:
+            ack = acks[batch.batch_id]
+            joined += ack.accepted
+            unknown = {r.index for r in ack.rejected if r.reason == mpb.LABEL_REJECTION_UNKNOWN_REQUEST}
+            retry += [label for i, label in enumerate(batch.labels) if i in unknown]
+        pending, attempt = retry, attempt + 1
+        if pending:
+            time.sleep(0.5)
+    return joined
 
 
 def late_labels(m: Manager, gateway: str, model: ExportedModel, rows: np.ndarray, labels: np.ndarray,
@@ -102,7 +118,7 @@ def late_labels(m: Manager, gateway: str, model: ExportedModel, rows: np.ndarray
         windows = [w for v in answer.versions for w in v.windows if w.window == "all"]
         return sum(w.predictions for w in windows), sum(w.labelled for w in windows)
 
-    before = kept(quality())
+    before = kept(quality())[1]
     served = asyncio.run(_traffic(gateway, model, rows[:ROWS]))
     if len(served) != ROWS:
         return [f"{ROWS - len(served)} of {ROWS} labelled requests failed"]
@@ -111,14 +127,11 @@ def late_labels(m: Manager, gateway: str, model: ExportedModel, rows: np.ndarray
     if {s.version for s in served} != {version}:
         return [f"the labelled traffic was answered by several versions: {sorted({s.version for s in served})}"]
     # The labels come later, once the gateway's windows have brought the prediction records to the manager.
-    if _until(quality, lambda a: kept(a)[0] >= before[0] + ROWS) is None:
-        return ["the gateway's prediction records did not reach the model manager"]
-    acks = list(m.stub.LogLabels(iter(_label_batches(served, truth)), timeout=TIMEOUT_S, metadata=m.metadata))
-    accepted = sum(a.accepted for a in acks)
+    accepted = _send_labels(m, served, truth)
     console.print(f"{ROWS} answers of v{version}; their labels arrived afterwards: {accepted} joined by request id")
     problems = [] if accepted == ROWS else [f"only {accepted} of {ROWS} labels were joined to a prediction"]
 
-    answer = _until(quality, lambda a: kept(a)[1] >= before[1] + ROWS) or quality()
+    answer = _until(quality, lambda a: kept(a)[1] >= before + ROWS) or quality()
     judged = [v for v in answer.versions if v.version == int(version)]
     console.print(quality_view(MODEL, pb.GetPredictionQualityResponse(versions=judged)))
     window = next((w for v in judged for w in v.windows if w.window == "all"), None)
