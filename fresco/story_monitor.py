@@ -9,6 +9,7 @@ GetPredictionQuality, GetModelMonitor, PromoteModelVersion (a dry run) and GetSa
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from fresco.story import MODEL, SCORE_OUTPUT
 from fresco.training import ExportedModel
 
 ROWS = 1000  # labelled requests: the held-out rows
-DRIFTED_ROWS = 1200  # above the 1,000 values a drift window needs before it is judged
+DRIFTED_ROWS = 1200  # at least: above the 1,000 values a drift window needs before it is judged
 LABEL_BATCH = 400
 BROKEN = 2  # the feature whose upstream job switches units
 CENTS = 100.0
@@ -150,12 +151,19 @@ def drift(
 ) -> list[str]:
     """Send rows whose one feature arrives in cents, watch the monitor flag it, and see the drift gate refuse a
     promotion (a dry run: nothing changes)."""
-    broken = np.resize(rows, (DRIFTED_ROWS, rows.shape[1]))
-    broken[:, BROKEN] *= CENTS
     name = model.feature_names[BROKEN]
-    console.print(f"an upstream job now sends {name} in cents, not euros: {DRIFTED_ROWS} more requests")
+    # The gate judges the model's inputs over the last hour, every version's traffic merged: so that the broken
+    # share stands above the 5% out-of-range limit however long the earlier acts ran, send at least 15% more.
+    seen = m.stub.GetModelMonitor(pb.GetModelMonitorRequest(model_name=MODEL), timeout=TIMEOUT_S, metadata=m.metadata)
+    hour = sum(
+        w.count for v in seen.versions for f in v.features if f.name == name for w in f.windows if w.window == "1h"
+    )
+    count = max(DRIFTED_ROWS, math.ceil(0.15 * hour))
+    broken = np.resize(rows, (count, rows.shape[1]))
+    broken[:, BROKEN] *= CENTS
+    console.print(f"an upstream job now sends {name} in cents, not euros: {count} more requests")
     served = asyncio.run(_traffic(gateway, model, broken))
-    problems = [] if len(served) == DRIFTED_ROWS else [f"{DRIFTED_ROWS - len(served)} drifted requests failed"]
+    problems = [] if len(served) == count else [f"{count - len(served)} of {count} drifted requests failed"]
     version = int(served[0].version) if served else 0
 
     def monitor() -> pb.GetModelMonitorResponse:
