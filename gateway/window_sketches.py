@@ -61,23 +61,14 @@ def _sketch_values(sketch: ColumnSketch, values: np.ndarray, datatype: str) -> N
     """One column into its sketch, read as its tensor datatype says."""
     if datatype == "BYTES":  # text: categories (bytes read as UTF-8)
         sketch.add([category_of(v) for v in values.tolist()])
-        _bound_categories(sketch)
-    elif datatype == "BOOL":  # as text: a category never seen must not be listed with a zero count
-        sketch.add(np.where(values, "true", "false").tolist())
+        if len(sketch.categories) > KEPT_CATEGORIES:
+            sketch.fold_categories(KEPT_CATEGORIES // 2)
+    elif datatype == "BOOL":  # counted as "true"/"false" categories
+        sketch.add(values)
     elif datatype == "BF16":  # raw bfloat16 words are the high half of a float32
         sketch.add_numbers((values.astype(np.uint32) << 16).view(np.float32).astype(np.float64))
     else:
         sketch.add_numbers(values.astype(np.float64, copy=False))
-
-
-def _bound_categories(sketch: ColumnSketch) -> None:
-    """Fold the rarest categories into `other_categories` once too many distinct ones are held."""
-    if len(sketch.categories) <= KEPT_CATEGORIES:
-        return
-    kept = sketch.categories.most_common(KEPT_CATEGORIES // 2)
-    sketch.other_categories += sketch.categories.total() - sum(count for _, count in kept)
-    sketch.categories.clear()
-    sketch.categories.update(dict(kept))
 
 
 class WindowSketches:

@@ -76,7 +76,7 @@ class ColumnSketch:
         elif finite.any():
             self.kll.update(flat[finite])
 
-    def add(self, values: Sequence[object]) -> None:
+    def add(self, values: Sequence[object] | np.ndarray) -> None:
         """A batch of raw values: None and NaN are null; numbers are sketched (infinities invalid); text, bytes and
         booleans are categories; a list contributes each of its elements (an empty list is null)."""
         if len(values) == 0:
@@ -149,10 +149,21 @@ class ColumnSketch:
         twin.merge(self)
         return twin
 
+    def _listed(self, limit: int) -> tuple[list[tuple[str, int]], int]:
+        """The `limit` most frequent categories, and the count of every other categorical value."""
+        listed = self.categories.most_common(limit)
+        return listed, self.other_categories + self.categories.total() - sum(n for _, n in listed)
+
+    def fold_categories(self, limit: int) -> None:
+        """Keep only the `limit` most frequent categories, the rest counted as other: bounds memory when a text
+        value is new at every request."""
+        if len(self.categories) > limit:
+            listed, self.other_categories = self._listed(limit)
+            self.categories = Counter(dict(listed))
+
     def to_proto(self) -> monitoring_pb2.ValueSketch:
         """The wire form: the MAX_CATEGORIES most frequent categories listed, the rest counted as other."""
-        listed = self.categories.most_common(MAX_CATEGORIES)
-        other = self.other_categories + sum(self.categories.values()) - sum(n for _, n in listed)
+        listed, other = self._listed(MAX_CATEGORIES)
         return monitoring_pb2.ValueSketch(
             name=self.name,
             kind=self.kind,  # type: ignore[arg-type]

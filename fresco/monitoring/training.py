@@ -56,10 +56,7 @@ def feature_statistics(name: str, values: Sequence[object] | np.ndarray) -> stat
     """Statistics of one feature's (or output's) training values: numeric when they are numbers, categorical when
     they are text or booleans (whichever holds more values)."""
     sketch = ColumnSketch(name)
-    if isinstance(values, np.ndarray) and values.dtype.kind in "fiu":
-        sketch.add_numbers(values.astype(np.float64, copy=False))
-    else:
-        sketch.add(list(values))
+    sketch.add(values)
     stats = statistics_pb2.FeatureStatistics(
         feature_name=name,
         count=sketch.count,
