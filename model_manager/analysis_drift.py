@@ -34,6 +34,6 @@ def feature_psi(sketches: Mapping[SketchKey, ColumnSketch], basis: VersionBasis 
         values = sketch.count - sketch.null_count
         most = max(most, values)
         drift = basis.judge(sketch)
-        if values >= need and drift.psi is not None:
+        if drift.distribution_judged and drift.psi is not None:  # min_rows finite values of the compared kind
             judged.append((drift.psi, name, values))
     return FeaturePsi(tuple(sorted(judged, reverse=True)), most, need)

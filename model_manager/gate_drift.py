@@ -59,7 +59,8 @@ def drift_gate(gate: rpb.DriftGate, basis: VersionBasis, monitors: ModelMonitors
         more = f" and {len(unjudged) - 5} more" if len(unjudged) > 5 else ""
         note = f"; not judged, fewer than {basis.min_rows()} values or no training statistics: {shown}{more}"
     if not judged:
-        text = f"too little live data in the {scope} to judge drift{note or ''}"
+        why = "too little live data" if basis.training else f"no training statistics of v{basis.version}"
+        text = f"{why} in the {scope} to judge drift{note}"
         if gate.require_live_data:
             return check(NAME, DRIFT, False, text + "; the gate requires live data", 0.0, float(basis.min_rows()))
         return check(NAME, DRIFT, True, text, 0.0, float(basis.min_rows()))
