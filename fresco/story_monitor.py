@@ -152,12 +152,19 @@ def drift(
     """Send rows whose one feature arrives in cents, watch the monitor flag it, and see the drift gate refuse a
     promotion (a dry run: nothing changes)."""
     name = model.feature_names[BROKEN]
+
     # The gate judges the model's inputs over the last hour, every version's traffic merged: so that the broken
     # share stands above the 5% out-of-range limit however long the earlier acts ran, send at least 15% more.
-    seen = m.stub.GetModelMonitor(pb.GetModelMonitorRequest(model_name=MODEL), timeout=TIMEOUT_S, metadata=m.metadata)
-    hour = sum(
-        w.count for v in seen.versions for f in v.features if f.name == name for w in f.windows if w.window == "1h"
-    )
+    def everyone() -> pb.GetModelMonitorResponse:
+        request = pb.GetModelMonitorRequest(model_name=MODEL)
+        return m.stub.GetModelMonitor(request, timeout=TIMEOUT_S, metadata=m.metadata)
+
+    def hour_of(answer: pb.GetModelMonitorResponse) -> int:
+        """The values of the broken feature in the hour the gate judges, every version merged."""
+        return sum(w.count for v in answer.versions for f in v.features if f.name == name for w in f.windows
+                   if w.window == "1h")  # fmt: skip
+
+    hour = hour_of(everyone())
     count = max(DRIFTED_ROWS, math.ceil(0.15 * hour))
     broken = np.resize(rows, (count, rows.shape[1]))
     broken[:, BROKEN] *= CENTS
@@ -166,14 +173,14 @@ def drift(
     problems = [] if len(served) == count else [f"{count - len(served)} of {count} drifted requests failed"]
     version = int(served[0].version) if served else 0
 
-    def monitor() -> pb.GetModelMonitorResponse:
-        request = pb.GetModelMonitorRequest(model_name=MODEL, versions=[version])
-        return m.stub.GetModelMonitor(request, timeout=TIMEOUT_S, metadata=m.metadata)
+    # Every broken row reported (the gate then judges them all), and the serving version's monitor flagging it.
+    def arrived(answer: pb.GetModelMonitorResponse) -> bool:
+        flagged = any(v.version == version and name in v.drifted_features for v in answer.versions)
+        return flagged and hour_of(answer) >= hour + len(served)
 
-    def flagged(answer: pb.GetModelMonitorResponse) -> bool:
-        return any(name in v.drifted_features for v in answer.versions)
-
-    answer = _until(monitor, flagged) or monitor()
+    everything = _until(everyone, arrived) or everyone()
+    answer = pb.GetModelMonitorResponse(versions=[v for v in everything.versions if v.version == version])
+    answer.notes.extend(everything.notes)
     console.print(monitor_view(MODEL, answer))
     drifted = {f for v in answer.versions for f in v.drifted_features}
     inputs = drifted & set(model.feature_names)
