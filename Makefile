@@ -8,7 +8,8 @@ PIP_INSTALL := $(BIN)/pip install --quiet --disable-pip-version-check -c constra
 # fails to import). Reinstalling the owners of those files, pinned, puts them back.
 RESTORE_PROTOS := $(PIP_INSTALL) --force-reinstall --no-deps opentelemetry-proto googleapis-common-protos
 
-.PHONY: demo test test-deps lint proto install install-dev up clean bench-predictor bench-features bench-gateway-sketches
+.PHONY: demo test test-deps lint proto install install-dev up clean bench bench-predictor bench-features bench-gateway-sketches \
+	bench-batching bench-worker-memory bench-gateway bench-materialize bench-int8
 
 # The runtime install: enough for `fresco demo` and `fresco up`.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -56,6 +57,30 @@ bench-features: install
 
 bench-gateway-sketches: install
 	$(BIN)/python -m bench.gateway_sketches $(ARGS)
+
+# Every benchmark below in turn, then one summary table of their goals against each peer (ARGS=--quick).
+bench: install
+	$(BIN)/python -m bench $(ARGS)
+
+# Dynamic batching on a model whose batch-1 compute is over 1 ms, against MLServer's adaptive batching.
+bench-batching: install
+	$(BIN)/python -m bench.batching $(ARGS)
+
+# Resident and proportional memory of --workers 4 against one worker on a ~200 MB model.
+bench-worker-memory: install
+	$(BIN)/python -m bench.worker_memory $(ARGS)
+
+# The gateway's own CPU per Predict against the predictor's per ModelInfer, end to end at c16.
+bench-gateway: install
+	$(BIN)/python -m bench.gateway $(ARGS)
+
+# Materialisation rows/s against Feast's on the same files (SQLite, and Redis + Cassandra).
+bench-materialize: install
+	$(BIN)/python -m bench.materialize $(ARGS)
+
+# INT8 quantisation of a scikit-learn model: size, latency and accuracy against its parent.
+bench-int8: install
+	$(BIN)/python -m bench.int8 $(ARGS)
 
 proto: install-dev
 	$(BIN)/python scripts/gen_protos.py
