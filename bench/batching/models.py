@@ -1,4 +1,4 @@
-"""The batching benchmark's model: a wide scikit-learn MLP (32 → 3072 → 3072 → 3072 → 1, ~76 MB of FP32
+"""The batching benchmark's model: a wide scikit-learn MLP (32 → 4096 → 4096 → 4096 → 1, ~135 MB of FP32
 weights), exported with skl2onnx for Fresco and saved with joblib for MLServer. One row costs a few
 milliseconds (every weight is read once per row), while 32 rows cost barely more per weight read: the
 kind of model batching should pay on."""
@@ -16,7 +16,7 @@ import yaml
 from bench.predictor.models import ModelFiles, export_onnx, fresco_config, synthetic_data, write_mlserver_model
 from bench.predictor.spec import MODEL_NAME
 
-HIDDEN = (3072, 3072, 3072)
+HIDDEN = (4096, 4096, 4096)
 TRAIN_ROWS = 512
 SEED = 11
 
