@@ -154,7 +154,7 @@ def duration_of(seconds: float) -> Duration:
 
 # --- the GetFeatures columns, encoded by hand ------------------------------------------------------
 # Building 4,000 Value messages one by one costs milliseconds of Python; the wire form of scalar
-# Values is simple enough to write directly (a few hundred µs), and upb parses it back in C.
+# Values is simple enough to write directly (a few hundred µs), and the service sends those bytes as they are.
 # tests/feature_service/test_reader.py checks it against messages built the slow way.
 
 _PACK_DOUBLE = struct.Struct("<d").pack
@@ -255,9 +255,10 @@ def encode_column(ref: str, values: bytes, statuses: Sequence[int], timestamps: 
     return _field(b"\x12", body)
 
 
-def build_response(metadata: fpb.GetFeaturesMetadata, columns: Sequence[bytes]) -> fpb.GetFeaturesResponse:
-    """The GetFeaturesResponse of encoded columns (parsed once, in C)."""
-    return fpb.GetFeaturesResponse.FromString(_field(b"\x0a", metadata.SerializeToString()) + b"".join(columns))
+def encode_response(metadata: fpb.GetFeaturesMetadata, columns: Sequence[bytes]) -> bytes:
+    """The wire form of the GetFeaturesResponse of encoded columns: what the service sends as it is (see
+    service.add_to_server), so an answer is serialised once and never parsed on the server."""
+    return b"".join((_field(b"\x0a", metadata.SerializeToString()), *columns))
 
 
 # --- feature views ---------------------------------------------------------------------------------

@@ -351,7 +351,13 @@ def _resolve_column(
 
 
 def answer_to_proto(answer: FeatureAnswer) -> fpb.GetFeaturesResponse:
-    """The GetFeaturesResponse of an answer, columns encoded by convert's fast path."""
+    """The GetFeaturesResponse of an answer as a message (for callers in process; the service sends
+    answer_to_wire's bytes as they are)."""
+    return fpb.GetFeaturesResponse.FromString(answer_to_wire(answer))
+
+
+def answer_to_wire(answer: FeatureAnswer) -> bytes:
+    """The GetFeaturesResponse of an answer in its wire form, columns encoded by convert's fast path."""
     metadata = fpb.GetFeaturesMetadata(
         feature_refs=[c.ref for c in answer.columns],
         degraded=answer.degraded,
@@ -375,4 +381,4 @@ def answer_to_proto(answer: FeatureAnswer) -> fpb.GetFeaturesResponse:
                 column.served_tier,
             )
         )
-    return convert.build_response(metadata, encoded)
+    return convert.encode_response(metadata, encoded)
