@@ -37,6 +37,7 @@ LAYOUT = "1"  # bump when the entry's layout or the way it is produced changes
 DEFAULT_DIR = Path.home() / ".cache" / "fresco" / "shared-weights"
 # Initialisers below this size stay inside the ONNX file (shapes, scalars): not worth a mapping.
 EXTERNAL_MIN_BYTES = 1024
+KEEP_UNUSED_S = 7 * 24 * 3600.0
 
 
 def machine_fingerprint() -> str:
@@ -61,8 +62,9 @@ def entry_key(model_bytes: bytes, level: ort.GraphOptimizationLevel) -> str:
 class SharedWeights:
     """A directory of optimised models whose weights every process maps from the same file."""
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, keep_unused_s: float = KEEP_UNUSED_S) -> None:
         self.root = root or DEFAULT_DIR
+        self.keep_unused_s = keep_unused_s
 
     def model_path(self, model_bytes: bytes, options: ort.SessionOptions, providers: list[str]) -> Path:
         """The optimised model for `model_bytes`, written now unless another process (or an earlier
@@ -74,8 +76,27 @@ class SharedWeights:
             with self._locked(key):  # one writer; the other workers wait for its entry
                 if not (entry / MODEL_FILE).is_file():
                     self._write(entry, model_bytes, options, providers)
+                    self.prune()
         os.utime(entry)  # when it was last used, for whoever prunes the cache
         return entry / MODEL_FILE
+
+    def prune(self) -> list[Path]:
+        """Remove the entries (and abandoned partial ones) nothing was loaded from for `keep_unused_s`."""
+        cutoff = time.time() - self.keep_unused_s
+        removed = []
+        for path in self.root.iterdir():
+            try:
+                stale = path.is_dir() and path.stat().st_mtime < cutoff
+            except FileNotFoundError:
+                continue
+            if stale:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        if removed:
+            log.info(
+                "shared weights: removed %d entries unused for %.0f days", len(removed), self.keep_unused_s / 86400
+            )
+        return removed
 
     @contextlib.contextmanager
     def _locked(self, key: str) -> Iterator[None]:

@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,6 +225,28 @@ def test_a_loaded_session_keeps_its_weights_when_the_entry_goes(tmp_path: Path) 
         path.unlink()
     old.shared_from.parent.rmdir()
     np.testing.assert_array_equal(old.run({"X": x}, ())["Y"], before, strict=True)
+
+
+def test_writing_an_entry_removes_those_unused_for_a_week(tmp_path: Path) -> None:
+    backend = shared_backend(tmp_path)
+    old = backend.load(mlp(seed=1), ModelConfig()).shared_from
+    recent = backend.load(mlp(seed=2), ModelConfig()).shared_from
+    assert old is not None
+    assert recent is not None
+    week_ago = time.time() - 7 * 24 * 3600 - 60
+    os.utime(old.parent, (week_ago, week_ago))
+    os.utime(recent.parent, (week_ago + 120, week_ago + 120))  # used a little less than a week ago
+    abandoned = tmp_path / ".abandoned-staging"
+    abandoned.mkdir()
+    os.utime(abandoned, (week_ago, week_ago))
+    newest = backend.load(mlp(seed=3), ModelConfig()).shared_from
+    assert newest is not None
+    assert entries(tmp_path) == sorted([recent.parent, newest.parent])
+    assert not abandoned.exists()
+    # Loading from an entry counts as using it: it is not pruned while in use.
+    again = backend.load(mlp(seed=2), ModelConfig()).shared_from
+    assert again == recent
+    assert recent.parent.stat().st_mtime > time.time() - 60
 
 
 def test_below_the_threshold_or_turned_off_a_session_holds_its_own_weights(tmp_path: Path) -> None:
