@@ -4,8 +4,8 @@ raw wire form (little-endian elements; BYTES elements each behind a 4-byte lengt
 from __future__ import annotations
 
 import math
-import sys
 import struct
+import sys
 from collections.abc import Sequence
 
 import numpy as np
