@@ -84,6 +84,7 @@ class Materializer:
         metrics: FeatureMetrics | None = None,
         *,
         chunk_rows: int = 5000,
+        writes_in_flight: int = 4,
         max_rejections: int = 100,
         max_future_s: float = 300.0,
         source_dirs: Sequence[Path] | None = (),
@@ -95,6 +96,7 @@ class Materializer:
         self.durable = durable
         self.metrics = metrics
         self.chunk_rows = chunk_rows
+        self.writes_in_flight = max(1, writes_in_flight)
         self.max_rejections = max_rejections
         self.max_future_s = max_future_s
         self.source_dirs = None if source_dirs is None else [d.resolve() for d in source_dirs]
@@ -114,8 +116,22 @@ class Materializer:
             source = await asyncio.to_thread(self._open, entry, spec, path)
             spill = StatisticsSpill(entry)
             pending: asyncio.Future[tuple[int, CheckedChunk] | None] | None = None
+            writing: dict[asyncio.Future[None], tuple[int, int]] = {}
             try:
-                report(MaterializeProgress("rows", 0, source.total_rows))
+                total = source.total_rows
+                report(MaterializeProgress("rows", 0, total))
+                written_rows = 0
+
+                async def _first_done(tasks: dict[asyncio.Future[None], tuple[int, int]]) -> None:
+                    nonlocal written, written_rows
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        rows, through = tasks.pop(task)
+                        task.result()  # a failed write fails the materialisation (the others finish first)
+                        written += rows
+                        written_rows = max(written_rows, through)
+                    report(MaterializeProgress("rows", written_rows, max(total, written_rows)))
+
                 chunks = _checked_chunks(entry, source, window)
                 pending = asyncio.ensure_future(asyncio.to_thread(next, chunks, None))
                 done_rows = 0
@@ -133,21 +149,35 @@ class Materializer:
                         rows = [
                             (key, Record(row.features, row.event_ts, arrival)) for key, row in chunk.latest().items()
                         ]
-                        await self.store.write(spec.view, rows, warm=False)
-                        written += len(rows)
+                        # Chunks are written a few at a time: the tiers order records by event time then arrival,
+                        # not by the order writes land, so a later chunk overtaking an earlier one changes nothing.
+                        while len(writing) >= self.writes_in_flight:
+                            await _first_done(writing)
+                        writing[asyncio.ensure_future(self.store.write(spec.view, rows, warm=False))] = (
+                            len(rows),
+                            done_rows + table_rows,
+                        )
                         arrival = arrival_time()  # the next chunk's rows arrive after this one's
+                    else:
+                        report(MaterializeProgress("rows", done_rows + table_rows, total))
                     done_rows += table_rows
-                    report(MaterializeProgress("rows", done_rows, max(source.total_rows, done_rows)))
+                while writing:
+                    await _first_done(writing)
                 features = len(entry.view.features)
                 report(MaterializeProgress("statistics", 0, features))
                 statistics, modes = await asyncio.to_thread(
                     spill.statistics,
                     spec.source,
-                    lambda done, total: report(MaterializeProgress("statistics", done, total)),
+                    lambda done, of: report(MaterializeProgress("statistics", done, of)),
                 )
             finally:
                 if pending is not None:
                     await asyncio.wait([pending])  # never close the file under a thread still reading it
+                if writing:
+                    await asyncio.wait(writing)  # writes under way finish (the store shields them anyway)
+                    for task in writing:
+                        if not task.cancelled():
+                            task.exception()  # retrieved: the first failure is the one raised
                 await asyncio.to_thread(_close, source, spill)
             if not spec.dry_run:
                 # Saved last: another process watching the statistics knows every record is written when they change.

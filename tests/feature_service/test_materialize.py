@@ -153,7 +153,9 @@ async def test_statistics_of_a_known_data_set(materializer, catalog, tier, tmp_p
     phases = [s.phase for s in steps]
     assert phases[0] == "rows"
     assert phases[-1] == "statistics"
-    assert [(s.done, s.total) for s in steps if s.phase == "rows"] == [(0, 7), (2, 7), (4, 7), (6, 7), (7, 7)]
+    rows = [(s.done, s.total) for s in steps if s.phase == "rows"]
+    assert (rows[0], rows[-1]) == ((0, 7), (7, 7))
+    assert [done for done, _ in rows] == sorted(done for done, _ in rows)
     assert [(s.done, s.total) for s in steps if s.phase == "statistics"][-1] == (5, 5)
 
 
