@@ -113,7 +113,7 @@ class SourceFile:
                 yield self._table.slice(start, self.chunk_rows)
             return
         assert self._parquet is not None
-        batches = self._parquet.iter_batches(batch_size=self.chunk_rows, columns=self._needed, use_threads=False)
+        batches = self._batches(self._parquet)
         pending: list[pa.RecordBatch] = []
         held = 0
         while True:
@@ -132,6 +132,14 @@ class SourceFile:
                     pending, held = [], 0
         if held:
             yield pa.Table.from_batches(pending)
+
+    def _batches(self, parquet: pq.ParquetFile) -> Iterator[pa.RecordBatch]:
+        """Record batches one row group at a time: a reader over every row group at once holds on to row groups
+        already read (memory then grows with the file)."""
+        for group in range(parquet.metadata.num_row_groups):
+            yield from parquet.iter_batches(
+                batch_size=self.chunk_rows, row_groups=[group], columns=self._needed, use_threads=False
+            )
 
     def _errors(self) -> _ReadErrors:
         return _ReadErrors(self.path, self.fmt)

@@ -190,3 +190,39 @@ def test_the_file_is_read_in_chunks_across_row_groups(tmp_path: Path) -> None:
         assert source.total_rows == 2_500
     assert [len(c) for c in chunks] == [1_000, 1_000, 500]
     assert pa.concat_tables(chunks).column("driver_id").to_pylist() == list(range(2_500))
+
+
+def test_reading_holds_a_row_group_not_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "large.parquet"
+    rows = 200_000
+    rng = np.random.default_rng(3)
+    columns = {name: rng.normal(size=rows) for name in ("fare", "tip")}
+    table = pa.table(
+        {
+            "driver_id": np.arange(rows),
+            "region": np.ones(rows, dtype=np.int64),
+            **columns,
+            "event_timestamp": np.full(rows, NOW - 60),
+        }
+    )
+    pq.write_table(table, path, row_group_size=10_000)
+    decoded = table.nbytes
+    del table
+    entry = Catalog(
+        parse_definitions(
+            """
+entities:
+  - {name: driver, join_keys: [{name: driver_id, type: int64}, {name: region, type: int32}]}
+feature_views:
+  - {name: slim, entities: [driver], features: [{name: fare, type: double}, {name: tip, type: double}]}
+"""
+        )
+    ).entry("slim")
+    peak, seen = 0, 0
+    before = pa.total_allocated_bytes()
+    with SourceFile(entry, Columns.of(entry, {}, {}, "event_timestamp"), path, "parquet", 1_000) as source:
+        for chunk in source.chunks():
+            seen += len(chunk)
+            peak = max(peak, pa.total_allocated_bytes() - before)
+    assert seen == rows
+    assert peak < decoded / 8, (peak, decoded)  # one 10,000-row group is a twentieth of the file
