@@ -84,7 +84,7 @@ class Materializer:
         metrics: FeatureMetrics | None = None,
         *,
         chunk_rows: int = 5000,
-        writes_in_flight: int = 4,
+        writes_in_flight: int = 2,
         max_rejections: int = 100,
         max_future_s: float = 300.0,
         source_dirs: Sequence[Path] | None = (),

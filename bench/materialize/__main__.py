@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +52,7 @@ class Run:
     cpu_s: float | None = None
     rss_before_mb: float | None = None
     peak_growth_mb: float | None = None
-    store_cpu_s: float | None = None  # the servers behind it (Redis, Cassandra), when they are processes
+    store_cpu_s: dict[str, float] | None = None  # the servers behind it (Redis, Cassandra) by name
 
     @property
     def rows_per_s(self) -> float:
@@ -114,7 +114,12 @@ class RssPeak:
 
 
 def fresco_run(
-    label: str, backend: list[str], dataset: data.Dataset, log: Path, stores: Sequence[int] = (), l1: bool = True
+    label: str,
+    backend: list[str],
+    dataset: data.Dataset,
+    log: Path,
+    stores: Mapping[str, int] | None = None,
+    l1: bool = True,
 ) -> Run:
     """A fresh feature service, both files through its Materialize RPC one after the other; wall time, the
     service's CPU (and the `stores` processes') and its peak RSS above what it held before. l1=False: the memory
@@ -123,18 +128,20 @@ def fresco_run(
     service = fresco_side.start_service(label, backend, [*flags, *([] if l1 else ["--memory-max-entries", "1"])], log)
     try:
         pid = service.process.process.pid  # type: ignore[union-attr]
-        cpu, store_cpu = tree_cpu_seconds(pid), sum(tree_cpu_seconds(p) for p in stores)
+        stores = stores or {}
+        cpu, store_cpu = tree_cpu_seconds(pid), {name: tree_cpu_seconds(p) for name, p in stores.items()}
         with RssPeak(pid) as peak:
             before_kb = peak.peak_kb
             began = time.perf_counter()
             asyncio.run(fresco_side.materialize(service.process.address, dataset))
             seconds = time.perf_counter() - began
-        cpu, store_cpu = tree_cpu_seconds(pid) - cpu, sum(tree_cpu_seconds(p) for p in stores) - store_cpu
+        cpu = tree_cpu_seconds(pid) - cpu
+        store_cpu = {name: tree_cpu_seconds(p) - store_cpu[name] for name, p in stores.items()}
     finally:
         service.process.stop()
     rows = dataset.entities * len(dataset.files)
     growth = (peak.peak_kb - before_kb) / 1024
-    return Run("Fresco", label, rows, seconds, cpu, before_kb / 1024, growth, store_cpu if stores else None)
+    return Run("Fresco", label, rows, seconds, cpu, before_kb / 1024, growth, store_cpu or None)
 
 
 def feast_run(python: Path, label: str, dataset: data.Dataset, repo: Path, online_store: str | None) -> Run:
@@ -197,7 +204,7 @@ def table(runs: list[Run]) -> str:
             f"{r.rows_per_s:,.0f}",
             "-" if r.cpu_s is None else f"{r.cpu_s:.2f}",
             "-" if r.cpu_s is None else f"{r.cpu_s / r.rows * 1e6:.1f}",
-            "-" if r.store_cpu_s is None else f"{r.store_cpu_s:.2f}",
+            "-" if not r.store_cpu_s else " + ".join(f"{name} {s:.1f}" for name, s in r.store_cpu_s.items()),
             "-" if r.rss_before_mb is None else f"{r.rss_before_mb:.0f}",
             "-" if r.peak_growth_mb is None else f"{r.peak_growth_mb:.1f}",
         )
@@ -283,7 +290,8 @@ class Bench:
                 "--redis-url", f"redis://127.0.0.1:{self.redis.port}/{FRESCO_DB}",  # type: ignore[union-attr]
                 "--cassandra-port", str(self.cassandra.port), "--cassandra-keyspace", KEYSPACE,
             ]  # fmt: skip
-            stores = [p for p in (self.redis.pid, self.cassandra.pid) if p is not None]  # type: ignore[union-attr]
+            pids = {"redis": self.redis.pid, "cassandra": self.cassandra.pid}  # type: ignore[union-attr]
+            stores = {name: pid for name, pid in pids.items() if pid is not None}
             fresco_rc = fresco_run("redis+cassandra", backend, small, WORK / "logs" / "frc.log", stores)
             runs.append(fresco_rc)
 
