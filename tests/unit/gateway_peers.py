@@ -43,6 +43,7 @@ class ScriptedPredictor:
     fail_infer: grpc.StatusCode | None = None
     metadata_calls: list[tuple[str, float | None]] = field(default_factory=list)
     infer_calls: list[tuple[pb.ModelInferRequest, float | None]] = field(default_factory=list)
+    infer_metadata: list[dict[str, str | bytes]] = field(default_factory=list)
 
     def _version(self, requested: str) -> tuple[str, Version]:
         number = requested or self.default
@@ -66,6 +67,7 @@ class ScriptedPredictor:
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         self.infer_calls.append((request, context.time_remaining()))
+        self.infer_metadata.append(dict(context.invocation_metadata() or ()))
         if self.fail_infer is not None:
             await context.abort(self.fail_infer, "scripted failure")
         if (request.model_version or self.default) not in self.versions:
