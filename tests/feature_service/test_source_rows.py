@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
@@ -70,8 +71,11 @@ strings = mostly(st.sampled_from(["car", "van"]), st.one_of(st.none(), st.sample
 times = mostly(st.floats(NOW - 86_400, NOW), st.one_of(st.none(), st.floats(NOW, NOW + 3_600), st.just(math.nan)))
 
 
-def table_of(rows: list[tuple]) -> pa.Table:
-    columns = list(zip(*rows, strict=True)) if rows else [[]] * 12
+Row = tuple[Any, ...]
+
+
+def table_of(rows: list[Row]) -> pa.Table:
+    columns: list[Any] = list(zip(*rows, strict=True)) if rows else [[]] * 12
     fare, tip, rides, seats, vehicle, note, premium, region, ts, driver, int_fare, path = columns
     return pa.table(
         {
@@ -110,7 +114,7 @@ row = st.tuples(
 )
 
 
-def as_compared(chunk: CheckedChunk) -> tuple:
+def as_compared(chunk: CheckedChunk) -> Row:
     valid = [(r.index, r.key, r.event_ts, _same(r.features)) for r in chunk.valid]
     rejected = [
         (r.row_index, [(p.feature, p.code, p.expected, p.actual) for p in r.problems]) for r in chunk.rejections
@@ -118,7 +122,7 @@ def as_compared(chunk: CheckedChunk) -> tuple:
     return chunk.rows_read, valid, rejected
 
 
-def _same(features: dict) -> list:
+def _same(features: dict[str, Any]) -> list[Row]:
     """Values with their types (1 and 1.0 differ), NaN comparable."""
     return [(k, type(v).__name__, "nan" if isinstance(v, float) and math.isnan(v) else v) for k, v in features.items()]
 
@@ -126,9 +130,9 @@ def _same(features: dict) -> list:
 VALID = (1.5, 2.0, 3, 4, "car", "x", True, 7, NOW - 60, 1, None, None)
 
 
-def one_cell(index: int, value: object) -> list[tuple]:
+def one_cell(index: int, value: object) -> list[Row]:
     """A valid row, the same row with one cell changed, and the valid row again (another entity)."""
-    changed = list(VALID)
+    changed: list[Any] = list(VALID)
     changed[index] = value
     return [VALID, tuple(changed), (*VALID[:9], 2, *VALID[10:])]
 
@@ -148,7 +152,7 @@ def one_cell(index: int, value: object) -> list[tuple]:
 @example(rows=one_cell(8, NOW - 50_000), first=0, window=1)  # before the window
 @example(rows=[(*VALID[:10], 150, *VALID[11:]), (*VALID[:10], 3, *VALID[11:])], first=0, window=0)  # ints
 @given(rows=st.lists(row, max_size=12), first=st.integers(0, 1000), window=st.sampled_from([0, 1, 2]))
-def test_the_column_path_answers_as_the_cell_path(rows: list[tuple], first: int, window: int) -> None:
+def test_the_column_path_answers_as_the_cell_path(rows: list[Row], first: int, window: int) -> None:
     table = table_of(rows)
     start, end = [(None, None), (NOW - 43_200, None), (NOW - 43_200, NOW)][window]
     checks = Window(start, end, NOW, 300.0)
