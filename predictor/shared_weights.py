@@ -77,7 +77,8 @@ class SharedWeights:
                 if not (entry / MODEL_FILE).is_file():
                     self._write(entry, model_bytes, options, providers)
                     self.prune()
-        os.utime(entry)  # when it was last used, for whoever prunes the cache
+        with contextlib.suppress(OSError):  # a read-only cache serves all the same
+            os.utime(entry)  # when it was last used, for prune()
         return entry / MODEL_FILE
 
     def prune(self) -> list[Path]:

@@ -72,14 +72,28 @@ def step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def build_model() -> tuple[Path, bytes]:
-    """The model repository (rebuilt only when missing: the weights are seeded) and the model's bytes."""
-    repository = WORKDIR / "repository"
+def build_model(name: str = "repository", hidden: tuple[int, ...] = HIDDEN) -> tuple[Path, bytes]:
+    """A model repository (rebuilt only when missing: the weights are seeded) and the model's bytes."""
+    repository = WORKDIR / name
     model_file = repository / MODEL / "1" / "model.onnx"
     if not model_file.is_file():
         shutil.rmtree(repository, ignore_errors=True)
-        write_fresco_model(repository / MODEL, big_mlp_onnx(hidden=HIDDEN))
+        write_fresco_model(repository / MODEL, big_mlp_onnx(hidden=hidden))
     return repository, model_file.read_bytes()
+
+
+def process_overhead(workers: int) -> Memory:
+    """The tree's memory with a model of a few KB: what the processes cost without any weights."""
+    repository, _ = build_model("tiny-repository", hidden=(16,))
+    server = fresco_process(repository, workers, WORKDIR / "logs" / f"{workers}-tiny.log", ["--log-format", "text"])
+    server.start()
+    try:
+        server.wait_ready(MODEL, timeout_s=300, probes=4 * workers)
+        assert server.process is not None
+        time.sleep(1.0)
+        return tree_memory(server.process.pid)
+    finally:
+        server.stop()
 
 
 async def load(address: str, rows: np.ndarray, requests: int, concurrency: int) -> list[float]:
@@ -222,7 +236,14 @@ def main(argv: list[str] | None = None) -> int:
         measure(run, repository, shared_dir, rows, expected, requests)
         assert run.served is not None
         print(f"started in {run.start_s:.1f}s; RSS {run.served.rss / MB:,.0f} MB, PSS {run.served.pss / MB:,.0f} MB")
+    step("process overhead: the same trees serving a model of a few KB")
+    bare_one, bare_many = process_overhead(1), process_overhead(args.workers)
     report(runs)
+    bare = bare_many.pss / bare_one.pss
+    print(
+        f"\nWithout weights: 1 worker PSS {bare_one.pss / MB:,.0f} MB, {args.workers} workers (with the supervisor) "
+        f"{bare_many.pss / MB:,.0f} MB, {bare:.2f}×; RSS {bare_one.rss / MB:,.0f} and {bare_many.rss / MB:,.0f} MB"
+    )
     one, many, one_private, many_private = runs
     assert one.served is not None
     assert many.served is not None
@@ -272,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         "sharing scheme can bring it under N× for the shared part; PSS splits shared pages among "
         "their sharers and sums to the memory the tree actually holds.",
         f"model file {len(model_bytes) / MB:.0f} MB; memory read after {requests} batch-1 requests",
+        f"without weights (a few-KB model) {args.workers} workers already hold {bare:.2f}× one worker's PSS "
+        f"({bare_many.pss / MB:,.0f} / {bare_one.pss / MB:,.0f} MB): the shared weights add "
+        f"{(many.served.pss - bare_many.pss) / MB:,.0f} MB to {args.workers} workers against "
+        f"{(one.served.pss - bare_one.pss) / MB:,.0f} MB to one",
     ]
     record("worker_memory", goals, quick=args.quick, notes=notes)
     return 0
