@@ -247,18 +247,28 @@ def encode_timestamps(seconds: Sequence[float | None]) -> bytes:
     return b"".join(_field(b"\x22", timestamp_of(s or 0.0).SerializeToString()) for s in seconds)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # callers ask for the same refs again and again
+def _ref_field(ref: str) -> bytes:
+    return _field(b"\x0a", ref.encode())
+
+
+@functools.lru_cache(maxsize=64)
+def _tier_field(served_tier: str) -> bytes:
+    return _field(b"\x2a", served_tier.encode()) if served_tier else b""
+
+
 def encode_column(ref: str, values: bytes, statuses: Sequence[int], timestamps: bytes, served_tier: str) -> bytes:
     """One FeatureColumn as a `columns` entry of GetFeaturesResponse, from its encoded parts."""
     body = b"".join(
         (
-            _field(b"\x0a", ref.encode()),
+            _ref_field(ref),
             values,
             _field(b"\x1a", bytes(statuses)) if statuses else b"",  # packed enum; every status is < 128
             timestamps,
-            _field(b"\x2a", served_tier.encode()) if served_tier else b"",
+            _tier_field(served_tier),
         )
     )
-    return _field(b"\x12", body)
+    return b"\x12" + _varint(len(body)) + body
 
 
 def encode_response(metadata: fpb.GetFeaturesMetadata, columns: Sequence[bytes]) -> bytes:
