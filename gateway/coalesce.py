@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+from prometheus_client import CollectorRegistry, Counter
 
 from chassis.errors import DeadlineExceeded, FrescoError, InvalidArgument, Unavailable
 from fresco.api.inference import grpc_service_pb2 as pb
@@ -59,7 +60,14 @@ def split_response(response: pb.ModelInferResponse, sizes: Sequence[int], what: 
 class Coalescer:
     """Merges concurrent calls per key once `in_flight` calls for that key are on their way."""
 
-    def __init__(self, send: Send, in_flight: int, max_rows: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        send: Send,
+        in_flight: int,
+        max_rows: int,
+        registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._send = send
         self._in_flight = in_flight
         self._max_rows = max_rows
@@ -67,8 +75,15 @@ class Coalescer:
         self._running: dict[Key, int] = {}
         self._waiting: dict[Key, list[_Waiting]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.calls = 0  # merged calls sent, and the requests they carried
-        self.merged = 0
+        registry = registry or CollectorRegistry()
+        self.calls = Counter(
+            "fresco_gateway_merged_calls",
+            "ModelInfer calls carrying the requests of several callers.",
+            registry=registry,
+        )
+        self.merged = Counter(
+            "fresco_gateway_merged_requests", "Requests answered through a merged ModelInfer call.", registry=registry
+        )
 
     async def infer(
         self, key: Key, inputs: Mapping[str, np.ndarray], rows: int, timeout_s: float, what: str
@@ -133,8 +148,8 @@ class Coalescer:
         if len(live) == 1:
             _settle(live[0], await self._send(key, live[0].inputs, timeout_s))
             return
-        self.calls += 1
-        self.merged += len(live)
+        self.calls.inc()
+        self.merged.inc(len(live))
         names = list(live[0].inputs)
         merged = {name: np.concatenate([w.inputs[name] for w in live]) for name in names}
         try:

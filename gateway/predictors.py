@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from grpc import aio
 from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
 from chassis.errors import FrescoError, InvalidArgument, NotFound, Unavailable
 from chassis.status import peer_error
@@ -83,11 +84,14 @@ class PredictorPool:
         lean: LeanChannels | None = None,
         merge_in_flight: int = 0,
         merge_max_rows: int = 256,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._channel_factory = channel_factory
         self._lean = lean
         self._lean_infer: dict[str, InferCall] = {}
-        self.coalescer = Coalescer(self._send_key, merge_in_flight, merge_max_rows) if merge_in_flight else None
+        self.coalescer = (
+            Coalescer(self._send_key, merge_in_flight, merge_max_rows, registry) if merge_in_flight else None
+        )
         self._timeout_s = timeout_s
         self._metadata_ttl_s = metadata_ttl_s
         self._default_version_ttl_s = default_version_ttl_s

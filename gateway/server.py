@@ -51,6 +51,7 @@ class Gateway:
             lean=LeanChannels(self.app.peer_security, channel_options(settings.max_message_bytes)),
             merge_in_flight=settings.merge_in_flight,
             merge_max_rows=settings.merge_max_rows,
+            registry=self.app.registry,
         )
         self.offload = Offload(settings.offload_above_bytes)
         self.features = (
