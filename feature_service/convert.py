@@ -154,15 +154,21 @@ def duration_of(seconds: float) -> Duration:
 
 # --- the GetFeatures columns, encoded by hand ------------------------------------------------------
 # Building 4,000 Value messages one by one costs milliseconds of Python; the wire form of scalar
-# Values is simple enough to write directly (a few hundred µs), and upb parses it back in C.
+# Values is simple enough to write directly (a few hundred µs), and the service sends those bytes as they are.
 # tests/feature_service/test_reader.py checks it against messages built the slow way.
 
 _PACK_DOUBLE = struct.Struct("<d").pack
 _NULL_ENTRY = b"\x12\x00"  # FeatureColumn.values (field 2) holding an empty Value: null
 _DOUBLE_ENTRY = np.dtype([("head", "S3"), ("value", "<f8")])
+_NUMPY_FROM = 16  # doubles in a column from which numpy's packing beats encoding them one by one
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -221,7 +227,7 @@ _ENTRY: dict[str, tuple[Callable[[Any], bytes], tuple[type, ...]]] = {
 
 def encode_values(value_type: str, values: Sequence[Any]) -> bytes:
     """The `values` field of a FeatureColumn holding `values` (None is null), as wire bytes."""
-    if value_type in ("double", "float") and None not in values:
+    if value_type in ("double", "float") and len(values) >= _NUMPY_FROM and None not in values:
         try:  # the common case: a dense numeric column, packed by numpy in one go
             array = np.empty(len(values), _DOUBLE_ENTRY)
             array["head"] = b"\x12\x09\x09"
@@ -255,9 +261,10 @@ def encode_column(ref: str, values: bytes, statuses: Sequence[int], timestamps: 
     return _field(b"\x12", body)
 
 
-def build_response(metadata: fpb.GetFeaturesMetadata, columns: Sequence[bytes]) -> fpb.GetFeaturesResponse:
-    """The GetFeaturesResponse of encoded columns (parsed once, in C)."""
-    return fpb.GetFeaturesResponse.FromString(_field(b"\x0a", metadata.SerializeToString()) + b"".join(columns))
+def encode_response(metadata: fpb.GetFeaturesMetadata, columns: Sequence[bytes]) -> bytes:
+    """The wire form of the GetFeaturesResponse of encoded columns: what the service sends as it is (see
+    service.add_to_server), so an answer is serialised once and never parsed on the server."""
+    return b"".join((_field(b"\x0a", metadata.SerializeToString()), *columns))
 
 
 # --- feature views ---------------------------------------------------------------------------------

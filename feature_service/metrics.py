@@ -4,7 +4,7 @@ imputed or missing, how often pushes are out of range, how the store tiers answe
 from __future__ import annotations
 
 from collections import Counter as Tally
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -69,9 +69,13 @@ class FeatureMetrics:
         )
         self._served: dict[tuple[str, str, int], Any] = {}
 
-    def served(self, view: str, feature: str, statuses: Iterable[int]) -> None:
+    def served(self, view: str, feature: str, statuses: Sequence[int]) -> None:
         """Count one column's statuses."""
-        for status, count in Tally(statuses).items():
+        if statuses and statuses.count(statuses[0]) == len(statuses):  # one status (all present, usually)
+            tally: Iterable[tuple[int, int]] = ((statuses[0], len(statuses)),)
+        else:
+            tally = Tally(statuses).items()
+        for status, count in tally:
             key = (view, feature, status)
             child = self._served.get(key)
             if child is None:

@@ -22,6 +22,8 @@ from fresco.features.definitions import Definitions, Feature, FeatureView, JoinK
 from fresco.features.policy import Baseline, Status, impute
 
 log = logging.getLogger(__name__)
+MAX_PARSED_REF_LISTS = 1024
+"""Lists of refs the catalog keeps parsed (all of them dropped when full: the common ones come back at once)."""
 
 
 class Served(enum.IntEnum):
@@ -72,6 +74,18 @@ class Catalog:
             view.name: ViewEntry(view, definitions.join_keys(view), {f.name: f for f in view.features})
             for view in definitions.feature_views
         }
+        self._parsed: dict[tuple[str, ...], list[Ref]] = {}  # callers repeat their lists of refs: parse each once
+
+    def refs(self, texts: Sequence[str]) -> list[Ref]:
+        """The refs of a request's feature_refs (see parse_ref for the errors, naming the field)."""
+        key = tuple(texts)
+        found = self._parsed.get(key)
+        if found is None:
+            found = [parse_ref(self, text, f"feature_refs[{i}]") for i, text in enumerate(key)]
+            if len(self._parsed) >= MAX_PARSED_REF_LISTS:
+                self._parsed.clear()
+            self._parsed[key] = found
+        return found
 
     def entry(self, name: str, field_name: str = "feature_view") -> ViewEntry:
         """A view by name, or NotFound naming it and the known ones."""
@@ -130,7 +144,7 @@ class FeatureQuery:
         """Validate a request; errors name the field and what was expected."""
         if not request.feature_refs:
             raise InvalidArgument('feature_refs: expected at least one "view:feature" ref')
-        refs = [parse_ref(catalog, text, f"feature_refs[{i}]") for i, text in enumerate(request.feature_refs)]
+        refs = catalog.refs(request.feature_refs)
         entities = request.entity_keys
         if len(entities) * len(refs) > max_values:
             raise InvalidArgument(
@@ -218,6 +232,7 @@ class FeatureAnswer:
 
 # Per-entity state of a view's record, before any feature is looked at.
 _LIVE, _NOT_FOUND, _EXPIRED, _UNAVAILABLE = range(4)
+_LIVE_ONLY = frozenset((_LIVE,))
 
 
 class ServedObserver(Protocol):
@@ -266,8 +281,7 @@ class FeatureReader:
         for ref in query.refs:
             view = ref.view.view.name
             rows, states, event_ts = per_view[view]
-            baseline = ref.view.baselines.get(ref.feature.name)
-            values, statuses = _resolve_column(ref.feature, rows, states, baseline, query.impute)
+            values, statuses = _resolve_column(ref, rows, states, query.impute)
             stamps = event_ts if query.include_event_timestamps else None
             columns.append(Column(ref.ref, ref.feature.type, values, statuses, stamps, tiers[view]))
             if self.metrics is not None:
@@ -309,13 +323,24 @@ def _entity_states(
 
 
 def _resolve_column(
+    ref: Ref, rows: Sequence[Mapping[str, Any] | None], states: Sequence[int], imputing: bool
+) -> tuple[list[Any], list[int]]:
+    """Values and statuses of one feature, by fresco.features.policy: what training's resolve_rows does."""
+    name = ref.feature.name
+    if _LIVE_ONLY.issuperset(states):  # the common case: every record live, every value present
+        values = [row.get(name) for row in rows]  # type: ignore[union-attr]  # live rows are records' features
+        if None not in values:
+            return values, [int(Served.PRESENT)] * len(values)
+    return _resolve_slowly(ref.feature, rows, states, ref.view.baselines.get(name), imputing)
+
+
+def _resolve_slowly(
     feature: Feature,
     rows: Sequence[Mapping[str, Any] | None],
     states: Sequence[int],
     baseline: Baseline | None,
     imputing: bool,
 ) -> tuple[list[Any], list[int]]:
-    """Values and statuses of one feature, by fresco.features.policy: what training's resolve_rows does."""
     unavailable = (None, int(Served.UNAVAILABLE))
     if imputing:
         fill, policy_status = impute(feature, baseline)
@@ -351,7 +376,13 @@ def _resolve_column(
 
 
 def answer_to_proto(answer: FeatureAnswer) -> fpb.GetFeaturesResponse:
-    """The GetFeaturesResponse of an answer, columns encoded by convert's fast path."""
+    """The GetFeaturesResponse of an answer as a message (for callers in process; the service sends
+    answer_to_wire's bytes as they are)."""
+    return fpb.GetFeaturesResponse.FromString(answer_to_wire(answer))
+
+
+def answer_to_wire(answer: FeatureAnswer) -> bytes:
+    """The GetFeaturesResponse of an answer in its wire form, columns encoded by convert's fast path."""
     metadata = fpb.GetFeaturesMetadata(
         feature_refs=[c.ref for c in answer.columns],
         degraded=answer.degraded,
@@ -375,4 +406,4 @@ def answer_to_proto(answer: FeatureAnswer) -> fpb.GetFeaturesResponse:
                 column.served_tier,
             )
         )
-    return convert.build_response(metadata, encoded)
+    return convert.encode_response(metadata, encoded)
