@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class Window:
     p99_ms: float
     errors: dict[str, int]
     cpu_s: dict[str, float] = field(default_factory=dict)
+    merged: dict[str, float] = field(default_factory=dict)  # the gateway's merged calls and requests
 
     def cpu_us(self, server: str) -> float:
         """The server's CPU per answered request, µs."""
@@ -101,6 +103,7 @@ def measure(
     if load.stdout.readline().strip() != "started":
         raise RuntimeError(f"load on {side} did not start: {load.stdout.read()}")
     pids = {server: platform.pid(server) for server in SERVERS}
+    merged_before = merged_counters(platform)
     before = {server: tree_cpu_seconds(pid) for server, pid in pids.items()}
     spy = None
     if profile is not None:
@@ -111,6 +114,7 @@ def measure(
         )  # fmt: skip
     line = load.stdout.readline().strip()
     after = {server: tree_cpu_seconds(pid) for server, pid in pids.items()}
+    merged_after = merged_counters(platform)
     if line != "stopped":
         raise RuntimeError(f"load on {side} failed: {line} {load.stdout.read()}")
     result = json.loads(load.stdout.readline())
@@ -119,7 +123,22 @@ def measure(
         spy.wait(60)
     window = Window(side, result["answered"], result["rps"], result["p50_ms"], result["p99_ms"], result["errors"])
     window.cpu_s = {server: after[server] - before[server] for server in SERVERS}
+    window.merged = {name: merged_after[name] - merged_before[name] for name in merged_after}
     return window
+
+
+def merged_counters(platform: Platform) -> dict[str, float]:
+    """The gateway's merged ModelInfer calls and the requests they carried, from its /metrics."""
+    found = {"calls": 0.0, "requests": 0.0}
+    url = platform.suite.service("gateway").metrics_url
+    if not url:
+        return found
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            for name in found:
+                if line.startswith(f"fresco_gateway_merged_{name}_total "):
+                    found[name] = float(line.split()[-1])
+    return found
 
 
 def check_answers(platform: Platform) -> str:
@@ -195,6 +214,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"p99 {window.p99_ms:6.2f} ms  CPU/request µs: "
                     + "  ".join(f"{s} {window.cpu_us(s):.0f}" for s in SERVERS)
                     + (f"  errors {window.errors}" if window.errors else "")
+                    + (
+                        f"  merged: {window.merged['requests'] / max(window.answered, 1):.0%} of requests, "
+                        f"{window.merged['requests'] / max(window.merged['calls'], 1):.1f} per merged call"
+                        if side == "gateway"
+                        else ""
+                    )
                 )
     report(windows, answers, args.quick, window_s)
 
