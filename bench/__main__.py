@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 
-from bench.goals import load_recorded, render
+from bench.goals import GOAL_COLUMNS, STATUSES, goal_row, load_recorded, table
 from bench.measure import REPO_ROOT, git_revision, machine_load
 
 # In the order they run: the cheapest first, so that a short run still says something.
@@ -40,26 +40,43 @@ def main(argv: list[str] | None = None) -> int:
         command = [sys.executable, "-m", f"bench.{name}", *(["--quick"] if args.quick else [])]
         code = subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
         outcomes[name] = f"exit {code}" if code else f"{time.monotonic() - started:.0f} s"
+    text, failed = summary(chosen, began, outcomes)
     print()
     print(f"=== summary: revision {git_revision()}, {'quick runs, ' if args.quick else ''}started at "
           f"{time.strftime('%H:%M:%S', time.localtime(began))} with {start_load.describe()} ===")  # fmt: skip
-    failed = []
-    judged = []
+    print(text)
+    return 1 if failed else 0
+
+
+def summary(chosen: list[str], began: float, outcomes: dict[str, str]) -> tuple[str, list[str]]:
+    """One table of the goals every chosen benchmark recorded since `began` (benchmark, goal, peer,
+    measured, target, verdict), each benchmark's run time and machine load under it, and the totals;
+    and the benchmarks that recorded none (they failed or did not run)."""
+    rows: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    failed: list[str] = []
+    counts = dict.fromkeys(STATUSES, 0)
     for name in chosen:
         found = load_recorded(name)
+        outcome = outcomes.get(name, "not run")
         if found is None or float(str(found[0]["finished_epoch"])) < began:
             failed.append(name)
-            print(f"\n{name}: no goals recorded by this run ({outcomes[name]})")
+            notes.append(f"{name}: no goals recorded by this run ({outcome})")
             continue
         header, goals = found
-        judged += goals
-        load = f"load average {float(str(header['load_1m'])):.2f}, steal {float(str(header['steal'])):.0%}"
-        print()
-        print(render(f"{name} ({outcomes[name]}, {load} at its end)", goals))
-    counts = {status: sum(g.status == status for g in judged) for status in ("PASS", "MISS", "SKIP")}
-    print(f"\n{counts['PASS']} PASS, {counts['MISS']} MISS, {counts['SKIP']} SKIP"
-          + (f"; did not finish: {', '.join(failed)}" if failed else ""))  # fmt: skip
-    return 1 if failed else 0
+        for index, goal in enumerate(goals):
+            rows.append((name if index == 0 else "", *goal_row(goal)))
+            counts[goal.status] += 1
+        quick = "quick run, " if header.get("quick") else ""
+        notes.append(
+            f"{name}: {quick}{outcome}, load average {float(str(header['load_1m'])):.2f} "
+            f"and steal {float(str(header['steal'])):.0%} at its end"
+        )
+    totals = ", ".join(f"{counts[s]} {s}" for s in STATUSES)
+    if failed:
+        totals += f"; did not finish: {', '.join(failed)}"
+    text = table("goals of every benchmark", ("benchmark", *GOAL_COLUMNS), rows) if rows else "no goals recorded"
+    return "\n".join([text, "", *notes, "", totals]), failed
 
 
 if __name__ == "__main__":

@@ -39,18 +39,28 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def render(title: str, goals: Sequence[Goal]) -> str:
-    """A plain-text table of goals, one per line."""
-    rows = [("goal", "peer", "measured", "target", "")] + [
-        (g.name, g.peer, g.measured, g.target, g.status) for g in goals
-    ]
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = [title]
-    for index, row in enumerate(rows):
-        lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table under a title, columns padded to their widest cell."""
+    lines = [header, *rows]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = [title]
+    for index, row in enumerate(lines):
+        out.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
         if index == 0:
-            lines.append("  " + "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+            out.append("  " + "  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+GOAL_COLUMNS = ("goal", "peer", "measured", "target", "")
+
+
+def goal_row(goal: Goal) -> tuple[str, str, str, str, str]:
+    return goal.name, goal.peer, goal.measured, goal.target, goal.status
+
+
+def render(title: str, goals: Sequence[Goal]) -> str:
+    """A benchmark's goals as a table, one per line."""
+    return table(title, GOAL_COLUMNS, [goal_row(g) for g in goals])
 
 
 def record(benchmark: str, goals: Sequence[Goal], *, quick: bool, notes: Sequence[str] = ()) -> Path:

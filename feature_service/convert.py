@@ -17,7 +17,6 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fresco.api.common.v1 import values_pb2
-from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_view_pb2 as vpb
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.features.definitions import Definitions, FeatureView, JoinKey
@@ -154,15 +153,21 @@ def duration_of(seconds: float) -> Duration:
 
 # --- the GetFeatures columns, encoded by hand ------------------------------------------------------
 # Building 4,000 Value messages one by one costs milliseconds of Python; the wire form of scalar
-# Values is simple enough to write directly (a few hundred µs), and upb parses it back in C.
+# Values is simple enough to write directly (a few hundred µs), and the service sends those bytes as they are.
 # tests/feature_service/test_reader.py checks it against messages built the slow way.
 
 _PACK_DOUBLE = struct.Struct("<d").pack
 _NULL_ENTRY = b"\x12\x00"  # FeatureColumn.values (field 2) holding an empty Value: null
 _DOUBLE_ENTRY = np.dtype([("head", "S3"), ("value", "<f8")])
+_NUMPY_FROM = 16  # doubles in a column from which numpy's packing beats encoding them one by one
+
+
+_ONE_BYTE = [bytes((n,)) for n in range(0x80)]
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE[n]
     out = bytearray()
     while n > 0x7F:
         out.append((n & 0x7F) | 0x80)
@@ -221,7 +226,7 @@ _ENTRY: dict[str, tuple[Callable[[Any], bytes], tuple[type, ...]]] = {
 
 def encode_values(value_type: str, values: Sequence[Any]) -> bytes:
     """The `values` field of a FeatureColumn holding `values` (None is null), as wire bytes."""
-    if value_type in ("double", "float") and None not in values:
+    if value_type in ("double", "float") and len(values) >= _NUMPY_FROM and None not in values:
         try:  # the common case: a dense numeric column, packed by numpy in one go
             array = np.empty(len(values), _DOUBLE_ENTRY)
             array["head"] = b"\x12\x09\x09"
@@ -241,23 +246,54 @@ def encode_timestamps(seconds: Sequence[float | None]) -> bytes:
     return b"".join(_field(b"\x22", timestamp_of(s or 0.0).SerializeToString()) for s in seconds)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # callers ask for the same refs again and again
+def _ref_field(ref: str) -> bytes:
+    return _field(b"\x0a", ref.encode())
+
+
+@functools.lru_cache(maxsize=64)
+def _tier_field(served_tier: str) -> bytes:
+    return _field(b"\x2a", served_tier.encode()) if served_tier else b""
+
+
 def encode_column(ref: str, values: bytes, statuses: Sequence[int], timestamps: bytes, served_tier: str) -> bytes:
     """One FeatureColumn as a `columns` entry of GetFeaturesResponse, from its encoded parts."""
     body = b"".join(
         (
-            _field(b"\x0a", ref.encode()),
+            _ref_field(ref),
             values,
             _field(b"\x1a", bytes(statuses)) if statuses else b"",  # packed enum; every status is < 128
             timestamps,
-            _field(b"\x2a", served_tier.encode()) if served_tier else b"",
+            _tier_field(served_tier),
         )
     )
-    return _field(b"\x12", body)
+    return b"\x12" + _varint(len(body)) + body
 
 
-def build_response(metadata: fpb.GetFeaturesMetadata, columns: Sequence[bytes]) -> fpb.GetFeaturesResponse:
-    """The GetFeaturesResponse of encoded columns (parsed once, in C)."""
-    return fpb.GetFeaturesResponse.FromString(_field(b"\x0a", metadata.SerializeToString()) + b"".join(columns))
+@functools.lru_cache(maxsize=1024)  # callers repeat their lists of refs
+def _refs_fields(refs: tuple[str, ...]) -> bytes:
+    return b"".join([_field(b"\x0a", ref.encode()) for ref in refs])
+
+
+def encode_metadata(
+    refs: tuple[str, ...], degraded: bool, served_tiers: Sequence[str], failed_tiers: Sequence[str]
+) -> bytes:
+    """A GetFeaturesMetadata's wire form."""
+    return b"".join(
+        (
+            _refs_fields(refs),
+            b"\x10\x01" if degraded else b"",
+            *[_field(b"\x1a", tier.encode()) for tier in served_tiers],
+            *[_field(b"\x22", tier.encode()) for tier in failed_tiers],
+        )
+    )
+
+
+def encode_response(metadata: bytes, columns: Sequence[bytes]) -> bytes:
+    """The wire form of the GetFeaturesResponse of an encoded GetFeaturesMetadata and encoded columns: what the
+    service sends as it is (see service.add_to_server), so an answer is serialised once and never parsed on the
+    server."""
+    return b"".join((b"\x0a", _varint(len(metadata)), metadata, *columns))
 
 
 # --- feature views ---------------------------------------------------------------------------------

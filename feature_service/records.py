@@ -72,14 +72,22 @@ class Record:
     def decode(data: bytes) -> Record:
         if data[:1] == FORMAT:
             event_us, written_us = _HEAD.unpack_from(data, 1)
-            raw = msgpack.unpackb(data[HEAD_BYTES:], raw=False)
-            record = Record(
-                raw["f"], (event_us - EPOCH_OFFSET_US) / 1_000_000, (written_us - EPOCH_OFFSET_US) / 1_000_000
+            features = msgpack.unpackb(memoryview(data)[HEAD_BYTES:], raw=False)["f"]
+            # Reads decode a record per key: fill the fields directly, without the frozen dataclass's __init__
+            # (one object.__setattr__ per field); the same fields, and the encoding known.
+            record = _new_record(Record)
+            record.__dict__.update(
+                features=features,
+                event_ts=(event_us - EPOCH_OFFSET_US) / 1_000_000,
+                written_ts=(written_us - EPOCH_OFFSET_US) / 1_000_000,
+                _encoded=[data if type(data) is bytes else bytes(data)],
             )
-            record._encoded.append(bytes(data))
             return record
         raw = msgpack.unpackb(data, raw=False)  # written before ordering by event time
         return Record(raw["f"], raw["e"], raw["w"])
+
+
+_new_record = object.__new__
 
 
 def latest(rows: Sequence[tuple[str, Record]]) -> dict[str, Record]:

@@ -16,18 +16,24 @@ from feature_service.metrics import FeatureMetrics
 from feature_service.parity import ParityChecker, offline_views
 from feature_service.reader import Catalog, FeatureReader
 from feature_service.records import DurableTier
-from feature_service.service import METHOD_ROLES, Domain, FeatureServicer, materialize_response, spec_from_proto
+from feature_service.service import (
+    METHOD_ROLES,
+    SERVICE_NAME,
+    Domain,
+    FeatureServicer,
+    add_to_server,
+    materialize_response,
+    spec_from_proto,
+)
 from feature_service.settings import FeatureServiceSettings
 from feature_service.store import Observer, TieredStore
 from feature_service.tiers.memory import MemoryCache
 from feature_service.tiers.sqlite import SQLiteTier
 from feature_service.writer import FeatureWriter
 from fresco.api.features.v1 import feature_service_pb2 as pb
-from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
 from fresco.features.definitions import FeatureView, load_definitions
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 
 
 def load_catalog(settings: FeatureServiceSettings) -> Catalog:
@@ -96,7 +102,7 @@ class FeatureService:
         self.app = ServiceApp("feature_service", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
         self.metrics = FeatureMetrics(self.app.registry)
         self.servicer = FeatureServicer()
-        pb_grpc.add_FeatureServiceServicer_to_server(self.servicer, self.app.server)
+        add_to_server(self.servicer, self.app.server)
         self.store: TieredStore | None = None
         self.parity: ParityChecker | None = None
         self._poller: asyncio.Task[None] | None = None

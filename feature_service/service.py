@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
+import grpc
+from google.protobuf.message import Message
 from grpc import aio
 
 from chassis.auth import Role, method_roles
@@ -14,7 +16,7 @@ from feature_service import convert
 from feature_service.materialize import Format, MaterializeOutcome, Materializer, MaterializeSpec
 from feature_service.parity import ParityChecker
 from feature_service.parity_rpcs import ParityRpcs
-from feature_service.reader import Catalog, FeatureQuery, FeatureReader, ViewEntry, answer_to_proto
+from feature_service.reader import Catalog, FeatureQuery, FeatureReader, ViewEntry, answer_to_wire
 from feature_service.writer import FeatureWriter, rejection_to_proto
 from fresco.api.features.v1 import feature_service_pb2 as pb
 from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
@@ -22,6 +24,7 @@ from fresco.api.features.v1 import statistics_pb2 as spb
 
 Context: TypeAlias = aio.ServicerContext[Any, Any]
 
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FeatureService"].full_name
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 _FORMATS: dict[int, Format | None] = {
@@ -99,10 +102,12 @@ class FeatureServicer(ParityRpcs, pb_grpc.FeatureServiceServicer):
         domain = self._domain()
         return domain.parity, domain.catalog
 
-    async def GetFeatures(self, request: pb.GetFeaturesRequest, context: Context) -> pb.GetFeaturesResponse:
+    async def GetFeatures(  # type: ignore[override]  # the response's wire form: see add_to_server
+        self, request: pb.GetFeaturesRequest, context: Context
+    ) -> bytes:
         domain = self._domain()
         query = FeatureQuery.from_proto(request, domain.catalog, domain.max_values)
-        return answer_to_proto(await domain.reader.read(query))
+        return answer_to_wire(await domain.reader.read(query))
 
     async def PushFeatures(
         self, request_iterator: AsyncIterator[pb.PushFeaturesRequest], context: Context
@@ -171,6 +176,45 @@ class FeatureServicer(ParityRpcs, pb_grpc.FeatureServiceServicer):
             del statistics.features[:]
             statistics.features.extend(kept)
         return pb.GetFeatureViewStatisticsResponse(statistics=statistics)
+
+
+def send_as_is(response: bytes | Message) -> bytes:
+    """GetFeatures' response serializer: the servicer answers with the response's wire form, encoded once by
+    hand (reader.answer_to_wire), which goes out as it is; a message (from nowhere today) is serialised."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
+class _Capture:
+    """Stands in for a server to take the method handlers the generated registration makes."""
+
+    def __init__(self) -> None:
+        self.methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, methods: dict[str, Any]) -> None:
+        self.methods = dict(methods)
+
+
+def method_handlers(servicer: FeatureServicer) -> dict[str, grpc.RpcMethodHandler[Any, Any]]:
+    """The generated code's handlers of the service's methods, except that GetFeatures' answers, already in their
+    wire form, are sent as they are: serialised once, never parsed back into a message first."""
+    capture = _Capture()
+    pb_grpc.add_FeatureServiceServicer_to_server(servicer, cast("aio.Server", capture))
+    capture.methods["GetFeatures"] = grpc.unary_unary_rpc_method_handler(
+        servicer.GetFeatures,
+        request_deserializer=pb.GetFeaturesRequest.FromString,
+        response_serializer=send_as_is,
+    )
+    return capture.methods
+
+
+def add_to_server(servicer: FeatureServicer, server: aio.Server) -> None:
+    """Register the servicer's methods (see method_handlers), as the generated registration does."""
+    methods = method_handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, methods),))
+    server.add_registered_method_handlers(SERVICE_NAME, methods)
 
 
 def _view(catalog: Catalog, entry: ViewEntry) -> Any:

@@ -23,6 +23,7 @@ from fresco.cli_labels import labels
 from fresco.cli_manager import TIMEOUT_S, Manager, ServiceOption, TokenFileOption, connect
 from fresco.cli_model_update import update
 from fresco.cli_monitor import monitor
+from fresco.cli_optimize import optimize
 from fresco.cli_promote import promote, rollback
 from fresco.cli_report import report as model_report
 from fresco.rollout_view import stage_name, when
@@ -348,3 +349,4 @@ app.command()(rollback)
 app.command()(monitor)
 app.command()(labels)
 app.command("report")(model_report)
+app.command()(optimize)

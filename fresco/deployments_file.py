@@ -87,7 +87,7 @@ SCHEMA_GATE_FIELDS = ("check_feature_refs", "require_output_compatibility")
 LIMITS = ("min_value", "max_value", "max_regression")
 BACKTEST_FIELDS = (
     "dataset", "dataset_sha256", "label_column", "metric", "lower_is_better", *LIMITS, "thresholds", "slice_column",
-    "min_slice_rows", "score_output",
+    "min_slice_rows", "score_output", "max_optimization_loss",
 )  # fmt: skip
 THRESHOLD_FIELDS = ("metric", *LIMITS, "max_relative_regression")
 LATENCY_GATE_FIELDS = ("p99_budget_ms", "sample_requests", "batch_size", "warmup_requests")
@@ -292,6 +292,9 @@ def _gates(r: Reader) -> rpb.PromotionGates:
             score_output=backtest.text("score_output"),
         )
         _limits(backtest, gate, LIMITS)
+        budget = backtest.number("max_optimization_loss")  # >= 0: a loss budget, in metric units
+        if budget is not None:
+            gate.max_optimization_loss = budget
         for where, item in backtest.items("thresholds"):
             limit = Reader(item, where, r.problems, THRESHOLD_FIELDS)
             threshold = gate.thresholds.add(metric=limit.text("metric", required=True))

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from chassis.errors import FailedPrecondition, InvalidArgument
 from fresco.api.common.v1 import values_pb2
@@ -29,6 +30,7 @@ from gateway.routing import RouteTable
 from gateway.window_sketches import Called
 
 GroupKey = tuple[Target, tuple[str, ...]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,14 @@ class Query:
 def decode_queries(requests: Sequence[pb.PredictRequest], labels: Sequence[str], limits: Limits) -> list[Query]:
     """Queries of requests, `labels[i]` naming request i in errors."""
     return [Query.from_proto(request, label, limits) for request, label in zip(requests, labels, strict=True)]
+
+
+async def _all(steps: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """Every step's result, concurrently; a single step (one group, the usual request) is awaited as it is,
+    without the task `asyncio.gather` would wrap it in."""
+    if len(steps) == 1:
+        return [await steps[0]]
+    return list(await asyncio.gather(*steps))
 
 
 @dataclass
@@ -157,11 +167,11 @@ class PredictionPipeline:
         keys = list(groups)
         # Static routes pick their endpoint once per group, round-robin, as they always did.
         targets = [t if t.endpoints else replace(t, endpoints=(chooser.static.endpoint_for(t.model),)) for t, _ in keys]
-        attempts = await asyncio.gather(
-            *(
+        attempts = await _all(
+            [
                 self.calls.pin_or_fallback(table, t, budget, started, len(groups[k]))
                 for t, k in zip(targets, keys, strict=True)
-            )
+            ]
         )
         served = await self._with_entity_features(queries, groups, [a.pinned.signature for a in attempts], budget)
         answers: list[Prediction | None] = [None] * len(queries)
@@ -210,7 +220,7 @@ class PredictionPipeline:
             if not attempt.fallback_reason:
                 self.calls.mirror(table, target, labels, queries[indices[0]].unit_id, rows, outputs, per_row)
 
-        await asyncio.gather(*(run(k, a) for k, a in zip(keys, attempts, strict=True)))
+        await _all([run(k, a) for k, a in zip(keys, attempts, strict=True)])
         predictions = [answer for answer in answers if answer is not None]
         if experiments is not None:  # only once every group answered: a failed request exposes no one
             for prediction, query_arms, version in zip(predictions, arms, routed, strict=True):

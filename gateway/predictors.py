@@ -4,11 +4,13 @@ to the model version whose signature built its tensors, tensors sent raw."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from grpc import aio
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
 from chassis.errors import FrescoError, InvalidArgument, NotFound, Unavailable
 from chassis.status import peer_error
@@ -17,10 +19,14 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.assembly import ModelSignature
 from gateway.budget import Budget
+from gateway.coalesce import Coalescer, Key
+from gateway.lean_channels import LeanChannels
 
 # Errors after which a cached signature may be the cause: the version is gone or loading, or the
 # tensors no longer fit it. The gateway then re-reads the metadata before it blames the caller.
 STALE_SUSPECTS = (NotFound, Unavailable, InvalidArgument)
+MODEL_INFER = f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelInfer"
+InferCall = Callable[..., Awaitable[pb.ModelInferResponse]]
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,22 @@ def version_of(metadata: pb.ModelMetadataResponse, requested: str) -> str:
     return str(max(numbers))
 
 
+def infer_request(pinned: Pinned, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> pb.ModelInferRequest:
+    """The ModelInfer request for the pinned version: each tensor raw, named by its feature order."""
+    request = pb.ModelInferRequest(model_name=pinned.signature.name, model_version=pinned.version)
+    feature_names = {spec.name: spec.feature_names for spec in pinned.signature.inputs}
+    for name, array in inputs.items():
+        datatype = datatype_of(array)
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        if feature_names.get(name):
+            # The order the tensor was built in, for a predictor that checks it against its own.
+            tensor.parameters["feature_names"].string_param = ",".join(feature_names[name])
+        request.raw_input_contents.append(raw_from_array(array, datatype))
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
+
+
 class PredictorPool:
     """Channels to predictor endpoints, created on first use and closed together, and the pinned
     signature of each (endpoint, model, requested version): cached for `metadata_ttl_s` when the
@@ -59,8 +81,17 @@ class PredictorPool:
         metadata_ttl_s: float,
         default_version_ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        lean: LeanChannels | None = None,
+        merge_in_flight: int = 0,
+        merge_max_rows: int = 256,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._channel_factory = channel_factory
+        self._lean = lean
+        self._lean_infer: dict[str, InferCall] = {}
+        self.coalescer = (
+            Coalescer(self._send_key, merge_in_flight, merge_max_rows, registry) if merge_in_flight else None
+        )
         self._timeout_s = timeout_s
         self._metadata_ttl_s = metadata_ttl_s
         self._default_version_ttl_s = default_version_ttl_s
@@ -76,6 +107,22 @@ class PredictorPool:
             self._channels.append(channel)
             stub = self._stubs[endpoint] = pb_grpc.GRPCInferenceServiceStub(channel)
         return stub
+
+    def _infer_call(self, endpoint: str) -> tuple[InferCall, tuple[tuple[str, str], ...] | None]:
+        """ModelInfer at the endpoint and the metadata to send: over the lean channel when the call's trace is
+        not sampled (nothing would record its client span), else over the traced one."""
+        if self._lean is None or trace.get_current_span().is_recording():
+            return self._stub(endpoint).ModelInfer, None
+        call = self._lean_infer.get(endpoint)
+        if call is None:
+            channel = self._lean.channel(endpoint)
+            self._channels.append(channel)
+            call = self._lean_infer[endpoint] = channel.unary_unary(
+                MODEL_INFER,
+                request_serializer=pb.ModelInferRequest.SerializeToString,
+                response_deserializer=pb.ModelInferResponse.FromString,
+            )
+        return call, self._lean.metadata()
 
     async def pin(self, endpoint: str, model: str, version: str, budget: Budget) -> Pinned:
         """The version that will answer a request for `version` ("" for the default) and its
@@ -111,26 +158,16 @@ class PredictorPool:
         outputs: Sequence[str],
         budget: Budget,
     ) -> pb.ModelInferResponse:
-        """Run inference on exactly the pinned version; an answer from any other version is refused."""
+        """Run inference on exactly the pinned version; an answer from any other version is refused. An
+        unsampled call of a mergeable version may travel with concurrent ones (`gateway.coalesce`)."""
         model = pinned.signature.name
-        request = pb.ModelInferRequest(model_name=model, model_version=pinned.version)
-        feature_names = {spec.name: spec.feature_names for spec in pinned.signature.inputs}
-        for name, array in inputs.items():
-            datatype = datatype_of(array)
-            tensor = request.inputs.add(name=name, datatype=datatype, shape=array.shape)
-            if feature_names.get(name):
-                # The order the tensor was built in, for a predictor that checks it against its own.
-                tensor.parameters["feature_names"].string_param = ",".join(feature_names[name])
-            request.raw_input_contents.append(raw_from_array(array, datatype))
-        for name in outputs:
-            request.outputs.add(name=name)
         what = f"predictor {endpoint}"
-        try:
-            response: pb.ModelInferResponse = await self._stub(endpoint).ModelInfer(
-                request, timeout=budget.for_hop(f"{what} ModelInfer", self._timeout_s)
-            )
-        except aio.AioRpcError as err:
-            raise peer_error(err.code(), err.details() or "", what) from None
+        timeout_s = budget.for_hop(f"{what} ModelInfer", self._timeout_s)
+        if self.coalescer is not None and pinned.signature.mergeable and not trace.get_current_span().is_recording():
+            rows = len(next(iter(inputs.values()))) if inputs else 0
+            response = await self.coalescer.infer((endpoint, pinned, tuple(outputs)), inputs, rows, timeout_s, what)
+        else:
+            response = await self._send(endpoint, pinned, inputs, outputs, timeout_s)
         if response.model_version != pinned.version:
             raise Unavailable(
                 f"{what} answered model {model!r} with version {response.model_version!r}, "
@@ -138,8 +175,27 @@ class PredictorPool:
             )
         return response
 
+    async def _send(
+        self, endpoint: str, pinned: Pinned, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], timeout_s: float
+    ) -> pb.ModelInferResponse:
+        """One ModelInfer call; its failure as the domain error of its status."""
+        request = infer_request(pinned, inputs, outputs)
+        try:
+            call, metadata = self._infer_call(endpoint)
+            response: pb.ModelInferResponse = await call(request, timeout=timeout_s, metadata=metadata)
+        except aio.AioRpcError as err:
+            raise peer_error(err.code(), err.details() or "", f"predictor {endpoint}") from None
+        return response
+
+    async def _send_key(self, key: Key, inputs: Mapping[str, np.ndarray], timeout_s: float) -> pb.ModelInferResponse:
+        endpoint, pinned, outputs = key
+        assert isinstance(pinned, Pinned)
+        return await self._send(endpoint, pinned, inputs, outputs, timeout_s)
+
     async def close(self) -> None:
-        """Close every channel."""
+        """Let merged calls finish, then close every channel."""
+        if self.coalescer is not None:
+            await self.coalescer.close()
         for channel in self._channels:
             await channel.close()
 

@@ -12,12 +12,13 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from chassis.server import ServiceApp
+from chassis.server import ServiceApp, channel_options
 from fresco.experiments.sticky import RedisStickyArms, SqliteStickyArms, StickyArms
 from gateway.experiment_arms import ExperimentArms
 from gateway.experiment_watch import ExperimentWatcher
 from gateway.exposures import ExposureLog
 from gateway.features import FeatureClient
+from gateway.lean_channels import LeanChannels
 from gateway.limits import Limits
 from gateway.metric_windows import MetricWindows, WindowReporter
 from gateway.offload import Offload
@@ -47,6 +48,10 @@ class Gateway:
             settings.predictor_timeout_s,
             settings.metadata_ttl_s,
             settings.default_version_ttl_s,
+            lean=LeanChannels(self.app.peer_security, channel_options(settings.max_message_bytes)),
+            merge_in_flight=settings.merge_in_flight,
+            merge_max_rows=settings.merge_max_rows,
+            registry=self.app.registry,
         )
         self.offload = Offload(settings.offload_above_bytes)
         self.features = (

@@ -22,6 +22,7 @@ from model_manager.loader import PredictorLoader, RegistryArtifacts
 from model_manager.monitor_store import MonitorStore
 from model_manager.monitors import ModelMonitors
 from model_manager.operations import OperationStore
+from model_manager.optimizer import Optimizer, spec_gate
 from model_manager.ports import FleetPort, RouteHubPort
 from model_manager.prediction_store import PredictionStore
 from model_manager.predictors import Predictors
@@ -89,12 +90,15 @@ class ModelManager:
             fleet = self._fleet(registry, store)
             await fleet.start()
             self.own_fleet = self.fleet = fleet
-        self.servicer.domain = Domain(registry, VersionUploads(registry, store), fleet=self.own_fleet)
+        uploads = VersionUploads(registry, store)
+        self.servicer.domain = Domain(registry, uploads, fleet=self.own_fleet)
         catalog = self._catalog()
         monitor_store = await asyncio.to_thread(MonitorStore, registry.engine)
         monitors = self.monitors = ModelMonitors(registry, monitor_store, catalog)
         self.servicer.promotions = await self._promotions(registry, store, catalog, monitors)
         rollout_store = await asyncio.to_thread(RolloutStore, registry.engine)
+        defaults = self.servicer.promotions.defaults
+        self.servicer.optimizer = Optimizer(registry, store, uploads, spec_gate(rollout_store, defaults))
         holds = await asyncio.to_thread(HoldStore, registry.engine, registry)
         predictions = await asyncio.to_thread(PredictionStore, registry.engine)
         rules = await asyncio.to_thread(alert_rules.load_rules, settings.alert_rules)  # checked at start already

@@ -25,6 +25,7 @@ from model_manager.hold_rpcs import HoldRpcs
 from model_manager.label_rpcs import LabelRpcs
 from model_manager.model_rpcs import ModelRpcs
 from model_manager.monitor_rpcs import MonitorRpcs
+from model_manager.optimize_rpcs import OptimizeRpcs
 from model_manager.registry import Registry
 from model_manager.rollout_rpcs import RolloutRpcs
 from model_manager.route_rpcs import RouteRpcs
@@ -42,7 +43,7 @@ METHOD_ROLES = method_roles(
             "CreateModel", "UpdateModel", "UploadModelVersion", "SetModelAlias", "DeleteModelAlias",
             "PromoteModelVersion", "DeployModelVersion", "PauseRollout", "ResumeRollout", "AbortRollout",
             "PromoteRollout", "RetryRollout", "UndoRollout", "ApplyDeployment", "ReportMetrics", "RegisterPredictor",
-            "PredictorHeartbeat", "HoldVersions", "LogLabels",
+            "PredictorHeartbeat", "HoldVersions", "LogLabels", "OptimizeModelVersion",
         )
     },
     reads=[
@@ -83,6 +84,7 @@ class ModelManagerServicer(
     MonitorRpcs,
     LabelRpcs,
     SafetyRpcs,
+    OptimizeRpcs,
     pb_grpc.ModelManagerServiceServicer,
 ):
     """fresco.models.v1.ModelManagerService: the registry's RPCs here; the fleet's, the promotion gates', the route

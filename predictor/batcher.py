@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -162,6 +162,8 @@ class DynamicBatcher:
             return self._run_now(request, loop.time())
         self._outstanding += 1
         self._peak.observe(self._outstanding, loop.time())
+        # Queued even when idle: the scheduler runs one loop iteration later and so also takes
+        # whatever arrived in the same iteration (a burst of calls read off one connection).
         self._queue.append(request)
         self._queued_rows += rows
         self._arrived.set()
@@ -195,8 +197,7 @@ class DynamicBatcher:
                 await self._gather_companions()
             batch = self._take()
             if batch:
-                self._free_slots -= 1
-                asyncio.get_running_loop().create_task(self._execute(batch))
+                self._dispatch(batch)
 
     async def _gather_companions(self) -> None:
         """Wait, within the delay of the oldest request, for the companions recent load promises."""
@@ -287,15 +288,17 @@ class DynamicBatcher:
             return
         self._compute_ns[rows] = ns if recent is None else 0.8 * recent + 0.2 * ns
 
-    async def _execute(self, batch: list[Request]) -> None:
-        loop = asyncio.get_running_loop()
-        total = sum(request.rows for request in batch)
+    def _dispatch(self, batch: list[Request]) -> None:
+        """Start one execution of `batch` on a free slot: on the event loop when it is cheaper than a
+        thread hand-off, else on the executor; `_complete` answers its requests."""
         start = time.perf_counter_ns()
         for request in batch:
             request.dispatched_ns = start
+        self._free_slots -= 1
         self._executing += len(batch)
-        failed = False
-        infer_ns = input_ns = 0
+        total = sum(request.rows for request in batch)
+        input_ns = 0
+        outcome: tuple[Arrays, int] | BaseException
         try:
             if len(batch) == 1:
                 inputs: Mapping[str, np.ndarray] = batch[0].inputs
@@ -303,17 +306,58 @@ class DynamicBatcher:
                 inputs = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
             input_ns = time.perf_counter_ns() - start
             if self._runs_inline(total):
-                outputs, compute_ns = self._timed_run(inputs)
+                outcome = self._timed_run(inputs)
             else:
-                outputs, compute_ns = await loop.run_in_executor(self._executor, self._timed_run, inputs)
-            self._learn(total, compute_ns)
-            infer_ns = compute_ns
+                running = self._executor.submit(self._timed_run, inputs)
+                loop = asyncio.get_running_loop()
+                running.add_done_callback(
+                    lambda done: loop.call_soon_threadsafe(self._finished_running, batch, total, start, input_ns, done)
+                )
+                return
         except Exception as err:  # noqa: BLE001 - every waiter gets the batch's failure
-            failed = True
+            outcome = err
+        self._complete(batch, total, start, input_ns, outcome, chain=False)
+
+    def _finished_running(
+        self, batch: list[Request], total: int, start: int, input_ns: int, done: Future[tuple[Arrays, int]]
+    ) -> None:
+        try:
+            outcome: tuple[Arrays, int] | BaseException = done.result()
+        except BaseException as err:  # noqa: BLE001 - a cancelled or failed run fails its waiters
+            outcome = err
+        self._complete(batch, total, start, input_ns, outcome, chain=True)
+
+    def _complete(
+        self,
+        batch: list[Request],
+        total: int,
+        start: int,
+        input_ns: int,
+        outcome: tuple[Arrays, int] | BaseException,
+        chain: bool,
+    ) -> None:
+        """Free the slot and, with `chain` (a run on the executor ended), start the next batch first,
+        so the model runs while this batch's callers take their answers; then answer each caller
+        with its own rows. Inline runs leave the next batch to the scheduler: chaining them would
+        recurse once per batch through a long queue."""
+        finished = time.perf_counter_ns()
+        self._executing -= len(batch)
+        self._free_slots += 1
+        if chain and self.policy.max_queue_delay_s == 0 and self._queue and not self._closed:
+            next_batch = self._take()
+            if next_batch:
+                self._dispatch(next_batch)
+        self._slot_freed.set()
+        failed = isinstance(outcome, BaseException)
+        infer_ns = 0
+        if isinstance(outcome, BaseException):
+            error = outcome if isinstance(outcome, Exception) else Unavailable("the model run was cancelled")
             for request in batch:
                 if not request.future.done():
-                    request.future.set_exception(err)
+                    request.future.set_exception(error)
         else:
+            outputs, infer_ns = outcome
+            self._learn(total, infer_ns)
             offset = 0
             for request in batch:
                 if not request.future.done():
@@ -326,12 +370,7 @@ class DynamicBatcher:
                         }
                     )
                 offset += request.rows
-        finally:
-            finished = time.perf_counter_ns()
-            for request in batch:
-                request.finished_ns = finished
-            self._executing -= len(batch)
-            self._free_slots += 1
-            self._slot_freed.set()
+        for request in batch:
+            request.finished_ns = finished
         if self._observer is not None:
             self._observer(Execution(total, batch, finished - start, failed, infer_ns, input_ns))

@@ -38,6 +38,8 @@ class Predictor:
             BackendOptions(
                 onnx_intra_op_threads=settings.onnx_intra_op_threads,
                 engine_cache_dir=settings.trt_engine_cache_dir,
+                shared_weights_min_bytes=settings.shared_weights_min_bytes,
+                shared_weights_dir=settings.shared_weights_dir,
                 inline_below_us=settings.inline_below_us,
             ),
             metrics=PredictorMetrics(self.app.registry),

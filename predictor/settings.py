@@ -41,6 +41,12 @@ class PredictorSettings(ServiceSettings):
     """BYTES elements one input tensor may hold; more is INVALID_ARGUMENT naming this setting."""
     trt_engine_cache_dir: Path | None = None
     """Where serialized TensorRT engines are cached (default ~/.cache/fresco/trt-engines)."""
+    shared_weights_min_bytes: int = Field(default=16 << 20, ge=0)
+    """ONNX models at least this large (file size) run on the CPU from an optimised copy under
+    --shared-weights-dir whose weights every process maps from one file, so that the workers of
+    --workers N (and other predictors on the machine) hold them once; 0 turns this off."""
+    shared_weights_dir: Path | None = None
+    """Where those copies are kept, one per model file and machine (default ~/.cache/fresco/shared-weights)."""
     workers: int = Field(default=1, ge=1)
     """Server processes sharing the port (SO_REUSEPORT); repository calls reach every one of them."""
     worker_index: int | None = None

@@ -29,7 +29,9 @@ from grpc import aio
 
 from bench.features import data, fresco_side, report
 from bench.features.feast_peer import FeastSession, apply_and_materialize, ensure_feast
+from bench.features.redis_peer import RawRedisPeer
 from bench.features.report import Case, CaseResult, Measured, Target
+from bench.goals import record
 from bench.predictor.peers import SetupError
 from fresco.servers import CassandraNode, RedisServer, ServerError
 from fresco.suite import ServiceFailed
@@ -238,6 +240,7 @@ class Bench:
         self.cassandra: CassandraNode | None = None
         self.services: list[fresco_side.Service] = []
         self.feast: FeastSession | None = None
+        self.raw: RawRedisPeer | None = None
         self.notes: list[str] = []
         self.rounds: int = 2 if self.quick else 4
         self.client = fresco_side.Client()
@@ -247,6 +250,8 @@ class Bench:
         steps: list[tuple[str, Callable[[], object]]] = [("grpc channels", lambda: self.loop.run(self.client.close()))]
         if self.feast is not None:
             steps.append(("feast runner", self.feast.stop))
+        if self.raw is not None:
+            steps.append(("raw redis-py client", self.raw.close))
         for service in reversed(self.services):
             steps.append((f"feature service ({service.label})", service.process.stop))
         if self.cassandra is not None:
@@ -339,7 +344,7 @@ class Bench:
         loader.process.stop()
         self.services.remove(loader)
         warm = self._start_service("L1 on", backend, [], "fresco-l1-on.log")
-        cold = self._start_service("L1 off", backend, ["--memory-max-entries", "1"], "fresco-l1-off.log")
+        cold = self._start_service("L1 off", backend, ["--memory-max-entries", "0"], "fresco-l1-off.log")
         setup["fresco_service_start_s"] = {"L1 on": warm.startup_s, "L1 off": cold.startup_s}
 
         if feast_python is not None:
@@ -391,6 +396,24 @@ class Bench:
                 f"collection of them took {heap['full_collection_ms']:.0f} ms here."
             )
 
+        step("Redis filled: every entity read once through the L1-off service (untimed)")
+        # Materialize leaves Redis holding floors for keys it held nothing for (it cannot tell a new write is the
+        # latest), so the first read of each key goes to Cassandra and fills Redis: the "from Redis" cases need
+        # those reads done first.
+        began = time.perf_counter()
+        every = list(range(self.entities))
+        batches = [every[i : i + 100] for i in range(0, len(every), 100)]
+        self.loop.run(self.client.run(cold.process.address, data.REFS, batches, []))
+        time.sleep(1.0)  # the service fills Redis in the background after answering
+        self.raw = RawRedisPeer(self.redis.port, FRESCO_DB)
+        _, not_records = self.raw.read(self.raw.keys(every[:1000]))
+        setup["redis_fill_s"] = time.perf_counter() - began
+        print(
+            f"  {self.entities:,} entities in {setup['redis_fill_s']:.1f}s; of the first 1,000 entities' "
+            f"{1000 * len(data.VIEWS):,} keys, {not_records} hold no record",
+            flush=True,
+        )
+
         waited = wait_idle(self.cassandra.pid, 20.0 if self.quick else 60.0)
         meta["waited_for_cassandra_idle_s"] = round(waited, 1)
         meta["load_average_before_measuring"] = os.getloadavg()[0]
@@ -402,17 +425,26 @@ class Bench:
         for index, case in enumerate(build_cases(self.iterations)):
             service = cold if case.kind == "cold" else warm
             plan = keyring.plan(case, max(10, case.iterations // 10), self.rounds)
-            fresco, feast = fresco_side.Timed(), fresco_side.Timed()
+            fresco, feast, raw = fresco_side.Timed(), fresco_side.Timed(), fresco_side.Timed()
+            systems = ["fresco", "feast", "redis-py"] if case.kind == "cold" else ["fresco", "feast"]
             for number, (warmup, batches) in enumerate(plan):
-                # Alternate who goes first, round after round, so that neither always follows the other and
-                # whatever else the machine does weighs on both alike.
-                for system in ("fresco", "feast") if (index + number) % 2 == 0 else ("feast", "fresco"):
+                # Rotate who goes first, round after round, so that none always follows another and whatever
+                # else the machine does weighs on all alike.
+                shift = (index + number) % len(systems)
+                for system in systems[shift:] + systems[:shift]:
                     if system == "fresco":
                         self._fresco_round(fresco, service, warmup, batches)
-                    else:
+                    elif system == "feast":
                         self._feast_round(feast, warmup, batches)
+                    else:
+                        self._raw_round(raw, warmup, batches)
             results.cases.append(
-                CaseResult(case, self._measured("fresco", case, fresco), self._measured("feast", case, feast))
+                CaseResult(
+                    case,
+                    self._measured("fresco", case, fresco),
+                    self._measured("feast", case, feast),
+                    self._measured("redis-py", case, raw) if case.kind == "cold" else None,
+                )
             )
         results.targets = report.targets(results.cases)
         self.notes.append(
@@ -458,6 +490,20 @@ class Bench:
         )
         part.gc_collections = answer["gc_collections"]
         part.detail["check"] = answer["check"]
+        into.add(part)
+
+    def _raw_round(self, into: fresco_side.Timed, warmup: list[list[int]], batches: list[list[int]]) -> None:
+        if into.error or self.raw is None:
+            return
+        try:
+            part = self.raw.run(warmup, batches)
+        except redis.RedisError as err:
+            into.error = f"{type(err).__name__}: {err}"
+            return
+        if part.detail["values_not_records"]:
+            self.notes.append(
+                f"raw redis-py: {part.detail['values_not_records']} values read were not records (absent or floors)."
+            )
         into.add(part)
 
     def _measured(self, system: str, case: Case, timed: fresco_side.Timed) -> Measured:
@@ -537,6 +583,12 @@ def main(argv: list[str] | None = None) -> int:
     results.meta["seconds"] = round(time.perf_counter() - started, 1)
     text = report.render(results.cases, results.targets, results.meta)
     print("\n" + text, flush=True)
+    record(
+        "features",
+        report.goals(results.cases, fresco_side.serialised_once()),
+        quick=args.quick,
+        notes=report.goal_notes(results.cases),
+    )
     payload = to_jsonable(results)
     payload["report"] = text
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ from grpc import aio
 from bench.features.data import JOIN_KEY, Dataset
 from chassis.server import channel_options
 from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES
+from feature_service.reader import Column, FeatureAnswer, answer_to_wire
+from feature_service.service import FeatureServicer, method_handlers
 from fresco.api.common.v1 import values_pb2 as vpb
 from fresco.api.features.v1 import feature_service_pb2 as pb
 from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
@@ -176,6 +178,15 @@ class Client:
         for chan in self._channels.values():
             await chan.close()
         self._channels.clear()
+
+
+def serialised_once() -> bool:
+    """Whether the service sends GetFeatures answers as the reader encodes them: the servicer answers with bytes
+    and the handler the service registers sends those very bytes (tests/feature_service/test_reader.py checks the
+    same, and that they parse to the answer)."""
+    wire = answer_to_wire(FeatureAnswer([Column("v:f", "double", [1.5], [1], None, "memory")]))
+    serialize = method_handlers(FeatureServicer())["GetFeatures"].response_serializer
+    return serialize is not None and serialize(wire) is wire
 
 
 def rpc_error(err: BaseException) -> str:

@@ -16,5 +16,8 @@ def backend_for(config: ModelConfig, options: BackendOptions, model_bytes: bytes
     ):
         return tensorrt.TensorRTBackend(options, options.engine_cache_dir)
     from predictor.backends.onnx import OnnxRuntimeBackend
+    from predictor.shared_weights import SharedWeights
 
-    return OnnxRuntimeBackend(options.onnx_intra_op_threads)
+    return OnnxRuntimeBackend(
+        options.onnx_intra_op_threads, SharedWeights(options.shared_weights_dir), options.shared_weights_min_bytes
+    )

@@ -31,6 +31,8 @@ class BackendOptions:
     onnx_intra_op_threads: int = 1
     inline_below_us: int = 0  # batches faster than this run on the event loop (see DynamicBatcher)
     engine_cache_dir: Path | None = None  # TensorRT engines; None means ~/.cache/fresco/trt-engines
+    shared_weights_min_bytes: int = 0  # ONNX files this large map shared weights (predictor.shared_weights); 0: never
+    shared_weights_dir: Path | None = None  # None means ~/.cache/fresco/shared-weights
 
 
 class Session(Protocol):

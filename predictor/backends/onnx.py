@@ -1,10 +1,13 @@
 """ONNX Runtime backend: one session per model version, graph optimisations on, threads set
 deliberately (small models are fastest on one intra-op thread; concurrency comes from batching
-and from running several sessions at once)."""
+and from running several sessions at once). Large models on the CPU run from an optimised copy whose
+weights every process maps from one file (predictor.shared_weights)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -14,6 +17,9 @@ from chassis.errors import InvalidArgument
 from chassis.tensors import ONNX_TYPE
 from predictor.backends.base import TensorSpec, merge_specs
 from predictor.config import ModelConfig
+from predictor.shared_weights import SharedWeights
+
+log = logging.getLogger(__name__)
 
 
 def _dims(shape: Sequence[object]) -> tuple[int, ...]:
@@ -36,18 +42,17 @@ class OnnxSession:
 
     platform: str = "onnxruntime_onnx"
 
-    def __init__(self, model_bytes: bytes, config: ModelConfig, intra_op_threads: int) -> None:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.log_severity_level = 3
+    def __init__(
+        self, model_bytes: bytes, config: ModelConfig, intra_op_threads: int, shared: SharedWeights | None = None
+    ) -> None:
+        options = _options(intra_op_threads)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        try:
-            self._session = ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
-        except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for bad files
-            raise InvalidArgument(f"model file could not be loaded by ONNX Runtime: {err}") from None
+        self.shared_from: Path | None = None
+        """The shared-weights model this session maps its weights from; None when they are its own."""
+        if shared is not None and providers == ["CPUExecutionProvider"]:
+            self._session = self._shared_session(model_bytes, options, providers, shared)
+        else:
+            self._session = _session(model_bytes, options, providers)
         model_inputs = [
             TensorSpec(i.name, ONNX_TYPE.get(i.type, i.type), _dims(i.shape)) for i in self._session.get_inputs()
         ]
@@ -57,6 +62,20 @@ class OnnxSession:
         self.inputs: Sequence[TensorSpec] = merge_specs(model_inputs, config.inputs, "input")
         self.outputs: Sequence[TensorSpec] = merge_specs(model_outputs, config.outputs, "output")
         self._size = len(model_bytes)
+
+    def _shared_session(
+        self, model_bytes: bytes, options: ort.SessionOptions, providers: list[str], shared: SharedWeights
+    ) -> ort.InferenceSession:
+        try:
+            path = shared.model_path(model_bytes, options, providers)
+            # Optimised when the entry was written: run the graph exactly as saved.
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as err:  # noqa: BLE001 - a bad model fails below with its own message
+            log.warning("shared weights unavailable (%s: %s); this session holds its own", type(err).__name__, err)
+            return _session(model_bytes, _options(options.intra_op_num_threads), providers)
+        self.shared_from = path
+        return session
 
     def run(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
         names = list(outputs) or [o.name for o in self.outputs]
@@ -74,13 +93,38 @@ class OnnxSession:
         del self._session
 
 
+def _options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    return options
+
+
+def _session(model_bytes: bytes, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=options, providers=providers)
+    except Exception as err:  # noqa: BLE001 - ORT raises its own exception types for bad files
+        raise InvalidArgument(f"model file could not be loaded by ONNX Runtime: {err}") from None
+
+
 class OnnxRuntimeBackend:
-    """Loads ONNX files into ONNX Runtime sessions (CUDA when the runtime has it, else CPU)."""
+    """Loads ONNX files into ONNX Runtime sessions (CUDA when the runtime has it, else CPU).
+
+    Files of at least `shared_min_bytes` (0: none) run on the CPU from `shared`'s optimised copies,
+    their weights mapped by every process rather than copied into each."""
 
     name = "onnxruntime"
 
-    def __init__(self, intra_op_threads: int = 1) -> None:
+    def __init__(
+        self, intra_op_threads: int = 1, shared: SharedWeights | None = None, shared_min_bytes: int = 0
+    ) -> None:
         self.intra_op_threads = intra_op_threads
+        self.shared = shared
+        self.shared_min_bytes = shared_min_bytes
 
     def load(self, model_bytes: bytes, config: ModelConfig) -> OnnxSession:
-        return OnnxSession(model_bytes, config, self.intra_op_threads)
+        share = self.shared is not None and 0 < self.shared_min_bytes <= len(model_bytes)
+        return OnnxSession(model_bytes, config, self.intra_op_threads, self.shared if share else None)

@@ -14,8 +14,18 @@ from hypothesis import strategies as st
 from chassis.errors import InvalidArgument, NotFound, Unavailable
 from feature_service import convert
 from feature_service.bloom import BloomFilters
-from feature_service.reader import Catalog, FeatureQuery, FeatureReader, Served, answer_to_proto
+from feature_service.reader import (
+    Catalog,
+    Column,
+    FeatureAnswer,
+    FeatureQuery,
+    FeatureReader,
+    Served,
+    answer_to_proto,
+    answer_to_wire,
+)
 from feature_service.records import Record, entity_key
+from feature_service.service import FeatureServicer, method_handlers
 from feature_service.store import TieredStore
 from feature_service.tiers.memory import MemoryCache
 from feature_service.tiers.sqlite import SQLiteTier
@@ -317,7 +327,9 @@ def test_fast_encoding_matches_protobuf(kind_values, statuses, stamps, tier) -> 
     encoded = convert.encode_column(
         "v:f", convert.encode_values(kind, values), statuses, convert.encode_timestamps(stamps), tier
     )
-    fast = convert.build_response(pb.GetFeaturesMetadata(feature_refs=["v:f"], degraded=True), [encoded])
+    fast = pb.GetFeaturesResponse.FromString(
+        convert.encode_response(convert.encode_metadata(("v:f",), True, [], []), [encoded])
+    )
     slow = pb.GetFeaturesResponse(metadata=pb.GetFeaturesMetadata(feature_refs=["v:f"], degraded=True))
     slow.columns.add(
         feature_ref="v:f",
@@ -329,11 +341,28 @@ def test_fast_encoding_matches_protobuf(kind_values, statuses, stamps, tier) -> 
     assert fast == slow
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.text(max_size=150), max_size=60),
+    st.booleans(),
+    st.lists(st.text(max_size=20), max_size=4),
+    st.lists(st.text(max_size=20), max_size=4),
+)
+def test_fast_metadata_encoding_matches_protobuf(refs, degraded, served, failed) -> None:
+    encoded = convert.encode_metadata(tuple(refs), degraded, served, failed)
+    slow = pb.GetFeaturesMetadata(feature_refs=refs, degraded=degraded, served_tiers=served, failed_tiers=failed)
+    assert pb.GetFeaturesMetadata.FromString(encoded) == slow
+    assert pb.GetFeaturesResponse.FromString(convert.encode_response(encoded, [])).metadata == slow
+
+
 def test_values_of_another_type_than_declared_still_encode() -> None:
     # e.g. an integer default for a double feature, or a most-frequent value of a list feature (a repr string)
     values = [1, True, "x", 2.5, None, [1.0]]
-    response = convert.build_response(
-        pb.GetFeaturesMetadata(), [convert.encode_column("v:f", convert.encode_values("double", values), [], b"", "")]
+    response = pb.GetFeaturesResponse.FromString(
+        convert.encode_response(
+            convert.encode_metadata((), False, [], []),
+            [convert.encode_column("v:f", convert.encode_values("double", values), [], b"", "")],
+        )
     )
     assert [convert.from_value(v) for v in response.columns[0].values] == [1.0, True, "x", 2.5, None, [1.0]]
 
@@ -371,3 +400,21 @@ async def test_100_entities_by_40_features_answer_in_a_few_milliseconds(tmp_path
     median_ms = sorted(timings)[len(timings) // 2] * 1000
     print(f"GetFeatures 100×40 from memory, validate + read + build: median {median_ms:.2f} ms")
     assert median_ms < 15, f"{median_ms:.2f} ms"  # 2-4 ms here; generous for busy two-core CI machines
+
+
+def test_the_service_sends_get_features_answers_as_encoded() -> None:
+    # Serialised once: the servicer answers with the wire form answer_to_wire encodes, and the handler the
+    # service registers sends those very bytes (no parse into a message, no second serialisation).
+    handlers = method_handlers(FeatureServicer())
+    wire = answer_to_wire(
+        FeatureAnswer([Column("v:f", "double", [1.5, None], [1, 5], None, "memory")], served_tiers=["memory"])
+    )
+    serialize = handlers["GetFeatures"].response_serializer
+    assert serialize is not None
+    assert serialize(wire) is wire
+    assert handlers["GetFeatures"].request_deserializer == pb.GetFeaturesRequest.FromString
+    parsed = pb.GetFeaturesResponse.FromString(wire)
+    assert [convert.from_value(v) for v in parsed.columns[0].values] == [1.5, None]
+    assert list(parsed.metadata.served_tiers) == ["memory"]
+    # Every other method keeps the generated serializer of its message.
+    assert handlers["ListFeatureViews"].response_serializer == pb.ListFeatureViewsResponse.SerializeToString

@@ -43,6 +43,9 @@ class ScriptedPredictor:
     fail_infer: grpc.StatusCode | None = None
     metadata_calls: list[tuple[str, float | None]] = field(default_factory=list)
     infer_calls: list[tuple[pb.ModelInferRequest, float | None]] = field(default_factory=list)
+    infer_metadata: list[dict[str, str | bytes]] = field(default_factory=list)
+    infer_delay_s: float = 0.0
+    refuse_value: float | None = None  # a request holding this input value is INVALID_ARGUMENT
 
     def _version(self, requested: str) -> tuple[str, Version]:
         number = requested or self.default
@@ -66,6 +69,7 @@ class ScriptedPredictor:
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
         self.infer_calls.append((request, context.time_remaining()))
+        self.infer_metadata.append(dict(context.invocation_metadata() or ()))
         if self.fail_infer is not None:
             await context.abort(self.fail_infer, "scripted failure")
         if (request.model_version or self.default) not in self.versions:
@@ -78,6 +82,9 @@ class ScriptedPredictor:
             response.raw_output_contents.append(request.raw_input_contents[0])
             return response
         x = np.frombuffer(request.raw_input_contents[0], dtype="<f8").reshape(tuple(tensor.shape))
+        await asyncio.sleep(self.infer_delay_s)
+        if self.refuse_value is not None and (x == self.refuse_value).any():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input x: {self.refuse_value} is refused")
         y = (x * 10.0 ** np.arange(x.shape[1])).sum(axis=1)
         response.outputs.add(name="y", datatype="FP64", shape=y.shape)
         response.raw_output_contents.append(y.astype("<f8").tobytes())

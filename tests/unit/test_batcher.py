@@ -421,3 +421,48 @@ async def test_a_request_with_mismatched_rows_is_invalid_before_queueing(build: 
         await batcher.submit({"x": marked(1, 2), "w": np.zeros((3,))})
     assert batcher.queue_depth == 0
     assert runner.sizes == []
+
+
+async def test_the_next_batch_starts_before_the_finished_batch_is_answered(build: Build) -> None:
+    """When a run ends, what queued meanwhile is dispatched before the finished batch's callers
+    resume, so the model works while they take their answers: by the time the first caller holds
+    its answer, nothing is left in the queue."""
+    runner, executions = Runner(held=True), Executions()
+    batcher = build(runner, executions)
+
+    async def first_caller() -> tuple[Request, int]:
+        request = await batcher.submit({"x": marked(1)})
+        return request, batcher.queue_depth
+
+    first = asyncio.ensure_future(first_caller())
+    await eventually(lambda: len(runner.sizes) == 1)
+    queued = [asyncio.ensure_future(batcher.submit({"x": marked(v)})) for v in (2, 3)]
+    await eventually(lambda: batcher.queue_depth == 2)
+    runner.release()
+    request, depth_when_answered = await first
+    assert depth_when_answered == 0
+    assert_answers(request, marked(1))
+    for future, value in zip(queued, (2, 3), strict=True):
+        assert_answers(await future, marked(value))
+    assert executions.compositions == [[1], [1, 1]]
+
+
+async def test_a_caller_leaving_mid_batch_does_not_disturb_the_others(build: Build) -> None:
+    """Three requests run as one batch; the middle caller is cancelled while the model runs. The
+    other two still get exactly their rows, and the batcher goes on."""
+    rng = np.random.default_rng(28)
+    runner, executions = Runner(held=True), Executions()
+    batcher = build(runner, executions)
+    inputs = [rows(rng, 2), rows(rng, 1), rows(rng, 3)]
+    futures = [asyncio.ensure_future(batcher.submit({"x": x})) for x in inputs]
+    await eventually(lambda: len(runner.sizes) == 1)
+    assert runner.sizes == [6]
+    futures[1].cancel()
+    runner.release()
+    with pytest.raises(asyncio.CancelledError):
+        await futures[1]
+    assert_answers(await futures[0], inputs[0])
+    assert_answers(await futures[2], inputs[2])
+    assert executions.compositions == [[2, 1, 3]]
+    x = rows(rng, 2)
+    assert_answers(await batcher.submit({"x": x}), x)

@@ -58,6 +58,7 @@ models:
         label_column: label
         metric: auc
         min_value: 0.8
+        max_optimization_loss: 0.002
         thresholds:
           - {metric: logloss, max_value: 0.5, max_relative_regression: 0.05}
       latency: {p99_budget_ms: 20, sample_requests: 200}
@@ -137,6 +138,7 @@ def test_a_full_file_maps_onto_the_contract(tmp_path: Path) -> None:
         0.8,
     )
     assert not gates.backtest.HasField("max_value")
+    assert gates.backtest.max_optimization_loss == 0.002
     (threshold,) = gates.backtest.thresholds
     assert (threshold.metric, threshold.max_value, threshold.max_relative_regression) == ("logloss", 0.5, 0.05)
     assert not threshold.HasField("min_value")
@@ -213,6 +215,11 @@ def test_unknown_fields_at_every_depth(tmp_path: Path, old: str, new: str, expec
             "          max_error_rate: 0.05",
             "          max_error_rate: 5",
             "models[0].strategy.canary.analysis.max_error_rate: expected a number in [0, 1], got 5",
+        ),
+        (
+            "        max_optimization_loss: 0.002",
+            "        max_optimization_loss: -0.1",
+            "models[0].gates.backtest.max_optimization_loss: expected a number >= 0, got -0.1",
         ),
         (
             "          max_error_ratio: 2",

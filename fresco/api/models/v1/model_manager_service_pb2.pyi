@@ -60,6 +60,30 @@ APPLY_OUTCOME_HELD: ApplyOutcome.ValueType  # 4
 """APPLY_OUTCOME_HELD means the spec is unchanged but its rollout was rolled back or failed; only RetryRollout restarts it."""
 Global___ApplyOutcome: _TypeAlias = ApplyOutcome  # noqa: Y015
 
+class _OptimizationMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OptimizationMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OptimizationMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OPTIMIZATION_METHOD_UNSPECIFIED: _OptimizationMethod.ValueType  # 0
+    """OPTIMIZATION_METHOD_UNSPECIFIED is refused."""
+    OPTIMIZATION_METHOD_INT8_DYNAMIC: _OptimizationMethod.ValueType  # 1
+    """OPTIMIZATION_METHOD_INT8_DYNAMIC quantises weights to INT8 and activations on the fly (no calibration data)."""
+    OPTIMIZATION_METHOD_INT8_STATIC: _OptimizationMethod.ValueType  # 2
+    """OPTIMIZATION_METHOD_INT8_STATIC quantises weights and activations to INT8 with ranges from calibration rows."""
+
+class OptimizationMethod(_OptimizationMethod, metaclass=_OptimizationMethodEnumTypeWrapper):
+    """OptimizationMethod is how a version is optimised."""
+
+OPTIMIZATION_METHOD_UNSPECIFIED: OptimizationMethod.ValueType  # 0
+"""OPTIMIZATION_METHOD_UNSPECIFIED is refused."""
+OPTIMIZATION_METHOD_INT8_DYNAMIC: OptimizationMethod.ValueType  # 1
+"""OPTIMIZATION_METHOD_INT8_DYNAMIC quantises weights to INT8 and activations on the fly (no calibration data)."""
+OPTIMIZATION_METHOD_INT8_STATIC: OptimizationMethod.ValueType  # 2
+"""OPTIMIZATION_METHOD_INT8_STATIC quantises weights and activations to INT8 with ranges from calibration rows."""
+Global___OptimizationMethod: _TypeAlias = OptimizationMethod  # noqa: Y015
+
 @_typing.final
 class CreateModelRequest(_message.Message):
     """CreateModelRequest carries the model to create."""
@@ -2551,3 +2575,215 @@ class GetSafetyScoreResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetSafetyScoreResponse: _TypeAlias = GetSafetyScoreResponse  # noqa: Y015
+
+@_typing.final
+class OptimizeModelVersionRequest(_message.Message):
+    """OptimizeModelVersionRequest asks for an optimised copy of one ONNX version."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    CALIBRATION_URI_FIELD_NUMBER: _builtins.int
+    CALIBRATION_ROWS_FIELD_NUMBER: _builtins.int
+    DRY_RUN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    model_name: _builtins.str
+    """model_name is the model."""
+    version: _builtins.int
+    """version is the parent version to optimise."""
+    method: Global___OptimizationMethod.ValueType
+    """method is the optimisation to apply."""
+    calibration_uri: _builtins.str
+    """calibration_uri is a Parquet sample (any fsspec URI the manager can read) holding the model's feature columns;
+    required by INT8_STATIC, refused otherwise.
+    """
+    calibration_rows: _builtins.int
+    """calibration_rows is the most rows of the sample used for calibration; 0 means 1000."""
+    dry_run: _builtins.bool
+    """dry_run measures and judges the optimised model without registering it."""
+    reason: _builtins.str
+    """reason is why, kept in the audit trail of the registered version."""
+    def __init__(
+        self,
+        *,
+        model_name: _builtins.str = ...,
+        version: _builtins.int = ...,
+        method: Global___OptimizationMethod.ValueType = ...,
+        calibration_uri: _builtins.str = ...,
+        calibration_rows: _builtins.int = ...,
+        dry_run: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calibration_rows", b"calibration_rows", "calibration_uri", b"calibration_uri", "dry_run", b"dry_run", "method", b"method", "model_name", b"model_name", "reason", b"reason", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizeModelVersionRequest: _TypeAlias = OptimizeModelVersionRequest  # noqa: Y015
+
+@_typing.final
+class OptimizeModelVersionResponse(_message.Message):
+    """OptimizeModelVersionResponse holds what was measured and the version registered."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    REPORT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def model_version(self) -> _registry_pb2.ModelVersion:
+        """model_version is the registered optimised version; unset on a dry run."""
+
+    @_builtins.property
+    def report(self) -> Global___OptimizationReport:
+        """report is the optimised model measured against its parent."""
+
+    def __init__(
+        self,
+        *,
+        model_version: _registry_pb2.ModelVersion | None = ...,
+        report: Global___OptimizationReport | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "report", b"report"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "report", b"report"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizeModelVersionResponse: _TypeAlias = OptimizeModelVersionResponse  # noqa: Y015
+
+@_typing.final
+class OptimizationReport(_message.Message):
+    """OptimizationReport compares an optimised model with its parent: size, latency and accuracy on the backtest dataset."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ParentMetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class MetricsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.float
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.float = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    PARENT_VERSION_FIELD_NUMBER: _builtins.int
+    PARENT_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    PARENT_LATENCY_US_FIELD_NUMBER: _builtins.int
+    LATENCY_US_FIELD_NUMBER: _builtins.int
+    METRIC_FIELD_NUMBER: _builtins.int
+    PARENT_METRICS_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    ACCURACY_LOSS_FIELD_NUMBER: _builtins.int
+    ACCURACY_LOSS_BUDGET_FIELD_NUMBER: _builtins.int
+    DATASET_URI_FIELD_NUMBER: _builtins.int
+    DATASET_SHA256_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    CALIBRATION_ROWS_FIELD_NUMBER: _builtins.int
+    MAX_ABS_SCORE_DIFF_FIELD_NUMBER: _builtins.int
+    PARENT_CPU_US_FIELD_NUMBER: _builtins.int
+    CPU_US_FIELD_NUMBER: _builtins.int
+    method: Global___OptimizationMethod.ValueType
+    """method is the optimisation applied."""
+    parent_version: _builtins.int
+    """parent_version is the version optimised."""
+    parent_size_bytes: _builtins.int
+    """parent_size_bytes is the parent artifact's size."""
+    size_bytes: _builtins.int
+    """size_bytes is the optimised artifact's size."""
+    parent_latency_us: _builtins.float
+    """parent_latency_us is the parent's median time for one row, one intra-op thread, in process."""
+    latency_us: _builtins.float
+    """latency_us is the optimised model's median time for one row, measured interleaved with the parent's."""
+    metric: _builtins.str
+    """metric is the backtest metric judged (the backtest gate's metric)."""
+    accuracy_loss: _builtins.float
+    """accuracy_loss is how much worse the metric is than the parent's, in metric units (negative: better)."""
+    accuracy_loss_budget: _builtins.float
+    """accuracy_loss_budget is the largest loss the model's spec accepts (backtest.max_optimization_loss)."""
+    dataset_uri: _builtins.str
+    """dataset_uri is the backtest dataset scored."""
+    dataset_sha256: _builtins.str
+    """dataset_sha256 is the hex SHA-256 of the dataset's bytes."""
+    rows: _builtins.int
+    """rows is the number of rows scored."""
+    calibration_rows: _builtins.int
+    """calibration_rows is the number of calibration rows used; 0 for dynamic quantisation."""
+    max_abs_score_diff: _builtins.float
+    """max_abs_score_diff is the largest absolute difference between the two models' scores over the dataset."""
+    parent_cpu_us: _builtins.float
+    """parent_cpu_us is the parent's median CPU time for one row on the calling thread (steady under other load)."""
+    cpu_us: _builtins.float
+    """cpu_us is the optimised model's median CPU time for one row on the calling thread."""
+    @_builtins.property
+    def parent_metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """parent_metrics are the parent's metrics on the backtest dataset."""
+
+    @_builtins.property
+    def metrics(self) -> _containers.ScalarMap[_builtins.str, _builtins.float]:
+        """metrics are the optimised model's metrics on the backtest dataset."""
+
+    def __init__(
+        self,
+        *,
+        method: Global___OptimizationMethod.ValueType = ...,
+        parent_version: _builtins.int = ...,
+        parent_size_bytes: _builtins.int = ...,
+        size_bytes: _builtins.int = ...,
+        parent_latency_us: _builtins.float = ...,
+        latency_us: _builtins.float = ...,
+        metric: _builtins.str = ...,
+        parent_metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        metrics: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
+        accuracy_loss: _builtins.float = ...,
+        accuracy_loss_budget: _builtins.float = ...,
+        dataset_uri: _builtins.str = ...,
+        dataset_sha256: _builtins.str = ...,
+        rows: _builtins.int = ...,
+        calibration_rows: _builtins.int = ...,
+        max_abs_score_diff: _builtins.float = ...,
+        parent_cpu_us: _builtins.float = ...,
+        cpu_us: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accuracy_loss", b"accuracy_loss", "accuracy_loss_budget", b"accuracy_loss_budget", "calibration_rows", b"calibration_rows", "cpu_us", b"cpu_us", "dataset_sha256", b"dataset_sha256", "dataset_uri", b"dataset_uri", "latency_us", b"latency_us", "max_abs_score_diff", b"max_abs_score_diff", "method", b"method", "metric", b"metric", "metrics", b"metrics", "parent_cpu_us", b"parent_cpu_us", "parent_latency_us", b"parent_latency_us", "parent_metrics", b"parent_metrics", "parent_size_bytes", b"parent_size_bytes", "parent_version", b"parent_version", "rows", b"rows", "size_bytes", b"size_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OptimizationReport: _TypeAlias = OptimizationReport  # noqa: Y015

@@ -215,6 +215,11 @@ class ModelManagerServiceStub:
                 request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreRequest.SerializeToString,
                 response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreResponse.FromString,
                 _registered_method=True)
+        self.OptimizeModelVersion = channel.unary_unary(
+                '/fresco.models.v1.ModelManagerService/OptimizeModelVersion',
+                request_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.OptimizeModelVersionRequest.SerializeToString,
+                response_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.OptimizeModelVersionResponse.FromString,
+                _registered_method=True)
 
 
 class ModelManagerServiceServicer:
@@ -477,6 +482,14 @@ class ModelManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OptimizeModelVersion(self, request, context):
+        """OptimizeModelVersion quantises a version to INT8, measures it against its parent on the backtest dataset and
+        registers it as a new version, or refuses when its accuracy loss exceeds the budget of the model's spec.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -659,6 +672,11 @@ def add_ModelManagerServiceServicer_to_server(servicer, server):
                     servicer.GetSafetyScore,
                     request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreRequest.FromString,
                     response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreResponse.SerializeToString,
+            ),
+            'OptimizeModelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.OptimizeModelVersion,
+                    request_deserializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.OptimizeModelVersionRequest.FromString,
+                    response_serializer=fresco_dot_models_dot_v1_dot_model__manager__service__pb2.OptimizeModelVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1634,6 +1652,33 @@ class ModelManagerService:
             '/fresco.models.v1.ModelManagerService/GetSafetyScore',
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreRequest.SerializeToString,
             fresco_dot_models_dot_v1_dot_model__manager__service__pb2.GetSafetyScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OptimizeModelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fresco.models.v1.ModelManagerService/OptimizeModelVersion',
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.OptimizeModelVersionRequest.SerializeToString,
+            fresco_dot_models_dot_v1_dot_model__manager__service__pb2.OptimizeModelVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -113,6 +113,10 @@ class ModelManagerServiceStub:
     """GetPredictionQuality returns accuracy, AUC, log-loss or MAE, calibration and entropy per version and window."""
     GetSafetyScore: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetSafetyScoreRequest, _model_manager_service_pb2.GetSafetyScoreResponse]
     """GetSafetyScore returns a model family's safety score with each part and what it is missing."""
+    OptimizeModelVersion: _grpc.UnaryUnaryMultiCallable[_model_manager_service_pb2.OptimizeModelVersionRequest, _model_manager_service_pb2.OptimizeModelVersionResponse]
+    """OptimizeModelVersion quantises a version to INT8, measures it against its parent on the backtest dataset and
+    registers it as a new version, or refuses when its accuracy loss exceeds the budget of the model's spec.
+    """
 
 @_typing.type_check_only
 class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
@@ -199,6 +203,10 @@ class ModelManagerServiceAsyncStub(ModelManagerServiceStub):
     """GetPredictionQuality returns accuracy, AUC, log-loss or MAE, calibration and entropy per version and window."""
     GetSafetyScore: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.GetSafetyScoreRequest, _model_manager_service_pb2.GetSafetyScoreResponse]  # type: ignore[assignment]
     """GetSafetyScore returns a model family's safety score with each part and what it is missing."""
+    OptimizeModelVersion: _aio.UnaryUnaryMultiCallable[_model_manager_service_pb2.OptimizeModelVersionRequest, _model_manager_service_pb2.OptimizeModelVersionResponse]  # type: ignore[assignment]
+    """OptimizeModelVersion quantises a version to INT8, measures it against its parent on the backtest dataset and
+    registers it as a new version, or refuses when its accuracy loss exceeds the budget of the model's spec.
+    """
 
 class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """ModelManagerService is the model registry, the rollout controller and the source of gateway routes."""
@@ -498,5 +506,15 @@ class ModelManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_model_manager_service_pb2.GetSafetyScoreResponse, _abc.Awaitable[_model_manager_service_pb2.GetSafetyScoreResponse]]:
         """GetSafetyScore returns a model family's safety score with each part and what it is missing."""
+
+    @_abc_1.abstractmethod
+    def OptimizeModelVersion(
+        self,
+        request: _model_manager_service_pb2.OptimizeModelVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_model_manager_service_pb2.OptimizeModelVersionResponse, _abc.Awaitable[_model_manager_service_pb2.OptimizeModelVersionResponse]]:
+        """OptimizeModelVersion quantises a version to INT8, measures it against its parent on the backtest dataset and
+        registers it as a new version, or refuses when its accuracy loss exceeds the budget of the model's spec.
+        """
 
 def add_ModelManagerServiceServicer_to_server(servicer: ModelManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

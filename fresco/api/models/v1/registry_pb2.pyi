@@ -1101,6 +1101,7 @@ class BacktestGate(_message.Message):
     DATASET_SHA256_FIELD_NUMBER: _builtins.int
     SCORE_OUTPUT_FIELD_NUMBER: _builtins.int
     MIN_SLICE_ROWS_FIELD_NUMBER: _builtins.int
+    MAX_OPTIMIZATION_LOSS_FIELD_NUMBER: _builtins.int
     dataset_uri: _builtins.str
     """dataset_uri is the labelled data set to score."""
     label_column: _builtins.str
@@ -1123,6 +1124,10 @@ class BacktestGate(_message.Message):
     """score_output is the output scored; empty means the first output."""
     min_slice_rows: _builtins.int
     """min_slice_rows is the least rows a slice needs to be checked; 0 means 100."""
+    max_optimization_loss: _builtins.float
+    """max_optimization_loss, when set, is the largest worsening of metric, in metric units, that an optimised
+    (e.g. INT8) version may show against its parent on this dataset; unset, the model cannot be optimised.
+    """
     @_builtins.property
     def thresholds(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricThreshold]:
         """thresholds are further metric limits, each absolute and/or relative to production."""
@@ -1142,17 +1147,22 @@ class BacktestGate(_message.Message):
         dataset_sha256: _builtins.str = ...,
         score_output: _builtins.str = ...,
         min_slice_rows: _builtins.int = ...,
+        max_optimization_loss: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "max_regression", b"max_regression", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_optimization_loss", b"_max_optimization_loss", "_max_regression", b"_max_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "max_optimization_loss", b"max_optimization_loss", "max_regression", b"max_regression", "max_value", b"max_value", "min_value", b"min_value"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "dataset_sha256", b"dataset_sha256", "dataset_uri", b"dataset_uri", "label_column", b"label_column", "lower_is_better", b"lower_is_better", "max_regression", b"max_regression", "max_value", b"max_value", "metric", b"metric", "min_slice_rows", b"min_slice_rows", "min_value", b"min_value", "score_output", b"score_output", "slice_column", b"slice_column", "thresholds", b"thresholds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_optimization_loss", b"_max_optimization_loss", "_max_regression", b"_max_regression", "_max_value", b"_max_value", "_min_value", b"_min_value", "dataset_sha256", b"dataset_sha256", "dataset_uri", b"dataset_uri", "label_column", b"label_column", "lower_is_better", b"lower_is_better", "max_optimization_loss", b"max_optimization_loss", "max_regression", b"max_regression", "max_value", b"max_value", "metric", b"metric", "min_slice_rows", b"min_slice_rows", "min_value", b"min_value", "score_output", b"score_output", "slice_column", b"slice_column", "thresholds", b"thresholds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_optimization_loss: _TypeAlias = _typing.Literal["max_optimization_loss"]  # noqa: Y015
+    _WhichOneofArgType__max_optimization_loss: _TypeAlias = _typing.Literal["_max_optimization_loss", b"_max_optimization_loss"]  # noqa: Y015
     _WhichOneofReturnType__max_regression: _TypeAlias = _typing.Literal["max_regression"]  # noqa: Y015
     _WhichOneofArgType__max_regression: _TypeAlias = _typing.Literal["_max_regression", b"_max_regression"]  # noqa: Y015
     _WhichOneofReturnType__max_value: _TypeAlias = _typing.Literal["max_value"]  # noqa: Y015
     _WhichOneofArgType__max_value: _TypeAlias = _typing.Literal["_max_value", b"_max_value"]  # noqa: Y015
     _WhichOneofReturnType__min_value: _TypeAlias = _typing.Literal["min_value"]  # noqa: Y015
     _WhichOneofArgType__min_value: _TypeAlias = _typing.Literal["_min_value", b"_min_value"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_optimization_loss) -> _WhichOneofReturnType__max_optimization_loss | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_regression) -> _WhichOneofReturnType__max_regression | None: ...
     @_typing.overload
