@@ -122,7 +122,7 @@ def _column_times(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray] | No
         values = micros.fill_null(0).to_numpy().astype(np.int64)
         return values / 1e6, known
     if (pat.is_integer(arrow) or pat.is_floating(arrow)) and not pat.is_uint64(arrow):
-        values = column.cast(pa.float64()).fill_null(math.nan).to_numpy()
+        values = column.cast(pa.float64(), safe=False).fill_null(math.nan).to_numpy()  # as float(cell) rounds
         return values, np.isfinite(values)
     return None
 

@@ -13,7 +13,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 
-from chassis.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from chassis.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from feature_service import convert
 from feature_service.materialize import MaterializeProgress, Materializer, MaterializeSpec
 from feature_service.reader import Catalog
@@ -311,3 +311,38 @@ async def test_errors_never_echo_the_file(materializer, tmp_path: Path) -> None:
         for problem in rejection.problems:
             assert "TOPSECRET" not in problem.actual
             assert problem.code == Violation.UNPARSEABLE
+
+
+class FailingTier(CountingTier):
+    """SQLite whose second write batch fails, as a tier that went away part way through."""
+
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> dict[str, Record]:
+        if len(self.batches) == 1:
+            self.batches.append(-1)
+            raise Unavailable("sqlite: gone")
+        return await super().write(view, rows)
+
+
+async def test_a_failed_write_fails_the_materialisation_and_keeps_the_old_statistics(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    tier = FailingTier(tmp_path / "failing.db")
+    await tier.connect()
+    store = TieredStore(MemoryCache(), None, tier, None)
+    materializer = Materializer(catalog, store, tier, chunk_rows=2, source_dirs=[tmp_path])
+    source = trips(tmp_path / "trips.parquet")
+    with pytest.raises(Unavailable, match="gone"):
+        await materializer.run(MaterializeSpec("trips", str(source)))
+    assert await tier.load_statistics("trips") is None
+    assert catalog.views["trips"].statistics is None
+    # The first chunk (drivers 1 and 2) was written before the failure; nothing was lost or half written.
+    first = (await tier.read({"trips": [entity_key([1]), entity_key([2])]}))["trips"]
+    assert [r.features["fare"] if r else None for r in first] == [10.0, 20.0]
+    # Run again once the tier is back: the whole file, the later row of driver 1 winning.
+    outcome = await materializer.run(MaterializeSpec("trips", str(source)))
+    assert outcome.rejections.count == 1
+    (record,) = (await tier.read({"trips": [entity_key([1])]}))["trips"]
+    assert record is not None
+    assert record.features["fare"] == 30.0
+    assert await tier.load_statistics("trips") is not None
+    await store.close()

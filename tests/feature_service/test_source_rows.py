@@ -230,3 +230,13 @@ feature_views:
             peak = max(peak, pa.total_allocated_bytes() - before)
     assert seen == rows
     assert peak < decoded / 8, (peak, decoded)  # one 10,000-row group is a twentieth of the file
+
+
+def test_integer_event_times_beyond_float_precision_are_checked_as_the_cell_path_does() -> None:
+    table = table_of([VALID, (*VALID[:9], 2, *VALID[10:])])
+    seconds = pa.array([int(NOW) - 60, 2**60 + 1], pa.int64())
+    table = table.set_column(table.schema.get_field_index("event_timestamp"), "event_timestamp", seconds)
+    checks = Window(None, None, NOW, 300.0)
+    fast = check_chunk(FLAT, FLAT_COLUMNS, table, 0, checks)
+    assert as_compared(fast) == as_compared(_cell_path(FLAT, FLAT_COLUMNS, table, np.arange(2), checks))
+    assert [r.row_index for r in fast.rejections] == [1]  # far in the future
