@@ -112,8 +112,8 @@ class Coalescer:
         """A call for `key` ended: send the requests waiting for it, as one call."""
         self._running[key] -= 1
         queue = self._waiting.get(key)
-        if not queue:
-            if not self._running[key]:
+        if not queue or self._running[key] >= self._in_flight:
+            if not self._running[key] and not queue:
                 del self._running[key]
                 self._waiting.pop(key, None)
             return
