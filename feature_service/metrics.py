@@ -42,7 +42,8 @@ class FeatureMetrics:
     """Feature-level counters and tier histograms; null rate is served{status!="present"} / served."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self._tier_children: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._tier_children: dict[str, tuple[Any, Any]] = {}
+        self._tier_key_children: dict[tuple[str, str], Any] = {}
         self.values_served = ServedCounts()
         registry.register(self.values_served)
         self.values_pushed = Counter(
@@ -106,16 +107,21 @@ class FeatureMetrics:
             children = self._tier_children[tier] = (
                 self.tier_latency.labels(tier, "read"),
                 self.tier_requests.labels(tier, "read", "ok"),
-                self.tier_keys.labels(tier, "hit"),
-                self.tier_keys.labels(tier, "miss"),
             )
-        latency, requests, hit, miss = children
+        latency, requests = children
         latency.observe(seconds)
         requests.inc()
+        # A result's series appears with its first key (a tier that never hit has no hit series), as before.
         if hits:
-            hit.inc(hits)
+            self._tier_keys(tier, "hit").inc(hits)
         if misses:
-            miss.inc(misses)
+            self._tier_keys(tier, "miss").inc(misses)
+
+    def _tier_keys(self, tier: str, result: str) -> Any:
+        child = self._tier_key_children.get((tier, result))
+        if child is None:
+            child = self._tier_key_children[(tier, result)] = self.tier_keys.labels(tier, result)
+        return child
 
     def read_failures(self, tiers: Iterable[str]) -> None:
         """Tiers that failed during one read, and the degraded answer that made."""
