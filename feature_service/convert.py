@@ -235,6 +235,9 @@ def encode_values(value_type: str, values: Sequence[Any]) -> bytes:
         except (TypeError, ValueError):
             pass
     entry, kinds = _ENTRY.get(value_type, (_entry_any, ()))
+    if len(values) == 1:  # one entity: no list to join
+        x = values[0]
+        return _NULL_ENTRY if x is None else entry(x) if type(x) in kinds else _entry_any(x, value_type)
     # Exact type checks: a bool is not taken for an int, and anything unexpected goes the slow, general way.
     return b"".join(
         [_NULL_ENTRY if x is None else entry(x) if type(x) in kinds else _entry_any(x, value_type) for x in values]

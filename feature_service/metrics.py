@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
@@ -41,6 +42,8 @@ class FeatureMetrics:
     """Feature-level counters and tier histograms; null rate is served{status!="present"} / served."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
+        self._tier_children: dict[str, tuple[Any, Any]] = {}
+        self._tier_key_children: dict[tuple[str, str], Any] = {}
         self.values_served = ServedCounts()
         registry.register(self.values_served)
         self.values_pushed = Counter(
@@ -99,12 +102,26 @@ class FeatureMetrics:
 
     def observe_tier(self, tier: str, hits: int, misses: int, seconds: float) -> None:
         """The store's observer hook: one tier consulted for a read, how many keys it held, how long it took."""
-        self.tier_latency.labels(tier, "read").observe(seconds)
-        self.tier_requests.labels(tier, "read", "ok").inc()
+        children = self._tier_children.get(tier)
+        if children is None:  # bound once per tier: label lookups cost more than the updates
+            children = self._tier_children[tier] = (
+                self.tier_latency.labels(tier, "read"),
+                self.tier_requests.labels(tier, "read", "ok"),
+            )
+        latency, requests = children
+        latency.observe(seconds)
+        requests.inc()
+        # A result's series appears with its first key (a tier that never hit has no hit series), as before.
         if hits:
-            self.tier_keys.labels(tier, "hit").inc(hits)
+            self._tier_keys(tier, "hit").inc(hits)
         if misses:
-            self.tier_keys.labels(tier, "miss").inc(misses)
+            self._tier_keys(tier, "miss").inc(misses)
+
+    def _tier_keys(self, tier: str, result: str) -> Any:
+        child = self._tier_key_children.get((tier, result))
+        if child is None:
+            child = self._tier_key_children[(tier, result)] = self.tier_keys.labels(tier, result)
+        return child
 
     def read_failures(self, tiers: Iterable[str]) -> None:
         """Tiers that failed during one read, and the degraded answer that made."""

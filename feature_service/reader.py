@@ -213,7 +213,7 @@ def _storage_keys(entry: ViewEntry, entities: Sequence[vpb.EntityKey]) -> list[s
 # --- the answer ---------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Column:
     """The served values of one ref for every entity, in request order."""
 
@@ -314,7 +314,8 @@ def served_tier(result: ReadResult, view: str) -> str:
 
 def _entity_states(
     records: Sequence[object], ttl: float | None, now: float
-) -> tuple[list[Mapping[str, Any] | None], list[int], list[float | None]]:
+) -> tuple[list[Mapping[str, Any] | None], list[int] | None, list[float | None]]:
+    """Per entity its record's features, state and event time; the states are None when every record is live."""
     rows: list[Mapping[str, Any] | None] = []
     states = []
     event_ts: list[float | None] = []
@@ -327,18 +328,23 @@ def _entity_states(
             rows.append(None)
             event_ts.append(None)
             states.append(_NOT_FOUND if record is None else _UNAVAILABLE)
-    return rows, states, event_ts
+    return rows, None if _LIVE_ONLY.issuperset(states) else states, event_ts
+
+
+_PRESENT = int(Served.PRESENT)
 
 
 def _resolve_column(
-    ref: Ref, rows: Sequence[Mapping[str, Any] | None], states: Sequence[int], imputing: bool
+    ref: Ref, rows: Sequence[Mapping[str, Any] | None], states: Sequence[int] | None, imputing: bool
 ) -> tuple[list[Any], list[int]]:
-    """Values and statuses of one feature, by fresco.features.policy: what training's resolve_rows does."""
+    """Values and statuses of one feature, by fresco.features.policy: what training's resolve_rows does.
+    states None: every record is live."""
     name = ref.feature.name
-    if _LIVE_ONLY.issuperset(states):  # the common case: every record live, every value present
+    if states is None:  # the common case: every record live, every value present
         values = [row.get(name) for row in rows]  # type: ignore[union-attr]  # live rows are records' features
         if None not in values:
-            return values, [int(Served.PRESENT)] * len(values)
+            return values, [_PRESENT] * len(values)
+        states = [_LIVE] * len(rows)
     return _resolve_slowly(ref.feature, rows, states, ref.view.baselines.get(name), imputing)
 
 

@@ -95,25 +95,25 @@ class Coalescer:
                 return await self._send(key, inputs, timeout_s)
             finally:
                 self._finished(key)
-        waiting = _Waiting(inputs, rows, self._clock() + timeout_s, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        waiting = _Waiting(inputs, rows, self._clock() + timeout_s, loop.create_future())
         self._waiting.setdefault(key, []).append(waiting)
+        # The deadline fails this request's own future (a caller leaving cancels it): the call carrying it goes on.
+        expiry = loop.call_later(timeout_s, _expire, waiting.answer, what)
         try:
-            return await asyncio.wait_for(asyncio.shield(waiting.answer), timeout_s)
-        except TimeoutError:
-            raise DeadlineExceeded(f"{what} ModelInfer: the call's deadline passed waiting for the answer") from None
+            return await waiting.answer
         finally:
-            if not waiting.answer.done():  # left (deadline, cancelled): never sent, or its answer is not read
-                waiting.answer.cancel()
-                queue = self._waiting.get(key)
-                if queue is not None and waiting in queue:
-                    queue.remove(waiting)
+            expiry.cancel()
+            queue = self._waiting.get(key)
+            if queue is not None and waiting in queue:  # left before it was sent: never will be
+                queue.remove(waiting)
 
     def _finished(self, key: Key) -> None:
         """A call for `key` ended: send the requests waiting for it, as one call."""
         self._running[key] -= 1
         queue = self._waiting.get(key)
-        if not queue:
-            if not self._running[key]:
+        if not queue or self._running[key] >= self._in_flight:
+            if not self._running[key] and not queue:
                 del self._running[key]
                 self._waiting.pop(key, None)
             return
@@ -176,6 +176,11 @@ class Coalescer:
         """Let merged calls on their way finish."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _expire(answer: asyncio.Future[pb.ModelInferResponse], what: str) -> None:
+    if not answer.done():
+        answer.set_exception(DeadlineExceeded(f"{what} ModelInfer: the call's deadline passed waiting for the answer"))
 
 
 def _settle(waiting: _Waiting, response: pb.ModelInferResponse) -> None:

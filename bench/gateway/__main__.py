@@ -37,6 +37,7 @@ PREDICT = "/fresco.gateway.v1.GatewayService/Predict"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 SERVERS = ("gateway", "predictor", "experiment_service", "model_manager")
 REQUESTS = 512  # distinct rows and users cycled by the load
+CHECKED_ROWS = 128  # answers checked before the load
 RESULTS_FILE = CACHE / "gateway-results.json"
 
 
@@ -156,16 +157,25 @@ def check_answers(platform: Platform) -> str:
             MODEL_INFER, response_deserializer=ipb.ModelInferResponse.FromString
         )
         direct = predictor_requests(platform)
-        for i in range(20):
-            request = predict_request(platform.model, row_features(names, rows[i]), unit_ids={"user_id": f"u{i}"})
-            answer = predict(request.SerializeToString(), metadata=metadata, timeout=10)
+        count = CHECKED_ROWS
+        requests = [
+            predict_request(platform.model, row_features(names, rows[i % len(rows)]), unit_ids={"user_id": f"u{i}"})
+            for i in range(count)
+        ]
+        # All at once, so that the gateway merges them into shared predictor calls; each row alone to the predictor.
+        pending = [predict.future(r.SerializeToString(), metadata=metadata, timeout=30) for r in requests]
+        answers = [future.result() for future in pending]
+        for i, answer in enumerate(answers):
             own = infer(direct[i], metadata=metadata, timeout=10)
             index = [t.name for t in own.outputs].index("probabilities")
             expected = list(memoryview(own.raw_output_contents[index]).cast("f"))
             got = list(answer.outputs["probabilities"].double_values)
             if got != [float(v) for v in expected] or answer.model_version != "1" or not answer.experiments:
                 return f"MISMATCH at row {i}: gateway {got} v{answer.model_version}, predictor {expected}"
-    return "gateway answers equal the predictor's (20 rows), each with its experiment arm"
+    return (
+        f"gateway answers to {count} concurrent Predicts equal the predictor's to each row alone, bit for bit, "
+        "each with its experiment arm"
+    )
 
 
 def wait_ready(platform: Platform) -> None:
@@ -249,6 +259,11 @@ def report(windows: list[Window], answers: str, quick: bool, window_s: float) ->
     print(f"  {'gateway CPU µs/Predict':34} {'':16} {gw_own:16.0f} {gw_own / pred_alone:7.2f}")
     print(f"  {'gateway + predictor CPU µs':34} {pred_alone:16.0f} {end_to_end:16.0f} {end_to_end / pred_alone:7.2f}")
     print(f"  {'experiment service + manager µs':34} {'':16} {others:16.0f}")
+    share = _median(windows, "gateway", lambda w: w.merged.get("requests", 0.0) / max(w.answered, 1))
+    per_call = _median(
+        windows, "gateway", lambda w: w.merged.get("requests", 0.0) / max(w.merged.get("calls", 0.0), 1.0)
+    )
+    print(f"  merged predictor calls: {share:.0%} of Predicts went in a shared call, {per_call:.1f} per shared call")
     print(f"  errors during load: {errors}")
     goals = [
         Goal(

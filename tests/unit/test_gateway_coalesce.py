@@ -215,3 +215,15 @@ async def test_a_caller_mistake_in_a_merged_call_reaches_only_that_caller() -> N
     assert [r.outputs["y"].double_values[0] for r in results if isinstance(r, gpb.PredictResponse)] == [
         float(i) for i in range(8) if i != 4
     ]
+
+
+async def test_with_two_in_flight_the_third_and_later_requests_wait_for_either() -> None:
+    model = Model()
+    coalescer = Coalescer(model.send, in_flight=2, max_rows=100)
+    first, second = [await _started(coalescer, model, (v,)) for v in (1.0, 2.0)]
+    waiting = [await _started(coalescer, model, (v,)) for v in (3.0, 4.0, 5.0)]
+    assert model.calls == [1, 1], "two calls on their way, the other requests wait"
+    model.gate.set()
+    answers = await asyncio.gather(first, second, *waiting)
+    assert [_y(a) for a in answers] == [[3.0], [5.0], [7.0], [9.0], [11.0]]
+    assert model.calls == [1, 1, 3], "the first call to end took all three waiting requests"
