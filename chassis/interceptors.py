@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, cast
 
@@ -21,7 +21,7 @@ from chassis.auth import OPEN_PREFIXES, AccessPolicy, Authenticator, bearer_toke
 from chassis.errors import FrescoError, PermissionDenied, Unauthenticated
 from chassis.metrics import MethodMetrics, RpcMetrics
 from chassis.status import status_for
-from chassis.tracing import extract_context, inject_context, is_traced
+from chassis.tracing import extract_context, inject_context, is_traced, unsampled_span
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +31,28 @@ class _Rpc:
 
     __slots__ = ("context", "method", "metrics", "span", "start", "token")
 
-    def __init__(self, method: str, tracer: Tracer, metrics: MethodMetrics, ctx: aio.ServicerContext[Any, Any]) -> None:
+    def __init__(
+        self,
+        method: str,
+        tracer: Tracer,
+        metrics: MethodMetrics,
+        ctx: aio.ServicerContext[Any, Any],
+        sampled: Callable[[], bool],
+    ) -> None:
         self.method = method
         self.metrics = metrics
         self.context = ctx
-        parent = extract_context(ctx.invocation_metadata())
-        self.span = tracer.start_span(
-            method.lstrip("/"),
-            context=parent,
-            kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.method": method},
-        )
+        metadata = ctx.invocation_metadata()
+        if sampled():
+            self.span = tracer.start_span(
+                method.lstrip("/"),
+                context=extract_context(metadata),
+                kind=SpanKind.SERVER,
+                attributes={"rpc.system": "grpc", "rpc.method": method},
+            )
+        else:
+            # What the tracer would make when nothing records spans, at a third of its cost.
+            self.span = unsampled_span(metadata)
         self.token = otel_context.attach(trace.set_span_in_context(self.span))
         self.start = time.perf_counter()
         metrics.in_flight.inc()
@@ -91,7 +102,11 @@ class _Rpc:
 
 class _WrappingInterceptor(aio.ServerInterceptor):
     """Runs the calls of the methods it `_applies` to inside a wrapper; a method's wrapped handler is
-    built once, since grpc asks on every call."""
+    built once, since grpc asks on every call.
+
+    `ServiceApp` applies it where handlers are registered (`wrap_registrations`), not as a grpc
+    interceptor: grpc runs an interceptor's coroutine on every call, a registered wrapper costs nothing
+    per call. Used as a grpc interceptor it behaves the same."""
 
     def __init__(self) -> None:
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
@@ -102,7 +117,10 @@ class _WrappingInterceptor(aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler: Any = await continuation(handler_call_details)
-        method: str = handler_call_details.method
+        return self.wrap(handler, handler_call_details.method)
+
+    def wrap(self, handler: Any, method: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """`handler` of `method` run inside this wrapper (as it is when the wrapper does not apply)."""
         if handler is None or not self._applies(method):
             return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
         cached = self._wrapped.get(method)
@@ -122,17 +140,65 @@ class _WrappingInterceptor(aio.ServerInterceptor):
 class ServerInterceptor(_WrappingInterceptor):
     """Tracing, metrics and error mapping for every RPC but health and reflection."""
 
-    def __init__(self, tracer: Tracer, metrics: RpcMetrics) -> None:
+    def __init__(self, tracer: Tracer, metrics: RpcMetrics, sampled: Callable[[], bool] = lambda: True) -> None:
+        """`sampled` says whether spans are recorded at all now (see `ExportedTracerProvider.listening`):
+        when not, calls get a non-recording span without going through the tracer."""
         super().__init__()
         self._tracer = tracer
         self._metrics = metrics
+        self._sampled = sampled
 
     def _applies(self, method: str) -> bool:
         return is_traced(method)
 
     def _wrap(self, handler: Any, method: str) -> grpc.RpcMethodHandler[Any, Any]:
-        tracer, metrics = self._tracer, self._metrics.for_method(method)
-        return wrap_handler(handler, lambda ctx: _Rpc(method, tracer, metrics, ctx))
+        tracer, metrics, sampled = self._tracer, self._metrics.for_method(method), self._sampled
+        return wrap_handler(handler, lambda ctx: _Rpc(method, tracer, metrics, ctx, sampled))
+
+
+class _WrappedGenericHandler(grpc.GenericRpcHandler):
+    """A generic handler whose method handlers come out wrapped, outermost wrapper first."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, wrappers: Sequence[_WrappingInterceptor]) -> None:
+        self._inner = inner
+        self._wrappers = list(reversed(wrappers))
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler: Any = self._inner.service(handler_call_details)
+        method: str = handler_call_details.method
+        for wrapper in self._wrappers:
+            handler = wrapper.wrap(handler, method)
+        return cast("grpc.RpcMethodHandler[Any, Any] | None", handler)
+
+
+def wrap_registrations(server: aio.Server, wrappers: Sequence[_WrappingInterceptor]) -> None:
+    """Make every handler registered on `server` from now on run inside `wrappers` (the first one
+    outermost), as grpc interceptors in that order would, without their per-call coroutines."""
+    add_generic = server.add_generic_rpc_handlers
+    add_registered = server.add_registered_method_handlers
+
+    def add_generic_rpc_handlers(handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        add_generic([_WrappedGenericHandler(handler, wrappers) for handler in handlers])
+
+    def add_registered_method_handlers(service: str, handlers: Mapping[str, grpc.RpcMethodHandler[Any, Any]]) -> None:
+        generic = _WrappedGenericHandler(grpc.method_handlers_generic_handler(service, dict(handlers)), wrappers)
+        wrapped = {}
+        for name in handlers:
+            handler = generic.service(_CallDetails(f"/{service}/{name}"))
+            assert handler is not None
+            wrapped[name] = handler
+        add_registered(service, wrapped)
+
+    server.add_generic_rpc_handlers = add_generic_rpc_handlers  # type: ignore[method-assign,assignment]
+    server.add_registered_method_handlers = add_registered_method_handlers  # type: ignore[method-assign,assignment]
+
+
+class _CallDetails(grpc.HandlerCallDetails):
+    """The method name, all a wrapper reads of a call's details."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
 
 
 def wrap_handler(

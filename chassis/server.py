@@ -18,7 +18,7 @@ from opentelemetry.trace import Tracer
 from prometheus_client import CollectorRegistry
 
 from chassis.auth import AccessPolicy, Authenticator, Role
-from chassis.interceptors import AuthInterceptor, ServerInterceptor, client_interceptors
+from chassis.interceptors import AuthInterceptor, ServerInterceptor, client_interceptors, wrap_registrations
 from chassis.metrics import MetricsEndpoint, RpcMetrics
 from chassis.settings import ServiceSettings
 from chassis.tls import peer_security, server_credentials
@@ -60,19 +60,20 @@ class ServiceApp:
         self.registry = CollectorRegistry()
         self.rpc_metrics = RpcMetrics(self.registry, name)
         self.health = health.aio.HealthServicer()
-        interceptors: list[aio.ServerInterceptor] = [ServerInterceptor(self.tracer, self.rpc_metrics)]
+        wrappers: list[ServerInterceptor | AuthInterceptor] = [
+            ServerInterceptor(self.tracer, self.rpc_metrics, lambda: self.tracer_provider.listening)
+        ]
         self.authenticator = Authenticator.from_settings(settings)
         if self.authenticator is not None:
             # After tracing, so refused calls are traced and counted with their codes.
             policy = AccessPolicy(method_roles or {}, settings.auth_require_for_reads)
-            interceptors.append(AuthInterceptor(self.authenticator, policy))
+            wrappers.append(AuthInterceptor(self.authenticator, policy))
         self.peer_security = peer_security(settings)
         # Read (and checked) before the server exists, so wrong files fail with nothing to clean up.
         credentials = server_credentials(settings)
-        self.server = aio.server(
-            interceptors=interceptors,
-            options=[*channel_options(settings.max_message_bytes), *extra_options],
-        )
+        self.server = aio.server(options=[*channel_options(settings.max_message_bytes), *extra_options])
+        # Tracing, metrics, error mapping and auth wrap each handler once as it is registered.
+        wrap_registrations(self.server, wrappers)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -150,5 +151,6 @@ def raw_from_array(array: np.ndarray, datatype: str) -> bytes:
     """The raw wire bytes of an array."""
     if datatype == "BYTES":
         return encode_bytes_tensor(array)
-    little = array.astype(array.dtype.newbyteorder("<"), copy=False)  # the wire is little-endian
-    return np.ascontiguousarray(little).tobytes()
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and sys.byteorder == "big"):
+        array = array.astype(array.dtype.newbyteorder("<"))  # the wire is little-endian
+    return array.tobytes()  # C order, whatever the array's layout

@@ -15,13 +15,23 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON, Decision, ParentBased, Sampler, SamplingResult
-from opentelemetry.trace import Span, format_trace_id
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    TraceFlags,
+    format_trace_id,
+    get_current_span,
+)
 
 from chassis.settings import ServiceSettings
 
 # Calls that would drown real traffic in spans, metrics and logs.
 UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_ID_GENERATOR = RandomIdGenerator()
 
 
 class ExportedTracerProvider(TracerProvider):
@@ -81,6 +91,23 @@ def extract_context(metadata: Iterable[tuple[str, str | bytes]] | None) -> Conte
     """The remote trace context carried in incoming gRPC metadata (W3C traceparent)."""
     carrier = {key: value for key, value in metadata or () if isinstance(value, str)}
     return propagate.extract(carrier)
+
+
+def unsampled_span(metadata: Iterable[tuple[str, str | bytes]] | None) -> Span:
+    """The span a server call gets while no span is recorded: not recording, in the caller's trace
+    when the metadata carries a W3C traceparent (else a new one), so that log lines still carry the
+    trace id, as a span from a tracer that drops everything would."""
+    parent = INVALID_SPAN_CONTEXT
+    for key, value in metadata or ():
+        if key == "traceparent" and isinstance(value, str):
+            parent = get_current_span(extract_context(metadata)).get_span_context()
+            break
+    trace_id = parent.trace_id if parent.is_valid else _ID_GENERATOR.generate_trace_id()
+    context = SpanContext(
+        trace_id, _ID_GENERATOR.generate_span_id(), is_remote=False, trace_flags=TraceFlags(0),
+        trace_state=parent.trace_state if parent.is_valid else None,
+    )  # fmt: skip
+    return NonRecordingSpan(context)
 
 
 def inject_context() -> Mapping[str, str]:

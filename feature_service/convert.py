@@ -17,7 +17,6 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from fresco.api.common.v1 import values_pb2
-from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_view_pb2 as vpb
 from fresco.api.features.v1 import statistics_pb2 as spb
 from fresco.features.definitions import Definitions, FeatureView, JoinKey
@@ -236,6 +235,9 @@ def encode_values(value_type: str, values: Sequence[Any]) -> bytes:
         except (TypeError, ValueError):
             pass
     entry, kinds = _ENTRY.get(value_type, (_entry_any, ()))
+    if len(values) == 1:  # one entity: no list to join
+        x = values[0]
+        return _NULL_ENTRY if x is None else entry(x) if type(x) in kinds else _entry_any(x, value_type)
     # Exact type checks: a bool is not taken for an int, and anything unexpected goes the slow, general way.
     return b"".join(
         [_NULL_ENTRY if x is None else entry(x) if type(x) in kinds else _entry_any(x, value_type) for x in values]
@@ -247,24 +249,54 @@ def encode_timestamps(seconds: Sequence[float | None]) -> bytes:
     return b"".join(_field(b"\x22", timestamp_of(s or 0.0).SerializeToString()) for s in seconds)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # callers ask for the same refs again and again
+def _ref_field(ref: str) -> bytes:
+    return _field(b"\x0a", ref.encode())
+
+
+@functools.lru_cache(maxsize=64)
+def _tier_field(served_tier: str) -> bytes:
+    return _field(b"\x2a", served_tier.encode()) if served_tier else b""
+
+
 def encode_column(ref: str, values: bytes, statuses: Sequence[int], timestamps: bytes, served_tier: str) -> bytes:
     """One FeatureColumn as a `columns` entry of GetFeaturesResponse, from its encoded parts."""
     body = b"".join(
         (
-            _field(b"\x0a", ref.encode()),
+            _ref_field(ref),
             values,
             _field(b"\x1a", bytes(statuses)) if statuses else b"",  # packed enum; every status is < 128
             timestamps,
-            _field(b"\x2a", served_tier.encode()) if served_tier else b"",
+            _tier_field(served_tier),
         )
     )
-    return _field(b"\x12", body)
+    return b"\x12" + _varint(len(body)) + body
 
 
-def encode_response(metadata: fpb.GetFeaturesMetadata, columns: Sequence[bytes]) -> bytes:
-    """The wire form of the GetFeaturesResponse of encoded columns: what the service sends as it is (see
-    service.add_to_server), so an answer is serialised once and never parsed on the server."""
-    return b"".join((_field(b"\x0a", metadata.SerializeToString()), *columns))
+@functools.lru_cache(maxsize=1024)  # callers repeat their lists of refs
+def _refs_fields(refs: tuple[str, ...]) -> bytes:
+    return b"".join([_field(b"\x0a", ref.encode()) for ref in refs])
+
+
+def encode_metadata(
+    refs: tuple[str, ...], degraded: bool, served_tiers: Sequence[str], failed_tiers: Sequence[str]
+) -> bytes:
+    """A GetFeaturesMetadata's wire form."""
+    return b"".join(
+        (
+            _refs_fields(refs),
+            b"\x10\x01" if degraded else b"",
+            *[_field(b"\x1a", tier.encode()) for tier in served_tiers],
+            *[_field(b"\x22", tier.encode()) for tier in failed_tiers],
+        )
+    )
+
+
+def encode_response(metadata: bytes, columns: Sequence[bytes]) -> bytes:
+    """The wire form of the GetFeaturesResponse of an encoded GetFeaturesMetadata and encoded columns: what the
+    service sends as it is (see service.add_to_server), so an answer is serialised once and never parsed on the
+    server."""
+    return b"".join((b"\x0a", _varint(len(metadata)), metadata, *columns))
 
 
 # --- feature views ---------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from chassis.metrics import LATENCY_BUCKETS
 
@@ -15,16 +17,35 @@ from chassis.metrics import LATENCY_BUCKETS
 STATUS_LABELS = {1: "present", 2: "imputed", 3: "null", 4: "expired", 5: "not_found", 6: "rejected", 7: "unavailable"}
 
 
+class ServedCounts(Collector):
+    """fresco_feature_values_served: counted in a plain dict on the request path (one addition per column, no
+    lock, no metric child) and rendered at scrape time, as a Counter of the same name and labels would be."""
+
+    NAME = "fresco_feature_values_served"
+    HELP = "Feature values served by GetFeatures, by view, feature and status (present, imputed, null, ...)."
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], int] = {}  # (view, feature, FeatureStatus wire value) → values
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.NAME, self.HELP, labels=["view", "feature", "status"])
+        # A copy taken in one step: the event loop's thread adds to the dict while the scrape's thread renders.
+        for (view, feature, status), count in list(self.counts.items()):
+            family.add_metric([view, feature, STATUS_LABELS.get(status, "?")], count)
+        yield family
+
+    def describe(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(self.NAME, self.HELP, labels=["view", "feature", "status"])
+
+
 class FeatureMetrics:
     """Feature-level counters and tier histograms; null rate is served{status!="present"} / served."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.values_served = Counter(
-            "fresco_feature_values_served",
-            "Feature values served by GetFeatures, by view, feature and status (present, imputed, null, ...).",
-            ["view", "feature", "status"],
-            registry=registry,
-        )
+        self._tier_children: dict[str, tuple[Any, Any]] = {}
+        self._tier_key_children: dict[tuple[str, str], Any] = {}
+        self.values_served = ServedCounts()
+        registry.register(self.values_served)
         self.values_pushed = Counter(
             "fresco_feature_values_pushed",
             "Non-null feature values received by PushFeatures, by view and feature.",
@@ -67,29 +88,40 @@ class FeatureMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self._served: dict[tuple[str, str, int], Any] = {}
 
     def served(self, view: str, feature: str, statuses: Sequence[int]) -> None:
         """Count one column's statuses."""
+        counts = self.values_served.counts
         if statuses and statuses.count(statuses[0]) == len(statuses):  # one status (all present, usually)
-            tally: Iterable[tuple[int, int]] = ((statuses[0], len(statuses)),)
-        else:
-            tally = Tally(statuses).items()
-        for status, count in tally:
+            key = (view, feature, statuses[0])
+            counts[key] = counts.get(key, 0) + len(statuses)
+            return
+        for status, count in Tally(statuses).items():
             key = (view, feature, status)
-            child = self._served.get(key)
-            if child is None:
-                child = self._served[key] = self.values_served.labels(view, feature, STATUS_LABELS.get(status, "?"))
-            child.inc(count)
+            counts[key] = counts.get(key, 0) + count
 
     def observe_tier(self, tier: str, hits: int, misses: int, seconds: float) -> None:
         """The store's observer hook: one tier consulted for a read, how many keys it held, how long it took."""
-        self.tier_latency.labels(tier, "read").observe(seconds)
-        self.tier_requests.labels(tier, "read", "ok").inc()
+        children = self._tier_children.get(tier)
+        if children is None:  # bound once per tier: label lookups cost more than the updates
+            children = self._tier_children[tier] = (
+                self.tier_latency.labels(tier, "read"),
+                self.tier_requests.labels(tier, "read", "ok"),
+            )
+        latency, requests = children
+        latency.observe(seconds)
+        requests.inc()
+        # A result's series appears with its first key (a tier that never hit has no hit series), as before.
         if hits:
-            self.tier_keys.labels(tier, "hit").inc(hits)
+            self._tier_keys(tier, "hit").inc(hits)
         if misses:
-            self.tier_keys.labels(tier, "miss").inc(misses)
+            self._tier_keys(tier, "miss").inc(misses)
+
+    def _tier_keys(self, tier: str, result: str) -> Any:
+        child = self._tier_key_children.get((tier, result))
+        if child is None:
+            child = self._tier_key_children[(tier, result)] = self.tier_keys.labels(tier, result)
+        return child
 
     def read_failures(self, tiers: Iterable[str]) -> None:
         """Tiers that failed during one read, and the degraded answer that made."""

@@ -147,11 +147,8 @@ class ParityChecker:
             self.dropped.labels("error").inc()
 
     def _offer(self, query: FeatureQuery, served: ServedViews, columns: Sequence[Column], now: float) -> None:
-        by_view: dict[str, list[int]] = {}
-        for j, ref in enumerate(query.refs):
-            by_view.setdefault(ref.view.view.name, []).append(j)
-        for view, refs in by_view.items():
-            keys = query.keys_by_view[view]
+        by_view: dict[str, list[int]] = {}  # the columns of each view, listed once an entity is sampled
+        for view, keys in query.keys_by_view.items():
             if self.threshold >= 2**32:
                 chosen: Sequence[int] = range(len(keys))
             else:  # inlined: this runs for every entity of every answer
@@ -159,6 +156,10 @@ class ParityChecker:
                 chosen = [i for i, key in enumerate(keys) if crc32(key.encode()) < threshold]
             if not chosen:
                 continue
+            if not by_view:
+                for j, ref in enumerate(query.refs):
+                    by_view.setdefault(ref.view.view.name, []).append(j)
+            refs = by_view[view]
             entry, seen = query.refs[refs[0]].view, served[view]
             for i in chosen:
                 if columns[refs[0]].statuses[i] == _UNAVAILABLE:  # nothing was served to compare

@@ -74,14 +74,17 @@ class Catalog:
             view.name: ViewEntry(view, definitions.join_keys(view), {f.name: f for f in view.features})
             for view in definitions.feature_views
         }
-        self._parsed: dict[tuple[str, ...], list[Ref]] = {}  # callers repeat their lists of refs: parse each once
+        # Callers repeat their lists of refs: each is parsed once.
+        self._parsed: dict[tuple[str, ...], tuple[list[Ref], dict[str, ViewEntry]]] = {}
 
-    def refs(self, texts: Sequence[str]) -> list[Ref]:
-        """The refs of a request's feature_refs (see parse_ref for the errors, naming the field)."""
+    def refs(self, texts: Sequence[str]) -> tuple[list[Ref], dict[str, ViewEntry]]:
+        """The refs of a request's feature_refs (see parse_ref for the errors, naming the field), and the views
+        they read in order of first mention."""
         key = tuple(texts)
         found = self._parsed.get(key)
         if found is None:
-            found = [parse_ref(self, text, f"feature_refs[{i}]") for i, text in enumerate(key)]
+            refs = [parse_ref(self, text, f"feature_refs[{i}]") for i, text in enumerate(key)]
+            found = refs, {r.view.view.name: r.view for r in refs}
             if len(self._parsed) >= MAX_PARSED_REF_LISTS:
                 self._parsed.clear()
             self._parsed[key] = found
@@ -138,13 +141,14 @@ class FeatureQuery:
     include_event_timestamps: bool = False
     max_staleness_s: float | None = None
     impute: bool = True
+    views: Mapping[str, ViewEntry] = field(default_factory=dict)  # the views of the refs, in order of first mention
 
     @staticmethod
     def from_proto(request: fpb.GetFeaturesRequest, catalog: Catalog, max_values: int) -> FeatureQuery:
         """Validate a request; errors name the field and what was expected."""
         if not request.feature_refs:
             raise InvalidArgument('feature_refs: expected at least one "view:feature" ref')
-        refs = catalog.refs(request.feature_refs)
+        refs, views = catalog.refs(request.feature_refs)
         entities = request.entity_keys
         if len(entities) * len(refs) > max_values:
             raise InvalidArgument(
@@ -154,7 +158,7 @@ class FeatureQuery:
             )
         keys_by_view: dict[str, list[str]] = {}
         by_join_keys: dict[tuple[JoinKey, ...], list[str]] = {}  # views of the same entities share their keys
-        for entry in {r.view.view.name: r.view for r in refs}.values():
+        for entry in views.values():
             keys = by_join_keys.get(entry.join_keys)
             if keys is None:
                 keys = by_join_keys[entry.join_keys] = _storage_keys(entry, entities)
@@ -175,6 +179,7 @@ class FeatureQuery:
             request.include_event_timestamps,
             staleness,
             not request.disable_imputation,
+            views,
         )
 
 
@@ -208,7 +213,7 @@ def _storage_keys(entry: ViewEntry, entities: Sequence[vpb.EntityKey]) -> list[s
 # --- the answer ---------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class Column:
     """The served values of one ref for every entity, in request order."""
 
@@ -270,7 +275,7 @@ class FeatureReader:
         now = time.time()
         per_view = {}
         served: dict[str, ServedView] = {}
-        for name, entry in {r.view.view.name: r.view for r in query.refs}.items():
+        for name, entry in (query.views or {r.view.view.name: r.view for r in query.refs}).items():
             ttl = query.max_staleness_s if query.max_staleness_s is not None else entry.view.ttl_seconds or None
             by_key = dict(zip(unique[name], result.records[name], strict=True))
             records = [by_key[k] for k in query.keys_by_view[name]]
@@ -278,14 +283,17 @@ class FeatureReader:
             served[name] = ServedView(records, ttl)
         tiers = {view: served_tier(result, view) for view in per_view}
         columns = []
+        served_values = None if self.metrics is None else self.metrics.served
+        imputing, with_stamps = query.impute, query.include_event_timestamps
         for ref in query.refs:
             view = ref.view.view.name
             rows, states, event_ts = per_view[view]
-            values, statuses = _resolve_column(ref, rows, states, query.impute)
-            stamps = event_ts if query.include_event_timestamps else None
-            columns.append(Column(ref.ref, ref.feature.type, values, statuses, stamps, tiers[view]))
-            if self.metrics is not None:
-                self.metrics.served(view, ref.feature.name, statuses)
+            values, statuses = _resolve_column(ref, rows, states, imputing)
+            columns.append(
+                Column(ref.ref, ref.feature.type, values, statuses, event_ts if with_stamps else None, tiers[view])
+            )
+            if served_values is not None:
+                served_values(view, ref.feature.name, statuses)
         if self.metrics is not None:
             self.metrics.read_failures(result.failed_tiers)
         if self.observer is not None:
@@ -306,7 +314,8 @@ def served_tier(result: ReadResult, view: str) -> str:
 
 def _entity_states(
     records: Sequence[object], ttl: float | None, now: float
-) -> tuple[list[Mapping[str, Any] | None], list[int], list[float | None]]:
+) -> tuple[list[Mapping[str, Any] | None], list[int] | None, list[float | None]]:
+    """Per entity its record's features, state and event time; the states are None when every record is live."""
     rows: list[Mapping[str, Any] | None] = []
     states = []
     event_ts: list[float | None] = []
@@ -319,18 +328,23 @@ def _entity_states(
             rows.append(None)
             event_ts.append(None)
             states.append(_NOT_FOUND if record is None else _UNAVAILABLE)
-    return rows, states, event_ts
+    return rows, None if _LIVE_ONLY.issuperset(states) else states, event_ts
+
+
+_PRESENT = int(Served.PRESENT)
 
 
 def _resolve_column(
-    ref: Ref, rows: Sequence[Mapping[str, Any] | None], states: Sequence[int], imputing: bool
+    ref: Ref, rows: Sequence[Mapping[str, Any] | None], states: Sequence[int] | None, imputing: bool
 ) -> tuple[list[Any], list[int]]:
-    """Values and statuses of one feature, by fresco.features.policy: what training's resolve_rows does."""
+    """Values and statuses of one feature, by fresco.features.policy: what training's resolve_rows does.
+    states None: every record is live."""
     name = ref.feature.name
-    if _LIVE_ONLY.issuperset(states):  # the common case: every record live, every value present
+    if states is None:  # the common case: every record live, every value present
         values = [row.get(name) for row in rows]  # type: ignore[union-attr]  # live rows are records' features
         if None not in values:
-            return values, [int(Served.PRESENT)] * len(values)
+            return values, [_PRESENT] * len(values)
+        states = [_LIVE] * len(rows)
     return _resolve_slowly(ref.feature, rows, states, ref.view.baselines.get(name), imputing)
 
 
@@ -383,11 +397,8 @@ def answer_to_proto(answer: FeatureAnswer) -> fpb.GetFeaturesResponse:
 
 def answer_to_wire(answer: FeatureAnswer) -> bytes:
     """The GetFeaturesResponse of an answer in its wire form, columns encoded by convert's fast path."""
-    metadata = fpb.GetFeaturesMetadata(
-        feature_refs=[c.ref for c in answer.columns],
-        degraded=answer.degraded,
-        served_tiers=answer.served_tiers,
-        failed_tiers=answer.failed_tiers,
+    metadata = convert.encode_metadata(
+        tuple([c.ref for c in answer.columns]), answer.degraded, answer.served_tiers, answer.failed_tiers
     )
     timestamps: dict[int, bytes] = {}  # columns of one view share their timestamps: encode them once
     encoded = []

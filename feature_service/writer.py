@@ -94,16 +94,24 @@ def check_event_time(entry: ViewEntry, event_ts: float, now: float, max_future_s
             "",
             Violation.EVENT_TIMESTAMP_OUT_OF_RANGE,
             f"at most {max_future_s:g}s after the server time {convert.utc(now)}",
-            convert.utc(event_ts),
+            _when(event_ts),
         )
     if ttl and entry.view.ttl_seconds and now - event_ts > entry.view.ttl_seconds:
         return Problem(
             "",
             Violation.EVENT_TIMESTAMP_OUT_OF_RANGE,
             f"within the view's TTL of {entry.view.ttl_seconds:g}s before {convert.utc(now)}",
-            convert.utc(event_ts),
+            _when(event_ts),
         )
     return None
+
+
+def _when(seconds: float) -> str:
+    """An event time for a message: ISO-8601 UTC, or seconds since the epoch beyond what dates can say (a file's
+    epoch-seconds column may hold any number)."""
+    if MIN_TIMESTAMP_S <= seconds <= MAX_TIMESTAMP_S:
+        return convert.utc(seconds)
+    return f"{seconds:g} seconds since the epoch"
 
 
 def _timestamp(ts: Timestamp) -> float | Problem:

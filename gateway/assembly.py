@@ -36,6 +36,9 @@ class ModelSignature:
     name: str
     inputs: tuple[InputSpec, ...]
     outputs: tuple[str, ...]
+    # Every input and output has a batch dimension (-1 first) and none is BYTES: requests' rows may be sent in
+    # one call and the answer split back by rows (`gateway.coalesce`).
+    mergeable: bool = False
 
     @classmethod
     def from_metadata(cls, metadata: pb.ModelMetadataResponse) -> ModelSignature:
@@ -45,7 +48,11 @@ class ModelSignature:
             inputs.append(
                 InputSpec(tensor.name, tensor.datatype, tuple(tensor.shape), tuple(n for n in names.split(",") if n))
             )
-        return cls(metadata.name, tuple(inputs), tuple(t.name for t in metadata.outputs))
+        tensors = [*metadata.inputs, *metadata.outputs]
+        mergeable = bool(metadata.inputs) and all(
+            len(t.shape) >= 1 and t.shape[0] == -1 and t.datatype != "BYTES" for t in tensors
+        )
+        return cls(metadata.name, tuple(inputs), tuple(t.name for t in metadata.outputs), mergeable)
 
 
 def from_proto(value: values_pb2.Value) -> FeatureValue:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from grpc import aio
 from opentelemetry import trace
+from prometheus_client import CollectorRegistry
 
 from chassis.errors import FrescoError, InvalidArgument, NotFound, Unavailable
 from chassis.status import peer_error
@@ -18,6 +19,7 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.assembly import ModelSignature
 from gateway.budget import Budget
+from gateway.coalesce import Coalescer, Key
 from gateway.lean_channels import LeanChannels
 
 # Errors after which a cached signature may be the cause: the version is gone or loading, or the
@@ -80,10 +82,16 @@ class PredictorPool:
         default_version_ttl_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
         lean: LeanChannels | None = None,
+        merge_in_flight: int = 0,
+        merge_max_rows: int = 256,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self._channel_factory = channel_factory
         self._lean = lean
         self._lean_infer: dict[str, InferCall] = {}
+        self.coalescer = (
+            Coalescer(self._send_key, merge_in_flight, merge_max_rows, registry) if merge_in_flight else None
+        )
         self._timeout_s = timeout_s
         self._metadata_ttl_s = metadata_ttl_s
         self._default_version_ttl_s = default_version_ttl_s
@@ -150,17 +158,16 @@ class PredictorPool:
         outputs: Sequence[str],
         budget: Budget,
     ) -> pb.ModelInferResponse:
-        """Run inference on exactly the pinned version; an answer from any other version is refused."""
+        """Run inference on exactly the pinned version; an answer from any other version is refused. An
+        unsampled call of a mergeable version may travel with concurrent ones (`gateway.coalesce`)."""
         model = pinned.signature.name
-        request = infer_request(pinned, inputs, outputs)
         what = f"predictor {endpoint}"
-        try:
-            call, metadata = self._infer_call(endpoint)
-            response = await call(
-                request, timeout=budget.for_hop(f"{what} ModelInfer", self._timeout_s), metadata=metadata
-            )
-        except aio.AioRpcError as err:
-            raise peer_error(err.code(), err.details() or "", what) from None
+        timeout_s = budget.for_hop(f"{what} ModelInfer", self._timeout_s)
+        if self.coalescer is not None and pinned.signature.mergeable and not trace.get_current_span().is_recording():
+            rows = len(next(iter(inputs.values()))) if inputs else 0
+            response = await self.coalescer.infer((endpoint, pinned, tuple(outputs)), inputs, rows, timeout_s, what)
+        else:
+            response = await self._send(endpoint, pinned, inputs, outputs, timeout_s)
         if response.model_version != pinned.version:
             raise Unavailable(
                 f"{what} answered model {model!r} with version {response.model_version!r}, "
@@ -168,8 +175,27 @@ class PredictorPool:
             )
         return response
 
+    async def _send(
+        self, endpoint: str, pinned: Pinned, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], timeout_s: float
+    ) -> pb.ModelInferResponse:
+        """One ModelInfer call; its failure as the domain error of its status."""
+        request = infer_request(pinned, inputs, outputs)
+        try:
+            call, metadata = self._infer_call(endpoint)
+            response: pb.ModelInferResponse = await call(request, timeout=timeout_s, metadata=metadata)
+        except aio.AioRpcError as err:
+            raise peer_error(err.code(), err.details() or "", f"predictor {endpoint}") from None
+        return response
+
+    async def _send_key(self, key: Key, inputs: Mapping[str, np.ndarray], timeout_s: float) -> pb.ModelInferResponse:
+        endpoint, pinned, outputs = key
+        assert isinstance(pinned, Pinned)
+        return await self._send(endpoint, pinned, inputs, outputs, timeout_s)
+
     async def close(self) -> None:
-        """Close every channel."""
+        """Let merged calls finish, then close every channel."""
+        if self.coalescer is not None:
+            await self.coalescer.close()
         for channel in self._channels:
             await channel.close()
 

@@ -49,6 +49,9 @@ class Gateway:
             settings.metadata_ttl_s,
             settings.default_version_ttl_s,
             lean=LeanChannels(self.app.peer_security, channel_options(settings.max_message_bytes)),
+            merge_in_flight=settings.merge_in_flight,
+            merge_max_rows=settings.merge_max_rows,
+            registry=self.app.registry,
         )
         self.offload = Offload(settings.offload_above_bytes)
         self.features = (

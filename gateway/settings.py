@@ -36,6 +36,12 @@ class GatewaySettings(ServiceSettings):
     """Most string elements in one string-list feature or one BYTES tensor built; more is INVALID_ARGUMENT."""
     offload_above_bytes: int = Field(default=256 * 1024, ge=0)
     """Calls whose decoding, tensors or answers weigh more than this many bytes do that work in a worker thread."""
+    merge_in_flight: int = Field(default=1, ge=0)
+    """Calls to one predictor version (same outputs) on their way at once before further requests wait and go
+    together in the next call, their answers split back per request (`gateway.coalesce`); 0 sends every request
+    on its own call. Unsampled calls only: a sampled one keeps its own call and client span."""
+    merge_max_rows: int = Field(default=256, ge=1)
+    """Most rows one merged call carries."""
     model_manager_address: str | None = None
     """host:port of the model manager: routes come from its WatchRoutes stream and metric windows go to it.
     Without it the gateway routes statically (--predictor, --routes-file) as before."""

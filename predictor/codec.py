@@ -15,6 +15,7 @@ from predictor.backends.base import TensorSpec
 
 # BYTES elements one tensor may hold: each costs ~50 bytes of Python objects once decoded.
 DEFAULT_MAX_BYTES_ELEMENTS = 1 << 20
+_MAX_BYTES = int(np.iinfo(np.intp).max)  # the largest array numpy can address
 
 
 def _check_shape(shape: Sequence[int], spec: TensorSpec, what: str) -> None:
@@ -44,7 +45,7 @@ def _decode_one(
             "(setting max_bytes_elements, FRESCO_PREDICTOR_MAX_BYTES_ELEMENTS)"
         )
     dtype = numpy_dtype(spec.datatype, what)
-    if math.prod(dim for dim in shape if dim) * dtype.itemsize > np.iinfo(np.intp).max:
+    if math.prod(dim for dim in shape if dim) * dtype.itemsize > _MAX_BYTES:
         raise InvalidArgument(f"{what}: shape {list(shape)} is too large")
     if raw is not None:
         return array_from_raw(raw, spec.datatype, shape, what)

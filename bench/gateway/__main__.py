@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ PREDICT = "/fresco.gateway.v1.GatewayService/Predict"
 MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 SERVERS = ("gateway", "predictor", "experiment_service", "model_manager")
 REQUESTS = 512  # distinct rows and users cycled by the load
+CHECKED_ROWS = 128  # answers checked before the load
 RESULTS_FILE = CACHE / "gateway-results.json"
 
 
@@ -50,6 +52,7 @@ class Window:
     p99_ms: float
     errors: dict[str, int]
     cpu_s: dict[str, float] = field(default_factory=dict)
+    merged: dict[str, float] = field(default_factory=dict)  # the gateway's merged calls and requests
 
     def cpu_us(self, server: str) -> float:
         """The server's CPU per answered request, µs."""
@@ -101,6 +104,7 @@ def measure(
     if load.stdout.readline().strip() != "started":
         raise RuntimeError(f"load on {side} did not start: {load.stdout.read()}")
     pids = {server: platform.pid(server) for server in SERVERS}
+    merged_before = merged_counters(platform)
     before = {server: tree_cpu_seconds(pid) for server, pid in pids.items()}
     spy = None
     if profile is not None:
@@ -111,6 +115,7 @@ def measure(
         )  # fmt: skip
     line = load.stdout.readline().strip()
     after = {server: tree_cpu_seconds(pid) for server, pid in pids.items()}
+    merged_after = merged_counters(platform)
     if line != "stopped":
         raise RuntimeError(f"load on {side} failed: {line} {load.stdout.read()}")
     result = json.loads(load.stdout.readline())
@@ -119,7 +124,22 @@ def measure(
         spy.wait(60)
     window = Window(side, result["answered"], result["rps"], result["p50_ms"], result["p99_ms"], result["errors"])
     window.cpu_s = {server: after[server] - before[server] for server in SERVERS}
+    window.merged = {name: merged_after[name] - merged_before[name] for name in merged_after}
     return window
+
+
+def merged_counters(platform: Platform) -> dict[str, float]:
+    """The gateway's merged ModelInfer calls and the requests they carried, from its /metrics."""
+    found = {"calls": 0.0, "requests": 0.0}
+    url = platform.suite.service("gateway").metrics_url
+    if not url:
+        return found
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        for line in reply.read().decode().splitlines():
+            for name in found:
+                if line.startswith(f"fresco_gateway_merged_{name}_total "):
+                    found[name] = float(line.split()[-1])
+    return found
 
 
 def check_answers(platform: Platform) -> str:
@@ -137,16 +157,25 @@ def check_answers(platform: Platform) -> str:
             MODEL_INFER, response_deserializer=ipb.ModelInferResponse.FromString
         )
         direct = predictor_requests(platform)
-        for i in range(20):
-            request = predict_request(platform.model, row_features(names, rows[i]), unit_ids={"user_id": f"u{i}"})
-            answer = predict(request.SerializeToString(), metadata=metadata, timeout=10)
+        count = CHECKED_ROWS
+        requests = [
+            predict_request(platform.model, row_features(names, rows[i % len(rows)]), unit_ids={"user_id": f"u{i}"})
+            for i in range(count)
+        ]
+        # All at once, so that the gateway merges them into shared predictor calls; each row alone to the predictor.
+        pending = [predict.future(r.SerializeToString(), metadata=metadata, timeout=30) for r in requests]
+        answers = [future.result() for future in pending]
+        for i, answer in enumerate(answers):
             own = infer(direct[i], metadata=metadata, timeout=10)
             index = [t.name for t in own.outputs].index("probabilities")
             expected = list(memoryview(own.raw_output_contents[index]).cast("f"))
             got = list(answer.outputs["probabilities"].double_values)
             if got != [float(v) for v in expected] or answer.model_version != "1" or not answer.experiments:
                 return f"MISMATCH at row {i}: gateway {got} v{answer.model_version}, predictor {expected}"
-    return "gateway answers equal the predictor's (20 rows), each with its experiment arm"
+    return (
+        f"gateway answers to {count} concurrent Predicts equal the predictor's to each row alone, bit for bit, "
+        "each with its experiment arm"
+    )
 
 
 def wait_ready(platform: Platform) -> None:
@@ -195,6 +224,12 @@ def main(argv: list[str] | None = None) -> None:
                     f"p99 {window.p99_ms:6.2f} ms  CPU/request µs: "
                     + "  ".join(f"{s} {window.cpu_us(s):.0f}" for s in SERVERS)
                     + (f"  errors {window.errors}" if window.errors else "")
+                    + (
+                        f"  merged: {window.merged['requests'] / max(window.answered, 1):.0%} of requests, "
+                        f"{window.merged['requests'] / max(window.merged['calls'], 1):.1f} per merged call"
+                        if side == "gateway"
+                        else ""
+                    )
                 )
     report(windows, answers, args.quick, window_s)
 
@@ -224,6 +259,11 @@ def report(windows: list[Window], answers: str, quick: bool, window_s: float) ->
     print(f"  {'gateway CPU µs/Predict':34} {'':16} {gw_own:16.0f} {gw_own / pred_alone:7.2f}")
     print(f"  {'gateway + predictor CPU µs':34} {pred_alone:16.0f} {end_to_end:16.0f} {end_to_end / pred_alone:7.2f}")
     print(f"  {'experiment service + manager µs':34} {'':16} {others:16.0f}")
+    share = _median(windows, "gateway", lambda w: w.merged.get("requests", 0.0) / max(w.answered, 1))
+    per_call = _median(
+        windows, "gateway", lambda w: w.merged.get("requests", 0.0) / max(w.merged.get("calls", 0.0), 1.0)
+    )
+    print(f"  merged predictor calls: {share:.0%} of Predicts went in a shared call, {per_call:.1f} per shared call")
     print(f"  errors during load: {errors}")
     goals = [
         Goal(

@@ -7,6 +7,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+# Frames every sample of the event loop's thread passes through: left out of the inclusive list.
+_ROOTS = ("<module> ", "_run_code ", "_run_module_as_main ", "run (__init__.py)", "run (server.py)")
+
 
 def _name(frame: str) -> str:
     # "function (path/to/file.py:line)" -> "function (file.py)"
@@ -30,8 +33,9 @@ def top(path: Path, count: int = 25) -> str:
             inclusive[frame] += n
         if frames:
             own[frames[-1]] += n
-    lines = [f"{total} samples", "inclusive:"]
-    lines += [f"  {n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(count)]
+    lines = [f"{total} samples", "inclusive (without the entry frames):"]
+    shown = [(frame, n) for frame, n in inclusive.most_common() if not frame.startswith(_ROOTS)][:count]
+    lines += [f"  {n / total:6.1%}  {frame}" for frame, n in shown]
     lines.append("self:")
     lines += [f"  {n / total:6.1%}  {frame}" for frame, n in own.most_common(count)]
     return "\n".join(lines)

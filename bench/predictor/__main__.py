@@ -23,12 +23,15 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bench.predictor import ceiling, report
+from bench.goals import record
+from bench.predictor import ceiling, cpu, report
+from bench.predictor.cpu import CpuMeter, charge
+from bench.predictor.floor_server import read_counts
 from bench.predictor.load import FULL_WINDOW, QUICK_WINDOW, LoadResult, Window, run_perf_analyzer
 from bench.predictor.loadtime import LoadTimes, time_loads
 from bench.predictor.models import ModelFiles, build_models, mlserver_model_settings
 from bench.predictor.peers import PerfAnalyzer, SetupError, ensure_mlserver, ensure_perf_analyzer
-from bench.predictor.protocol import infer_rows, model_config_response
+from bench.predictor.protocol import answered, infer_rows, model_config_response
 from bench.predictor.servers import ServerFailed, ServerProcess, free_port
 from bench.predictor.spec import MLSERVER_OUTPUT_NAME, MODEL_NAME, OUTPUT_NAME
 
@@ -47,6 +50,7 @@ class ServerRun:
 
     key: str
     label: str
+    workers: int = 1
     command: list[str] = field(default_factory=list)
     startup_s: float = 0.0
     answers: str = "not checked"
@@ -148,6 +152,9 @@ class Contender:
     probes: int
     check: Callable[[str], str] | None
     ready: bool = False
+    meter: CpuMeter | None = None
+    only_at: frozenset[int] | None = None
+    """The concurrencies this server is loaded at (None: all)."""
 
 
 def start_contender(contender: Contender) -> None:
@@ -184,7 +191,7 @@ def load_contenders(
         shift = index % len(contenders)
         for contender in contenders[shift:] + contenders[:shift]:
             run = contender.run
-            if not contender.ready:
+            if not contender.ready or (contender.only_at is not None and concurrency not in contender.only_at):
                 continue
             try:
                 contender.process.check_alive()
@@ -192,12 +199,16 @@ def load_contenders(
                 run.error, contender.ready = str(err), False
                 print(f"   {run.label}: FAILED: {err}", flush=True)
                 continue
+            before = contender.meter.read() if contender.meter else None
             result = run_perf_analyzer(tool, run.key, contender.process.address, concurrency, window, out_dir)
+            if contender.meter is not None:
+                charge(result, before, contender.meter.read())
             run.results.append(result)
             if result.ok:
+                cpu_text = f"  {result.cpu_us_per_request:5.0f} µs CPU/req" if result.cpu_us_per_request else ""
                 print(
                     f"   {run.label:<28} {result.infer_per_s:9.1f} infer/s  p50 {result.p50_ms:7.2f} ms"
-                    f"  p99 {result.p99_ms:7.2f} ms  ({result.seconds:.0f}s, load avg {result.load_average:.1f})"
+                    f"  p99 {result.p99_ms:7.2f} ms{cpu_text}  ({result.seconds:.0f}s, load {result.load_average:.1f})"
                     + (f"  [{result.note}]" if result.note else ""),
                     flush=True,
                 )
@@ -213,7 +224,7 @@ def finish_contender(contender: Contender, concurrencies: list[int]) -> None:
     if contender.process.process is not None:
         print(f"   {run.label}: stopped (exit {code})", flush=True)
     measured = {r.concurrency for r in run.results}
-    for concurrency in concurrencies:
+    for concurrency in sorted(contender.only_at or concurrencies):
         if concurrency not in measured:
             reason = f"not run: {run.error.splitlines()[0]}" if run.error else "not run"
             run.results.append(LoadResult(run.key, concurrency, error=reason))
@@ -256,10 +267,47 @@ def mlserver_process(
     return ServerProcess("mlserver", command, port, log, cwd=directory)
 
 
-def floor_process(workers: int, log: Path) -> ServerProcess:
+def floor_process(workers: int, log: Path, count_dir: Path, model: Path | None = None) -> ServerProcess:
+    """The floor, or with `model` the hand-rolled server, counting its ModelInfer calls in `count_dir`."""
     port = free_port()
-    command = [sys.executable, "-m", "bench.predictor.floor_server", "--port", str(port), "--workers", str(workers)]
-    return ServerProcess("floor", command, port, log, cwd=REPO_ROOT)
+    module = "bench.predictor.handrolled_server" if model else "bench.predictor.floor_server"
+    command = [sys.executable, "-m", module, "--port", str(port), "--workers", str(workers)]
+    count_dir.mkdir(parents=True, exist_ok=True)
+    command += ["--count-dir", str(count_dir), *(["--model", str(model)] if model else [])]
+    return ServerProcess("handrolled" if model else "floor", command, port, log, cwd=REPO_ROOT)
+
+
+def _pid_of(process: ServerProcess) -> Callable[[], int | None]:
+    return lambda: process.process.pid if process.process is not None else None
+
+
+def fresco_contender(files: ModelFiles, workers: int, key: str, logs: Path, expected: np.ndarray) -> Contender:
+    process = fresco_process(files.fresco_repository, workers, logs / f"{key}.log")
+    return Contender(
+        ServerRun(key, f"fresco ({workers} worker{'s' if workers > 1 else ''})", workers),
+        process,
+        ready_line="predictor listening on",
+        health=True,
+        probes=8 * workers if workers > 1 else 1,
+        check=lambda address: check_answers(address, MODEL_NAME, OUTPUT_NAME, files, expected),
+        meter=CpuMeter(_pid_of(process), lambda: answered(process.address, MODEL_NAME)),
+    )
+
+
+def peer_contender(kind: str, workers: int, key: str, work: Path, files: ModelFiles, expected: np.ndarray) -> Contender:
+    """The floor or the hand-rolled server (`kind`) with `workers` processes."""
+    count_dir = work / "counts" / key
+    model = files.onnx_file if kind == "handrolled" else None
+    process = floor_process(workers, work / "logs" / f"{key}.log", count_dir, model)
+    return Contender(
+        ServerRun(key, f"{kind} ({workers} worker{'s' if workers > 1 else ''})", workers),
+        process,
+        ready_line=f"{kind} listening on",
+        health=False,
+        probes=8 * workers if workers > 1 else 1,
+        check=(lambda address: check_answers(address, MODEL_NAME, OUTPUT_NAME, files, expected)) if model else None,
+        meter=CpuMeter(_pid_of(process), lambda: read_counts(count_dir)),
+    )
 
 
 def measure_load_times(
@@ -352,18 +400,14 @@ def run_benchmark(args: argparse.Namespace) -> Results:
 
     step(f"Servers under perf_analyzer (batch 1, concurrency {','.join(map(str, concurrencies))})")
     logs = work / "logs"
-    plural = "s" if workers > 1 else ""
-    many = 8 * workers if workers > 1 else 1
-    contenders = [
-        Contender(
-            ServerRun("fresco", f"fresco ({workers} worker{plural})"),
-            fresco_process(files.fresco_repository, workers, logs / "fresco.log"),
-            ready_line="predictor listening on",
-            health=True,
-            probes=many,
-            check=lambda address: check_answers(address, MODEL_NAME, OUTPUT_NAME, files, expected),
-        )
-    ]
+    # One worker and `workers` workers of Fresco, the floor and the hand-rolled server: the N-worker
+    # ones keep the keys the throughput report reads ("fresco", "floor").
+    sets = [(1, "-1w"), (workers, "")] if workers > 1 else [(1, "")]
+    contenders = []
+    for count, suffix in sets:
+        contenders.append(fresco_contender(files, count, f"fresco{suffix}", logs, expected))
+        contenders.append(peer_contender("floor", count, f"floor{suffix}", work, files, expected))
+        contenders.append(peer_contender("handrolled", count, f"handrolled{suffix}", work, files, expected))
     if mlserver_python is not None:
         size, delay = MLSERVER_BATCH
         for key, label, batch, batch_time in (
@@ -378,18 +422,9 @@ def run_benchmark(args: argparse.Namespace) -> Results:
                     health=False,
                     probes=1,
                     check=lambda address: check_answers(address, MODEL_NAME, MLSERVER_OUTPUT_NAME, files, expected),
+                    only_at=frozenset({16}),  # the goal compares at c16 only
                 )
             )
-    contenders.append(
-        Contender(
-            ServerRun("floor", f"floor ({workers} worker{plural})"),
-            floor_process(workers, logs / "floor.log"),
-            ready_line="floor listening on",
-            health=False,
-            probes=many,
-            check=None,
-        )
-    )
     results.servers = [contender.run for contender in contenders]
     try:
         # All servers up at once (idle ones cost nothing), then loaded in turn at each concurrency.
@@ -437,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report.render(
         results.servers, results.concurrencies, results.ceiling, results.load_times, results.targets, results.meta
     )
+    text += "\n\n" + cpu.render_cpu(results.servers, results.concurrencies)
     print("\n" + text, flush=True)
     RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
     payload = to_jsonable(results)
@@ -445,6 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     payload["report"] = text
     RESULTS_FILE.write_text(json.dumps(payload, indent=2))
     print(f"\nRaw results: {RESULTS_FILE.relative_to(REPO_ROOT)}  (logs and CSVs under .cache/bench/predictor/)")
+    record(
+        "predictor",
+        cpu.goals(results.servers, results.concurrencies, results.fresco_workers),
+        quick=args.quick,
+        notes=[
+            "CPU/request: the server's process tree utime+stime from /proc over each perf_analyzer run, "
+            "divided by the requests it counted in that run",
+            "peers started in the same run, loaded in turn at each concurrency; MLServer at c16 only",
+        ],
+    )
     return 0
 
 

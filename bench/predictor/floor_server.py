@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import mmap
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any, TypeAlias
 
 import grpc
@@ -33,10 +35,36 @@ Context: TypeAlias = aio.ServicerContext[Any, Any]
 WORKER_READY = "floor worker listening"
 
 
+class RequestCounter:
+    """ModelInfer calls this process answered, in an 8-byte file `<directory>/<pid>` that a benchmark
+    sums over a server's processes (its CPU per request is CPU seconds over this count); a plain
+    memory write per call."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self._map: mmap.mmap | None = None
+        self._view: memoryview | None = None
+        if directory is not None:
+            path = directory / str(os.getpid())
+            path.write_bytes(bytes(8))
+            with path.open("r+b") as handle:
+                self._map = mmap.mmap(handle.fileno(), 8)
+            self._view = memoryview(self._map).cast("Q")
+
+    def add(self) -> None:
+        if self._view is not None:
+            self._view[0] += 1
+
+
+def read_counts(directory: Path) -> int:
+    """The calls counted by every process that wrote under `directory`."""
+    return sum(int.from_bytes(path.read_bytes()[:8], "little") for path in directory.iterdir() if path.is_file())
+
+
 class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
     """Answers the protocol's calls for one model with constant responses; never computes anything."""
 
-    def __init__(self) -> None:
+    def __init__(self, counter: RequestCounter | None = None) -> None:
+        self.counter = counter or RequestCounter(None)
         self.infer_response = pb.ModelInferResponse(model_name=MODEL_NAME, model_version="1")
         self.infer_response.outputs.add(name=OUTPUT_NAME, datatype="FP32", shape=[1, 1])
         self.infer_response.raw_output_contents.append(np.zeros(1, dtype=np.float32).tobytes())
@@ -64,6 +92,7 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
         return self.config
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> pb.ModelInferResponse:
+        self.counter.add()
         return self.infer_response
 
     async def ModelStreamInfer(
@@ -91,13 +120,13 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the floor serves one fixed model")
 
 
-async def serve(host: str, port: int, announce: bool) -> None:
+async def serve(host: str, port: int, announce: bool, servicer: FloorServicer, name: str = "floor") -> None:
     """One worker: serve until SIGTERM or SIGINT."""
     server = aio.server(options=CHANNEL_OPTIONS)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(FloorServicer(), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise OSError(f"floor: could not bind {host}:{port}")
+        raise OSError(f"{name}: could not bind {host}:{port}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,14 +134,14 @@ async def serve(host: str, port: int, announce: bool) -> None:
     await server.start()
     print(f"{WORKER_READY} on {host}:{bound} pid={os.getpid()}", flush=True)
     if announce:
-        print(f"floor listening on {host}:{bound} workers=1", flush=True)
+        print(f"{name} listening on {host}:{bound} workers=1", flush=True)
     await stopping.wait()
     await server.stop(1.0)
 
 
-def supervise(host: str, port: int, workers: int) -> int:
+def supervise(child_command: list[str], host: str, port: int, workers: int, name: str = "floor") -> int:
     """Start `workers` single-worker processes on one port; stop them all on SIGTERM or when one dies."""
-    command = [sys.executable, "-m", "bench.predictor.floor_server", "--host", host, "--port", str(port), "--child"]
+    command = [*child_command, "--host", host, "--port", str(port), "--child"]
     children = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(workers)]
 
     def stop_children(*_: object) -> None:
@@ -127,9 +156,9 @@ def supervise(host: str, port: int, workers: int) -> int:
             assert child.stdout is not None
             line = child.stdout.readline()
             if WORKER_READY not in line:
-                print(f"floor: a worker failed to start (exit {child.poll()})", file=sys.stderr, flush=True)
+                print(f"{name}: a worker failed to start (exit {child.poll()})", file=sys.stderr, flush=True)
                 return 1
-        print(f"floor listening on {host}:{port} workers={workers}", flush=True)
+        print(f"{name} listening on {host}:{port} workers={workers}", flush=True)
         codes = [child.wait() for child in children]
         return 1 if any(code not in (0, -signal.SIGTERM) for code in codes) else 0
     finally:
@@ -138,20 +167,34 @@ def supervise(host: str, port: int, workers: int) -> int:
             child.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.predictor.floor_server", description=__doc__.split("\n")[0])
+def parse_server_args(prog: str, description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The flags of the floor and of the hand-rolled server."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="port to listen on (not 0 with --workers > 1)")
     parser.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    parser.add_argument("--count-dir", type=Path, default=None, help="count ModelInfer calls in files here")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.workers > 1 and args.port == 0:
+        parser.error("--workers > 1 needs an explicit --port for all workers to share")
+    return args
+
+
+def child_command(module: str, args: argparse.Namespace) -> list[str]:
+    """How a supervisor starts one worker of `module` with the same options."""
+    return [sys.executable, "-m", module, *(["--count-dir", str(args.count_dir)] if args.count_dir else [])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    module = "bench.predictor.floor_server"
+    args = parse_server_args(module, (__doc__ or "").split("\n")[0], argv)
     if args.workers > 1:
-        if args.port == 0:
-            parser.error("--workers > 1 needs an explicit --port for all workers to share")
-        return supervise(args.host, args.port, args.workers)
+        return supervise(child_command(module, args), args.host, args.port, args.workers)
     import uvloop
 
-    uvloop.run(serve(args.host, args.port, announce=not args.child))
+    servicer = FloorServicer(RequestCounter(args.count_dir))
+    uvloop.run(serve(args.host, args.port, announce=not args.child, servicer=servicer))
     return 0
 
 

@@ -39,8 +39,8 @@ class Window:
         return Window(self.measurement_ms, self.stability_pct * 2, self.max_trials)
 
 
-FULL_WINDOW = Window(5000, 50, 10)
-QUICK_WINDOW = Window(2000, 50, 6)
+FULL_WINDOW = Window(2000, 50, 6)
+QUICK_WINDOW = Window(1000, 50, 4)
 UNSTABLE = "Failed to obtain stable measurement"
 
 
@@ -62,6 +62,10 @@ class LoadResult:
     load_average: float = 0.0
     """The machine's 1-minute load average when the run started (other work on the machine skews results)."""
     command: list[str] = field(default_factory=list)
+    requests: int = 0
+    """Requests the server answered during the run (its own count), when it was counted."""
+    cpu_us_per_request: float = 0.0
+    """The server's process tree CPU time over the run divided by `requests`, in µs."""
     csv_row: dict[str, str] = field(default_factory=dict)
 
 

@@ -102,3 +102,12 @@ def unload_model(address: str, model: str, timeout_s: float = 60.0) -> None:
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name=model), timeout=timeout_s)
+
+
+def answered(address: str, model: str, timeout_s: float = 10.0) -> int:
+    """Requests a Fresco predictor has answered successfully for `model`, by ModelStatistics (every
+    worker's, as the predictor merges them)."""
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=timeout_s)
+    return sum(stats.inference_stats.success.count for stats in response.model_stats)

@@ -153,6 +153,9 @@ def render(
         for index, concurrency in enumerate(concurrencies):
             result = next((r for r in server.results if r.concurrency == concurrency), None)
             label = server.label if index == 0 else ""
+            if result is None:  # a server loaded at some concurrencies only
+                lines.append(f"{label:<34}{concurrency:>5}{'not run':>11}{'—':>9}{'—':>9}")
+                continue
             if result is not None and result.ok:
                 lines.append(
                     f"{label:<34}{concurrency:>5}{result.infer_per_s:>11,.0f}{result.p50_ms:>9.2f}{result.p99_ms:>9.2f}"

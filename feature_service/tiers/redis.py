@@ -1,4 +1,4 @@
-"""L2: Redis as a cache of encoded records, one pipelined round trip per batch, failing fast when down.
+"""L2: Redis as a cache of encoded records, one round trip per batch, failing fast when down.
 
 Every error becomes chassis Unavailable("redis: ...") within about the socket timeout, so the store can
 go around it; the pool reconnects by itself when Redis comes back.
@@ -86,7 +86,7 @@ _ORDERED_SET_SHA = hashlib.sha1(_ORDERED_SET.encode(), usedforsecurity=False).he
 
 
 class RedisTier:
-    """Records under `<prefix><view>:<key>` with a TTL; reads are one MGET per view in one pipeline."""
+    """Records under `<prefix><view>:<key>` with a TTL; a read is one MGET of every key of every view."""
 
     name = "redis"
 
@@ -131,20 +131,23 @@ class RedisTier:
         return result
 
     async def read(self, keys_by_view: Mapping[str, Sequence[str]]) -> dict[str, list[Record | None]]:
-        """For each view, its keys' records in order (None where absent); one round trip in all."""
-        out: dict[str, list[Record | None]] = {view: [] for view in keys_by_view}
-        pipe = self._client.pipeline(transaction=False)
-        views: list[str] = []
+        """For each view, its keys' records in order (None where absent): one MGET of every key of every view."""
+        names: list[str] = []
         for view, keys in keys_by_view.items():
-            if keys:
-                prefix = self._prefix(view)
-                pipe.mget([prefix + key for key in keys])
-                views.append(view)
-        if not views:
-            return out
-        replies = await self._execute(pipe)
-        for view, values in zip(views, replies, strict=True):
-            out[view] = [None if value is None else _decode(value) for value in values]
+            prefix = self._prefix(view)
+            names += [prefix + key for key in keys]
+        if not names:
+            return {view: [] for view in keys_by_view}
+        self.round_trips += 1
+        try:
+            values: list[Any] = await self._client.mget(names)  # bytes or None: responses are not decoded
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+        out: dict[str, list[Record | None]] = {}
+        start = 0
+        for view, keys in keys_by_view.items():
+            out[view] = [None if value is None else _decode(value) for value in values[start : start + len(keys)]]
+            start += len(keys)
         return out
 
     async def floor(self, view: str, heads: Sequence[tuple[str, bytes]]) -> list[int]:

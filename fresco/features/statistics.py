@@ -64,29 +64,37 @@ def summarize(feature: Feature, values: Sequence[Any]) -> FeatureSummary:
     if not present:
         return FeatureSummary(feature.name, len(values), nulls)
     if feature.type in NUMERIC_TYPES:
-        array = np.asarray(present, dtype=np.float64)
-        counts, bounds = np.histogram(array, bins=HISTOGRAM_BUCKETS)
-        quantiles = np.quantile(array, PERCENTILES)
-        uniques, frequency = np.unique(array, return_counts=True)
-        mode: Any = float(uniques[int(np.argmax(frequency))])
-        if feature.type in ("int64", "int32"):
-            mode = int(mode)
-        numeric = NumericSummary(
-            mean=float(array.mean()),
-            std=float(array.std()),
-            min=float(array.min()),
-            max=float(array.max()),
-            percentiles={q: float(v) for q, v in zip(PERCENTILES, quantiles, strict=True)},
-            bucket_bounds=[float(b) for b in bounds],
-            bucket_counts=[int(c) for c in counts],
-        )
-        return FeatureSummary(feature.name, len(values), nulls, numeric=numeric, mode=mode)
+        return summarize_numbers(feature, np.asarray(present, dtype=np.float64), len(values))
     hashable = [v if isinstance(v, (str, bytes, bool, int, float)) else repr(v) for v in present]
     counter = Counter(hashable)
     top = [(str(v), n, n / len(present)) for v, n in counter.most_common(TOP_CATEGORIES)]
     categorical = CategoricalSummary(distinct_count=len(counter), top=top)
     # Ties go to the value seen first, so online and offline pick the same one.
     return FeatureSummary(feature.name, len(values), nulls, categorical=categorical, mode=counter.most_common(1)[0][0])
+
+
+def summarize_numbers(feature: Feature, array: np.ndarray, count: int) -> FeatureSummary:
+    """Statistics of a numeric feature's column from its non-null numbers (float64, no NaN) and its length
+    with nulls: what `summarize` answers for the same column."""
+    nulls = count - len(array)
+    if not len(array):
+        return FeatureSummary(feature.name, count, nulls)
+    counts, bounds = np.histogram(array, bins=HISTOGRAM_BUCKETS)
+    quantiles = np.quantile(array, PERCENTILES)
+    uniques, frequency = np.unique(array, return_counts=True)
+    mode: Any = float(uniques[int(np.argmax(frequency))])
+    if feature.type in ("int64", "int32"):
+        mode = int(mode)
+    numeric = NumericSummary(
+        mean=float(array.mean()),
+        std=float(array.std()),
+        min=float(array.min()),
+        max=float(array.max()),
+        percentiles={q: float(v) for q, v in zip(PERCENTILES, quantiles, strict=True)},
+        bucket_bounds=[float(b) for b in bounds],
+        bucket_counts=[int(c) for c in counts],
+    )
+    return FeatureSummary(feature.name, count, nulls, numeric=numeric, mode=mode)
 
 
 def baselines(summaries: Mapping[str, FeatureSummary]) -> dict[str, Baseline]:

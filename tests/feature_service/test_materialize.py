@@ -13,7 +13,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 import pytest
 
-from chassis.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from chassis.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from feature_service import convert
 from feature_service.materialize import MaterializeProgress, Materializer, MaterializeSpec
 from feature_service.reader import Catalog
@@ -97,7 +97,8 @@ async def test_statistics_of_a_known_data_set(materializer, catalog, tier, tmp_p
     source = trips(tmp_path / "trips.parquet")
     outcome = await materializer.run(MaterializeSpec("trips", str(source)), steps.append)
 
-    assert (outcome.rows_read, outcome.rows_written, outcome.rejections.count) == (7, 5, 1)
+    # Driver 1's rows fall in two chunks of two: each chunk writes its latest row, the store keeps the later.
+    assert (outcome.rows_read, outcome.rows_written, outcome.rejections.count) == (7, 6, 1)
     (rejected,) = outcome.rejections.rows
     assert (rejected.row_index, [(p.feature, p.code) for p in rejected.problems]) == (
         5,
@@ -148,11 +149,14 @@ async def test_statistics_of_a_known_data_set(materializer, catalog, tier, tmp_p
     assert records[0].features["fare"] == 30.0
     assert records[0].event_ts == T0 + 180
     assert records[1] is None  # its only row was rejected
-    assert tier.batches == [2, 2, 1]
+    assert tier.batches == [2, 2, 1, 1]
     phases = [s.phase for s in steps]
-    assert phases[0] == "read"
+    assert phases[0] == "rows"
     assert phases[-1] == "statistics"
-    assert [(s.done, s.total) for s in steps if s.phase == "write"] == [(2, 5), (4, 5), (5, 5)]
+    rows = [(s.done, s.total) for s in steps if s.phase == "rows"]
+    assert (rows[0], rows[-1]) == ((0, 7), (7, 7))
+    assert [done for done, _ in rows] == sorted(done for done, _ in rows)
+    assert [(s.done, s.total) for s in steps if s.phase == "statistics"][-1] == (5, 5)
 
 
 async def test_csv_with_mapping_ranges_and_parse_problems(materializer, tier, tmp_path: Path) -> None:
@@ -307,3 +311,38 @@ async def test_errors_never_echo_the_file(materializer, tmp_path: Path) -> None:
         for problem in rejection.problems:
             assert "TOPSECRET" not in problem.actual
             assert problem.code == Violation.UNPARSEABLE
+
+
+class FailingTier(CountingTier):
+    """SQLite whose second write batch fails, as a tier that went away part way through."""
+
+    async def write(self, view: str, rows: Sequence[tuple[str, Record]]) -> dict[str, Record]:
+        if len(self.batches) == 1:
+            self.batches.append(-1)
+            raise Unavailable("sqlite: gone")
+        return await super().write(view, rows)
+
+
+async def test_a_failed_write_fails_the_materialisation_and_keeps_the_old_statistics(
+    catalog: Catalog, tmp_path: Path
+) -> None:
+    tier = FailingTier(tmp_path / "failing.db")
+    await tier.connect()
+    store = TieredStore(MemoryCache(), None, tier, None)
+    materializer = Materializer(catalog, store, tier, chunk_rows=2, source_dirs=[tmp_path])
+    source = trips(tmp_path / "trips.parquet")
+    with pytest.raises(Unavailable, match="gone"):
+        await materializer.run(MaterializeSpec("trips", str(source)))
+    assert await tier.load_statistics("trips") is None
+    assert catalog.views["trips"].statistics is None
+    # The first chunk (drivers 1 and 2) was written before the failure; nothing was lost or half written.
+    first = (await tier.read({"trips": [entity_key([1]), entity_key([2])]}))["trips"]
+    assert [r.features["fare"] if r else None for r in first] == [10.0, 20.0]
+    # Run again once the tier is back: the whole file, the later row of driver 1 winning.
+    outcome = await materializer.run(MaterializeSpec("trips", str(source)))
+    assert outcome.rejections.count == 1
+    (record,) = (await tier.read({"trips": [entity_key([1])]}))["trips"]
+    assert record is not None
+    assert record.features["fare"] == 30.0
+    assert await tier.load_statistics("trips") is not None
+    await store.close()

@@ -328,7 +328,7 @@ def test_fast_encoding_matches_protobuf(kind_values, statuses, stamps, tier) -> 
         "v:f", convert.encode_values(kind, values), statuses, convert.encode_timestamps(stamps), tier
     )
     fast = pb.GetFeaturesResponse.FromString(
-        convert.encode_response(pb.GetFeaturesMetadata(feature_refs=["v:f"], degraded=True), [encoded])
+        convert.encode_response(convert.encode_metadata(("v:f",), True, [], []), [encoded])
     )
     slow = pb.GetFeaturesResponse(metadata=pb.GetFeaturesMetadata(feature_refs=["v:f"], degraded=True))
     slow.columns.add(
@@ -341,12 +341,26 @@ def test_fast_encoding_matches_protobuf(kind_values, statuses, stamps, tier) -> 
     assert fast == slow
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.text(max_size=150), max_size=60),
+    st.booleans(),
+    st.lists(st.text(max_size=20), max_size=4),
+    st.lists(st.text(max_size=20), max_size=4),
+)
+def test_fast_metadata_encoding_matches_protobuf(refs, degraded, served, failed) -> None:
+    encoded = convert.encode_metadata(tuple(refs), degraded, served, failed)
+    slow = pb.GetFeaturesMetadata(feature_refs=refs, degraded=degraded, served_tiers=served, failed_tiers=failed)
+    assert pb.GetFeaturesMetadata.FromString(encoded) == slow
+    assert pb.GetFeaturesResponse.FromString(convert.encode_response(encoded, [])).metadata == slow
+
+
 def test_values_of_another_type_than_declared_still_encode() -> None:
     # e.g. an integer default for a double feature, or a most-frequent value of a list feature (a repr string)
     values = [1, True, "x", 2.5, None, [1.0]]
     response = pb.GetFeaturesResponse.FromString(
         convert.encode_response(
-            pb.GetFeaturesMetadata(),
+            convert.encode_metadata((), False, [], []),
             [convert.encode_column("v:f", convert.encode_values("double", values), [], b"", "")],
         )
     )

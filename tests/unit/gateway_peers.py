@@ -44,6 +44,8 @@ class ScriptedPredictor:
     metadata_calls: list[tuple[str, float | None]] = field(default_factory=list)
     infer_calls: list[tuple[pb.ModelInferRequest, float | None]] = field(default_factory=list)
     infer_metadata: list[dict[str, str | bytes]] = field(default_factory=list)
+    infer_delay_s: float = 0.0
+    refuse_value: float | None = None  # a request holding this input value is INVALID_ARGUMENT
 
     def _version(self, requested: str) -> tuple[str, Version]:
         number = requested or self.default
@@ -80,6 +82,9 @@ class ScriptedPredictor:
             response.raw_output_contents.append(request.raw_input_contents[0])
             return response
         x = np.frombuffer(request.raw_input_contents[0], dtype="<f8").reshape(tuple(tensor.shape))
+        await asyncio.sleep(self.infer_delay_s)
+        if self.refuse_value is not None and (x == self.refuse_value).any():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input x: {self.refuse_value} is refused")
         y = (x * 10.0 ** np.arange(x.shape[1])).sum(axis=1)
         response.outputs.add(name="y", datatype="FP64", shape=y.shape)
         response.raw_output_contents.append(y.astype("<f8").tobytes())
