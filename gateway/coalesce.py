@@ -34,6 +34,12 @@ class _Waiting:
     rows: int
     deadline: float
     answer: asyncio.Future[pb.ModelInferResponse]
+    layout: tuple[tuple[str, str, tuple[int, ...]], ...]  # each input's dtype and shape past the batch dimension
+
+
+def _layout(inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
+    """What requests must share to travel in one tensor: each input's dtype and shape beyond its rows."""
+    return tuple((name, array.dtype.str, array.shape[1:]) for name, array in inputs.items())
 
 
 def split_response(response: pb.ModelInferResponse, sizes: Sequence[int], what: str) -> list[pb.ModelInferResponse]:
@@ -96,7 +102,7 @@ class Coalescer:
             finally:
                 self._finished(key)
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(inputs, rows, self._clock() + timeout_s, loop.create_future())
+        waiting = _Waiting(inputs, rows, self._clock() + timeout_s, loop.create_future(), _layout(inputs))
         self._waiting.setdefault(key, []).append(waiting)
         # The deadline fails this request's own future (a caller leaving cancels it): the call carrying it goes on.
         expiry = loop.call_later(timeout_s, _expire, waiting.answer, what)
@@ -117,12 +123,15 @@ class Coalescer:
                 del self._running[key]
                 self._waiting.pop(key, None)
             return
-        batch: list[_Waiting] = []
-        rows = 0
-        while queue and (not batch or rows + queue[0].rows <= self._max_rows):
-            waiting = queue.pop(0)
-            batch.append(waiting)
-            rows += waiting.rows
+        # The oldest request and those after it that fit: the same tensor layout (a variable dimension past the
+        # rows may differ between requests), within max_rows; the others keep their place for the next call.
+        batch = [queue.pop(0)]
+        rows = batch[0].rows
+        for waiting in list(queue):
+            if waiting.layout == batch[0].layout and rows + waiting.rows <= self._max_rows:
+                queue.remove(waiting)
+                batch.append(waiting)
+                rows += waiting.rows
         self._running[key] += 1
         task = asyncio.ensure_future(self._send_merged(key, batch))
         self._tasks.add(task)

@@ -227,3 +227,24 @@ async def test_with_two_in_flight_the_third_and_later_requests_wait_for_either()
     answers = await asyncio.gather(first, second, *waiting)
     assert [_y(a) for a in answers] == [[3.0], [5.0], [7.0], [9.0], [11.0]]
     assert model.calls == [1, 1, 3], "the first call to end took all three waiting requests"
+
+
+async def test_requests_whose_tensors_differ_beyond_the_batch_dimension_are_not_merged_together() -> None:
+    """A version with a variable second dimension (a list feature, say): requests of different widths cannot share
+    one tensor. Each still gets its own answer; only requests of one width travel together."""
+    model = Model()
+    coalescer = Coalescer(model.send, in_flight=1, max_rows=100)
+    first = await _started(coalescer, model, (1.0,))
+
+    def started(row: list[float]) -> asyncio.Future[pb.ModelInferResponse]:
+        x = {"x": np.asarray([row], dtype=np.float32)}
+        return asyncio.ensure_future(coalescer.infer(KEY, x, 1, 10.0, "predictor p"))
+
+    narrow, wide, narrow_too = started([2.0]), started([3.0, 4.0]), started([5.0])
+    await asyncio.sleep(0)
+    model.gate.set()
+    assert _y(await first) == [3.0]
+    assert _y(await narrow) == [5.0]
+    assert _y(await wide) == [7.0, 9.0]
+    assert _y(await narrow_too) == [11.0]
+    assert sorted(model.calls[1:]) == [1, 2], "the two narrow requests went together, the wide one alone"
