@@ -117,7 +117,7 @@ def _column_times(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray] | No
     """Event times as float seconds and where they are usable (non-null, finite), or None for text."""
     arrow = column.type
     if pat.is_timestamp(arrow) or pat.is_date(arrow):
-        micros = pc.cast(pc.cast(column, pa.timestamp("us", getattr(arrow, "tz", None))), pa.int64())
+        micros = _micros(column)
         known = ~np.asarray(micros.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         values = micros.fill_null(0).to_numpy().astype(np.int64)
         return values / 1e6, known
@@ -125,6 +125,13 @@ def _column_times(column: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray] | No
         values = column.cast(pa.float64(), safe=False).fill_null(math.nan).to_numpy()  # as float(cell) rounds
         return values, np.isfinite(values)
     return None
+
+
+def _micros(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Timestamps or dates as int64 microseconds since the epoch, the resolution records keep: digits below the
+    microsecond (pandas writes nanoseconds) are dropped, not refused as lost data."""
+    arrow = column.type
+    return pc.cast(pc.cast(column, pa.timestamp("us", getattr(arrow, "tz", None)), safe=False), pa.int64())
 
 
 def _fast_column(entry: ViewEntry, name: str, column: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray] | None:
@@ -348,7 +355,7 @@ def _timestamps(column: pa.ChunkedArray, name: str, problems: dict[int, list[Pro
     seconds, or ISO-8601 text."""
     arrow = column.type
     if pat.is_timestamp(arrow) or pat.is_date(arrow):
-        micros = pc.cast(pc.cast(column, pa.timestamp("us", getattr(arrow, "tz", None))), pa.int64())
+        micros = _micros(column)
         cells: Sequence[Any] = [None if m is None else m / 1e6 for m in micros.to_pylist()]
     else:
         cells = column.to_pylist()

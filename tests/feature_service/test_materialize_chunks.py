@@ -123,3 +123,36 @@ async def test_the_store_holds_each_entitys_latest_valid_row_of_the_whole_file(
         assert [(int(r.event_ts), r.features["fare"]) for r in memory if isinstance(r, Record)] == list(
             expected.values()
         )
+
+
+async def test_nanosecond_event_times_are_materialised_to_the_microsecond(
+    world: tuple[Catalog, SQLiteTier, TieredStore], tmp_path: Path
+) -> None:
+    """pandas writes datetime64[ns] columns as Parquet nanosecond timestamps: times with digits below the
+    microsecond (what records keep) are read, not refused as an internal error."""
+    catalog, tier, store = world
+    base_ns = int(T0) * 10**9
+    table = pa.table(
+        {
+            "driver_id": pa.array([1, 2, 1], pa.int64()),
+            "event_timestamp": pa.array([base_ns + 123_456_789, base_ns + 5, base_ns + 999], pa.timestamp("ns")),
+            "fare": [1.0, 2.0, 3.0],
+            "vehicle": ["car", "van", "car"],
+            "rating": pa.array([1, 2, 3], pa.int64()),
+            "premium": [True, False, True],
+            "path": pa.array([[1.0], [], None], pa.list_(pa.float64())),
+        }
+    )
+    source = tmp_path / "nanos.parquet"
+    pq.write_table(table, source)
+    materializer = Materializer(catalog, store, tier, chunk_rows=2, source_dirs=[tmp_path])
+    outcome = await materializer.run(MaterializeSpec("trips", str(source)))
+    assert (outcome.rows_read, outcome.rejections.count) == (3, 0)
+    one, two = (await tier.read({"trips": [entity_key([1]), entity_key([2])]}))["trips"]
+    assert one is not None
+    assert two is not None
+    assert (one.features["fare"], one.event_us, two.event_us) == (
+        1.0,
+        Record({}, T0 + 0.123456, 0.0).event_us,
+        Record({}, T0, 0.0).event_us,
+    )
