@@ -6,7 +6,9 @@ would. Nothing waits while there is room: a lone request is sent at once.
 
 Each request keeps its own deadline (the merged call runs until the latest of them), leaving does not cancel the
 others, and a merged call the predictor refuses as INVALID_ARGUMENT is asked again request by request, so one bad
-row fails only its own request. Only versions whose metadata gives every input and output a batch dimension and
+row fails only its own request. A merged call carries at most max_rows rows and about max_bytes bytes (its inputs, and
+the answer's rows at the size earlier answers had), so requests that each fit a message never make one that does
+not. Only versions whose metadata gives every input and output a batch dimension and
 no BYTES tensor are merged (`ModelSignature.mergeable`): their answers split by rows exactly."""
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from fresco.api.inference import grpc_service_pb2 as pb
 Key = tuple[str, object, tuple[str, ...]]  # endpoint, pinned version, outputs asked for
 Send = Callable[[Key, Mapping[str, np.ndarray], float], Awaitable[pb.ModelInferResponse]]
 _LEAST_TIMEOUT_S: Final = 0.001
+DEFAULT_MAX_BYTES: Final = 32 << 20  # half the default max message size: room for the request's other fields
 
 
 @dataclass(eq=False)
@@ -35,6 +38,7 @@ class _Waiting:
     deadline: float
     answer: asyncio.Future[pb.ModelInferResponse]
     layout: tuple[tuple[str, str, tuple[int, ...]], ...]  # each input's dtype and shape past the batch dimension
+    nbytes: int  # of the inputs
 
 
 def _layout(inputs: Mapping[str, np.ndarray]) -> tuple[tuple[str, str, tuple[int, ...]], ...]:
@@ -73,10 +77,13 @@ class Coalescer:
         max_rows: int,
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self._send = send
         self._in_flight = in_flight
         self._max_rows = max_rows
+        self._max_bytes = max_bytes
+        self._answer_row_bytes: dict[Key, int] = {}  # per key, the most bytes an answer's row took
         self._clock = clock
         self._running: dict[Key, int] = {}
         self._waiting: dict[Key, list[_Waiting]] = {}
@@ -98,11 +105,12 @@ class Coalescer:
         if self._running.get(key, 0) < self._in_flight:
             self._running[key] = self._running.get(key, 0) + 1
             try:
-                return await self._send(key, inputs, timeout_s)
+                return self._learned(key, rows, await self._send(key, inputs, timeout_s))
             finally:
                 self._finished(key)
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(inputs, rows, self._clock() + timeout_s, loop.create_future(), _layout(inputs))
+        nbytes = sum(array.nbytes for array in inputs.values())
+        waiting = _Waiting(inputs, rows, self._clock() + timeout_s, loop.create_future(), _layout(inputs), nbytes)
         self._waiting.setdefault(key, []).append(waiting)
         # The deadline fails this request's own future (a caller leaving cancels it): the call carrying it goes on.
         expiry = loop.call_later(timeout_s, _expire, waiting.answer, what)
@@ -122,16 +130,23 @@ class Coalescer:
             if not self._running[key] and not queue:
                 del self._running[key]
                 self._waiting.pop(key, None)
+                self._answer_row_bytes.pop(key, None)
             return
         # The oldest request and those after it that fit: the same tensor layout (a variable dimension past the
-        # rows may differ between requests), within max_rows; the others keep their place for the next call.
+        # rows may differ between requests), within max_rows and max_bytes; the others keep their place for the
+        # next call.
+        answer_row = self._answer_row_bytes.get(key, 0)
         batch = [queue.pop(0)]
         rows = batch[0].rows
+        size = batch[0].nbytes + rows * answer_row
         for waiting in list(queue):
-            if waiting.layout == batch[0].layout and rows + waiting.rows <= self._max_rows:
+            more = waiting.nbytes + waiting.rows * answer_row
+            fits = rows + waiting.rows <= self._max_rows and size + more <= self._max_bytes
+            if waiting.layout == batch[0].layout and fits:
                 queue.remove(waiting)
                 batch.append(waiting)
                 rows += waiting.rows
+                size += more
         self._running[key] += 1
         task = asyncio.ensure_future(self._send_merged(key, batch))
         self._tasks.add(task)
@@ -155,7 +170,7 @@ class Coalescer:
             return
         timeout_s = max(_LEAST_TIMEOUT_S, max(w.deadline for w in live) - self._clock())
         if len(live) == 1:
-            _settle(live[0], await self._send(key, live[0].inputs, timeout_s))
+            _settle(live[0], self._learned(key, live[0].rows, await self._send(key, live[0].inputs, timeout_s)))
             return
         self.calls.inc()
         self.merged.inc(len(live))
@@ -167,6 +182,7 @@ class Coalescer:
             # One request's rows may be the cause: each is asked alone, for its own answer or refusal.
             await asyncio.gather(*(self._alone(key, w) for w in live))
             return
+        self._learned(key, sum(w.rows for w in live), response)
         for waiting, part in zip(
             live, split_response(response, [w.rows for w in live], f"predictor {key[0]}"), strict=True
         ):
@@ -180,6 +196,14 @@ class Coalescer:
                 waiting.answer.set_exception(err)
             return
         _settle(waiting, response)
+
+    def _learned(self, key: Key, rows: int, response: pb.ModelInferResponse) -> pb.ModelInferResponse:
+        """`response`, its bytes per row noted for the size of the next merged calls of `key`."""
+        if rows:
+            row_bytes = -(-sum(len(raw) for raw in response.raw_output_contents) // rows)
+            if row_bytes > self._answer_row_bytes.get(key, 0):
+                self._answer_row_bytes[key] = row_bytes
+        return response
 
     async def close(self) -> None:
         """Let merged calls on their way finish."""

@@ -19,7 +19,7 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.assembly import ModelSignature
 from gateway.budget import Budget
-from gateway.coalesce import Coalescer, Key
+from gateway.coalesce import DEFAULT_MAX_BYTES, Coalescer, Key
 from gateway.lean_channels import LeanChannels
 
 # Errors after which a cached signature may be the cause: the version is gone or loading, or the
@@ -84,13 +84,16 @@ class PredictorPool:
         lean: LeanChannels | None = None,
         merge_in_flight: int = 0,
         merge_max_rows: int = 256,
+        merge_max_bytes: int = DEFAULT_MAX_BYTES,
         registry: CollectorRegistry | None = None,
     ) -> None:
         self._channel_factory = channel_factory
         self._lean = lean
         self._lean_infer: dict[str, InferCall] = {}
         self.coalescer = (
-            Coalescer(self._send_key, merge_in_flight, merge_max_rows, registry) if merge_in_flight else None
+            Coalescer(self._send_key, merge_in_flight, merge_max_rows, registry, max_bytes=merge_max_bytes)
+            if merge_in_flight
+            else None
         )
         self._timeout_s = timeout_s
         self._metadata_ttl_s = metadata_ttl_s

@@ -51,6 +51,8 @@ class Gateway:
             lean=LeanChannels(self.app.peer_security, channel_options(settings.max_message_bytes)),
             merge_in_flight=settings.merge_in_flight,
             merge_max_rows=settings.merge_max_rows,
+            # Half a message for the inputs and answer rows: the rest of the call has room.
+            merge_max_bytes=settings.max_message_bytes // 2,
             registry=self.app.registry,
         )
         self.offload = Offload(settings.offload_above_bytes)

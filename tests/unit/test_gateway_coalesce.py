@@ -248,3 +248,41 @@ async def test_requests_whose_tensors_differ_beyond_the_batch_dimension_are_not_
     assert _y(await wide) == [7.0, 9.0]
     assert _y(await narrow_too) == [11.0]
     assert sorted(model.calls[1:]) == [1, 2], "the two narrow requests went together, the wide one alone"
+
+
+async def test_merged_calls_stay_within_the_message_size_each_request_fits_in() -> None:
+    """Requests that each fit the gateway's max message size are never merged into a call that does not: the
+    merged call would be refused (RESOURCE_EXHAUSTED) and fail every request in it."""
+    names = tuple(f"f{i}" for i in range(40))
+    predictor = ScriptedPredictor(versions={"1": Version(features=names)}, infer_delay_s=0.2)
+
+    def small_messages(options: dict[str, object]) -> None:
+        options["max_message_bytes"] = 2048  # one request's call is ~0.6 KB; twelve rows would be ~4 KB
+
+    def request(i: int) -> gpb.PredictRequest:
+        values = {name: values_pb2.Value(double_value=float(j == i % 40)) for j, name in enumerate(names)}
+        return gpb.PredictRequest(model="m", features=values)
+
+    async with running(predictor, configure=small_messages) as world:
+        results = await asyncio.gather(
+            *(world.stub.Predict(request(i), timeout=10) for i in range(12)), return_exceptions=True
+        )
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert not errors, errors[:1]
+    assert [r.outputs["y"].double_values[0] for r in results if isinstance(r, gpb.PredictResponse)] == [
+        10.0 ** (i % 40) for i in range(12)
+    ]
+    assert len(predictor.infer_calls) < 12, "requests still went together, a few at a time"
+    assert max(r.ByteSize() for r, _ in predictor.infer_calls) <= 2048
+
+
+async def test_a_merged_call_counts_its_answer_rows_at_the_size_earlier_answers_had() -> None:
+    """Four bytes of input per row but twenty of answer: a merged call is sized by both."""
+    model = Model()
+    coalescer = Coalescer(model.send, in_flight=1, max_rows=100, max_bytes=50)
+    first = await _started(coalescer, model, (1.0,))
+    waiting = [await _started(coalescer, model, (float(v),)) for v in range(2, 6)]
+    model.gate.set()
+    answers = await asyncio.gather(first, *waiting)
+    assert [_y(a) for a in answers] == [[3.0], [5.0], [7.0], [9.0], [11.0]]
+    assert model.calls == [1, 2, 2], "24 bytes a request: two fit in 50"
