@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
@@ -25,7 +26,7 @@ from predictor.backends.onnx import OnnxRuntimeBackend, OnnxSession
 from predictor.config import ModelConfig
 from predictor.models import ModelStore, State
 from predictor.repository import ModelRepository
-from predictor.shared_weights import MODEL_FILE, WEIGHTS_FILE, SharedWeights
+from predictor.shared_weights import MODEL_FILE, REFUSED_FILE, WEIGHTS_FILE, SharedWeights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -315,3 +316,59 @@ async def test_the_store_serves_new_versions_from_new_entries(tmp_path: Path, ex
             assert session.shared_from is not None
     finally:
         await store.close()
+
+
+def qoperator_cnn(tmp_path: Path) -> bytes:
+    """cnn() statically quantised in QOperator format (QLinearConv): ONNX Runtime saves its optimised copy with
+    a weights file shorter than the copy's graph says."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    from model_manager.quantize import CalibrationRows
+
+    rows = np.random.default_rng(7).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    source, quantised = tmp_path / "cnn.onnx", tmp_path / "cnn.int8.onnx"
+    source.write_bytes(cnn())
+    quantize_static(str(source), str(quantised), CalibrationRows("X", rows, 2), quant_format=QuantFormat.QOperator)
+    return quantised.read_bytes()
+
+
+def test_an_optimised_copy_that_does_not_load_is_refused_once_for_every_process(tmp_path: Path) -> None:
+    model = qoperator_cnn(tmp_path / "model")
+    cache = tmp_path / "cache"
+    shared = shared_backend(cache).load(model, ModelConfig())
+    plain = OnnxRuntimeBackend().load(model, ModelConfig())
+    assert shared.shared_from is None, "its own weights: the copy cannot stand in for the model"
+    assert_same_answers(shared, plain, {"X": np.random.default_rng(2).standard_normal((3, 3, 16, 16), np.float32)})
+    (entry,) = entries(cache)
+    assert sorted(p.name for p in entry.iterdir()) == [REFUSED_FILE]
+    assert "does not load" in (entry / REFUSED_FILE).read_text()
+    refused_at = (entry / REFUSED_FILE).stat().st_mtime_ns
+    again = shared_backend(cache).load(model, ModelConfig())
+    assert again.shared_from is None
+    assert entries(cache) == [entry]
+    assert (entry / REFUSED_FILE).stat().st_mtime_ns == refused_at, "not written again"
+
+
+class DamagingWeights(SharedWeights):
+    """Saves an optimised copy whose weights file is zeroed afterwards (same size): it loads, and answers wrong."""
+
+    def _save(self, model_bytes: bytes, saving: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+        session = super()._save(model_bytes, saving, providers)
+        weights = Path(saving.optimized_model_filepath).with_name(WEIGHTS_FILE)
+        weights.write_bytes(bytes(weights.stat().st_size))
+        return session
+
+
+def test_an_optimised_copy_that_answers_differently_is_never_used(tmp_path: Path) -> None:
+    model = mlp()
+    shared = OnnxRuntimeBackend(shared=DamagingWeights(tmp_path), shared_min_bytes=1).load(model, ModelConfig())
+    plain = OnnxRuntimeBackend().load(model, ModelConfig())
+    assert shared.shared_from is None
+    assert_same_answers(shared, plain, {"X": np.random.default_rng(5).standard_normal((4, 32)).astype(np.float32)})
+    (entry,) = entries(tmp_path)
+    assert "answers a probe differently" in (entry / REFUSED_FILE).read_text()
+    # Every process after it, whatever it would write, holds its own weights without trying the entry.
+    later = shared_backend(tmp_path).load(model, ModelConfig())
+    assert later.shared_from is None
+    assert_same_answers(later, plain, {"X": np.ones((2, 32), np.float32)})
