@@ -466,3 +466,30 @@ async def test_a_caller_leaving_mid_batch_does_not_disturb_the_others(build: Bui
     assert executions.compositions == [[2, 1, 3]]
     x = rows(rng, 2)
     assert_answers(await batcher.submit({"x": x}), x)
+
+
+async def test_a_chained_batch_that_fails_fails_only_its_own_callers(build: Build) -> None:
+    """The batch started as the first one ends is poisoned, and one of its callers has a deadline that passed while
+    it queued: the first batch's callers get their rows, the chained batch's live callers its error, the late one
+    DEADLINE_EXCEEDED, and the batcher goes on."""
+    rng = np.random.default_rng(31)
+    runner = Runner(held=True)
+    batcher = build(runner)
+    first_x = rows(rng, 2)
+    first = asyncio.ensure_future(batcher.submit({"x": first_x}))
+    await eventually(lambda: len(runner.sizes) == 1)
+    poisoned = asyncio.ensure_future(batcher.submit({"x": np.full((1, first_x.shape[1]), POISON, first_x.dtype)}))
+    late = asyncio.ensure_future(batcher.submit({"x": rows(rng, 1)}, deadline=asyncio.get_running_loop().time()))
+    fellow_x = rows(rng, 3)
+    fellow = asyncio.ensure_future(batcher.submit({"x": fellow_x}))
+    await eventually(lambda: batcher.queue_depth == 3)
+    runner.release()
+    assert_answers(await first, first_x)
+    with pytest.raises(DeadlineExceeded):
+        await late
+    for caller in (poisoned, fellow):
+        with pytest.raises(ValueError, match="poisoned batch of 4 rows"):
+            await caller
+    assert runner.sizes == [2, 4]
+    x = rows(rng, 1)
+    assert_answers(await batcher.submit({"x": x}), x)
