@@ -286,3 +286,17 @@ async def test_a_merged_call_counts_its_answer_rows_at_the_size_earlier_answers_
     answers = await asyncio.gather(first, *waiting)
     assert [_y(a) for a in answers] == [[3.0], [5.0], [7.0], [9.0], [11.0]]
     assert model.calls == [1, 2, 2], "24 bytes a request: two fit in 50"
+
+
+async def test_the_caller_whose_call_the_others_wait_behind_leaving_sends_them_at_once() -> None:
+    model = Model()
+    coalescer = Coalescer(model.send, in_flight=1, max_rows=100)
+    first = await _started(coalescer, model, (1.0,))
+    waiting = [await _started(coalescer, model, (v,)) for v in (2.0, 3.0)]
+    first.cancel()
+    for _ in range(3):  # the cancelled caller ends, then the merged call starts
+        await asyncio.sleep(0)
+    assert model.calls == [1, 2], "the waiting requests left as the call they waited for was cancelled"
+    model.gate.set()
+    assert [_y(await w) for w in waiting] == [[5.0], [7.0]]
+    assert first.cancelled()
