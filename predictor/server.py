@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from chassis.errors import FrescoError
-from chassis.server import ServiceApp
+from chassis.server import ServiceApp, run, serve
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.backends.base import BackendOptions
@@ -129,3 +130,15 @@ class Predictor:
 def build_server(settings: PredictorSettings) -> Predictor:
     """The predictor, bound (port 0 picks a free port) but not started."""
     return Predictor(settings)
+
+
+async def serve_predictor(settings: PredictorSettings) -> None:
+    """Build the predictor, load its models and serve until SIGTERM or SIGINT."""
+    sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
+    predictor = build_server(settings)
+    await serve(predictor.app, ready=predictor.load_models)
+
+
+def run_predictor(settings: PredictorSettings) -> None:
+    """One predictor process (alone, or one worker of `--workers N`) on uvloop, until it stops."""
+    run(serve_predictor(settings))

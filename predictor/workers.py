@@ -9,16 +9,19 @@ import re
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
 from predictor.peers import socket_path
 from predictor.settings import PredictorSettings
+from predictor.zygote import run_worker, start_zygote
 
 _LISTENING = re.compile(r"^predictor listening on \S+")
 RESTART_BACKOFF_S = 1.0
@@ -33,44 +36,64 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket]:
 
 
 class Worker:
-    """One worker process and the thread copying its output to ours."""
+    """One worker process, forked from the zygote, and the thread copying its output to ours."""
 
-    def __init__(self, index: int, command: list[str], env: dict[str, str]) -> None:
+    def __init__(self, index: int, argv: list[str], zygote: ForkServerContext) -> None:
         self.index = index
-        self.command = command
-        self.env = env
+        self.argv = argv
+        self.zygote = zygote
         self.announced = threading.Event()
         self.process = self._spawn()
 
-    def _spawn(self, *extra: str) -> subprocess.Popen[str]:
+    def _spawn(self, *extra: str) -> BaseProcess:
         self.announced.clear()
-        process = subprocess.Popen(
-            [*self.command, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env
+        reader, writer = os.pipe()
+        output = Connection(writer, readable=False)
+        process = self.zygote.Process(
+            target=run_worker, args=([*self.argv, *extra], output), name=f"predictor-worker-{self.index}"
         )
-        threading.Thread(target=self._pump, args=(process,), daemon=True, name=f"worker-{self.index}").start()
+        try:
+            process.start()
+        finally:
+            output.close()  # the worker holds its own copy: the pipe ends when the worker does
+        threading.Thread(target=self._pump, args=(reader,), daemon=True, name=f"worker-{self.index}").start()
         return process
 
-    def _pump(self, process: subprocess.Popen[str]) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if _LISTENING.match(line):
-                self.announced.set()  # the supervisor announces the shared port once, for all
-                continue
-            sys.stdout.write(line)
-            sys.stdout.flush()
-        process.stdout.close()
+    def _pump(self, reader: int) -> None:
+        with open(reader, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                if _LISTENING.match(line):
+                    self.announced.set()  # the supervisor announces the shared port once, for all
+                    continue
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    def exited(self) -> int | None:
+        """The worker's exit code (negative: the signal that ended it), or None while it runs."""
+        return self.process.exitcode
+
+    def stop(self) -> None:
+        if self.process.exitcode is None:
+            self.process.terminate()  # SIGTERM: the worker drains, then exits
+
+    def wait(self, timeout_s: float) -> int:
+        """The exit code, after SIGKILL if the worker has not exited within `timeout_s`."""
+        self.process.join(timeout_s)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+        assert self.process.exitcode is not None
+        return self.process.exitcode
 
     def restart(self) -> None:
         # Its siblings serve what the repository API left loaded: load that, not the start-up set.
+        self.process.close()
         self.process = self._spawn("--sync-from-peers")
 
 
-def worker_command(argv: list[str], index: int, port: int, peers_dir: Path) -> list[str]:
-    """The command line of one worker: the supervisor's own flags, then the worker's overrides."""
+def worker_argv(argv: list[str], index: int, port: int, peers_dir: Path) -> list[str]:
+    """The arguments of one worker: the supervisor's own flags, then the worker's overrides."""
     return [
-        sys.executable,
-        "-m",
-        "predictor",
         *argv,
         "--port",
         str(port),
@@ -92,7 +115,7 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
     metrics_dir = peers_dir / "metrics"
     metrics_dir.mkdir()
     # Prometheus' multiprocess mode: each worker writes its samples to files the supervisor merges.
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), "PYTHONUNBUFFERED": "1"}
+    zygote = start_zygote({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     stopping = threading.Event()
 
     def stop(signum: int, frame: FrameType | None) -> None:
@@ -100,13 +123,13 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    workers = [Worker(i, worker_command(argv, i, port, peers_dir), env) for i in range(settings.workers)]
+    workers = [Worker(i, worker_argv(argv, i, port, peers_dir), zygote) for i in range(settings.workers)]
     try:
         for worker in workers:
             while not worker.announced.wait(0.1):
-                if stopping.is_set() or worker.process.poll() is not None:
+                if stopping.is_set() or worker.exited() is not None:
                     if not stopping.is_set():
-                        print(f"predictor worker {worker.index} exited with {worker.process.returncode} before serving")
+                        print(f"predictor worker {worker.index} exited with {worker.exited()} before serving")
                     return _shutdown(workers, settings.grace_period_s, failed=True)
         holder.close()
         metrics = _serve_metrics(settings, metrics_dir)
@@ -114,8 +137,8 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
         print(f"predictor listening on {settings.host}:{port}{suffix} workers={settings.workers}", flush=True)
         while not stopping.wait(0.2):
             for worker in workers:
-                if worker.process.poll() is not None and not stopping.is_set():
-                    print(f"predictor worker {worker.index} exited with {worker.process.returncode}; restarting")
+                if worker.exited() is not None and not stopping.is_set():
+                    print(f"predictor worker {worker.index} exited with {worker.exited()}; restarting")
                     for stale in metrics_dir.glob(f"gauge_*_{worker.process.pid}.db"):
                         stale.unlink(missing_ok=True)  # a dead worker's gauges (loaded, in flight) no longer hold
                     time.sleep(RESTART_BACKOFF_S)
@@ -145,14 +168,7 @@ def _serve_metrics(settings: PredictorSettings, metrics_dir: Path) -> int:
 def _shutdown(workers: list[Worker], grace_s: float, failed: bool) -> int:
     """SIGTERM every worker, wait for their drain, SIGKILL stragglers; 0 only if all exited 0."""
     for worker in workers:
-        if worker.process.poll() is None:
-            worker.process.send_signal(signal.SIGTERM)
+        worker.stop()
     deadline = time.monotonic() + grace_s + 5
-    codes = []
-    for worker in workers:
-        try:
-            codes.append(worker.process.wait(max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            worker.process.kill()
-            codes.append(worker.process.wait())
+    codes = [worker.wait(max(0.1, deadline - time.monotonic())) for worker in workers]
     return 1 if failed or any(codes) else 0
