@@ -1,27 +1,30 @@
-"""Tying a child process's life to its parent's, so a supervisor killed outright leaves no orphans."""
+"""Tying a process's life to another's, so a supervisor killed outright leaves no orphans."""
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import os
+import select
 import signal
-import sys
-
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+import threading
 
 
-def exit_with_parent(expected_parent: int) -> bool:
-    """Ask Linux to send this process SIGTERM when its parent dies; True if armed.
+def exit_with_process(pid: int) -> bool:
+    """Send this process SIGTERM when process `pid` exits (any process, not only the parent); True if watched.
 
-    A parent that died before the call is caught too: the process is then already reparented and
-    signals itself. On other systems nothing is armed and False comes back.
+    A daemon thread waits on a pidfd of `pid` (Linux 5.3 and later; elsewhere nothing is watched and
+    False comes back). A process already gone is caught too: this process then signals itself at once.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        return False
-    if os.getppid() != expected_parent:
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
         os.kill(os.getpid(), signal.SIGTERM)
+        return True
+    except (AttributeError, OSError):
+        return False
+
+    def watch() -> None:
+        select.select([pidfd], [], [])  # readable once `pid` has exited
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name=f"exit-with-{pid}", daemon=True).start()
     return True

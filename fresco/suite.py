@@ -123,7 +123,9 @@ class ServiceProcess:
                 self.process.wait()
         if self._reader is not None:
             self._reader.join(5.0)
-        if self.process.stdout is not None:
+        # A reader still blocked in readline holds the stream's lock (a process the service left behind
+        # keeps the pipe open): closing would wait for it. The daemon thread is left to the pipe's end.
+        if self.process.stdout is not None and (self._reader is None or not self._reader.is_alive()):
             self.process.stdout.close()
         return self.process.returncode
 

@@ -16,6 +16,7 @@ from chassis.errors import FrescoError, InvalidArgument, Unavailable
 from chassis.status import STATUS_FOR_ERROR
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
+from predictor.settings import socket_path
 
 # Metadata marking a call one worker forwards to the others, so it is not forwarded again.
 FORWARDED = "x-fresco-forwarded-by"
@@ -23,11 +24,6 @@ FORWARDED = "x-fresco-forwarded-by"
 ROUTED = "x-fresco-routed-by"
 PEER_TIMEOUT_S = 300.0
 _ERROR_FOR_STATUS: dict[Any, type[FrescoError]] = {code: error for error, code in STATUS_FOR_ERROR.items()}
-
-
-def socket_path(peers_dir: Path, index: int) -> Path:
-    """The unix socket a worker listens on for its siblings."""
-    return peers_dir / f"worker-{index}.sock"
 
 
 def forwarded(metadata: Any) -> bool:

@@ -15,12 +15,12 @@ from predictor.backends.base import BackendOptions
 from predictor.gpu_metrics import register_gpu_metrics
 from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore
-from predictor.peers import Peers, socket_path
+from predictor.peers import Peers
 from predictor.poller import RepositoryPoller
 from predictor.registration import Registration, advertised_address
 from predictor.repository import ModelRepository
 from predictor.service import METHOD_ROLES, InferenceServicer
-from predictor.settings import PredictorSettings
+from predictor.settings import PredictorSettings, socket_path
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

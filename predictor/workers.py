@@ -14,14 +14,12 @@ import tempfile
 import threading
 import time
 from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from predictor.peers import socket_path
-from predictor.settings import PredictorSettings
-from predictor.zygote import run_worker, start_zygote
+from predictor.settings import PredictorSettings, socket_path
+from predictor.zygote import Zygote, run_worker
 
 _LISTENING = re.compile(r"^predictor listening on \S+")
 RESTART_BACKOFF_S = 1.0
@@ -38,7 +36,7 @@ def reserve_port(host: str, port: int) -> tuple[int, socket.socket]:
 class Worker:
     """One worker process, forked from the zygote, and the thread copying its output to ours."""
 
-    def __init__(self, index: int, argv: list[str], zygote: ForkServerContext) -> None:
+    def __init__(self, index: int, argv: list[str], zygote: Zygote) -> None:
         self.index = index
         self.argv = argv
         self.zygote = zygote
@@ -49,9 +47,7 @@ class Worker:
         self.announced.clear()
         reader, writer = os.pipe()
         output = Connection(writer, readable=False)
-        process = self.zygote.Process(
-            target=run_worker, args=([*self.argv, *extra], output), name=f"predictor-worker-{self.index}"
-        )
+        process = self.zygote.process(run_worker, ([*self.argv, *extra], output), f"predictor-worker-{self.index}")
         try:
             process.start()
         finally:
@@ -115,8 +111,9 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
     metrics_dir = peers_dir / "metrics"
     metrics_dir.mkdir()
     # Prometheus' multiprocess mode: each worker writes its samples to files the supervisor merges.
-    zygote = start_zygote({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    zygote = Zygote({"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
     stopping = threading.Event()
+    scraping = threading.Lock()
 
     def stop(signum: int, frame: FrameType | None) -> None:
         stopping.set()
@@ -132,15 +129,16 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
                         print(f"predictor worker {worker.index} exited with {worker.exited()} before serving")
                     return _shutdown(workers, settings.grace_period_s, failed=True)
         holder.close()
-        metrics = _serve_metrics(settings, metrics_dir)
+        metrics = _serve_metrics(settings, metrics_dir, scraping)
         suffix = f" metrics=http://{settings.host}:{metrics}/metrics" if metrics else ""
         print(f"predictor listening on {settings.host}:{port}{suffix} workers={settings.workers}", flush=True)
         while not stopping.wait(0.2):
             for worker in workers:
                 if worker.exited() is not None and not stopping.is_set():
                     print(f"predictor worker {worker.index} exited with {worker.exited()}; restarting")
-                    for stale in metrics_dir.glob(f"gauge_*_{worker.process.pid}.db"):
-                        stale.unlink(missing_ok=True)  # a dead worker's gauges (loaded, in flight) no longer hold
+                    with scraping:  # a scrape lists the files, then reads them: none may go in between
+                        for stale in metrics_dir.glob(f"gauge_*_{worker.process.pid}.db"):
+                            stale.unlink(missing_ok=True)  # a dead worker's gauges (loaded, in flight) no longer hold
                     time.sleep(RESTART_BACKOFF_S)
                     socket_path(peers_dir, worker.index).unlink(missing_ok=True)
                     worker.restart()
@@ -150,7 +148,8 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
         shutil.rmtree(peers_dir, ignore_errors=True)
 
 
-def _serve_metrics(settings: PredictorSettings, metrics_dir: Path) -> int:
+def _serve_metrics(settings: PredictorSettings, metrics_dir: Path, scraping: threading.Lock) -> int:
+    """Serve the workers' merged samples; a scrape holds `scraping` while it reads their files."""
     if settings.metrics_port < 0:
         return 0
     from prometheus_client import CollectorRegistry, start_http_server
@@ -158,8 +157,15 @@ def _serve_metrics(settings: PredictorSettings, metrics_dir: Path) -> int:
 
     from predictor.gpu_metrics import register_gpu_metrics
 
+    class WorkersCollector(MultiProcessCollector):
+        def collect(self):  # type: ignore[no-untyped-def]
+            with scraping:
+                # A file a worker has just created is sized (its header written) a moment later.
+                files = [str(f) for f in metrics_dir.glob("*.db") if f.stat().st_size >= 8]
+                return self.merge(files, accumulate=True)  # type: ignore[no-untyped-call]
+
     registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
+    WorkersCollector(registry, path=str(metrics_dir))  # type: ignore[no-untyped-call]
     register_gpu_metrics(registry)
     server, _ = start_http_server(settings.metrics_port, addr=settings.host, registry=registry)
     return int(server.server_port)

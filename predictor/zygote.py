@@ -17,26 +17,36 @@ import multiprocessing
 import multiprocessing.forkserver
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
-from multiprocessing.context import ForkServerContext
+from multiprocessing.process import BaseProcess
 
 # What the zygote imports before forking (the module freezes what it imported).
 PRELOAD = ("predictor.zygote_preload",)
 
 
-def start_zygote(env: Mapping[str, str]) -> ForkServerContext:
-    """Start the zygote with `env` added to this process's environment (for it and its workers only)."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(PRELOAD))
-    saved = dict(os.environ)
-    os.environ.update(env)  # read at import by the preloaded modules (Prometheus' multiprocess mode)
-    try:
-        multiprocessing.forkserver.ensure_running()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return context
+class Zygote:
+    """The fork server and the environment it runs with; restarted with that environment if it died."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = dict(env)
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(list(PRELOAD))
+        self._ensure_running()
+
+    def process(self, target: Callable[..., object], args: tuple[object, ...], name: str) -> BaseProcess:
+        """A process to be forked from the zygote (not started)."""
+        self._ensure_running()  # otherwise `start()` would restart a dead zygote without `env`
+        return self.context.Process(target=target, args=args, name=name)
+
+    def _ensure_running(self) -> None:
+        saved = dict(os.environ)
+        os.environ.update(self.env)  # read at import by the preloaded modules (Prometheus' multiprocess mode)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
 
 
 def run_worker(argv: list[str], output: Connection) -> None:
@@ -47,27 +57,16 @@ def run_worker(argv: list[str], output: Connection) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.stderr.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
-    from chassis.lifetime import exit_with_parent
+    from chassis.lifetime import exit_with_process
     from chassis.logs import configure_logging
     from chassis.settings import parse_settings
     from predictor.server import run_predictor
     from predictor.settings import PredictorSettings
 
-    # The zygote exits when the supervisor does (it watches a pipe the supervisor holds), and this
-    # worker when the zygote does. A supervisor gone before that was armed is caught here.
-    exit_with_parent(os.getppid())
     settings = parse_settings(PredictorSettings, argv)
-    if settings.supervisor_pid and not _alive(settings.supervisor_pid):
-        sys.exit(f"predictor worker: supervisor {settings.supervisor_pid} is gone")
+    # Not the zygote's death but the supervisor's ends a worker: the zygote lives as long as any
+    # worker does (each holds the pipe it watches), and the supervisor restarts a zygote that died.
+    if settings.supervisor_pid:
+        exit_with_process(settings.supervisor_pid)
     configure_logging("predictor", settings.log_level, settings.log_format)
     run_predictor(settings)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

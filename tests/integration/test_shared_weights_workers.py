@@ -14,18 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.measure import descendants
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.shared_weights import MODEL_FILE, WEIGHTS_FILE
 from tests.integration import decode_outputs, infer_request
-from tests.integration.test_workers import Supervisor, all_ready, channels, workers_args
+from tests.integration.test_workers import Supervisor, all_ready, channels, children_of, workers_args
 
 pytestmark = pytest.mark.integration
 
 
 def worker_pids(supervisor: Supervisor) -> set[int]:
+    """The workers: forked from the zygote, the supervisor's child, so one level below its children."""
     assert supervisor.process is not None
-    return set(descendants(supervisor.process.pid)) - {supervisor.process.pid}
+    return {pid for child in children_of(supervisor.process.pid) for pid in children_of(child)}
 
 
 def mapped_files(pid: int) -> set[str]:
