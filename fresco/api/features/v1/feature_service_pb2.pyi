@@ -651,7 +651,10 @@ class MaterializeResponse(_message.Message):
     rows_read: _builtins.int
     """rows_read is the number of source rows within the time range."""
     rows_written: _builtins.int
-    """rows_written is the number of entity rows written (the latest valid row per entity)."""
+    """rows_written is the number of entity rows written: the file is read in chunks, and each chunk writes
+    the latest valid row of each entity in it, so an entity whose rows span chunks counts once per chunk
+    (the store keeps its latest row).
+    """
     rows_rejected: _builtins.int
     """rows_rejected is the number of source rows that failed validation."""
     @_builtins.property
