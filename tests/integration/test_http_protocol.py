@@ -10,9 +10,12 @@ import json
 import re
 import shlex
 import shutil
+import ssl
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import Iterator
+from http.client import HTTPConnection, HTTPException, HTTPSConnection
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fresco.suite import ServiceProcess, issue_local_tokens
+from tests.certs import make_pki
 from tests.integration import Reference
 from tests.integration.rest import Http, exact, exact_json, infer_body
 from tests.integration.test_workers import metric_samples
@@ -445,3 +449,43 @@ def test_fuzzed_bodies_never_fail_internally(http: Http) -> None:
     check()
     status, _ = http.json("GET", "/v2/health/ready")
     assert status == 200
+
+
+def live(port: int | None, context: ssl.SSLContext | None) -> int:
+    """GET /v2/health/live over TLS with `context`, or in plaintext without one: the status."""
+    connection = (
+        HTTPSConnection("127.0.0.1", port, context=context, timeout=30)
+        if context is not None
+        else HTTPConnection("127.0.0.1", port, timeout=30)
+    )
+    try:
+        connection.request("GET", "/v2/health/live")
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def test_tls_and_client_certificates_as_on_the_grpc_port(repository, tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki")
+    service = ServiceProcess(
+        "predictor",
+        [
+            "--model-repository", str(repository.root), "--port", "0", "--tls-cert-file", str(pki.server.cert),
+            "--tls-key-file", str(pki.server.key), "--tls-client-ca-file", str(pki.ca),
+        ],
+        log_path=tmp_path / "predictor.log",
+    )  # fmt: skip
+    try:
+        service.start()
+        assert service.http_url.startswith("https://127.0.0.1:"), service.lines
+        port = urllib.parse.urlsplit(service.http_url).port
+        trusted = ssl.create_default_context(cafile=str(pki.ca))
+        trusted.load_cert_chain(pki.client.cert, pki.client.key)
+        assert live(port, trusted) == 200
+        anonymous = ssl.create_default_context(cafile=str(pki.ca))  # no client certificate
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            live(port, anonymous)
+        with pytest.raises((HTTPException, ConnectionError)):
+            live(port, None)
+    finally:
+        service.stop()

@@ -25,6 +25,7 @@ from predictor.http_codec import (
     raw_from_json,
     repository_index_request,
 )
+from predictor.http_server import HttpCall
 
 NUMERIC = ["BOOL", "INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64", "FP16", "FP32", "FP64"]
 CODES = ["?", "<i1", "<i2", "<i4", "<i8", "<u1", "<u2", "<u4", "<u8", "<f2", "<f4", "<f8"]
@@ -199,3 +200,14 @@ def test_repository_bodies() -> None:
     assert request.parameters["config"].string_param == "{}"
     with pytest.raises(InvalidArgument, match=r"parameters\['file:1/model.onnx'\]: expected the file's bytes"):
         load_request("m", b'{"parameters": {"file:1/model.onnx": "not base64!"}}')
+
+
+def test_an_http_call_carries_its_timeout_as_the_deadline_and_no_metadata() -> None:
+    call = decode_infer_request("m", "", b'{"inputs": [], "parameters": {"timeout": 0}}', None)
+    assert call.timeout_s is None  # 0: no deadline, as in Triton
+    assert HttpCall(None).time_remaining() is None
+    remaining = HttpCall(5.0).time_remaining()
+    assert remaining is not None
+    assert 0 < remaining <= 5.0
+    # Never a sibling's call: the servicer must not take an HTTP caller's headers for forwarding marks.
+    assert HttpCall(1.0).invocation_metadata() == ()
