@@ -1,19 +1,24 @@
 """`--workers 2` over HTTP: the workers share the HTTP port as they share the gRPC one, each answers
-exactly, statistics cover both, and repository calls made over HTTP reach every worker.
+exactly, statistics cover both, and repository calls made over HTTP reach every worker. And SIGTERM
+drains HTTP calls in flight as it drains gRPC ones.
 
 SO_REUSEPORT spreads connections, not calls: each request here opens its own connection."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fresco.suite import ServiceProcess
-from tests.integration import Reference
+from tests.integration import Reference, write_slow_model
 from tests.integration.rest import Http, exact_json, infer_body
 from tests.integration.test_workers import CONNECTIONS, EXPLICIT, metric_samples, pids_of, workers_args
 
@@ -109,3 +114,53 @@ def test_load_and_unload_over_http_reach_every_worker(
     assert {status for status, _ in each_connection(url, "GET", "/v2/models/fresh/ready")} == {503}
     answers = each_connection(url, "POST", "/v2/models/fresh/infer", infer_body(rows))
     assert {status for status, _ in answers} == {404}
+
+
+def test_sigterm_lets_http_calls_in_flight_finish(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_slow_model(root, depth=32)  # about a quarter of a second per call on one core
+    service = ServiceProcess("predictor", ["--model-repository", str(root), "--port", "0"], log_path=tmp_path / "p.log")
+    rows = np.random.default_rng(9).normal(size=(256, 1024)).astype(np.float32)
+    header = json.dumps(
+        {
+            "inputs": [{"name": "X", "datatype": "FP32", "shape": [256, 1024],
+                        "parameters": {"binary_data_size": rows.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()  # fmt: skip
+    try:
+        service.start()
+        service.wait_healthy()
+        client = Http(service.http_url)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                client.call,
+                "POST",
+                "/v2/models/slow/infer",
+                header + rows.tobytes(),
+                {"Inference-Header-Content-Length": str(len(header))},
+            )
+            deadline = time.monotonic() + 20
+            while not in_flight(service.metrics_url):  # the call has reached the predictor
+                assert not answer.done(), answer.result()
+                assert time.monotonic() < deadline, "the call was never in flight"
+                time.sleep(0.01)
+            assert service.process is not None
+            service.process.send_signal(signal.SIGTERM)
+            status, headers, body = answer.result(timeout=60)
+        client.close()
+        assert status == 200, body[:300]
+        length = int(headers["Inference-Header-Content-Length"])
+        np.testing.assert_allclose(np.frombuffer(body[length:], "<f4"), rows.mean(axis=1), rtol=1e-4, atol=1e-5)
+        assert service.process.wait(30) == 0, service.output()
+    finally:
+        service.stop()
+
+
+def in_flight(metrics_url: str) -> float:
+    """HTTP inference calls being handled now."""
+    return sum(
+        value
+        for name, labels, value in metric_samples(metrics_url)
+        if name == "fresco_rpc_in_flight" and labels.get("method") == INFER
+    )
