@@ -140,7 +140,7 @@ def supervise(settings: WorkerPlan, argv: list[str]) -> int:
         metrics = _serve_metrics(settings, metrics_dir, scraping)
         suffix = f" metrics=http://{settings.host}:{metrics}/metrics" if metrics else ""
         if http_port >= 0:
-            scheme = "https" if settings.tls_cert_file is not None else "http"
+            scheme = "https" if settings.http_tls else "http"
             suffix += f" http={scheme}://{settings.host}:{http_port}"
         print(f"predictor listening on {settings.host}:{port}{suffix} workers={settings.workers}", flush=True)
         while not stopping.wait(0.2):
