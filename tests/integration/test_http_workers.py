@@ -34,7 +34,11 @@ def supervisor(repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     service = ServiceProcess("predictor", workers_args(root, *EXPLICIT), log_path=root.parent / "predictor.log")
     try:
         service.start()
-        service.wait_healthy()
+        service.wait_healthy()  # one worker is serving; the other may still be loading demo
+        deadline = time.monotonic() + 60
+        while {status for status, _ in each_connection(service.http_url, "GET", "/v2/models/demo/ready")} != {200}:
+            assert time.monotonic() < deadline, "demo not ready on every worker within 60 s"
+            time.sleep(0.1)
         yield service, root
     finally:
         service.stop()
