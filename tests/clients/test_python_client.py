@@ -1,10 +1,12 @@
 """The Python client's calls against real services: predict and predict batch through a gateway (named features
 and entity keys, answers equal to ONNX Runtime's), get_features from a feature service, assign from an experiment
 service (equal to the experiment hash computed here), blocking and asyncio; each call's bearer token, deadline and
-W3C trace context reach the service, and the services' errors keep their gRPC status."""
+W3C trace context reach the service (a deadline ends a call a server never answers), and the services' errors keep
+their gRPC status."""
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +116,7 @@ def _features(row: np.ndarray) -> dict[str, float]:
     return dict(zip(REFS, row.tolist(), strict=True))
 
 
-def _probabilities(answers: list[np.ndarray]) -> np.ndarray:
+def _probabilities(answers: list[dict[str, np.ndarray]]) -> np.ndarray:
     return np.array([a["probabilities"] for a in answers])
 
 
@@ -154,10 +156,6 @@ def test_token_trace_context_deadline_and_errors_reach_the_gateway(platform: Pla
     with GatewayClient(address, security=platform.security) as client:
         assert client.predict(MODEL, row, trace=TRACE).trace_id == TRACE_ID, "the gateway joined the caller's trace"
         assert client.predict(MODEL, row).trace_id != TRACE_ID
-
-        with pytest.raises(grpc.RpcError) as late:
-            client.predict(MODEL, row, timeout_s=1e-6)  # already past when the call starts
-        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
         with pytest.raises(grpc.RpcError) as unknown:
             client.predict("no-such-model", row)
@@ -208,3 +206,19 @@ async def test_assign_places_units_as_the_experiment_hash_does(tmp_path: Path) -
             ]
         async with AsyncExperimentClient(process.address) as async_client:
             assert arms(await async_client.assign([{"user_id": u} for u in units[:20]])) == expected[:20]
+
+
+async def test_deadlines_end_calls_a_server_never_answers() -> None:
+    # A listening socket that never speaks HTTP/2: only the call's deadline can end the call.
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        with GatewayClient(address, timeout_s=0.2) as client, pytest.raises(grpc.RpcError) as by_default:
+            client.predict(MODEL, {"f": 1.0})
+        assert by_default.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        with FeatureClient(address, timeout_s=600) as features, pytest.raises(grpc.RpcError) as per_call:
+            features.get_features([{"user_id": 1}], REFS, timeout_s=0.2)
+        assert per_call.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        async with AsyncExperimentClient(address, timeout_s=600) as experiments:
+            with pytest.raises(grpc.RpcError) as in_asyncio:
+                await experiments.assign([{"user_id": "1"}], timeout_s=0.2)
+        assert in_asyncio.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
