@@ -21,9 +21,7 @@ from fresco.api.experiments.v1 import experiment_service_pb2 as xspb
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as xspb_grpc
 from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
-from fresco.api.gateway.v1 import gateway_pb2 as gpb
-from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from fresco.client import GatewayClient, outputs, predict_request
+from fresco.client import ExperimentClient, FeatureClient, GatewayClient, feature_columns, outputs, predict_request
 from fresco.credentials import ClientSecurity
 from fresco.demo import row_features
 from fresco.suite import LocalAuth, ServiceProcess, Suite, issue_local_tokens, start_suite
@@ -120,12 +118,7 @@ def _predictions(world: World, rows: np.ndarray) -> dict[str, object]:
     address = world.suite.service("gateway").address
     with GatewayClient(address, security=world.auth.admin) as client:
         single = [outputs(client.predict("demo", row_features(names, row))) for row in rows]
-    with world.auth.admin.channel(address) as channel:
-        batch = gpb_grpc.GatewayServiceStub(channel).PredictBatch(
-            gpb.PredictBatchRequest(requests=[predict_request("demo", row_features(names, row)) for row in rows]),
-            timeout=TIMEOUT_S,
-            metadata=world.auth.admin.metadata(),
-        )
+        batch = client.predict_batch([predict_request("demo", row_features(names, row)) for row in rows])
     together = [outputs(response) for response in batch.responses]
     # They are real answers: ONNX Runtime in this process agrees.
     expected = Reference(world.model).predict(rows)
@@ -158,7 +151,10 @@ def _pushed_features(world: World) -> dict[str, list[float]]:
             metadata=world.auth.admin.metadata(),
         )
     assert (pushed.accepted_count, pushed.rejected_count) == (len(USERS), 0)
-    return {ref: [row[j] for row in values] for j, ref in enumerate(REFS)}
+    by_ref = {ref: [row[j] for row in values] for j, ref in enumerate(REFS)}
+    with FeatureClient(world.suite.service("feature_service").address, security=world.auth.admin) as client:
+        assert feature_columns(client.get_features([{"user_id": user} for user in USERS], REFS)) == by_ref
+    return by_ref
 
 
 def _assignments(world: World, units: list[str]) -> dict[str, list[str]]:
@@ -176,13 +172,9 @@ def _assignments(world: World, units: list[str]) -> dict[str, list[str]]:
             timeout=TIMEOUT_S,
             metadata=admin.metadata(),
         )
-        answer = stub.Assign(
-            xspb.AssignRequest(
-                units=[apb.AssignmentUnit(unit_ids={"user_id": unit}) for unit in units], experiment_keys=[EXPERIMENT]
-            ),
-            timeout=TIMEOUT_S,
-            metadata=admin.metadata(),
-        )
+    viewer = _mtls(world.pki, world.auth.gateway_token_file.read_text().strip())
+    with ExperimentClient(world.suite.service("experiment_service").address, security=viewer) as client:
+        answer = client.assign([{"user_id": unit} for unit in units], [EXPERIMENT])
     assigned = [unit.assignments[0] for unit in answer.units]
     return {
         "units": units,
