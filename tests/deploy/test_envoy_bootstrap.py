@@ -23,6 +23,7 @@ from model_manager.envoy_resources import ROUTER_FILTER
 ROOT = Path(__file__).resolve().parents[2]
 ENVOY = ROOT / "deploy" / "envoy"
 BASE = ROOT / "deploy" / "kubernetes" / "base"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 BOOTSTRAPS = [ENVOY / "bootstrap.yaml", ENVOY / "tls" / "bootstrap.yaml"]
 # Every typed_config the bootstraps use, by type: decoding resolves each Any against these.
 TYPED: dict[str, Any] = {
@@ -77,7 +78,8 @@ def test_bootstrap_decodes_strictly_and_matches_the_manifests(path: Path) -> Non
     [grpc_service] = ads.grpc_services
     manager = clusters[grpc_service.envoy_grpc.cluster_name]
     host, port = endpoint(manager)
-    assert host == "fresco-model-manager" and port in known[host]
+    assert host == "fresco-model-manager"
+    assert port in known[host]
     assert bootstrap.dynamic_resources.cds_config.HasField("ads")
 
     # The edge listener: gateway calls to every gateway pod (the headless Service), router filter last.
@@ -92,13 +94,14 @@ def test_bootstrap_decodes_strictly_and_matches_the_manifests(path: Path) -> Non
     [route] = manager_config.route_config.virtual_hosts[0].routes
     gateway = clusters[route.route.cluster]
     host, port = endpoint(gateway)
-    assert host == "fresco-gateway-pods" and port in known[host]
+    assert host == "fresco-gateway-pods"
+    assert port in known[host]
     assert gateway.type == cluster_pb2.Cluster.STRICT_DNS
     assert route.match.prefix == "/fresco.gateway.v1.GatewayService/"
 
     # Upstreams are gRPC: HTTP/2 to both clusters.
     for cluster in (gateway, manager):
-        options = unpack(cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"])
+        options = unpack(cluster.typed_extension_protocol_options[HTTP_OPTIONS])
         assert options.explicit_http_config.HasField("http2_protocol_options")
 
     tls = path.parent.name == "tls"

@@ -6,7 +6,6 @@ import (
 	"os"
 
 	"k8s.io/apimachinery/pkg/util/intstr"
-	"sigs.k8s.io/yaml"
 )
 
 // outsidePeer is a caller or callee beyond the namespace: pods of another namespace, or an address.
@@ -37,7 +36,7 @@ func loadCallGraph(path string) (*callGraph, error) {
 		return nil, err
 	}
 	var graph callGraph
-	if err := yaml.UnmarshalStrict(raw, &graph); err != nil {
+	if err := decodeStrict(raw, &graph); err != nil {
 		return nil, fmt.Errorf("%s: %v", path, err)
 	}
 	for i := range graph.Calls {

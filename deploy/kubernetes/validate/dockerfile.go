@@ -11,8 +11,9 @@ import (
 )
 
 var (
-	pipInstall  = regexp.MustCompile(`\bpip3? install\b`)
-	constrained = regexp.MustCompile(`(^|\s)(-c|--constraint)(\s+|=)\S*constraints\.txt\b`)
+	pipInstall    = regexp.MustCompile(`\bpip3? install\b`)
+	shellCommands = regexp.MustCompile(`&&|\|\||;|\|`)
+	constrained   = regexp.MustCompile(`(^|\s)(-c|--constraint)(\s+|=)\S*constraints\.txt\b`)
 )
 
 // checkDockerfile parses the Dockerfile with BuildKit's own parser and checks what no Docker engine
@@ -56,11 +57,13 @@ func checkDockerfile(path string) []string {
 				}
 			}
 		case "run":
-			command := strings.Join(args, " ")
-			if pipInstall.MatchString(command) {
-				pips++
-				if !constrained.MatchString(command) {
-					problems = append(problems, fmt.Sprintf("%s: pip install without -c constraints.txt: %s", line, command))
+			// Each command of the shell line on its own: one constrained pip must not cover another.
+			for _, command := range shellCommands.Split(strings.Join(args, " "), -1) {
+				if pipInstall.MatchString(command) {
+					pips++
+					if !constrained.MatchString(command) {
+						problems = append(problems, fmt.Sprintf("%s: pip install without -c constraints.txt: %s", line, strings.TrimSpace(command)))
+					}
 				}
 			}
 		case "user":

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"sort"
 
@@ -9,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/kustomize/api/krusty"
 	"sigs.k8s.io/kustomize/kyaml/filesys"
 	"sigs.k8s.io/yaml"
@@ -80,11 +82,25 @@ func renderAndDecode(dir string) (*objects, []string) {
 	return out, problems
 }
 
+// strict decodes as the API server does: field names case-sensitive (encoding/json alone would take
+// readOnlyRootFileSystem for readOnlyRootFilesystem), unknown and duplicate fields refused.
 func strict(raw []byte, h header, into any) error {
-	if err := yaml.UnmarshalStrict(raw, into); err != nil {
+	if err := decodeStrict(raw, into); err != nil {
 		return fmt.Errorf("%s %s/%s does not decode strictly into %T: %v", h.Kind, h.Metadata.Namespace, h.Metadata.Name, into, err)
 	}
 	return nil
+}
+
+func decodeStrict(raw []byte, into any) error {
+	asJSON, err := yaml.YAMLToJSONStrict(raw)
+	if err != nil {
+		return err
+	}
+	strictErrors, err := kjson.UnmarshalStrict(asJSON, into, kjson.DisallowDuplicateFields, kjson.DisallowUnknownFields)
+	if err != nil {
+		return err
+	}
+	return errors.Join(strictErrors...)
 }
 
 func (o *objects) decode(raw []byte) error {
