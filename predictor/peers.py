@@ -16,7 +16,7 @@ from chassis.errors import FrescoError, InvalidArgument, Unavailable
 from chassis.status import STATUS_FOR_ERROR
 from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
-from predictor.settings import socket_path
+from predictor.worker_plan import socket_path
 
 # Metadata marking a call one worker forwards to the others, so it is not forwarded again.
 FORWARDED = "x-fresco-forwarded-by"

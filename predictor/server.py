@@ -20,7 +20,8 @@ from predictor.poller import RepositoryPoller
 from predictor.registration import Registration, advertised_address
 from predictor.repository import ModelRepository
 from predictor.service import METHOD_ROLES, InferenceServicer
-from predictor.settings import PredictorSettings, socket_path
+from predictor.settings import PredictorSettings
+from predictor.worker_plan import socket_path
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name

@@ -73,8 +73,3 @@ class PredictorSettings(ServiceSettings):
     model_manager_token_file: FilePath | None = None
     """File holding the bearer token (role deployer) presented to the model manager; default: peer_token_file.
     TLS to the manager follows the peer_tls_* settings."""
-
-
-def socket_path(peers_dir: Path, index: int) -> Path:
-    """The unix socket a worker listens on for its siblings."""
-    return peers_dir / f"worker-{index}.sock"

@@ -18,7 +18,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 
-from predictor.settings import PredictorSettings, socket_path
+from predictor.worker_plan import WorkerPlan, socket_path
 from predictor.zygote import Zygote, run_worker
 
 _LISTENING = re.compile(r"^predictor listening on \S+")
@@ -104,8 +104,8 @@ def worker_argv(argv: list[str], index: int, port: int, peers_dir: Path) -> list
     ]
 
 
-def supervise(settings: PredictorSettings, argv: list[str]) -> int:
-    """Run `settings.workers` workers until SIGTERM or SIGINT; exit 0 when they all stopped cleanly."""
+def supervise(settings: WorkerPlan, argv: list[str]) -> int:
+    """Run `settings.workers` workers on `argv` until SIGTERM or SIGINT; exit 0 when they all stopped cleanly."""
     port, holder = reserve_port(settings.host, settings.port)
     peers_dir = Path(tempfile.mkdtemp(prefix="fresco-predictor-"))
     metrics_dir = peers_dir / "metrics"
@@ -148,7 +148,7 @@ def supervise(settings: PredictorSettings, argv: list[str]) -> int:
         shutil.rmtree(peers_dir, ignore_errors=True)
 
 
-def _serve_metrics(settings: PredictorSettings, metrics_dir: Path, scraping: threading.Lock) -> int:
+def _serve_metrics(settings: WorkerPlan, metrics_dir: Path, scraping: threading.Lock) -> int:
     """Serve the workers' merged samples; a scrape holds `scraping` while it reads their files."""
     if settings.metrics_port < 0:
         return 0

@@ -1,13 +1,17 @@
-"""Regenerate the Python code for every contract under protos/ into fresco/api/.
+"""Regenerate the Python code for every contract under protos/ into fresco/api/, and the Go client's
+stubs into clients/go/gen/.
 
 protoc names Python modules after proto paths (fresco/gateway/v1 -> fresco.gateway.v1), which
 would mix generated modules into the hand-written `fresco` package. So the code is generated into a
 scratch directory, its imports are rewritten to live under `fresco.api`, and the result replaces
-fresco/api/ whole. Run it with `make proto`; CI fails when it changes anything.
+fresco/api/ whole. The Go stubs come from buf with buf.gen.go.yaml and the local plugins protoc-gen-go
+and protoc-gen-go-grpc, installed at the pinned versions below from the Go module proxy into .cache/go-bin/.
+Run it with `make proto`; CI fails when it changes anything.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,6 +23,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 TARGET = ROOT / "fresco" / "api"
 HEADER = '"""Generated from protos/ by `make proto`. Do not edit."""\n'
+
+# The Go plugins buf runs, pinned: each is built once into .cache/go-bin/<name>@<version>/.
+GO_PLUGINS = {
+    "protoc-gen-go": ("google.golang.org/protobuf/cmd/protoc-gen-go", "v1.36.11"),
+    "protoc-gen-go-grpc": ("google.golang.org/grpc/cmd/protoc-gen-go-grpc", "v1.6.1"),
+}
+GO_INSTALLED_AT = Path("/usr/local/go/bin/go")  # where go.dev's installer puts it
 
 # Top-level proto packages and where their Python modules go.
 PACKAGES = {"fresco": "fresco.api", "inference": "fresco.api.inference"}
@@ -76,5 +87,28 @@ def generate() -> None:
         shutil.copytree(staged, TARGET)
 
 
+def _go() -> str:
+    found = shutil.which("go") or (str(GO_INSTALLED_AT) if GO_INSTALLED_AT.exists() else None)
+    if found is None:
+        sys.exit("make proto needs Go 1.24 or later on PATH for the Go client's stubs: https://go.dev/dl")
+    return found
+
+
+def generate_go() -> None:
+    """clients/go/gen/ from buf.gen.go.yaml, with the pinned plugins on PATH ahead of any others."""
+    plugin_dirs: list[str] = []
+    for name, (package, version) in GO_PLUGINS.items():
+        bindir = ROOT / ".cache" / "go-bin" / f"{name}@{version}"
+        if not (bindir / name).exists():
+            subprocess.run(
+                [_go(), "install", f"{package}@{version}"], check=True, env={**os.environ, "GOBIN": str(bindir)}
+            )
+        plugin_dirs.append(str(bindir))
+    env = {**os.environ, "PATH": os.pathsep.join([*plugin_dirs, os.environ.get("PATH", "")])}
+    buf = Path(sys.executable).parent / "buf"
+    subprocess.run([str(buf), "generate", "--template", "buf.gen.go.yaml"], check=True, cwd=ROOT, env=env)
+
+
 if __name__ == "__main__":
     generate()
+    generate_go()

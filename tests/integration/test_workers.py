@@ -180,6 +180,21 @@ async def test_one_announce_line_and_every_worker_serves(
     assert served == loaded, f"ModelInfer handled by workers {served} of {loaded}"
 
 
+async def test_the_supervisor_holds_neither_pydantic_nor_grpc_nor_onnxruntime(supervisor) -> None:
+    """It re-executes itself after parsing its flags: only its workers load the serving stack."""
+    service, _ = supervisor
+    assert service.process is not None
+    maps = Path(f"/proc/{service.process.pid}/maps").read_text()
+    for library in ("_pydantic_core", "cygrpc", "onnxruntime_pybind11_state"):
+        assert library not in maps, f"the supervisor has {library} mapped"
+    assert "--supervise" in Path(f"/proc/{service.process.pid}/cmdline").read_text()
+    workers = [pid for child in children_of(service.process.pid) for pid in children_of(child)]
+    assert len(workers) == 2, workers
+    for pid in workers:  # the library names above are the right ones: the workers have them all
+        worker_maps = Path(f"/proc/{pid}/maps").read_text()
+        assert all(name in worker_maps for name in ("_pydantic_core", "cygrpc", "onnxruntime_pybind11_state"))
+
+
 async def test_statistics_cover_every_worker(stubs, sample: np.ndarray, reference: Reference) -> None:
     """ModelStatistics on any connection counts the requests every worker served."""
 
