@@ -11,16 +11,17 @@ RESTORE_PROTOS := $(PIP_INSTALL) --force-reinstall --no-deps opentelemetry-proto
 .PHONY: demo test test-deps lint proto install install-dev up clean bench bench-predictor bench-features bench-gateway-sketches \
 	bench-batching bench-worker-memory bench-gateway bench-materialize bench-int8
 
-# The runtime install: enough for `fresco demo` and `fresco up`.
+# The runtime install: the services and the CLI (the `server` extra), enough for `fresco demo` and `fresco up`.
+# `pip install .` alone is the light client (grpcio, protobuf, numpy).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) --upgrade pip
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[server]'
 	touch $@
 
 # The developer install: tests, linters and code generators on top.
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[server,dev]'
 	$(RESTORE_PROTOS)
 	touch $@
 

@@ -87,6 +87,15 @@ class ServiceApp:
         )
         if self.port == 0:
             raise OSError(f"{name}: could not bind {settings.host}:{settings.port}")
+        self.health_server: aio.Server | None = None
+        self.health_port = 0
+        if settings.health_port >= 0:
+            # The same servicer, so both ports always report the same status.
+            self.health_server = aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = self.health_server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+            if self.health_port == 0:
+                raise OSError(f"{name}: could not bind the health port {settings.host}:{settings.health_port}")
         self.metrics_endpoint: MetricsEndpoint | None = None
         # Other listeners of the service (name to URL), announced after metrics, e.g. {"http": "http://…"}.
         self.endpoints: dict[str, str] = {}
@@ -124,6 +133,8 @@ class ServiceApp:
         """Start serving RPCs (health says NOT_SERVING until `set_serving(True)`)."""
         await self.set_serving(False)
         await self.server.start()
+        if self.health_server is not None:
+            await self.health_server.start()
         if self.settings.metrics_port >= 0:
             self.metrics_endpoint = MetricsEndpoint(self.registry, self.settings.host, self.settings.metrics_port)
 
@@ -139,6 +150,8 @@ class ServiceApp:
         for callback in reversed(self._on_drain):
             await callback()
         await self.server.stop(self.settings.grace_period_s if grace is None else grace)
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         for callback in reversed(self._on_stop):
             await callback()
         if self.metrics_endpoint is not None:

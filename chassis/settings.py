@@ -30,6 +30,9 @@ class ServiceSettings(BaseSettings):
     """Largest gRPC message accepted or sent, in bytes (never gRPC's 4 MiB default)."""
     grace_period_s: float = 10.0
     """On SIGTERM, how long in-flight calls may take to finish before they are cancelled."""
+    health_port: int = -1
+    """Port of a second, plaintext server answering only grpc.health.v1, for probes that cannot speak TLS
+    (Kubernetes' native gRPC probes); -1 turns it off, 0 picks a free port. Health is open to all anyway."""
     metrics_port: int = 0
     """Port of the Prometheus /metrics HTTP endpoint; 0 picks a free port, -1 turns it off."""
     tracing_exporter: Literal["none", "console", "otlp"] = "none"

@@ -19,6 +19,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from fresco.api.common.v1 import values_pb2
 from fresco.api.features.v1 import feature_view_pb2 as vpb
 from fresco.api.features.v1 import statistics_pb2 as spb
+from fresco.client import from_value as from_value  # the one conversion, shared with the client and the gateway
 from fresco.features.definitions import Definitions, FeatureView, JoinKey
 from fresco.features.policy import INT32_RANGE, Baseline
 from fresco.features.statistics import FeatureSummary
@@ -39,16 +40,6 @@ KEY_FIELDS = {"int64": "int64_value", "int32": "int64_value", "string": "string_
 
 
 # --- values ------------------------------------------------------------------------------------
-
-
-def from_value(value: values_pb2.Value) -> Any:
-    """The Python value a Value carries (None for null; lists for the list kinds)."""
-    kind = value.WhichOneof("kind")
-    if kind is None:
-        return None
-    if kind in ("double_list", "int64_list", "string_list"):
-        return list(getattr(value, kind).values)
-    return getattr(value, kind)
 
 
 def to_value(value: Any, value_type: str | None = None) -> values_pb2.Value:

@@ -12,11 +12,14 @@ from chassis.errors import InvalidArgument
 from chassis.tensors import NUMPY_DTYPE
 from fresco.api.common.v1 import values_pb2
 from fresco.api.inference import grpc_service_pb2 as pb
+from fresco.client import from_value
 from gateway.limits import Limits
 
 Scalar = float | int | bool | str | bytes
 FeatureValue = Scalar | list[float] | list[int] | list[str] | None
 Row = Mapping[str, FeatureValue]
+# A `fresco.common.v1.Value` as a Python value; unset means None (null). The client's conversion, shared.
+from_proto = from_value
 
 
 @dataclass(frozen=True)
@@ -53,17 +56,6 @@ class ModelSignature:
             len(t.shape) >= 1 and t.shape[0] == -1 and t.datatype != "BYTES" for t in tensors
         )
         return cls(metadata.name, tuple(inputs), tuple(t.name for t in metadata.outputs), mergeable)
-
-
-def from_proto(value: values_pb2.Value) -> FeatureValue:
-    """A `fresco.common.v1.Value` as a Python value; unset means None (null)."""
-    kind = value.WhichOneof("kind")
-    if kind is None:
-        return None
-    if kind in ("double_list", "int64_list", "string_list"):
-        return list(getattr(value, kind).values)
-    result: FeatureValue = getattr(value, kind)
-    return result
 
 
 def _numeric(value: FeatureValue, datatype: str, what: str) -> FeatureValue:

@@ -18,8 +18,11 @@ Version 1 of the specification (every implementation reproduces `fresco/experime
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from typing import Any
 
 BUCKETS = 10_000
 SPEC_VERSION = 1
@@ -89,3 +92,24 @@ class Placement:
             return None
         position = bucket("arm:" + self.salt, unit)
         return next(i for i, end in enumerate(arm_bounds(self.weights)) if position < end)
+
+
+def committed_vectors() -> dict[str, Any]:
+    """The specification's test vectors, `assignment_vectors.json`, shipped in this package."""
+    text = resources.files("fresco.experiments").joinpath("assignment_vectors.json").read_text(encoding="utf-8")
+    document: dict[str, Any] = json.loads(text)
+    return document
+
+
+def disagreements(document: Mapping[str, Any]) -> list[str]:
+    """Every entry of a test-vector document this implementation does not reproduce (none, for a correct one)."""
+    wrong = [] if document["spec_version"] == SPEC_VERSION else [f"spec_version {document['spec_version']}"]
+    wrong += [f"fnv1a32 {v}" for v in document["fnv1a32"] if fnv1a32(v["input"].encode("utf-8")) != v["fnv1a32"]]
+    wrong += [f"bucket {v}" for v in document["buckets"] if bucket(v["seed"], v["unit"]) != v["bucket"]]
+    for v in document["placements"]:
+        placement = Placement(
+            v["salt"], tuple(v["weights"]), v["coverage"], v["namespace"], tuple(v["namespace_range"])
+        )
+        if placement.arm(v["unit"]) != v["arm"]:
+            wrong.append(f"placement {v}")
+    return wrong

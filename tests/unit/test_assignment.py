@@ -11,7 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fresco.experiments.assignment import BUCKETS, SPEC_VERSION, Placement, arm_bounds, bucket, fnv1a32
+from fresco.experiments.assignment import (
+    BUCKETS,
+    SPEC_VERSION,
+    Placement,
+    arm_bounds,
+    committed_vectors,
+    disagreements,
+    fnv1a32,
+)
 
 VECTORS = Path(__file__).resolve().parents[2] / "fresco" / "experiments" / "assignment_vectors.json"
 UNITS = [f"user-{i}" for i in range(20_000)]
@@ -26,21 +34,20 @@ def test_fnv1a32_gives_the_published_answers() -> None:
 
 def test_every_committed_vector_is_reproduced() -> None:
     document = json.loads(VECTORS.read_text(encoding="utf-8"))
+    assert committed_vectors() == document, "the package ships the committed vectors"
     assert document["spec_version"] == SPEC_VERSION
     assert len(document["buckets"]) + len(document["placements"]) >= 400
-    for v in document["fnv1a32"]:
-        assert fnv1a32(v["input"].encode("utf-8")) == v["fnv1a32"], v
-    for v in document["buckets"]:
-        assert bucket(v["seed"], v["unit"]) == v["bucket"], v
-    arms = Counter()
-    for v in document["placements"]:
-        placement = Placement(
-            v["salt"], tuple(v["weights"]), v["coverage"], v["namespace"], tuple(v["namespace_range"])
-        )
-        assert placement.arm(v["unit"]) == v["arm"], v
-        arms[v["arm"]] += 1
+    assert disagreements(document) == []
+    arms = Counter(v["arm"] for v in document["placements"])
     assert arms[None] > 50, "the vectors cover units left out"
     assert sum(n for arm, n in arms.items() if arm is not None) > 50, "and units placed in an arm"
+
+
+def test_a_wrong_vector_is_reported() -> None:
+    document = committed_vectors()
+    document["buckets"][0] = {**document["buckets"][0], "bucket": (document["buckets"][0]["bucket"] + 1) % BUCKETS}
+    document["placements"][0] = {**document["placements"][0], "arm": 7}
+    assert [line.split(" ")[0] for line in disagreements(document)] == ["bucket", "placement"]
 
 
 @given(

@@ -3,6 +3,9 @@ package fresco
 import (
 	"context"
 	"net"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -147,5 +150,41 @@ func TestErrorsKeepTheirGRPCStatus(t *testing.T) {
 	_, err := gateway.Predict(context.Background(), &gatewayv1.PredictRequest{Model: "demo"})
 	if got := status.Convert(err); got.Code() != codes.InvalidArgument || got.Message() != "features.f0: expected a double" {
 		t.Errorf("error %v, want INVALID_ARGUMENT with the server's message", err)
+	}
+}
+
+func TestTokenFilesAndTLSFilesFailNamingWhatIsWrong(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) string {
+		path := filepath.Join(dir, name)
+		if err := os.WriteFile(path, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return path
+	}
+	if token, err := ReadToken(write("token", "  s3cret\n")); err != nil || token != "s3cret" {
+		t.Errorf("ReadToken = %q, %v; want the token without its whitespace", token, err)
+	}
+	if _, err := ReadToken(write("empty", " \n")); err == nil || !strings.Contains(err.Error(), "the file is empty") {
+		t.Errorf("ReadToken of an empty file: %v", err)
+	}
+	if _, err := TLSFromFiles(write("ca.pem", "not a certificate"), "", "", ""); err == nil ||
+		!strings.Contains(err.Error(), "expected PEM certificates") {
+		t.Errorf("TLSFromFiles with a CA file that holds no certificate: %v", err)
+	}
+	if _, err := TLSFromFiles(filepath.Join(dir, "missing.pem"), "", "", ""); err == nil ||
+		!strings.HasPrefix(err.Error(), "TLS CA file:") {
+		t.Errorf("TLSFromFiles with no CA file: %v", err)
+	}
+
+	t.Setenv("FRESCO_TOKEN", "from-env")
+	t.Setenv("FRESCO_TOKEN_FILE", "")
+	t.Setenv("FRESCO_TLS_CA_FILE", "")
+	if cfg, err := ConfigFromEnv(); err != nil || cfg.Token != "from-env" || cfg.TLS != nil {
+		t.Errorf("ConfigFromEnv = %+v, %v; want FRESCO_TOKEN and no TLS", cfg, err)
+	}
+	t.Setenv("FRESCO_TOKEN_FILE", write("token-file", "from-file"))
+	if cfg, err := ConfigFromEnv(); err != nil || cfg.Token != "from-file" {
+		t.Errorf("ConfigFromEnv = %+v, %v; want FRESCO_TOKEN_FILE's token over FRESCO_TOKEN", cfg, err)
 	}
 }

@@ -1,0 +1,218 @@
+"""The Kubernetes manifests, validated offline (there is no cluster here): each overlay rendered with
+kustomize's own Go API and every object decoded strictly into k8s.io/api's types, then checked by
+deploy/kubernetes/validate: Services select pods, probes name served ports, every container is
+non-root with a read-only root filesystem, NetworkPolicies admit exactly deploy/kubernetes/callgraph.yaml,
+FRESCO_* variables are real settings, and the Dockerfile is pinned, constrained and non-root.
+Each negative case breaks one thing in a copy of deploy/ and expects the validator to name it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from chassis.settings import ServiceSettings
+from experiment_service.settings import ExperimentServiceSettings
+from feature_service.settings import FeatureServiceSettings
+from fresco.features.definitions import load_definitions
+from gateway.settings import GatewaySettings
+from model_manager.settings import ModelManagerSettings
+from predictor.settings import PredictorSettings
+from tests.golang import run_go
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+VALIDATOR = DEPLOY / "kubernetes" / "validate"
+# Secrets production creates with its own tooling (named in overlays/production/kustomization.yaml).
+PROVIDED = "fresco-auth,fresco-postgres,fresco-tls,fresco-edge-tls"
+SETTINGS: dict[str, type[ServiceSettings]] = {
+    "gateway": GatewaySettings,
+    "predictor": PredictorSettings,
+    "feature-service": FeatureServiceSettings,
+    "model-manager": ModelManagerSettings,
+    "experiment-service": ExperimentServiceSettings,
+}
+
+
+@pytest.fixture(scope="module")
+def validator(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    binary = tmp_path_factory.mktemp("validate") / "validate"
+    run_go(["vet", "./..."], cwd=VALIDATOR)
+    run_go(["build", "-o", str(binary), "."], cwd=VALIDATOR)
+    return binary
+
+
+@pytest.fixture(scope="module")
+def settings_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Each service's FRESCO_* variables, from its settings class (what the manifests may set)."""
+    known = {
+        component: [f"{cls.model_config['env_prefix']}{name.upper()}" for name in cls.model_fields]
+        for component, cls in SETTINGS.items()
+    }
+    path = tmp_path_factory.mktemp("settings") / "settings.json"
+    path.write_text(json.dumps(known))
+    return path
+
+
+def validate(binary: Path, settings: Path, deploy: Path, overlay: str, out: Path | None = None) -> tuple[int, str]:
+    args = [
+        str(binary),
+        "-callgraph",
+        str(deploy / "kubernetes" / "callgraph.yaml"),
+        "-settings",
+        str(settings),
+        "-dockerfile",
+        str(deploy / "docker" / "Dockerfile"),
+    ]
+    if overlay == "production":
+        args += ["-provided-secrets", PROVIDED]
+    if out is not None:
+        args += ["-print-to", str(out)]
+    args.append(str(deploy / "kubernetes" / "overlays" / overlay))
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
+    return done.returncode, done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("overlay", ["dev", "production"])
+def test_overlay_renders_decodes_strictly_and_passes_every_check(
+    validator: Path, settings_file: Path, overlay: str, tmp_path: Path
+) -> None:
+    code, output = validate(validator, settings_file, DEPLOY, overlay, out=tmp_path)
+    assert code == 0, output
+    assert f"ok {DEPLOY}/kubernetes/overlays/{overlay}: " in output
+    rendered = (tmp_path / f"{overlay}.yaml").read_text()
+    # The five services and Envoy, the backing services, in the overlay's namespace.
+    namespace = {"dev": "fresco-dev", "production": "fresco"}[overlay]
+    for name in (
+        "fresco-gateway",
+        "fresco-predictor",
+        "fresco-feature-service",
+        "fresco-model-manager",
+        "fresco-experiment-service",
+        "fresco-envoy",
+        "fresco-redis",
+        "fresco-cassandra",
+        "fresco-postgres",
+        "fresco-otel-collector",
+    ):
+        assert f"name: {name}\n  namespace: {namespace}\n" in rendered, name
+    if overlay == "production":
+        assert "FRESCO_GATEWAY_TLS_CERT_FILE" in rendered
+        assert "FRESCO_PREDICTOR_HEALTH_PORT" in rendered
+        assert "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" in rendered
+    else:
+        assert "TLS_CERT_FILE" not in rendered
+
+
+def test_feature_definitions_shipped_in_the_base_load() -> None:
+    definitions = load_definitions(DEPLOY / "kubernetes" / "base" / "features.yaml")
+    assert definitions is not None
+
+
+GATEWAY_PEER = "{podSelector: {matchLabels: {app.kubernetes.io/part-of: fresco, app.kubernetes.io/component: gateway}}}"
+MANAGER_PEER = GATEWAY_PEER.replace("gateway", "model-manager")
+# (file under deploy/, text replaced once, replacement, what the validator must say)
+BREAKAGES = [
+    pytest.param(
+        "kubernetes/base/gateway.yaml",
+        "readOnlyRootFilesystem: true",
+        "readOnlyRootFileSystem: true",
+        'unknown field "spec.template.spec.containers[0].securityContext.readOnlyRootFileSystem"',
+        id="misspelled-field",
+    ),
+    pytest.param(
+        "kubernetes/base/predictor.yaml",
+        "readinessProbe: {grpc: {port: 50051}",
+        "readinessProbe: {grpc: {port: 50061}",
+        "readiness probe names port 50061, which the container does not serve",
+        id="probe-on-unserved-port",
+    ),
+    pytest.param(
+        "kubernetes/base/feature-service.yaml",
+        "selector: {app.kubernetes.io/part-of: fresco, app.kubernetes.io/component: feature-service}",
+        "selector: {app.kubernetes.io/part-of: fresco, app.kubernetes.io/component: feature-servce}",
+        "Service fresco-dev/fresco-feature-service selects no pods",
+        id="service-selects-nothing",
+    ),
+    pytest.param(
+        "kubernetes/base/experiment-service.yaml",
+        "allowPrivilegeEscalation: false",
+        "allowPrivilegeEscalation: true",
+        "container experiment-service: allowPrivilegeEscalation is not false",
+        id="privilege-escalation",
+    ),
+    pytest.param(
+        "kubernetes/components/backing/redis.yaml",
+        "runAsUser: 999,",
+        "runAsUser: 0,",
+        "container redis: runAsUser (pod or container) is not a non-root uid",
+        id="root-user",
+    ),
+    pytest.param(
+        "kubernetes/base/network-policies.yaml",
+        f"{GATEWAY_PEER}, {MANAGER_PEER}]",
+        f"{GATEWAY_PEER}]",
+        "NetworkPolicies refuse the call model-manager -> predictor:grpc/TCP",
+        id="policy-refuses-a-call",
+    ),
+    pytest.param(
+        "kubernetes/components/backing/postgres.yaml",
+        "      ports: [{port: postgres}]",
+        "    - {}",
+        "NetworkPolicies admit clients -> postgres:postgres/TCP, which is not in the call graph",
+        id="policy-admits-too-much",
+    ),
+    pytest.param(
+        "kubernetes/base/network-policies.yaml",
+        "ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]",
+        "ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]\n    - {}",
+        "NetworkPolicies let gateway reach the internet",
+        id="egress-open-to-all",
+    ),
+    pytest.param(
+        "kubernetes/base/gateway.yaml",
+        "FRESCO_GATEWAY_STICKY_REDIS_URL",
+        "FRESCO_GATEWAY_STICKY_REDIS_URI",
+        "env FRESCO_GATEWAY_STICKY_REDIS_URI is not a setting of gateway",
+        id="not-a-setting",
+    ),
+    pytest.param(
+        "kubernetes/base/model-manager.yaml",
+        "secretKeyRef: {name: fresco-postgres,",
+        "secretKeyRef: {name: fresco-postgress,",
+        "reads Secret fresco-postgress, which is neither rendered nor provided outside",
+        id="missing-secret",
+    ),
+    pytest.param(
+        "docker/Dockerfile",
+        "USER 10001:10001",
+        "USER fresco",
+        'the final stage\'s USER is "fresco": expected a numeric non-root uid',
+        id="dockerfile-named-user",
+    ),
+    pytest.param(
+        "docker/Dockerfile",
+        "pip install -c constraints.txt '.[server,xds]'",
+        "pip install '.[server,xds]'",
+        "pip install without -c constraints.txt",
+        id="dockerfile-unconstrained-pip",
+    ),
+]
+
+
+@pytest.mark.parametrize(("relative", "old", "new", "expected"), BREAKAGES)
+def test_a_broken_copy_fails_naming_what_broke(
+    validator: Path, settings_file: Path, tmp_path: Path, relative: str, old: str, new: str, expected: str
+) -> None:
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy, ignore=shutil.ignore_patterns("validate"))
+    path = copy / relative
+    text = path.read_text()
+    assert old in text, f"{relative} no longer holds {old!r}: update this case"
+    path.write_text(text.replace(old, new, 1))
+    code, output = validate(validator, settings_file, copy, "dev")
+    assert code == 1, output
+    assert expected in output, output
