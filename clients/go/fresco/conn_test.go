@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 
+	featuresv1 "github.com/fresco-ml/fresco/clients/go/gen/fresco/features/v1"
 	gatewayv1 "github.com/fresco-ml/fresco/clients/go/gen/fresco/gateway/v1"
 )
 
@@ -42,6 +43,22 @@ func (r *recorder) Predict(ctx context.Context, req *gatewayv1.PredictRequest) (
 	return &gatewayv1.PredictResponse{Model: req.GetModel()}, nil
 }
 
+// features records a PushFeatures stream's metadata, the one client stream the tests open.
+type features struct {
+	featuresv1.UnimplementedFeatureServiceServer
+	rec *recorder
+}
+
+func (f features) PushFeatures(stream grpc.ClientStreamingServer[featuresv1.PushFeaturesRequest, featuresv1.PushFeaturesResponse]) error {
+	md, _ := metadata.FromIncomingContext(stream.Context())
+	deadline, _ := stream.Context().Deadline()
+	f.rec.mu.Lock()
+	f.rec.metadata = append(f.rec.metadata, md)
+	f.rec.deadlines = append(f.rec.deadlines, deadline)
+	f.rec.mu.Unlock()
+	return stream.SendAndClose(&featuresv1.PushFeaturesResponse{})
+}
+
 func (r *recorder) last() (metadata.MD, time.Time) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -57,6 +74,7 @@ func serve(t *testing.T) (*recorder, string) {
 	server := grpc.NewServer()
 	rec := &recorder{}
 	gatewayv1.RegisterGatewayServiceServer(server, rec)
+	featuresv1.RegisterFeatureServiceServer(server, features{rec: rec})
 	go func() { _ = server.Serve(listener) }()
 	t.Cleanup(server.Stop)
 	return rec, listener.Addr().String()
@@ -92,6 +110,36 @@ func TestTokenTraceContextAndDefaultDeadlineReachTheServer(t *testing.T) {
 	}
 	if deadline.IsZero() {
 		t.Error("a call without a deadline reached the server without one: DefaultTimeout was not applied")
+	}
+}
+
+func TestStreamsCarryTheTokenAndTraceContextButNoDefaultDeadline(t *testing.T) {
+	rec, address := serve(t)
+	conn, err := Dial(address, Config{Token: "s3cret"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	traceID, _ := trace.TraceIDFromHex("4bf92f3577b34da6a3ce929d0e0e4736")
+	spanID, _ := trace.SpanIDFromHex("00f067aa0ba902b7")
+	span := trace.NewSpanContext(trace.SpanContextConfig{TraceID: traceID, SpanID: spanID, TraceFlags: trace.FlagsSampled})
+	stream, err := featuresv1.NewFeatureServiceClient(conn.ClientConn()).PushFeatures(
+		trace.ContextWithSpanContext(context.Background(), span))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.CloseAndRecv(); err != nil {
+		t.Fatal(err)
+	}
+	md, deadline := rec.last()
+	if got := md.Get("authorization"); len(got) != 1 || got[0] != "Bearer s3cret" {
+		t.Errorf("authorization = %q, want one \"Bearer s3cret\"", got)
+	}
+	if got := md.Get("traceparent"); len(got) != 1 || got[0] != "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01" {
+		t.Errorf("traceparent = %q, want the span's", got)
+	}
+	if !deadline.IsZero() {
+		t.Errorf("a stream got deadline %v: a long-lived stream must not inherit the unary default", deadline)
 	}
 }
 
