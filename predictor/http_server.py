@@ -157,10 +157,15 @@ class InferenceRoutes:
         size = sum(len(raw) for raw in answer.raw_output_contents)
         payload, header_length = await self._offload(partial(encode_infer_response, answer, call.binary), size)
         if header_length is None:
-            return web.Response(body=payload, content_type=_JSON)
-        return web.Response(
-            body=payload, content_type="application/octet-stream", headers={INFERENCE_HEADER: str(header_length)}
-        )
+            response = web.Response(body=payload, content_type=_JSON)
+        else:
+            response = web.Response(
+                body=payload, content_type="application/octet-stream", headers={INFERENCE_HEADER: str(header_length)}
+            )
+        # gzip or deflate when the caller accepts it (tritonclient's response_compression_algorithm);
+        # the header length stays that of the JSON before compression, as in Triton.
+        response.enable_compression()
+        return response
 
     async def repository_index(self, request: web.Request) -> web.Response:
         answer = await self.servicer.RepositoryIndex(repository_index_request(await request.read()), _context())

@@ -6,6 +6,7 @@ with ONNX Runtime run in this process, bit for bit."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import shlex
@@ -489,3 +490,13 @@ def test_tls_and_client_certificates_as_on_the_grpc_port(repository, tmp_path: P
             live(port, None)
     finally:
         service.stop()
+
+
+def test_answers_are_compressed_when_the_caller_accepts_it(http: Http, rows: np.ndarray, reference: Reference) -> None:
+    body = json.dumps(infer_body(rows)).encode()
+    status, headers, data = http.call("POST", "/v2/models/demo/infer", gzip.compress(body),
+                                      {"Content-Encoding": "gzip", "Accept-Encoding": "gzip"})  # fmt: skip
+    assert (status, headers.get("Content-Encoding")) == (200, "gzip")
+    outputs = {output["name"]: output for output in json.loads(gzip.decompress(data))["outputs"]}
+    for name, expected in reference.predict(rows).items():
+        exact_json(outputs[name], expected)

@@ -83,7 +83,14 @@ def main() -> None:
             )
         ),
         "infer_gzip": attempt(
-            lambda: tensors(client.infer("demo", demo_input(rows, True), request_compression_algorithm="gzip"))
+            lambda: tensors(
+                client.infer(
+                    "demo",
+                    demo_input(rows, True),
+                    request_compression_algorithm="gzip",
+                    response_compression_algorithm="deflate",
+                )
+            )
         ),
         "infer_echo_json": attempt(
             lambda: tensors(
