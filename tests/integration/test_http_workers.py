@@ -14,17 +14,28 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
+from fresco.api.inference import grpc_service_pb2 as pb
+from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from fresco.suite import ServiceProcess
-from tests.integration import Reference, write_slow_model
+from tests.integration import CLIENT_OPTIONS, Reference, decode_outputs, write_slow_model
 from tests.integration.rest import Http, exact_json, infer_body
-from tests.integration.test_workers import CONNECTIONS, EXPLICIT, metric_samples, pids_of, workers_args
+from tests.integration.test_workers import (
+    CONNECTIONS,
+    EXPLICIT,
+    metric_samples,
+    pids_of,
+    slow_request,
+    workers_args,
+)
 
 pytestmark = pytest.mark.integration
 
 INFER = "POST /v2/models/{name}/infer"
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 @pytest.fixture(scope="module")
@@ -161,10 +172,54 @@ def test_sigterm_lets_http_calls_in_flight_finish(tmp_path: Path) -> None:
         service.stop()
 
 
-def in_flight(metrics_url: str) -> float:
-    """HTTP inference calls being handled now."""
+def in_flight(metrics_url: str, method: str = INFER) -> float:
+    """Calls of `method` (HTTP inference by default) being handled now."""
     return sum(
         value
         for name, labels, value in metric_samples(metrics_url)
-        if name == "fresco_rpc_in_flight" and labels.get("method") == INFER
+        if name == "fresco_rpc_in_flight" and labels.get("method") == method
     )
+
+
+def test_http_and_grpc_requests_batch_together(tmp_path: Path) -> None:
+    """One batcher behind both transports: small requests queued over HTTP and over gRPC while the
+    model is busy run in one execution."""
+    root = tmp_path / "models"
+    write_slow_model(root, depth=32)
+    service = ServiceProcess("predictor", ["--model-repository", str(root), "--port", "0"], log_path=tmp_path / "p.log")
+    rng = np.random.default_rng(3)
+    busy = rng.normal(size=(512, 1024)).astype(np.float32)  # more than max_batch_size (64): it runs alone
+    small = [rng.normal(size=(4, 1024)).astype(np.float32) for _ in range(6)]
+    try:
+        service.start()
+        service.wait_healthy()
+        with grpc.insecure_channel(service.address, options=CLIENT_OPTIONS) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            with ThreadPoolExecutor(len(small) + 1) as pool:
+                first = pool.submit(stub.ModelInfer, slow_request(busy, "busy"), timeout=60)
+                deadline = time.monotonic() + 20
+                while not in_flight(service.metrics_url, GRPC_INFER):  # the model is busy with it
+                    assert time.monotonic() < deadline, "the busy request was never in flight"
+                    time.sleep(0.005)
+                by_http = [pool.submit(http_infer, service.http_url, rows) for rows in small[:3]]
+                by_grpc = [pool.submit(stub.ModelInfer, slow_request(rows, "small"), timeout=60) for rows in small[3:]]
+                first.result()
+                answers = [future.result() for future in by_http]
+                answers += [decode_outputs(future.result())["mean"] for future in by_grpc]
+            for rows, answer in zip(small, answers, strict=True):
+                np.testing.assert_allclose(answer, rows.mean(axis=1), rtol=1e-4, atol=1e-5)
+            stats = stub.ModelStatistics(pb.ModelStatisticsRequest(name="slow"), timeout=10).model_stats[0]
+    finally:
+        service.stop()
+    # 12 rows came over each transport: a batch of more holds requests of both.
+    assert max(batch.batch_size for batch in stats.batch_stats if batch.batch_size <= 64) > 12, stats.batch_stats
+
+
+def http_infer(url: str, rows: np.ndarray) -> np.ndarray:
+    client = Http(url)
+    try:
+        status, answer = client.json("POST", "/v2/models/slow/infer", infer_body(rows))
+    finally:
+        client.close()
+    assert status == 200, answer
+    return np.array(answer["outputs"][0]["data"], dtype=np.float32)
