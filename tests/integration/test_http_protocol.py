@@ -14,6 +14,7 @@ import shutil
 import ssl
 import subprocess
 import sys
+import time
 import urllib.parse
 from collections.abc import Iterator
 from http.client import HTTPConnection, HTTPException, HTTPSConnection
@@ -378,8 +379,11 @@ def test_a_failure_is_logged_in_the_callers_trace(http: Http, predictor: Service
         "POST", "/v2/models/demo/infer", {"inputs": 1}, traceparent=f"00-{trace_id}-eee19b7ec3c1b174-01"
     )
     assert status == 400
-    logged = [line for line in predictor.lines if trace_id in line]
-    assert any("POST /v2/models/{name}/infer failed: INVALID_ARGUMENT" in line for line in logged), logged
+    expected = "POST /v2/models/{name}/infer failed: INVALID_ARGUMENT"
+    deadline = time.monotonic() + 10  # the line reaches us through the process's output, a moment later
+    while not any(expected in line and trace_id in line for line in predictor.lines[:]):
+        assert time.monotonic() < deadline, [line for line in predictor.lines if trace_id in line]
+        time.sleep(0.02)
 
 
 # -- Fuzzing -------------------------------------------------------------------------------------------
