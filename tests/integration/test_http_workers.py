@@ -47,8 +47,8 @@ def supervisor(repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         service.start()
         service.wait_healthy()  # one worker is serving; the other may still be loading demo
         deadline = time.monotonic() + 60
-        while {status for status, _ in each_connection(service.http_url, "GET", "/v2/models/demo/ready")} != {200}:
-            assert time.monotonic() < deadline, "demo not ready on every worker within 60 s"
+        while (ready := statuses(service.http_url, "/v2/models/demo/ready")) != [200] * CONNECTIONS:
+            assert time.monotonic() < deadline, f"demo not ready on every worker: {ready}\n{service.output()}"
             time.sleep(0.1)
         yield service, root
     finally:
@@ -65,6 +65,11 @@ def each_connection(url: str, method: str, path: str, document: object = None) -
         finally:
             client.close()
     return answers
+
+
+def statuses(url: str, path: str) -> list[int]:
+    """GET `path` on CONNECTIONS new connections: each status."""
+    return [status for status, _ in each_connection(url, "GET", path)]
 
 
 def inferences(url: str) -> int:
@@ -107,14 +112,14 @@ def test_load_and_unload_over_http_reach_every_worker(
     service, root = supervisor
     url = service.http_url
     shutil.copytree(repository.root / "demo", root / "fresh")
-    assert {status for status, _ in each_connection(url, "GET", "/v2/models/fresh/ready")} == {503}
+    assert set(statuses(url, "/v2/models/fresh/ready")) == {503}
     client = Http(url)
     try:
         status, answer = client.json("POST", "/v2/repository/models/fresh/load", {})
         assert status == 200, answer
     finally:
         client.close()
-    assert {status for status, _ in each_connection(url, "GET", "/v2/models/fresh/ready")} == {200}
+    assert set(statuses(url, "/v2/models/fresh/ready")) == {200}
     rows = sample[5:7]
     expected = reference.predict(rows)
     for status, answer in each_connection(url, "POST", "/v2/models/fresh/infer", infer_body(rows)):
@@ -126,7 +131,7 @@ def test_load_and_unload_over_http_reach_every_worker(
         assert client.json("POST", "/v2/repository/models/fresh/unload")[0] == 200
     finally:
         client.close()
-    assert {status for status, _ in each_connection(url, "GET", "/v2/models/fresh/ready")} == {503}
+    assert set(statuses(url, "/v2/models/fresh/ready")) == {503}
     answers = each_connection(url, "POST", "/v2/models/fresh/infer", infer_body(rows))
     assert {status for status, _ in answers} == {404}
 
