@@ -8,13 +8,17 @@ Each negative case breaks one thing in a copy of deploy/ and expects the validat
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from chassis.settings import ServiceSettings
+from chassis.settings import ServiceSettings, parse_settings
 from experiment_service.settings import ExperimentServiceSettings
 from feature_service.settings import FeatureServiceSettings
 from fresco.features.definitions import load_definitions
@@ -105,6 +109,76 @@ def test_overlay_renders_decodes_strictly_and_passes_every_check(
         assert "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" in rendered
     else:
         assert "TLS_CERT_FILE" not in rendered
+
+
+# What the kubelet would put in the variables the manifests fill from elsewhere.
+FROM_ELSEWHERE = {
+    "fieldRef": {"metadata.name": "fresco-pod-0", "status.podIP": "10.1.2.3"},
+    "resourceFieldRef": {"limits.memory": str(4 << 30)},
+}
+
+
+def container_env(container: dict[str, Any], files: Path) -> dict[str, str]:
+    """A container's variables as the kubelet sets them; files under /etc/fresco/ made in `files`."""
+    env: dict[str, str] = {}
+    for variable in container["env"]:
+        if "value" in variable:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], variable["value"])
+        else:
+            [(kind, ref)] = variable["valueFrom"].items()
+            if kind == "secretKeyRef":
+                value = "postgresql+psycopg://fresco:secret@fresco-postgres:5432/fresco"
+            else:
+                value = FROM_ELSEWHERE[kind][ref.get("fieldPath") or ref["resource"]]
+        if value.startswith("/etc/fresco/"):
+            local = files / value.lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            local.write_text("mounted from a Secret or ConfigMap\n")
+            value = str(local)
+        env[variable["name"]] = value
+    return env
+
+
+@pytest.mark.parametrize("overlay", ["dev", "production"])
+def test_each_service_parses_the_settings_its_manifest_gives_it(
+    validator: Path, settings_file: Path, overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, output = validate(validator, settings_file, DEPLOY, overlay, out=tmp_path)
+    assert code == 0, output
+    seen = set()
+    for doc in yaml.safe_load_all((tmp_path / f"{overlay}.yaml").read_text()):
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        component = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        if component not in SETTINGS:
+            continue
+        env = container_env(doc["spec"]["template"]["spec"]["containers"][0], tmp_path / component)
+        with monkeypatch.context() as patched:
+            for name in [n for n in os.environ if n.startswith("FRESCO_")]:
+                patched.delenv(name)
+            for name, value in env.items():
+                patched.setenv(name, value)
+            # As `python -m <service>` reads them: no flags, the variables, then defaults.
+            settings = parse_settings(SETTINGS[component], [])
+        seen.add(component)
+        assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9464), component
+        assert settings.auth_enabled, component
+        assert settings.tracing_exporter == "otlp", component
+        if overlay == "production":
+            assert settings.tls_cert_file is not None, component
+            assert settings.peer_tls_server_name == "fresco.internal", component
+            assert settings.health_port == 50052, component
+        else:
+            assert settings.tls_cert_file is None, component
+            assert settings.health_port == -1, component
+        if isinstance(settings, PredictorSettings):
+            assert settings.predictor_id == "fresco-pod-0"
+            assert settings.advertise_address == "10.1.2.3:50051"
+            assert settings.memory_capacity_bytes == 4 << 30
+        if isinstance(settings, FeatureServiceSettings):
+            assert settings.cassandra_contact_points == ["fresco-cassandra"]
+            assert settings.backend == "redis+cassandra"
+    assert seen == set(SETTINGS)
 
 
 def test_feature_definitions_shipped_in_the_base_load() -> None:
