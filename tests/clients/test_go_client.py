@@ -1,7 +1,7 @@
 """The Go client (clients/go): `go vet` and its unit tests (the assignment hash against the committed vectors,
 value conversion, what a call carries on the wire), then its integration tests against real services: a
-predictor, a feature service and a gateway (fresco.suite.start_suite) and an experiment service over TLS, auth
-on for reads too. The Go tests get the addresses, a viewer's token and what the Python client got for the same
+predictor, a feature service and a gateway (fresco.suite.start_suite) and an experiment service over mTLS,
+auth on for reads too. The Go tests get the addresses, a viewer's token and what the Python client got for the same
 calls, and must get the same answers."""
 
 from __future__ import annotations
@@ -21,9 +21,7 @@ from fresco.api.experiments.v1 import experiment_service_pb2 as xspb
 from fresco.api.experiments.v1 import experiment_service_pb2_grpc as xspb_grpc
 from fresco.api.features.v1 import feature_service_pb2 as fpb
 from fresco.api.features.v1 import feature_service_pb2_grpc as fpb_grpc
-from fresco.api.gateway.v1 import gateway_pb2 as gpb
-from fresco.api.gateway.v1 import gateway_pb2_grpc as gpb_grpc
-from fresco.client import GatewayClient, outputs, predict_request
+from fresco.client import ExperimentClient, FeatureClient, GatewayClient, feature_columns, outputs, predict_request
 from fresco.credentials import ClientSecurity
 from fresco.demo import row_features
 from fresco.suite import LocalAuth, ServiceProcess, Suite, issue_local_tokens, start_suite
@@ -88,18 +86,23 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     )
     try:
         tls = ["--tls-cert-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key)]
+        tls += ["--tls-client-ca-file", str(pki.ca)]
         suite.start(
             ServiceProcess(
                 "experiment_service",
                 service_args(root / "experiments", *tls, *auth.service_args()),
                 env=READS_NEED_A_TOKEN,
                 log_path=root / "experiment_service.log",
-                security=ClientSecurity(ca_file=pki.ca),
+                security=_mtls(pki),
             )
         )
         yield World(suite, auth, model, pki, root)
     finally:
         suite.stop()
+
+
+def _mtls(pki: Pki, token: str | None = None) -> ClientSecurity:
+    return ClientSecurity(token=token, ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key)
 
 
 def test_go_vet_and_unit_tests() -> None:
@@ -115,12 +118,7 @@ def _predictions(world: World, rows: np.ndarray) -> dict[str, object]:
     address = world.suite.service("gateway").address
     with GatewayClient(address, security=world.auth.admin) as client:
         single = [outputs(client.predict("demo", row_features(names, row))) for row in rows]
-    with world.auth.admin.channel(address) as channel:
-        batch = gpb_grpc.GatewayServiceStub(channel).PredictBatch(
-            gpb.PredictBatchRequest(requests=[predict_request("demo", row_features(names, row)) for row in rows]),
-            timeout=TIMEOUT_S,
-            metadata=world.auth.admin.metadata(),
-        )
+        batch = client.predict_batch([predict_request("demo", row_features(names, row)) for row in rows])
     together = [outputs(response) for response in batch.responses]
     # They are real answers: ONNX Runtime in this process agrees.
     expected = Reference(world.model).predict(rows)
@@ -153,12 +151,15 @@ def _pushed_features(world: World) -> dict[str, list[float]]:
             metadata=world.auth.admin.metadata(),
         )
     assert (pushed.accepted_count, pushed.rejected_count) == (len(USERS), 0)
-    return {ref: [row[j] for row in values] for j, ref in enumerate(REFS)}
+    by_ref = {ref: [row[j] for row in values] for j, ref in enumerate(REFS)}
+    with FeatureClient(world.suite.service("feature_service").address, security=world.auth.admin) as client:
+        assert feature_columns(client.get_features([{"user_id": user} for user in USERS], REFS)) == by_ref
+    return by_ref
 
 
 def _assignments(world: World, units: list[str]) -> dict[str, list[str]]:
     """An experiment of three arms on 80% of users, started; and its Assign answers to the Python stub."""
-    admin = ClientSecurity(token=world.auth.admin.token, ca_file=world.pki.ca)
+    admin = _mtls(world.pki, world.auth.admin.token)
     with admin.channel(world.suite.service("experiment_service").address) as channel:
         stub = xspb_grpc.ExperimentServiceStub(channel)
         created = stub.CreateExperiment(
@@ -171,13 +172,9 @@ def _assignments(world: World, units: list[str]) -> dict[str, list[str]]:
             timeout=TIMEOUT_S,
             metadata=admin.metadata(),
         )
-        answer = stub.Assign(
-            xspb.AssignRequest(
-                units=[apb.AssignmentUnit(unit_ids={"user_id": unit}) for unit in units], experiment_keys=[EXPERIMENT]
-            ),
-            timeout=TIMEOUT_S,
-            metadata=admin.metadata(),
-        )
+    viewer = _mtls(world.pki, world.auth.gateway_token_file.read_text().strip())
+    with ExperimentClient(world.suite.service("experiment_service").address, security=viewer) as client:
+        answer = client.assign([{"user_id": unit} for unit in units], [EXPERIMENT])
     assigned = [unit.assignments[0] for unit in answer.units]
     return {
         "units": units,
@@ -219,8 +216,12 @@ def _go_env(world: World, expected: Path) -> dict[str, str]:
         "FRESCO_IT_PREDICTOR": world.suite.service("predictor").address,
         "FRESCO_IT_FEATURE_SERVICE": world.suite.service("feature_service").address,
         "FRESCO_IT_EXPERIMENT_SERVICE": world.suite.service("experiment_service").address,
-        "FRESCO_IT_TLS_CA_FILE": str(world.pki.ca),
         "FRESCO_IT_TOKEN": world.auth.gateway_token_file.read_text().strip(),  # a viewer's
+        # The experiment service's connection comes from the variables the Python client reads too.
+        "FRESCO_TOKEN_FILE": str(world.auth.gateway_token_file),
+        "FRESCO_TLS_CA_FILE": str(world.pki.ca),
+        "FRESCO_TLS_CERT_FILE": str(world.pki.client.cert),
+        "FRESCO_TLS_KEY_FILE": str(world.pki.client.key),
     }
 
 
@@ -231,7 +232,7 @@ def test_go_client_against_running_services(world: World, expected: Path) -> Non
         env=_go_env(world, expected),
     )
     passed = re.findall(r"^--- PASS: (TestIntegration\w+)", output, re.MULTILINE)
-    assert len(passed) == 6, output
+    assert len(passed) == 7, output
     assert "--- SKIP" not in output, output
 
 

@@ -1,8 +1,8 @@
 """The Python client's calls against real services: predict and predict batch through a gateway (named features
 and entity keys, answers equal to ONNX Runtime's), get_features from a feature service, assign from an experiment
-service (equal to the experiment hash computed here), blocking and asyncio; each call's bearer token, deadline and
-W3C trace context reach the service (a deadline ends a call a server never answers), and the services' errors keep
-their gRPC status."""
+service over mutual TLS (equal to the experiment hash computed here), blocking and asyncio; each call's bearer
+token, deadline and W3C trace context reach the service (a deadline ends a call a server never answers), and the
+services' errors keep their gRPC status."""
 
 from __future__ import annotations
 
@@ -36,9 +36,10 @@ from fresco.client import (
 )
 from fresco.credentials import ClientSecurity
 from fresco.experiments.assignment import Placement
-from fresco.suite import Suite, issue_local_tokens, start_suite
+from fresco.suite import ServiceProcess, Suite, issue_local_tokens, start_suite
 from fresco.training import train_classifier
-from tests.experiment_service.service_support import create_and_start, experiment, running
+from tests.certs import make_pki
+from tests.experiment_service.service_support import create_and_start, experiment, service_args
 from tests.integration import Reference
 
 pytestmark = pytest.mark.integration
@@ -187,25 +188,49 @@ def test_get_features_reads_stored_values_and_nulls(platform: Platform) -> None:
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-async def test_assign_places_units_as_the_experiment_hash_does(tmp_path: Path) -> None:
+@pytest.fixture
+def experiments_over_mtls(tmp_path: Path) -> Iterator[tuple[ServiceProcess, ClientSecurity]]:
+    """An experiment service speaking only TLS and asking for a client certificate, and the security to reach it."""
+    pki = make_pki(tmp_path / "pki")
+    tls = ["--tls-cert-file", str(pki.server.cert), "--tls-key-file", str(pki.server.key)]
+    security = ClientSecurity(ca_file=pki.ca, cert_file=pki.client.cert, key_file=pki.client.key)
+    process = ServiceProcess(
+        "experiment_service",
+        service_args(tmp_path / "state", *tls, "--tls-client-ca-file", str(pki.ca)),
+        security=security,
+    ).start()
+    try:
+        process.wait_healthy(60)
+        yield process, security
+    finally:
+        assert process.stop() == 0, process.output()
+
+
+async def test_assign_over_mtls_places_units_as_the_experiment_hash_does(
+    experiments_over_mtls: tuple[ServiceProcess, ClientSecurity],
+) -> None:
+    process, security = experiments_over_mtls
     units = [f"u{i}" for i in range(200)]
     weights = (0.3, 0.7)
-    with running(tmp_path) as process:
-        with grpc.insecure_channel(process.address) as channel:
-            started = create_and_start(xpb_grpc.ExperimentServiceStub(channel), experiment("checkout", weights))
-        placement = Placement(started.salt or started.key, weights, started.coverage)
-        expected = [{"checkout": f"arm{placement.arm(u)}"} for u in units]
+    with security.channel(process.address) as channel:
+        started = create_and_start(xpb_grpc.ExperimentServiceStub(channel), experiment("checkout", weights))
+    placement = Placement(started.salt or started.key, weights, started.coverage)
+    expected = [{"checkout": f"arm{placement.arm(u)}"} for u in units]
 
-        with ExperimentClient(process.address) as client:
-            answer = client.assign([{"user_id": u} for u in units], experiment_keys=["checkout"], trace=TRACE)
-            assert arms(answer) == expected
-            # A unit without the experiment's unit type is not assigned, and says why.
-            (missing,) = client.assign([assignment_unit({"session_id": "s"}, {"country": "fr"})]).units
-            assert [(a.experiment_key, a.reason) for a in missing.assignments] == [
-                ("checkout", apb.ASSIGNMENT_REASON_MISSING_UNIT_ID)
-            ]
-        async with AsyncExperimentClient(process.address) as async_client:
-            assert arms(await async_client.assign([{"user_id": u} for u in units[:20]])) == expected[:20]
+    with ExperimentClient(process.address, security=security) as client:
+        answer = client.assign([{"user_id": u} for u in units], experiment_keys=["checkout"], trace=TRACE)
+        assert arms(answer) == expected
+        # A unit without the experiment's unit type is not assigned, and says why.
+        (missing,) = client.assign([assignment_unit({"session_id": "s"}, {"country": "fr"})]).units
+        assert [(a.experiment_key, a.reason) for a in missing.assignments] == [
+            ("checkout", apb.ASSIGNMENT_REASON_MISSING_UNIT_ID)
+        ]
+    async with AsyncExperimentClient(process.address, security=security) as async_client:
+        assert arms(await async_client.assign([{"user_id": u} for u in units[:20]])) == expected[:20]
+
+    with ExperimentClient(process.address) as plaintext, pytest.raises(grpc.RpcError) as refused:
+        plaintext.assign([{"user_id": "u0"}], timeout_s=5.0)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_deadlines_end_calls_a_server_never_answers() -> None:

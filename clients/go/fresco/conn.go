@@ -124,6 +124,7 @@ func Dial(target string, cfg Config) (*Conn, error) {
 		grpc.WithTransportCredentials(transport),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxMessageBytes), grpc.MaxCallSendMsgSize(MaxMessageBytes)),
 		grpc.WithChainUnaryInterceptor(callContext(timeout)),
+		grpc.WithChainStreamInterceptor(streamContext),
 	}
 	if cfg.Token != "" {
 		options = append(options, grpc.WithPerRPCCredentials(bearerToken{token: cfg.Token, tls: cfg.TLS != nil}))
@@ -136,7 +137,8 @@ func Dial(target string, cfg Config) (*Conn, error) {
 }
 
 // ClientConn is the underlying gRPC connection, for any generated stub (clients/go/gen) the helpers here
-// do not cover; calls through it get the same deadline, trace context and token.
+// do not cover; calls through it carry the token and the trace context too, and unary calls the default
+// deadline (streams, often long-lived, only the context's own).
 func (c *Conn) ClientConn() *grpc.ClientConn { return c.cc }
 
 // Close closes the connection.
@@ -171,6 +173,12 @@ func callContext(timeout time.Duration) grpc.UnaryClientInterceptor {
 		ctx = withTraceContext(ctx)
 		return invoker(ctx, method, req, reply, cc, opts...)
 	}
+}
+
+// streamContext sends the context's trace context on a stream; its deadline is the caller's alone.
+func streamContext(ctx context.Context, desc *grpc.StreamDesc, cc *grpc.ClientConn, method string,
+	streamer grpc.Streamer, opts ...grpc.CallOption) (grpc.ClientStream, error) {
+	return streamer(withTraceContext(ctx), desc, cc, method, opts...)
 }
 
 func withTraceContext(ctx context.Context) context.Context {

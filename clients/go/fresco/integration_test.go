@@ -259,13 +259,21 @@ func TestIntegrationGetFeaturesReadsWhatWasPushed(t *testing.T) {
 	}
 }
 
-func TestIntegrationAssignOverTLSEqualsTheServiceAndTheHash(t *testing.T) {
-	e := load(t)
-	tlsConfig, err := fresco.TLSFromFiles(env(t, "FRESCO_IT_TLS_CA_FILE"), "", "", "")
+// mtls is the experiment service's connection as FRESCO_TOKEN_FILE and FRESCO_TLS_* describe it: a
+// viewer's token, the test CA and a client certificate (the service requires one).
+func mtls(t *testing.T) fresco.Config {
+	t.Helper()
+	env(t, "FRESCO_TLS_CERT_FILE")
+	cfg, err := fresco.ConfigFromEnv()
 	if err != nil {
 		t.Fatal(err)
 	}
-	conn := connect(t, "FRESCO_IT_EXPERIMENT_SERVICE", fresco.Config{Token: env(t, "FRESCO_IT_TOKEN"), TLS: tlsConfig})
+	return cfg
+}
+
+func TestIntegrationAssignOverMTLSEqualsTheServiceAndTheHash(t *testing.T) {
+	e := load(t)
+	conn := connect(t, "FRESCO_IT_EXPERIMENT_SERVICE", mtls(t))
 	units := make([]*experimentsv1.AssignmentUnit, len(e.Units))
 	for i, unit := range e.Units {
 		units[i] = &experimentsv1.AssignmentUnit{UnitIds: map[string]string{e.UnitType: unit}}
@@ -323,6 +331,22 @@ func TestIntegrationAssignOverTLSEqualsTheServiceAndTheHash(t *testing.T) {
 	// Units both in and out of the coverage, so neither side can pass by answering one way.
 	if seen["ASSIGNMENT_REASON_ASSIGNED"] == 0 || seen["ASSIGNMENT_REASON_OUTSIDE_COVERAGE"] == 0 {
 		t.Errorf("reasons %v: expected units both assigned and outside the coverage", seen)
+	}
+}
+
+func TestIntegrationTLSWithoutAClientCertificateIsRefused(t *testing.T) {
+	e := load(t)
+	withCert := mtls(t)
+	withoutCert := fresco.Config{Token: withCert.Token, TLS: withCert.TLS.Clone()}
+	withoutCert.TLS.Certificates = nil
+	units := []*experimentsv1.AssignmentUnit{{UnitIds: map[string]string{e.UnitType: e.Units[0]}}}
+	experiments := fresco.NewExperiments(connect(t, "FRESCO_IT_EXPERIMENT_SERVICE", withoutCert))
+	if _, err := experiments.Assign(context.Background(), units, e.Experiment); status.Code(err) != codes.Unavailable {
+		t.Errorf("without a client certificate: %v, want UNAVAILABLE (the handshake fails)", err)
+	}
+	plaintext := fresco.NewExperiments(connect(t, "FRESCO_IT_EXPERIMENT_SERVICE", fresco.Config{Token: withCert.Token}))
+	if _, err := plaintext.Assign(context.Background(), units, e.Experiment); status.Code(err) != codes.Unavailable {
+		t.Errorf("in plaintext: %v, want UNAVAILABLE", err)
 	}
 }
 
