@@ -97,6 +97,8 @@ class ServiceApp:
             if self.health_port == 0:
                 raise OSError(f"{name}: could not bind the health port {settings.host}:{settings.health_port}")
         self.metrics_endpoint: MetricsEndpoint | None = None
+        # Other listeners of the service (name to URL), announced after metrics, e.g. {"http": "http://…"}.
+        self.endpoints: dict[str, str] = {}
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
         self._on_drain: list[Callable[[], Awaitable[None]]] = []
 
@@ -163,7 +165,8 @@ class ServiceApp:
             if self.metrics_endpoint
             else ""
         )
-        print(f"{self.name} listening on {self.address}{metrics}", flush=True)
+        others = "".join(f" {name}={url}" for name, url in self.endpoints.items())
+        print(f"{self.name} listening on {self.address}{metrics}{others}", flush=True)
 
 
 async def serve(app: ServiceApp, ready: Callable[[], Awaitable[None]] | None = None) -> None:

@@ -22,7 +22,8 @@ from chassis.auth import Role, new_token, token_line
 from fresco.credentials import ClientSecurity
 
 _LISTENING = re.compile(
-    r"^(?P<name>\S+) listening on (?P<address>\S+?)(?: metrics=(?P<metrics>\S+?))?(?: workers=(?P<workers>\d+))?$"
+    r"^(?P<name>\S+) listening on (?P<address>\S+?)(?: metrics=(?P<metrics>\S+?))?(?: http=(?P<http>\S+?))?"
+    r"(?: workers=(?P<workers>\d+))?$"
 )
 
 
@@ -40,6 +41,7 @@ class ServiceProcess:
     log_path: Path | None = None
     address: str = ""
     metrics_url: str = ""
+    http_url: str = ""  # the predictor's KServe v2 REST endpoint, e.g. http://127.0.0.1:8000
     workers: int = 1
     security: ClientSecurity = field(default_factory=ClientSecurity)
     process: subprocess.Popen[str] | None = None
@@ -81,6 +83,7 @@ class ServiceProcess:
                 if match and not self._announced.is_set():
                     self.address = match["address"]
                     self.metrics_url = match["metrics"] or ""
+                    self.http_url = match["http"] or ""
                     self.workers = int(match["workers"] or 1)
                     self._announced.set()
         finally:

@@ -13,6 +13,7 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from predictor.backends.base import BackendOptions
 from predictor.gpu_metrics import register_gpu_metrics
+from predictor.http_server import HttpServer, build_application
 from predictor.metrics import PredictorMetrics
 from predictor.models import ModelStore
 from predictor.peers import Peers
@@ -65,6 +66,12 @@ class Predictor:
             codec_executor=self.codec_executor,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.app.server)
+        # The same servicer over HTTP (KServe v2 REST), started with `start_http`.
+        self.http: HttpServer | None = None
+        self._http_stopping: asyncio.Task[None] | None = None
+        if settings.http_port >= 0:
+            self.http = HttpServer(build_application(settings, self.app, self.servicer, self.codec_executor), settings)
+            self.app.on_drain(self._drain_http)
         self._poller: asyncio.Task[None] | None = None
         self.registration: Registration | None = None
         self._registration_task: asyncio.Task[None] | None = None
@@ -72,6 +79,23 @@ class Predictor:
         if settings.model_manager_address and not settings.worker_index:
             self.registration = self._registration()
         self.app.on_stop(self._close)
+        # Registered after _close, so it runs before it (on_stop runs newest first): HTTP calls in
+        # flight finish (within the grace period, beside gRPC's) before the store closes.
+        self.app.on_stop(self._await_http)
+
+    async def start_http(self) -> None:
+        """Serve HTTP (when on); the announce line then carries its address."""
+        if self.http is not None:
+            await self.http.start()
+            self.app.endpoints["http"] = self.http.url
+
+    async def _drain_http(self) -> None:
+        if self.http is not None and self.http.port:
+            self._http_stopping = asyncio.get_running_loop().create_task(self.http.stop(), name="http-drain")
+
+    async def _await_http(self) -> None:
+        if self._http_stopping is not None:
+            await self._http_stopping
 
     def _registration(self) -> Registration:
         settings = self.settings
@@ -137,6 +161,7 @@ async def serve_predictor(settings: PredictorSettings) -> None:
     """Build the predictor, load its models and serve until SIGTERM or SIGINT."""
     sys.setswitchinterval(settings.gil_switch_interval_us / 1e6)
     predictor = build_server(settings)
+    await predictor.start_http()
     await serve(predictor.app, ready=predictor.load_models)
 
 

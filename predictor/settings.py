@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, FilePath
 from pydantic_settings import SettingsConfigDict
 
-from chassis.settings import ServiceSettings
+from chassis.settings import DEFAULT_MAX_MESSAGE_BYTES, ServiceSettings
 
 
 class PredictorSettings(ServiceSettings):
@@ -47,6 +47,11 @@ class PredictorSettings(ServiceSettings):
     --workers N (and other predictors on the machine) hold them once; 0 turns this off."""
     shared_weights_dir: Path | None = None
     """Where those copies are kept, one per model file and machine (default ~/.cache/fresco/shared-weights)."""
+    http_port: int = Field(default=0, ge=-1)
+    """Port of the Open Inference Protocol's REST form (KServe v2 over HTTP, as Triton's and MLServer's);
+    0 picks a free port and prints it, -1 turns it off. TLS and bearer tokens as on the gRPC port."""
+    http_max_request_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1)
+    """Largest HTTP request body accepted, in bytes (413 beyond it)."""
     workers: int = Field(default=1, ge=1)
     """Server processes sharing the port (SO_REUSEPORT); repository calls reach every one of them."""
     worker_index: int | None = None

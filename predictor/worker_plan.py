@@ -19,11 +19,14 @@ class WorkerPlan:
     workers: int
     metrics_port: int
     grace_period_s: float
+    http_port: int = -1
+    http_tls: bool = False  # whether the HTTP port speaks TLS, for the URL the supervisor announces
 
     @classmethod
     def of(cls, settings: Any) -> Self:
         """The plan of parsed predictor settings (a `PredictorSettings`)."""
-        return cls(**{field.name: getattr(settings, field.name) for field in fields(cls)})
+        taken = {field.name: getattr(settings, field.name) for field in fields(cls) if field.name != "http_tls"}
+        return cls(**taken, http_tls=settings.tls_cert_file is not None)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))

@@ -87,12 +87,14 @@ class Worker:
         self.process = self._spawn("--sync-from-peers")
 
 
-def worker_argv(argv: list[str], index: int, port: int, peers_dir: Path) -> list[str]:
+def worker_argv(argv: list[str], index: int, port: int, peers_dir: Path, http_port: int = -1) -> list[str]:
     """The arguments of one worker: the supervisor's own flags, then the worker's overrides."""
     return [
         *argv,
         "--port",
         str(port),
+        "--http-port",
+        str(http_port),
         "--metrics-port",
         "-1",
         "--worker-index",
@@ -107,6 +109,10 @@ def worker_argv(argv: list[str], index: int, port: int, peers_dir: Path) -> list
 def supervise(settings: WorkerPlan, argv: list[str]) -> int:
     """Run `settings.workers` workers on `argv` until SIGTERM or SIGINT; exit 0 when they all stopped cleanly."""
     port, holder = reserve_port(settings.host, settings.port)
+    # The HTTP port is shared alike; -1 (off) stays off in every worker.
+    http_port, http_holder = -1, None
+    if settings.http_port >= 0:
+        http_port, http_holder = reserve_port(settings.host, settings.http_port)
     peers_dir = Path(tempfile.mkdtemp(prefix="fresco-predictor-"))
     metrics_dir = peers_dir / "metrics"
     metrics_dir.mkdir()
@@ -120,7 +126,7 @@ def supervise(settings: WorkerPlan, argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    workers = [Worker(i, worker_argv(argv, i, port, peers_dir), zygote) for i in range(settings.workers)]
+    workers = [Worker(i, worker_argv(argv, i, port, peers_dir, http_port), zygote) for i in range(settings.workers)]
     try:
         for worker in workers:
             while not worker.announced.wait(0.1):
@@ -129,8 +135,13 @@ def supervise(settings: WorkerPlan, argv: list[str]) -> int:
                         print(f"predictor worker {worker.index} exited with {worker.exited()} before serving")
                     return _shutdown(workers, settings.grace_period_s, failed=True)
         holder.close()
+        if http_holder is not None:
+            http_holder.close()
         metrics = _serve_metrics(settings, metrics_dir, scraping)
         suffix = f" metrics=http://{settings.host}:{metrics}/metrics" if metrics else ""
+        if http_port >= 0:
+            scheme = "https" if settings.http_tls else "http"
+            suffix += f" http={scheme}://{settings.host}:{http_port}"
         print(f"predictor listening on {settings.host}:{port}{suffix} workers={settings.workers}", flush=True)
         while not stopping.wait(0.2):
             for worker in workers:
@@ -145,6 +156,8 @@ def supervise(settings: WorkerPlan, argv: list[str]) -> int:
         return _shutdown(workers, settings.grace_period_s, failed=False)
     finally:
         holder.close()
+        if http_holder is not None:
+            http_holder.close()
         shutil.rmtree(peers_dir, ignore_errors=True)
 
 

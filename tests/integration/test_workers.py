@@ -180,7 +180,7 @@ async def test_one_announce_line_and_every_worker_serves(
     assert served == loaded, f"ModelInfer handled by workers {served} of {loaded}"
 
 
-async def test_the_supervisor_holds_neither_pydantic_nor_grpc_nor_onnxruntime(supervisor) -> None:
+def test_the_supervisor_holds_neither_pydantic_nor_grpc_nor_onnxruntime(supervisor) -> None:
     """It re-executes itself after parsing its flags: only its workers load the serving stack."""
     service, _ = supervisor
     assert service.process is not None

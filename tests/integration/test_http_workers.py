@@ -1,0 +1,170 @@
+"""`--workers 2` over HTTP: the workers share the HTTP port as they share the gRPC one, each answers
+exactly, statistics cover both, and repository calls made over HTTP reach every worker. And SIGTERM
+drains HTTP calls in flight as it drains gRPC ones.
+
+SO_REUSEPORT spreads connections, not calls: each request here opens its own connection."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fresco.suite import ServiceProcess
+from tests.integration import Reference, write_slow_model
+from tests.integration.rest import Http, exact_json, infer_body
+from tests.integration.test_workers import CONNECTIONS, EXPLICIT, metric_samples, pids_of, workers_args
+
+pytestmark = pytest.mark.integration
+
+INFER = "POST /v2/models/{name}/infer"
+
+
+@pytest.fixture(scope="module")
+def supervisor(repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServiceProcess, Path]]:
+    root = tmp_path_factory.mktemp("http-workers") / "models"
+    shutil.copytree(repository.root / "demo", root / "demo")
+    service = ServiceProcess("predictor", workers_args(root, *EXPLICIT), log_path=root.parent / "predictor.log")
+    try:
+        service.start()
+        service.wait_healthy()  # one worker is serving; the other may still be loading demo
+        deadline = time.monotonic() + 60
+        while {status for status, _ in each_connection(service.http_url, "GET", "/v2/models/demo/ready")} != {200}:
+            assert time.monotonic() < deadline, "demo not ready on every worker within 60 s"
+            time.sleep(0.1)
+        yield service, root
+    finally:
+        service.stop()
+
+
+def each_connection(url: str, method: str, path: str, document: object = None) -> list[tuple[int, object]]:
+    """The same call on CONNECTIONS new connections (so on every worker, but with odds of 2**-15)."""
+    answers = []
+    for _ in range(CONNECTIONS):
+        client = Http(url)
+        try:
+            answers.append(client.json(method, path, document))
+        finally:
+            client.close()
+    return answers
+
+
+def inferences(url: str) -> int:
+    client = Http(url)
+    try:
+        status, answer = client.json("GET", "/v2/models/demo/stats")
+    finally:
+        client.close()
+    assert status == 200, answer
+    return int(answer["model_stats"][0]["inference_count"])
+
+
+def test_every_worker_answers_exactly_and_statistics_cover_them(
+    supervisor, sample: np.ndarray, reference: Reference
+) -> None:
+    service, _ = supervisor
+    assert service.http_url.startswith("http://127.0.0.1:"), service.lines
+    assert service.http_url != f"http://{service.address}"
+    rows = sample[:3]
+    expected = reference.predict(rows)
+    before = inferences(service.http_url)
+    for status, answer in each_connection(service.http_url, "POST", "/v2/models/demo/infer", infer_body(rows)):
+        assert status == 200, answer
+        assert isinstance(answer, dict)
+        outputs = {output["name"]: output for output in answer["outputs"]}
+        for name in ("label", "probabilities"):
+            exact_json(outputs[name], expected[name])
+    # Statistics over HTTP gather every worker's, as ModelStatistics over gRPC does.
+    assert inferences(service.http_url) - before == CONNECTIONS * len(rows)
+    samples = metric_samples(service.metrics_url)
+    loaded = pids_of(samples, "fresco_model_loaded", model="demo", version="1")
+    assert len(loaded) == 2, loaded
+    served = pids_of(samples, "fresco_rpc_in_flight", method=INFER)
+    assert served == loaded, f"HTTP inference handled by workers {served} of {loaded}"
+
+
+def test_load_and_unload_over_http_reach_every_worker(
+    supervisor, repository, sample: np.ndarray, reference: Reference
+) -> None:
+    service, root = supervisor
+    url = service.http_url
+    shutil.copytree(repository.root / "demo", root / "fresh")
+    assert {status for status, _ in each_connection(url, "GET", "/v2/models/fresh/ready")} == {503}
+    client = Http(url)
+    try:
+        status, answer = client.json("POST", "/v2/repository/models/fresh/load", {})
+        assert status == 200, answer
+    finally:
+        client.close()
+    assert {status for status, _ in each_connection(url, "GET", "/v2/models/fresh/ready")} == {200}
+    rows = sample[5:7]
+    expected = reference.predict(rows)
+    for status, answer in each_connection(url, "POST", "/v2/models/fresh/infer", infer_body(rows)):
+        assert status == 200, answer
+        assert isinstance(answer, dict)
+        exact_json(next(o for o in answer["outputs"] if o["name"] == "probabilities"), expected["probabilities"])
+    client = Http(url)
+    try:
+        assert client.json("POST", "/v2/repository/models/fresh/unload")[0] == 200
+    finally:
+        client.close()
+    assert {status for status, _ in each_connection(url, "GET", "/v2/models/fresh/ready")} == {503}
+    answers = each_connection(url, "POST", "/v2/models/fresh/infer", infer_body(rows))
+    assert {status for status, _ in answers} == {404}
+
+
+def test_sigterm_lets_http_calls_in_flight_finish(tmp_path: Path) -> None:
+    root = tmp_path / "models"
+    write_slow_model(root, depth=32)  # about a quarter of a second per call on one core
+    service = ServiceProcess("predictor", ["--model-repository", str(root), "--port", "0"], log_path=tmp_path / "p.log")
+    rows = np.random.default_rng(9).normal(size=(256, 1024)).astype(np.float32)
+    header = json.dumps(
+        {
+            "inputs": [{"name": "X", "datatype": "FP32", "shape": [256, 1024],
+                        "parameters": {"binary_data_size": rows.nbytes}}],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()  # fmt: skip
+    try:
+        service.start()
+        service.wait_healthy()
+        client = Http(service.http_url)
+        with ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(
+                client.call,
+                "POST",
+                "/v2/models/slow/infer",
+                header + rows.tobytes(),
+                {"Inference-Header-Content-Length": str(len(header))},
+            )
+            deadline = time.monotonic() + 20
+            while not in_flight(service.metrics_url):  # the call has reached the predictor
+                assert not answer.done(), answer.result()
+                assert time.monotonic() < deadline, "the call was never in flight"
+                time.sleep(0.01)
+            assert service.process is not None
+            service.process.send_signal(signal.SIGTERM)
+            status, headers, body = answer.result(timeout=60)
+        client.close()
+        assert status == 200, body[:300]
+        length = int(headers["Inference-Header-Content-Length"])
+        np.testing.assert_allclose(np.frombuffer(body[length:], "<f4"), rows.mean(axis=1), rtol=1e-4, atol=1e-5)
+        assert service.process.wait(30) == 0, service.output()
+    finally:
+        service.stop()
+
+
+def in_flight(metrics_url: str) -> float:
+    """HTTP inference calls being handled now."""
+    return sum(
+        value
+        for name, labels, value in metric_samples(metrics_url)
+        if name == "fresco_rpc_in_flight" and labels.get("method") == INFER
+    )
