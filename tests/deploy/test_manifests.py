@@ -175,6 +175,7 @@ def test_each_service_parses_the_settings_its_manifest_gives_it(
             assert settings.predictor_id == "fresco-pod-0"
             assert settings.advertise_address == "10.1.2.3:50051"
             assert settings.memory_capacity_bytes == 4 << 30
+            assert settings.http_port == -1  # its default, 0, would listen on a random port
         if isinstance(settings, FeatureServiceSettings):
             assert settings.cassandra_contact_points == ["fresco-cassandra"]
             assert settings.backend == "redis+cassandra"
