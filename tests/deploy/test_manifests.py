@@ -7,77 +7,17 @@ Each negative case breaks one thing in a copy of deploy/ and expects the validat
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import shutil
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
-from chassis.settings import ServiceSettings, parse_settings
-from experiment_service.settings import ExperimentServiceSettings
+from chassis.settings import parse_settings
 from feature_service.settings import FeatureServiceSettings
 from fresco.features.definitions import load_definitions
-from gateway.settings import GatewaySettings
-from model_manager.settings import ModelManagerSettings
 from predictor.settings import PredictorSettings
-from tests.golang import run_go
-
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-VALIDATOR = DEPLOY / "kubernetes" / "validate"
-# Secrets production creates with its own tooling (named in overlays/production/kustomization.yaml).
-PROVIDED = "fresco-auth,fresco-postgres,fresco-tls,fresco-edge-tls"
-SETTINGS: dict[str, type[ServiceSettings]] = {
-    "gateway": GatewaySettings,
-    "predictor": PredictorSettings,
-    "feature-service": FeatureServiceSettings,
-    "model-manager": ModelManagerSettings,
-    "experiment-service": ExperimentServiceSettings,
-}
-
-
-@pytest.fixture(scope="module")
-def validator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    binary = tmp_path_factory.mktemp("validate") / "validate"
-    run_go(["vet", "./..."], cwd=VALIDATOR)
-    run_go(["build", "-o", str(binary), "."], cwd=VALIDATOR)
-    return binary
-
-
-@pytest.fixture(scope="module")
-def settings_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Each service's FRESCO_* variables, from its settings class (what the manifests may set)."""
-    known = {
-        component: [f"{cls.model_config['env_prefix']}{name.upper()}" for name in cls.model_fields]
-        for component, cls in SETTINGS.items()
-    }
-    path = tmp_path_factory.mktemp("settings") / "settings.json"
-    path.write_text(json.dumps(known))
-    return path
-
-
-def validate(binary: Path, settings: Path, deploy: Path, overlay: str, out: Path | None = None) -> tuple[int, str]:
-    args = [
-        str(binary),
-        "-callgraph",
-        str(deploy / "kubernetes" / "callgraph.yaml"),
-        "-settings",
-        str(settings),
-        "-dockerfile",
-        str(deploy / "docker" / "Dockerfile"),
-    ]
-    if overlay == "production":
-        args += ["-provided-secrets", PROVIDED]
-    if out is not None:
-        args += ["-print-to", str(out)]
-    args.append(str(deploy / "kubernetes" / "overlays" / overlay))
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
-    return done.returncode, done.stdout + done.stderr
+from tests.deploy.rendering import DEPLOY, SETTINGS, container_env, fresco_containers, validate
 
 
 @pytest.mark.parametrize("overlay", ["dev", "production"])
@@ -111,34 +51,6 @@ def test_overlay_renders_decodes_strictly_and_passes_every_check(
         assert "TLS_CERT_FILE" not in rendered
 
 
-# What the kubelet would put in the variables the manifests fill from elsewhere.
-FROM_ELSEWHERE = {
-    "fieldRef": {"metadata.name": "fresco-pod-0", "status.podIP": "10.1.2.3"},
-    "resourceFieldRef": {"limits.memory": str(4 << 30)},
-}
-
-
-def container_env(container: dict[str, Any], files: Path) -> dict[str, str]:
-    """A container's variables as the kubelet sets them; files under /etc/fresco/ made in `files`."""
-    env: dict[str, str] = {}
-    for variable in container["env"]:
-        if "value" in variable:
-            value = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], variable["value"])
-        else:
-            [(kind, ref)] = variable["valueFrom"].items()
-            if kind == "secretKeyRef":
-                value = "postgresql+psycopg://fresco:secret@fresco-postgres:5432/fresco"
-            else:
-                value = FROM_ELSEWHERE[kind][ref.get("fieldPath") or ref["resource"]]
-        if value.startswith("/etc/fresco/"):
-            local = files / value.lstrip("/")
-            local.parent.mkdir(parents=True, exist_ok=True)
-            local.write_text("mounted from a Secret or ConfigMap\n")
-            value = str(local)
-        env[variable["name"]] = value
-    return env
-
-
 @pytest.mark.parametrize("overlay", ["dev", "production"])
 def test_each_service_parses_the_settings_its_manifest_gives_it(
     validator: Path, settings_file: Path, overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -146,13 +58,8 @@ def test_each_service_parses_the_settings_its_manifest_gives_it(
     code, output = validate(validator, settings_file, DEPLOY, overlay, out=tmp_path)
     assert code == 0, output
     seen = set()
-    for doc in yaml.safe_load_all((tmp_path / f"{overlay}.yaml").read_text()):
-        if doc["kind"] not in ("Deployment", "StatefulSet"):
-            continue
-        component = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
-        if component not in SETTINGS:
-            continue
-        env = container_env(doc["spec"]["template"]["spec"]["containers"][0], tmp_path / component)
+    for component, container in fresco_containers(tmp_path / f"{overlay}.yaml"):
+        env = container_env(container, tmp_path / component)
         with monkeypatch.context() as patched:
             for name in [n for n in os.environ if n.startswith("FRESCO_")]:
                 patched.delenv(name)
