@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.deploy.rendering import SETTINGS, VALIDATOR
-from tests.golang import run_go
+from tests.golang import go_binary, run_go
 
 
 @pytest.fixture(scope="session")
 def validator(tmp_path_factory: pytest.TempPathFactory) -> Path:
     binary = tmp_path_factory.mktemp("validate") / "validate"
+    unformatted = subprocess.run(
+        [str(Path(go_binary()).parent / "gofmt"), "-l", "."], cwd=VALIDATOR, capture_output=True, text=True, check=True
+    ).stdout
+    assert not unformatted, f"not gofmt'd: {unformatted}"
     run_go(["vet", "./..."], cwd=VALIDATOR)
     run_go(["build", "-o", str(binary), "."], cwd=VALIDATOR)
     return binary

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from chassis.settings import parse_settings
+from chassis.settings import ServiceSettings, parse_settings
+from experiment_service.settings import ExperimentServiceSettings
 from feature_service.settings import FeatureServiceSettings
 from fresco.features.definitions import load_definitions
+from gateway.settings import GatewaySettings
 from predictor.settings import PredictorSettings
 from tests.deploy.rendering import DEPLOY, SETTINGS, container_env, fresco_containers, validate
 
@@ -57,7 +59,7 @@ def test_each_service_parses_the_settings_its_manifest_gives_it(
 ) -> None:
     code, output = validate(validator, settings_file, DEPLOY, overlay, out=tmp_path)
     assert code == 0, output
-    seen = set()
+    seen: dict[str, ServiceSettings] = {}
     for component, container in fresco_containers(tmp_path / f"{overlay}.yaml"):
         env = container_env(container, tmp_path / component)
         with monkeypatch.context() as patched:
@@ -67,7 +69,7 @@ def test_each_service_parses_the_settings_its_manifest_gives_it(
                 patched.setenv(name, value)
             # As `python -m <service>` reads them: no flags, the variables, then defaults.
             settings = parse_settings(SETTINGS[component], [])
-        seen.add(component)
+        seen[component] = settings
         assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9464), component
         assert settings.auth_enabled, component
         assert settings.tracing_exporter == "otlp", component
@@ -86,7 +88,12 @@ def test_each_service_parses_the_settings_its_manifest_gives_it(
         if isinstance(settings, FeatureServiceSettings):
             assert settings.cassandra_contact_points == ["fresco-cassandra"]
             assert settings.backend == "redis+cassandra"
-    assert seen == set(SETTINGS)
+    assert set(seen) == set(SETTINGS)
+    # Bandit units keep one first arm whether the gateway or the experiment service assigned them.
+    gateway, experiments = seen["gateway"], seen["experiment-service"]
+    assert isinstance(gateway, GatewaySettings)
+    assert isinstance(experiments, ExperimentServiceSettings)
+    assert gateway.sticky_redis_url == experiments.redis_url
 
 
 def test_feature_definitions_shipped_in_the_base_load() -> None:
