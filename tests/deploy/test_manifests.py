@@ -8,7 +8,9 @@ Each negative case breaks one thing in a copy of deploy/ and expects the validat
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from feature_service.settings import FeatureServiceSettings
 from fresco.features.definitions import load_definitions
 from gateway.settings import GatewaySettings
 from predictor.settings import PredictorSettings
-from tests.deploy.rendering import DEPLOY, SETTINGS, container_env, fresco_containers, validate
+from tests.deploy.rendering import DEPLOY, ROOT, SETTINGS, container_env, fresco_containers, validate
 
 
 @pytest.mark.parametrize("overlay", ["dev", "production"])
@@ -205,3 +207,15 @@ def test_a_broken_copy_fails_naming_what_broke(
     code, output = validate(validator, settings_file, copy, "dev")
     assert code == 1, output
     assert expected in output, output
+
+
+def test_the_image_holds_every_package_and_the_extras_it_installs_exist() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {name.rstrip("*") for name in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+) \1$", dockerfile, flags=re.MULTILINE))
+    assert copied == packages
+    ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()
+    assert {f"!{name}/" for name in packages} <= set(ignore)
+    [extras] = re.findall(r"'\.\[([\w,]+)\]'", dockerfile)
+    assert set(extras.split(",")) <= set(project["project"]["optional-dependencies"])
