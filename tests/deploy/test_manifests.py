@@ -7,6 +7,7 @@ Each negative case breaks one thing in a copy of deploy/ and expects the validat
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
 from chassis.settings import ServiceSettings, parse_settings
 from experiment_service.settings import ExperimentServiceSettings
@@ -219,3 +221,52 @@ def test_the_image_holds_every_package_and_the_extras_it_installs_exist() -> Non
     assert {f"!{name}/" for name in packages} <= set(ignore)
     [extras] = re.findall(r"'\.\[([\w,]+)\]'", dockerfile)
     assert set(extras.split(",")) <= set(project["project"]["optional-dependencies"])
+
+
+def test_every_address_a_service_is_given_is_a_call_of_the_graph(
+    validator: Path, settings_file: Path, tmp_path: Path
+) -> None:
+    """Each host:port a container's variables (or the Secrets they read) name is a Service of the
+    namespace, and (caller, callee, port) is in callgraph.yaml: a new address needs its policy."""
+    code, output = validate(validator, settings_file, DEPLOY, "dev", out=tmp_path)
+    assert code == 0, output
+    docs = list(yaml.safe_load_all((tmp_path / "dev.yaml").read_text()))
+    secrets = {
+        (d["metadata"]["name"], key): base64.b64decode(value).decode()
+        for d in docs
+        if d["kind"] == "Secret"
+        for key, value in d.get("data", {}).items()
+    }
+    # Service name -> (callee component, {service port: the container port's name it targets}).
+    services = {
+        d["metadata"]["name"]: (
+            d["spec"]["selector"]["app.kubernetes.io/component"],
+            {p["port"]: p["targetPort"] for p in d["spec"]["ports"]},
+        )
+        for d in docs
+        if d["kind"] == "Service"
+    }
+    graph = yaml.safe_load((DEPLOY / "kubernetes" / "callgraph.yaml").read_text())
+    calls = {(c["from"], c["to"], c["port"]) for c in graph["calls"]}
+    made = set()
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        caller = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for variable in container.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                value = secrets[(ref["name"], ref["key"])] if ref else variable.get("value", "")
+                for host, port in re.findall(r"(?:^|[/@\"'])(fresco-[a-z-]+?)(?:-\d+\.[a-z-]+)?:(\d+)", value):
+                    assert host in services, f"{caller} {variable['name']} names {host}, which is no Service"
+                    callee, ports = services[host]
+                    made.add((caller, callee, ports[int(port)]))
+                for host in re.findall(r"\[\"(fresco-[a-z-]+)\"\]", value):  # a list of contact points
+                    made.add((caller, services[host][0], "cql"))
+    assert made, "no addresses found: the pattern above no longer matches the manifests"
+    assert made <= calls, sorted(made - calls)
+    # And each call the graph lists from one of the five services comes from some setting.
+    frescos = {"gateway", "predictor", "feature-service", "model-manager", "experiment-service"}
+    listed = {c for c in calls if c[0] in frescos and c[1] in frescos | {"redis", "cassandra", "postgres"}}
+    # The model manager dials predictors at the addresses they register with, not at a Service.
+    assert listed - made == {("model-manager", "predictor", "grpc")}, sorted(made)
