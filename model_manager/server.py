@@ -39,6 +39,7 @@ from model_manager.safety_sources import SafetySources
 from model_manager.service import METHOD_ROLES, Domain, ModelManagerServicer
 from model_manager.settings import ModelManagerSettings
 from model_manager.uploads import VersionUploads
+from model_manager.xds import METHOD_ROLES as ADS_METHOD_ROLES
 from model_manager.xds import AdsService
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class ModelManager:
         # The fleet built here (from the registry, once it is reachable) unless one is given.
         self.fleet: FleetPort | None = fleet
         self.own_fleet: Fleet | None = None
-        self.app = ServiceApp("model_manager", settings, [SERVICE_NAME], method_roles=METHOD_ROLES)
+        self.app = ServiceApp(
+            "model_manager", settings, [SERVICE_NAME], method_roles={**METHOD_ROLES, **ADS_METHOD_ROLES}
+        )
         self.servicer = ModelManagerServicer()
         pb_grpc.add_ModelManagerServiceServicer_to_server(self.servicer, self.app.server)
         # The route stream needs no database: gateways may watch (and keep their table) from the start.

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any, Final, TypeAlias
 
 import grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import ads_pb2, ads_pb2_grpc, discovery_pb2
 
+from chassis.auth import Role, method_roles
 from model_manager.envoy_resources import XdsSnapshot, snapshot
 from model_manager.routes import RouteError, RouteTable
 from model_manager.xds_stream import AdsStream, ClientStatus, Nack
@@ -24,6 +25,14 @@ _NACK_HISTORY: Final = 100
 # A client's DiscoveryRequest (discovery_pb2 has no type stubs), _PUBLISHED, or None when the client has gone.
 _Event: TypeAlias = Any
 _PUBLISHED: Final = object()  # a new revision is published: the stream takes the latest
+
+# Envoy and proxyless clients read the route table, as gateways do over WatchRoutes: a read, open
+# without a token (viewer with --auth-require-for-reads) rather than an unlisted method's admin.
+METHOD_ROLES: Final[dict[str, Role | None]] = method_roles(
+    ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"],
+    writes={},
+    reads=["StreamAggregatedResources", "DeltaAggregatedResources"],
+)
 
 
 class AdsService:

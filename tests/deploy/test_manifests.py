@@ -7,73 +7,23 @@ Each negative case breaks one thing in a copy of deploy/ and expects the validat
 
 from __future__ import annotations
 
-import json
+import base64
+import os
+import re
 import shutil
-import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 
-from chassis.settings import ServiceSettings
+from chassis.settings import ServiceSettings, parse_settings
 from experiment_service.settings import ExperimentServiceSettings
 from feature_service.settings import FeatureServiceSettings
 from fresco.features.definitions import load_definitions
 from gateway.settings import GatewaySettings
-from model_manager.settings import ModelManagerSettings
 from predictor.settings import PredictorSettings
-from tests.golang import run_go
-
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-VALIDATOR = DEPLOY / "kubernetes" / "validate"
-# Secrets production creates with its own tooling (named in overlays/production/kustomization.yaml).
-PROVIDED = "fresco-auth,fresco-postgres,fresco-tls,fresco-edge-tls"
-SETTINGS: dict[str, type[ServiceSettings]] = {
-    "gateway": GatewaySettings,
-    "predictor": PredictorSettings,
-    "feature-service": FeatureServiceSettings,
-    "model-manager": ModelManagerSettings,
-    "experiment-service": ExperimentServiceSettings,
-}
-
-
-@pytest.fixture(scope="module")
-def validator(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    binary = tmp_path_factory.mktemp("validate") / "validate"
-    run_go(["vet", "./..."], cwd=VALIDATOR)
-    run_go(["build", "-o", str(binary), "."], cwd=VALIDATOR)
-    return binary
-
-
-@pytest.fixture(scope="module")
-def settings_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Each service's FRESCO_* variables, from its settings class (what the manifests may set)."""
-    known = {
-        component: [f"{cls.model_config['env_prefix']}{name.upper()}" for name in cls.model_fields]
-        for component, cls in SETTINGS.items()
-    }
-    path = tmp_path_factory.mktemp("settings") / "settings.json"
-    path.write_text(json.dumps(known))
-    return path
-
-
-def validate(binary: Path, settings: Path, deploy: Path, overlay: str, out: Path | None = None) -> tuple[int, str]:
-    args = [
-        str(binary),
-        "-callgraph",
-        str(deploy / "kubernetes" / "callgraph.yaml"),
-        "-settings",
-        str(settings),
-        "-dockerfile",
-        str(deploy / "docker" / "Dockerfile"),
-    ]
-    if overlay == "production":
-        args += ["-provided-secrets", PROVIDED]
-    if out is not None:
-        args += ["-print-to", str(out)]
-    args.append(str(deploy / "kubernetes" / "overlays" / overlay))
-    done = subprocess.run(args, capture_output=True, text=True, timeout=120, check=False)
-    return done.returncode, done.stdout + done.stderr
+from tests.deploy.rendering import DEPLOY, ROOT, SETTINGS, container_env, fresco_containers, validate
 
 
 @pytest.mark.parametrize("overlay", ["dev", "production"])
@@ -105,6 +55,49 @@ def test_overlay_renders_decodes_strictly_and_passes_every_check(
         assert "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext" in rendered
     else:
         assert "TLS_CERT_FILE" not in rendered
+
+
+@pytest.mark.parametrize("overlay", ["dev", "production"])
+def test_each_service_parses_the_settings_its_manifest_gives_it(
+    validator: Path, settings_file: Path, overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code, output = validate(validator, settings_file, DEPLOY, overlay, out=tmp_path)
+    assert code == 0, output
+    seen: dict[str, ServiceSettings] = {}
+    for component, container in fresco_containers(tmp_path / f"{overlay}.yaml"):
+        env = container_env(container, tmp_path / component)
+        with monkeypatch.context() as patched:
+            for name in [n for n in os.environ if n.startswith("FRESCO_")]:
+                patched.delenv(name)
+            for name, value in env.items():
+                patched.setenv(name, value)
+            # As `python -m <service>` reads them: no flags, the variables, then defaults.
+            settings = parse_settings(SETTINGS[component], [])
+        seen[component] = settings
+        assert (settings.host, settings.port, settings.metrics_port) == ("0.0.0.0", 50051, 9464), component
+        assert settings.auth_enabled, component
+        assert settings.tracing_exporter == "otlp", component
+        if overlay == "production":
+            assert settings.tls_cert_file is not None, component
+            assert settings.peer_tls_server_name == "fresco.internal", component
+            assert settings.health_port == 50052, component
+        else:
+            assert settings.tls_cert_file is None, component
+            assert settings.health_port == -1, component
+        if isinstance(settings, PredictorSettings):
+            assert settings.predictor_id == "fresco-pod-0"
+            assert settings.advertise_address == "10.1.2.3:50051"
+            assert settings.memory_capacity_bytes == 4 << 30
+            assert settings.http_port == -1  # its default, 0, would listen on a random port
+        if isinstance(settings, FeatureServiceSettings):
+            assert settings.cassandra_contact_points == ["fresco-cassandra"]
+            assert settings.backend == "redis+cassandra"
+    assert set(seen) == set(SETTINGS)
+    # Bandit units keep one first arm whether the gateway or the experiment service assigned them.
+    gateway, experiments = seen["gateway"], seen["experiment-service"]
+    assert isinstance(gateway, GatewaySettings)
+    assert isinstance(experiments, ExperimentServiceSettings)
+    assert gateway.sticky_redis_url == experiments.redis_url
 
 
 def test_feature_definitions_shipped_in_the_base_load() -> None:
@@ -216,3 +209,64 @@ def test_a_broken_copy_fails_naming_what_broke(
     code, output = validate(validator, settings_file, copy, "dev")
     assert code == 1, output
     assert expected in output, output
+
+
+def test_the_image_holds_every_package_and_the_extras_it_installs_exist() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    packages = {name.rstrip("*") for name in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY (\w+) \1$", dockerfile, flags=re.MULTILINE))
+    assert copied == packages
+    ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()
+    assert {f"!{name}/" for name in packages} <= set(ignore)
+    [extras] = re.findall(r"'\.\[([\w,]+)\]'", dockerfile)
+    assert set(extras.split(",")) <= set(project["project"]["optional-dependencies"])
+
+
+def test_every_address_a_service_is_given_is_a_call_of_the_graph(
+    validator: Path, settings_file: Path, tmp_path: Path
+) -> None:
+    """Each host:port a container's variables (or the Secrets they read) name is a Service of the
+    namespace, and (caller, callee, port) is in callgraph.yaml: a new address needs its policy."""
+    code, output = validate(validator, settings_file, DEPLOY, "dev", out=tmp_path)
+    assert code == 0, output
+    docs = list(yaml.safe_load_all((tmp_path / "dev.yaml").read_text()))
+    secrets = {
+        (d["metadata"]["name"], key): base64.b64decode(value).decode()
+        for d in docs
+        if d["kind"] == "Secret"
+        for key, value in d.get("data", {}).items()
+    }
+    # Service name -> (callee component, {service port: the container port's name it targets}).
+    services = {
+        d["metadata"]["name"]: (
+            d["spec"]["selector"]["app.kubernetes.io/component"],
+            {p["port"]: p["targetPort"] for p in d["spec"]["ports"]},
+        )
+        for d in docs
+        if d["kind"] == "Service"
+    }
+    graph = yaml.safe_load((DEPLOY / "kubernetes" / "callgraph.yaml").read_text())
+    calls = {(c["from"], c["to"], c["port"]) for c in graph["calls"]}
+    made = set()
+    for doc in docs:
+        if doc["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        caller = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+        for container in doc["spec"]["template"]["spec"]["containers"]:
+            for variable in container.get("env", []):
+                ref = variable.get("valueFrom", {}).get("secretKeyRef")
+                value = secrets[(ref["name"], ref["key"])] if ref else variable.get("value", "")
+                for host, port in re.findall(r"(?:^|[/@\"'])(fresco-[a-z-]+?)(?:-\d+\.[a-z-]+)?:(\d+)", value):
+                    assert host in services, f"{caller} {variable['name']} names {host}, which is no Service"
+                    callee, ports = services[host]
+                    made.add((caller, callee, ports[int(port)]))
+                for host in re.findall(r"\[\"(fresco-[a-z-]+)\"\]", value):  # a list of contact points
+                    made.add((caller, services[host][0], "cql"))
+    assert made, "no addresses found: the pattern above no longer matches the manifests"
+    assert made <= calls, sorted(made - calls)
+    # And each call the graph lists from one of the five services comes from some setting.
+    frescos = {"gateway", "predictor", "feature-service", "model-manager", "experiment-service"}
+    listed = {c for c in calls if c[0] in frescos and c[1] in frescos | {"redis", "cassandra", "postgres"}}
+    # The model manager dials predictors at the addresses they register with, not at a Service.
+    assert listed - made == {("model-manager", "predictor", "grpc")}, sorted(made)
