@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -188,7 +189,7 @@ def in_flight(metrics_url: str, method: str = INFER) -> float:
 
 def test_http_and_grpc_requests_batch_together(tmp_path: Path) -> None:
     """One batcher behind both transports: small requests queued over HTTP and over gRPC while the
-    model is busy run in one execution."""
+    model is busy run in one execution; one whose `timeout` passes in the queue is dropped (504)."""
     root = tmp_path / "models"
     write_slow_model(root, depth=32)
     service = ServiceProcess("predictor", ["--model-repository", str(root), "--port", "0"], log_path=tmp_path / "p.log")
@@ -207,8 +208,14 @@ def test_http_and_grpc_requests_batch_together(tmp_path: Path) -> None:
                     assert time.monotonic() < deadline, "the busy request was never in flight"
                     time.sleep(0.005)
                 by_http = [pool.submit(http_infer, service.http_url, rows) for rows in small[:3]]
+                # Triton's `timeout` parameter (µs) is the request's deadline: 1 ms cannot wait out the busy model.
+                late = pool.submit(
+                    http_call, service.http_url, infer_body(small[0], parameters={"timeout": 1000}), "slow"
+                )
                 by_grpc = [pool.submit(stub.ModelInfer, slow_request(rows, "small"), timeout=60) for rows in small[3:]]
                 first.result()
+                status, late_answer = late.result()
+                assert (status, "deadline passed" in late_answer["error"]) == (504, True), late_answer
                 answers = [future.result() for future in by_http]
                 answers += [decode_outputs(future.result())["mean"] for future in by_grpc]
             for rows, answer in zip(small, answers, strict=True):
@@ -220,11 +227,16 @@ def test_http_and_grpc_requests_batch_together(tmp_path: Path) -> None:
     assert max(batch.batch_size for batch in stats.batch_stats if batch.batch_size <= 64) > 12, stats.batch_stats
 
 
-def http_infer(url: str, rows: np.ndarray) -> np.ndarray:
+def http_call(url: str, document: object, model: str) -> tuple[int, Any]:
+    """One inference call on a connection of its own: status and answer."""
     client = Http(url)
     try:
-        status, answer = client.json("POST", "/v2/models/slow/infer", infer_body(rows))
+        return client.json("POST", f"/v2/models/{model}/infer", document)
     finally:
         client.close()
+
+
+def http_infer(url: str, rows: np.ndarray) -> np.ndarray:
+    status, answer = http_call(url, infer_body(rows), "slow")
     assert status == 200, answer
     return np.array(answer["outputs"][0]["data"], dtype=np.float32)
