@@ -23,6 +23,8 @@ FORWARDED = "x-fresco-forwarded-by"
 # Metadata marking a repository call routed to the leading worker, which coordinates it.
 ROUTED = "x-fresco-routed-by"
 PEER_TIMEOUT_S = 300.0
+# RepositoryIndex states of a model a restarted worker loads as its sibling does.
+_SERVED_OR_COMING = {"READY", "LOADING"}
 _ERROR_FOR_STATUS: dict[Any, type[FrescoError]] = {code: error for error, code in STATUS_FOR_ERROR.items()}
 
 
@@ -105,14 +107,17 @@ class Peers:
             raise InvalidArgument(f"{method} failed on worker {path.stem}: {details}")
         return answers
 
-    async def ready_models(self) -> list[str] | None:
-        """The models the first answering sibling serves; None when none answers."""
+    async def served_models(self) -> list[str] | None:
+        """The models the first answering sibling serves or is loading; None when none answers.
+
+        Loading ones count: a sibling still loading its start-up models serves none of them yet, and
+        a worker restarted then must load them too, not nothing."""
         for path in self._others():
             try:
-                index = await self._stub(path).RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=10)
+                index = await self._stub(path).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=10)
             except aio.AioRpcError:
                 continue
-            return sorted({model.name for model in index.models})
+            return sorted({model.name for model in index.models if model.state in _SERVED_OR_COMING})
         return None
 
     async def close(self) -> None:

@@ -115,7 +115,7 @@ class Predictor:
         (failed ones stay UNAVAILABLE with their reason, and ServerReady stays false)."""
         settings = self.settings
         self.start_registration()  # reports unhealthy until the start-up models are loaded
-        serving = await self.peers.ready_models() if settings.sync_from_peers and self.peers else None
+        serving = await self.peers.served_models() if settings.sync_from_peers and self.peers else None
         if serving is not None:
             await asyncio.gather(*(self._load_named(name) for name in serving))
         elif settings.model_control_mode == "explicit" and "*" not in settings.load_model:

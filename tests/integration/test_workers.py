@@ -8,6 +8,7 @@ arguments so that it opens its own TCP connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import signal
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -428,11 +429,7 @@ async def restarted(repository, tmp_path_factory: pytest.TempPathFactory) -> Asy
         # One of our own workers, forked from the zygote the supervisor started.
         assert parent_of(parent_of(victim)) == service.process.pid
         os.kill(victim, signal.SIGKILL)
-        deadline = time.monotonic() + 60
-        while not pids_of(samples, "fresco_model_loaded", model="demo", version="1") - workers:
-            assert time.monotonic() < deadline, "the killed worker was not restarted"
-            await asyncio.sleep(0.1)
-            samples = await asyncio.to_thread(metric_samples, service.metrics_url)
+        await loaded_demo(service, lambda pids: bool(pids - workers))  # the restarted worker has loaded demo
         after = channels(service.address)  # connections made after the restart reach both workers
         opened += after
         fresh = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in after]
@@ -465,6 +462,49 @@ async def test_a_restarted_worker_keeps_what_the_repository_api_unloaded(restart
         with pytest.raises(aio.AioRpcError) as failure:
             await stub.ModelMetadata(pb.ModelMetadataRequest(name="spare"), timeout=10)
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_worker_restarted_while_its_sibling_still_loads_loads_the_same_models(
+    repository, tmp_path: Path
+) -> None:
+    """A worker that dies before the start-up models are all loaded comes back loading them too. It
+    used to load only what its sibling already served: with a model still loading there, it never
+    loaded that model, and a connection reaching it never saw it ready."""
+    root = tmp_path / "models"
+    shutil.copytree(repository.root / "demo", root / "demo")
+    shutil.copytree(repository.root / "demo", root / "gated")
+    gate = root / "gated" / "1" / "model.onnx"
+    gate.unlink()
+    os.mkfifo(gate)  # reading gated waits until the test opens the pipe: it stays LOADING meanwhile
+    service = Supervisor("predictor", workers_args(root, *EXPLICIT), log_path=tmp_path / "predictor.log")
+    opened: list[aio.Channel] = []
+    try:
+        service.start()
+        first = await loaded_demo(service, lambda pids: len(pids) == 2)
+        os.kill(min(int(pid) for pid in first), signal.SIGKILL)
+        await loaded_demo(service, lambda pids: bool(pids - first))  # the restarted worker has loaded demo
+        opened = channels(service.address)
+        stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in opened]
+        assert await states(stubs, "gated") == {("", "LOADING")}, service.output()
+    finally:
+        with contextlib.suppress(OSError):  # no reader left: nothing waits on the pipe
+            os.close(os.open(gate, os.O_WRONLY | os.O_NONBLOCK))  # the readers get an empty file, and fail
+        for channel in opened:
+            await channel.close()
+        service.stop()
+
+
+async def loaded_demo(service: Supervisor, enough: Callable[[set[str]], bool]) -> set[str]:
+    """The pids of the workers that have loaded demo, once `enough` holds of them."""
+    deadline = time.monotonic() + 60
+    while not enough(pids := pids_of(await scrape(service), "fresco_model_loaded", model="demo", version="1")):
+        assert time.monotonic() < deadline, f"demo loaded by {pids} only:\n{service.output()}"
+        await asyncio.sleep(0.1)
+    return pids
+
+
+async def scrape(service: Supervisor) -> list[tuple[str, dict[str, str], float]]:
+    return await asyncio.to_thread(metric_samples, service.metrics_url)
 
 
 def descendants_of(pid: int) -> set[int]:
