@@ -128,14 +128,22 @@ class RedisClusterServers:
 
     start_timeout_s = 30.0
 
-    def __init__(self, size: int = 3, data_dir: Path | None = None, node_timeout_ms: int = 1000) -> None:
+    def __init__(
+        self, size: int = 3, data_dir: Path | None = None, node_timeout_ms: int = 1000, appendonly: bool = False
+    ) -> None:
         if size < 3:
             raise ValueError(f"a Redis Cluster needs at least 3 primaries, got size={size}")
         self._owns_dir = data_dir is None
         self.data_dir = Path(tempfile.mkdtemp(prefix="fresco-redis-cluster-")) if data_dir is None else data_dir
         ports = free_ports(2 * size)  # each node's own, and its cluster bus port (not the default +10000)
         self.nodes = [
-            RedisServer(self.data_dir / f"node-{port}", port, cluster_port=bus, cluster_node_timeout_ms=node_timeout_ms)
+            RedisServer(
+                self.data_dir / f"node-{port}",
+                port,
+                appendonly,
+                cluster_port=bus,
+                cluster_node_timeout_ms=node_timeout_ms,
+            )
             for port, bus in zip(ports[:size], ports[size:], strict=True)
         ]
 

@@ -270,6 +270,8 @@ def test_every_address_a_service_is_given_is_a_call_of_the_graph(
     assert made <= calls, sorted(made - calls)
     # And each call the graph lists from one of the five services comes from some setting.
     frescos = {"gateway", "predictor", "feature-service", "model-manager", "experiment-service"}
-    listed = {c for c in calls if c[0] in frescos and c[1] in frescos | {"redis", "redis-cluster", "cassandra", "postgres"}}
+    listed = {
+        c for c in calls if c[0] in frescos and c[1] in frescos | {"redis", "redis-cluster", "cassandra", "postgres"}
+    }
     # The model manager dials predictors at the addresses they register with, not at a Service.
     assert listed - made == {("model-manager", "predictor", "grpc")}, sorted(made)

@@ -22,13 +22,11 @@ from tests.feature_service import rows, wait_for
 pytestmark = pytest.mark.integration
 
 
-def node_of(cluster: RedisClusterServers, name: str) -> redis.Redis:
-    """A plain client of the node holding key `name`."""
+def ports_of(cluster: RedisClusterServers, names: list[str]) -> list[int]:
+    """The port of the primary holding each key, from the cluster's own slot map."""
     client = redis.RedisCluster.from_url(cluster.url)
     try:
-        node = client.get_node_from_key(name)
-        assert node is not None
-        return redis.Redis(host=node.host, port=node.port)
+        return [int(client.get_node_from_key(name).port) for name in names]  # type: ignore[union-attr]
     finally:
         client.close()
 
@@ -54,13 +52,11 @@ async def test_a_read_across_slots_is_one_pipeline_of_an_mget_per_slot(
         for view, view_rows in data.items():
             await tier.fill(view, view_rows)
         names = [f"{prefix}{view}:{key}" for view, view_rows in data.items() for key, _ in view_rows]
+        # Under the same names as on a single Redis, spread over every primary.
+        assert set(ports_of(redis_cluster, names)) == {node.port for node in redis_cluster.nodes}
         client = redis.RedisCluster.from_url(redis_cluster.url)
-        try:  # under the same names as on a single Redis, spread over every primary
-            holders = {client.get_node_from_key(name).port for name in names}  # type: ignore[union-attr]
-            assert client.exists(*names) == len(names)
-        finally:
-            client.close()
-        assert holders == {node.port for node in redis_cluster.nodes}
+        assert client.exists(*names) == len(names)
+        client.close()
         unknown = entity_key(["nobody"])
         trips, mgets, gets = tier.round_trips, command_calls(redis_cluster, "mget"), command_calls(redis_cluster, "get")
         got = await tier.read(
@@ -111,9 +107,10 @@ async def test_ttl_script_reload_and_flush_on_every_node(redis_cluster: RedisClu
     try:
         data = rows(300)
         await tier.fill("v", data)
-        for key, _ in data[:20]:
-            client = node_of(redis_cluster, f"{prefix}v:{key}")
-            assert 59_000 < client.pttl(f"{prefix}v:{key}") <= 60_000
+        names = [f"{prefix}v:{key}" for key, _ in data[:20]]
+        for name, port in zip(names, ports_of(redis_cluster, names), strict=True):
+            client = redis.Redis(port=port)
+            assert 59_000 < client.pttl(name) <= 60_000
             client.close()
         await short.fill("w", data[:50])
         assert (await short.read({"w": [key for key, _ in data[:50]]}))["w"] == [r for _, r in data[:50]]
@@ -135,7 +132,8 @@ async def test_ttl_script_reload_and_flush_on_every_node(redis_cluster: RedisClu
 
 
 async def test_a_primary_down_fails_clearly_and_nothing_stale_is_served_after(tmp_path: Path) -> None:
-    with RedisClusterServers(data_dir=tmp_path) as cluster:
+    # appendonly: the restarted primary still holds the values from before the outage, stale ones included.
+    with RedisClusterServers(data_dir=tmp_path, appendonly=True) as cluster:
         tier = RedisTier(cluster.url, timeout_s=0.3, cluster=True)
         guard = CacheGuard(tier, retry_s=0.1)
         try:
@@ -143,6 +141,9 @@ async def test_a_primary_down_fails_clearly_and_nothing_stale_is_served_after(tm
             keys = [entity_key([i]) for i in range(100)]  # on every node
             await tier.fill("v", [(key, old) for key in keys])
             down = cluster.nodes[1]
+            ports = ports_of(cluster, [f"fresco:features:v:{key}" for key in keys])
+            on_down = [key for key, port in zip(keys, ports, strict=True) if port == down.port]
+            assert on_down
             down.kill()
             for _ in range(3):
                 began = time.monotonic()
@@ -158,6 +159,10 @@ async def test_a_primary_down_fails_clearly_and_nothing_stale_is_served_after(tm
             assert not guard.usable()
             down.start()
             cluster.wait_ok()
+            # Stale, as the guard assumes (read without yielding to the loop, so the repair cannot run first).
+            client = redis.Redis(port=down.port)
+            assert [client.get(f"fresco:features:v:{key}") for key in on_down] == [old.encode()] * len(on_down)
+            client.close()
             await wait_for(guard.usable, 20.0, "the guard repairing the cluster")
             # Every value cached before the write is floored, on every node: a miss, for the durable tier to answer.
             assert (await guard.read({"v": keys}))["v"] == [None] * 100
@@ -185,11 +190,20 @@ async def test_invalidation_goes_through_any_node_and_survives_one_failing(tmp_p
             lambda view, keys: heard.append((view, keys)), lambda: events.append("lost"), lambda: events.append("up")
         )
         assert await a.start()
-        others = [invalidator(cluster, f"b{i}", "writes") for i in range(8)]
-        try:
-            for other in others:
+        others: list[Invalidator] = []
+
+        async def publisher(same_node: bool) -> Invalidator:
+            """A replica going through a's node, or through another: replicas start at nodes picked by origin."""
+            for i in range(100):
+                other = invalidator(cluster, f"b{len(others)}-{i}", "writes")
+                others.append(other)
                 assert await other.start()  # subscribed: node_name is known
-            b = next(other for other in others if other.node_name != a.node_name)
+                if (other.node_name == a.node_name) == same_node:
+                    return other
+            raise AssertionError("no replica went through the node asked for")
+
+        try:
+            b, c = await publisher(same_node=False), await publisher(same_node=True)
             await b.publish("v", ["k1", "k2"])  # through another node than a's: the cluster bus carries it
             await wait_for(lambda: heard == [("v", ["k1", "k2"])], 5.0, "a hearing b's write")
             # a's node fails: a is told (on_lost), and subscribes again through another node.
@@ -197,8 +211,13 @@ async def test_invalidation_goes_through_any_node_and_survives_one_failing(tmp_p
             next(node for node in cluster.nodes if f"127.0.0.1:{node.port}" == lost_node).kill()
             await wait_for(lambda: events[-2:] == ["lost", "up"] and a.subscribed, 15.0, "a subscribing again")
             assert a.node_name != lost_node
-            await b.publish("v", ["k3"])  # b moves on too if it went through the failed node
+            await b.publish("v", ["k3"])
             await wait_for(lambda: heard[-1:] == [("v", ["k3"])], 10.0, "a hearing b's write after the failure")
+            # c went through the failed node too: its announcement waits in its outbox, and goes out through the
+            # next node once c has moved on.
+            await c.publish("v", ["k4"])
+            await wait_for(lambda: heard[-1:] == [("v", ["k4"])], 10.0, "a hearing c's write after the failure")
+            assert c.node_name != lost_node
         finally:
             await a.close()
             for other in others:
