@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import time
+import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,10 +24,12 @@ from fresco.api.inference import grpc_service_pb2 as pb
 from fresco.api.inference import grpc_service_pb2_grpc as pb_grpc
 from fresco.suite import ServiceProcess
 from tests.integration import CLIENT_OPTIONS, Reference, decode_outputs, write_slow_model
+from tests.integration.listeners import describe_listeners
 from tests.integration.rest import Http, exact_json, infer_body
 from tests.integration.test_workers import (
     CONNECTIONS,
     EXPLICIT,
+    in_flight,
     metric_samples,
     pids_of,
     slow_request,
@@ -49,7 +52,10 @@ def supervisor(repository, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         service.wait_healthy()  # one worker is serving; the other may still be loading demo
         deadline = time.monotonic() + 60
         while (ready := statuses(service.http_url, "/v2/models/demo/ready")) != [200] * CONNECTIONS:
-            assert time.monotonic() < deadline, f"demo not ready on every worker: {ready}\n{service.output()}"
+            assert time.monotonic() < deadline, (
+                f"demo not ready on every worker: {ready}\n{describe_listeners(port_of(service.http_url))}\n"
+                f"{service.output()}"
+            )
             time.sleep(0.1)
         yield service, root
     finally:
@@ -63,9 +69,17 @@ def each_connection(url: str, method: str, path: str, document: object = None) -
         client = Http(url)
         try:
             answers.append(client.json(method, path, document))
+        except OSError as err:  # refused, reset or timed out: say who holds the port, and what they do
+            raise AssertionError(f"{method} {path} on {url}: {err!r}\n{describe_listeners(port_of(url))}") from err
         finally:
             client.close()
     return answers
+
+
+def port_of(url: str) -> int:
+    port = urllib.parse.urlsplit(url).port
+    assert port is not None, url
+    return port
 
 
 def statuses(url: str, path: str) -> list[int]:
@@ -149,42 +163,45 @@ def test_sigterm_lets_http_calls_in_flight_finish(tmp_path: Path) -> None:
             "parameters": {"binary_data_output": True},
         }
     ).encode()  # fmt: skip
+    clients: list[Http] = []
     try:
         service.start()
         service.wait_healthy()
-        client = Http(service.http_url)
-        with ThreadPoolExecutor(1) as pool:
-            answer = pool.submit(
-                client.call,
-                "POST",
-                "/v2/models/slow/infer",
-                header + rows.tobytes(),
-                {"Inference-Header-Content-Length": str(len(header))},
-            )
+        # More calls than the predictor computes at once (two inference threads): they stay in flight
+        # well past the moment the last one arrives, so a scrape sees them whatever the load.
+        clients = [Http(service.http_url) for _ in range(3)]
+        with ThreadPoolExecutor(len(clients)) as pool:
+            answers = [
+                pool.submit(
+                    client.call,
+                    "POST",
+                    "/v2/models/slow/infer",
+                    header + rows.tobytes(),
+                    {"Inference-Header-Content-Length": str(len(header))},
+                )
+                for client in clients
+            ]
             deadline = time.monotonic() + 20
-            while not in_flight(service.metrics_url):  # the call has reached the predictor
-                assert not answer.done(), answer.result()
-                assert time.monotonic() < deadline, "the call was never in flight"
+            while True:  # every call has reached the predictor, and some are still being handled there
+                answered = sum(answer.done() for answer in answers)  # before the scrape: none is in flight in it
+                handled = in_flight(service.metrics_url, INFER)
+                if handled and handled + answered == len(answers):
+                    break
+                assert answered < len(answers), f"every call was answered before SIGTERM: {service.output()}"
+                assert time.monotonic() < deadline, "the calls never all reached the predictor"
                 time.sleep(0.01)
             assert service.process is not None
             service.process.send_signal(signal.SIGTERM)
-            status, headers, body = answer.result(timeout=60)
-        client.close()
-        assert status == 200, body[:300]
-        length = int(headers["Inference-Header-Content-Length"])
-        np.testing.assert_allclose(np.frombuffer(body[length:], "<f4"), rows.mean(axis=1), rtol=1e-4, atol=1e-5)
+            for answer in answers:
+                status, headers, body = answer.result(timeout=60)
+                assert status == 200, body[:300]
+                length = int(headers["Inference-Header-Content-Length"])
+                np.testing.assert_allclose(np.frombuffer(body[length:], "<f4"), rows.mean(axis=1), rtol=1e-4, atol=1e-5)
         assert service.process.wait(30) == 0, service.output()
     finally:
+        for client in clients:
+            client.close()
         service.stop()
-
-
-def in_flight(metrics_url: str, method: str = INFER) -> float:
-    """Calls of `method` (HTTP inference by default) being handled now."""
-    return sum(
-        value
-        for name, labels, value in metric_samples(metrics_url)
-        if name == "fresco_rpc_in_flight" and labels.get("method") == method
-    )
 
 
 def test_http_and_grpc_requests_batch_together(tmp_path: Path) -> None:

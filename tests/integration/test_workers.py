@@ -358,20 +358,20 @@ async def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
         service.wait_healthy()
         stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in opened]
         await all_ready(stubs, "slow")
+        # Two calls per connection: each worker has more than it computes at once, so calls stay in
+        # flight well past the moment the last one arrives (a scrape may come after the first answer).
         calls = [
             asyncio.ensure_future(stub.ModelInfer(slow_request(rows, f"call-{i}"), timeout=60))
-            for i, stub in enumerate(stubs)
+            for i, stub in enumerate(stubs * 2)
         ]
         deadline = time.monotonic() + 20
-        while True:  # every call has reached a worker
-            samples = await asyncio.to_thread(metric_samples, service.metrics_url)
-            in_flight = sum(
-                value for name, labels, value in samples if name == "fresco_rpc_in_flight" and labels["method"] == INFER
-            )
-            if in_flight >= len(calls):
+        while True:  # every call has reached a worker, and some are still being handled there
+            answered = sum(call.done() for call in calls)  # before the scrape: none of these is in flight in it
+            handled = await asyncio.to_thread(in_flight, service.metrics_url)
+            if handled and handled + answered == len(calls):
                 break
-            assert not any(call.done() for call in calls), "a call finished before all were in flight"
-            assert time.monotonic() < deadline, "the calls never were in flight together"
+            assert answered < len(calls), f"every call was answered before SIGTERM: {service.output()}"
+            assert time.monotonic() < deadline, "the calls never all reached the workers"
             await asyncio.sleep(0.01)
         assert service.process is not None
         service.process.send_signal(signal.SIGTERM)
@@ -386,6 +386,15 @@ async def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path) -> None:
         for channel in opened:
             await channel.close()
         service.stop()
+
+
+def in_flight(metrics_url: str, method: str = INFER) -> float:
+    """Calls of `method` (gRPC ModelInfer by default) being handled now, summed over the workers."""
+    return sum(
+        value
+        for name, labels, value in metric_samples(metrics_url)
+        if name == "fresco_rpc_in_flight" and labels.get("method") == method
+    )
 
 
 def parent_of(pid: int) -> int:
