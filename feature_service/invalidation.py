@@ -3,7 +3,12 @@ keys from its memory tier and adds them to its bloom filter.
 
 Pub/sub delivers at most once: a replica whose subscription drops may have missed writes, so it is told
 (on_lost: distrust blooms, clear memory) and, once subscribed again, told to rebuild (on_subscribed).
-Announcements that cannot be sent wait in a bounded outbox; if it overflows, a "resync" goes out instead."""
+Announcements that cannot be sent wait in a bounded outbox; if it overflows, a "resync" goes out instead.
+
+Against a Redis Cluster (cluster=True), a PUBLISH to any node reaches the subscribers of every node (over the
+cluster bus), so a replica publishes and subscribes through one node of its choice. When that node fails, the
+subscription is lost as above (on_lost), and the next attempt, publishing included, goes through the next node
+of the cluster's map: invalidation carries on as long as one node is up."""
 
 from __future__ import annotations
 
@@ -14,13 +19,15 @@ import os
 import socket
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgpack
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -52,7 +59,9 @@ class Invalidator:
         backoff_s: tuple[float, float] = (0.1, 2.0),
         max_pending_keys: int = 100_000,
         chunk_keys: int = 2000,
+        cluster: bool = False,
     ) -> None:
+        """cluster: url names one node of a Redis Cluster, from which the client discovers the others."""
         self.channel = channel
         self.origin = origin or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_s = heartbeat_s
@@ -60,9 +69,17 @@ class Invalidator:
         self.max_pending_keys = max_pending_keys
         self.chunk_keys = chunk_keys
         # No retries: a dropped subscription must be seen as such, never silently re-made by the client.
-        self._client: Redis = Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        options: dict[str, Any] = {
+            "socket_connect_timeout": timeout_s,
+            "socket_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        self._client: Redis | RedisCluster = (
+            RedisCluster.from_url(url, **options) if cluster else Redis.from_url(url, **options)
         )
+        # With a cluster: which node of its map to go through, moving on at each failure; replicas start at
+        # different nodes, spreading subscriptions.
+        self._node_turn = zlib.crc32(self.origin.encode())
         self._on_keys: Callable[[str, list[str]], None] = _noop
         self._on_lost: Callable[[], None] = _noop
         self._on_subscribed: Callable[[], None] = _noop
@@ -123,25 +140,53 @@ class Invalidator:
         async with self._flushing:
             try:
                 if self._resync:
-                    await self._client.publish(self.channel, msgpack.packb({"origin": self.origin, "resync": True}))
+                    await self._publish(msgpack.packb({"origin": self.origin, "resync": True}))
                     self._resync = False
                 while self._pending:
-                    await self._client.publish(self.channel, self._pending[0])
+                    await self._publish(self._pending[0])
                     self._pending.popleft()
                 self._pending_keys = 0
                 return True
             except (RedisError, OSError) as exc:
+                self._node_turn += 1
                 self._quiet_until = time.monotonic() + self.heartbeat_s
                 log.warning("invalidation publish failed, %d messages wait: %s", len(self._pending), exc)
                 return False
+
+    @property
+    def node_name(self) -> str | None:
+        """With a cluster, the node ("host:port") publishing and subscribing go through now, once known."""
+        if not isinstance(self._client, RedisCluster):
+            return None
+        nodes = sorted(self._client.get_nodes(), key=lambda node: node.name)
+        return nodes[self._node_turn % len(nodes)].name if nodes else None
+
+    async def _node(self) -> ClusterNode:
+        """With a cluster, the node to publish and subscribe through."""
+        assert isinstance(self._client, RedisCluster)
+        await self._client.initialize()  # reads the cluster's map the first time only
+        nodes = sorted(self._client.get_nodes(), key=lambda node: node.name)
+        return nodes[self._node_turn % len(nodes)]
+
+    async def _publish(self, data: bytes) -> None:
+        if isinstance(self._client, RedisCluster):
+            await self._client.publish(self.channel, data, target_nodes=await self._node())
+        else:
+            await self._client.publish(self.channel, data)
+
+    async def _pubsub(self) -> PubSub:
+        if isinstance(self._client, RedisCluster):
+            return self._client.pubsub(node=await self._node())
+        return self._client.pubsub()
 
     async def _run(self) -> None:
         delay = self.backoff_s[0]
         # Ends once closing, even when a cancellation is swallowed inside redis-py's connect (seen against a
         # Redis that refuses connections: the loop went on retrying and close() waited for it forever).
         while not self._closing:
-            pubsub = self._client.pubsub()
+            pubsub: PubSub | None = None
             try:
+                pubsub = await self._pubsub()
                 await pubsub.subscribe(self.channel)
                 await self._confirm(pubsub)
                 self._subscribed.set()
@@ -157,8 +202,10 @@ class Invalidator:
             finally:
                 was_subscribed = self.subscribed
                 self._subscribed.clear()
-                with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                self._node_turn += 1  # with a cluster, the next attempt goes through another node
+                if pubsub is not None:
+                    with contextlib.suppress(RedisError, OSError):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
                 if was_subscribed and not self._closing:
                     self.losses += 1
                     self._call(self._on_lost)

@@ -84,10 +84,10 @@ def build_store(
 
     return TieredStore(
         memory,
-        RedisTier(settings.redis_url, ttl_s=settings.redis_ttl_s),
+        RedisTier(settings.redis_url, ttl_s=settings.redis_ttl_s, cluster=settings.redis_cluster),
         durable,
         BloomFilters() if blooms else None,
-        Invalidator(settings.redis_url),
+        Invalidator(settings.redis_url, cluster=settings.redis_cluster),
         observer=observer,
         bloom_refresh_s=settings.bloom_refresh_s,
         miss_poll_s=settings.redis_miss_poll_s,

@@ -24,7 +24,11 @@ class FeatureServiceSettings(ServiceSettings):
     sqlite_path: Path = Path("fresco-features.db")
     """With backend sqlite, the database file (created if missing; WAL mode, fsync at every commit)."""
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """With backend redis+cassandra, the Redis cache in front of Cassandra."""
+    """With backend redis+cassandra, the Redis cache in front of Cassandra (with redis_cluster, any one node)."""
+    redis_cluster: bool = False
+    """With backend redis+cassandra, redis_url names a node of a Redis Cluster: the client discovers the others,
+    reads many keys as one pipeline of an MGET per hash slot, and publishes and subscribes for invalidation
+    through one node at a time. Keys are the same as on a single Redis."""
     cassandra_contact_points: list[str] = Field(default=["127.0.0.1"])
     """With backend redis+cassandra, Cassandra hosts to connect to (repeat the flag)."""
     cassandra_port: int = 9042

@@ -3,6 +3,10 @@
 Every error becomes chassis Unavailable("redis: ...") within about the socket timeout, so the store can
 go around it; the pool reconnects by itself when Redis comes back.
 
+Against a Redis Cluster (cluster=True) the keys are the same; a read is one pipeline of an MGET per hash slot
+(sent to every primary at once), and the script runs once per slot's keys, since a script may only touch keys of
+one slot. A read or write touching a slot whose primary is down fails as a whole with Unavailable.
+
 Writes and fills go through one server-side script that keeps, per key, the record written last by event time
 (ties by arrival), so an older event, a replay or a late fill never replaces a newer value."""
 
@@ -13,14 +17,17 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgpack
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
@@ -86,7 +93,8 @@ _ORDERED_SET_SHA = hashlib.sha1(_ORDERED_SET.encode(), usedforsecurity=False).he
 
 
 class RedisTier:
-    """Records under `<prefix><view>:<key>` with a TTL; a read is one MGET of every key of every view."""
+    """Records under `<prefix><view>:<key>` with a TTL; a read is one MGET of every key of every view (against a
+    cluster: one pipeline of an MGET per hash slot)."""
 
     name = "redis"
 
@@ -98,31 +106,47 @@ class RedisTier:
         key_prefix: str = DEFAULT_PREFIX,
         timeout_s: float = 0.3,
         max_connections: int = 64,
+        cluster: bool = False,
     ) -> None:
+        """cluster: url names one node of a Redis Cluster, from which the client discovers the others."""
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.url = url
         self.ttl_ms = max(1, int(ttl_s * 1000))
         self.key_prefix = key_prefix
-        pool = BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout_s,  # waiting for a free connection counts against the same budget
-            socket_connect_timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_keepalive=True,
-            # One immediate retry on a connection error only: it replaces a pooled connection the server closed
-            # (after a restart) without doubling the wait when Redis hangs (timeouts are not retried).
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        self._client: Redis = Redis.from_pool(pool)
+        self.cluster = cluster
+        # One immediate retry on a connection error only: it replaces a pooled connection the server closed
+        # (after a restart) without doubling the wait when Redis hangs (timeouts are not retried).
+        retry = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+        self._client: Redis | RedisCluster
+        if cluster:
+            # A down primary: one retry after the client re-reads the slot map, then the error, as above.
+            self._client = RedisCluster.from_url(
+                url,
+                max_connections=max_connections,
+                socket_connect_timeout=timeout_s,
+                socket_timeout=timeout_s,
+                socket_keepalive=True,
+                retry=retry,
+            )
+        else:
+            pool = BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout_s,  # waiting for a free connection counts against the same budget
+                socket_connect_timeout=timeout_s,
+                socket_timeout=timeout_s,
+                socket_keepalive=True,
+                retry=retry,
+            )
+            self._client = Redis.from_pool(pool)
         self.round_trips = 0
 
     def _prefix(self, view: str) -> str:
         # Keys are hex, so the last ':' separates view and key even when a view name holds one.
         return f"{self.key_prefix}{view}:"
 
-    async def _execute(self, pipe: Pipeline) -> list[Any]:
+    async def _execute(self, pipe: Pipeline | ClusterPipeline) -> list[Any]:
         self.round_trips += 1
         try:
             result: list[Any] = await pipe.execute()
@@ -140,7 +164,11 @@ class RedisTier:
             return {view: [] for view in keys_by_view}
         self.round_trips += 1
         try:
-            values: list[Any] = await self._client.mget(names)  # bytes or None: responses are not decoded
+            # bytes or None: responses are not decoded. A cluster's MGETs, one per slot, go out as one pipeline.
+            client = self._client
+            values: list[Any] = await (
+                client.mget_nonatomic(names) if isinstance(client, RedisCluster) else client.mget(names)
+            )
         except (RedisError, OSError) as exc:
             raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc
         out: dict[str, list[Record | None]] = {}
@@ -171,13 +199,22 @@ class RedisTier:
         if not items:
             return []
         prefix = self._prefix(view)
+        calls = [items[start : start + SCRIPT_KEYS] for start in range(0, len(items), SCRIPT_KEYS)]
+        order = list(range(len(items)))
+        if self.cluster:  # one call per slot's keys; the replies are put back in the items' order below
+            by_slot: defaultdict[int, list[int]] = defaultdict(list)
+            for index, (key, _, _) in enumerate(items):
+                by_slot[key_slot((prefix + key).encode())].append(index)
+            groups = [group for slot_group in by_slot.values() for group in _chunks(slot_group, SCRIPT_KEYS)]
+            calls = [[items[index] for index in group] for group in groups]
+            order = [index for group in groups for index in group]
         for attempt in range(2):
             pipe = self._client.pipeline(transaction=False)
-            for start in range(0, len(items), SCRIPT_KEYS):
-                chunk = items[start : start + SCRIPT_KEYS]
+            for chunk in calls:
                 keys = [prefix + key for key, _, _ in chunk]
                 args = [arg for _, payload, flag in chunk for arg in (payload, flag)]
-                pipe.evalsha(_ORDERED_SET_SHA, len(keys), *keys, mode, self.ttl_ms, *args)
+                # As a raw command: redis-py's cluster pipeline blocks its evalsha method, not the command.
+                pipe.execute_command("EVALSHA", _ORDERED_SET_SHA, len(keys), *keys, mode, self.ttl_ms, *args)
             try:
                 replies = await self._execute(pipe)
                 break
@@ -185,7 +222,10 @@ class RedisTier:
                 if attempt or not isinstance(exc.__cause__, NoScriptError):
                     raise
                 await self._load_script()  # Redis restarted, or flushed its scripts
-        return [int(flag) for reply in replies for flag in reply]
+        out = [0] * len(items)
+        for index, flag in zip(order, (flag for reply in replies for flag in reply), strict=True):
+            out[index] = int(flag)
+        return out
 
     async def _load_script(self) -> None:
         try:
@@ -198,8 +238,16 @@ class RedisTier:
         if not keys:
             return
         prefix = self._prefix(view)
+        names = [prefix + key for key in keys]
+        groups = [names]
+        if self.cluster:  # one UNLINK per slot
+            by_slot: defaultdict[int, list[str]] = defaultdict(list)
+            for name in names:
+                by_slot[key_slot(name.encode())].append(name)
+            groups = list(by_slot.values())
         pipe = self._client.pipeline(transaction=False)
-        pipe.unlink(*[prefix + key for key in keys])
+        for group in groups:
+            pipe.execute_command("UNLINK", *group)  # raw: a cluster pipeline's unlink method is not queued
         await self._execute(pipe)
 
     async def flush(self, batch: int = 1000) -> int:
@@ -219,7 +267,14 @@ class RedisTier:
         return removed
 
     async def ping(self) -> None:
-        """Raise Unavailable unless Redis answers now."""
+        """Raise Unavailable unless Redis answers now (a cluster: every node)."""
+        if isinstance(self._client, RedisCluster):
+            self.round_trips += 1
+            try:
+                await self._client.ping(target_nodes=RedisCluster.ALL_NODES)
+            except (RedisError, OSError) as exc:
+                raise Unavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+            return
         pipe = self._client.pipeline(transaction=False)
         pipe.ping()
         await self._execute(pipe)
@@ -373,6 +428,10 @@ def _decode(value: bytes) -> Record | None:
         # A value this version cannot read is a miss: the durable tier has the truth.
         log.warning("undecodable value in redis treated as a miss: %s", exc)
         return None
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
 
 
 def _glob_escape(text: str) -> str:

@@ -4,6 +4,6 @@ from fresco.servers._process import ServerError
 from fresco.servers.cassandra import CassandraNode
 from fresco.servers.postgres import PostgresServer
 from fresco.servers.prometheus import PrometheusServer
-from fresco.servers.redis import RedisServer
+from fresco.servers.redis import RedisClusterServers, RedisServer
 
-__all__ = ["CassandraNode", "PostgresServer", "PrometheusServer", "RedisServer", "ServerError"]
+__all__ = ["CassandraNode", "PostgresServer", "PrometheusServer", "RedisClusterServers", "RedisServer", "ServerError"]

@@ -1,5 +1,5 @@
-"""Session-scoped `redis_server`, `cassandra_server` and `postgres_server` fixtures, started once and stopped at the
-end.
+"""Session-scoped `redis_server`, `redis_cluster`, `cassandra_server` and `postgres_server` fixtures, started once
+and stopped at the end.
 
 Enable with `-p fresco.servers.pytest_plugin`, `pytest_plugins` in the rootdir's conftest, or by importing the
 fixtures into a conftest. A server that cannot run fails its tests (CI installs them); FRESCO_SKIP_CASSANDRA=1
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fresco.servers import CassandraNode, PostgresServer, RedisServer, ServerError
+from fresco.servers import CassandraNode, PostgresServer, RedisClusterServers, RedisServer, ServerError
 
 
 @pytest.fixture(scope="session")
@@ -28,6 +28,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """One Redis Cluster of 3 primaries for the whole session; tests that take a node down start their own."""
+    cluster = RedisClusterServers(data_dir=tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+    except ServerError as exc:
+        pytest.fail(f"cannot start a Redis Cluster for the tests: {exc}", pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.close()
 
 
 @pytest.fixture(scope="session")

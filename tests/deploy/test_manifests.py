@@ -44,6 +44,7 @@ def test_overlay_renders_decodes_strictly_and_passes_every_check(
         "fresco-experiment-service",
         "fresco-envoy",
         "fresco-redis",
+        "fresco-redis-cluster",
         "fresco-cassandra",
         "fresco-postgres",
         "fresco-otel-collector",
@@ -92,6 +93,8 @@ def test_each_service_parses_the_settings_its_manifest_gives_it(
         if isinstance(settings, FeatureServiceSettings):
             assert settings.cassandra_contact_points == ["fresco-cassandra"]
             assert settings.backend == "redis+cassandra"
+            assert settings.redis_cluster
+            assert settings.redis_url == "redis://fresco-redis-cluster:6379/0"
     assert set(seen) == set(SETTINGS)
     # Bandit units keep one first arm whether the gateway or the experiment service assigned them.
     gateway, experiments = seen["gateway"], seen["experiment-service"]
@@ -267,6 +270,8 @@ def test_every_address_a_service_is_given_is_a_call_of_the_graph(
     assert made <= calls, sorted(made - calls)
     # And each call the graph lists from one of the five services comes from some setting.
     frescos = {"gateway", "predictor", "feature-service", "model-manager", "experiment-service"}
-    listed = {c for c in calls if c[0] in frescos and c[1] in frescos | {"redis", "cassandra", "postgres"}}
+    listed = {
+        c for c in calls if c[0] in frescos and c[1] in frescos | {"redis", "redis-cluster", "cassandra", "postgres"}
+    }
     # The model manager dials predictors at the addresses they register with, not at a Service.
     assert listed - made == {("model-manager", "predictor", "grpc")}, sorted(made)

@@ -15,10 +15,10 @@ from feature_service.tiers.cassandra import CassandraTier
 from feature_service.tiers.memory import MemoryCache
 from feature_service.tiers.redis import RedisTier
 from fresco.servers import CassandraNode, RedisServer
-from fresco.servers.pytest_plugin import cassandra_server, redis_server
+from fresco.servers.pytest_plugin import cassandra_server, redis_cluster, redis_server
 from tests.feature_service import KEYSPACE
 
-__all__ = ["cassandra_server", "redis_server"]
+__all__ = ["cassandra_server", "redis_cluster", "redis_server"]
 
 
 @pytest.fixture
@@ -58,6 +58,7 @@ async def make_store(
         views: Sequence[str] = (),
         *,
         redis_url: str | None = None,
+        redis_cluster: bool = False,
         blooms: bool = True,
         invalidation: bool = True,
         memory: MemoryCache | None = None,
@@ -70,10 +71,12 @@ async def make_store(
         durable = await durable_class.open([cassandra_server.contact_point], cassandra_server.port, KEYSPACE)
         store = TieredStore(
             memory or MemoryCache(),
-            RedisTier(url, key_prefix=prefix, timeout_s=0.3),
+            RedisTier(url, key_prefix=prefix, timeout_s=0.3, cluster=redis_cluster),
             durable,
             BloomFilters(capacity=10_000) if blooms else None,
-            Invalidator(url, channel=channel, heartbeat_s=0.3, backoff_s=(0.05, 0.3)) if invalidation else None,
+            Invalidator(url, channel=channel, heartbeat_s=0.3, backoff_s=(0.05, 0.3), cluster=redis_cluster)
+            if invalidation
+            else None,
             cache_retry_s=0.1,
             bloom_refresh_s=bloom_refresh_s,
             miss_poll_s=miss_poll_s,

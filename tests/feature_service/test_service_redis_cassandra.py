@@ -20,7 +20,7 @@ from fresco.api.common.v1 import values_pb2 as vpb
 from fresco.api.features.v1 import feature_service_pb2 as pb
 from fresco.api.features.v1 import feature_service_pb2_grpc as pb_grpc
 from fresco.cli_features import app as features_cli
-from fresco.servers import CassandraNode, RedisServer
+from fresco.servers import CassandraNode, RedisClusterServers, RedisServer
 from fresco.suite import ServiceProcess
 
 pytestmark = pytest.mark.integration
@@ -46,14 +46,18 @@ def write_profiles(path: Path, ids: list[int], ages: list[int]) -> Path:
     return path
 
 
-@pytest.fixture
-def backend(redis_server: RedisServer, cassandra_server: CassandraNode, tmp_path: Path) -> dict[str, str]:
-    """Settings, as FRESCO_FEATURE_SERVICE_* variables, of a keyspace and definitions of this test's own."""
+@pytest.fixture(params=["redis", "redis-cluster"])
+def backend(request: pytest.FixtureRequest, cassandra_server: CassandraNode, tmp_path: Path) -> dict[str, str]:
+    """Settings, as FRESCO_FEATURE_SERVICE_* variables, of a keyspace and definitions of this test's own; the
+    cache on one Redis, or on a Redis Cluster (--redis-cluster)."""
+    cluster = request.param == "redis-cluster"
+    redis: RedisServer | RedisClusterServers = request.getfixturevalue("redis_cluster" if cluster else "redis_server")
     (tmp_path / "features.yaml").write_text(DEFINITIONS)
     return {
+        "FRESCO_FEATURE_SERVICE_REDIS_CLUSTER": "true" if cluster else "false",
         "FRESCO_FEATURE_SERVICE_DEFINITIONS": str(tmp_path / "features.yaml"),
         "FRESCO_FEATURE_SERVICE_BACKEND": "redis+cassandra",
-        "FRESCO_FEATURE_SERVICE_REDIS_URL": redis_server.url,
+        "FRESCO_FEATURE_SERVICE_REDIS_URL": redis.url,
         "FRESCO_FEATURE_SERVICE_CASSANDRA_CONTACT_POINTS": f'["{cassandra_server.contact_point}"]',
         "FRESCO_FEATURE_SERVICE_CASSANDRA_PORT": str(cassandra_server.port),
         "FRESCO_FEATURE_SERVICE_CASSANDRA_KEYSPACE": f"fs_{uuid.uuid4().hex[:10]}",
