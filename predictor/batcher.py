@@ -310,13 +310,28 @@ class DynamicBatcher:
             else:
                 running = self._executor.submit(self._timed_run, inputs)
                 loop = asyncio.get_running_loop()
-                running.add_done_callback(
-                    lambda done: loop.call_soon_threadsafe(self._finished_running, batch, total, start, input_ns, done)
-                )
+                running.add_done_callback(lambda done: self._hand_back(loop, batch, total, start, input_ns, done))
                 return
         except Exception as err:  # noqa: BLE001 - every waiter gets the batch's failure
             outcome = err
         self._complete(batch, total, start, input_ns, outcome, chain=False)
+
+    def _hand_back(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[Request],
+        total: int,
+        start: int,
+        input_ns: int,
+        done: Future[tuple[Arrays, int]],
+    ) -> None:
+        """On the executor's thread: give a finished run back to the event loop, unless the loop has
+        closed while the model ran (the process is shutting down and no caller is left to answer)."""
+        try:
+            loop.call_soon_threadsafe(self._finished_running, batch, total, start, input_ns, done)
+        except RuntimeError:
+            if not loop.is_closed():
+                raise
 
     def _finished_running(
         self, batch: list[Request], total: int, start: int, input_ns: int, done: Future[tuple[Arrays, int]]

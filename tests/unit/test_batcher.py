@@ -493,3 +493,27 @@ async def test_a_chained_batch_that_fails_fails_only_its_own_callers(build: Buil
     assert runner.sizes == [2, 4]
     x = rows(rng, 1)
     assert_answers(await batcher.submit({"x": x}), x)
+
+
+def test_a_run_ending_after_its_event_loop_closed_is_dropped_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    """Shutdown may close the event loop while a batch still runs on the executor: the run's end must
+    not fail in the executor's thread (concurrent.futures logged "exception calling callback":
+    "Event loop is closed")."""
+    runner = Runner(held=True)
+    with ThreadPoolExecutor(1) as executor:
+
+        async def start_and_leave() -> None:
+            batcher = DynamicBatcher(runner, executor, BatchPolicy(max_batch_size=4))
+            waiting = asyncio.ensure_future(batcher.submit({"x": np.ones((1, WIDTH), np.float32)}))
+            await eventually(lambda: len(runner.sizes) == 1)  # the run is on the executor, held
+            waiting.cancel()
+            await batcher.close()  # as an unload or shutdown does; the run goes on in its thread
+            await asyncio.sleep(0)  # the scheduler task takes its cancellation
+
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(start_and_leave())
+        loop.close()
+        runner.release()
+    # The executor has shut down: the held run and its done-callback have finished.
+    assert runner.sizes == [1]
+    assert not [r for r in caplog.records if "callback" in r.getMessage()], caplog.text
