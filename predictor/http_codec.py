@@ -20,7 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from chassis.errors import InvalidArgument
-from chassis.tensors import DATATYPES, array_from_raw, encode_bytes_tensor, numpy_dtype
+from chassis.tensors import DATATYPES, array_from_raw, numpy_dtype, raw_from_array
 from fresco.api.inference import grpc_service_pb2 as pb
 
 # Triton's binary tensor extension: the length of the JSON part of a body that binary tensors follow.
@@ -165,19 +165,19 @@ def raw_from_json(data: object, datatype: str, shape: list[int], path: str) -> b
             array[:] = [item.encode() for item in flat]
         except UnicodeEncodeError:  # a lone surrogate, which JSON's \u escapes can write
             raise InvalidArgument(f"{path}: a string is not valid Unicode (a lone surrogate)") from None
-        return encode_bytes_tensor(array)
+        return raw_from_array(array, datatype)
     if datatype == "BF16":
         raise InvalidArgument(f"{path}: JSON has no bfloat16; send BF16 tensors as binary data ({BINARY_DATA_SIZE})")
     dtype = numpy_dtype(datatype, path)
     if datatype == "BOOL":
         _elements_of(flat, (bool,), "true or false", datatype, path)
-        return np.array(flat, dtype=dtype).tobytes()
+        return raw_from_array(np.array(flat, dtype=dtype), datatype)
     if dtype.kind in "iu":
         _elements_of(flat, (int,), "integers", datatype, path)
         info = np.iinfo(dtype)
         if flat and (min(flat) < info.min or max(flat) > info.max):
             raise InvalidArgument(f"{path}: a value is outside {datatype}'s range [{info.min}, {info.max}]")
-        return np.array(flat, dtype=dtype).astype(dtype.newbyteorder("<")).tobytes()
+        return raw_from_array(np.array(flat, dtype=dtype), datatype)
     _elements_of(flat, (int, float), "numbers", datatype, path)
     try:
         wide = np.array(flat, dtype=np.float64)
@@ -187,7 +187,7 @@ def raw_from_json(data: object, datatype: str, shape: list[int], path: str) -> b
         narrow = wide.astype(dtype)
     if np.any(np.isinf(narrow) & np.isfinite(wide)):
         raise InvalidArgument(f"{path}: a value is outside {datatype}'s range")
-    return narrow.astype(dtype.newbyteorder("<")).tobytes()
+    return raw_from_array(narrow, datatype)
 
 
 def json_from_raw(raw: bytes, datatype: str, shape: list[int], what: str) -> list[Any]:
